@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Prepares the vigil lab on a Debian 12 host: the pinned guest kernel, the attack
+# modules built against its headers, and a busybox initramfs that carries them.
+#
+#   lab/setup.sh [--install]    --install first apt-get installs what the lab needs
+#
+# Output goes to $VIGIL_LAB_DIR (default /var/lib/vigil-lab), readable by the
+# libvirt-qemu user. Safe to run again: finished steps are skipped.
+set -euo pipefail
+
+PINNED_ABI=6.1.0-56
+LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
+HERE=$(cd "$(dirname "$0")" && pwd)
+PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
+          cpio gzip make gcc)
+
+say() { printf 'lab/setup: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+if [[ ${1:-} == --install ]]; then
+    say "installing packages: ${PACKAGES[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
+fi
+
+# The pinned build, or, once it has left the archive, the build that the
+# linux-image-cloud-amd64 metapackage depends on.
+abi=$PINNED_ABI
+if ! apt-cache show "linux-image-$abi-cloud-amd64" >/dev/null 2>&1; then
+    dep=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+          | sed -n 's/.*Depends: linux-image-\(.*\)-cloud-amd64.*/\1/p' | head -n 1)
+    [[ -n $dep ]] || die "neither linux-image-$PINNED_ABI-cloud-amd64 nor linux-image-cloud-amd64 is known to apt (run apt-get update)"
+    say "pinned kernel $PINNED_ABI has left the archive; using $dep"
+    abi=$dep
+fi
+flavour="$abi-cloud-amd64"
+headers=/usr/src/linux-headers-$flavour
+if [[ ! -d $headers ]]; then
+    say "installing linux-headers-$flavour"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$flavour" >/dev/null \
+        || die "could not install linux-headers-$flavour (apt-get update first?)"
+fi
+
+mkdir -p "$LAB_DIR"
+chmod 0755 "$LAB_DIR"
+cd "$LAB_DIR"
+
+if [[ ! -s vmlinuz || $(cat kernel-release 2>/dev/null) != "$flavour" ]]; then
+    say "fetching linux-image-$flavour"
+    rm -rf kernel-unpacked ./*.deb
+    apt-get download "linux-image-$flavour" 2>/dev/null || die "apt-get download linux-image-$flavour failed"
+    dpkg-deb -x linux-image-"$flavour"_*.deb kernel-unpacked
+    cp "kernel-unpacked/boot/vmlinuz-$flavour" vmlinuz
+    echo "$flavour" > kernel-release
+    rm -rf kernel-unpacked ./*.deb
+fi
+
+say "building the attack modules against $headers"
+rm -rf modules-build
+cp -r "$HERE/modules" modules-build
+make -s -C "$headers" M="$LAB_DIR/modules-build" modules >modules-build.log 2>&1 \
+    || { cat modules-build.log >&2; die "module build failed (log above)"; }
+
+say "building the initramfs"
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/vigil}
+[[ -x /bin/busybox ]] || die "/bin/busybox not found: apt-get install busybox-static"
+cp /bin/busybox "$root/bin/busybox"
+cp "$HERE/initramfs/init" "$root/init"
+cp "$HERE/initramfs/attack" "$root/bin/attack"
+cp modules-build/*.ko "$root/lib/vigil/"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > initramfs.cpio.gz.new
+mv initramfs.cpio.gz.new initramfs.cpio.gz
+chmod 0644 vmlinuz initramfs.cpio.gz
+say "ready: $LAB_DIR/vmlinuz ($flavour) and $LAB_DIR/initramfs.cpio.gz"

@@ -1,0 +1,11 @@
+//! vigil: a host-side integrity monitor for the kernels of KVM/QEMU guests.
+//!
+//! Modules follow the data flow: guest memory sources ([`memory`]), what the
+//! QEMU monitor says ([`qemu`]), x86-64 translation ([`x86`]), the Linux kernel
+//! model ([`linux`]), the integrity engine ([`integrity`]), and libvirt
+//! ([`libvirt`]) at the outer edge.
+
+pub mod addr;
+pub mod memory;
+pub mod qemu;
+mod sys;

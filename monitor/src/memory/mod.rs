@@ -1,0 +1,92 @@
+//! Guest memory sources: where guest-physical bytes come from.
+//!
+//! Owns the one consumer-side trait, [`GuestMemory`], and its implementations:
+//! a shared RAM mapping ([`SharedRam`]), `process_vm_readv` on the QEMU process
+//! ([`ProcessRam`]) and a raw dump file ([`RawDump`]). Sources only read and
+//! describe; how the layout was learned (the QEMU monitor) lives in `qemu`, and
+//! choosing a source for a domain lives in `libvirt`.
+
+mod dump;
+mod layout;
+mod mapped;
+mod process;
+
+pub use dump::RawDump;
+pub use layout::{LayoutError, RamLayout, RamRange};
+pub use mapped::SharedRam;
+pub use mapped::{MapsEntry, SharedRamError, parse_maps};
+pub use process::{BlockMapping, ProcessRam};
+
+use crate::addr::GuestPhysAddr;
+
+/// Why guest memory could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest-physical range {start}..+{len:#x} is not backed by guest RAM")]
+    NotRam { start: GuestPhysAddr, len: u64 },
+    #[error("reading guest-physical {start}..+{len:#x} failed")]
+    Io {
+        start: GuestPhysAddr,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("short read at guest-physical {start}: {got:#x} of {len:#x} bytes")]
+    Short {
+        start: GuestPhysAddr,
+        len: u64,
+        got: u64,
+    },
+}
+
+/// A read-only view of a guest's physical memory.
+///
+/// ```
+/// use vigil::addr::GuestPhysAddr;
+/// use vigil::memory::{GuestMemory, RawDump};
+///
+/// let mut image = vec![0u8; 8192];
+/// image[4096] = 0xcc;
+/// let dump = RawDump::from_bytes(image);
+/// let mut byte = [0u8; 1];
+/// dump.read(GuestPhysAddr(4096), &mut byte).unwrap();
+/// assert_eq!(byte[0], 0xcc);
+/// ```
+pub trait GuestMemory {
+    /// Fills `buf` with the bytes at `start`. The whole range must be RAM.
+    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError>;
+
+    /// Where RAM is in guest-physical space.
+    fn layout(&self) -> &RamLayout;
+
+    /// A short name for reports: `shared-mapping`, `process-read`, `raw-dump`.
+    fn kind(&self) -> &'static str;
+}
+
+impl<T: GuestMemory + ?Sized> GuestMemory for &T {
+    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        (**self).read(start, buf)
+    }
+    fn layout(&self) -> &RamLayout {
+        (**self).layout()
+    }
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+}
+
+impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
+    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        (**self).read(start, buf)
+    }
+    fn layout(&self) -> &RamLayout {
+        (**self).layout()
+    }
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+}
+
+fn len_u64(buf: &[u8]) -> u64 {
+    u64::try_from(buf.len()).unwrap_or(u64::MAX)
+}
