@@ -6,6 +6,9 @@
 //! ([`libvirt`]) at the outer edge.
 
 pub mod addr;
+pub mod integrity;
+pub mod linux;
 pub mod memory;
 pub mod qemu;
 mod sys;
+pub mod x86;

@@ -56,6 +56,15 @@ pub trait GuestMemory {
     /// Fills `buf` with the bytes at `start`. The whole range must be RAM.
     fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError>;
 
+    /// Fills each buffer with the bytes at its address. Sources that can batch
+    /// (one system call for many ranges) override this.
+    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
+        for (start, buf) in reads.iter_mut() {
+            self.read(*start, buf)?;
+        }
+        Ok(())
+    }
+
     /// Where RAM is in guest-physical space.
     fn layout(&self) -> &RamLayout;
 
@@ -66,6 +75,9 @@ pub trait GuestMemory {
 impl<T: GuestMemory + ?Sized> GuestMemory for &T {
     fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         (**self).read(start, buf)
+    }
+    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
+        (**self).read_many(reads)
     }
     fn layout(&self) -> &RamLayout {
         (**self).layout()
@@ -78,6 +90,9 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &T {
 impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         (**self).read(start, buf)
+    }
+    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
+        (**self).read_many(reads)
     }
     fn layout(&self) -> &RamLayout {
         (**self).layout()

@@ -111,6 +111,10 @@ impl GuestMemory for ProcessRam {
         self.read_batch(&mut [(start, buf)])
     }
 
+    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
+        self.read_batch(reads)
+    }
+
     fn layout(&self) -> &RamLayout {
         &self.layout
     }

@@ -1,0 +1,714 @@
+//! Comparing a fresh reading of a guest with its baseline.
+//!
+//! Every difference becomes a [`Finding`] localised to a page (or, for
+//! registers, to a vCPU): content changes, pages remapped to other physical
+//! memory or unmapped, permission changes (loosening is a violation,
+//! tightening only information, as a running kernel does it), and control or
+//! descriptor-table register changes.
+
+use std::collections::{HashMap, HashSet};
+
+use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages, to_hex};
+use super::{AddressSpace, tree};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+use crate::memory::GuestMemory;
+use crate::qemu::VcpuRegisters;
+use crate::x86::Perms;
+
+const CR0_WP: u64 = 1 << 16;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+const EFER_NXE: u64 = 1 << 11;
+
+/// Region name for image pages that belong to no hashed region.
+pub const IMAGE_REGION: &str = "kernel-image";
+/// Region name for register findings.
+pub const REGISTER_REGION: &str = "registers";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindingKind {
+    Content,
+    Remap,
+    Permission,
+    Register,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Violation,
+    Info,
+}
+
+/// One difference from the baseline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    pub region: String,
+    pub kind: FindingKind,
+    pub severity: Severity,
+    /// The page's virtual address; `0x0` for register findings.
+    pub gva: GuestVirtAddr,
+    /// The page's guest-physical address now (or in the baseline, if it is no
+    /// longer mapped); `0x0` for register findings.
+    pub gpa: GuestPhysAddr,
+    /// Index of the page in its region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register: Option<String>,
+    pub detail: String,
+    /// Baseline value: page hash, mapping, permissions or register value.
+    pub before: String,
+    /// Current value, in the same form.
+    pub after: String,
+}
+
+/// How one region compares.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RegionStatus {
+    pub name: String,
+    pub pages: u64,
+    pub changed_pages: u64,
+    pub intact: bool,
+    pub baseline_root: String,
+    pub current_root: String,
+}
+
+/// The result of a check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub domain: String,
+    pub uuid: String,
+    pub baseline_created: String,
+    pub checked: String,
+    pub source: String,
+    pub intact: bool,
+    pub violations: Vec<Finding>,
+    pub info: Vec<Finding>,
+    pub regions: Vec<RegionStatus>,
+}
+
+/// Why a check could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(
+        "the baseline is from another boot of {domain}: only {same} of {total} kernel code pages are where the \
+         baseline has them (new KASLR placement: image at {now} now, {then} in the baseline); take a new baseline"
+    )]
+    DifferentBoot {
+        domain: String,
+        same: usize,
+        total: usize,
+        now: String,
+        then: String,
+    },
+    #[error(transparent)]
+    Read(#[from] BaselineError),
+}
+
+fn finding(
+    region: &str,
+    kind: FindingKind,
+    severity: Severity,
+    gva: GuestVirtAddr,
+    gpa: GuestPhysAddr,
+) -> Finding {
+    Finding {
+        region: region.to_owned(),
+        kind,
+        severity,
+        gva,
+        gpa,
+        page: None,
+        vcpu: None,
+        register: None,
+        detail: String::new(),
+        before: String::new(),
+        after: String::new(),
+    }
+}
+
+fn mapping_text(gpa: GuestPhysAddr, perms: Perms) -> String {
+    format!("{gpa} {}", perms.as_text())
+}
+
+/// Compares a fresh reading with `baseline`.
+///
+/// `image_base` is where the kernel model finds the image now; it only
+/// words the error when the baseline is from another boot.
+pub fn check<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    mem: &M,
+    space: &dyn AddressSpace,
+    registers: &[VcpuRegisters],
+    image_base: GuestVirtAddr,
+) -> Result<Report, CheckError> {
+    // Another boot (new KASLR slide) moves nearly every code page; an attacker
+    // remapping a few pages does not.
+    if let Some(text) = baseline
+        .regions
+        .iter()
+        .find(|r| r.kind == super::RegionKind::Code)
+    {
+        let same = text
+            .pages
+            .iter()
+            .filter(|p| space.translate(p.gva).is_some_and(|(gpa, _)| gpa == p.gpa))
+            .count();
+        if text.pages.len() >= 8 && same * 2 < text.pages.len() {
+            return Err(CheckError::DifferentBoot {
+                domain: baseline.domain.name.clone(),
+                same,
+                total: text.pages.len(),
+                now: image_base.to_string(),
+                then: baseline.kernel.image_base.to_string(),
+            });
+        }
+    }
+
+    let mut findings = Vec::new();
+    let mut regions = Vec::new();
+    let mut region_pages: HashSet<u64> = HashSet::new();
+    for r in &baseline.regions {
+        let mut changed: HashSet<usize> = HashSet::new();
+        let mut reads = Vec::with_capacity(r.pages.len());
+        let mut readable = Vec::with_capacity(r.pages.len());
+        for (i, p) in r.pages.iter().enumerate() {
+            region_pages.insert(p.gva.raw());
+            match space.translate(p.gva) {
+                None => {
+                    let mut f = finding(
+                        &r.name,
+                        FindingKind::Remap,
+                        Severity::Violation,
+                        p.gva,
+                        p.gpa,
+                    );
+                    f.page = Some(i as u64);
+                    f.detail = "page is no longer mapped".into();
+                    f.before = mapping_text(p.gpa, p.perms);
+                    f.after = "unmapped".into();
+                    findings.push(f);
+                    changed.insert(i);
+                    // Hash the baseline frame so the root still says something.
+                    reads.push((p.gva, p.gpa));
+                    readable.push(false);
+                }
+                Some((gpa, perms)) => {
+                    if gpa != p.gpa {
+                        let mut f =
+                            finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, gpa);
+                        f.page = Some(i as u64);
+                        f.detail = format!("page now maps guest-physical {gpa}, not {}", p.gpa);
+                        f.before = mapping_text(p.gpa, p.perms);
+                        f.after = mapping_text(gpa, perms);
+                        findings.push(f);
+                        changed.insert(i);
+                    }
+                    if perms != p.perms {
+                        findings.push(permission_finding(
+                            &r.name,
+                            Some(i as u64),
+                            p.gva,
+                            gpa,
+                            p.perms,
+                            perms,
+                        ));
+                        changed.insert(i);
+                    }
+                    reads.push((p.gva, gpa));
+                    readable.push(true);
+                }
+            }
+        }
+        let values = hash_pages(mem, &r.name, &reads)?;
+        for (i, (p, v)) in r.pages.iter().zip(&values).enumerate() {
+            if readable[i] && p.value != *v {
+                let mut f = finding(
+                    &r.name,
+                    FindingKind::Content,
+                    Severity::Violation,
+                    p.gva,
+                    reads[i].1,
+                );
+                f.page = Some(i as u64);
+                f.detail = format!("page {i} of {} changed", r.name);
+                f.before = to_hex(&p.value);
+                f.after = to_hex(v);
+                findings.push(f);
+                changed.insert(i);
+            }
+        }
+        let current_root = if values.is_empty() {
+            to_hex(blake3::hash(&[]).as_bytes())
+        } else {
+            to_hex(
+                tree::region_root(&values, r.bytes)
+                    .expect("one value per page")
+                    .as_bytes(),
+            )
+        };
+        regions.push(RegionStatus {
+            name: r.name.clone(),
+            pages: r.pages.len() as u64,
+            changed_pages: changed.len() as u64,
+            intact: changed.is_empty(),
+            baseline_root: to_hex(&r.root),
+            current_root,
+        });
+    }
+
+    image_mapping_findings(baseline, space, &region_pages, &mut findings);
+    register_findings(&baseline.registers, registers, &mut findings);
+
+    let (violations, info): (Vec<_>, Vec<_>) = findings
+        .into_iter()
+        .partition(|f| f.severity == Severity::Violation);
+    let image_changed = violations
+        .iter()
+        .chain(&info)
+        .any(|f| f.region == IMAGE_REGION);
+    if image_changed || !baseline.image_mapping.is_empty() {
+        let changed = violations
+            .iter()
+            .chain(&info)
+            .filter(|f| f.region == IMAGE_REGION)
+            .count() as u64;
+        let pages: u64 = baseline.image_mapping.iter().map(|r| r.pages).sum::<u64>()
+            - region_pages.len().min(usize::MAX) as u64;
+        regions.push(RegionStatus {
+            name: IMAGE_REGION.into(),
+            pages,
+            changed_pages: changed,
+            intact: changed == 0,
+            baseline_root: String::new(),
+            current_root: String::new(),
+        });
+    }
+    let reg_changed = violations
+        .iter()
+        .chain(&info)
+        .filter(|f| f.region == REGISTER_REGION)
+        .count() as u64;
+    regions.push(RegionStatus {
+        name: REGISTER_REGION.into(),
+        pages: 0,
+        changed_pages: reg_changed,
+        intact: reg_changed == 0,
+        baseline_root: String::new(),
+        current_root: String::new(),
+    });
+    Ok(Report {
+        domain: baseline.domain.name.clone(),
+        uuid: baseline.domain.uuid.clone(),
+        baseline_created: baseline.created.clone(),
+        checked: super::baseline::now_rfc3339(),
+        source: mem.kind().into(),
+        intact: violations.is_empty(),
+        violations,
+        info,
+        regions,
+    })
+}
+
+fn permission_finding(
+    region: &str,
+    page: Option<u64>,
+    gva: GuestVirtAddr,
+    gpa: GuestPhysAddr,
+    old: Perms,
+    new: Perms,
+) -> Finding {
+    let loosened = old.loosened_by(&new);
+    let sev = if loosened {
+        Severity::Violation
+    } else {
+        Severity::Info
+    };
+    let mut f = finding(region, FindingKind::Permission, sev, gva, gpa);
+    f.page = page;
+    f.detail = format!(
+        "permissions {} from {} to {}",
+        if loosened { "loosened" } else { "tightened" },
+        old.as_text(),
+        new.as_text()
+    );
+    f.before = old.as_text();
+    f.after = new.as_text();
+    f
+}
+
+/// Remaps and permission changes of image pages outside every region
+/// (kernel data, and pages mapped since the baseline).
+fn image_mapping_findings(
+    baseline: &Baseline,
+    space: &dyn AddressSpace,
+    in_regions: &HashSet<u64>,
+    out: &mut Vec<Finding>,
+) {
+    let old = expand_runs(&baseline.image_mapping).unwrap_or_default();
+    let old_by_va: HashMap<u64, (GuestPhysAddr, Perms)> = old
+        .iter()
+        .map(|m| (m.gva.raw(), (m.gpa, m.perms)))
+        .collect();
+    for m in &old {
+        if in_regions.contains(&m.gva.raw()) {
+            continue;
+        }
+        match space.translate(m.gva) {
+            None => {
+                // Unmapping kernel data takes nothing from the kernel's protection.
+                let mut f = finding(
+                    IMAGE_REGION,
+                    FindingKind::Remap,
+                    Severity::Info,
+                    m.gva,
+                    m.gpa,
+                );
+                f.detail = "page is no longer mapped".into();
+                f.before = mapping_text(m.gpa, m.perms);
+                f.after = "unmapped".into();
+                out.push(f);
+            }
+            Some((gpa, perms)) => {
+                if gpa != m.gpa {
+                    let mut f = finding(
+                        IMAGE_REGION,
+                        FindingKind::Remap,
+                        Severity::Violation,
+                        m.gva,
+                        gpa,
+                    );
+                    f.detail = format!("page now maps guest-physical {gpa}, not {}", m.gpa);
+                    f.before = mapping_text(m.gpa, m.perms);
+                    f.after = mapping_text(gpa, perms);
+                    out.push(f);
+                }
+                if perms != m.perms {
+                    out.push(permission_finding(
+                        IMAGE_REGION,
+                        None,
+                        m.gva,
+                        gpa,
+                        m.perms,
+                        perms,
+                    ));
+                }
+            }
+        }
+    }
+    for m in space.image_pages() {
+        if !old_by_va.contains_key(&m.gva.raw()) {
+            let sev = if m.perms.executable || m.perms.user {
+                Severity::Violation
+            } else {
+                Severity::Info
+            };
+            let mut f = finding(IMAGE_REGION, FindingKind::Remap, sev, m.gva, m.gpa);
+            f.detail = format!("page newly mapped {}", m.perms.as_text());
+            f.before = "unmapped".into();
+            f.after = mapping_text(m.gpa, m.perms);
+            out.push(f);
+        }
+    }
+}
+
+fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec<Finding>) {
+    let zero_va = GuestVirtAddr(0);
+    let zero_pa = GuestPhysAddr(0);
+    for o in old.iter().filter(|r| r.in_long_mode()) {
+        let Some(n) = new.iter().find(|r| r.index == o.index) else {
+            let mut f = finding(
+                REGISTER_REGION,
+                FindingKind::Register,
+                Severity::Info,
+                zero_va,
+                zero_pa,
+            );
+            f.vcpu = Some(o.index);
+            f.detail = format!("vCPU {} is gone", o.index);
+            out.push(f);
+            continue;
+        };
+        if !n.in_long_mode() {
+            let mut f = finding(
+                REGISTER_REGION,
+                FindingKind::Register,
+                Severity::Info,
+                zero_va,
+                zero_pa,
+            );
+            f.vcpu = Some(o.index);
+            f.detail = format!(
+                "vCPU {} is no longer in 64-bit mode (reset or offline)",
+                o.index
+            );
+            out.push(f);
+            continue;
+        }
+        let bits: [(&str, u64, u64, u64, &str); 4] = [
+            (
+                "CR0.WP",
+                CR0_WP,
+                o.cr0,
+                n.cr0,
+                "write protection off: the kernel can write its read-only pages",
+            ),
+            (
+                "CR4.SMEP",
+                CR4_SMEP,
+                o.cr4,
+                n.cr4,
+                "supervisor-mode execution prevention off",
+            ),
+            (
+                "CR4.SMAP",
+                CR4_SMAP,
+                o.cr4,
+                n.cr4,
+                "supervisor-mode access prevention off",
+            ),
+            (
+                "EFER.NXE",
+                EFER_NXE,
+                o.efer,
+                n.efer,
+                "no-execute disabled: data pages become executable",
+            ),
+        ];
+        for (name, bit, before, after, why) in bits {
+            if before & bit != 0 && after & bit == 0 {
+                let mut f = finding(
+                    REGISTER_REGION,
+                    FindingKind::Register,
+                    Severity::Violation,
+                    zero_va,
+                    zero_pa,
+                );
+                f.vcpu = Some(o.index);
+                f.register = Some(name.into());
+                f.detail = format!("{name} cleared on vCPU {}: {why}", o.index);
+                f.before = format!("{before:#x}");
+                f.after = format!("{after:#x}");
+                out.push(f);
+            }
+        }
+        let tables = [
+            ("IDTR", o.idtr_base, o.idtr_limit, n.idtr_base, n.idtr_limit),
+            ("GDTR", o.gdtr_base, o.gdtr_limit, n.gdtr_base, n.gdtr_limit),
+        ];
+        for (name, ob, ol, nb, nl) in tables {
+            if (ob, ol) != (nb, nl) {
+                let mut f = finding(
+                    REGISTER_REGION,
+                    FindingKind::Register,
+                    Severity::Violation,
+                    GuestVirtAddr(nb),
+                    zero_pa,
+                );
+                f.vcpu = Some(o.index);
+                f.register = Some(name.into());
+                f.detail = format!(
+                    "{name} of vCPU {} moved from {ob:#x} (limit {ol:#x}) to {nb:#x} (limit {nl:#x})",
+                    o.index
+                );
+                f.before = format!("{ob:#x}/{ol:#x}");
+                f.after = format!("{nb:#x}/{nl:#x}");
+                out.push(f);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::baseline::tests::{Fake, TEXT_VA};
+    use crate::memory::RawDump;
+    use crate::x86::Mapping;
+
+    fn run(f: &Fake, b: &Baseline, regs: &[VcpuRegisters]) -> Report {
+        check(b, &f.mem, f, regs, GuestVirtAddr(TEXT_VA)).unwrap()
+    }
+
+    fn poke(f: &mut Fake, gpa: usize, byte: u8) {
+        let mut bytes = vec![0u8; f.mem.layout().total() as usize];
+        f.mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
+        bytes[gpa] = byte;
+        f.mem = RawDump::from_bytes(bytes);
+    }
+
+    #[test]
+    fn unchanged_guest_is_intact() {
+        let f = Fake::new();
+        let b = f.baseline();
+        let r = run(&f, &b, &Fake::registers());
+        assert!(
+            r.intact && r.violations.is_empty() && r.info.is_empty(),
+            "{r:#?}"
+        );
+        assert!(r.regions.iter().all(|s| s.intact));
+        assert_eq!(r.regions[0].baseline_root, r.regions[0].current_root);
+    }
+
+    #[test]
+    fn a_write_is_localised_to_its_page() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        poke(&mut f, 0x2000 + 2 * 4096 + 5, 0xcc); // text page 2
+        let r = run(&f, &b, &Fake::registers());
+        assert!(!r.intact);
+        assert_eq!(r.violations.len(), 1);
+        let v = &r.violations[0];
+        assert_eq!(
+            (v.region.as_str(), v.kind, v.page),
+            ("kernel-text", FindingKind::Content, Some(2))
+        );
+        assert_eq!(v.gva, GuestVirtAddr(TEXT_VA + 2 * 4096));
+        assert_eq!(v.gpa, GuestPhysAddr(0x2000 + 2 * 4096));
+        let rodata = r
+            .regions
+            .iter()
+            .find(|s| s.name == "kernel-rodata")
+            .unwrap();
+        assert!(rodata.intact, "untouched regions stay intact");
+    }
+
+    #[test]
+    fn remap_and_permission_changes() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        // Text page 1 remapped to a copy elsewhere (same bytes): a remap, not content.
+        let mut bytes = vec![0u8; f.mem.layout().total() as usize];
+        f.mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
+        let (src, dst) = (0x3000usize, 0xa000usize);
+        let page: Vec<u8> = bytes[src..src + 4096].to_vec();
+        bytes[dst..dst + 4096].copy_from_slice(&page);
+        f.mem = RawDump::from_bytes(bytes);
+        f.pages[1].gpa = GuestPhysAddr(dst as u64);
+        // Text page 3 made writable: loosened. Rodata page 0 made... already
+        // read-only; make text page 0 non-executable: tightened (info).
+        f.pages[3].perms.writable = true;
+        f.pages[0].perms.executable = false;
+        let r = run(&f, &b, &Fake::registers());
+        let kinds: Vec<_> = r.violations.iter().map(|v| (v.kind, v.page)).collect();
+        assert!(kinds.contains(&(FindingKind::Remap, Some(1))), "{kinds:?}");
+        assert!(
+            kinds.contains(&(FindingKind::Permission, Some(3))),
+            "{kinds:?}"
+        );
+        assert!(
+            !r.violations.iter().any(|v| v.kind == FindingKind::Content),
+            "identical copy is not a content change"
+        );
+        assert_eq!(r.info.len(), 1);
+        assert_eq!(
+            (r.info[0].kind, r.info[0].page),
+            (FindingKind::Permission, Some(0))
+        );
+    }
+
+    #[test]
+    fn new_executable_page_in_the_image_is_a_violation() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        f.pages.push(Mapping {
+            gva: GuestVirtAddr(TEXT_VA + 10 * 4096),
+            gpa: GuestPhysAddr(0xe000),
+            size: 4096,
+            perms: Perms {
+                writable: true,
+                user: false,
+                executable: true,
+            },
+        });
+        let r = run(&f, &b, &Fake::registers());
+        assert_eq!(r.violations.len(), 1);
+        assert_eq!(
+            (r.violations[0].region.as_str(), r.violations[0].kind),
+            (IMAGE_REGION, FindingKind::Remap)
+        );
+    }
+
+    #[test]
+    fn register_weakening_is_reported_per_vcpu() {
+        let f = Fake::new();
+        let b = f.baseline();
+        let mut regs = Fake::registers();
+        regs[0].cr0 &= !CR0_WP;
+        regs[0].cr4 &= !CR4_SMEP;
+        regs[0].efer &= !EFER_NXE;
+        regs[0].idtr_base += 0x1000;
+        regs[0].cr3 = 0x5000; // CR3 changes all the time: not a finding
+        let r = run(&f, &b, &regs);
+        let names: Vec<_> = r
+            .violations
+            .iter()
+            .map(|v| v.register.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["CR0.WP", "CR4.SMEP", "EFER.NXE", "IDTR"]);
+        assert!(
+            r.violations
+                .iter()
+                .all(|v| v.kind == FindingKind::Register && v.vcpu == Some(0))
+        );
+        // Bits that get set are no weakening.
+        let mut regs = Fake::registers();
+        regs[0].cr4 |= CR4_SMAP;
+        assert!(run(&f, &b, &regs).intact);
+    }
+
+    #[test]
+    fn another_boot_is_an_error_not_a_storm() {
+        // Take a baseline of a bigger fake, then move every page.
+        let mut f = Fake::new();
+        for i in 6..12u64 {
+            f.pages.insert(
+                4,
+                Mapping {
+                    gva: GuestVirtAddr(TEXT_VA + (i + 20) * 4096),
+                    gpa: GuestPhysAddr(0x8000 + (i - 6) * 4096),
+                    size: 4096,
+                    perms: f.pages[0].perms,
+                },
+            );
+        }
+        f.pages.sort_by_key(|m| m.gva);
+        let mut regions = f.regions();
+        regions[0].pages = f
+            .pages
+            .iter()
+            .filter(|m| m.perms.executable)
+            .map(|m| crate::integrity::PageSpec {
+                gva: m.gva,
+                gpa: m.gpa,
+                perms: m.perms,
+            })
+            .collect();
+        let domain = super::super::baseline::DomainId {
+            name: "fake".into(),
+            uuid: "u".into(),
+        };
+        let b = Baseline::build(
+            &f.mem,
+            domain,
+            f.identification(),
+            Fake::registers(),
+            &f,
+            &regions,
+        )
+        .unwrap();
+        for m in &mut f.pages {
+            m.gva = GuestVirtAddr(m.gva.raw() + (64 << 20));
+        }
+        let err = check(&b, &f.mem, &f, &Fake::registers(), f.pages[0].gva).unwrap_err();
+        assert!(
+            matches!(err, CheckError::DifferentBoot { same: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("another boot"));
+    }
+}

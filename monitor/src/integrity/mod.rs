@@ -1,0 +1,69 @@
+//! The integrity engine: regions of pages, their BLAKE3 values and roots,
+//! baselines, and the comparison of a fresh reading with a baseline.
+//!
+//! It knows regions, pages, mappings and registers as data, and nothing of
+//! Linux: the kernel model decides which pages form which region.
+
+pub mod baseline;
+pub mod check;
+pub mod tree;
+
+pub use baseline::{Baseline, BaselineError};
+pub use check::{Finding, FindingKind, Report, Severity};
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+use crate::x86::{Mapping, Perms};
+
+/// What a region is for; decides nothing in the engine but is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegionKind {
+    /// Executable, read-only code.
+    Code,
+    /// Read-only data.
+    ReadOnlyData,
+    /// A descriptor table a CPU register points at.
+    DescriptorTable,
+}
+
+/// One 4 KiB page of a region, as the kernel model found it mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSpec {
+    pub gva: GuestVirtAddr,
+    pub gpa: GuestPhysAddr,
+    pub perms: Perms,
+}
+
+/// A region to protect: whole 4 KiB pages in the order they are hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionLayout {
+    pub name: String,
+    pub kind: RegionKind,
+    pub pages: Vec<PageSpec>,
+}
+
+/// How the kernel model found the kernel, recorded in baselines.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identification {
+    /// `wx-page-walk`: classified by page permissions, no symbols.
+    pub method: String,
+    /// The vCPU whose CR3 was walked.
+    pub vcpu: u32,
+    #[serde(with = "crate::addr::hex_addr")]
+    pub cr3: u64,
+    pub paging: String,
+    /// Lowest mapped address of the image: the KASLR virtual placement.
+    pub image_base: GuestVirtAddr,
+    /// Guest-physical address behind `image_base`: the physical placement.
+    pub image_base_gpa: GuestPhysAddr,
+    pub text_pages: u64,
+    pub rodata_pages: u64,
+}
+
+/// A fresh view of the guest's address space, as the kernel model walked it.
+pub trait AddressSpace {
+    /// Every 4 KiB page mapped in the kernel image range, in address order.
+    fn image_pages(&self) -> &[Mapping];
+    /// Where page-aligned `gva` maps now, and with which permissions.
+    fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)>;
+}

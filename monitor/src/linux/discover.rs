@@ -1,0 +1,287 @@
+//! Kernel discovery by page permissions.
+//!
+//! x86-64 Linux maps its image at `__START_KERNEL_map` (0xffffffff80000000),
+//! shifted by the KASLR slide, inside the 1 GiB below the module area. With
+//! strict kernel RWX, code is read-only and executable, rodata (and
+//! `__ro_after_init`) read-only and not executable, the rest writable and not
+//! executable. Walking that gigabyte from CR3 and sorting its pages by
+//! permission finds the kernel's text and rodata with no symbols at all. The
+//! IDT and each vCPU's GDT are found through IDTR and GDTR.
+
+use std::collections::HashMap;
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::{AddressSpace, Identification, PageSpec, RegionKind, RegionLayout};
+use crate::memory::GuestMemory;
+use crate::qemu::VcpuRegisters;
+use crate::x86::{Mapping, PagingMode, Perms, WalkError, Walker};
+
+/// Start of the kernel image mapping.
+pub const IMAGE_START: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_8000_0000);
+/// End of the kernel image mapping (start of the module area).
+pub const IMAGE_END: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_c000_0000);
+
+const EFER_NXE: u64 = 1 << 11;
+/// With page-table isolation the user half of a PGD pair is the kernel's plus
+/// one page; CR3 may hold either while a vCPU runs user code.
+const PTI_USER_PGD_BIT: u64 = 1 << 12;
+/// Descriptor tables bigger than this are not believed.
+const MAX_TABLE_BYTES: u64 = 64 * 1024;
+
+/// Why the kernel could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error(
+        "no vCPU is in 64-bit mode with paging on: the guest is not (yet) running a 64-bit kernel"
+    )]
+    NoLongModeCpu,
+    #[error("walking the kernel image mapping from CR3 {cr3:#x} failed")]
+    Walk {
+        cr3: u64,
+        #[source]
+        source: WalkError,
+    },
+    #[error(
+        "kernel not found: no read-only executable pages between {IMAGE_START} and {IMAGE_END} (CR3 {cr3:#x}); \
+         is this a Linux guest with strict kernel RWX?"
+    )]
+    NoText { cr3: u64 },
+    #[error("{table} of vCPU {vcpu} at {base} is not mapped")]
+    TableUnmapped {
+        table: &'static str,
+        vcpu: u32,
+        base: GuestVirtAddr,
+    },
+    #[error("{table} of vCPU {vcpu} has an implausible limit {limit:#x}")]
+    TableLimit {
+        table: &'static str,
+        vcpu: u32,
+        limit: u32,
+    },
+}
+
+/// A guest kernel as found in memory.
+pub struct KernelView<'m, M: GuestMemory + ?Sized> {
+    pub identification: Identification,
+    pub registers: Vec<VcpuRegisters>,
+    /// Every leaf mapping of the kernel image range, 4 KiB granular.
+    pub image_pages: Vec<Mapping>,
+    pub regions: Vec<RegionLayout>,
+    /// Table pointers of the image range that led outside RAM.
+    pub unreadable_tables: Vec<(GuestVirtAddr, GuestPhysAddr)>,
+    walker: Walker<'m, M>,
+    index: HashMap<u64, (GuestPhysAddr, Perms)>,
+}
+
+impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
+    fn image_pages(&self) -> &[Mapping] {
+        &self.image_pages
+    }
+
+    fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+        if let Some(&hit) = self.index.get(&gva.raw()) {
+            return Some(hit);
+        }
+        if (IMAGE_START..IMAGE_END).contains(&gva) {
+            return None; // the image was enumerated whole
+        }
+        self.walker.translate(gva).ok().map(|t| (t.gpa, t.perms))
+    }
+}
+
+/// Splits leaf mappings into 4 KiB pages.
+fn split_pages(mappings: &[Mapping]) -> Vec<Mapping> {
+    let mut out = Vec::new();
+    for m in mappings {
+        for off in (0..m.size).step_by(PAGE_SIZE as usize) {
+            // Both sides stay inside the leaf the walker returned (aligned, in range).
+            out.push(Mapping {
+                gva: GuestVirtAddr(m.gva.raw() + off),
+                gpa: GuestPhysAddr(m.gpa.raw() + off),
+                size: PAGE_SIZE,
+                perms: m.perms,
+            });
+        }
+    }
+    out
+}
+
+fn walk_image<M: GuestMemory + ?Sized>(
+    walker: &Walker<'_, M>,
+    cr3: u64,
+) -> Result<(Vec<Mapping>, Vec<(GuestVirtAddr, GuestPhysAddr)>), DiscoverError> {
+    let set = walker
+        .mappings(IMAGE_START, IMAGE_END)
+        .map_err(|source| DiscoverError::Walk { cr3, source })?;
+    Ok((split_pages(&set.mappings), set.unreadable_tables))
+}
+
+fn is_text(p: &Perms) -> bool {
+    !p.writable && p.executable && !p.user
+}
+
+fn is_rodata(p: &Perms) -> bool {
+    !p.writable && !p.executable && !p.user
+}
+
+/// Finds the kernel of a guest from its vCPU registers.
+pub fn discover<'m, M: GuestMemory + ?Sized>(
+    mem: &'m M,
+    registers: &[VcpuRegisters],
+) -> Result<KernelView<'m, M>, DiscoverError> {
+    let cpu = registers
+        .iter()
+        .find(|r| r.in_long_mode())
+        .ok_or(DiscoverError::NoLongModeCpu)?;
+    let mode = PagingMode::from_cr4(cpu.cr4);
+    let nxe = cpu.efer & EFER_NXE != 0;
+
+    // Walk the CR3 as given and, in case it is PTI's user half, its kernel twin;
+    // keep whichever maps more kernel code.
+    let mut best: Option<(u64, Vec<Mapping>, Vec<(GuestVirtAddr, GuestPhysAddr)>)> = None;
+    let mut last_err = None;
+    for cr3 in [cpu.cr3, cpu.cr3 & !PTI_USER_PGD_BIT] {
+        if best.as_ref().is_some_and(|b| b.0 == cr3) {
+            continue;
+        }
+        match walk_image(&Walker::new(mem, mode, cr3, nxe), cr3) {
+            Ok((pages, bad)) => {
+                let text = pages.iter().filter(|p| is_text(&p.perms)).count();
+                if best
+                    .as_ref()
+                    .is_none_or(|b| b.1.iter().filter(|p| is_text(&p.perms)).count() < text)
+                {
+                    best = Some((cr3, pages, bad));
+                }
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let Some((cr3, image_pages, unreadable_tables)) = best else {
+        return Err(last_err.unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
+    };
+    let walker = Walker::new(mem, mode, cr3, nxe);
+    let spec = |m: &Mapping| PageSpec {
+        gva: m.gva,
+        gpa: m.gpa,
+        perms: m.perms,
+    };
+    let text: Vec<PageSpec> = image_pages
+        .iter()
+        .filter(|m| is_text(&m.perms))
+        .map(spec)
+        .collect();
+    let rodata: Vec<PageSpec> = image_pages
+        .iter()
+        .filter(|m| is_rodata(&m.perms))
+        .map(spec)
+        .collect();
+    if text.is_empty() {
+        return Err(DiscoverError::NoText { cr3 });
+    }
+    let first = image_pages[0];
+    let identification = Identification {
+        method: "wx-page-walk".into(),
+        vcpu: cpu.index,
+        cr3,
+        paging: format!("{}-level", mode.levels),
+        image_base: first.gva,
+        image_base_gpa: first.gpa,
+        text_pages: text.len() as u64,
+        rodata_pages: rodata.len() as u64,
+    };
+    let mut regions = vec![
+        RegionLayout {
+            name: "kernel-text".into(),
+            kind: RegionKind::Code,
+            pages: text,
+        },
+        RegionLayout {
+            name: "kernel-rodata".into(),
+            kind: RegionKind::ReadOnlyData,
+            pages: rodata,
+        },
+    ];
+
+    let mut idt_bases: Vec<u64> = Vec::new();
+    for r in registers.iter().filter(|r| r.in_long_mode()) {
+        if !idt_bases.contains(&r.idtr_base) {
+            let name = if idt_bases.is_empty() {
+                "idt".to_owned()
+            } else {
+                format!("idt-cpu{}", r.index)
+            };
+            idt_bases.push(r.idtr_base);
+            regions.push(table_region(
+                &walker,
+                name,
+                "IDT",
+                r.index,
+                r.idtr_base,
+                r.idtr_limit,
+            )?);
+        }
+        regions.push(table_region(
+            &walker,
+            format!("gdt-cpu{}", r.index),
+            "GDT",
+            r.index,
+            r.gdtr_base,
+            r.gdtr_limit,
+        )?);
+    }
+
+    let index = image_pages
+        .iter()
+        .map(|m| (m.gva.raw(), (m.gpa, m.perms)))
+        .collect();
+    Ok(KernelView {
+        identification,
+        registers: registers.to_vec(),
+        image_pages,
+        regions,
+        unreadable_tables,
+        walker,
+        index,
+    })
+}
+
+/// The whole pages holding a descriptor table of `limit + 1` bytes at `base`.
+fn table_region<M: GuestMemory + ?Sized>(
+    walker: &Walker<'_, M>,
+    name: String,
+    table: &'static str,
+    vcpu: u32,
+    base: u64,
+    limit: u32,
+) -> Result<RegionLayout, DiscoverError> {
+    let len = u64::from(limit) + 1;
+    if len > MAX_TABLE_BYTES {
+        return Err(DiscoverError::TableLimit { table, vcpu, limit });
+    }
+    let unmapped = || DiscoverError::TableUnmapped {
+        table,
+        vcpu,
+        base: GuestVirtAddr(base),
+    };
+    let start = GuestVirtAddr(base).page_floor();
+    let end = base.checked_add(len).ok_or_else(unmapped)?;
+    let mut pages = Vec::new();
+    let mut va = start.raw();
+    while va < end {
+        let t = walker
+            .translate(GuestVirtAddr(va))
+            .map_err(|_| unmapped())?;
+        pages.push(PageSpec {
+            gva: GuestVirtAddr(va),
+            gpa: t.gpa.page_floor(),
+            perms: t.perms,
+        });
+        va = va.checked_add(PAGE_SIZE).ok_or_else(unmapped)?;
+    }
+    Ok(RegionLayout {
+        name,
+        kind: RegionKind::DescriptorTable,
+        pages,
+    })
+}

@@ -1,0 +1,9 @@
+//! The Linux kernel model: finds a guest kernel's code, read-only data and
+//! descriptor tables in its memory, without symbols, from the page tables.
+//!
+//! Owns what is Linux-specific (where the kernel image is mapped, how PTI
+//! splits CR3); hands the integrity engine plain regions of pages.
+
+mod discover;
+
+pub use discover::{DiscoverError, IMAGE_END, IMAGE_START, KernelView, discover};

@@ -1,0 +1,13 @@
+//! x86-64 address translation: 4- and 5-level paging with 4 KiB, 2 MiB and
+//! 1 GiB pages, permissions accumulated along the walk, every walk bounded.
+//!
+//! Owns page-table walking only; which ranges matter (the kernel image, the
+//! IDT) is the Linux kernel model's business.
+
+#[cfg(test)]
+mod builder;
+mod paging;
+
+pub use paging::{
+    Mapping, MappingSet, PagingMode, Perms, Translation, WalkBudget, WalkError, Walker,
+};
