@@ -7,6 +7,7 @@
 
 pub mod addr;
 pub mod integrity;
+pub mod libvirt;
 pub mod linux;
 pub mod memory;
 pub mod qemu;

@@ -1,1 +1,382 @@
-fn main() {}
+//! The `vigil` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use vigil::integrity::baseline::DomainId;
+use vigil::integrity::check::{CheckError, check};
+use vigil::integrity::{Baseline, Finding, Report};
+use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
+use vigil::linux::discover;
+
+/// Exit status when a check finds the kernel intact, or a command succeeds.
+const EXIT_OK: u8 = 0;
+/// Exit status when a check finds violations.
+const EXIT_VIOLATIONS: u8 = 1;
+/// Exit status on any error.
+const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "vigil",
+    version,
+    about = "Host-side integrity monitor for the kernels of libvirt/QEMU guests",
+    long_about = "vigil reads a running guest's memory from the host (no agent in the guest), finds its \
+kernel's code, read-only data and descriptor tables by walking its page tables, and records a BLAKE3 \
+baseline of them together with the page mappings and control registers. A later check reports every \
+page whose bytes, mapping or permissions changed, and every weakened control register.
+
+Typical use:
+  vigil domains                      list domains and how their memory can be read
+  vigil baseline web1                record the trusted state of web1's kernel
+  vigil check web1                   compare with it: exit 0 intact, 1 changed, 2 error
+  vigil check web1 --format json     the same, for tools
+
+Run as root (reading another process's memory needs CAP_SYS_PTRACE, and shared RAM
+mappings need CAP_SYS_ADMIN)."
+)]
+struct Cli {
+    /// libvirt connection URI.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "VIGIL_CONNECT",
+        default_value = "qemu:///system"
+    )]
+    connect: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Where baselines are kept by default (baselines/<domain uuid>.json).
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_STATE_DIR",
+        default_value = "/var/lib/vigil"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    /// Map shared RAM directly when the domain has it, otherwise read the QEMU process.
+    Auto,
+    /// Map the domain's shared RAM (memfd or file backend with access mode='shared').
+    Shared,
+    /// Read the QEMU process's memory with process_vm_readv (works for every domain).
+    Process,
+}
+
+impl From<Source> for SourceChoice {
+    fn from(s: Source) -> Self {
+        match s {
+            Source::Auto => SourceChoice::Auto,
+            Source::Shared => SourceChoice::Shared,
+            Source::Process => SourceChoice::Process,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List libvirt domains, their state, and which memory source applies.
+    Domains,
+    /// Find a running domain's kernel and record a baseline of it.
+    Baseline {
+        /// Domain name or UUID.
+        domain: String,
+        /// Where to write the baseline [default: STATE_DIR/baselines/<uuid>.json].
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// How to read guest memory.
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
+        source: Source,
+    },
+    /// Compare a running domain's kernel with its baseline.
+    ///
+    /// Exit status: 0 when intact, 1 when anything was changed in a way that
+    /// is a violation, 2 on error (domain not running, memory not readable,
+    /// kernel not found, baseline of another domain or another boot).
+    Check {
+        /// Domain name or UUID.
+        domain: String,
+        /// Baseline to compare with [default: STATE_DIR/baselines/<uuid>.json].
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// How to read guest memory.
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
+        source: Source,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("vigil: error: {}", chain.join(": "));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<u8> {
+    match &cli.command {
+        Command::Domains => domains(cli),
+        Command::Baseline {
+            domain,
+            output,
+            source,
+        } => baseline(cli, domain, output.as_deref(), *source),
+        Command::Check {
+            domain,
+            baseline,
+            source,
+        } => check_domain(cli, domain, baseline.as_deref(), *source),
+    }
+}
+
+fn default_baseline_path(cli: &Cli, dom: &GuestDomain) -> PathBuf {
+    cli.state_dir
+        .join("baselines")
+        .join(format!("{}.json", dom.uuid))
+}
+
+fn domains(cli: &Cli) -> anyhow::Result<u8> {
+    let hv = Hypervisor::connect(&cli.connect)?;
+    let list = hv.domains()?;
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({ "connect": hv.uri(), "domains": list }),
+        )?;
+        writeln!(out)?;
+        return Ok(EXIT_OK);
+    }
+    if list.is_empty() {
+        writeln!(out, "no domains at {}", hv.uri())?;
+        return Ok(EXIT_OK);
+    }
+    let w = list.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
+    writeln!(
+        out,
+        "{:w$}  {:36}  {:13}  MEMORY SOURCE",
+        "NAME", "UUID", "STATE"
+    )?;
+    for d in &list {
+        writeln!(
+            out,
+            "{:w$}  {:36}  {:13}  {}",
+            d.name, d.uuid, d.state, d.memory_source
+        )?;
+    }
+    Ok(EXIT_OK)
+}
+
+fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> anyhow::Result<u8> {
+    let hv = Hypervisor::connect(&cli.connect)?;
+    let dom = hv.domain(domain)?;
+    dom.ensure_running()?;
+    let mem = dom.open_memory(source.into())?;
+    let regs = dom.registers()?;
+    let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
+    let id = DomainId {
+        name: dom.name.clone(),
+        uuid: dom.uuid.clone(),
+    };
+    let b = Baseline::build(
+        &*mem,
+        id,
+        view.identification.clone(),
+        regs,
+        &view,
+        &view.regions,
+    )
+    .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
+    let path = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_baseline_path(cli, &dom));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    b.save(&path)?;
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        let regions: Vec<_> = b
+            .regions
+            .iter()
+            .map(|r| serde_json::json!({ "name": r.name, "pages": r.pages.len(), "root": vigil::integrity::baseline::to_hex(&r.root) }))
+            .collect();
+        let v = serde_json::json!({ "domain": b.domain, "path": path, "kernel": b.kernel, "source": b.source, "regions": regions });
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "baseline of {} ({}) written to {}",
+            b.domain.name,
+            b.domain.uuid,
+            path.display()
+        )?;
+        writeln!(
+            out,
+            "kernel image at {} (guest-physical {}), found by {} from CR3 {:#x} of vCPU {}; memory read by {}",
+            b.kernel.image_base,
+            b.kernel.image_base_gpa,
+            b.kernel.method,
+            b.kernel.cr3,
+            b.kernel.vcpu,
+            b.source
+        )?;
+        for r in &b.regions {
+            writeln!(
+                out,
+                "  {:16} {:6} pages  blake3 {}",
+                r.name,
+                r.pages.len(),
+                vigil::integrity::baseline::to_hex(&r.root)
+            )?;
+        }
+        if !view.unreadable_tables.is_empty() {
+            writeln!(
+                out,
+                "warning: {} page-table pointers of the kernel image led outside guest RAM",
+                view.unreadable_tables.len()
+            )?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn check_domain(
+    cli: &Cli,
+    domain: &str,
+    baseline: Option<&Path>,
+    source: Source,
+) -> anyhow::Result<u8> {
+    let hv = Hypervisor::connect(&cli.connect)?;
+    let dom = hv.domain(domain)?;
+    dom.ensure_running()?;
+    let path = baseline
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_baseline_path(cli, &dom));
+    if baseline.is_none() && !path.exists() {
+        bail!(
+            "no baseline for domain {} at {}: run `vigil baseline {}` first",
+            dom.name,
+            path.display(),
+            dom.name
+        );
+    }
+    let b = Baseline::load(&path)?;
+    if b.domain.uuid != dom.uuid {
+        bail!(
+            "baseline {} is of domain {} ({}), not of {} ({})",
+            path.display(),
+            b.domain.name,
+            b.domain.uuid,
+            dom.name,
+            dom.uuid
+        );
+    }
+    let mem = dom.open_memory(source.into())?;
+    let regs = dom.registers()?;
+    let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
+    let report = match check(&b, &*mem, &view, &regs, view.identification.image_base) {
+        Ok(r) => r,
+        Err(e @ CheckError::DifferentBoot { .. }) => bail!("{}", error_chain(&e)),
+        Err(e) => return Err(e).with_context(|| format!("domain {}", dom.name)),
+    };
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_report(&mut out, &report, &path)?;
+    }
+    Ok(if report.intact {
+        EXIT_OK
+    } else {
+        EXIT_VIOLATIONS
+    })
+}
+
+fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Result<()> {
+    let verdict = if r.intact { "INTACT" } else { "VIOLATIONS" };
+    writeln!(
+        out,
+        "{verdict}: domain {} ({}), {} violation(s), {} info",
+        r.domain,
+        r.uuid,
+        r.violations.len(),
+        r.info.len()
+    )?;
+    writeln!(
+        out,
+        "baseline {} of {}, checked {} through {}",
+        path.display(),
+        r.baseline_created,
+        r.checked,
+        r.source
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:16} {:>7} {:>8} {:>5}  STATUS",
+        "REGION", "PAGES", "CHANGED", "INFO"
+    )?;
+    for s in &r.regions {
+        let status = if s.intact { "intact" } else { "CHANGED" };
+        writeln!(
+            out,
+            "{:16} {:>7} {:>8} {:>5}  {status}",
+            s.name, s.pages, s.changed_pages, s.info
+        )?;
+    }
+    for (title, list) in [("VIOLATIONS", &r.violations), ("INFO", &r.info)] {
+        if list.is_empty() {
+            continue;
+        }
+        writeln!(out, "\n{title}")?;
+        for f in list {
+            print_finding(out, f)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
+    let kind = serde_json::to_value(f.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let place = match (f.page, f.vcpu) {
+        (Some(p), _) => format!("page {p:<6} gva {} gpa {}", f.gva, f.gpa),
+        (None, Some(v)) => format!("vCPU {v}"),
+        (None, None) => format!("gva {} gpa {}", f.gva, f.gpa),
+    };
+    writeln!(out, "  {:14} {:10} {place}  {}", f.region, kind, f.detail)?;
+    if !f.before.is_empty() || !f.after.is_empty() {
+        writeln!(
+            out,
+            "  {:14} {:10} before {}  after {}",
+            "", "", f.before, f.after
+        )?;
+    }
+    Ok(())
+}

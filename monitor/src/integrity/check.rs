@@ -71,7 +71,11 @@ pub struct Finding {
 pub struct RegionStatus {
     pub name: String,
     pub pages: u64,
+    /// Pages (or, for registers, vCPU registers) with a violation.
     pub changed_pages: u64,
+    /// Findings that are information only (permissions tightened, ...).
+    pub info: u64,
+    /// No violation in this region.
     pub intact: bool,
     pub baseline_root: String,
     pub current_root: String,
@@ -173,7 +177,6 @@ pub fn check<M: GuestMemory + ?Sized>(
     let mut regions = Vec::new();
     let mut region_pages: HashSet<u64> = HashSet::new();
     for r in &baseline.regions {
-        let mut changed: HashSet<usize> = HashSet::new();
         let mut reads = Vec::with_capacity(r.pages.len());
         let mut readable = Vec::with_capacity(r.pages.len());
         for (i, p) in r.pages.iter().enumerate() {
@@ -192,7 +195,6 @@ pub fn check<M: GuestMemory + ?Sized>(
                     f.before = mapping_text(p.gpa, p.perms);
                     f.after = "unmapped".into();
                     findings.push(f);
-                    changed.insert(i);
                     // Hash the baseline frame so the root still says something.
                     reads.push((p.gva, p.gpa));
                     readable.push(false);
@@ -206,7 +208,6 @@ pub fn check<M: GuestMemory + ?Sized>(
                         f.before = mapping_text(p.gpa, p.perms);
                         f.after = mapping_text(gpa, perms);
                         findings.push(f);
-                        changed.insert(i);
                     }
                     if perms != p.perms {
                         findings.push(permission_finding(
@@ -217,7 +218,6 @@ pub fn check<M: GuestMemory + ?Sized>(
                             p.perms,
                             perms,
                         ));
-                        changed.insert(i);
                     }
                     reads.push((p.gva, gpa));
                     readable.push(true);
@@ -239,7 +239,6 @@ pub fn check<M: GuestMemory + ?Sized>(
                 f.before = to_hex(&p.value);
                 f.after = to_hex(v);
                 findings.push(f);
-                changed.insert(i);
             }
         }
         let current_root = if values.is_empty() {
@@ -254,8 +253,9 @@ pub fn check<M: GuestMemory + ?Sized>(
         regions.push(RegionStatus {
             name: r.name.clone(),
             pages: r.pages.len() as u64,
-            changed_pages: changed.len() as u64,
-            intact: changed.is_empty(),
+            changed_pages: 0,
+            info: 0,
+            intact: true,
             baseline_root: to_hex(&r.root),
             current_root,
         });
@@ -264,43 +264,37 @@ pub fn check<M: GuestMemory + ?Sized>(
     image_mapping_findings(baseline, space, &region_pages, &mut findings);
     register_findings(&baseline.registers, registers, &mut findings);
 
-    let (violations, info): (Vec<_>, Vec<_>) = findings
-        .into_iter()
-        .partition(|f| f.severity == Severity::Violation);
-    let image_changed = violations
-        .iter()
-        .chain(&info)
-        .any(|f| f.region == IMAGE_REGION);
-    if image_changed || !baseline.image_mapping.is_empty() {
-        let changed = violations
-            .iter()
-            .chain(&info)
-            .filter(|f| f.region == IMAGE_REGION)
-            .count() as u64;
-        let pages: u64 = baseline.image_mapping.iter().map(|r| r.pages).sum::<u64>()
-            - region_pages.len().min(usize::MAX) as u64;
+    let image_pages: u64 = baseline.image_mapping.iter().map(|r| r.pages).sum();
+    for (name, pages) in [
+        (
+            IMAGE_REGION,
+            image_pages.saturating_sub(region_pages.len() as u64),
+        ),
+        (REGISTER_REGION, 0),
+    ] {
         regions.push(RegionStatus {
-            name: IMAGE_REGION.into(),
+            name: name.into(),
             pages,
-            changed_pages: changed,
-            intact: changed == 0,
+            changed_pages: 0,
+            info: 0,
+            intact: true,
             baseline_root: String::new(),
             current_root: String::new(),
         });
     }
-    let reg_changed = violations
-        .iter()
-        .chain(&info)
-        .filter(|f| f.region == REGISTER_REGION)
-        .count() as u64;
-    regions.push(RegionStatus {
-        name: REGISTER_REGION.into(),
-        pages: 0,
-        changed_pages: reg_changed,
-        intact: reg_changed == 0,
-        baseline_root: String::new(),
-        current_root: String::new(),
-    });
+    for status in &mut regions {
+        let mine = || findings.iter().filter(|f| f.region == status.name);
+        let violated: HashSet<(u64, Option<u32>)> = mine()
+            .filter(|f| f.severity == Severity::Violation)
+            .map(|f| (f.gva.raw(), f.vcpu))
+            .collect();
+        status.changed_pages = violated.len() as u64;
+        status.info = mine().filter(|f| f.severity == Severity::Info).count() as u64;
+        status.intact = violated.is_empty();
+    }
+    let (violations, info): (Vec<_>, Vec<_>) = findings
+        .into_iter()
+        .partition(|f| f.severity == Severity::Violation);
     Ok(Report {
         domain: baseline.domain.name.clone(),
         uuid: baseline.domain.uuid.clone(),

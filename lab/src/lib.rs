@@ -1,0 +1,452 @@
+//! The vigil test lab: transient libvirt TCG domains booting the pinned Debian
+//! cloud kernel with the lab's busybox initramfs (built by `lab/setup.sh`),
+//! each with a command port on its second serial line, so that a test decides
+//! when an attack or a reboot happens.
+//!
+//! ```text
+//!   test  --"<id> <command>"-->  QEMU ttyS1  -->  guest /init runs it
+//!         <--output, then "VIGIL-DONE <id> <status>"--
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+/// The libvirt URI lab domains live at.
+pub const URI: &str = "qemu:///system";
+/// Prefix of every lab domain's name, so stale ones can be found and removed.
+pub const NAME_PREFIX: &str = "vigil-lab-";
+
+/// Why the lab could not do what was asked.
+#[derive(Debug)]
+pub struct LabError(pub String);
+
+impl std::fmt::Display for LabError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LabError {}
+
+fn err(msg: impl Into<String>) -> LabError {
+    LabError(msg.into())
+}
+
+/// How a lab guest's RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// A memfd with `access mode='shared'`: vigil maps it directly.
+    Shared,
+    /// libvirt's default private anonymous RAM: vigil reads the QEMU process.
+    Private,
+}
+
+/// The prepared lab files.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// The lab at `$VIGIL_LAB_DIR` (default `/var/lib/vigil-lab`), checked to
+    /// have been set up.
+    pub fn open() -> Result<Self, LabError> {
+        let dir = PathBuf::from(
+            std::env::var("VIGIL_LAB_DIR").unwrap_or_else(|_| "/var/lib/vigil-lab".into()),
+        );
+        for f in ["vmlinuz", "initramfs.cpio.gz"] {
+            if !dir.join(f).is_file() {
+                return Err(err(format!(
+                    "the lab is not set up: {} is missing; run `lab/setup.sh --install` (as root) first",
+                    dir.join(f).display()
+                )));
+            }
+        }
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run)
+            .map_err(|e| err(format!("creating {}: {e}", run.display())))?;
+        // QEMU runs as libvirt-qemu and creates the command socket here.
+        set_mode(&run, 0o1777)?;
+        Ok(Self { dir })
+    }
+
+    fn console_path(&self, name: &str) -> PathBuf {
+        self.dir.join("run").join(format!("{name}.console"))
+    }
+
+    fn socket_path(&self, name: &str) -> PathBuf {
+        self.dir.join("run").join(format!("{name}.cmd"))
+    }
+
+    /// The domain XML of a lab guest.
+    pub fn domain_xml(&self, name: &str, memory: Memory, mib: u32) -> String {
+        let backing = match memory {
+            Memory::Shared => {
+                "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+            }
+            Memory::Private => "",
+        };
+        format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mib}</memory>
+  <vcpu>1</vcpu>
+  {backing}
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <cpu mode='maximum'/>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='unix'><source mode='bind' path='{socket}'/><target port='1'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+            kernel = self.dir.join("vmlinuz").display(),
+            initrd = self.dir.join("initramfs.cpio.gz").display(),
+            console = self.console_path(name).display(),
+            socket = self.socket_path(name).display(),
+        )
+    }
+
+    /// Starts a transient guest named `vigil-lab-<suffix>` and waits until its
+    /// init answers on the command port. A stale guest of that name is
+    /// destroyed first.
+    pub fn start(&self, suffix: &str, memory: Memory) -> Result<Guest, LabError> {
+        let name = format!("{NAME_PREFIX}{suffix}");
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(URI)).map_err(|e| {
+            err(format!(
+                "cannot connect to libvirt at {URI}: {e} (is libvirtd running? `.ci/run` starts it)"
+            ))
+        })?;
+        if let Ok(old) = conn.lookup_domain_by_name(&name) {
+            let _ = old.destroy();
+        }
+        let _ = std::fs::remove_file(self.console_path(&name));
+        let xml = self.domain_xml(&name, memory, 384);
+        let dom = conn
+            .create_domain_xml(&xml, 0)
+            .map_err(|e| err(format!("starting lab domain {name}: {e}")))?;
+        let uuid = dom.uuid_string().unwrap_or_default();
+        let mut guest = Guest {
+            name,
+            uuid,
+            dom: Some(dom),
+            socket: self.socket_path(&format!("{NAME_PREFIX}{suffix}")),
+            console: self.console_path(&format!("{NAME_PREFIX}{suffix}")),
+            port: None,
+            next_id: first_id(),
+        };
+        guest.wait_ready(Duration::from_secs(120))?;
+        Ok(guest)
+    }
+
+    /// Creates a guest paused before its first instruction: its vCPU is still
+    /// in real mode and no kernel has run.
+    pub fn start_paused(&self, suffix: &str) -> Result<Guest, LabError> {
+        let name = format!("{NAME_PREFIX}{suffix}");
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(URI))
+            .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
+        if let Ok(old) = conn.lookup_domain_by_name(&name) {
+            let _ = old.destroy();
+        }
+        let xml = self.domain_xml(&name, Memory::Shared, 384);
+        let dom = conn
+            .create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED)
+            .map_err(|e| err(format!("starting lab domain {name} paused: {e}")))?;
+        let uuid = dom.uuid_string().unwrap_or_default();
+        Ok(Guest {
+            socket: self.socket_path(&name),
+            console: self.console_path(&name),
+            name,
+            uuid,
+            dom: Some(dom),
+            port: None,
+            next_id: first_id(),
+        })
+    }
+
+    /// Defines (without starting) a persistent guest, undefined again when
+    /// the returned handle is dropped: a domain that exists but is not running.
+    pub fn define(&self, suffix: &str, memory: Memory) -> Result<Defined, LabError> {
+        let name = format!("{NAME_PREFIX}{suffix}");
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(URI))
+            .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
+        if let Ok(old) = conn.lookup_domain_by_name(&name) {
+            let _ = old.destroy();
+            let _ = old.undefine();
+        }
+        let dom = conn
+            .define_domain_xml(&self.domain_xml(&name, memory, 384))
+            .map_err(|e| err(format!("defining lab domain {name}: {e}")))?;
+        Ok(Defined { name, dom })
+    }
+
+    /// Attaches to a running lab guest started earlier (by `vigil-lab start`).
+    pub fn attach(&self, suffix: &str) -> Result<Guest, LabError> {
+        let name = format!("{NAME_PREFIX}{suffix}");
+        let mut g = Guest {
+            socket: self.socket_path(&name),
+            console: self.console_path(&name),
+            name,
+            uuid: String::new(),
+            dom: None,
+            port: None,
+            next_id: first_id(),
+        };
+        g.connect(Duration::from_secs(10))?;
+        Ok(g)
+    }
+}
+
+/// Command ids start from the clock, so that answers meant for an earlier
+/// process on the same port are never taken for this one's.
+fn first_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), LabError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("chmod {}: {e}", path.display())))
+}
+
+/// A running lab guest. Dropping it destroys the domain, unless it was kept.
+pub struct Guest {
+    pub name: String,
+    pub uuid: String,
+    dom: Option<Domain>,
+    socket: PathBuf,
+    console: PathBuf,
+    port: Option<BufReader<UnixStream>>,
+    next_id: u64,
+}
+
+impl Guest {
+    fn connect(&mut self, timeout: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_millis(500)))
+                        .map_err(|e| err(e.to_string()))?;
+                    self.port = Some(BufReader::new(s));
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(err(format!(
+                        "{}: command port {} never opened: {e}",
+                        self.name,
+                        self.socket.display()
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Waits until init answers a ping on the command port.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + timeout;
+        if self.port.is_none() {
+            self.connect(timeout)?;
+        }
+        while Instant::now() < deadline {
+            if let Ok((0, out)) = self.exec_with_timeout("echo VIGIL-PONG", Duration::from_secs(2))
+            {
+                if out.contains("VIGIL-PONG") {
+                    return Ok(());
+                }
+            }
+        }
+        Err(err(format!(
+            "{}: guest init never answered; console says:\n{}",
+            self.name,
+            self.console_tail()
+        )))
+    }
+
+    /// The last lines the guest printed on its console.
+    pub fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Runs a shell command line in the guest; returns its exit status and output.
+    pub fn exec(&mut self, line: &str) -> Result<(i32, String), LabError> {
+        self.exec_with_timeout(line, Duration::from_secs(60))
+    }
+
+    fn exec_with_timeout(
+        &mut self,
+        line: &str,
+        timeout: Duration,
+    ) -> Result<(i32, String), LabError> {
+        let name = self.name.clone();
+        let id = self.next_id;
+        self.next_id += 1;
+        let port = self
+            .port
+            .as_mut()
+            .ok_or_else(|| err(format!("{name}: not connected")))?;
+        // Drop anything left over (a late answer to an earlier ping).
+        let mut junk = String::new();
+        port.get_mut()
+            .set_nonblocking(true)
+            .map_err(|e| err(e.to_string()))?;
+        while port.read_line(&mut junk).map(|n| n > 0).unwrap_or(false) {}
+        port.get_mut()
+            .set_nonblocking(false)
+            .map_err(|e| err(e.to_string()))?;
+        port.get_mut()
+            .write_all(format!("{id} {line}\n").as_bytes())
+            .map_err(|e| err(format!("{name}: writing command: {e}")))?;
+        let deadline = Instant::now() + timeout;
+        let mut out = String::new();
+        let mut cur = String::new();
+        loop {
+            match port.read_line(&mut cur) {
+                Ok(0) => return Err(err(format!("{name}: command port closed"))),
+                Ok(_) => {
+                    if !cur.ends_with('\n') {
+                        continue;
+                    }
+                    if let Some(rest) = cur.trim_end().strip_prefix("VIGIL-DONE ") {
+                        let mut f = rest.split_whitespace();
+                        let done_id: Option<u64> = f.next().and_then(|v| v.parse().ok());
+                        let status: Option<i32> = f.next().and_then(|v| v.parse().ok());
+                        match (done_id, status) {
+                            (Some(d), Some(status)) if d == id => return Ok((status, out)),
+                            // A late answer to an earlier command: forget its output.
+                            _ => out.clear(),
+                        }
+                        cur.clear();
+                        continue;
+                    }
+                    out.push_str(&cur);
+                    cur.clear();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if Instant::now() > deadline {
+                        return Err(err(format!(
+                            "{name}: no answer to {line:?} within {timeout:?} (output so far: {out:?})"
+                        )));
+                    }
+                }
+                Err(e) => return Err(err(format!("{name}: reading command port: {e}"))),
+            }
+        }
+    }
+
+    /// Runs a command that must succeed.
+    pub fn run(&mut self, line: &str) -> Result<String, LabError> {
+        match self.exec(line)? {
+            (0, out) => Ok(out),
+            (status, out) => Err(err(format!(
+                "{}: `{line}` exited {status}: {out}",
+                self.name
+            ))),
+        }
+    }
+
+    /// The address of a kernel symbol, from the guest's /proc/kallsyms.
+    pub fn symbol(&mut self, name: &str) -> Result<u64, LabError> {
+        let out = self.run(&format!("grep ' {name}$' /proc/kallsyms | head -n 1"))?;
+        let hex = out
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| err(format!("{}: no symbol {name}", self.name)))?;
+        u64::from_str_radix(hex, 16)
+            .map_err(|_| err(format!("{}: bad kallsyms line {out:?}", self.name)))
+    }
+
+    /// Reboots the guest from inside (a new boot, with a new KASLR slide) and
+    /// waits until init answers again.
+    pub fn reboot(&mut self) -> Result<(), LabError> {
+        let before = self.run("cat /proc/sys/kernel/random/boot_id")?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let port = self.port.as_mut().ok_or_else(|| err("not connected"))?;
+        port.get_mut()
+            .write_all(format!("{id} reboot -f\n").as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        std::thread::sleep(Duration::from_secs(2));
+        self.wait_ready(Duration::from_secs(120))?;
+        let after = self.run("cat /proc/sys/kernel/random/boot_id")?;
+        if before == after {
+            return Err(err(format!(
+                "{}: still the same boot ({}) after reboot -f",
+                self.name,
+                before.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Leaves the domain running when this handle is dropped.
+    pub fn keep(mut self) {
+        self.dom = None;
+    }
+
+    /// Destroys the domain now.
+    pub fn destroy(mut self) {
+        self.destroy_now();
+    }
+
+    fn destroy_now(&mut self) {
+        if let Some(d) = self.dom.take() {
+            let _ = d.destroy();
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.destroy_now();
+    }
+}
+
+/// A defined, stopped lab domain; undefined on drop.
+pub struct Defined {
+    pub name: String,
+    dom: Domain,
+}
+
+impl Drop for Defined {
+    fn drop(&mut self) {
+        let _ = self.dom.destroy();
+        let _ = self.dom.undefine();
+    }
+}
+
+/// Destroys a lab domain by suffix, if it runs.
+pub fn destroy(suffix: &str) -> Result<bool, LabError> {
+    virt::error::clear_error_callback();
+    let conn = Connect::open(Some(URI))
+        .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
+    match conn.lookup_domain_by_name(&format!("{NAME_PREFIX}{suffix}")) {
+        Ok(d) => d.destroy().map(|_| true).map_err(|e| err(e.to_string())),
+        Err(_) => Ok(false),
+    }
+}

@@ -1,0 +1,55 @@
+//! `vigil-lab`: start, drive and stop lab guests by hand or from scripts.
+
+use std::process::ExitCode;
+
+use vigil_lab::{Lab, Memory};
+
+const USAGE: &str = "usage:
+  vigil-lab start NAME [--private]   boot lab guest vigil-lab-NAME (shared memfd RAM unless --private)
+  vigil-lab exec NAME COMMAND...     run a shell command in it (e.g. 'attack inline')
+  vigil-lab stop NAME                destroy it
+
+Attacks available in the guest: attack syscall | inline | idt | wp.
+The lab must be prepared first with lab/setup.sh.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil-lab: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    match args {
+        [cmd, name, rest @ ..] if cmd == "start" => {
+            let memory = if rest.iter().any(|a| a == "--private") {
+                Memory::Private
+            } else {
+                Memory::Shared
+            };
+            let g = Lab::open()?.start(name, memory)?;
+            println!("{}", g.name);
+            g.keep();
+            Ok(())
+        }
+        [cmd, name, command @ ..] if cmd == "exec" && !command.is_empty() => {
+            let mut g = Lab::open()?.attach(name)?;
+            let (status, out) = g.exec(&command.join(" "))?;
+            print!("{out}");
+            g.keep();
+            if status != 0 {
+                return Err(format!("command exited {status}").into());
+            }
+            Ok(())
+        }
+        [cmd, name] if cmd == "stop" => {
+            vigil_lab::destroy(name)?;
+            Ok(())
+        }
+        _ => Err(USAGE.into()),
+    }
+}

@@ -1,0 +1,314 @@
+//! libvirt at the outer edge: finding domains, talking to their QEMU monitor
+//! through libvirt's passthrough, and opening their memory.
+//!
+//! Everything QEMU says is parsed by `qemu`; this module only asks.
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::sys;
+
+use crate::memory::{BlockMapping, GuestMemory, ProcessRam, RamLayout, SharedRam};
+use crate::qemu::{self, ParseError, VcpuRegisters};
+
+/// Why libvirt could not give what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to libvirt at {uri} (is libvirtd running, and are you root?)")]
+    Connect {
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("listing domains at {uri}")]
+    List {
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("no domain named or with UUID {0:?}")]
+    NoDomain(String),
+    #[error("domain {domain} is not running (it is {state})")]
+    NotRunning { domain: String, state: String },
+    #[error("domain {domain}: QEMU monitor command {command:?} failed")]
+    Monitor {
+        domain: String,
+        command: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("domain {domain}: unexpected reply to {command:?}")]
+    Parse {
+        domain: String,
+        command: String,
+        #[source]
+        source: ParseError,
+    },
+    #[error("domain {domain}: memory not readable: {reason}")]
+    Memory { domain: String, reason: String },
+}
+
+/// Which memory source to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceChoice {
+    /// Shared mapping when the RAM is shared, otherwise process reads.
+    Auto,
+    Shared,
+    Process,
+}
+
+/// A connection to libvirt.
+pub struct Hypervisor {
+    conn: Connect,
+    uri: String,
+}
+
+/// One line of `vigil domains`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DomainSummary {
+    pub name: String,
+    pub uuid: String,
+    pub state: String,
+    /// `shared-mapping`, `process-read`, or why neither applies.
+    pub memory_source: String,
+}
+
+impl Hypervisor {
+    pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
+        // Errors are returned and reported once; keep libvirt from printing them too.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
+            uri: uri.into(),
+            source,
+        })?;
+        Ok(Self {
+            conn,
+            uri: uri.into(),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Every domain libvirt knows, running or not.
+    pub fn domains(&self) -> Result<Vec<DomainSummary>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|source| LibvirtError::List {
+                uri: self.uri.clone(),
+                source,
+            })?;
+        let mut out = Vec::new();
+        for d in doms {
+            let g = GuestDomain::new(d);
+            let state = g.state_text();
+            let memory_source = if g.is_running() {
+                match g.memory_blocks().and_then(|(pid, _, blocks)| {
+                    SharedRam::available(pid, &blocks).map_err(|e| g.memory_error(e.to_string()))
+                }) {
+                    Ok(true) => "shared-mapping".into(),
+                    Ok(false) => "process-read".into(),
+                    Err(e) => format!("unavailable: {e}"),
+                }
+            } else {
+                "-".into()
+            };
+            out.push(DomainSummary {
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                state,
+                memory_source,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// A domain by name or UUID.
+    pub fn domain(&self, id: &str) -> Result<GuestDomain, LibvirtError> {
+        self.conn
+            .lookup_domain_by_name(id)
+            .or_else(|_| self.conn.lookup_domain_by_uuid_string(id))
+            .map(GuestDomain::new)
+            .map_err(|_| LibvirtError::NoDomain(id.into()))
+    }
+}
+
+/// A libvirt domain and what vigil asks of it.
+pub struct GuestDomain {
+    dom: Domain,
+    pub name: String,
+    pub uuid: String,
+}
+
+impl GuestDomain {
+    fn new(dom: Domain) -> Self {
+        let name = dom.name().unwrap_or_else(|_| "?".into());
+        let uuid = dom.uuid_string().unwrap_or_else(|_| "?".into());
+        Self { dom, name, uuid }
+    }
+
+    pub fn state_text(&self) -> String {
+        match self.dom.state() {
+            Ok((Enum::Known(state), _)) => match state {
+                DomainState::Running => "running",
+                DomainState::Blocked => "blocked",
+                DomainState::Paused => "paused",
+                DomainState::Shutdown => "shutting down",
+                DomainState::Shutoff => "shut off",
+                DomainState::Crashed => "crashed",
+                DomainState::PMSuspended => "suspended",
+                DomainState::NoState => "in no state",
+            }
+            .into(),
+            Ok(_) | Err(_) => "in an unknown state".into(),
+        }
+    }
+
+    /// Running or paused: QEMU is there and its memory can be read.
+    pub fn is_running(&self) -> bool {
+        self.dom.is_active().unwrap_or(false)
+    }
+
+    pub fn ensure_running(&self) -> Result<(), LibvirtError> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(LibvirtError::NotRunning {
+                domain: self.name.clone(),
+                state: self.state_text(),
+            })
+        }
+    }
+
+    fn monitor(&self, command: &str, hmp: bool) -> Result<String, LibvirtError> {
+        let flags = if hmp {
+            sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        } else {
+            0
+        };
+        self.dom
+            .qemu_monitor_command(command, flags)
+            .map_err(|source| LibvirtError::Monitor {
+                domain: self.name.clone(),
+                command: command.into(),
+                source,
+            })
+    }
+
+    fn parse<T>(&self, command: &str, r: Result<T, ParseError>) -> Result<T, LibvirtError> {
+        r.map_err(|source| LibvirtError::Parse {
+            domain: self.name.clone(),
+            command: command.into(),
+            source,
+        })
+    }
+
+    fn memory_error(&self, reason: String) -> LibvirtError {
+        LibvirtError::Memory {
+            domain: self.name.clone(),
+            reason,
+        }
+    }
+
+    /// Control and descriptor-table registers of every vCPU.
+    pub fn registers(&self) -> Result<Vec<VcpuRegisters>, LibvirtError> {
+        let cmd = "info registers -a";
+        let text = self.monitor(cmd, true)?;
+        self.parse(cmd, qemu::parse_registers(&text))
+    }
+
+    /// The QEMU process, found through its vCPU threads as libvirt reports them.
+    pub fn qemu_pid(&self) -> Result<i32, LibvirtError> {
+        let cmd = r#"{"execute":"query-cpus-fast"}"#;
+        let reply = self.monitor(cmd, false)?;
+        let tids = self.parse(cmd, qemu::parse_query_cpus_thread_ids(&reply))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tids[0])).map_err(|e| {
+            self.memory_error(format!(
+                "vCPU thread {} of QEMU is not visible in /proc: {e}",
+                tids[0]
+            ))
+        })?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| self.memory_error(format!("no Tgid in /proc/{}/status", tids[0])))
+    }
+
+    /// The RAM layout and where each RAM block is in the QEMU process.
+    pub fn memory_blocks(&self) -> Result<(i32, RamLayout, Vec<BlockMapping>), LibvirtError> {
+        let pid = self.qemu_pid()?;
+        let blocks_cmd = "info ramblock";
+        let text = self.monitor(blocks_cmd, true)?;
+        let blocks = self.parse(blocks_cmd, qemu::parse_ramblocks(&text))?;
+        let mtree_cmd = "info mtree -f";
+        let text = self.monitor(mtree_cmd, true)?;
+        let ranges = self.parse(mtree_cmd, qemu::parse_mtree_ram(&text, &blocks))?;
+        let layout =
+            RamLayout::new(ranges).map_err(|e| self.memory_error(format!("RAM layout: {e}")))?;
+        let mut mappings = Vec::new();
+        for b in &blocks {
+            let Some(range) = layout.ranges().iter().find(|r| r.block == b.name) else {
+                continue;
+            };
+            let cmd = format!("gpa2hva {:#x}", range.start.raw());
+            let reply = self.monitor(&cmd, true)?;
+            let (name, hva) = self.parse(&cmd, qemu::parse_gpa2hva(&reply))?;
+            if name != b.name {
+                return Err(self.memory_error(format!(
+                    "{cmd} names block {name:?}, the layout says {:?}",
+                    b.name
+                )));
+            }
+            let base = hva.checked_sub(range.block_offset).ok_or_else(|| {
+                self.memory_error(format!("block {:?} would start below address 0", b.name))
+            })?;
+            mappings.push(BlockMapping {
+                name: b.name.clone(),
+                host_addr: base,
+                len: b.used,
+            });
+        }
+        Ok((pid, layout, mappings))
+    }
+
+    /// Opens the guest's memory with the source `choice` asks for.
+    pub fn open_memory(&self, choice: SourceChoice) -> Result<Box<dyn GuestMemory>, LibvirtError> {
+        self.ensure_running()?;
+        let (pid, layout, blocks) = self.memory_blocks()?;
+        let used: Vec<BlockMapping> = blocks
+            .into_iter()
+            .filter(|b| layout.ranges().iter().any(|r| r.block == b.name))
+            .collect();
+        let shared = match choice {
+            SourceChoice::Process => false,
+            SourceChoice::Shared => true,
+            SourceChoice::Auto => {
+                SharedRam::available(pid, &used).map_err(|e| self.memory_error(e.to_string()))?
+            }
+        };
+        if shared {
+            let ram = SharedRam::open(pid, layout, &used)
+                .map_err(|e| self.memory_error(error_chain(&e)))?;
+            Ok(Box::new(ram))
+        } else {
+            let ram = ProcessRam::new(pid, layout, used).map_err(|e| self.memory_error(e))?;
+            Ok(Box::new(ram))
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

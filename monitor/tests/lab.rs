@@ -1,0 +1,464 @@
+//! Lab tests: real libvirt TCG guests of the pinned Debian cloud kernel,
+//! attacked by the lab's modules and checked by the real `vigil` binary.
+//!
+//! They need the lab prepared (`lab/setup.sh --install`) and libvirtd and
+//! virtlogd running (`.ci/run` does both); without them they fail and say so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use vigil_lab::{Guest, Lab, Memory};
+
+/// The guest's own early activity (clocksource switch and the like) is over
+/// this long after init answers.
+const SETTLE: Duration = Duration::from_secs(3);
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vigil printed no JSON ({e}): {}\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+fn vigil(state: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("running vigil");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn boot(suffix: &str, memory: Memory) -> Guest {
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    let g = lab.start(suffix, memory).unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(SETTLE);
+    g
+}
+
+fn state_dir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().to_path_buf();
+    (d, p)
+}
+
+fn baseline(state: &Path, g: &Guest) {
+    let r = vigil(state, &["baseline", &g.name]);
+    assert_eq!(r.code, 0, "baseline of {} failed: {}", g.name, r.stderr);
+}
+
+fn check_json(state: &Path, g: &Guest) -> (i32, Value) {
+    let r = vigil(state, &["check", &g.name, "--format", "json"]);
+    assert!(
+        r.code == 0 || r.code == 1,
+        "check of {} failed ({}): {}",
+        g.name,
+        r.code,
+        r.stderr
+    );
+    (r.code, r.json())
+}
+
+fn region_intact(report: &Value, name: &str) -> bool {
+    report["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no region {name} in {report:#}"))["intact"]
+        .as_bool()
+        .unwrap()
+}
+
+fn violations(report: &Value) -> Vec<Value> {
+    report["violations"].as_array().unwrap().clone()
+}
+
+fn page_of(addr: u64) -> String {
+    format!("{:#x}", addr & !0xfff)
+}
+
+#[test]
+fn lab_shared_ram_guest_idle_is_intact_twice_10s_apart() {
+    let g = boot("idle", Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    for round in 0..2 {
+        if round == 1 {
+            std::thread::sleep(Duration::from_secs(10));
+        }
+        let (code, report) = check_json(&state, &g);
+        assert_eq!(code, 0, "round {round}: idle guest not intact: {report:#}");
+        assert_eq!(report["intact"], true);
+        assert!(violations(&report).is_empty());
+        for region in [
+            "kernel-text",
+            "kernel-rodata",
+            "idt",
+            "gdt-cpu0",
+            "registers",
+        ] {
+            assert!(
+                region_intact(&report, region),
+                "{region} changed on an idle guest"
+            );
+        }
+    }
+    // The baseline's regions are real: thousands of code pages, a root that
+    // is plain BLAKE3 (checked in unit tests), an IDT and a GDT.
+    let b: Value = serde_json::from_slice(
+        &std::fs::read(state.join("baselines").join(format!("{}.json", g.uuid))).unwrap(),
+    )
+    .unwrap();
+    let text_pages = b["regions"][0]["pages"].as_array().unwrap().len();
+    assert!(
+        text_pages > 1000,
+        "only {text_pages} kernel text pages found"
+    );
+}
+
+/// Loads one attack module and returns the check report.
+fn attack(suffix: &str, which: &str) -> (Guest, Value) {
+    let mut g = boot(suffix, Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    let out = g
+        .run(&format!("attack {which}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{out}");
+    let (code, report) = check_json(&state, &g);
+    assert_eq!(code, 1, "attack {which} not detected: {report:#}");
+    (g, report)
+}
+
+#[test]
+fn lab_shared_ram_guest_syscall_table_hook_is_a_rodata_content_change() {
+    let (mut g, report) = attack("syscall", "syscall");
+    let table = g.symbol("sys_call_table").unwrap();
+    let v = violations(&report);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0]["region"], "kernel-rodata");
+    assert_eq!(v[0]["kind"], "content");
+    // getppid is syscall 110: its slot's page.
+    assert_eq!(v[0]["gva"], page_of(table + 110 * 8));
+    for region in [
+        "kernel-text",
+        "idt",
+        "gdt-cpu0",
+        "registers",
+        "kernel-image",
+    ] {
+        assert!(
+            region_intact(&report, region),
+            "{region} reported changed: {report:#}"
+        );
+    }
+}
+
+#[test]
+fn lab_shared_ram_guest_inline_hook_is_a_text_content_change() {
+    let (mut g, report) = attack("inline", "inline");
+    let target = g.symbol("__x64_sys_getppid").unwrap();
+    let v = violations(&report);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0]["region"], "kernel-text");
+    assert_eq!(v[0]["kind"], "content");
+    assert_eq!(v[0]["gva"], page_of(target));
+    for region in [
+        "kernel-rodata",
+        "idt",
+        "gdt-cpu0",
+        "registers",
+        "kernel-image",
+    ] {
+        assert!(
+            region_intact(&report, region),
+            "{region} reported changed: {report:#}"
+        );
+    }
+}
+
+#[test]
+fn lab_shared_ram_guest_idt_overwrite_is_an_idt_content_change() {
+    let (_g, report) = attack("idt", "idt");
+    let v = violations(&report);
+    let idt: Vec<_> = v.iter().filter(|f| f["region"] == "idt").collect();
+    assert_eq!(idt.len(), 1, "{v:#?}");
+    assert_eq!(idt[0]["kind"], "content");
+    assert_eq!(idt[0]["gva"], "0xfffffe0000000000");
+    // Linux keeps idt_table in __ro_after_init data, so the same physical page
+    // is also the kernel image's last rodata page: the only other finding
+    // allowed is that page, at the same guest-physical address.
+    for f in &v {
+        assert_eq!(
+            f["gpa"], idt[0]["gpa"],
+            "a change outside the IDT's page: {f:#}"
+        );
+    }
+    for region in ["kernel-text", "gdt-cpu0", "registers", "kernel-image"] {
+        assert!(
+            region_intact(&report, region),
+            "{region} reported changed: {report:#}"
+        );
+    }
+}
+
+#[test]
+fn lab_shared_ram_guest_cr0_wp_left_cleared_is_a_register_change() {
+    let (_g, report) = attack("wp", "wp");
+    let v = violations(&report);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0]["kind"], "register");
+    assert_eq!(v[0]["register"], "CR0.WP");
+    assert_eq!(v[0]["vcpu"], 0);
+    for region in [
+        "kernel-text",
+        "kernel-rodata",
+        "idt",
+        "gdt-cpu0",
+        "kernel-image",
+    ] {
+        assert!(
+            region_intact(&report, region),
+            "{region} reported changed: {report:#}"
+        );
+    }
+}
+
+#[test]
+fn lab_shared_ram_guest_both_sources_read_identical_bytes() {
+    use vigil::integrity::Baseline;
+    use vigil::integrity::baseline::DomainId;
+    use vigil::integrity::check::check;
+    use vigil::libvirt::{Hypervisor, SourceChoice};
+
+    let g = boot("sources", Memory::Shared);
+    let hv = Hypervisor::connect(vigil_lab::URI).unwrap();
+    let dom = hv.domain(&g.name).unwrap();
+    let shared = dom.open_memory(SourceChoice::Shared).unwrap();
+    let process = dom.open_memory(SourceChoice::Process).unwrap();
+    assert_eq!(shared.kind(), "shared-mapping");
+    assert_eq!(process.kind(), "process-read");
+    assert_eq!(
+        shared.layout(),
+        process.layout(),
+        "both sources describe the same RAM"
+    );
+    let regs = dom.registers().unwrap();
+    let id = DomainId {
+        name: g.name.clone(),
+        uuid: g.uuid.clone(),
+    };
+
+    // The same kernel, found and hashed through each source, gives the same roots...
+    let view_s = vigil::linux::discover(&*shared, &regs).unwrap();
+    let view_p = vigil::linux::discover(&*process, &regs).unwrap();
+    assert_eq!(
+        view_s.image_pages, view_p.image_pages,
+        "both sources see the same page tables"
+    );
+    let b_s = Baseline::build(
+        &*shared,
+        id.clone(),
+        view_s.identification.clone(),
+        regs.clone(),
+        &view_s,
+        &view_s.regions,
+    )
+    .unwrap();
+    let b_p = Baseline::build(
+        &*process,
+        id,
+        view_p.identification.clone(),
+        regs.clone(),
+        &view_p,
+        &view_p.regions,
+    )
+    .unwrap();
+    for (a, b) in b_s.regions.iter().zip(&b_p.regions) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.root, b.root, "region {} differs between sources", a.name);
+    }
+    // ...and a baseline taken through one checks intact through the other.
+    let report = check(
+        &b_s,
+        &*process,
+        &view_p,
+        &regs,
+        view_p.identification.image_base,
+    )
+    .unwrap();
+    assert!(report.intact, "{report:#?}");
+
+    // Arbitrary RAM, not only the kernel: every 16th MiB, both below the
+    // kernel and above it, hashed through the engine from each source.
+    let ram = shared.layout().ranges().last().unwrap().end();
+    let pages: Vec<_> = (1..ram / (16 << 20))
+        .map(|i| {
+            (
+                vigil::addr::GuestVirtAddr(0),
+                vigil::addr::GuestPhysAddr(i * (16 << 20)),
+            )
+        })
+        .collect();
+    let hs = vigil::integrity::baseline::hash_pages(&*shared, "ram", &pages).unwrap();
+    let hp = vigil::integrity::baseline::hash_pages(&*process, "ram", &pages).unwrap();
+    assert!(!hs.is_empty());
+    assert_eq!(hs, hp);
+}
+
+#[test]
+fn lab_private_ram_guest_is_read_through_the_process_and_attacks_are_caught() {
+    let mut g = boot("private", Memory::Private);
+    let (_d, state) = state_dir();
+    let r = vigil(&state, &["domains", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let list = r.json();
+    let me = list["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == g.name.as_str())
+        .expect("domain listed")
+        .clone();
+    assert_eq!(me["memory_source"], "process-read");
+    assert_eq!(me["state"], "running");
+
+    let r = vigil(&state, &["baseline", &g.name, "--source", "shared"]);
+    assert_eq!(r.code, 2, "private RAM cannot be mapped: {}", r.stdout);
+    assert!(
+        r.stderr.contains(&g.name) && r.stderr.contains("not a shared file mapping"),
+        "{}",
+        r.stderr
+    );
+
+    baseline(&state, &g);
+    let (code, report) = check_json(&state, &g);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["source"], "process-read");
+    g.run("attack inline").unwrap();
+    let (code, report) = check_json(&state, &g);
+    assert_eq!(code, 1);
+    let v = violations(&report);
+    assert_eq!(
+        (v.len(), v[0]["region"].as_str(), v[0]["kind"].as_str()),
+        (1, Some("kernel-text"), Some("content")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn lab_shared_ram_guest_rebooted_is_reported_as_another_boot() {
+    let mut g = boot("reboot", Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    g.reboot().unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(SETTLE);
+    let r = vigil(&state, &["check", &g.name]);
+    assert_eq!(r.code, 2, "stdout: {}", r.stdout);
+    assert!(
+        r.stderr.contains("another boot") && r.stderr.contains(&g.name),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty(), "no page-by-page storm: {}", r.stdout);
+    // A new baseline of the new boot is intact.
+    baseline(&state, &g);
+    assert_eq!(check_json(&state, &g).0, 0);
+}
+
+#[test]
+fn lab_errors_name_the_domain_and_the_reason() {
+    let g = boot("errors", Memory::Shared);
+    let (_d, state) = state_dir();
+    // No baseline yet.
+    let r = vigil(&state, &["check", &g.name]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no baseline for domain") && r.stderr.contains(&g.name),
+        "{}",
+        r.stderr
+    );
+    // A baseline of another domain.
+    let other = state.join("other.json");
+    let r = vigil(
+        &state,
+        &["baseline", &g.name, "-o", other.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text = std::fs::read_to_string(&other)
+        .unwrap()
+        .replace(&g.uuid, "00000000-0000-4000-8000-000000000000");
+    std::fs::write(&other, text).unwrap();
+    let r = vigil(
+        &state,
+        &["check", &g.name, "--baseline", other.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("is of domain"), "{}", r.stderr);
+    // A damaged baseline.
+    std::fs::write(&other, "{\"format\": \"vigil-baseline\"").unwrap();
+    let r = vigil(
+        &state,
+        &["check", &g.name, "--baseline", other.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("other.json"), "{}", r.stderr);
+    // No such domain; a domain that is not running.
+    let r = vigil(&state, &["check", "vigil-lab-no-such-domain"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no domain named") && r.stderr.contains("vigil-lab-no-such-domain"),
+        "{}",
+        r.stderr
+    );
+    let stopped = Lab::open()
+        .unwrap()
+        .define("stopped", Memory::Shared)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for args in [
+        vec!["baseline", stopped.name.as_str()],
+        vec!["check", stopped.name.as_str()],
+    ] {
+        let r = vigil(&state, &args);
+        assert_eq!(r.code, 2);
+        assert!(
+            r.stderr.contains(&format!(
+                "domain {} is not running (it is shut off)",
+                stopped.name
+            )),
+            "{}",
+            r.stderr
+        );
+    }
+    // A guest paused before its first instruction has no kernel to find.
+    drop(g);
+    let paused = Lab::open()
+        .unwrap()
+        .start_paused("paused")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = vigil(&state, &["baseline", &paused.name]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains(&paused.name) && r.stderr.contains("no vCPU is in 64-bit mode"),
+        "{}",
+        r.stderr
+    );
+}
