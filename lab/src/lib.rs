@@ -216,7 +216,7 @@ impl Lab {
 fn first_id() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(1))
         .unwrap_or(1)
 }
 
@@ -268,10 +268,9 @@ impl Guest {
         }
         while Instant::now() < deadline {
             if let Ok((0, out)) = self.exec_with_timeout("echo VIGIL-PONG", Duration::from_secs(2))
+                && out.contains("VIGIL-PONG")
             {
-                if out.contains("VIGIL-PONG") {
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
         Err(err(format!(

@@ -7,6 +7,8 @@ use std::fmt;
 
 /// Size of the smallest x86-64 page, and the unit of hashing.
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] for buffer lengths.
+pub const PAGE_BYTES: usize = 4096;
 
 macro_rules! address_type {
     ($(#[$doc:meta])* $name:ident) => {

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::tree::{self, PageValue};
 use super::{AddressSpace, Identification, RegionKind, RegionLayout};
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::qemu::VcpuRegisters;
 use crate::x86::{Mapping, Perms};
@@ -193,7 +193,7 @@ pub fn hash_pages<M: GuestMemory + ?Sized>(
 ) -> Result<Vec<PageValue>, BaselineError> {
     let region_len = pages.len() as u64 * PAGE_SIZE;
     let mut values = Vec::with_capacity(pages.len());
-    let mut bufs = vec![[0u8; PAGE_SIZE as usize]; READ_BATCH.min(pages.len())];
+    let mut bufs = vec![[0u8; PAGE_BYTES]; READ_BATCH.min(pages.len())];
     for (batch_no, batch) in pages.chunks(READ_BATCH).enumerate() {
         let mut reads: Vec<(GuestPhysAddr, &mut [u8])> = batch
             .iter()
@@ -202,7 +202,7 @@ pub fn hash_pages<M: GuestMemory + ?Sized>(
             .collect();
         if let Err(source) = mem.read_many(&mut reads) {
             // Find the page at fault for the message.
-            let mut one = [0u8; PAGE_SIZE as usize];
+            let mut one = [0u8; PAGE_BYTES];
             let bad = batch
                 .iter()
                 .find(|(_, gpa)| mem.read(*gpa, &mut one).is_err())
@@ -427,6 +427,11 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 pub(crate) mod tests {
     use super::*;
     use crate::integrity::PageSpec;

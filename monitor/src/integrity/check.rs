@@ -518,6 +518,11 @@ fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
     use crate::integrity::baseline::tests::{Fake, TEXT_VA};

@@ -23,7 +23,7 @@ use blake3::hazmat::{
 
 use crate::addr::PAGE_SIZE;
 
-const PAGE: usize = PAGE_SIZE as usize;
+const PAGE: usize = crate::addr::PAGE_BYTES;
 
 /// A page's value: a BLAKE3 chaining value, or the root hash for a region of
 /// one page.
@@ -106,6 +106,11 @@ pub fn hash_region(bytes: &[u8]) -> (Vec<PageValue>, blake3::Hash) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
 

@@ -93,7 +93,7 @@ impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
 fn split_pages(mappings: &[Mapping]) -> Vec<Mapping> {
     let mut out = Vec::new();
     for m in mappings {
-        for off in (0..m.size).step_by(PAGE_SIZE as usize) {
+        for off in (0..m.size).step_by(crate::addr::PAGE_BYTES) {
             // Both sides stay inside the leaf the walker returned (aligned, in range).
             out.push(Mapping {
                 gva: GuestVirtAddr(m.gva.raw() + off),
@@ -106,10 +106,13 @@ fn split_pages(mappings: &[Mapping]) -> Vec<Mapping> {
     out
 }
 
+/// Table pointers that led outside RAM: (first VA covered, table address).
+type Unreadable = Vec<(GuestVirtAddr, GuestPhysAddr)>;
+
 fn walk_image<M: GuestMemory + ?Sized>(
     walker: &Walker<'_, M>,
     cr3: u64,
-) -> Result<(Vec<Mapping>, Vec<(GuestVirtAddr, GuestPhysAddr)>), DiscoverError> {
+) -> Result<(Vec<Mapping>, Unreadable), DiscoverError> {
     let set = walker
         .mappings(IMAGE_START, IMAGE_END)
         .map_err(|source| DiscoverError::Walk { cr3, source })?;
@@ -138,7 +141,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
 
     // Walk the CR3 as given and, in case it is PTI's user half, its kernel twin;
     // keep whichever maps more kernel code.
-    let mut best: Option<(u64, Vec<Mapping>, Vec<(GuestVirtAddr, GuestPhysAddr)>)> = None;
+    let mut best: Option<(u64, Vec<Mapping>, Unreadable)> = None;
     let mut last_err = None;
     for cr3 in [cpu.cr3, cpu.cr3 & !PTI_USER_PGD_BIT] {
         if best.as_ref().is_some_and(|b| b.0 == cr3) {

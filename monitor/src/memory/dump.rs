@@ -75,6 +75,11 @@ impl GuestMemory for RawDump {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
     use std::io::Write;

@@ -189,6 +189,11 @@ impl GuestMemory for SharedRam {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
 

@@ -125,6 +125,11 @@ impl GuestMemory for ProcessRam {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::*;
     use crate::memory::RamRange;

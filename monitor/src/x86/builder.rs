@@ -1,6 +1,7 @@
 //! An independent page-table builder for tests: lays tables out in a byte
 //! buffer from a list of mappings, the way an OS would, without sharing code
 //! with the walker.
+#![allow(clippy::cast_possible_truncation)]
 
 use crate::x86::Perms;
 

@@ -7,7 +7,7 @@
 //!             (5-level only)          1 GiB   2 MiB    4 KiB leaves
 //! ```
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 use crate::memory::{GuestMemory, MemoryError};
 
 const PTE_PRESENT: u64 = 1 << 0;
@@ -59,8 +59,10 @@ impl PagingMode {
 
     /// Sign-extends a `va_bits`-wide address to its canonical form.
     fn canonical(&self, va: u64) -> u64 {
-        let unused = 64 - self.va_bits();
-        (((va << unused) as i64) >> unused) as u64
+        let top = 1u64 << (self.va_bits() - 1);
+        let mask = (top << 1) - 1;
+        let low = va & mask;
+        if low & top != 0 { low | !mask } else { low }
     }
 
     pub fn is_canonical(&self, va: u64) -> bool {
@@ -247,7 +249,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
     }
 
     fn read_table(&self, table: GuestPhysAddr, va: u64) -> Result<Box<[u64; ENTRIES]>, WalkError> {
-        let mut bytes = [0u8; PAGE_SIZE as usize];
+        let mut bytes = [0u8; crate::addr::PAGE_BYTES];
         self.mem
             .read(table, &mut bytes)
             .map_err(|source| WalkError::TableUnreadable {
@@ -387,6 +389,11 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::type_complexity
+)]
 mod tests {
     use super::super::builder::{Builder, Flags};
     use super::*;
