@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Starts what the lab needs on a host where no systemd runs as PID 1 (CI, and
+# the development machines): /dev/kvm for group kvm (without it libvirt
+# re-probes QEMU at every domain start, about a minute each), virtlogd and
+# libvirtd. On a host with systemd it asks systemd instead. Safe to run again.
+set -euo pipefail
+say() { printf 'lab/services: %s\n' "$*" >&2; }
+
+if [[ -e /dev/kvm ]] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+if [[ $(cat /proc/1/comm 2>/dev/null) == systemd ]]; then
+    systemctl start virtlogd libvirtd
+else
+    pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+fi
+for _ in $(seq 1 60); do
+    if virsh -c qemu:///system version >/dev/null 2>&1; then
+        exit 0
+    fi
+    sleep 0.5
+done
+say "error: libvirtd does not answer at qemu:///system after 30 s"
+exit 1

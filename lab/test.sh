@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root:
+# installs the lab's packages, prepares the lab guest, starts libvirt, removes
+# lab domains left over from an earlier run, then runs every test (unit tests,
+# and the lab tests that boot real guests) with cargo-nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+lab/setup.sh --install
+lab/services.sh
+for dom in $(virsh -c qemu:///system list --name | grep '^vigil-lab-' || true); do
+    virsh -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
+done
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+cargo nextest run --workspace --no-fail-fast "$@"
