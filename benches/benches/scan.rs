@@ -44,8 +44,14 @@ fn main() {
         })
         .collect();
     let mem = RawDump::from_bytes(image.clone());
-    let pages: Vec<(GuestVirtAddr, GuestPhysAddr)> =
-        (0..PAGES).map(|i| (GuestVirtAddr(0xffff_ffff_8100_0000 + i * PAGE_SIZE), GuestPhysAddr(i * PAGE_SIZE))).collect();
+    let pages: Vec<(GuestVirtAddr, GuestPhysAddr)> = (0..PAGES)
+        .map(|i| {
+            (
+                GuestVirtAddr(0xffff_ffff_8100_0000 + i * PAGE_SIZE),
+                GuestPhysAddr(i * PAGE_SIZE),
+            )
+        })
+        .collect();
     let (values, root) = hash_region(&image);
 
     let mut scratch = vec![0u8; len];
@@ -54,24 +60,52 @@ fn main() {
         black_box(&scratch);
     });
     let results = [
-        ("engine scan: read + per-page BLAKE3 (hash_pages)", median_secs(rounds, || {
-            black_box(hash_pages(&mem, "bench", &pages).unwrap());
-        })),
-        ("whole-region BLAKE3 (blake3::hash, one call)", median_secs(rounds, || {
-            black_box(blake3::hash(black_box(&image)));
-        })),
-        ("merge page values into the root only", median_secs(rounds, || {
-            black_box(region_root(&values, PAGES * PAGE_SIZE).unwrap());
-        })),
+        (
+            "engine scan: read + per-page BLAKE3 (hash_pages)",
+            median_secs(rounds, || {
+                black_box(hash_pages(&mem, "bench", &pages).unwrap());
+            }),
+        ),
+        (
+            "whole-region BLAKE3 (blake3::hash, one call)",
+            median_secs(rounds, || {
+                black_box(blake3::hash(black_box(&image)));
+            }),
+        ),
+        (
+            "merge page values into the root only",
+            median_secs(rounds, || {
+                black_box(region_root(&values, PAGES * PAGE_SIZE).unwrap());
+            }),
+        ),
     ];
-    assert_eq!(blake3::hash(&image), root, "the engine's root must be plain BLAKE3");
+    assert_eq!(
+        blake3::hash(&image),
+        root,
+        "the engine's root must be plain BLAKE3"
+    );
 
     let gbs = |secs: f64| len as f64 / secs / 1e9;
-    println!("scan benchmark: {} pages ({:.1} MiB), median of {rounds} rounds", PAGES, len as f64 / (1 << 20) as f64);
+    println!(
+        "scan benchmark: {} pages ({:.1} MiB), median of {rounds} rounds",
+        PAGES,
+        len as f64 / (1 << 20) as f64
+    );
     println!("{:52} {:>10} {:>10} {:>8}", "method", "ms", "GB/s", "ratio");
-    println!("{:52} {:>10.3} {:>10.2} {:>8.2}", "reference: plain read of the same bytes", reference * 1e3, gbs(reference), 1.0);
+    println!(
+        "{:52} {:>10.3} {:>10.2} {:>8.2}",
+        "reference: plain read of the same bytes",
+        reference * 1e3,
+        gbs(reference),
+        1.0
+    );
     for (name, secs) in results {
-        println!("{name:52} {:>10.3} {:>10.2} {:>8.3}", secs * 1e3, gbs(secs), reference / secs);
+        println!(
+            "{name:52} {:>10.3} {:>10.2} {:>8.3}",
+            secs * 1e3,
+            gbs(secs),
+            reference / secs
+        );
     }
     println!("(ratio = reference time / method time: 1.0 is memory speed)");
 }

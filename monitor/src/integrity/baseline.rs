@@ -185,36 +185,50 @@ pub fn expand_runs(runs: &[MappingRun]) -> Option<Vec<Mapping>> {
 }
 
 /// Reads and hashes the pages of a region at the guest-physical addresses
-/// `gpas`, returning each page's value. Pages are read in batches.
+/// given, returning each page's value. Pages are read in batches.
 pub fn hash_pages<M: GuestMemory + ?Sized>(
     mem: &M,
     region: &str,
     pages: &[(GuestVirtAddr, GuestPhysAddr)],
 ) -> Result<Vec<PageValue>, BaselineError> {
-    let region_len = pages.len() as u64 * PAGE_SIZE;
+    let indexed: Vec<(u64, GuestVirtAddr, GuestPhysAddr)> = pages
+        .iter()
+        .zip(0u64..)
+        .map(|(&(gva, gpa), i)| (i, gva, gpa))
+        .collect();
+    hash_pages_at(mem, region, pages.len() as u64 * PAGE_SIZE, &indexed)
+}
+
+/// Like [`hash_pages`], for some pages of a region of `region_len` bytes:
+/// each entry names its page index in the region.
+pub fn hash_pages_at<M: GuestMemory + ?Sized>(
+    mem: &M,
+    region: &str,
+    region_len: u64,
+    pages: &[(u64, GuestVirtAddr, GuestPhysAddr)],
+) -> Result<Vec<PageValue>, BaselineError> {
     let mut values = Vec::with_capacity(pages.len());
     let mut bufs = vec![[0u8; PAGE_BYTES]; READ_BATCH.min(pages.len())];
-    for (batch_no, batch) in pages.chunks(READ_BATCH).enumerate() {
+    for batch in pages.chunks(READ_BATCH) {
         let mut reads: Vec<(GuestPhysAddr, &mut [u8])> = batch
             .iter()
             .zip(bufs.iter_mut())
-            .map(|(&(_, gpa), b)| (gpa, &mut b[..]))
+            .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
             .collect();
         if let Err(source) = mem.read_many(&mut reads) {
             // Find the page at fault for the message.
             let mut one = [0u8; PAGE_BYTES];
             let bad = batch
                 .iter()
-                .find(|(_, gpa)| mem.read(*gpa, &mut one).is_err())
+                .find(|(_, _, gpa)| mem.read(*gpa, &mut one).is_err())
                 .unwrap_or(&batch[0]);
             return Err(BaselineError::Read {
                 region: region.to_owned(),
-                gva: bad.0,
+                gva: bad.1,
                 source,
             });
         }
-        for (i, buf) in bufs.iter().take(batch.len()).enumerate() {
-            let index = (batch_no * READ_BATCH + i) as u64;
+        for (&(index, _, _), buf) in batch.iter().zip(&bufs) {
             values.push(tree::page_value(index, buf, region_len));
         }
     }

@@ -8,9 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages, to_hex};
+use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages_at, to_hex};
 use super::{AddressSpace, tree};
-use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::qemu::VcpuRegisters;
 use crate::x86::Perms;
@@ -177,71 +177,68 @@ pub fn check<M: GuestMemory + ?Sized>(
     let mut regions = Vec::new();
     let mut region_pages: HashSet<u64> = HashSet::new();
     for r in &baseline.regions {
+        // Pages to hash now: (index in region, gva, where it maps now).
         let mut reads = Vec::with_capacity(r.pages.len());
-        let mut readable = Vec::with_capacity(r.pages.len());
         for (i, p) in r.pages.iter().enumerate() {
             region_pages.insert(p.gva.raw());
-            match space.translate(p.gva) {
-                None => {
-                    let mut f = finding(
-                        &r.name,
-                        FindingKind::Remap,
-                        Severity::Violation,
-                        p.gva,
-                        p.gpa,
-                    );
-                    f.page = Some(i as u64);
-                    f.detail = "page is no longer mapped".into();
-                    f.before = mapping_text(p.gpa, p.perms);
-                    f.after = "unmapped".into();
-                    findings.push(f);
-                    // Hash the baseline frame so the root still says something.
-                    reads.push((p.gva, p.gpa));
-                    readable.push(false);
-                }
-                Some((gpa, perms)) => {
-                    if gpa != p.gpa {
-                        let mut f =
-                            finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, gpa);
-                        f.page = Some(i as u64);
-                        f.detail = format!("page now maps guest-physical {gpa}, not {}", p.gpa);
-                        f.before = mapping_text(p.gpa, p.perms);
-                        f.after = mapping_text(gpa, perms);
-                        findings.push(f);
-                    }
-                    if perms != p.perms {
-                        findings.push(permission_finding(
-                            &r.name,
-                            Some(i as u64),
-                            p.gva,
-                            gpa,
-                            p.perms,
-                            perms,
-                        ));
-                    }
-                    reads.push((p.gva, gpa));
-                    readable.push(true);
-                }
-            }
-        }
-        let values = hash_pages(mem, &r.name, &reads)?;
-        for (i, (p, v)) in r.pages.iter().zip(&values).enumerate() {
-            if readable[i] && p.value != *v {
+            let index = i as u64;
+            let Some((gpa, perms)) = space.translate(p.gva) else {
                 let mut f = finding(
                     &r.name,
-                    FindingKind::Content,
+                    FindingKind::Remap,
                     Severity::Violation,
                     p.gva,
-                    reads[i].1,
+                    p.gpa,
                 );
-                f.page = Some(i as u64);
-                f.detail = format!("page {i} of {} changed", r.name);
-                f.before = to_hex(&p.value);
+                f.page = Some(index);
+                f.detail = "page is no longer mapped".into();
+                f.before = mapping_text(p.gpa, p.perms);
+                f.after = "unmapped".into();
+                findings.push(f);
+                continue;
+            };
+            if gpa != p.gpa {
+                let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, gpa);
+                f.page = Some(index);
+                f.detail = format!("page now maps guest-physical {gpa}, not {}", p.gpa);
+                f.before = mapping_text(p.gpa, p.perms);
+                f.after = mapping_text(gpa, perms);
+                if !mem.layout().contains(gpa, PAGE_SIZE) {
+                    // Hostile or broken tables: say so rather than fail the check.
+                    f.detail.push_str(", which is not guest RAM");
+                    findings.push(f);
+                    continue;
+                }
+                findings.push(f);
+            }
+            if perms != p.perms {
+                findings.push(permission_finding(
+                    &r.name,
+                    Some(index),
+                    p.gva,
+                    gpa,
+                    p.perms,
+                    perms,
+                ));
+            }
+            reads.push((index, p.gva, gpa));
+        }
+        let values = hash_pages_at(mem, &r.name, r.bytes, &reads)?;
+        for (&(index, gva, gpa), v) in reads.iter().zip(&values) {
+            let old = &r.pages[usize::try_from(index).expect("index of a page in memory")];
+            if old.value != *v {
+                let mut f = finding(&r.name, FindingKind::Content, Severity::Violation, gva, gpa);
+                f.page = Some(index);
+                f.detail = format!("page {index} of {} changed", r.name);
+                f.before = to_hex(&old.value);
                 f.after = to_hex(v);
                 findings.push(f);
             }
         }
-        let current_root = if values.is_empty() {
+        // A root only when every page could be read now.
+        let current_root = if reads.len() != r.pages.len() {
+            "unavailable: pages unmapped or outside RAM".to_owned()
+        } else if values.is_empty() {
             to_hex(blake3::hash(&[]).as_bytes())
         } else {
             to_hex(
@@ -608,6 +605,30 @@ mod tests {
             (r.info[0].kind, r.info[0].page),
             (FindingKind::Permission, Some(0))
         );
+    }
+
+    #[test]
+    fn pages_remapped_outside_ram_or_unmapped_are_violations_not_errors() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        f.pages[1].gpa = GuestPhysAddr(0x7_0000_0000); // far outside the fake's RAM
+        f.pages.remove(2); // text page 2 unmapped
+        let r = run(&f, &b, &Fake::registers());
+        let got: Vec<_> = r
+            .violations
+            .iter()
+            .map(|v| (v.kind, v.page, v.detail.contains("not guest RAM")))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (FindingKind::Remap, Some(1), true),
+                (FindingKind::Remap, Some(2), false)
+            ]
+        );
+        let text = r.regions.iter().find(|s| s.name == "kernel-text").unwrap();
+        assert!(text.current_root.starts_with("unavailable"));
+        assert_eq!(text.changed_pages, 2);
     }
 
     #[test]

@@ -25,6 +25,9 @@ const EFER_NXE: u64 = 1 << 11;
 /// With page-table isolation the user half of a PGD pair is the kernel's plus
 /// one page; CR3 may hold either while a vCPU runs user code.
 const PTI_USER_PGD_BIT: u64 = 1 << 12;
+/// The top-level table's address in CR3 (below: PCID or cache flags; bit 63:
+/// no-flush).
+const CR3_TABLE: u64 = 0x000f_ffff_ffff_f000;
 /// Descriptor tables bigger than this are not believed.
 const MAX_TABLE_BYTES: u64 = 64 * 1024;
 
@@ -143,7 +146,8 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
     // keep whichever maps more kernel code.
     let mut best: Option<(u64, Vec<Mapping>, Unreadable)> = None;
     let mut last_err = None;
-    for cr3 in [cpu.cr3, cpu.cr3 & !PTI_USER_PGD_BIT] {
+    let table = cpu.cr3 & CR3_TABLE;
+    for cr3 in [table, table & !PTI_USER_PGD_BIT] {
         if best.as_ref().is_some_and(|b| b.0 == cr3) {
             continue;
         }
@@ -287,4 +291,146 @@ fn table_region<M: GuestMemory + ?Sized>(
         kind: RegionKind::DescriptorTable,
         pages,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::RawDump;
+    use crate::x86::builder::{Builder, Flags};
+
+    const KTEXT: u64 = 0xffff_ffff_9a00_0000;
+    const CEA_IDT: u64 = 0xffff_fe00_0000_0000;
+    const CEA_GDT: u64 = 0xffff_fe00_0000_1000;
+
+    /// A guest laid out like x86-64 Linux: 2 MiB of text, rodata and data in
+    /// the image mapping, IDT and GDT in the CPU entry area.
+    fn guest(pti_user_cr3: bool, levels: u32) -> (RawDump, VcpuRegisters, u64) {
+        let mut b = Builder::new(levels, 64 << 20);
+        let user_pgd = b.alloc_empty_table();
+        b.map(KTEXT, 0x100_0000, 2 << 20, Flags::TEXT);
+        b.map(KTEXT + (2 << 20), 0x120_0000, 5 * 4096, Flags::RODATA);
+        b.map(
+            KTEXT + (2 << 20) + 5 * 4096,
+            0x120_5000,
+            3 * 4096,
+            Flags::DATA,
+        );
+        b.map(CEA_IDT, 0x120_5000, 4096, Flags::RODATA); // the IDT page aliases a data page
+        b.map(CEA_GDT, 0x130_0000, 4096, Flags::RODATA);
+        let cr3 = if pti_user_cr3 {
+            user_pgd | 0x805
+        } else {
+            b.root()
+        };
+        let regs = VcpuRegisters {
+            index: 0,
+            cr0: 0x8005_0033,
+            cr3,
+            // The lab guest's CR4, with LA57 (bit 12) as `levels` says.
+            cr4: if levels == 5 {
+                0x0075_1eb0
+            } else {
+                0x0075_0eb0
+            },
+            efer: 0xd01,
+            idtr_base: CEA_IDT,
+            idtr_limit: 0xfff,
+            gdtr_base: CEA_GDT,
+            gdtr_limit: 0x7f,
+        };
+        (RawDump::from_bytes(b.memory().to_vec()), regs, b.root())
+    }
+
+    #[test]
+    fn finds_text_rodata_and_descriptor_tables_by_permission() {
+        for levels in [4, 5] {
+            finds_kernel_with(levels);
+        }
+    }
+
+    fn finds_kernel_with(levels: u32) {
+        let (mem, regs, root) = guest(false, levels);
+        let v = discover(&mem, &[regs]).unwrap();
+        assert_eq!(v.identification.paging, format!("{levels}-level"));
+        let names: Vec<_> = v.regions.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["kernel-text", "kernel-rodata", "idt", "gdt-cpu0"]);
+        assert_eq!(
+            v.regions[0].pages.len(),
+            512,
+            "a 2 MiB text page is 512 pages"
+        );
+        assert_eq!(v.regions[0].pages[1].gpa, GuestPhysAddr(0x100_1000));
+        assert_eq!(v.regions[1].pages.len(), 5);
+        assert_eq!(v.regions[2].pages[0].gpa, GuestPhysAddr(0x120_5000));
+        assert_eq!(v.regions[3].pages[0].gpa, GuestPhysAddr(0x130_0000));
+        assert_eq!(
+            v.image_pages.len(),
+            512 + 5 + 3,
+            "data pages are part of the mapping"
+        );
+        assert_eq!(v.identification.image_base, GuestVirtAddr(KTEXT));
+        assert_eq!(v.identification.cr3, root);
+        assert_eq!(
+            v.translate(GuestVirtAddr(CEA_GDT)).unwrap().0,
+            GuestPhysAddr(0x130_0000)
+        );
+        assert!(v.translate(GuestVirtAddr(KTEXT + (16 << 20))).is_none());
+    }
+
+    #[test]
+    fn pti_user_cr3_leads_to_the_kernel_page_tables() {
+        let (mem, regs, root) = guest(true, 4);
+        let v = discover(&mem, &[regs]).unwrap();
+        assert_eq!(v.identification.cr3, root & !0xfff);
+        assert_eq!(v.regions[0].pages.len(), 512);
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_running_kernel() {
+        let (mem, regs, _) = guest(false, 4);
+        let real_mode = VcpuRegisters {
+            cr0: 0x11,
+            efer: 0,
+            ..regs
+        };
+        assert!(matches!(
+            discover(&mem, &[real_mode]),
+            Err(DiscoverError::NoLongModeCpu)
+        ));
+        let huge_idt = VcpuRegisters {
+            idtr_limit: 0x10_0000,
+            ..regs
+        };
+        assert!(matches!(
+            discover(&mem, &[huge_idt]),
+            Err(DiscoverError::TableLimit { .. })
+        ));
+        let stray_gdt = VcpuRegisters {
+            gdtr_base: 0xffff_fe00_0010_0000,
+            ..regs
+        };
+        assert!(matches!(
+            discover(&mem, &[stray_gdt]),
+            Err(DiscoverError::TableUnmapped { table: "GDT", .. })
+        ));
+        let wrapping = VcpuRegisters {
+            idtr_base: u64::MAX - 10,
+            ..regs
+        };
+        assert!(discover(&mem, &[wrapping]).is_err());
+        let empty = VcpuRegisters {
+            cr3: 0x20_0000,
+            ..regs
+        }; // an all-zero table
+        assert!(matches!(
+            discover(&mem, &[empty]),
+            Err(DiscoverError::NoText { .. })
+        ));
+        let outside = VcpuRegisters {
+            cr3: 0x40_0000_0000,
+            ..regs
+        };
+        assert!(discover(&mem, &[outside]).is_err());
+    }
 }

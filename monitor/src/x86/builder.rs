@@ -65,6 +65,12 @@ impl Builder {
         b
     }
 
+    /// Takes the next free table page, left empty (as PTI's user PGD right
+    /// after the kernel's, when called before any mapping).
+    pub fn alloc_empty_table(&mut self) -> u64 {
+        self.alloc()
+    }
+
     fn alloc(&mut self) -> u64 {
         let t = self.next_free;
         self.next_free += 4096;

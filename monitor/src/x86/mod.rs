@@ -5,7 +5,7 @@
 //! IDT) is the Linux kernel model's business.
 
 #[cfg(test)]
-mod builder;
+pub(crate) mod builder;
 mod paging;
 
 pub use paging::{
