@@ -46,6 +46,25 @@ pub enum Memory {
     Private,
 }
 
+/// The size and backing of a lab guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub memory: Memory,
+    /// RAM in MiB; above 3 GiB QEMU splits it below and above 4 GiB.
+    pub mib: u32,
+    pub vcpus: u32,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            memory: Memory::Shared,
+            mib: 384,
+            vcpus: 1,
+        }
+    }
+}
+
 /// The prepared lab files.
 #[derive(Debug, Clone)]
 pub struct Lab {
@@ -85,6 +104,19 @@ impl Lab {
 
     /// The domain XML of a lab guest.
     pub fn domain_xml(&self, name: &str, memory: Memory, mib: u32) -> String {
+        self.domain_xml_with(
+            name,
+            &Shape {
+                memory,
+                mib,
+                vcpus: 1,
+            },
+        )
+    }
+
+    /// The domain XML of a lab guest of any shape.
+    pub fn domain_xml_with(&self, name: &str, shape: &Shape) -> String {
+        let (memory, mib, vcpus) = (shape.memory, shape.mib, shape.vcpus);
         let backing = match memory {
             Memory::Shared => {
                 "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
@@ -95,7 +127,7 @@ impl Lab {
             "<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{mib}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>{vcpus}</vcpu>
   {backing}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -122,6 +154,17 @@ impl Lab {
     /// init answers on the command port. A stale guest of that name is
     /// destroyed first.
     pub fn start(&self, suffix: &str, memory: Memory) -> Result<Guest, LabError> {
+        self.start_with(
+            suffix,
+            &Shape {
+                memory,
+                ..Shape::default()
+            },
+        )
+    }
+
+    /// Like [`Lab::start`], for a guest of any shape.
+    pub fn start_with(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(URI)).map_err(|e| {
@@ -133,7 +176,7 @@ impl Lab {
             let _ = old.destroy();
         }
         let _ = std::fs::remove_file(self.console_path(&name));
-        let xml = self.domain_xml(&name, memory, 384);
+        let xml = self.domain_xml_with(&name, shape);
         let dom = conn
             .create_domain_xml(&xml, 0)
             .map_err(|e| err(format!("starting lab domain {name}: {e}")))?;

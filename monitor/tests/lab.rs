@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use vigil_lab::{Guest, Lab, Memory};
+use vigil_lab::{Guest, Lab, Memory, Shape};
 
 /// The guest's own early activity (clocksource switch and the like) is over
 /// this long after init answers.
@@ -47,8 +47,20 @@ fn vigil(state: &Path, args: &[&str]) -> Run {
 }
 
 fn boot(suffix: &str, memory: Memory) -> Guest {
+    boot_shape(
+        suffix,
+        &Shape {
+            memory,
+            ..Shape::default()
+        },
+    )
+}
+
+fn boot_shape(suffix: &str, shape: &Shape) -> Guest {
     let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
-    let g = lab.start(suffix, memory).unwrap_or_else(|e| panic!("{e}"));
+    let g = lab
+        .start_with(suffix, shape)
+        .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(SETTLE);
     g
 }
@@ -96,8 +108,14 @@ fn page_of(addr: u64) -> String {
 }
 
 #[test]
-fn lab_shared_ram_guest_idle_is_intact_twice_10s_apart() {
-    let g = boot("idle", Memory::Shared);
+fn lab_shared_ram_2vcpu_guest_idle_is_intact_twice_10s_apart() {
+    let g = boot_shape(
+        "idle",
+        &Shape {
+            vcpus: 2,
+            ..Shape::default()
+        },
+    );
     let (_d, state) = state_dir();
     baseline(&state, &g);
     for round in 0..2 {
@@ -132,6 +150,70 @@ fn lab_shared_ram_guest_idle_is_intact_twice_10s_apart() {
         text_pages > 1000,
         "only {text_pages} kernel text pages found"
     );
+    let regs = b["registers"].as_array().unwrap();
+    assert_eq!(regs.len(), 2, "both vCPUs' registers are baselined");
+    assert_ne!(
+        regs[0]["gdtr_base"], regs[1]["gdtr_base"],
+        "each vCPU has its own GDT"
+    );
+}
+
+#[test]
+fn lab_shared_ram_5g_guest_with_ram_split_around_4g_is_read_through_both_sources() {
+    use vigil::addr::{GuestPhysAddr, GuestVirtAddr};
+    use vigil::libvirt::{Hypervisor, SourceChoice};
+
+    let g = boot_shape(
+        "split",
+        &Shape {
+            mib: 5 * 1024,
+            ..Shape::default()
+        },
+    );
+    let hv = Hypervisor::connect(vigil_lab::URI).unwrap();
+    let dom = hv.domain(&g.name).unwrap();
+    let shared = dom.open_memory(SourceChoice::Shared).unwrap();
+    let process = dom.open_memory(SourceChoice::Process).unwrap();
+    let ranges = shared.layout().ranges();
+    let high = ranges
+        .iter()
+        .find(|r| r.start.raw() >= 1 << 32)
+        .expect("RAM above 4 GiB");
+    let low_end = ranges
+        .iter()
+        .filter(|r| r.start.raw() < 1 << 32)
+        .map(|r| r.end())
+        .max()
+        .unwrap();
+    assert!(
+        low_end <= 0xe000_0000,
+        "a PCI hole below 4 GiB: low RAM ends at {low_end:#x}"
+    );
+    assert_eq!(
+        high.block_offset, low_end,
+        "high RAM continues the same block where low RAM stopped"
+    );
+    assert_eq!(
+        high.end() - high.start.raw() + low_end,
+        5 << 30,
+        "all of the 5 GiB is laid out"
+    );
+    // Pages on both sides of the hole and at the very top, through both sources.
+    let probes: Vec<_> = [low_end - 4096, high.start.raw(), high.end() - 4096]
+        .into_iter()
+        .map(|a| (GuestVirtAddr(0), GuestPhysAddr(a)))
+        .collect();
+    let a = vigil::integrity::baseline::hash_pages(&*shared, "probe", &probes).unwrap();
+    let b = vigil::integrity::baseline::hash_pages(&*process, "probe", &probes).unwrap();
+    assert_eq!(a, b);
+    assert!(
+        shared.read(GuestPhysAddr(low_end), &mut [0u8; 1]).is_err(),
+        "the hole is not RAM"
+    );
+    // And the whole job works on it.
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    assert_eq!(check_json(&state, &g).0, 0);
 }
 
 /// Loads one attack module and returns the check report.
@@ -295,6 +377,20 @@ fn lab_shared_ram_guest_both_sources_read_identical_bytes() {
     for (a, b) in b_s.regions.iter().zip(&b_p.regions) {
         assert_eq!(a.name, b.name);
         assert_eq!(a.root, b.root, "region {} differs between sources", a.name);
+    }
+    // Each root is plain BLAKE3 of the region's pages read in order (what
+    // b3sum says of the same bytes).
+    for (r, layout) in b_s.regions.iter().zip(&view_s.regions) {
+        let mut bytes = vec![0u8; layout.pages.len() * 4096];
+        for (p, chunk) in layout.pages.iter().zip(bytes.chunks_mut(4096)) {
+            shared.read(p.gpa, chunk).unwrap();
+        }
+        assert_eq!(
+            r.root,
+            *blake3::hash(&bytes).as_bytes(),
+            "root of {}",
+            r.name
+        );
     }
     // ...and a baseline taken through one checks intact through the other.
     let report = check(
