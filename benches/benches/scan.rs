@@ -46,10 +46,7 @@ fn main() {
     let mem = RawDump::from_bytes(image.clone());
     let pages: Vec<(GuestVirtAddr, GuestPhysAddr)> = (0..PAGES)
         .map(|i| {
-            (
-                GuestVirtAddr(0xffff_ffff_8100_0000 + i * PAGE_SIZE),
-                GuestPhysAddr(i * PAGE_SIZE),
-            )
+            (GuestVirtAddr(0xffff_ffff_8100_0000 + i * PAGE_SIZE), GuestPhysAddr(i * PAGE_SIZE))
         })
         .collect();
     let (values, root) = hash_region(&image);
@@ -79,11 +76,7 @@ fn main() {
             }),
         ),
     ];
-    assert_eq!(
-        blake3::hash(&image),
-        root,
-        "the engine's root must be plain BLAKE3"
-    );
+    assert_eq!(blake3::hash(&image), root, "the engine's root must be plain BLAKE3");
 
     let gbs = |secs: f64| len as f64 / secs / 1e9;
     println!(
@@ -100,12 +93,7 @@ fn main() {
         1.0
     );
     for (name, secs) in results {
-        println!(
-            "{name:52} {:>10.3} {:>10.2} {:>8.3}",
-            secs * 1e3,
-            gbs(secs),
-            reference / secs
-        );
+        println!("{name:52} {:>10.3} {:>10.2} {:>8.3}", secs * 1e3, gbs(secs), reference / secs);
     }
     println!("(ratio = reference time / method time: 1.0 is memory speed)");
 }

@@ -57,11 +57,7 @@ pub struct Shape {
 
 impl Default for Shape {
     fn default() -> Self {
-        Self {
-            memory: Memory::Shared,
-            mib: 384,
-            vcpus: 1,
-        }
+        Self { memory: Memory::Shared, mib: 384, vcpus: 1 }
     }
 }
 
@@ -104,14 +100,7 @@ impl Lab {
 
     /// The domain XML of a lab guest.
     pub fn domain_xml(&self, name: &str, memory: Memory, mib: u32) -> String {
-        self.domain_xml_with(
-            name,
-            &Shape {
-                memory,
-                mib,
-                vcpus: 1,
-            },
-        )
+        self.domain_xml_with(name, &Shape { memory, mib, vcpus: 1 })
     }
 
     /// The domain XML of a lab guest of any shape.
@@ -154,27 +143,13 @@ impl Lab {
     /// init answers on the command port. A stale guest of that name is
     /// destroyed first.
     pub fn start(&self, suffix: &str, memory: Memory) -> Result<Guest, LabError> {
-        self.start_with(
-            suffix,
-            &Shape {
-                memory,
-                ..Shape::default()
-            },
-        )
+        self.start_with(suffix, &Shape { memory, ..Shape::default() })
     }
 
     /// Like [`Lab::start`], for a guest of any shape.
     pub fn start_with(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(URI)).map_err(|e| {
-            err(format!(
-                "cannot connect to libvirt at {URI}: {e} (is libvirtd running? `.ci/run` starts it)"
-            ))
-        })?;
-        if let Ok(old) = conn.lookup_domain_by_name(&name) {
-            let _ = old.destroy();
-        }
+        let conn = connect_fresh(&name)?;
         let _ = std::fs::remove_file(self.console_path(&name));
         let xml = self.domain_xml_with(&name, shape);
         let dom = conn
@@ -198,12 +173,7 @@ impl Lab {
     /// in real mode and no kernel has run.
     pub fn start_paused(&self, suffix: &str) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(URI))
-            .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
-        if let Ok(old) = conn.lookup_domain_by_name(&name) {
-            let _ = old.destroy();
-        }
+        let conn = connect_fresh(&name)?;
         let xml = self.domain_xml(&name, Memory::Shared, 384);
         let dom = conn
             .create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED)
@@ -224,13 +194,7 @@ impl Lab {
     /// the returned handle is dropped: a domain that exists but is not running.
     pub fn define(&self, suffix: &str, memory: Memory) -> Result<Defined, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(URI))
-            .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
-        if let Ok(old) = conn.lookup_domain_by_name(&name) {
-            let _ = old.destroy();
-            let _ = old.undefine();
-        }
+        let conn = connect_fresh(&name)?;
         let dom = conn
             .define_domain_xml(&self.domain_xml(&name, memory, 384))
             .map_err(|e| err(format!("defining lab domain {name}: {e}")))?;
@@ -252,6 +216,20 @@ impl Lab {
         g.connect(Duration::from_secs(10))?;
         Ok(g)
     }
+}
+
+/// Connects to libvirt and removes a lab domain of that name left over from
+/// an earlier run (destroyed, and undefined if it was persistent).
+fn connect_fresh(name: &str) -> Result<Connect, LabError> {
+    virt::error::clear_error_callback();
+    let conn = Connect::open(Some(URI)).map_err(|e| {
+        err(format!("cannot connect to libvirt at {URI}: {e} (is libvirtd running? `lab/services.sh` starts it)"))
+    })?;
+    if let Ok(old) = conn.lookup_domain_by_name(name) {
+        let _ = old.destroy();
+        let _ = old.undefine();
+    }
+    Ok(conn)
 }
 
 /// Command ids start from the clock, so that answers meant for an earlier
@@ -343,19 +321,12 @@ impl Guest {
         let name = self.name.clone();
         let id = self.next_id;
         self.next_id += 1;
-        let port = self
-            .port
-            .as_mut()
-            .ok_or_else(|| err(format!("{name}: not connected")))?;
+        let port = self.port.as_mut().ok_or_else(|| err(format!("{name}: not connected")))?;
         // Drop anything left over (a late answer to an earlier ping).
         let mut junk = String::new();
-        port.get_mut()
-            .set_nonblocking(true)
-            .map_err(|e| err(e.to_string()))?;
+        port.get_mut().set_nonblocking(true).map_err(|e| err(e.to_string()))?;
         while port.read_line(&mut junk).map(|n| n > 0).unwrap_or(false) {}
-        port.get_mut()
-            .set_nonblocking(false)
-            .map_err(|e| err(e.to_string()))?;
+        port.get_mut().set_nonblocking(false).map_err(|e| err(e.to_string()))?;
         port.get_mut()
             .write_all(format!("{id} {line}\n").as_bytes())
             .map_err(|e| err(format!("{name}: writing command: {e}")))?;
@@ -405,10 +376,7 @@ impl Guest {
     pub fn run(&mut self, line: &str) -> Result<String, LabError> {
         match self.exec(line)? {
             (0, out) => Ok(out),
-            (status, out) => Err(err(format!(
-                "{}: `{line}` exited {status}: {out}",
-                self.name
-            ))),
+            (status, out) => Err(err(format!("{}: `{line}` exited {status}: {out}", self.name))),
         }
     }
 

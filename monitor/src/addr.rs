@@ -131,19 +131,13 @@ mod tests {
 
     #[test]
     fn hex_round_trip_and_malformed() {
-        assert_eq!(
-            hex_addr::from_hex("0xffffffff81000000"),
-            Some(0xffff_ffff_8100_0000)
-        );
+        assert_eq!(hex_addr::from_hex("0xffffffff81000000"), Some(0xffff_ffff_8100_0000));
         for bad in ["", "0x", "123", "0xzz", "0x11112222333344445", "-0x1"] {
             assert_eq!(hex_addr::from_hex(bad), None, "{bad:?}");
         }
         let json = serde_json::to_string(&GuestPhysAddr(0x1000)).unwrap();
         assert_eq!(json, "\"0x1000\"");
-        assert_eq!(
-            serde_json::from_str::<GuestPhysAddr>(&json).unwrap(),
-            GuestPhysAddr(0x1000)
-        );
+        assert_eq!(serde_json::from_str::<GuestPhysAddr>(&json).unwrap(), GuestPhysAddr(0x1000));
         assert!(serde_json::from_str::<GuestPhysAddr>("4096").is_err());
     }
 }

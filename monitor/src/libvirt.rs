@@ -77,14 +77,9 @@ impl Hypervisor {
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         // Errors are returned and reported once; keep libvirt from printing them too.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
-            uri: uri.into(),
-            source,
-        })?;
-        Ok(Self {
-            conn,
-            uri: uri.into(),
-        })
+        let conn = Connect::open(Some(uri))
+            .map_err(|source| LibvirtError::Connect { uri: uri.into(), source })?;
+        Ok(Self { conn, uri: uri.into() })
     }
 
     pub fn uri(&self) -> &str {
@@ -96,10 +91,7 @@ impl Hypervisor {
         let doms = self
             .conn
             .list_all_domains(0)
-            .map_err(|source| LibvirtError::List {
-                uri: self.uri.clone(),
-                source,
-            })?;
+            .map_err(|source| LibvirtError::List { uri: self.uri.clone(), source })?;
         let mut out = Vec::new();
         for d in doms {
             let g = GuestDomain::new(d);
@@ -176,26 +168,17 @@ impl GuestDomain {
         if self.is_running() {
             Ok(())
         } else {
-            Err(LibvirtError::NotRunning {
-                domain: self.name.clone(),
-                state: self.state_text(),
-            })
+            Err(LibvirtError::NotRunning { domain: self.name.clone(), state: self.state_text() })
         }
     }
 
     fn monitor(&self, command: &str, hmp: bool) -> Result<String, LibvirtError> {
-        let flags = if hmp {
-            sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-        } else {
-            0
-        };
-        self.dom
-            .qemu_monitor_command(command, flags)
-            .map_err(|source| LibvirtError::Monitor {
-                domain: self.name.clone(),
-                command: command.into(),
-                source,
-            })
+        let flags = if hmp { sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP } else { 0 };
+        self.dom.qemu_monitor_command(command, flags).map_err(|source| LibvirtError::Monitor {
+            domain: self.name.clone(),
+            command: command.into(),
+            source,
+        })
     }
 
     fn parse<T>(&self, command: &str, r: Result<T, ParseError>) -> Result<T, LibvirtError> {
@@ -207,10 +190,7 @@ impl GuestDomain {
     }
 
     fn memory_error(&self, reason: String) -> LibvirtError {
-        LibvirtError::Memory {
-            domain: self.name.clone(),
-            reason,
-        }
+        LibvirtError::Memory { domain: self.name.clone(), reason }
     }
 
     /// Control and descriptor-table registers of every vCPU.
@@ -266,11 +246,7 @@ impl GuestDomain {
             let base = hva.checked_sub(range.block_offset).ok_or_else(|| {
                 self.memory_error(format!("block {:?} would start below address 0", b.name))
             })?;
-            mappings.push(BlockMapping {
-                name: b.name.clone(),
-                host_addr: base,
-                len: b.used,
-            });
+            mappings.push(BlockMapping { name: b.name.clone(), host_addr: base, len: b.used });
         }
         Ok((pid, layout, mappings))
     }

@@ -53,12 +53,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
     /// Where baselines are kept by default (baselines/<domain uuid>.json).
-    #[arg(
-        long,
-        global = true,
-        env = "VIGIL_STATE_DIR",
-        default_value = "/var/lib/vigil"
-    )]
+    #[arg(long, global = true, env = "VIGIL_STATE_DIR", default_value = "/var/lib/vigil")]
     state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -137,23 +132,17 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Domains => domains(cli),
-        Command::Baseline {
-            domain,
-            output,
-            source,
-        } => baseline(cli, domain, output.as_deref(), *source),
-        Command::Check {
-            domain,
-            baseline,
-            source,
-        } => check_domain(cli, domain, baseline.as_deref(), *source),
+        Command::Baseline { domain, output, source } => {
+            baseline(cli, domain, output.as_deref(), *source)
+        }
+        Command::Check { domain, baseline, source } => {
+            check_domain(cli, domain, baseline.as_deref(), *source)
+        }
     }
 }
 
 fn default_baseline_path(cli: &Cli, dom: &GuestDomain) -> PathBuf {
-    cli.state_dir
-        .join("baselines")
-        .join(format!("{}.json", dom.uuid))
+    cli.state_dir.join("baselines").join(format!("{}.json", dom.uuid))
 }
 
 fn domains(cli: &Cli) -> anyhow::Result<u8> {
@@ -173,17 +162,9 @@ fn domains(cli: &Cli) -> anyhow::Result<u8> {
         return Ok(EXIT_OK);
     }
     let w = list.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
-    writeln!(
-        out,
-        "{:w$}  {:36}  {:13}  MEMORY SOURCE",
-        "NAME", "UUID", "STATE"
-    )?;
+    writeln!(out, "{:w$}  {:36}  {:13}  MEMORY SOURCE", "NAME", "UUID", "STATE")?;
     for d in &list {
-        writeln!(
-            out,
-            "{:w$}  {:36}  {:13}  {}",
-            d.name, d.uuid, d.state, d.memory_source
-        )?;
+        writeln!(out, "{:w$}  {:36}  {:13}  {}", d.name, d.uuid, d.state, d.memory_source)?;
     }
     Ok(EXIT_OK)
 }
@@ -195,22 +176,10 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
     let mem = dom.open_memory(source.into())?;
     let regs = dom.registers()?;
     let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
-    let id = DomainId {
-        name: dom.name.clone(),
-        uuid: dom.uuid.clone(),
-    };
-    let b = Baseline::build(
-        &*mem,
-        id,
-        view.identification.clone(),
-        regs,
-        &view,
-        &view.regions,
-    )
-    .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
-    let path = output
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| default_baseline_path(cli, &dom));
+    let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
+    let b = Baseline::build(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
+        .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
+    let path = output.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -272,9 +241,7 @@ fn check_domain(
     let hv = Hypervisor::connect(&cli.connect)?;
     let dom = hv.domain(domain)?;
     dom.ensure_running()?;
-    let path = baseline
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| default_baseline_path(cli, &dom));
+    let path = baseline.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if baseline.is_none() && !path.exists() {
         bail!(
             "no baseline for domain {} at {}: run `vigil baseline {}` first",
@@ -309,11 +276,7 @@ fn check_domain(
     } else {
         print_report(&mut out, &report, &path)?;
     }
-    Ok(if report.intact {
-        EXIT_OK
-    } else {
-        EXIT_VIOLATIONS
-    })
+    Ok(if report.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }
 
 fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Result<()> {
@@ -335,11 +298,7 @@ fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Resul
         r.source
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:16} {:>7} {:>8} {:>5}  STATUS",
-        "REGION", "PAGES", "CHANGED", "INFO"
-    )?;
+    writeln!(out, "{:16} {:>7} {:>8} {:>5}  STATUS", "REGION", "PAGES", "CHANGED", "INFO")?;
     for s in &r.regions {
         let status = if s.intact { "intact" } else { "CHANGED" };
         writeln!(
@@ -372,11 +331,7 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
     };
     writeln!(out, "  {:14} {:10} {place}  {}", f.region, kind, f.detail)?;
     if !f.before.is_empty() || !f.after.is_empty() {
-        writeln!(
-            out,
-            "  {:14} {:10} before {}  after {}",
-            "", "", f.before, f.after
-        )?;
+        writeln!(out, "  {:14} {:10} before {}  after {}", "", "", f.before, f.after)?;
     }
     Ok(())
 }

@@ -32,26 +32,17 @@ pub fn process_vm_read(
     remote: &[(u64, usize)],
 ) -> io::Result<usize> {
     if local.len() > MAX_IOVECS || remote.len() > MAX_IOVECS {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "more iovecs than UIO_MAXIOV",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "more iovecs than UIO_MAXIOV"));
     }
     let local_iov: Vec<libc::iovec> = local
         .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
+        .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
         .collect();
     let mut remote_iov = Vec::with_capacity(remote.len());
     for &(addr, len) in remote {
         let base = usize::try_from(addr)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "remote address"))?;
-        remote_iov.push(libc::iovec {
-            iov_base: base as *mut libc::c_void,
-            iov_len: len,
-        });
+        remote_iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
     }
     // SAFETY: every local iovec points into a live `&mut [u8]` of exactly its
     // length, borrowed mutably for the duration of the call, so the kernel
@@ -71,11 +62,7 @@ pub fn process_vm_read(
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
     use std::io::Write;

@@ -24,10 +24,7 @@ struct Run {
 impl Run {
     fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "vigil printed no JSON ({e}): {}\n{}",
-                self.stdout, self.stderr
-            )
+            panic!("vigil printed no JSON ({e}): {}\n{}", self.stdout, self.stderr)
         })
     }
 }
@@ -47,20 +44,12 @@ fn vigil(state: &Path, args: &[&str]) -> Run {
 }
 
 fn boot(suffix: &str, memory: Memory) -> Guest {
-    boot_shape(
-        suffix,
-        &Shape {
-            memory,
-            ..Shape::default()
-        },
-    )
+    boot_shape(suffix, &Shape { memory, ..Shape::default() })
 }
 
 fn boot_shape(suffix: &str, shape: &Shape) -> Guest {
     let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
-    let g = lab
-        .start_with(suffix, shape)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let g = lab.start_with(suffix, shape).unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(SETTLE);
     g
 }
@@ -78,13 +67,7 @@ fn baseline(state: &Path, g: &Guest) {
 
 fn check_json(state: &Path, g: &Guest) -> (i32, Value) {
     let r = vigil(state, &["check", &g.name, "--format", "json"]);
-    assert!(
-        r.code == 0 || r.code == 1,
-        "check of {} failed ({}): {}",
-        g.name,
-        r.code,
-        r.stderr
-    );
+    assert!(r.code == 0 || r.code == 1, "check of {} failed ({}): {}", g.name, r.code, r.stderr);
     (r.code, r.json())
 }
 
@@ -99,6 +82,13 @@ fn region_intact(report: &Value, name: &str) -> bool {
         .unwrap()
 }
 
+/// Asserts that each named region has no violation.
+fn assert_intact(report: &Value, regions: &[&str]) {
+    for region in regions {
+        assert!(region_intact(report, region), "{region} reported changed: {report:#}");
+    }
+}
+
 fn violations(report: &Value) -> Vec<Value> {
     report["violations"].as_array().unwrap().clone()
 }
@@ -109,13 +99,7 @@ fn page_of(addr: u64) -> String {
 
 #[test]
 fn lab_shared_ram_2vcpu_guest_idle_is_intact_twice_10s_apart() {
-    let g = boot_shape(
-        "idle",
-        &Shape {
-            vcpus: 2,
-            ..Shape::default()
-        },
-    );
+    let g = boot_shape("idle", &Shape { vcpus: 2, ..Shape::default() });
     let (_d, state) = state_dir();
     baseline(&state, &g);
     for round in 0..2 {
@@ -126,17 +110,8 @@ fn lab_shared_ram_2vcpu_guest_idle_is_intact_twice_10s_apart() {
         assert_eq!(code, 0, "round {round}: idle guest not intact: {report:#}");
         assert_eq!(report["intact"], true);
         assert!(violations(&report).is_empty());
-        for region in [
-            "kernel-text",
-            "kernel-rodata",
-            "idt",
-            "gdt-cpu0",
-            "registers",
-        ] {
-            assert!(
-                region_intact(&report, region),
-                "{region} changed on an idle guest"
-            );
+        for region in ["kernel-text", "kernel-rodata", "idt", "gdt-cpu0", "registers"] {
+            assert!(region_intact(&report, region), "{region} changed on an idle guest");
         }
     }
     // The baseline's regions are real: thousands of code pages, a root that
@@ -146,16 +121,10 @@ fn lab_shared_ram_2vcpu_guest_idle_is_intact_twice_10s_apart() {
     )
     .unwrap();
     let text_pages = b["regions"][0]["pages"].as_array().unwrap().len();
-    assert!(
-        text_pages > 1000,
-        "only {text_pages} kernel text pages found"
-    );
+    assert!(text_pages > 1000, "only {text_pages} kernel text pages found");
     let regs = b["registers"].as_array().unwrap();
     assert_eq!(regs.len(), 2, "both vCPUs' registers are baselined");
-    assert_ne!(
-        regs[0]["gdtr_base"], regs[1]["gdtr_base"],
-        "each vCPU has its own GDT"
-    );
+    assert_ne!(regs[0]["gdtr_base"], regs[1]["gdtr_base"], "each vCPU has its own GDT");
 }
 
 #[test]
@@ -163,41 +132,20 @@ fn lab_shared_ram_5g_guest_with_ram_split_around_4g_is_read_through_both_sources
     use vigil::addr::{GuestPhysAddr, GuestVirtAddr};
     use vigil::libvirt::{Hypervisor, SourceChoice};
 
-    let g = boot_shape(
-        "split",
-        &Shape {
-            mib: 5 * 1024,
-            ..Shape::default()
-        },
-    );
+    let g = boot_shape("split", &Shape { mib: 5 * 1024, ..Shape::default() });
     let hv = Hypervisor::connect(vigil_lab::URI).unwrap();
     let dom = hv.domain(&g.name).unwrap();
     let shared = dom.open_memory(SourceChoice::Shared).unwrap();
     let process = dom.open_memory(SourceChoice::Process).unwrap();
     let ranges = shared.layout().ranges();
-    let high = ranges
-        .iter()
-        .find(|r| r.start.raw() >= 1 << 32)
-        .expect("RAM above 4 GiB");
-    let low_end = ranges
-        .iter()
-        .filter(|r| r.start.raw() < 1 << 32)
-        .map(|r| r.end())
-        .max()
-        .unwrap();
-    assert!(
-        low_end <= 0xe000_0000,
-        "a PCI hole below 4 GiB: low RAM ends at {low_end:#x}"
-    );
+    let high = ranges.iter().find(|r| r.start.raw() >= 1 << 32).expect("RAM above 4 GiB");
+    let low_end = ranges.iter().filter(|r| r.start.raw() < 1 << 32).map(|r| r.end()).max().unwrap();
+    assert!(low_end <= 0xe000_0000, "a PCI hole below 4 GiB: low RAM ends at {low_end:#x}");
     assert_eq!(
         high.block_offset, low_end,
         "high RAM continues the same block where low RAM stopped"
     );
-    assert_eq!(
-        high.end() - high.start.raw() + low_end,
-        5 << 30,
-        "all of the 5 GiB is laid out"
-    );
+    assert_eq!(high.end() - high.start.raw() + low_end, 5 << 30, "all of the 5 GiB is laid out");
     // Pages on both sides of the hole and at the very top, through both sources.
     let probes: Vec<_> = [low_end - 4096, high.start.raw(), high.end() - 4096]
         .into_iter()
@@ -206,10 +154,7 @@ fn lab_shared_ram_5g_guest_with_ram_split_around_4g_is_read_through_both_sources
     let a = vigil::integrity::baseline::hash_pages(&*shared, "probe", &probes).unwrap();
     let b = vigil::integrity::baseline::hash_pages(&*process, "probe", &probes).unwrap();
     assert_eq!(a, b);
-    assert!(
-        shared.read(GuestPhysAddr(low_end), &mut [0u8; 1]).is_err(),
-        "the hole is not RAM"
-    );
+    assert!(shared.read(GuestPhysAddr(low_end), &mut [0u8; 1]).is_err(), "the hole is not RAM");
     // And the whole job works on it.
     let (_d, state) = state_dir();
     baseline(&state, &g);
@@ -221,9 +166,7 @@ fn attack(suffix: &str, which: &str) -> (Guest, Value) {
     let mut g = boot(suffix, Memory::Shared);
     let (_d, state) = state_dir();
     baseline(&state, &g);
-    let out = g
-        .run(&format!("attack {which}"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = g.run(&format!("attack {which}")).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{out}");
     let (code, report) = check_json(&state, &g);
     assert_eq!(code, 1, "attack {which} not detected: {report:#}");
@@ -240,18 +183,7 @@ fn lab_shared_ram_guest_syscall_table_hook_is_a_rodata_content_change() {
     assert_eq!(v[0]["kind"], "content");
     // getppid is syscall 110: its slot's page.
     assert_eq!(v[0]["gva"], page_of(table + 110 * 8));
-    for region in [
-        "kernel-text",
-        "idt",
-        "gdt-cpu0",
-        "registers",
-        "kernel-image",
-    ] {
-        assert!(
-            region_intact(&report, region),
-            "{region} reported changed: {report:#}"
-        );
-    }
+    assert_intact(&report, &["kernel-text", "idt", "gdt-cpu0", "registers", "kernel-image"]);
 }
 
 #[test]
@@ -263,18 +195,7 @@ fn lab_shared_ram_guest_inline_hook_is_a_text_content_change() {
     assert_eq!(v[0]["region"], "kernel-text");
     assert_eq!(v[0]["kind"], "content");
     assert_eq!(v[0]["gva"], page_of(target));
-    for region in [
-        "kernel-rodata",
-        "idt",
-        "gdt-cpu0",
-        "registers",
-        "kernel-image",
-    ] {
-        assert!(
-            region_intact(&report, region),
-            "{region} reported changed: {report:#}"
-        );
-    }
+    assert_intact(&report, &["kernel-rodata", "idt", "gdt-cpu0", "registers", "kernel-image"]);
 }
 
 #[test]
@@ -289,17 +210,9 @@ fn lab_shared_ram_guest_idt_overwrite_is_an_idt_content_change() {
     // is also the kernel image's last rodata page: the only other finding
     // allowed is that page, at the same guest-physical address.
     for f in &v {
-        assert_eq!(
-            f["gpa"], idt[0]["gpa"],
-            "a change outside the IDT's page: {f:#}"
-        );
+        assert_eq!(f["gpa"], idt[0]["gpa"], "a change outside the IDT's page: {f:#}");
     }
-    for region in ["kernel-text", "gdt-cpu0", "registers", "kernel-image"] {
-        assert!(
-            region_intact(&report, region),
-            "{region} reported changed: {report:#}"
-        );
-    }
+    assert_intact(&report, &["kernel-text", "gdt-cpu0", "registers", "kernel-image"]);
 }
 
 #[test]
@@ -310,18 +223,7 @@ fn lab_shared_ram_guest_cr0_wp_left_cleared_is_a_register_change() {
     assert_eq!(v[0]["kind"], "register");
     assert_eq!(v[0]["register"], "CR0.WP");
     assert_eq!(v[0]["vcpu"], 0);
-    for region in [
-        "kernel-text",
-        "kernel-rodata",
-        "idt",
-        "gdt-cpu0",
-        "kernel-image",
-    ] {
-        assert!(
-            region_intact(&report, region),
-            "{region} reported changed: {report:#}"
-        );
-    }
+    assert_intact(&report, &["kernel-text", "kernel-rodata", "idt", "gdt-cpu0", "kernel-image"]);
 }
 
 #[test]
@@ -338,24 +240,14 @@ fn lab_shared_ram_guest_both_sources_read_identical_bytes() {
     let process = dom.open_memory(SourceChoice::Process).unwrap();
     assert_eq!(shared.kind(), "shared-mapping");
     assert_eq!(process.kind(), "process-read");
-    assert_eq!(
-        shared.layout(),
-        process.layout(),
-        "both sources describe the same RAM"
-    );
+    assert_eq!(shared.layout(), process.layout(), "both sources describe the same RAM");
     let regs = dom.registers().unwrap();
-    let id = DomainId {
-        name: g.name.clone(),
-        uuid: g.uuid.clone(),
-    };
+    let id = DomainId { name: g.name.clone(), uuid: g.uuid.clone() };
 
     // The same kernel, found and hashed through each source, gives the same roots...
     let view_s = vigil::linux::discover(&*shared, &regs).unwrap();
     let view_p = vigil::linux::discover(&*process, &regs).unwrap();
-    assert_eq!(
-        view_s.image_pages, view_p.image_pages,
-        "both sources see the same page tables"
-    );
+    assert_eq!(view_s.image_pages, view_p.image_pages, "both sources see the same page tables");
     let b_s = Baseline::build(
         &*shared,
         id.clone(),
@@ -385,34 +277,17 @@ fn lab_shared_ram_guest_both_sources_read_identical_bytes() {
         for (p, chunk) in layout.pages.iter().zip(bytes.chunks_mut(4096)) {
             shared.read(p.gpa, chunk).unwrap();
         }
-        assert_eq!(
-            r.root,
-            *blake3::hash(&bytes).as_bytes(),
-            "root of {}",
-            r.name
-        );
+        assert_eq!(r.root, *blake3::hash(&bytes).as_bytes(), "root of {}", r.name);
     }
     // ...and a baseline taken through one checks intact through the other.
-    let report = check(
-        &b_s,
-        &*process,
-        &view_p,
-        &regs,
-        view_p.identification.image_base,
-    )
-    .unwrap();
+    let report = check(&b_s, &*process, &view_p, &regs, view_p.identification.image_base).unwrap();
     assert!(report.intact, "{report:#?}");
 
     // Arbitrary RAM, not only the kernel: every 16th MiB, both below the
     // kernel and above it, hashed through the engine from each source.
     let ram = shared.layout().ranges().last().unwrap().end();
     let pages: Vec<_> = (1..ram / (16 << 20))
-        .map(|i| {
-            (
-                vigil::addr::GuestVirtAddr(0),
-                vigil::addr::GuestPhysAddr(i * (16 << 20)),
-            )
-        })
+        .map(|i| (vigil::addr::GuestVirtAddr(0), vigil::addr::GuestPhysAddr(i * (16 << 20))))
         .collect();
     let hs = vigil::integrity::baseline::hash_pages(&*shared, "ram", &pages).unwrap();
     let hp = vigil::integrity::baseline::hash_pages(&*process, "ram", &pages).unwrap();
@@ -469,11 +344,7 @@ fn lab_shared_ram_guest_rebooted_is_reported_as_another_boot() {
     std::thread::sleep(SETTLE);
     let r = vigil(&state, &["check", &g.name]);
     assert_eq!(r.code, 2, "stdout: {}", r.stdout);
-    assert!(
-        r.stderr.contains("another boot") && r.stderr.contains(&g.name),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("another boot") && r.stderr.contains(&g.name), "{}", r.stderr);
     assert!(r.stdout.is_empty(), "no page-by-page storm: {}", r.stdout);
     // A new baseline of the new boot is intact.
     baseline(&state, &g);
@@ -494,27 +365,18 @@ fn lab_errors_name_the_domain_and_the_reason() {
     );
     // A baseline of another domain.
     let other = state.join("other.json");
-    let r = vigil(
-        &state,
-        &["baseline", &g.name, "-o", other.to_str().unwrap()],
-    );
+    let r = vigil(&state, &["baseline", &g.name, "-o", other.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let text = std::fs::read_to_string(&other)
         .unwrap()
         .replace(&g.uuid, "00000000-0000-4000-8000-000000000000");
     std::fs::write(&other, text).unwrap();
-    let r = vigil(
-        &state,
-        &["check", &g.name, "--baseline", other.to_str().unwrap()],
-    );
+    let r = vigil(&state, &["check", &g.name, "--baseline", other.to_str().unwrap()]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("is of domain"), "{}", r.stderr);
     // A damaged baseline.
     std::fs::write(&other, "{\"format\": \"vigil-baseline\"").unwrap();
-    let r = vigil(
-        &state,
-        &["check", &g.name, "--baseline", other.to_str().unwrap()],
-    );
+    let r = vigil(&state, &["check", &g.name, "--baseline", other.to_str().unwrap()]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("other.json"), "{}", r.stderr);
     // No such domain; a domain that is not running.
@@ -525,31 +387,20 @@ fn lab_errors_name_the_domain_and_the_reason() {
         "{}",
         r.stderr
     );
-    let stopped = Lab::open()
-        .unwrap()
-        .define("stopped", Memory::Shared)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for args in [
-        vec!["baseline", stopped.name.as_str()],
-        vec!["check", stopped.name.as_str()],
-    ] {
+    let stopped =
+        Lab::open().unwrap().define("stopped", Memory::Shared).unwrap_or_else(|e| panic!("{e}"));
+    for args in [vec!["baseline", stopped.name.as_str()], vec!["check", stopped.name.as_str()]] {
         let r = vigil(&state, &args);
         assert_eq!(r.code, 2);
         assert!(
-            r.stderr.contains(&format!(
-                "domain {} is not running (it is shut off)",
-                stopped.name
-            )),
+            r.stderr.contains(&format!("domain {} is not running (it is shut off)", stopped.name)),
             "{}",
             r.stderr
         );
     }
     // A guest paused before its first instruction has no kernel to find.
     drop(g);
-    let paused = Lab::open()
-        .unwrap()
-        .start_paused("paused")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let paused = Lab::open().unwrap().start_paused("paused").unwrap_or_else(|e| panic!("{e}"));
     let r = vigil(&state, &["baseline", &paused.name]);
     assert_eq!(r.code, 2);
     assert!(

@@ -154,12 +154,7 @@ pub fn mapping_runs(pages: &[Mapping]) -> Vec<MappingRun> {
                 continue;
             }
         }
-        runs.push(MappingRun {
-            gva: p.gva,
-            gpa: p.gpa,
-            pages: 1,
-            perms: p.perms,
-        });
+        runs.push(MappingRun { gva: p.gva, gpa: p.gpa, pages: 1, perms: p.perms });
     }
     runs
 }
@@ -191,11 +186,8 @@ pub fn hash_pages<M: GuestMemory + ?Sized>(
     region: &str,
     pages: &[(GuestVirtAddr, GuestPhysAddr)],
 ) -> Result<Vec<PageValue>, BaselineError> {
-    let indexed: Vec<(u64, GuestVirtAddr, GuestPhysAddr)> = pages
-        .iter()
-        .zip(0u64..)
-        .map(|(&(gva, gpa), i)| (i, gva, gpa))
-        .collect();
+    let indexed: Vec<(u64, GuestVirtAddr, GuestPhysAddr)> =
+        pages.iter().zip(0u64..).map(|(&(gva, gpa), i)| (i, gva, gpa)).collect();
     hash_pages_at(mem, region, pages.len() as u64 * PAGE_SIZE, &indexed)
 }
 
@@ -210,11 +202,8 @@ pub fn hash_pages_at<M: GuestMemory + ?Sized>(
     let mut values = Vec::with_capacity(pages.len());
     let mut bufs = vec![[0u8; PAGE_BYTES]; READ_BATCH.min(pages.len())];
     for batch in pages.chunks(READ_BATCH) {
-        let mut reads: Vec<(GuestPhysAddr, &mut [u8])> = batch
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
-            .collect();
+        let mut reads: Vec<(GuestPhysAddr, &mut [u8])> =
+            batch.iter().zip(bufs.iter_mut()).map(|(&(_, _, gpa), b)| (gpa, &mut b[..])).collect();
         if let Err(source) = mem.read_many(&mut reads) {
             // Find the page at fault for the message.
             let mut one = [0u8; PAGE_BYTES];
@@ -222,11 +211,7 @@ pub fn hash_pages_at<M: GuestMemory + ?Sized>(
                 .iter()
                 .find(|(_, _, gpa)| mem.read(*gpa, &mut one).is_err())
                 .unwrap_or(&batch[0]);
-            return Err(BaselineError::Read {
-                region: region.to_owned(),
-                gva: bad.1,
-                source,
-            });
+            return Err(BaselineError::Read { region: region.to_owned(), gva: bad.1, source });
         }
         for (&(index, _, _), buf) in batch.iter().zip(&bufs) {
             values.push(tree::page_value(index, buf, region_len));
@@ -253,28 +238,15 @@ impl Baseline {
             let root = if values.is_empty() {
                 *blake3::hash(&[]).as_bytes()
             } else {
-                *tree::region_root(&values, bytes)
-                    .expect("one value per page")
-                    .as_bytes()
+                *tree::region_root(&values, bytes).expect("one value per page").as_bytes()
             };
             let pages = r
                 .pages
                 .iter()
                 .zip(values)
-                .map(|(p, value)| PageRecord {
-                    gva: p.gva,
-                    gpa: p.gpa,
-                    perms: p.perms,
-                    value,
-                })
+                .map(|(p, value)| PageRecord { gva: p.gva, gpa: p.gpa, perms: p.perms, value })
                 .collect();
-            records.push(RegionRecord {
-                name: r.name.clone(),
-                kind: r.kind,
-                bytes,
-                root,
-                pages,
-            });
+            records.push(RegionRecord { name: r.name.clone(), kind: r.kind, bytes, root, pages });
         }
         Ok(Self {
             format: FORMAT.into(),
@@ -293,14 +265,8 @@ impl Baseline {
     /// synced, then renamed over it.
     pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
         let shown = path.display().to_string();
-        let werr = |source| BaselineError::Write {
-            path: shown.clone(),
-            source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let werr = |source| BaselineError::Write { path: shown.clone(), source };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let mut tmp = tempfile_in(dir).map_err(werr)?;
         let json = serde_json::to_vec_pretty(self).expect("a baseline always serialises");
         tmp.1
@@ -321,38 +287,28 @@ impl Baseline {
     /// Reads and validates a baseline file.
     pub fn load(path: &Path) -> Result<Self, BaselineError> {
         let shown = path.display().to_string();
-        let oerr = |source| BaselineError::Open {
-            path: shown.clone(),
-            source,
-        };
+        let oerr = |source| BaselineError::Open { path: shown.clone(), source };
         let size = std::fs::metadata(path).map_err(oerr)?.len();
         if size > MAX_FILE {
             return Err(BaselineError::TooLarge { path: shown, size });
         }
         let text = std::fs::read(path).map_err(oerr)?;
         Self::from_json(&text).map_err(|e| match e {
-            BaselineError::Parse { source, .. } => BaselineError::Parse {
-                path: shown.clone(),
-                source,
-            },
-            BaselineError::Invalid { reason, .. } => BaselineError::Invalid {
-                path: shown.clone(),
-                reason,
-            },
+            BaselineError::Parse { source, .. } => {
+                BaselineError::Parse { path: shown.clone(), source }
+            }
+            BaselineError::Invalid { reason, .. } => {
+                BaselineError::Invalid { path: shown.clone(), reason }
+            }
             other => other,
         })
     }
 
     /// Parses and validates baseline JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Self, BaselineError> {
-        let b: Self = serde_json::from_slice(bytes).map_err(|source| BaselineError::Parse {
-            path: String::new(),
-            source,
-        })?;
-        b.validate().map_err(|reason| BaselineError::Invalid {
-            path: String::new(),
-            reason,
-        })?;
+        let b: Self = serde_json::from_slice(bytes)
+            .map_err(|source| BaselineError::Parse { path: String::new(), source })?;
+        b.validate().map_err(|reason| BaselineError::Invalid { path: String::new(), reason })?;
         Ok(b)
     }
 
@@ -386,10 +342,7 @@ impl Baseline {
                     r.pages.len()
                 ));
             }
-            if r.pages
-                .iter()
-                .any(|p| p.gva.page_offset() != 0 || p.gpa.page_offset() != 0)
-            {
+            if r.pages.iter().any(|p| p.gva.page_offset() != 0 || p.gpa.page_offset() != 0) {
                 return Err(format!(
                     "region {} has a page address that is not page-aligned",
                     r.name
@@ -417,15 +370,8 @@ impl Baseline {
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
     for attempt in 0..100u32 {
-        let p = dir.join(format!(
-            ".vigil-baseline.{}.{attempt}.tmp",
-            std::process::id()
-        ));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
+        let p = dir.join(format!(".vigil-baseline.{}.{attempt}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
             Ok(f) => return Ok((p, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -441,11 +387,7 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 pub(crate) mod tests {
     use super::*;
     use crate::integrity::PageSpec;
@@ -458,22 +400,13 @@ pub(crate) mod tests {
     }
 
     pub const TEXT_VA: u64 = 0xffff_ffff_8100_0000;
-    const RX: Perms = Perms {
-        writable: false,
-        user: false,
-        executable: true,
-    };
-    const RO: Perms = Perms {
-        writable: false,
-        user: false,
-        executable: false,
-    };
+    const RX: Perms = Perms { writable: false, user: false, executable: true };
+    const RO: Perms = Perms { writable: false, user: false, executable: false };
 
     impl Fake {
         pub fn new() -> Self {
-            let bytes: Vec<u8> = (0..16 * 4096u32)
-                .map(|i| (i.wrapping_mul(7) >> 3) as u8)
-                .collect();
+            let bytes: Vec<u8> =
+                (0..16 * 4096u32).map(|i| (i.wrapping_mul(7) >> 3) as u8).collect();
             let mut pages = Vec::new();
             for i in 0..6u64 {
                 let perms = if i < 4 { RX } else { RO };
@@ -484,18 +417,11 @@ pub(crate) mod tests {
                     perms,
                 });
             }
-            Self {
-                mem: RawDump::from_bytes(bytes),
-                pages,
-            }
+            Self { mem: RawDump::from_bytes(bytes), pages }
         }
 
         pub fn regions(&self) -> Vec<RegionLayout> {
-            let spec = |m: &Mapping| PageSpec {
-                gva: m.gva,
-                gpa: m.gpa,
-                perms: m.perms,
-            };
+            let spec = |m: &Mapping| PageSpec { gva: m.gva, gpa: m.gpa, perms: m.perms };
             vec![
                 RegionLayout {
                     name: "kernel-text".into(),
@@ -559,10 +485,7 @@ pub(crate) mod tests {
             &self.pages
         }
         fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
-            self.pages
-                .iter()
-                .find(|m| m.gva == gva)
-                .map(|m| (m.gpa, m.perms))
+            self.pages.iter().find(|m| m.gva == gva).map(|m| (m.gpa, m.perms))
         }
     }
 
@@ -572,10 +495,7 @@ pub(crate) mod tests {
         let b = f.baseline();
         let mut text = vec![0u8; 4 * 4096];
         f.mem.read(GuestPhysAddr(0x2000), &mut text).unwrap();
-        assert_eq!(
-            b.region("kernel-text").unwrap().root,
-            *blake3::hash(&text).as_bytes()
-        );
+        assert_eq!(b.region("kernel-text").unwrap().root, *blake3::hash(&text).as_bytes());
         assert_eq!(b.image_mapping.len(), 2, "two runs: text and rodata");
     }
 
@@ -604,54 +524,25 @@ pub(crate) mod tests {
                 "page value",
                 Box::new(|v| v["regions"][0]["pages"][1]["value"] = "00".repeat(32).into()),
             ),
-            (
-                "root",
-                Box::new(|v| v["regions"][0]["root"] = "11".repeat(32).into()),
-            ),
-            (
-                "bytes",
-                Box::new(|v| v["regions"][0]["bytes"] = 4096.into()),
-            ),
-            (
-                "short hash",
-                Box::new(|v| v["regions"][0]["root"] = "abc".into()),
-            ),
-            (
-                "perms",
-                Box::new(|v| v["regions"][0]["pages"][0]["perms"] = "rwz".into()),
-            ),
-            (
-                "gva",
-                Box::new(|v| v["regions"][0]["pages"][0]["gva"] = "0x1001".into()),
-            ),
-            (
-                "gpa not hex",
-                Box::new(|v| v["regions"][0]["pages"][0]["gpa"] = 4096.into()),
-            ),
-            (
-                "no regions",
-                Box::new(|v| v["regions"] = serde_json::json!([])),
-            ),
-            (
-                "huge run",
-                Box::new(|v| v["image_mapping"][0]["pages"] = u64::MAX.into()),
-            ),
+            ("root", Box::new(|v| v["regions"][0]["root"] = "11".repeat(32).into())),
+            ("bytes", Box::new(|v| v["regions"][0]["bytes"] = 4096.into())),
+            ("short hash", Box::new(|v| v["regions"][0]["root"] = "abc".into())),
+            ("perms", Box::new(|v| v["regions"][0]["pages"][0]["perms"] = "rwz".into())),
+            ("gva", Box::new(|v| v["regions"][0]["pages"][0]["gva"] = "0x1001".into())),
+            ("gpa not hex", Box::new(|v| v["regions"][0]["pages"][0]["gpa"] = 4096.into())),
+            ("no regions", Box::new(|v| v["regions"] = serde_json::json!([]))),
+            ("huge run", Box::new(|v| v["image_mapping"][0]["pages"] = u64::MAX.into())),
         ];
         for (what, edit) in edits {
             let mut v = good.clone();
             edit(&mut v);
             let bytes = serde_json::to_vec(&v).unwrap();
-            assert!(
-                Baseline::from_json(&bytes).is_err(),
-                "accepted a baseline with a bad {what}"
-            );
+            assert!(Baseline::from_json(&bytes).is_err(), "accepted a baseline with a bad {what}");
         }
         assert!(Baseline::from_json(b"").is_err());
         assert!(Baseline::from_json(b"{\"format\":").is_err());
         let dir = tempfile::tempdir().unwrap();
-        let err = Baseline::load(&dir.path().join("missing.json"))
-            .unwrap_err()
-            .to_string();
+        let err = Baseline::load(&dir.path().join("missing.json")).unwrap_err().to_string();
         assert!(err.contains("missing.json"), "{err}");
     }
 

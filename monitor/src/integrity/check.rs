@@ -102,13 +102,7 @@ pub enum CheckError {
         "the baseline is from another boot of {domain}: only {same} of {total} kernel code pages are where the \
          baseline has them (new KASLR placement: image at {now} now, {then} in the baseline); take a new baseline"
     )]
-    DifferentBoot {
-        domain: String,
-        same: usize,
-        total: usize,
-        now: String,
-        then: String,
-    },
+    DifferentBoot { domain: String, same: usize, total: usize, now: String, then: String },
     #[error(transparent)]
     Read(#[from] BaselineError),
 }
@@ -152,11 +146,7 @@ pub fn check<M: GuestMemory + ?Sized>(
 ) -> Result<Report, CheckError> {
     // Another boot (new KASLR slide) moves nearly every code page; an attacker
     // remapping a few pages does not.
-    if let Some(text) = baseline
-        .regions
-        .iter()
-        .find(|r| r.kind == super::RegionKind::Code)
-    {
+    if let Some(text) = baseline.regions.iter().find(|r| r.kind == super::RegionKind::Code) {
         let same = text
             .pages
             .iter()
@@ -183,13 +173,7 @@ pub fn check<M: GuestMemory + ?Sized>(
             region_pages.insert(p.gva.raw());
             let index = i as u64;
             let Some((gpa, perms)) = space.translate(p.gva) else {
-                let mut f = finding(
-                    &r.name,
-                    FindingKind::Remap,
-                    Severity::Violation,
-                    p.gva,
-                    p.gpa,
-                );
+                let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, p.gpa);
                 f.page = Some(index);
                 f.detail = "page is no longer mapped".into();
                 f.before = mapping_text(p.gpa, p.perms);
@@ -212,14 +196,7 @@ pub fn check<M: GuestMemory + ?Sized>(
                 findings.push(f);
             }
             if perms != p.perms {
-                findings.push(permission_finding(
-                    &r.name,
-                    Some(index),
-                    p.gva,
-                    gpa,
-                    p.perms,
-                    perms,
-                ));
+                findings.push(permission_finding(&r.name, Some(index), p.gva, gpa, p.perms, perms));
             }
             reads.push((index, p.gva, gpa));
         }
@@ -241,11 +218,7 @@ pub fn check<M: GuestMemory + ?Sized>(
         } else if values.is_empty() {
             to_hex(blake3::hash(&[]).as_bytes())
         } else {
-            to_hex(
-                tree::region_root(&values, r.bytes)
-                    .expect("one value per page")
-                    .as_bytes(),
-            )
+            to_hex(tree::region_root(&values, r.bytes).expect("one value per page").as_bytes())
         };
         regions.push(RegionStatus {
             name: r.name.clone(),
@@ -263,10 +236,7 @@ pub fn check<M: GuestMemory + ?Sized>(
 
     let image_pages: u64 = baseline.image_mapping.iter().map(|r| r.pages).sum();
     for (name, pages) in [
-        (
-            IMAGE_REGION,
-            image_pages.saturating_sub(region_pages.len() as u64),
-        ),
+        (IMAGE_REGION, image_pages.saturating_sub(region_pages.len() as u64)),
         (REGISTER_REGION, 0),
     ] {
         regions.push(RegionStatus {
@@ -289,9 +259,8 @@ pub fn check<M: GuestMemory + ?Sized>(
         status.info = mine().filter(|f| f.severity == Severity::Info).count() as u64;
         status.intact = violated.is_empty();
     }
-    let (violations, info): (Vec<_>, Vec<_>) = findings
-        .into_iter()
-        .partition(|f| f.severity == Severity::Violation);
+    let (violations, info): (Vec<_>, Vec<_>) =
+        findings.into_iter().partition(|f| f.severity == Severity::Violation);
     Ok(Report {
         domain: baseline.domain.name.clone(),
         uuid: baseline.domain.uuid.clone(),
@@ -314,11 +283,7 @@ fn permission_finding(
     new: Perms,
 ) -> Finding {
     let loosened = old.loosened_by(&new);
-    let sev = if loosened {
-        Severity::Violation
-    } else {
-        Severity::Info
-    };
+    let sev = if loosened { Severity::Violation } else { Severity::Info };
     let mut f = finding(region, FindingKind::Permission, sev, gva, gpa);
     f.page = page;
     f.detail = format!(
@@ -341,10 +306,8 @@ fn image_mapping_findings(
     out: &mut Vec<Finding>,
 ) {
     let old = expand_runs(&baseline.image_mapping).unwrap_or_default();
-    let old_by_va: HashMap<u64, (GuestPhysAddr, Perms)> = old
-        .iter()
-        .map(|m| (m.gva.raw(), (m.gpa, m.perms)))
-        .collect();
+    let old_by_va: HashMap<u64, (GuestPhysAddr, Perms)> =
+        old.iter().map(|m| (m.gva.raw(), (m.gpa, m.perms))).collect();
     for m in &old {
         if in_regions.contains(&m.gva.raw()) {
             continue;
@@ -352,13 +315,7 @@ fn image_mapping_findings(
         match space.translate(m.gva) {
             None => {
                 // Unmapping kernel data takes nothing from the kernel's protection.
-                let mut f = finding(
-                    IMAGE_REGION,
-                    FindingKind::Remap,
-                    Severity::Info,
-                    m.gva,
-                    m.gpa,
-                );
+                let mut f = finding(IMAGE_REGION, FindingKind::Remap, Severity::Info, m.gva, m.gpa);
                 f.detail = "page is no longer mapped".into();
                 f.before = mapping_text(m.gpa, m.perms);
                 f.after = "unmapped".into();
@@ -366,27 +323,15 @@ fn image_mapping_findings(
             }
             Some((gpa, perms)) => {
                 if gpa != m.gpa {
-                    let mut f = finding(
-                        IMAGE_REGION,
-                        FindingKind::Remap,
-                        Severity::Violation,
-                        m.gva,
-                        gpa,
-                    );
+                    let mut f =
+                        finding(IMAGE_REGION, FindingKind::Remap, Severity::Violation, m.gva, gpa);
                     f.detail = format!("page now maps guest-physical {gpa}, not {}", m.gpa);
                     f.before = mapping_text(m.gpa, m.perms);
                     f.after = mapping_text(gpa, perms);
                     out.push(f);
                 }
                 if perms != m.perms {
-                    out.push(permission_finding(
-                        IMAGE_REGION,
-                        None,
-                        m.gva,
-                        gpa,
-                        m.perms,
-                        perms,
-                    ));
+                    out.push(permission_finding(IMAGE_REGION, None, m.gva, gpa, m.perms, perms));
                 }
             }
         }
@@ -407,37 +352,28 @@ fn image_mapping_findings(
     }
 }
 
+fn vcpu_finding(vcpu: u32, severity: Severity, gva: GuestVirtAddr, detail: String) -> Finding {
+    let mut f = finding(REGISTER_REGION, FindingKind::Register, severity, gva, GuestPhysAddr(0));
+    f.vcpu = Some(vcpu);
+    f.detail = detail;
+    f
+}
+
 fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec<Finding>) {
-    let zero_va = GuestVirtAddr(0);
-    let zero_pa = GuestPhysAddr(0);
+    let none = GuestVirtAddr(0);
     for o in old.iter().filter(|r| r.in_long_mode()) {
         let Some(n) = new.iter().find(|r| r.index == o.index) else {
-            let mut f = finding(
-                REGISTER_REGION,
-                FindingKind::Register,
+            out.push(vcpu_finding(
+                o.index,
                 Severity::Info,
-                zero_va,
-                zero_pa,
-            );
-            f.vcpu = Some(o.index);
-            f.detail = format!("vCPU {} is gone", o.index);
-            out.push(f);
+                none,
+                format!("vCPU {} is gone", o.index),
+            ));
             continue;
         };
         if !n.in_long_mode() {
-            let mut f = finding(
-                REGISTER_REGION,
-                FindingKind::Register,
-                Severity::Info,
-                zero_va,
-                zero_pa,
-            );
-            f.vcpu = Some(o.index);
-            f.detail = format!(
-                "vCPU {} is no longer in 64-bit mode (reset or offline)",
-                o.index
-            );
-            out.push(f);
+            let detail = format!("vCPU {} is no longer in 64-bit mode (reset or offline)", o.index);
+            out.push(vcpu_finding(o.index, Severity::Info, none, detail));
             continue;
         }
         let bits: [(&str, u64, u64, u64, &str); 4] = [
@@ -448,20 +384,8 @@ fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec
                 n.cr0,
                 "write protection off: the kernel can write its read-only pages",
             ),
-            (
-                "CR4.SMEP",
-                CR4_SMEP,
-                o.cr4,
-                n.cr4,
-                "supervisor-mode execution prevention off",
-            ),
-            (
-                "CR4.SMAP",
-                CR4_SMAP,
-                o.cr4,
-                n.cr4,
-                "supervisor-mode access prevention off",
-            ),
+            ("CR4.SMEP", CR4_SMEP, o.cr4, n.cr4, "supervisor-mode execution prevention off"),
+            ("CR4.SMAP", CR4_SMAP, o.cr4, n.cr4, "supervisor-mode access prevention off"),
             (
                 "EFER.NXE",
                 EFER_NXE,
@@ -472,16 +396,9 @@ fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec
         ];
         for (name, bit, before, after, why) in bits {
             if before & bit != 0 && after & bit == 0 {
-                let mut f = finding(
-                    REGISTER_REGION,
-                    FindingKind::Register,
-                    Severity::Violation,
-                    zero_va,
-                    zero_pa,
-                );
-                f.vcpu = Some(o.index);
+                let detail = format!("{name} cleared on vCPU {}: {why}", o.index);
+                let mut f = vcpu_finding(o.index, Severity::Violation, none, detail);
                 f.register = Some(name.into());
-                f.detail = format!("{name} cleared on vCPU {}: {why}", o.index);
                 f.before = format!("{before:#x}");
                 f.after = format!("{after:#x}");
                 out.push(f);
@@ -493,19 +410,12 @@ fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec
         ];
         for (name, ob, ol, nb, nl) in tables {
             if (ob, ol) != (nb, nl) {
-                let mut f = finding(
-                    REGISTER_REGION,
-                    FindingKind::Register,
-                    Severity::Violation,
-                    GuestVirtAddr(nb),
-                    zero_pa,
-                );
-                f.vcpu = Some(o.index);
-                f.register = Some(name.into());
-                f.detail = format!(
+                let detail = format!(
                     "{name} of vCPU {} moved from {ob:#x} (limit {ol:#x}) to {nb:#x} (limit {nl:#x})",
                     o.index
                 );
+                let mut f = vcpu_finding(o.index, Severity::Violation, GuestVirtAddr(nb), detail);
+                f.register = Some(name.into());
                 f.before = format!("{ob:#x}/{ol:#x}");
                 f.after = format!("{nb:#x}/{nl:#x}");
                 out.push(f);
@@ -515,11 +425,7 @@ fn register_findings(old: &[VcpuRegisters], new: &[VcpuRegisters], out: &mut Vec
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
     use crate::integrity::baseline::tests::{Fake, TEXT_VA};
@@ -542,10 +448,7 @@ mod tests {
         let f = Fake::new();
         let b = f.baseline();
         let r = run(&f, &b, &Fake::registers());
-        assert!(
-            r.intact && r.violations.is_empty() && r.info.is_empty(),
-            "{r:#?}"
-        );
+        assert!(r.intact && r.violations.is_empty() && r.info.is_empty(), "{r:#?}");
         assert!(r.regions.iter().all(|s| s.intact));
         assert_eq!(r.regions[0].baseline_root, r.regions[0].current_root);
     }
@@ -565,11 +468,7 @@ mod tests {
         );
         assert_eq!(v.gva, GuestVirtAddr(TEXT_VA + 2 * 4096));
         assert_eq!(v.gpa, GuestPhysAddr(0x2000 + 2 * 4096));
-        let rodata = r
-            .regions
-            .iter()
-            .find(|s| s.name == "kernel-rodata")
-            .unwrap();
+        let rodata = r.regions.iter().find(|s| s.name == "kernel-rodata").unwrap();
         assert!(rodata.intact, "untouched regions stay intact");
     }
 
@@ -592,19 +491,13 @@ mod tests {
         let r = run(&f, &b, &Fake::registers());
         let kinds: Vec<_> = r.violations.iter().map(|v| (v.kind, v.page)).collect();
         assert!(kinds.contains(&(FindingKind::Remap, Some(1))), "{kinds:?}");
-        assert!(
-            kinds.contains(&(FindingKind::Permission, Some(3))),
-            "{kinds:?}"
-        );
+        assert!(kinds.contains(&(FindingKind::Permission, Some(3))), "{kinds:?}");
         assert!(
             !r.violations.iter().any(|v| v.kind == FindingKind::Content),
             "identical copy is not a content change"
         );
         assert_eq!(r.info.len(), 1);
-        assert_eq!(
-            (r.info[0].kind, r.info[0].page),
-            (FindingKind::Permission, Some(0))
-        );
+        assert_eq!((r.info[0].kind, r.info[0].page), (FindingKind::Permission, Some(0)));
     }
 
     #[test]
@@ -621,10 +514,7 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [
-                (FindingKind::Remap, Some(1), true),
-                (FindingKind::Remap, Some(2), false)
-            ]
+            [(FindingKind::Remap, Some(1), true), (FindingKind::Remap, Some(2), false)]
         );
         let text = r.regions.iter().find(|s| s.name == "kernel-text").unwrap();
         assert!(text.current_root.starts_with("unavailable"));
@@ -639,11 +529,7 @@ mod tests {
             gva: GuestVirtAddr(TEXT_VA + 10 * 4096),
             gpa: GuestPhysAddr(0xe000),
             size: 4096,
-            perms: Perms {
-                writable: true,
-                user: false,
-                executable: true,
-            },
+            perms: Perms { writable: true, user: false, executable: true },
         });
         let r = run(&f, &b, &Fake::registers());
         assert_eq!(r.violations.len(), 1);
@@ -664,17 +550,9 @@ mod tests {
         regs[0].idtr_base += 0x1000;
         regs[0].cr3 = 0x5000; // CR3 changes all the time: not a finding
         let r = run(&f, &b, &regs);
-        let names: Vec<_> = r
-            .violations
-            .iter()
-            .map(|v| v.register.clone().unwrap())
-            .collect();
+        let names: Vec<_> = r.violations.iter().map(|v| v.register.clone().unwrap()).collect();
         assert_eq!(names, ["CR0.WP", "CR4.SMEP", "EFER.NXE", "IDTR"]);
-        assert!(
-            r.violations
-                .iter()
-                .all(|v| v.kind == FindingKind::Register && v.vcpu == Some(0))
-        );
+        assert!(r.violations.iter().all(|v| v.kind == FindingKind::Register && v.vcpu == Some(0)));
         // Bits that get set are no weakening.
         let mut regs = Fake::registers();
         regs[0].cr4 |= CR4_SMAP;
@@ -702,33 +580,17 @@ mod tests {
             .pages
             .iter()
             .filter(|m| m.perms.executable)
-            .map(|m| crate::integrity::PageSpec {
-                gva: m.gva,
-                gpa: m.gpa,
-                perms: m.perms,
-            })
+            .map(|m| crate::integrity::PageSpec { gva: m.gva, gpa: m.gpa, perms: m.perms })
             .collect();
-        let domain = super::super::baseline::DomainId {
-            name: "fake".into(),
-            uuid: "u".into(),
-        };
-        let b = Baseline::build(
-            &f.mem,
-            domain,
-            f.identification(),
-            Fake::registers(),
-            &f,
-            &regions,
-        )
-        .unwrap();
+        let domain = super::super::baseline::DomainId { name: "fake".into(), uuid: "u".into() };
+        let b =
+            Baseline::build(&f.mem, domain, f.identification(), Fake::registers(), &f, &regions)
+                .unwrap();
         for m in &mut f.pages {
             m.gva = GuestVirtAddr(m.gva.raw() + (64 << 20));
         }
         let err = check(&b, &f.mem, &f, &Fake::registers(), f.pages[0].gva).unwrap_err();
-        assert!(
-            matches!(err, CheckError::DifferentBoot { same: 0, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CheckError::DifferentBoot { same: 0, .. }), "{err}");
         assert!(err.to_string().contains("another boot"));
     }
 }

@@ -61,11 +61,7 @@ pub fn page_count(len: u64) -> u64 {
 pub fn region_root(values: &[PageValue], region_len: u64) -> Result<blake3::Hash, TreeError> {
     let want = page_count(region_len);
     if region_len == 0 || u64::try_from(values.len()).ok() != Some(want) {
-        return Err(TreeError::PageCount {
-            len: region_len,
-            want,
-            got: values.len(),
-        });
+        return Err(TreeError::PageCount { len: region_len, want, got: values.len() });
     }
     if region_len <= PAGE_SIZE {
         return Ok(blake3::Hash::from_bytes(values[0]));
@@ -96,28 +92,19 @@ fn merge(values: &[PageValue], span: u64) -> ChainingValue {
 /// Hashes a whole region held in memory: its page values and its root.
 pub fn hash_region(bytes: &[u8]) -> (Vec<PageValue>, blake3::Hash) {
     let len = u64::try_from(bytes.len()).expect("length fits u64");
-    let values: Vec<PageValue> = bytes
-        .chunks(PAGE)
-        .zip(0u64..)
-        .map(|(page, i)| page_value(i, page, len))
-        .collect();
+    let values: Vec<PageValue> =
+        bytes.chunks(PAGE).zip(0u64..).map(|(page, i)| page_value(i, page, len)).collect();
     let root = region_root(&values, len).expect("values made for this length");
     (values, root)
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
 
     fn bytes(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
     #[test]
@@ -161,10 +148,7 @@ mod tests {
         assert!(region_root(&values, 2 * 4096).is_err());
         assert!(region_root(&values, 4 * 4096).is_err());
         assert!(region_root(&values[..0], 0).is_err());
-        assert!(
-            region_root(&values, 3 * 4096 - 1).is_ok(),
-            "short last page is the same count"
-        );
+        assert!(region_root(&values, 3 * 4096 - 1).is_ok(), "short last page is the same count");
     }
 
     proptest::proptest! {

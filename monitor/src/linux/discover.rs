@@ -50,17 +50,9 @@ pub enum DiscoverError {
     )]
     NoText { cr3: u64 },
     #[error("{table} of vCPU {vcpu} at {base} is not mapped")]
-    TableUnmapped {
-        table: &'static str,
-        vcpu: u32,
-        base: GuestVirtAddr,
-    },
+    TableUnmapped { table: &'static str, vcpu: u32, base: GuestVirtAddr },
     #[error("{table} of vCPU {vcpu} has an implausible limit {limit:#x}")]
-    TableLimit {
-        table: &'static str,
-        vcpu: u32,
-        limit: u32,
-    },
+    TableLimit { table: &'static str, vcpu: u32, limit: u32 },
 }
 
 /// A guest kernel as found in memory.
@@ -135,10 +127,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
     mem: &'m M,
     registers: &[VcpuRegisters],
 ) -> Result<KernelView<'m, M>, DiscoverError> {
-    let cpu = registers
-        .iter()
-        .find(|r| r.in_long_mode())
-        .ok_or(DiscoverError::NoLongModeCpu)?;
+    let cpu = registers.iter().find(|r| r.in_long_mode()).ok_or(DiscoverError::NoLongModeCpu)?;
     let mode = PagingMode::from_cr4(cpu.cr4);
     let nxe = cpu.efer & EFER_NXE != 0;
 
@@ -168,21 +157,10 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         return Err(last_err.unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
     };
     let walker = Walker::new(mem, mode, cr3, nxe);
-    let spec = |m: &Mapping| PageSpec {
-        gva: m.gva,
-        gpa: m.gpa,
-        perms: m.perms,
-    };
-    let text: Vec<PageSpec> = image_pages
-        .iter()
-        .filter(|m| is_text(&m.perms))
-        .map(spec)
-        .collect();
-    let rodata: Vec<PageSpec> = image_pages
-        .iter()
-        .filter(|m| is_rodata(&m.perms))
-        .map(spec)
-        .collect();
+    let spec = |m: &Mapping| PageSpec { gva: m.gva, gpa: m.gpa, perms: m.perms };
+    let text: Vec<PageSpec> = image_pages.iter().filter(|m| is_text(&m.perms)).map(spec).collect();
+    let rodata: Vec<PageSpec> =
+        image_pages.iter().filter(|m| is_rodata(&m.perms)).map(spec).collect();
     if text.is_empty() {
         return Err(DiscoverError::NoText { cr3 });
     }
@@ -198,11 +176,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         rodata_pages: rodata.len() as u64,
     };
     let mut regions = vec![
-        RegionLayout {
-            name: "kernel-text".into(),
-            kind: RegionKind::Code,
-            pages: text,
-        },
+        RegionLayout { name: "kernel-text".into(), kind: RegionKind::Code, pages: text },
         RegionLayout {
             name: "kernel-rodata".into(),
             kind: RegionKind::ReadOnlyData,
@@ -213,20 +187,10 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
     let mut idt_bases: Vec<u64> = Vec::new();
     for r in registers.iter().filter(|r| r.in_long_mode()) {
         if !idt_bases.contains(&r.idtr_base) {
-            let name = if idt_bases.is_empty() {
-                "idt".to_owned()
-            } else {
-                format!("idt-cpu{}", r.index)
-            };
+            let name =
+                if idt_bases.is_empty() { "idt".to_owned() } else { format!("idt-cpu{}", r.index) };
             idt_bases.push(r.idtr_base);
-            regions.push(table_region(
-                &walker,
-                name,
-                "IDT",
-                r.index,
-                r.idtr_base,
-                r.idtr_limit,
-            )?);
+            regions.push(table_region(&walker, name, "IDT", r.index, r.idtr_base, r.idtr_limit)?);
         }
         regions.push(table_region(
             &walker,
@@ -238,10 +202,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         )?);
     }
 
-    let index = image_pages
-        .iter()
-        .map(|m| (m.gva.raw(), (m.gpa, m.perms)))
-        .collect();
+    let index = image_pages.iter().map(|m| (m.gva.raw(), (m.gpa, m.perms))).collect();
     Ok(KernelView {
         identification,
         registers: registers.to_vec(),
@@ -266,31 +227,17 @@ fn table_region<M: GuestMemory + ?Sized>(
     if len > MAX_TABLE_BYTES {
         return Err(DiscoverError::TableLimit { table, vcpu, limit });
     }
-    let unmapped = || DiscoverError::TableUnmapped {
-        table,
-        vcpu,
-        base: GuestVirtAddr(base),
-    };
+    let unmapped = || DiscoverError::TableUnmapped { table, vcpu, base: GuestVirtAddr(base) };
     let start = GuestVirtAddr(base).page_floor();
     let end = base.checked_add(len).ok_or_else(unmapped)?;
     let mut pages = Vec::new();
     let mut va = start.raw();
     while va < end {
-        let t = walker
-            .translate(GuestVirtAddr(va))
-            .map_err(|_| unmapped())?;
-        pages.push(PageSpec {
-            gva: GuestVirtAddr(va),
-            gpa: t.gpa.page_floor(),
-            perms: t.perms,
-        });
+        let t = walker.translate(GuestVirtAddr(va)).map_err(|_| unmapped())?;
+        pages.push(PageSpec { gva: GuestVirtAddr(va), gpa: t.gpa.page_floor(), perms: t.perms });
         va = va.checked_add(PAGE_SIZE).ok_or_else(unmapped)?;
     }
-    Ok(RegionLayout {
-        name,
-        kind: RegionKind::DescriptorTable,
-        pages,
-    })
+    Ok(RegionLayout { name, kind: RegionKind::DescriptorTable, pages })
 }
 
 #[cfg(test)]
@@ -310,29 +257,16 @@ mod tests {
         let user_pgd = b.alloc_empty_table();
         b.map(KTEXT, 0x100_0000, 2 << 20, Flags::TEXT);
         b.map(KTEXT + (2 << 20), 0x120_0000, 5 * 4096, Flags::RODATA);
-        b.map(
-            KTEXT + (2 << 20) + 5 * 4096,
-            0x120_5000,
-            3 * 4096,
-            Flags::DATA,
-        );
+        b.map(KTEXT + (2 << 20) + 5 * 4096, 0x120_5000, 3 * 4096, Flags::DATA);
         b.map(CEA_IDT, 0x120_5000, 4096, Flags::RODATA); // the IDT page aliases a data page
         b.map(CEA_GDT, 0x130_0000, 4096, Flags::RODATA);
-        let cr3 = if pti_user_cr3 {
-            user_pgd | 0x805
-        } else {
-            b.root()
-        };
+        let cr3 = if pti_user_cr3 { user_pgd | 0x805 } else { b.root() };
         let regs = VcpuRegisters {
             index: 0,
             cr0: 0x8005_0033,
             cr3,
             // The lab guest's CR4, with LA57 (bit 12) as `levels` says.
-            cr4: if levels == 5 {
-                0x0075_1eb0
-            } else {
-                0x0075_0eb0
-            },
+            cr4: if levels == 5 { 0x0075_1eb0 } else { 0x0075_0eb0 },
             efer: 0xd01,
             idtr_base: CEA_IDT,
             idtr_limit: 0xfff,
@@ -355,26 +289,15 @@ mod tests {
         assert_eq!(v.identification.paging, format!("{levels}-level"));
         let names: Vec<_> = v.regions.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["kernel-text", "kernel-rodata", "idt", "gdt-cpu0"]);
-        assert_eq!(
-            v.regions[0].pages.len(),
-            512,
-            "a 2 MiB text page is 512 pages"
-        );
+        assert_eq!(v.regions[0].pages.len(), 512, "a 2 MiB text page is 512 pages");
         assert_eq!(v.regions[0].pages[1].gpa, GuestPhysAddr(0x100_1000));
         assert_eq!(v.regions[1].pages.len(), 5);
         assert_eq!(v.regions[2].pages[0].gpa, GuestPhysAddr(0x120_5000));
         assert_eq!(v.regions[3].pages[0].gpa, GuestPhysAddr(0x130_0000));
-        assert_eq!(
-            v.image_pages.len(),
-            512 + 5 + 3,
-            "data pages are part of the mapping"
-        );
+        assert_eq!(v.image_pages.len(), 512 + 5 + 3, "data pages are part of the mapping");
         assert_eq!(v.identification.image_base, GuestVirtAddr(KTEXT));
         assert_eq!(v.identification.cr3, root);
-        assert_eq!(
-            v.translate(GuestVirtAddr(CEA_GDT)).unwrap().0,
-            GuestPhysAddr(0x130_0000)
-        );
+        assert_eq!(v.translate(GuestVirtAddr(CEA_GDT)).unwrap().0, GuestPhysAddr(0x130_0000));
         assert!(v.translate(GuestVirtAddr(KTEXT + (16 << 20))).is_none());
     }
 
@@ -389,48 +312,20 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_running_kernel() {
         let (mem, regs, _) = guest(false, 4);
-        let real_mode = VcpuRegisters {
-            cr0: 0x11,
-            efer: 0,
-            ..regs
-        };
-        assert!(matches!(
-            discover(&mem, &[real_mode]),
-            Err(DiscoverError::NoLongModeCpu)
-        ));
-        let huge_idt = VcpuRegisters {
-            idtr_limit: 0x10_0000,
-            ..regs
-        };
-        assert!(matches!(
-            discover(&mem, &[huge_idt]),
-            Err(DiscoverError::TableLimit { .. })
-        ));
-        let stray_gdt = VcpuRegisters {
-            gdtr_base: 0xffff_fe00_0010_0000,
-            ..regs
-        };
+        let real_mode = VcpuRegisters { cr0: 0x11, efer: 0, ..regs };
+        assert!(matches!(discover(&mem, &[real_mode]), Err(DiscoverError::NoLongModeCpu)));
+        let huge_idt = VcpuRegisters { idtr_limit: 0x10_0000, ..regs };
+        assert!(matches!(discover(&mem, &[huge_idt]), Err(DiscoverError::TableLimit { .. })));
+        let stray_gdt = VcpuRegisters { gdtr_base: 0xffff_fe00_0010_0000, ..regs };
         assert!(matches!(
             discover(&mem, &[stray_gdt]),
             Err(DiscoverError::TableUnmapped { table: "GDT", .. })
         ));
-        let wrapping = VcpuRegisters {
-            idtr_base: u64::MAX - 10,
-            ..regs
-        };
+        let wrapping = VcpuRegisters { idtr_base: u64::MAX - 10, ..regs };
         assert!(discover(&mem, &[wrapping]).is_err());
-        let empty = VcpuRegisters {
-            cr3: 0x20_0000,
-            ..regs
-        }; // an all-zero table
-        assert!(matches!(
-            discover(&mem, &[empty]),
-            Err(DiscoverError::NoText { .. })
-        ));
-        let outside = VcpuRegisters {
-            cr3: 0x40_0000_0000,
-            ..regs
-        };
+        let empty = VcpuRegisters { cr3: 0x20_0000, ..regs }; // an all-zero table
+        assert!(matches!(discover(&mem, &[empty]), Err(DiscoverError::NoText { .. })));
+        let outside = VcpuRegisters { cr3: 0x40_0000_0000, ..regs };
         assert!(discover(&mem, &[outside]).is_err());
     }
 }

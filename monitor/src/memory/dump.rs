@@ -24,24 +24,15 @@ impl RawDump {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
         let layout = RamLayout::flat(len, "raw-dump").map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
         })?;
-        Ok(Self {
-            backing: Backing::File(file),
-            layout,
-        })
+        Ok(Self { backing: Backing::File(file), layout })
     }
 
     /// Wraps bytes already in memory. Panics on an empty image (a test helper).
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         let layout = RamLayout::flat(len_u64(&bytes), "raw-dump").expect("a non-empty image");
-        Self {
-            backing: Backing::Bytes(bytes),
-            layout,
-        }
+        Self { backing: Backing::Bytes(bytes), layout }
     }
 }
 
@@ -75,11 +66,7 @@ impl GuestMemory for RawDump {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
     use std::io::Write;

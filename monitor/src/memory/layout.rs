@@ -38,10 +38,7 @@ pub enum LayoutError {
     #[error("RAM range at {start} of length {len:#x} is empty or wraps around")]
     BadRange { start: GuestPhysAddr, len: u64 },
     #[error("RAM ranges at {first} and {second} overlap")]
-    Overlap {
-        first: GuestPhysAddr,
-        second: GuestPhysAddr,
-    },
+    Overlap { first: GuestPhysAddr, second: GuestPhysAddr },
     #[error("no RAM ranges")]
     Empty,
 }
@@ -64,10 +61,7 @@ impl RamLayout {
                 || r.start.checked_add(r.len).is_none()
                 || r.block_offset.checked_add(r.len).is_none()
             {
-                return Err(LayoutError::BadRange {
-                    start: r.start,
-                    len: r.len,
-                });
+                return Err(LayoutError::BadRange { start: r.start, len: r.len });
             }
         }
         ranges.sort_by_key(|r| r.start);
@@ -75,10 +69,7 @@ impl RamLayout {
         for r in ranges {
             if let Some(last) = merged.last_mut() {
                 if r.start.raw() < last.end() {
-                    return Err(LayoutError::Overlap {
-                        first: last.start,
-                        second: r.start,
-                    });
+                    return Err(LayoutError::Overlap { first: last.start, second: r.start });
                 }
                 if r.start.raw() == last.end()
                     && r.block == last.block
@@ -131,12 +122,7 @@ mod tests {
     use super::*;
 
     fn range(start: u64, len: u64, off: u64) -> RamRange {
-        RamRange {
-            start: GuestPhysAddr(start),
-            len,
-            block: "pc.ram".into(),
-            block_offset: off,
-        }
+        RamRange { start: GuestPhysAddr(start), len, block: "pc.ram".into(), block_offset: off }
     }
 
     #[test]
@@ -148,12 +134,7 @@ mod tests {
         .unwrap();
         assert_eq!(l.ranges().len(), 2);
         assert_eq!(l.total(), 0x1_0000_0000);
-        assert_eq!(
-            l.find(GuestPhysAddr(0x1_0000_1000), 0x1000)
-                .unwrap()
-                .block_offset,
-            0xc000_0000
-        );
+        assert_eq!(l.find(GuestPhysAddr(0x1_0000_1000), 0x1000).unwrap().block_offset, 0xc000_0000);
         assert!(
             !l.contains(GuestPhysAddr(0xbfff_f000), 0x2000),
             "a read across the hole is refused"
@@ -173,10 +154,7 @@ mod tests {
     #[test]
     fn malformed_layouts_are_refused() {
         assert_eq!(RamLayout::new(vec![]), Err(LayoutError::Empty));
-        assert!(matches!(
-            RamLayout::new(vec![range(0, 0, 0)]),
-            Err(LayoutError::BadRange { .. })
-        ));
+        assert!(matches!(RamLayout::new(vec![range(0, 0, 0)]), Err(LayoutError::BadRange { .. })));
         assert!(matches!(
             RamLayout::new(vec![range(u64::MAX - 1, 4, 0)]),
             Err(LayoutError::BadRange { .. })

@@ -48,13 +48,7 @@ pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, String> {
         if end <= start || perms.len() != 4 {
             return Err(bad());
         }
-        out.push(MapsEntry {
-            start,
-            end,
-            perms: perms.to_owned(),
-            offset,
-            path,
-        });
+        out.push(MapsEntry { start, end, perms: perms.to_owned(), offset, path });
     }
     Ok(out)
 }
@@ -65,8 +59,7 @@ pub fn shared_mapping_for<'a>(
     block: &BlockMapping,
 ) -> Option<&'a MapsEntry> {
     let end = block.host_addr.checked_add(block.len)?;
-    maps.iter()
-        .find(|m| m.start <= block.host_addr && end <= m.end && m.is_shared_file())
+    maps.iter().find(|m| m.start <= block.host_addr && end <= m.end && m.is_shared_file())
 }
 
 struct MappedBlock {
@@ -107,9 +100,7 @@ impl SharedRam {
     /// Whether every block used by `layout` is a shared file mapping in `pid`.
     pub fn available(pid: i32, blocks: &[BlockMapping]) -> Result<bool, SharedRamError> {
         let maps = read_maps(pid)?;
-        Ok(blocks
-            .iter()
-            .all(|b| shared_mapping_for(&maps, b).is_some()))
+        Ok(blocks.iter().all(|b| shared_mapping_for(&maps, b).is_some()))
     }
 
     /// Maps every block used by `layout` from the QEMU process `pid`.
@@ -121,33 +112,19 @@ impl SharedRam {
         check_blocks(&layout, blocks).map_err(SharedRamError::Blocks)?;
         let maps = read_maps(pid)?;
         let mut mapped = Vec::new();
-        for b in blocks
-            .iter()
-            .filter(|b| layout.ranges().iter().any(|r| r.block == b.name))
-        {
-            let m = shared_mapping_for(&maps, b).ok_or_else(|| SharedRamError::NotShared {
-                pid,
-                block: b.name.clone(),
-            })?;
+        for b in blocks.iter().filter(|b| layout.ranges().iter().any(|r| r.block == b.name)) {
+            let m = shared_mapping_for(&maps, b)
+                .ok_or_else(|| SharedRamError::NotShared { pid, block: b.name.clone() })?;
             let path = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
-            let map_err = |source| SharedRamError::Map {
-                path: path.clone(),
-                source,
-            };
+            let map_err = |source| SharedRamError::Map { path: path.clone(), source };
             let file = File::open(&path).map_err(map_err)?;
             let offset = m.offset + (b.host_addr - m.start);
             let len = usize::try_from(b.len)
                 .map_err(|_| SharedRamError::Blocks(format!("block {:?} too large", b.name)))?;
             let map = sys::map_readonly(&file, offset, len).map_err(map_err)?;
-            mapped.push(MappedBlock {
-                name: b.name.clone(),
-                map,
-            });
+            mapped.push(MappedBlock { name: b.name.clone(), map });
         }
-        Ok(Self {
-            layout,
-            blocks: mapped,
-        })
+        Ok(Self { layout, blocks: mapped })
     }
 }
 
@@ -160,10 +137,7 @@ fn read_maps(pid: i32) -> Result<Vec<MapsEntry>, SharedRamError> {
 impl GuestMemory for SharedRam {
     fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         let len = len_u64(buf);
-        let range = self
-            .layout
-            .find(start, len)
-            .ok_or(MemoryError::NotRam { start, len })?;
+        let range = self.layout.find(start, len).ok_or(MemoryError::NotRam { start, len })?;
         let block = self
             .blocks
             .iter()
@@ -171,10 +145,8 @@ impl GuestMemory for SharedRam {
             .ok_or(MemoryError::NotRam { start, len })?;
         let from = range.block_offset + (start.raw() - range.start.raw());
         let from = usize::try_from(from).map_err(|_| MemoryError::NotRam { start, len })?;
-        let src = block
-            .map
-            .get(from..from + buf.len())
-            .ok_or(MemoryError::NotRam { start, len })?;
+        let src =
+            block.map.get(from..from + buf.len()).ok_or(MemoryError::NotRam { start, len })?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -189,11 +161,7 @@ impl GuestMemory for SharedRam {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
 
@@ -207,40 +175,26 @@ mod tests {
     fn finds_the_memfd_block() {
         let maps = parse_maps(MAPS).unwrap();
         assert_eq!(maps.len(), 3);
-        let b = BlockMapping {
-            name: "pc.ram".into(),
-            host_addr: 0x7fd347fff000,
-            len: 0x2000_0000,
-        };
+        let b = BlockMapping { name: "pc.ram".into(), host_addr: 0x7fd347fff000, len: 0x2000_0000 };
         assert_eq!(
             shared_mapping_for(&maps, &b).unwrap().path,
             "/memfd:memory-backend-memfd (deleted)"
         );
-        let private = BlockMapping {
-            name: "x".into(),
-            host_addr: 0x7fd34727c000,
-            len: 0x1000,
-        };
+        let private = BlockMapping { name: "x".into(), host_addr: 0x7fd34727c000, len: 0x1000 };
         assert!(
             shared_mapping_for(&maps, &private).is_none(),
             "private anonymous RAM is not shared"
         );
-        let too_long = BlockMapping {
-            name: "y".into(),
-            host_addr: 0x7fd347fff000,
-            len: 0x2000_1000,
-        };
+        let too_long =
+            BlockMapping { name: "y".into(), host_addr: 0x7fd347fff000, len: 0x2000_1000 };
         assert!(shared_mapping_for(&maps, &too_long).is_none());
     }
 
     #[test]
     fn malformed_maps_are_refused() {
-        for bad in [
-            "zz-10 rw-p 0 00:00 0",
-            "10-5 rw-p 0 00:00 0",
-            "10-20 rw-p",
-            "10-20 rw 0 00:00 0",
-        ] {
+        for bad in
+            ["zz-10 rw-p 0 00:00 0", "10-5 rw-p 0 00:00 0", "10-20 rw-p", "10-20 rw 0 00:00 0"]
+        {
             assert!(parse_maps(bad).is_err(), "{bad}");
         }
     }
@@ -253,11 +207,7 @@ mod tests {
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 256) as u8).collect();
         f.write_all(&data).unwrap();
         let ours = sys::map_readonly(f.as_file(), 0, 8192).unwrap();
-        let block = BlockMapping {
-            name: "blk".into(),
-            host_addr: ours.as_ptr() as u64,
-            len: 8192,
-        };
+        let block = BlockMapping { name: "blk".into(), host_addr: ours.as_ptr() as u64, len: 8192 };
         let pid = std::process::id() as i32;
         let layout = RamLayout::flat(8192, "blk").unwrap();
         let ram = SharedRam::open(pid, layout, std::slice::from_ref(&block)).unwrap();

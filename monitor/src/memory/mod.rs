@@ -32,11 +32,7 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     #[error("short read at guest-physical {start}: {got:#x} of {len:#x} bytes")]
-    Short {
-        start: GuestPhysAddr,
-        len: u64,
-        got: u64,
-    },
+    Short { start: GuestPhysAddr, len: u64, got: u64 },
 }
 
 /// A read-only view of a guest's physical memory.

@@ -26,18 +26,11 @@ impl ProcessRam {
     /// `blocks` must name every block the layout uses.
     pub fn new(pid: i32, layout: RamLayout, blocks: Vec<BlockMapping>) -> Result<Self, String> {
         check_blocks(&layout, &blocks)?;
-        Ok(Self {
-            pid,
-            layout,
-            blocks,
-        })
+        Ok(Self { pid, layout, blocks })
     }
 
     fn host_addr(&self, start: GuestPhysAddr, len: u64) -> Result<u64, MemoryError> {
-        let range = self
-            .layout
-            .find(start, len)
-            .ok_or(MemoryError::NotRam { start, len })?;
+        let range = self.layout.find(start, len).ok_or(MemoryError::NotRam { start, len })?;
         let block = self
             .blocks
             .iter()
@@ -58,11 +51,7 @@ impl ProcessRam {
             let first = chunk[0].0;
             let mut local: Vec<&mut [u8]> = chunk.iter_mut().map(|(_, b)| &mut **b).collect();
             let got = sys::process_vm_read(self.pid, &mut local, &remote).map_err(|source| {
-                MemoryError::Io {
-                    start: first,
-                    len: len_u64_usize(want),
-                    source,
-                }
+                MemoryError::Io { start: first, len: len_u64_usize(want), source }
             })?;
             if got != want {
                 return Err(MemoryError::Short {
@@ -87,20 +76,14 @@ pub(super) fn check_blocks(layout: &RamLayout, blocks: &[BlockMapping]) -> Resul
             .iter()
             .find(|b| b.name == r.block)
             .ok_or_else(|| format!("RAM block {:?} has no host mapping", r.block))?;
-        if r.block_offset
-            .checked_add(r.len)
-            .is_none_or(|end| end > b.len)
-        {
+        if r.block_offset.checked_add(r.len).is_none_or(|end| end > b.len) {
             return Err(format!(
                 "guest range at {} runs past the end of RAM block {:?}",
                 r.start, r.block
             ));
         }
         if b.host_addr.checked_add(b.len).is_none() {
-            return Err(format!(
-                "RAM block {:?} wraps the host address space",
-                r.block
-            ));
+            return Err(format!("RAM block {:?} wraps the host address space", r.block));
         }
     }
     Ok(())
@@ -125,11 +108,7 @@ impl GuestMemory for ProcessRam {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::*;
     use crate::memory::RamRange;
@@ -139,12 +118,7 @@ mod tests {
         // Two guest ranges, the second at 4 GiB, backed by one "block" here.
         let block: Vec<u8> = (0..4 * 4096u32).map(|i| (i / 4096) as u8 + 1).collect();
         let layout = RamLayout::new(vec![
-            RamRange {
-                start: GuestPhysAddr(0),
-                len: 2 * 4096,
-                block: "b".into(),
-                block_offset: 0,
-            },
+            RamRange { start: GuestPhysAddr(0), len: 2 * 4096, block: "b".into(), block_offset: 0 },
             RamRange {
                 start: GuestPhysAddr(0x1_0000_0000),
                 len: 2 * 4096,
@@ -168,20 +142,13 @@ mod tests {
         .unwrap();
         assert!(a.iter().all(|&x| x == 2));
         assert!(b.iter().all(|&x| x == 4));
-        assert!(matches!(
-            src.read(GuestPhysAddr(0x2000), &mut a),
-            Err(MemoryError::NotRam { .. })
-        ));
+        assert!(matches!(src.read(GuestPhysAddr(0x2000), &mut a), Err(MemoryError::NotRam { .. })));
     }
 
     #[test]
     fn layout_past_the_block_is_refused() {
         let layout = RamLayout::flat(0x3000, "b").unwrap();
-        let blocks = vec![BlockMapping {
-            name: "b".into(),
-            host_addr: 0x1000,
-            len: 0x2000,
-        }];
+        let blocks = vec![BlockMapping { name: "b".into(), host_addr: 0x1000, len: 0x2000 }];
         assert!(ProcessRam::new(1, layout.clone(), blocks).is_err());
         assert!(ProcessRam::new(1, layout, vec![]).is_err());
     }

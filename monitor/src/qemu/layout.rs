@@ -30,10 +30,8 @@ pub fn parse_ramblocks(text: &str) -> Result<Vec<RamBlockInfo>, ParseError> {
             header = true;
             continue;
         }
-        let bad = |reason: &str| ParseError::Line {
-            line: n + 1,
-            reason: format!("{reason}: {line:?}"),
-        };
+        let bad =
+            |reason: &str| ParseError::Line { line: n + 1, reason: format!("{reason}: {line:?}") };
         if !header {
             return Err(bad("expected the 'Block Name' header first"));
         }
@@ -45,15 +43,10 @@ pub fn parse_ramblocks(text: &str) -> Result<Vec<RamBlockInfo>, ParseError> {
         if blocks.len() >= MAX_ENTRIES {
             return Err(bad("too many RAM blocks"));
         }
-        blocks.push(RamBlockInfo {
-            name: f[0].to_owned(),
-            used,
-        });
+        blocks.push(RamBlockInfo { name: f[0].to_owned(), used });
     }
     if blocks.is_empty() {
-        return Err(ParseError::Missing(
-            "no RAM blocks in 'info ramblock'".into(),
-        ));
+        return Err(ParseError::Missing("no RAM blocks in 'info ramblock'".into()));
     }
     Ok(blocks)
 }
@@ -69,10 +62,8 @@ pub fn parse_mtree_ram(text: &str, blocks: &[RamBlockInfo]) -> Result<Vec<RamRan
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let t = line.trim();
-        let bad = |reason: &str| ParseError::Line {
-            line: n + 1,
-            reason: format!("{reason}: {line:?}"),
-        };
+        let bad =
+            |reason: &str| ParseError::Line { line: n + 1, reason: format!("{reason}: {line:?}") };
         if t.starts_with("FlatView #") {
             if seen_system {
                 break;
@@ -103,9 +94,7 @@ pub fn parse_mtree_ram(text: &str, blocks: &[RamBlockInfo]) -> Result<Vec<RamRan
         if last < start {
             return Err(bad("range ends before it starts"));
         }
-        let (attrs, name_part) = rest
-            .split_once("): ")
-            .ok_or_else(|| bad("no region name"))?;
+        let (attrs, name_part) = rest.split_once("): ").ok_or_else(|| bad("no region name"))?;
         let kind = attrs.rsplit(", ").next().unwrap_or("");
         if kind != "ram" {
             continue;
@@ -145,13 +134,8 @@ pub fn parse_mtree_ram(text: &str, blocks: &[RamBlockInfo]) -> Result<Vec<RamRan
 pub fn parse_gpa2hva(text: &str) -> Result<(String, u64), ParseError> {
     check_len(text)?;
     let t = text.trim();
-    let bad = || ParseError::Line {
-        line: 1,
-        reason: format!("unexpected gpa2hva reply {t:?}"),
-    };
-    let rest = t
-        .strip_prefix("Host virtual address for ")
-        .ok_or_else(bad)?;
+    let bad = || ParseError::Line { line: 1, reason: format!("unexpected gpa2hva reply {t:?}") };
+    let rest = t.strip_prefix("Host virtual address for ").ok_or_else(bad)?;
     let (_, rest) = rest.split_once(" (").ok_or_else(bad)?;
     let (name, rest) = rest.split_once(") is ").ok_or_else(bad)?;
     let hva = hex_u64(rest).ok_or_else(bad)?;
@@ -161,16 +145,11 @@ pub fn parse_gpa2hva(text: &str) -> Result<(String, u64), ParseError> {
 /// Parses the reply to QMP `query-cpus-fast` and returns the vCPU thread ids.
 pub fn parse_query_cpus_thread_ids(json: &str) -> Result<Vec<i32>, ParseError> {
     check_len(json)?;
-    let bad = |r: &str| ParseError::Line {
-        line: 1,
-        reason: r.to_owned(),
-    };
+    let bad = |r: &str| ParseError::Line { line: 1, reason: r.to_owned() };
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| bad(&format!("not JSON: {e}")))?;
-    let cpus = v
-        .get("return")
-        .and_then(|r| r.as_array())
-        .ok_or_else(|| bad("no 'return' array"))?;
+    let cpus =
+        v.get("return").and_then(|r| r.as_array()).ok_or_else(|| bad("no 'return' array"))?;
     let ids: Vec<i32> = cpus
         .iter()
         .map(|c| {
@@ -200,13 +179,7 @@ mod tests {
     fn ramblocks() {
         let b = parse_ramblocks(RAMBLOCK_5G).unwrap();
         assert_eq!(b.len(), 3);
-        assert_eq!(
-            b[0],
-            RamBlockInfo {
-                name: "pc.ram".into(),
-                used: 0x1_4000_0000
-            }
-        );
+        assert_eq!(b[0], RamBlockInfo { name: "pc.ram".into(), used: 0x1_4000_0000 });
     }
 
     #[test]
@@ -219,22 +192,13 @@ mod tests {
         assert_eq!(high.block_offset, 0xc000_0000);
         assert_eq!(high.len, 0x8000_0000);
         assert!(layout.contains(GuestPhysAddr(0x10_0000), 0xbff0_0000));
-        assert!(
-            !layout.contains(GuestPhysAddr(0xc000_0000), 1),
-            "the PCI hole is not RAM"
-        );
-        assert_eq!(
-            layout.total(),
-            0xc000_0000 + 0x8000_0000 - 0x2_5000 - 0x1_0000
-        );
+        assert!(!layout.contains(GuestPhysAddr(0xc000_0000), 1), "the PCI hole is not RAM");
+        assert_eq!(layout.total(), 0xc000_0000 + 0x8000_0000 - 0x2_5000 - 0x1_0000);
     }
 
     #[test]
     fn layout_of_a_small_guest() {
-        let blocks = vec![RamBlockInfo {
-            name: "pc.ram".into(),
-            used: 0x2000_0000,
-        }];
+        let blocks = vec![RamBlockInfo { name: "pc.ram".into(), used: 0x2000_0000 }];
         let layout = RamLayout::new(parse_mtree_ram(MTREE_512M, &blocks).unwrap()).unwrap();
         assert_eq!(layout.ranges().last().unwrap().end(), 0x2000_0000);
     }
@@ -263,28 +227,16 @@ mod tests {
                 ),
                 "reversed",
             ),
+            (MTREE_5G.replace("pc.ram @00000000c0000000", "pc.ram @zz"), "bad offset"),
             (
-                MTREE_5G.replace("pc.ram @00000000c0000000", "pc.ram @zz"),
-                "bad offset",
-            ),
-            (
-                MTREE_5G.replace(
-                    "(prio 0, ram): pc.ram @0000000000100000",
-                    "(prio 0, ram) pc.ram",
-                ),
+                MTREE_5G.replace("(prio 0, ram): pc.ram @0000000000100000", "(prio 0, ram) pc.ram"),
                 "no name",
             ),
-            (
-                String::from("FlatView #0\n AS \"io\", root: io\n"),
-                "no system view",
-            ),
+            (String::from("FlatView #0\n AS \"io\", root: io\n"), "no system view"),
         ] {
             assert!(parse_mtree_ram(&text, &blocks).is_err(), "accepted {what}");
         }
-        assert!(
-            parse_ramblocks("pc.ram 4 KiB 0x0 0x1 0x1").is_err(),
-            "no header"
-        );
+        assert!(parse_ramblocks("pc.ram 4 KiB 0x0 0x1 0x1").is_err(), "no header");
         assert!(parse_ramblocks("Block Name\npc.ram 4 KiB 0x0 0xzz 0x1").is_err());
     }
 

@@ -29,11 +29,7 @@ pub enum ParseError {
 }
 
 fn check_len(text: &str) -> Result<(), ParseError> {
-    if text.len() > MAX_REPLY {
-        Err(ParseError::TooLong(text.len()))
-    } else {
-        Ok(())
-    }
+    if text.len() > MAX_REPLY { Err(ParseError::TooLong(text.len())) } else { Ok(()) }
 }
 
 fn hex_u64(s: &str) -> Option<u64> {

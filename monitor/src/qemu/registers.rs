@@ -49,10 +49,7 @@ struct Partial {
 
 fn set<T>(slot: &mut Option<T>, v: T, key: &str, line: usize) -> Result<(), ParseError> {
     if slot.replace(v).is_some() {
-        return Err(ParseError::Line {
-            line,
-            reason: format!("{key} given twice for one vCPU"),
-        });
+        return Err(ParseError::Line { line, reason: format!("{key} given twice for one vCPU") });
     }
     Ok(())
 }
@@ -85,21 +82,14 @@ pub fn parse_registers(text: &str) -> Result<Vec<VcpuRegisters>, ParseError> {
     for (n, raw) in text.lines().enumerate() {
         let line_no = n + 1;
         let line = raw.trim_end();
-        let bad = |reason: String| ParseError::Line {
-            line: line_no,
-            reason,
-        };
+        let bad = |reason: String| ParseError::Line { line: line_no, reason };
         if let Some(rest) = line.strip_prefix("CPU#") {
-            let idx: u32 = rest
-                .trim()
-                .parse()
-                .map_err(|_| bad(format!("bad vCPU header {line:?}")))?;
+            let idx: u32 =
+                rest.trim().parse().map_err(|_| bad(format!("bad vCPU header {line:?}")))?;
             let expected =
                 u32::try_from(cpus.len() + usize::from(current.is_some())).unwrap_or(u32::MAX);
             if idx != expected {
-                return Err(bad(format!(
-                    "vCPU {idx} where vCPU {expected} was expected"
-                )));
+                return Err(bad(format!("vCPU {idx} where vCPU {expected} was expected")));
             }
             if let Some((i, p)) = current.take() {
                 cpus.push(p.finish(i)?);
@@ -127,19 +117,14 @@ pub fn parse_registers(text: &str) -> Result<Vec<VcpuRegisters>, ParseError> {
                 let limit = hex_u64(l)
                     .and_then(|v| u32::try_from(v).ok())
                     .ok_or_else(|| bad(format!("bad {key} limit {l:?}")))?;
-                let slot = if key == "GDT=" {
-                    &mut p.gdt
-                } else {
-                    &mut p.idt
-                };
+                let slot = if key == "GDT=" { &mut p.gdt } else { &mut p.idt };
                 set(slot, (base, limit), key, line_no)?;
             }
         }
         if line.starts_with("CR0=") || line.starts_with("EFER=") {
             for tok in line.split_whitespace() {
-                let (k, v) = tok
-                    .split_once('=')
-                    .ok_or_else(|| bad(format!("bad token {tok:?}")))?;
+                let (k, v) =
+                    tok.split_once('=').ok_or_else(|| bad(format!("bad token {tok:?}")))?;
                 let val = hex_u64(v).ok_or_else(|| bad(format!("bad {k} value {v:?}")))?;
                 match k {
                     "CR0" => set(&mut p.cr0, val, k, line_no)?,
@@ -200,17 +185,11 @@ mod tests {
             (ONE.replace("CR0=80050033", "CR0=8005zz33"), "non-hex CR0"),
             (ONE.replace("EFER=0000000000000d01", ""), "no EFER"),
             (
-                ONE.replace(
-                    "IDT=     fffffe0000000000 00000fff",
-                    "IDT=     fffffe0000000000",
-                ),
+                ONE.replace("IDT=     fffffe0000000000 00000fff", "IDT=     fffffe0000000000"),
                 "IDT without limit",
             ),
             (ONE.replace("CR3=", "XX3="), "unknown register"),
-            (
-                ONE.replace("CR4=00751eb0", "CR4=00751eb0 CR4=0"),
-                "duplicate",
-            ),
+            (ONE.replace("CR4=00751eb0", "CR4=00751eb0 CR4=0"), "duplicate"),
             (TWO.replace("CPU#1", "CPU#5"), "vCPU numbers out of order"),
             (ONE.replace("CPU#0", "CPU#x"), "bad header"),
             (

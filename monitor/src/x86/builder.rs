@@ -13,33 +13,13 @@ pub struct Flags {
 }
 
 impl Flags {
-    pub const TEXT: Self = Self {
-        rw: false,
-        user: false,
-        nx: false,
-    };
-    pub const RODATA: Self = Self {
-        rw: false,
-        user: false,
-        nx: true,
-    };
-    pub const DATA: Self = Self {
-        rw: true,
-        user: false,
-        nx: true,
-    };
-    pub const USER: Self = Self {
-        rw: true,
-        user: true,
-        nx: true,
-    };
+    pub const TEXT: Self = Self { rw: false, user: false, nx: false };
+    pub const RODATA: Self = Self { rw: false, user: false, nx: true };
+    pub const DATA: Self = Self { rw: true, user: false, nx: true };
+    pub const USER: Self = Self { rw: true, user: true, nx: true };
 
     pub fn perms(self) -> Perms {
-        Perms {
-            writable: self.rw,
-            user: self.user,
-            executable: !self.nx,
-        }
+        Perms { writable: self.rw, user: self.user, executable: !self.nx }
     }
 }
 
@@ -74,10 +54,7 @@ impl Builder {
     fn alloc(&mut self) -> u64 {
         let t = self.next_free;
         self.next_free += 4096;
-        assert!(
-            (self.next_free as usize) <= self.mem.len(),
-            "builder out of table space"
-        );
+        assert!((self.next_free as usize) <= self.mem.len(), "builder out of table space");
         t
     }
 

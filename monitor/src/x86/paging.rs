@@ -30,22 +30,12 @@ pub struct PagingMode {
 }
 
 impl PagingMode {
-    pub const FOUR_LEVEL: Self = Self {
-        levels: 4,
-        large_levels: &[1, 2],
-    };
-    pub const FIVE_LEVEL: Self = Self {
-        levels: 5,
-        large_levels: &[1, 2],
-    };
+    pub const FOUR_LEVEL: Self = Self { levels: 4, large_levels: &[1, 2] };
+    pub const FIVE_LEVEL: Self = Self { levels: 5, large_levels: &[1, 2] };
 
     /// The mode CR4 selects (LA57 is bit 12).
     pub fn from_cr4(cr4: u64) -> Self {
-        if cr4 & (1 << 12) != 0 {
-            Self::FIVE_LEVEL
-        } else {
-            Self::FOUR_LEVEL
-        }
+        if cr4 & (1 << 12) != 0 { Self::FIVE_LEVEL } else { Self::FOUR_LEVEL }
     }
 
     /// Bits of virtual address translated.
@@ -79,11 +69,7 @@ pub struct Perms {
 }
 
 impl Perms {
-    const ALL: Self = Self {
-        writable: true,
-        user: true,
-        executable: true,
-    };
+    const ALL: Self = Self { writable: true, user: true, executable: true };
 
     fn narrow(self, entry: u64, nxe: bool) -> Self {
         Self {
@@ -121,11 +107,7 @@ impl Perms {
             b'-' => false,
             _ => return None,
         };
-        (b[0] == b'r').then_some(Self {
-            writable,
-            user,
-            executable,
-        })
+        (b[0] == b'r').then_some(Self { writable, user, executable })
     }
 
     /// Whether going from `self` to `new` grants anything `self` did not.
@@ -189,10 +171,7 @@ impl Default for WalkBudget {
     /// Enough for a fully 4 KiB-mapped gigabyte (1 + 1 + 1 + 512 tables and
     /// 262,144 leaves) plus room.
     fn default() -> Self {
-        Self {
-            max_tables: 2048,
-            max_mappings: 1 << 19,
-        }
+        Self { max_tables: 2048, max_mappings: 1 << 19 }
     }
 }
 
@@ -215,10 +194,7 @@ pub enum WalkError {
     #[error("walk budget exhausted: more than {0} mappings")]
     TooManyMappings(usize),
     #[error("range {start}..{end} is empty or not canonical")]
-    BadRange {
-        start: GuestVirtAddr,
-        end: GuestVirtAddr,
-    },
+    BadRange { start: GuestVirtAddr, end: GuestVirtAddr },
 }
 
 /// Walks one address space (one CR3) of a guest.
@@ -234,13 +210,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
     /// `cr3` may carry PCID or flag bits; only the table address is used.
     /// `nxe` is EFER.NXE: without it bit 63 is not a permission.
     pub fn new(mem: &'m M, mode: PagingMode, cr3: u64, nxe: bool) -> Self {
-        Self {
-            mem,
-            mode,
-            root: GuestPhysAddr(cr3 & PTE_ADDR),
-            nxe,
-            budget: WalkBudget::default(),
-        }
+        Self { mem, mode, root: GuestPhysAddr(cr3 & PTE_ADDR), nxe, budget: WalkBudget::default() }
     }
 
     pub fn with_budget(mut self, budget: WalkBudget) -> Self {
@@ -250,13 +220,11 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
 
     fn read_table(&self, table: GuestPhysAddr, va: u64) -> Result<Box<[u64; ENTRIES]>, WalkError> {
         let mut bytes = [0u8; crate::addr::PAGE_BYTES];
-        self.mem
-            .read(table, &mut bytes)
-            .map_err(|source| WalkError::TableUnreadable {
-                va: GuestVirtAddr(va),
-                table,
-                source,
-            })?;
+        self.mem.read(table, &mut bytes).map_err(|source| WalkError::TableUnreadable {
+            va: GuestVirtAddr(va),
+            table,
+            source,
+        })?;
         let mut entries = Box::new([0u64; ENTRIES]);
         for (e, b) in entries.iter_mut().zip(bytes.chunks_exact(8)) {
             *e = u64::from_le_bytes(b.try_into().expect("8-byte chunk"));
@@ -286,11 +254,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
             if level == 0 || (entry & PTE_PS != 0 && self.mode.large_levels.contains(&level)) {
                 let size = 1u64 << shift;
                 let gpa = Self::leaf_addr(entry, level) | (va.raw() & (size - 1));
-                return Ok(Translation {
-                    gpa: GuestPhysAddr(gpa),
-                    page_size: size,
-                    perms,
-                });
+                return Ok(Translation { gpa: GuestPhysAddr(gpa), page_size: size, perms });
             }
             table = GuestPhysAddr(entry & PTE_ADDR);
         }
@@ -343,8 +307,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
         let entries = match self.read_table(table, self.mode.canonical(base)) {
             Ok(e) => e,
             Err(_) => {
-                out.unreadable_tables
-                    .push((GuestVirtAddr(self.mode.canonical(base)), table));
+                out.unreadable_tables.push((GuestVirtAddr(self.mode.canonical(base)), table));
                 return Ok(());
             }
         };
@@ -366,12 +329,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
                     return Err(WalkError::TooManyMappings(self.budget.max_mappings));
                 }
                 let gpa = GuestPhysAddr(Self::leaf_addr(entry, level));
-                out.mappings.push(Mapping {
-                    gva: GuestVirtAddr(va),
-                    gpa,
-                    size: span,
-                    perms: p,
-                });
+                out.mappings.push(Mapping { gva: GuestVirtAddr(va), gpa, size: span, perms: p });
             } else {
                 self.enumerate(
                     GuestPhysAddr(entry & PTE_ADDR),
@@ -389,11 +347,7 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::type_complexity
-)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
     use super::super::builder::{Builder, Flags};
     use super::*;
@@ -428,15 +382,10 @@ mod tests {
                 }
             }
             let got = walk_all(&b, mode);
-            let want: Vec<_> = b
-                .expected()
-                .iter()
-                .map(|&(va, pa, size, f)| (va, pa, size, f.perms()))
-                .collect();
-            let got: Vec<_> = got
-                .iter()
-                .map(|m| (m.gva.raw(), m.gpa.raw(), m.size, m.perms))
-                .collect();
+            let want: Vec<_> =
+                b.expected().iter().map(|&(va, pa, size, f)| (va, pa, size, f.perms())).collect();
+            let got: Vec<_> =
+                got.iter().map(|m| (m.gva.raw(), m.gpa.raw(), m.size, m.perms)).collect();
             assert_eq!(got, want, "mode {mode:?}");
             assert!(matches!(
                 w.translate(GuestVirtAddr(KTEXT + (8 << 20))),
@@ -461,14 +410,7 @@ mod tests {
                 .unwrap()
                 .perms
         };
-        assert_eq!(
-            perms(&b),
-            Perms {
-                writable: true,
-                user: false,
-                executable: false
-            }
-        );
+        assert_eq!(perms(&b), Perms { writable: true, user: false, executable: false });
         // NX set high up covers everything below; cleared everywhere makes it executable.
         b.set_entry_bit(KTEXT, 0, 63, false);
         assert!(perms(&b).executable);
@@ -511,11 +453,7 @@ mod tests {
         for w in [false, true] {
             for x in [false, true] {
                 for u in [false, true] {
-                    let p = Perms {
-                        writable: w,
-                        user: u,
-                        executable: x,
-                    };
+                    let p = Perms { writable: w, user: u, executable: x };
                     assert_eq!(Perms::from_text(&p.as_text()), Some(p));
                 }
             }
@@ -523,15 +461,8 @@ mod tests {
         for bad in ["", "r", "rwxx", "-wx", "rwxU", "r?x"] {
             assert_eq!(Perms::from_text(bad), None, "{bad}");
         }
-        let ro = Perms {
-            writable: false,
-            user: false,
-            executable: false,
-        };
-        let rw = Perms {
-            writable: true,
-            ..ro
-        };
+        let ro = Perms { writable: false, user: false, executable: false };
+        let rw = Perms { writable: true, ..ro };
         assert!(ro.loosened_by(&rw));
         assert!(!rw.loosened_by(&ro), "tightening is not loosening");
     }
@@ -568,10 +499,7 @@ mod tests {
         let w = Walker::new(&dump, PagingMode::FOUR_LEVEL, 0x1000, true);
         let r = w.mappings(GuestVirtAddr(0), GuestVirtAddr(0x8000_0000_0000));
         assert!(
-            matches!(
-                r,
-                Err(WalkError::TooManyTables(_)) | Err(WalkError::TooManyMappings(_))
-            ),
+            matches!(r, Err(WalkError::TooManyTables(_)) | Err(WalkError::TooManyMappings(_))),
             "{r:?}"
         );
         // A pointer out of RAM is listed, not followed.
@@ -579,13 +507,8 @@ mod tests {
         mem[4096..4104].copy_from_slice(&(0x7_0000_0000u64 | 0x3).to_le_bytes());
         let dump = RawDump::from_bytes(mem);
         let w = Walker::new(&dump, PagingMode::FOUR_LEVEL, 0x1000, true);
-        let set = w
-            .mappings(GuestVirtAddr(0), GuestVirtAddr(0x8000_0000_0000))
-            .unwrap();
-        assert_eq!(
-            set.unreadable_tables,
-            vec![(GuestVirtAddr(0), GuestPhysAddr(0x7_0000_0000))]
-        );
+        let set = w.mappings(GuestVirtAddr(0), GuestVirtAddr(0x8000_0000_0000)).unwrap();
+        assert_eq!(set.unreadable_tables, vec![(GuestVirtAddr(0), GuestPhysAddr(0x7_0000_0000))]);
         assert!(set.mappings.is_empty());
         // CR3 itself outside RAM.
         assert!(
