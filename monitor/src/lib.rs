@@ -6,6 +6,7 @@
 //! ([`libvirt`]) at the outer edge.
 
 pub mod addr;
+pub mod daemon;
 pub mod integrity;
 pub mod libvirt;
 pub mod linux;

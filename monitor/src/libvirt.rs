@@ -26,6 +26,8 @@ pub enum LibvirtError {
         #[source]
         source: virt::error::Error,
     },
+    #[error("registering for domain events at {uri}: {reason}")]
+    Events { uri: String, reason: String },
     #[error("no domain named or with UUID {0:?}")]
     NoDomain(String),
     #[error("domain {domain} is not running (it is {state})")]
@@ -47,6 +49,8 @@ pub enum LibvirtError {
     #[error("domain {domain}: memory not readable: {reason}")]
     Memory { domain: String, reason: String },
 }
+
+pub use crate::sys::DomainEvent;
 
 /// Which memory source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,42 @@ impl Hypervisor {
         let conn = Connect::open(Some(uri))
             .map_err(|source| LibvirtError::Connect { uri: uri.into(), source })?;
         Ok(Self { conn, uri: uri.into() })
+    }
+
+    /// Connects for a long-running process: libvirt's default event loop
+    /// runs on a thread of its own, domain lifecycle and reboot events go to
+    /// `events`, and keepalives notice a libvirtd that went away.
+    pub fn connect_with_events(
+        uri: &str,
+        events: tokio::sync::mpsc::UnboundedSender<DomainEvent>,
+    ) -> Result<Self, LibvirtError> {
+        static EVENT_LOOP: std::sync::Once = std::sync::Once::new();
+        EVENT_LOOP.call_once(|| {
+            if virt::event::event_register_default_impl().is_ok() {
+                std::thread::Builder::new()
+                    .name("libvirt-events".into())
+                    .spawn(|| {
+                        loop {
+                            if virt::event::event_run_default_impl().is_err() {
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                            }
+                        }
+                    })
+                    .expect("spawning the libvirt event thread");
+            }
+        });
+        let hv = Self::connect(uri)?;
+        let _ = hv.conn.set_keep_alive(5, 3);
+        crate::sys::register_domain_events(&hv.conn, events).map_err(|reason| LibvirtError::Events {
+            uri: uri.into(),
+            reason,
+        })?;
+        Ok(hv)
+    }
+
+    /// Whether the connection still works.
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
     }
 
     pub fn uri(&self) -> &str {
@@ -252,7 +292,7 @@ impl GuestDomain {
     }
 
     /// Opens the guest's memory with the source `choice` asks for.
-    pub fn open_memory(&self, choice: SourceChoice) -> Result<Box<dyn GuestMemory>, LibvirtError> {
+    pub fn open_memory(&self, choice: SourceChoice) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         self.ensure_running()?;
         let (pid, layout, blocks) = self.memory_blocks()?;
         let used: Vec<BlockMapping> = blocks

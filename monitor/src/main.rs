@@ -52,9 +52,12 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Where baselines are kept by default (baselines/<domain uuid>.json).
-    #[arg(long, global = true, env = "VIGIL_STATE_DIR", default_value = "/var/lib/vigil")]
-    state_dir: PathBuf,
+    /// Where baselines are kept (baselines/<domain uuid>.json) [default: /var/lib/vigil].
+    #[arg(long, global = true, env = "VIGIL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it).
+    #[arg(long, global = true, env = "VIGIL_CONTROL_SOCKET", default_value = "/run/vigil/control.sock")]
+    control_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +118,35 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
+    /// Watch every running domain: check continuously, alert, export metrics.
+    ///
+    /// Runs in the foreground (as systemd's vigil.service does). Alerts go to
+    /// the alert log (one JSON object per line, fsynced) and to stdout;
+    /// metrics are served on /metrics; `vigil status` and `vigil accept` talk
+    /// to it through the control socket. Command-line flags override the
+    /// configuration file.
+    Daemon {
+        /// TOML configuration file (see systemd/vigil.toml for every key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// ADDRESS:PORT to serve /metrics on [default: 127.0.0.1:9797].
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// File to append alerts to [default: STATE_DIR/alerts.jsonl].
+        #[arg(long)]
+        alert_log: Option<PathBuf>,
+    },
+    /// Ask the running daemon which domains it watches and how they are.
+    Status,
+    /// Make a watched domain's current state its baseline (after a sanctioned
+    /// change), recorded in the alert log with the reason.
+    Accept {
+        /// Domain name or UUID.
+        domain: String,
+        /// Why: who approved which change (kept in the alert log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -129,8 +161,29 @@ fn main() -> ExitCode {
     }
 }
 
+fn state_dir(cli: &Cli) -> PathBuf {
+    cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/vigil"))
+}
+
 fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
+        Command::Daemon { config, metrics_listen, alert_log } => {
+            let over = vigil::daemon::config::Overrides {
+                connect: Some(cli.connect.clone()),
+                state_dir: cli.state_dir.clone(),
+                alert_log: alert_log.clone(),
+                metrics_listen: metrics_listen.clone(),
+                control_socket: Some(cli.control_socket.clone()),
+            };
+            let settings = vigil::daemon::config::Settings::load(config.as_deref(), &over)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(vigil::daemon::run(settings))?;
+            Ok(EXIT_OK)
+        }
+        Command::Status => control(cli, &serde_json::json!({ "command": "status" })),
+        Command::Accept { domain, reason } => {
+            control(cli, &serde_json::json!({ "command": "accept", "domain": domain, "reason": reason }))
+        }
         Command::Domains => domains(cli),
         Command::Baseline { domain, output, source } => {
             baseline(cli, domain, output.as_deref(), *source)
@@ -142,7 +195,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
 }
 
 fn default_baseline_path(cli: &Cli, dom: &GuestDomain) -> PathBuf {
-    cli.state_dir.join("baselines").join(format!("{}.json", dom.uuid))
+    vigil::daemon::watch::baseline_path(&state_dir(cli), &dom.uuid)
 }
 
 fn domains(cli: &Cli) -> anyhow::Result<u8> {
@@ -277,6 +330,27 @@ fn check_domain(
         print_report(&mut out, &report, &path)?;
     }
     Ok(if report.intact { EXIT_OK } else { EXIT_VIOLATIONS })
+}
+
+fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
+    let answer = vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
+    if answer["ok"] != true {
+        bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
+    }
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json || req["command"] != "status" {
+        serde_json::to_writer_pretty(&mut out, &answer)?;
+        writeln!(out)?;
+        return Ok(EXIT_OK);
+    }
+    let list = answer["domains"].as_array().cloned().unwrap_or_default();
+    writeln!(out, "vigil daemon on {} ({}), {} domain(s)", answer["host"].as_str().unwrap_or("?"), answer["connect"].as_str().unwrap_or("?"), list.len())?;
+    writeln!(out, "{:24} {:12} {:>10}  {:30}  DETAIL", "DOMAIN", "STATE", "OPEN", "LAST CHECK")?;
+    for d in &list {
+        let s = |k: &str| d[k].as_str().unwrap_or("").to_owned();
+        writeln!(out, "{:24} {:12} {:>10}  {:30}  {}", s("name"), s("state"), d["open_violations"], s("last_check"), s("detail"))?;
+    }
+    Ok(EXIT_OK)
 }
 
 fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Result<()> {

@@ -96,3 +96,119 @@ mod tests {
         assert!(m.iter().all(|&b| b == 1));
     }
 }
+
+/// A domain lifecycle change, as libvirt's event loop reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainEvent {
+    Started { uuid: String, name: String },
+    Stopped { uuid: String, name: String },
+    Rebooted { uuid: String, name: String },
+}
+
+type EventSender = tokio::sync::mpsc::UnboundedSender<DomainEvent>;
+
+/// Name and UUID of a domain handed to a callback.
+///
+/// # Safety
+/// `dom` must be a valid domain pointer for the duration of the call, as
+/// libvirt guarantees inside an event callback.
+unsafe fn domain_ids(dom: virt::sys::virDomainPtr) -> (String, String) {
+    let mut buf = [0 as libc::c_char; 64];
+    // SAFETY: `dom` is valid (caller's contract); the buffer holds the 37
+    // bytes VIR_UUID_STRING_BUFLEN asks for.
+    let ok = unsafe { virt::sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0;
+    // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
+    let uuid = if ok { unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned() } else { String::new() };
+    // SAFETY: `dom` is valid; the name it returns lives as long as `dom` and
+    // is copied out before returning.
+    let name_ptr = unsafe { virt::sys::virDomainGetName(dom) };
+    let name = if name_ptr.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null, NUL-terminated, owned by `dom` (see above).
+        unsafe { std::ffi::CStr::from_ptr(name_ptr) }.to_string_lossy().into_owned()
+    };
+    (uuid, name)
+}
+
+unsafe extern "C" fn lifecycle_cb(
+    _conn: virt::sys::virConnectPtr,
+    dom: virt::sys::virDomainPtr,
+    event: libc::c_int,
+    _detail: libc::c_int,
+    opaque: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: libvirt passes a valid domain for the duration of the callback.
+    let (uuid, name) = unsafe { domain_ids(dom) };
+    // SAFETY: `opaque` is the Box<EventSender> leaked at registration, alive
+    // until libvirt calls `free_sender` after deregistration.
+    let tx = unsafe { &*(opaque as *const EventSender) };
+    let msg = match u32::try_from(event) {
+        Ok(virt::sys::VIR_DOMAIN_EVENT_STARTED) => Some(DomainEvent::Started { uuid, name }),
+        Ok(virt::sys::VIR_DOMAIN_EVENT_STOPPED) | Ok(virt::sys::VIR_DOMAIN_EVENT_UNDEFINED) => {
+            Some(DomainEvent::Stopped { uuid, name })
+        }
+        _ => None,
+    };
+    if let Some(m) = msg {
+        let _ = tx.send(m);
+    }
+    0
+}
+
+unsafe extern "C" fn reboot_cb(_conn: virt::sys::virConnectPtr, dom: virt::sys::virDomainPtr, opaque: *mut libc::c_void) {
+    // SAFETY: as in `lifecycle_cb`.
+    let (uuid, name) = unsafe { domain_ids(dom) };
+    // SAFETY: as in `lifecycle_cb`.
+    let tx = unsafe { &*(opaque as *const EventSender) };
+    let _ = tx.send(DomainEvent::Rebooted { uuid, name });
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut libc::c_void) {
+    // SAFETY: `opaque` came from Box::into_raw in `register_domain_events`
+    // and libvirt calls this exactly once.
+    drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
+}
+
+/// Registers lifecycle and reboot callbacks for every domain of `conn`,
+/// sending what they see to `tx`. Needs libvirt's default event loop
+/// registered before `conn` was opened and run on some thread. The
+/// registrations end when the connection closes.
+pub fn register_domain_events(conn: &virt::connect::Connect, tx: EventSender) -> Result<(), String> {
+    type Lifecycle = unsafe extern "C" fn(
+        virt::sys::virConnectPtr,
+        virt::sys::virDomainPtr,
+        libc::c_int,
+        libc::c_int,
+        *mut libc::c_void,
+    ) -> libc::c_int;
+    type Generic = unsafe extern "C" fn(virt::sys::virConnectPtr, virt::sys::virDomainPtr, *mut libc::c_void);
+    for (id, cb) in [
+        // SAFETY: libvirt calls a callback registered for an event ID with that
+        // ID's own signature; the generic type is only how the C API spells
+        // the parameter (its VIR_DOMAIN_EVENT_CALLBACK macro casts the same way).
+        (virt::sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe { std::mem::transmute::<Lifecycle, Generic>(lifecycle_cb) }),
+        (virt::sys::VIR_DOMAIN_EVENT_ID_REBOOT, reboot_cb as Generic),
+    ] {
+        let opaque = Box::into_raw(Box::new(tx.clone())).cast::<libc::c_void>();
+        let event_id = libc::c_int::try_from(id).map_err(|_| "event id out of range".to_owned())?;
+        // SAFETY: `conn` is an open connection; a null domain means every
+        // domain; `opaque` stays valid until libvirt calls `free_sender`.
+        let rc = unsafe {
+            virt::sys::virConnectDomainEventRegisterAny(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                event_id,
+                Some(cb),
+                opaque,
+                Some(free_sender),
+            )
+        };
+        if rc < 0 {
+            // SAFETY: registration failed, so libvirt will never free it.
+            drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
+            return Err(virt::error::Error::last_error().to_string());
+        }
+    }
+    Ok(())
+}

@@ -93,6 +93,9 @@ pub struct Report {
     pub violations: Vec<Finding>,
     pub info: Vec<Finding>,
     pub regions: Vec<RegionStatus>,
+    pub scope: Scope,
+    /// Bytes of guest memory read and hashed.
+    pub bytes_verified: u64,
 }
 
 /// Why a check could not be made.
@@ -133,7 +136,24 @@ fn mapping_text(gpa: GuestPhysAddr, perms: Perms) -> String {
     format!("{gpa} {}", perms.as_text())
 }
 
-/// Compares a fresh reading with `baseline`.
+/// How much of the baseline a check covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Every region, the whole image mapping and the registers.
+    Full,
+    /// The small structures attackers go for first and that are cheap to
+    /// check often: descriptor tables and control registers.
+    Hot,
+}
+
+impl Scope {
+    fn covers(self, kind: super::RegionKind) -> bool {
+        self == Scope::Full || kind == super::RegionKind::DescriptorTable
+    }
+}
+
+/// Compares a fresh reading with `baseline`, in full.
 ///
 /// `image_base` is where the kernel model finds the image now; it only
 /// words the error when the baseline is from another boot.
@@ -143,6 +163,18 @@ pub fn check<M: GuestMemory + ?Sized>(
     space: &dyn AddressSpace,
     registers: &[VcpuRegisters],
     image_base: GuestVirtAddr,
+) -> Result<Report, CheckError> {
+    check_scoped(baseline, mem, space, registers, image_base, Scope::Full)
+}
+
+/// Compares the part of a fresh reading that `scope` covers with `baseline`.
+pub fn check_scoped<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    mem: &M,
+    space: &dyn AddressSpace,
+    registers: &[VcpuRegisters],
+    image_base: GuestVirtAddr,
+    scope: Scope,
 ) -> Result<Report, CheckError> {
     // Another boot (new KASLR slide) moves nearly every code page; an attacker
     // remapping a few pages does not.
@@ -166,7 +198,8 @@ pub fn check<M: GuestMemory + ?Sized>(
     let mut findings = Vec::new();
     let mut regions = Vec::new();
     let mut region_pages: HashSet<u64> = HashSet::new();
-    for r in &baseline.regions {
+    let mut bytes_verified = 0u64;
+    for r in baseline.regions.iter().filter(|r| scope.covers(r.kind)) {
         // Pages to hash now: (index in region, gva, where it maps now).
         let mut reads = Vec::with_capacity(r.pages.len());
         for (i, p) in r.pages.iter().enumerate() {
@@ -201,6 +234,7 @@ pub fn check<M: GuestMemory + ?Sized>(
             reads.push((index, p.gva, gpa));
         }
         let values = hash_pages_at(mem, &r.name, r.bytes, &reads)?;
+        bytes_verified += reads.len() as u64 * PAGE_SIZE;
         for (&(index, gva, gpa), v) in reads.iter().zip(&values) {
             let old = &r.pages[usize::try_from(index).expect("index of a page in memory")];
             if old.value != *v {
@@ -231,14 +265,21 @@ pub fn check<M: GuestMemory + ?Sized>(
         });
     }
 
-    image_mapping_findings(baseline, space, &region_pages, &mut findings);
+    if scope == Scope::Full {
+        // Pages of regions this scope covers are compared above; the rest of
+        // the image's mapping here.
+        let all_region_pages: HashSet<u64> =
+            baseline.regions.iter().flat_map(|r| r.pages.iter().map(|p| p.gva.raw())).collect();
+        image_mapping_findings(baseline, space, &all_region_pages, &mut findings);
+    }
     register_findings(&baseline.registers, registers, &mut findings);
 
     let image_pages: u64 = baseline.image_mapping.iter().map(|r| r.pages).sum();
-    for (name, pages) in [
-        (IMAGE_REGION, image_pages.saturating_sub(region_pages.len() as u64)),
-        (REGISTER_REGION, 0),
-    ] {
+    let mut extra = vec![(REGISTER_REGION, 0)];
+    if scope == Scope::Full {
+        extra.insert(0, (IMAGE_REGION, image_pages.saturating_sub(region_pages.len() as u64)));
+    }
+    for (name, pages) in extra {
         regions.push(RegionStatus {
             name: name.into(),
             pages,
@@ -271,6 +312,8 @@ pub fn check<M: GuestMemory + ?Sized>(
         violations,
         info,
         regions,
+        scope,
+        bytes_verified,
     })
 }
 
@@ -557,6 +600,26 @@ mod tests {
         let mut regs = Fake::registers();
         regs[0].cr4 |= CR4_SMAP;
         assert!(run(&f, &b, &regs).intact);
+    }
+
+    #[test]
+    fn hot_scope_covers_tables_and_registers_only() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        poke(&mut f, 0x2000 + 5, 0xcc); // text page 0
+        let hot = |f: &Fake, regs: &[VcpuRegisters]| {
+            check_scoped(&b, &f.mem, f, regs, GuestVirtAddr(TEXT_VA), Scope::Hot).unwrap()
+        };
+        let r = hot(&f, &Fake::registers());
+        assert!(r.intact, "text is not in the hot scope");
+        assert!(r.regions.iter().all(|s| s.name == REGISTER_REGION), "{:?}", r.regions);
+        assert_eq!(r.bytes_verified, 0);
+        let mut regs = Fake::registers();
+        regs[0].cr0 &= !CR0_WP;
+        assert_eq!(hot(&f, &regs).violations.len(), 1);
+        let full = run(&f, &b, &Fake::registers());
+        assert_eq!(full.bytes_verified, 6 * 4096);
+        assert!(!full.intact);
     }
 
     #[test]

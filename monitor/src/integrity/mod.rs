@@ -60,6 +60,14 @@ pub struct Identification {
     pub rodata_pages: u64,
 }
 
+impl Identification {
+    /// Names one boot of a guest: where KASLR put the image, virtually and
+    /// physically. A reboot almost always moves both.
+    pub fn boot_key(&self) -> String {
+        format!("{:x}-{:x}", self.image_base.raw(), self.image_base_gpa.raw())
+    }
+}
+
 /// A fresh view of the guest's address space, as the kernel model walked it.
 pub trait AddressSpace {
     /// Every 4 KiB page mapped in the kernel image range, in address order.

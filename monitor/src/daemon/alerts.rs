@@ -1,0 +1,433 @@
+//! Alerts and events: one JSON object per line, in a stable schema
+//! (`schema: 1`), appended and fsynced to the alert log before anything else
+//! counts them as sent.
+//!
+//! The log is also the daemon's memory of what it has already said: on start
+//! it is read back, so a restarted daemon neither repeats an alert nor loses
+//! track of a change it reported before it died.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use crate::integrity::{Finding, FindingKind, Severity};
+
+pub const SCHEMA: u32 = 1;
+/// Alert-log lines longer than this are not believed when reading back.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What an alert line reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A change the baseline does not allow.
+    Violation,
+    /// A change reported before is gone: the page or register is as in the baseline again.
+    Reverted,
+    /// A change that is information only (permissions tightened, ...).
+    Notice,
+    /// A domain was attached (with a new or a stored baseline).
+    Attached,
+    /// A domain is waiting to be attached (kernel not found yet, ...).
+    Waiting,
+    /// A domain stopped or disappeared.
+    Detached,
+    /// A new boot of a domain got a new baseline.
+    NewBoot,
+    /// An operator accepted a domain's current state as its baseline.
+    Accepted,
+    /// The monitor itself failed: memory unreadable, check failed, ...
+    Error,
+    /// The CPU budget could not be met.
+    BudgetExceeded,
+}
+
+/// One line of the alert log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Alert {
+    pub schema: u32,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub host: String,
+    pub event: EventKind,
+    /// `critical` (violations), `warning` (monitor failures), `info`.
+    pub severity: String,
+    pub domain: String,
+    pub uuid: String,
+    /// The boot key: where KASLR placed the kernel in this boot.
+    #[serde(default)]
+    pub boot: String,
+    #[serde(default)]
+    pub region: String,
+    /// `content`, `remap`, `permission`, `register`; empty for lifecycle events.
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub gva: String,
+    #[serde(default)]
+    pub gpa: String,
+    /// Pages the event covers.
+    #[serde(default)]
+    pub pages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register: Option<String>,
+    /// MITRE ATT&CK technique.
+    #[serde(default)]
+    pub technique: String,
+    pub detail: String,
+    /// Evidence: the baseline's hash (or mapping, or register value).
+    #[serde(default)]
+    pub before: String,
+    /// Evidence: the current hash (or mapping, or register value).
+    #[serde(default)]
+    pub after: String,
+    /// Identifies the changed thing across alerts: region, kind, severity
+    /// (and register).
+    #[serde(default)]
+    pub key: String,
+    /// Digest of exactly what changed in this group (pages and evidence).
+    #[serde(default)]
+    pub digest: String,
+}
+
+fn kind_text(k: FindingKind) -> &'static str {
+    match k {
+        FindingKind::Content => "content",
+        FindingKind::Remap => "remap",
+        FindingKind::Permission => "permission",
+        FindingKind::Register => "register",
+    }
+}
+
+/// MITRE ATT&CK: a kernel-resident rootkit changing kernel code or tables is
+/// T1014 (Rootkit); switching off a CPU protection is T1562 (Impair Defenses).
+fn technique(f: &Finding) -> &'static str {
+    match f.kind {
+        FindingKind::Register if f.register.as_deref().is_some_and(|r| r.starts_with("CR") || r.starts_with("EFER")) => {
+            "T1562"
+        }
+        _ => "T1014",
+    }
+}
+
+/// Which group a finding belongs to: one alert covers one group, so that a
+/// change of many pages (a new boot's permission tightening, say) is one
+/// event, not thousands.
+pub fn group_key(f: &Finding) -> String {
+    let sev = match f.severity {
+        Severity::Violation => "violation",
+        Severity::Info => "info",
+    };
+    match &f.register {
+        Some(r) => format!("{}/{}/{sev}/{r}", f.region, kind_text(f.kind)),
+        None => format!("{}/{}/{sev}", f.region, kind_text(f.kind)),
+    }
+}
+
+/// The findings of one scan, grouped, each group with a digest of exactly
+/// what changed: the same change seen again has the same digest; a change
+/// that grows, shrinks or differs has another.
+pub fn groups(findings: &[Finding]) -> Vec<(String, String, Vec<&Finding>)> {
+    let mut map: std::collections::BTreeMap<String, Vec<&Finding>> = std::collections::BTreeMap::new();
+    for f in findings {
+        map.entry(group_key(f)).or_default().push(f);
+    }
+    map.into_iter()
+        .map(|(key, fs)| {
+            let mut h = blake3::Hasher::new();
+            for f in &fs {
+                h.update(format!("{:#x}|{:?}|{}|{}\n", f.gva.raw(), f.vcpu, f.before, f.after).as_bytes());
+            }
+            (key, h.finalize().to_hex().to_string(), fs)
+        })
+        .collect()
+}
+
+/// Context shared by every alert about one domain.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub host: String,
+    pub domain: String,
+    pub uuid: String,
+    pub boot: String,
+}
+
+impl Subject {
+    pub fn event(&self, event: EventKind, severity: &str, detail: String) -> Alert {
+        Alert {
+            schema: SCHEMA,
+            time: crate::integrity::baseline::now_rfc3339(),
+            host: self.host.clone(),
+            event,
+            severity: severity.into(),
+            domain: self.domain.clone(),
+            uuid: self.uuid.clone(),
+            boot: self.boot.clone(),
+            region: String::new(),
+            kind: String::new(),
+            gva: String::new(),
+            gpa: String::new(),
+            pages: 0,
+            vcpu: None,
+            register: None,
+            technique: String::new(),
+            detail,
+            before: String::new(),
+            after: String::new(),
+            key: String::new(),
+            digest: String::new(),
+        }
+    }
+
+    /// One alert for a group of findings (see [`groups`]); `digest` becomes
+    /// its `after` evidence when the group has more than one page.
+    pub fn group(&self, key: &str, digest: &str, fs: &[&Finding]) -> Alert {
+        let f = fs[0];
+        let (event, severity) = match f.severity {
+            Severity::Violation => (EventKind::Violation, "critical"),
+            Severity::Info => (EventKind::Notice, "info"),
+        };
+        let detail = if fs.len() == 1 {
+            f.detail.clone()
+        } else {
+            let shown: Vec<String> = fs.iter().take(4).map(|f| format!("{:#x}", f.gva.raw())).collect();
+            format!(
+                "{} pages of {} ({}): {}{}",
+                fs.len(),
+                f.region,
+                kind_text(f.kind),
+                shown.join(", "),
+                if fs.len() > shown.len() { ", ..." } else { "" }
+            )
+        };
+        let mut a = self.event(event, severity, detail);
+        a.region = f.region.clone();
+        a.kind = kind_text(f.kind).into();
+        a.gva = format!("{:#x}", f.gva.raw());
+        a.gpa = format!("{:#x}", f.gpa.raw());
+        a.pages = fs.iter().filter(|f| f.page.is_some() || f.kind != FindingKind::Register).count() as u64;
+        a.vcpu = f.vcpu;
+        a.register = f.register.clone();
+        a.technique = technique(f).into();
+        if fs.len() == 1 {
+            a.before = f.before.clone();
+            a.after = f.after.clone();
+        } else {
+            a.before = "baseline".into();
+        }
+        a.digest = digest.into();
+        a.key = key.into();
+        a
+    }
+}
+
+/// Why the alert log failed.
+#[derive(Debug, thiserror::Error)]
+#[error("alert log {path}")]
+pub struct AlertLogError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The append-only, fsynced alert log.
+pub struct AlertLog {
+    path: PathBuf,
+    file: File,
+}
+
+/// What the log says is currently reported, per domain and boot: group key
+/// to the digest last reported.
+pub type Reported = HashMap<(String, String), HashMap<String, String>>;
+
+impl AlertLog {
+    pub fn open(path: &Path) -> Result<Self, AlertLogError> {
+        let err = |source| AlertLogError { path: path.to_owned(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut file = OpenOptions::new().create(true).append(true).read(true).open(path).map_err(err)?;
+        // A crash in mid-append leaves a torn last line: end it, so the next
+        // alert starts a line of its own.
+        let len = file.metadata().map_err(err)?.len();
+        if len > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut last = [0u8; 1];
+            file.read_exact_at(&mut last, len - 1).map_err(err)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").and_then(|()| file.sync_data()).map_err(err)?;
+            }
+        }
+        Ok(Self { path: path.to_owned(), file })
+    }
+
+    /// Appends one line and waits until it is on disk.
+    pub fn append(&mut self, alert: &Alert) -> Result<(), AlertLogError> {
+        let mut line = serde_json::to_vec(alert).expect("alerts serialise");
+        line.push(b'\n');
+        let err = |source| AlertLogError { path: self.path.clone(), source };
+        self.file.write_all(&line).map_err(err)?;
+        self.file.sync_data().map_err(err)
+    }
+
+    /// Reads the log back and returns what is currently reported. Lines that
+    /// are not alerts (a torn last line after a crash, say) are skipped.
+    pub fn reported(path: &Path) -> Result<Reported, AlertLogError> {
+        let mut out: Reported = HashMap::new();
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => return Err(AlertLogError { path: path.to_owned(), source }),
+        };
+        let mut reader = BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|source| AlertLogError { path: path.to_owned(), source })?;
+            if n == 0 {
+                break;
+            }
+            if n > MAX_LINE {
+                // Skip the rest of an over-long line.
+                let mut sink = Vec::new();
+                let _ = reader.read_until(b'\n', &mut sink);
+                continue;
+            }
+            let Ok(a) = serde_json::from_slice::<Alert>(&buf) else { continue };
+            let slot = out.entry((a.uuid.clone(), a.boot.clone())).or_default();
+            match a.event {
+                EventKind::Violation | EventKind::Notice => {
+                    slot.insert(a.key, a.digest);
+                }
+                EventKind::Reverted => {
+                    slot.remove(&a.key);
+                }
+                EventKind::Accepted | EventKind::NewBoot => slot.clear(),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+use std::io::Read as _;
+
+/// Decides which groups of a scan are news (not reported before, or
+/// reported with another digest) and which reported groups are gone.
+pub fn news<'a>(
+    reported: &HashMap<String, String>,
+    groups: &'a [(String, String, Vec<&'a Finding>)],
+) -> (Vec<&'a (String, String, Vec<&'a Finding>)>, Vec<String>) {
+    let fresh = groups.iter().filter(|(k, d, _)| reported.get(k) != Some(d)).collect();
+    let mut gone: Vec<String> = reported.keys().filter(|k| !groups.iter().any(|(g, _, _)| g == *k)).cloned().collect();
+    gone.sort();
+    (fresh, gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+
+    fn finding(gva: u64, after: &str) -> Finding {
+        Finding {
+            region: "kernel-text".into(),
+            kind: FindingKind::Content,
+            severity: Severity::Violation,
+            gva: GuestVirtAddr(gva),
+            gpa: GuestPhysAddr(0x1000),
+            page: Some(3),
+            vcpu: None,
+            register: None,
+            detail: "page 3 changed".into(),
+            before: "aa".into(),
+            after: after.into(),
+        }
+    }
+
+    fn subject() -> Subject {
+        Subject { host: "h".into(), domain: "d".into(), uuid: "u".into(), boot: "b".into() }
+    }
+
+    #[test]
+    fn one_alert_per_distinct_change() {
+        let mut reported = HashMap::new();
+        let scan1 = [finding(0x1000, "bb")];
+        let g1 = groups(&scan1);
+        let (fresh, gone) = news(&reported, &g1);
+        assert_eq!((fresh.len(), gone.len()), (1, 0));
+        reported.insert(g1[0].0.clone(), g1[0].1.clone());
+        // Same change, next scan: nothing new.
+        assert_eq!(news(&reported, &groups(&scan1)).0.len(), 0);
+        // The change grew (a page joined): news, as one alert for the group.
+        let scan3 = [finding(0x1000, "bb"), finding(0x2000, "dd")];
+        let g3 = groups(&scan3);
+        assert_eq!(g3.len(), 1);
+        assert_eq!(news(&reported, &g3).0.len(), 1);
+        let a = subject().group(&g3[0].0, &g3[0].1, &g3[0].2);
+        assert_eq!(a.pages, 2);
+        assert!(a.detail.starts_with("2 pages of kernel-text"), "{}", a.detail);
+        // Same page, other bytes: news too.
+        assert_eq!(news(&reported, &groups(&[finding(0x1000, "cc")])).0.len(), 1);
+        // Reverted: reported but absent.
+        let (fresh, gone) = news(&reported, &[]);
+        assert_eq!((fresh.len(), gone), (0, vec![g1[0].0.clone()]));
+    }
+
+    #[test]
+    fn the_log_remembers_across_restarts_and_survives_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let mut log = AlertLog::open(&path).unwrap();
+        let s = subject();
+        let text = [finding(0x1000, "bb")];
+        let mut reg = finding(0, "0x80040033");
+        reg.region = "registers".into();
+        reg.kind = FindingKind::Register;
+        reg.register = Some("CR0.WP".into());
+        let regs = [reg];
+        for scan in [&text[..], &regs[..]] {
+            let g = groups(scan);
+            log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
+        }
+        let mut rev = s.event(EventKind::Reverted, "info", "gone".into());
+        rev.key = groups(&regs)[0].0.clone();
+        log.append(&rev).unwrap();
+        drop(log);
+        // A crash in mid-write leaves half a line.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"schema\":1,\"ti").unwrap();
+        let r = AlertLog::reported(&path).unwrap();
+        let cur = &r[&("u".to_string(), "b".to_string())];
+        let g = groups(&text);
+        assert_eq!(cur.len(), 1);
+        assert_eq!(cur[&g[0].0], g[0].1);
+        // Appending after the torn line still gives readable lines.
+        let mut log = AlertLog::open(&path).unwrap();
+        log.append(&s.event(EventKind::Accepted, "info", "ok".into())).unwrap();
+        let r = AlertLog::reported(&path).unwrap();
+        assert!(r[&("u".to_string(), "b".to_string())].is_empty());
+    }
+
+    #[test]
+    fn schema_fields_are_stable() {
+        let f = [finding(0xffff_ffff_8100_0000, "bb")];
+        let g = groups(&f);
+        let a = subject().group(&g[0].0, &g[0].1, &g[0].2);
+        let v = serde_json::to_value(&a).unwrap();
+        for k in [
+            "schema", "time", "host", "event", "severity", "domain", "uuid", "boot", "region", "kind", "gva", "gpa", "pages",
+            "technique", "before", "after", "key", "digest",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["event"], "violation");
+        assert_eq!(v["gva"], "0xffffffff81000000");
+        assert_eq!(v["technique"], "T1014");
+    }
+}

@@ -1,0 +1,217 @@
+//! The control socket: a Unix socket, mode 0660, group `vigil` (by default),
+//! taking one JSON request per line and answering with one JSON line.
+//!
+//! ```text
+//! {"command":"status"}
+//! {"command":"check","domain":"web1"}
+//! {"command":"accept","domain":"web1","reason":"kernel livepatch 2026-11-28"}
+//! ```
+//!
+//! Only root and members of the group are served: the kernel's peer
+//! credentials decide, not anything the caller says.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::{Command, Shared};
+
+/// Longest request accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {what}")]
+    Bind {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who may use the socket.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub group: String,
+    pub gid: Option<u32>,
+}
+
+/// Looks a group up in `/etc/group`: its gid and member names.
+pub fn group_entry(group_file: &str, name: &str) -> Option<(u32, Vec<String>)> {
+    group_file.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() == 4 && f[0] == name).then(|| {
+            let gid = f[2].parse().ok()?;
+            Some((gid, f[3].split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect()))
+        })?
+    })
+}
+
+/// The user name of a uid, from `/etc/passwd`.
+pub fn user_name(passwd_file: &str, uid: u32) -> Option<String> {
+    passwd_file.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[0].to_owned())
+    })
+}
+
+/// Whether a peer with these credentials may use the socket.
+pub fn allowed(uid: u32, gid: u32, group: &str) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let Some((group_gid, members)) = group_entry(&groups, group) else { return false };
+    if gid == group_gid {
+        return true;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    user_name(&passwd, uid).is_some_and(|u| members.contains(&u))
+}
+
+/// Creates the socket: stale socket removed, mode 0660, group set when the
+/// group exists (root-only otherwise).
+pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ControlError> {
+    let err = |what, source| ControlError::Bind { path: path.to_owned(), what, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err("creating its directory", e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("removing a stale socket", e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|e| err("setting mode 0660", e))?;
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if let Some((gid, _)) = group_entry(&groups, group) {
+        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(|e| err("setting its group", e))?;
+    } else {
+        eprintln!("vigil: warning: group {group:?} does not exist: only root can use the control socket {}", path.display());
+    }
+    Ok(listener)
+}
+
+#[derive(serde::Deserialize)]
+struct Request {
+    command: String,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn reply_err(msg: impl Into<String>) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "error": msg.into() })
+}
+
+async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return reply_err(format!("not a request: {e}")),
+    };
+    match req.command.as_str() {
+        "status" | "domains" => {
+            let mut list: Vec<_> = shared.status.lock().expect("status lock").values().cloned().collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list })
+        }
+        "check" | "accept" => {
+            let Some(domain) = req.domain else { return reply_err("this command needs a \"domain\"") };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cmd = if req.command == "check" {
+                Command::CheckNow(tx)
+            } else {
+                match req.reason.filter(|r| !r.trim().is_empty()) {
+                    Some(reason) => Command::Accept { reason, reply: tx },
+                    None => return reply_err("accept needs a \"reason\": it is recorded in the alert log"),
+                }
+            };
+            if let Err(e) = shared.command(&domain, cmd) {
+                return reply_err(e);
+            }
+            match tokio::time::timeout(TIMEOUT, rx).await {
+                Ok(Ok(Ok(v))) => serde_json::json!({ "ok": true, "result": v }),
+                Ok(Ok(Err(e))) => reply_err(e),
+                Ok(Err(_)) => reply_err(format!("domain {domain} was detached before answering")),
+                Err(_) => reply_err(format!("domain {domain} did not answer within {TIMEOUT:?}")),
+            }
+        }
+        other => reply_err(format!("unknown command {other:?} (status, domains, check, accept)")),
+    }
+}
+
+async fn client(shared: Arc<Shared>, stream: UnixStream) {
+    let cred = stream.peer_cred();
+    let (r, mut w) = stream.into_split();
+    let ok = cred.as_ref().is_ok_and(|c| allowed(c.uid(), c.gid(), &shared.settings.control_group));
+    if !ok {
+        let who = cred.map(|c| format!("uid {} gid {}", c.uid(), c.gid())).unwrap_or_else(|_| "an unknown peer".into());
+        let msg = reply_err(format!("permission denied: {who} is neither root nor in group {}", shared.settings.control_group));
+        let _ = w.write_all(format!("{msg}\n").as_bytes()).await;
+        return;
+    }
+    let mut lines = BufReader::new(r.take(MAX_REQUEST));
+    let mut line = String::new();
+    match tokio::time::timeout(TIMEOUT, lines.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {
+            let v = answer(&shared, line.trim()).await;
+            let _ = w.write_all(format!("{v}\n").as_bytes()).await;
+        }
+        _ => {}
+    }
+}
+
+/// Serves the socket until the listener fails.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(client(shared.clone(), stream));
+            }
+            Err(e) => {
+                eprintln!("vigil: warning: control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Sends one request to the daemon's control socket and returns its answer.
+pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("cannot reach the vigil daemon at {}: {e} (is it running? are you root or in its group?)", path.display()))?;
+    s.set_read_timeout(Some(TIMEOUT + Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(format!("{req}\n").as_bytes()).map_err(|e| format!("writing to {}: {e}", path.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("reading from {}: {e}", path.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("the daemon's answer is not JSON ({e}): {line:?}"))
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_and_passwd_lookups() {
+        let groups = "root:x:0:\nvigil:x:998:alice,bob\nbroken:x\n";
+        assert_eq!(group_entry(groups, "vigil"), Some((998, vec!["alice".into(), "bob".into()])));
+        assert_eq!(group_entry(groups, "root"), Some((0, vec![])));
+        assert_eq!(group_entry(groups, "broken"), None);
+        assert_eq!(group_entry(groups, "nobody"), None);
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        assert_eq!(user_name(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(user_name(passwd, 5), None);
+        assert!(allowed(0, 0, "no-such-group"));
+        assert!(!allowed(65534, 65534, "no-such-group-vigil-test"));
+    }
+}

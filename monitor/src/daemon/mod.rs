@@ -1,0 +1,607 @@
+//! `vigil daemon`: follows libvirt's domains, checks each running guest's
+//! kernel on a schedule inside a host-wide CPU budget, and reports through
+//! the alert log (and stdout, for the journal), Prometheus metrics, an
+//! optional Alertmanager and webhook, and a control socket.
+//!
+//! ```text
+//!  libvirt events ─┐                 ┌─> domain task ─(blocking pool)─> Watched::check
+//!  resync (5 s) ───┼─> main loop ────┼─> domain task ...
+//!  signals ────────┘     │           └─> ...
+//!                        └─ control socket      every task ─> Sink ─> alert log (fsync)
+//!                                                               ├─> stdout
+//!                                                               ├─> metrics
+//!                                                               └─> push queues
+//! ```
+
+pub mod alerts;
+pub mod budget;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod push;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
+
+use self::alerts::{Alert, AlertLog, EventKind, Reported, Subject};
+use self::budget::Budget;
+use self::config::Settings;
+use self::metrics::{CheckLabels, DomainLabels, KindLabels, Metrics, RegionLabels, ScopeLabels, ViolationLabels};
+use self::watch::{Attached, WatchError, Watched};
+use crate::integrity::check::Scope;
+use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    AlertLog(#[from] alerts::AlertLogError),
+    #[error("cannot listen for metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Where every alert goes; shared by all tasks.
+pub struct Sink {
+    log: Mutex<AlertLog>,
+    reported: Mutex<Reported>,
+    pub metrics: Arc<Metrics>,
+    pushers: Vec<(bool, mpsc::Sender<Alert>)>,
+}
+
+impl Sink {
+    /// Records an alert: alert log first (fsynced), then stdout, metrics and
+    /// the push queues. Returns whether the log took it.
+    pub fn emit(&self, alert: Alert) -> bool {
+        let logged = match self.log.lock().expect("alert log lock").append(&alert) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("vigil: error: {}", error_chain(&e));
+                self.metrics.errors.get_or_create(&KindLabels { kind: "alert_log".into() }).inc();
+                false
+            }
+        };
+        println!("{}", serde_json::to_string(&alert).expect("alerts serialise"));
+        let kind = serde_json::to_value(alert.event).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        self.metrics.events.get_or_create(&KindLabels { kind }).inc();
+        if alert.event == EventKind::Violation {
+            self.metrics
+                .violations
+                .get_or_create(&ViolationLabels { domain: alert.domain.clone(), region: alert.region.clone(), kind: alert.kind.clone() })
+                .inc();
+        }
+        {
+            let mut rep = self.reported.lock().expect("reported lock");
+            let slot = rep.entry((alert.uuid.clone(), alert.boot.clone())).or_default();
+            match alert.event {
+                EventKind::Violation | EventKind::Notice => {
+                    slot.insert(alert.key.clone(), alert.digest.clone());
+                }
+                EventKind::Reverted => {
+                    slot.remove(&alert.key);
+                }
+                EventKind::Accepted | EventKind::NewBoot => slot.clear(),
+                _ => {}
+            }
+        }
+        for (is_am, q) in &self.pushers {
+            if (!*is_am || push::for_alertmanager(&alert)) && q.try_send(alert.clone()).is_err() {
+                self.metrics.errors.get_or_create(&KindLabels { kind: "push_queue_full".into() }).inc();
+            }
+        }
+        logged
+    }
+
+    fn reported_for(&self, uuid: &str, boot: &str) -> HashMap<String, String> {
+        self.reported.lock().expect("reported lock").get(&(uuid.to_owned(), boot.to_owned())).cloned().unwrap_or_default()
+    }
+
+    fn error(&self, kind: &str) {
+        self.metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).inc();
+    }
+}
+
+/// What the control socket can ask a domain task.
+pub enum Command {
+    CheckNow(oneshot::Sender<Result<serde_json::Value, String>>),
+    Accept { reason: String, reply: oneshot::Sender<Result<serde_json::Value, String>> },
+}
+
+/// A domain's state as `vigil status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DomainStatus {
+    pub name: String,
+    pub uuid: String,
+    /// `waiting`, `provisional`, `watching`.
+    pub state: String,
+    pub detail: String,
+    pub boot: String,
+    pub last_check: String,
+    pub open_violations: usize,
+}
+
+struct Task {
+    cancel: tokio_watch::Sender<bool>,
+    reboot: Arc<tokio::sync::Notify>,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Everything the tasks share.
+pub struct Shared {
+    pub settings: Settings,
+    pub sink: Sink,
+    pub budget: Budget,
+    pub status: Mutex<HashMap<String, DomainStatus>>,
+    hv: RwLock<Option<Arc<Hypervisor>>>,
+    tasks: Mutex<HashMap<String, Task>>,
+}
+
+impl Shared {
+    fn hypervisor(&self) -> Option<Arc<Hypervisor>> {
+        self.hv.read().expect("hv lock").clone()
+    }
+
+    fn subject(&self, name: &str, uuid: &str, boot: &str) -> Subject {
+        Subject { host: self.settings.host.clone(), domain: name.into(), uuid: uuid.into(), boot: boot.into() }
+    }
+
+    fn set_status(&self, uuid: &str, f: impl FnOnce(&mut DomainStatus)) {
+        if let Some(s) = self.status.lock().expect("status lock").get_mut(uuid) {
+            f(s);
+        }
+    }
+
+    /// Sends a command to a domain's task, by name or UUID.
+    pub fn command(&self, domain: &str, cmd: Command) -> Result<(), String> {
+        let uuid = {
+            let st = self.status.lock().expect("status lock");
+            st.values().find(|s| s.name == domain || s.uuid == domain).map(|s| s.uuid.clone())
+        }
+        .ok_or_else(|| format!("vigil is not watching a domain named {domain:?}"))?;
+        let tasks = self.tasks.lock().expect("tasks lock");
+        let t = tasks.get(&uuid).ok_or_else(|| format!("domain {domain} is not attached"))?;
+        t.commands.try_send(cmd).map_err(|_| format!("domain {domain} is busy; try again"))
+    }
+}
+
+/// A little randomness for jitter, without a dependency.
+fn jittered(base: Duration, jitter: f64, seed: &mut u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let unit = (*seed >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    base.mul_f64(1.0 + jitter * (2.0 * unit - 1.0))
+}
+
+fn seed_of(text: &str) -> u64 {
+    let h = blake3::hash(format!("{text}{:?}", Instant::now()).as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// Runs one blocking step of a watched domain on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    w: Watched,
+    f: impl FnOnce(&mut Watched) -> T + Send + 'static,
+) -> (Watched, T) {
+    tokio::task::spawn_blocking(move || {
+        let mut w = w;
+        let r = f(&mut w);
+        (w, r)
+    })
+    .await
+    .expect("a check panicked")
+}
+
+/// Attaches a domain, retrying until its kernel can be found, the task is
+/// cancelled, or the domain is gone. `None` when it should stop.
+async fn attach(shared: &Arc<Shared>, uuid: &str, name: &str, cancel: &mut tokio_watch::Receiver<bool>) -> Option<(Watched, Attached)> {
+    let mut last_reason = String::new();
+    loop {
+        if *cancel.borrow() {
+            return None;
+        }
+        if let Some(hv) = shared.hypervisor() {
+            let (u, dir) = (uuid.to_owned(), shared.settings.state_dir.clone());
+            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir)).await.expect("attach panicked");
+            match r {
+                Ok(ok) => return Some(ok),
+                Err(e) if e.domain_gone() => return None,
+                Err(e) => {
+                    let reason = e.message();
+                    if reason != last_reason {
+                        let detail = format!("waiting to attach {name}: {reason}; retrying every {:?}", shared.settings.attach_retry);
+                        shared.sink.emit(shared.subject(name, uuid, "").event(EventKind::Waiting, "info", detail.clone()));
+                        shared.set_status(uuid, |s| {
+                            s.state = "waiting".into();
+                            s.detail = detail;
+                        });
+                        last_reason = reason;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(shared.settings.attach_retry) => {}
+            _ = cancel.changed() => {}
+        }
+    }
+}
+
+/// A domain's life in the daemon: attach, check on schedule, re-attach on a
+/// new boot, stop when cancelled or the domain is gone.
+async fn domain_task(
+    shared: Arc<Shared>,
+    uuid: String,
+    name: String,
+    mut cancel: tokio_watch::Receiver<bool>,
+    reboot: Arc<tokio::sync::Notify>,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let s = &shared.settings;
+    let mut seed = seed_of(&uuid);
+    let mut estimate = [Duration::from_millis(5), Duration::from_millis(50)];
+    'attach: loop {
+        let Some((mut w, how)) = attach(&shared, &uuid, &name, &mut cancel).await else { break };
+        let boot = w.boot();
+        let subject = shared.subject(&name, &uuid, &boot);
+        let mut reported = shared.sink.reported_for(&uuid, &boot);
+        let mut provisional_until = match how {
+            Attached::Stored => {
+                shared.sink.emit(subject.event(EventKind::Attached, "info", format!("attached {name}: checking against the stored baseline of this boot ({})", w.path.display())));
+                None
+            }
+            Attached::New => {
+                shared.sink.emit(subject.event(EventKind::NewBoot, "info", format!("attached {name}: new baseline of boot {boot} taken ({})", w.path.display())));
+                reported.clear();
+                Some(Instant::now() + s.settle)
+            }
+        };
+        for (region, pages) in w.pages() {
+            shared.sink.metrics.pages_protected.get_or_create(&RegionLabels { domain: name.clone(), region: region.into() }).set(pages as i64);
+        }
+        shared.set_status(&uuid, |st| {
+            st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
+            st.detail = String::new();
+            st.boot = boot.clone();
+        });
+        let mut next_hot = Instant::now();
+        let mut next_full = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            let due = next_hot.min(next_full);
+            let mut forced: Option<Command> = None;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = cancel.changed() => break 'attach,
+                _ = reboot.notified() => {
+                    shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = "guest rebooted".into(); });
+                    tokio::time::sleep(s.attach_retry).await;
+                    continue 'attach;
+                }
+                Some(cmd) = commands.recv() => forced = Some(cmd),
+            }
+            if let Some(Command::Accept { reason, reply }) = forced {
+                let (back, r) = blocking(w, |w| w.rebaseline()).await;
+                w = back;
+                match r {
+                    Ok(()) => {
+                        let boot = w.boot();
+                        let mut a = shared.subject(&name, &uuid, &boot).event(
+                            EventKind::Accepted,
+                            "info",
+                            format!("operator accepted the current state of {name} as its baseline: {reason}"),
+                        );
+                        a.key = reason;
+                        shared.sink.emit(a);
+                        reported.clear();
+                        let _ = reply.send(Ok(serde_json::json!({ "domain": name, "baseline": w.path, "boot": boot })));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.message()));
+                    }
+                }
+                continue;
+            }
+            let now = Instant::now();
+            // While a new baseline is provisional every check is full, so a
+            // settling boot is seen settling as soon as it does.
+            let full = forced.is_some() || now >= next_full || provisional_until.is_some();
+            let scope = if full { Scope::Full } else { Scope::Hot };
+            let est = estimate[usize::from(full)];
+            let wait = shared.budget.reserve(est);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                let late = Instant::now().duration_since(due);
+                if late > (if full { s.full_interval } else { s.hot_interval }) / 2 {
+                    shared.sink.metrics.budget_overruns.inc();
+                }
+            }
+            let started = Instant::now();
+            let (back, result) = blocking(w, move |w| w.check(scope)).await;
+            w = back;
+            let took = started.elapsed();
+            estimate[usize::from(full)] = took;
+            let ratio = shared.budget.settle(est, took);
+            let m = &shared.sink.metrics;
+            m.budget_used.set(ratio);
+            let scope_name = if full { "full" } else { "hot" };
+            if full {
+                next_full = Instant::now() + jittered(s.full_interval, s.jitter, &mut seed);
+            }
+            next_hot = Instant::now() + jittered(s.hot_interval, s.jitter, &mut seed);
+            let reply = match forced {
+                Some(Command::CheckNow(reply)) => Some(reply),
+                _ => None,
+            };
+            match result {
+                Ok(report) => {
+                    last_error.clear();
+                    m.checks.get_or_create(&CheckLabels { domain: name.clone(), scope: scope_name.into() }).inc();
+                    m.check_duration.get_or_create(&ScopeLabels { scope: scope_name.into() }).observe(took.as_secs_f64());
+                    m.bytes_verified.get_or_create(&DomainLabels { domain: name.clone() }).inc_by(report.bytes_verified);
+                    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                    m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
+                    // While a new boot settles, the kernel may still be patching
+                    // itself: take such changes into the baseline, as info.
+                    if let Some(until) = provisional_until {
+                        let changed = !report.violations.is_empty() || !report.info.is_empty();
+                        if changed && Instant::now() < until + s.settle * 11 {
+                            let (back, r) = blocking(w, |w| w.rebaseline()).await;
+                            w = back;
+                            let detail = match r {
+                                Ok(()) => format!("{name} was still changing while its new boot settled ({} change(s)); baseline re-taken", report.violations.len()),
+                                Err(e) => format!("re-taking the baseline of {name} failed: {}", e.message()),
+                            };
+                            shared.sink.emit(subject.event(EventKind::Notice, "info", detail));
+                            provisional_until = Some(Instant::now() + s.settle);
+                            if let Some(r) = reply { let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default())); }
+                            continue;
+                        }
+                        if full && Instant::now() >= until {
+                            provisional_until = None;
+                            shared.set_status(&uuid, |st| st.state = "watching".into());
+                        }
+                    }
+                    let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+                    let groups = alerts::groups(&all);
+                    let (fresh, gone) = alerts::news(&scope_filter(&reported, scope), &groups);
+                    for (key, digest, fs) in fresh {
+                        let a = subject.group(key, digest, fs);
+                        reported.insert(a.key.clone(), a.digest.clone());
+                        shared.sink.emit(a);
+                    }
+                    for key in gone {
+                        let mut a = subject.event(EventKind::Reverted, "info", format!("{key} is as in the baseline again"));
+                        a.key = key.clone();
+                        reported.remove(&key);
+                        shared.sink.emit(a);
+                    }
+                    let open = reported.len();
+                    let when = crate::integrity::baseline::now_rfc3339();
+                    shared.set_status(&uuid, |st| {
+                        st.last_check = when;
+                        st.open_violations = open;
+                    });
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                    }
+                }
+                Err(WatchError::DifferentBoot(msg)) => {
+                    if let Some(r) = reply { let _ = r.send(Err(msg.clone())); }
+                    shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = msg; });
+                    continue 'attach;
+                }
+                Err(e) if e.domain_gone() => {
+                    if let Some(r) = reply { let _ = r.send(Err(e.message())); }
+                    break 'attach;
+                }
+                Err(e) => {
+                    shared.sink.error(e.kind());
+                    let msg = e.message();
+                    if msg != last_error {
+                        shared.sink.emit(subject.event(EventKind::Error, "warning", format!("checking {name} failed: {msg}")));
+                        last_error = msg.clone();
+                    }
+                    if let Some(r) = reply { let _ = r.send(Err(msg)); }
+                    if matches!(e, WatchError::Discover(_)) {
+                        // The kernel vanished from its page tables: a reset in progress.
+                        continue 'attach;
+                    }
+                }
+            }
+        }
+    }
+    shared.status.lock().expect("status lock").remove(&uuid);
+}
+
+/// Reported subjects a check of `scope` can see again (a hot check does not
+/// look at text pages, so it must not call their changes reverted).
+fn scope_filter(reported: &HashMap<String, String>, scope: Scope) -> HashMap<String, String> {
+    match scope {
+        Scope::Full => reported.clone(),
+        Scope::Hot => reported
+            .iter()
+            .filter(|(k, _)| k.starts_with("idt") || k.starts_with("gdt") || k.starts_with(crate::integrity::check::REGISTER_REGION))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+impl Shared {
+    fn start_task(self: &Arc<Self>, uuid: &str, name: &str) {
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        if tasks.contains_key(uuid) || !self.settings.watches(name, uuid) {
+            return;
+        }
+        let (cancel, cancel_rx) = tokio_watch::channel(false);
+        let reboot = Arc::new(tokio::sync::Notify::new());
+        let (commands, commands_rx) = mpsc::channel(4);
+        self.status.lock().expect("status lock").insert(
+            uuid.to_owned(),
+            DomainStatus {
+                name: name.into(),
+                uuid: uuid.into(),
+                state: "waiting".into(),
+                detail: "attaching".into(),
+                boot: String::new(),
+                last_check: String::new(),
+                open_violations: 0,
+            },
+        );
+        tasks.insert(uuid.to_owned(), Task { cancel, reboot: reboot.clone(), commands });
+        self.sink.metrics.attached.set(tasks.len() as i64);
+        tokio::spawn(domain_task(self.clone(), uuid.to_owned(), name.to_owned(), cancel_rx, reboot, commands_rx));
+    }
+
+    fn stop_task(&self, uuid: &str, name: &str, why: &str) {
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        if let Some(t) = tasks.remove(uuid) {
+            let _ = t.cancel.send(true);
+            self.sink.emit(self.subject(name, uuid, "").event(EventKind::Detached, "info", format!("detached {name}: {why}")));
+            for region in ["kernel-text", "kernel-rodata"] {
+                self.sink.metrics.pages_protected.get_or_create(&RegionLabels { domain: name.into(), region: region.into() }).set(0);
+            }
+        }
+        self.sink.metrics.attached.set(tasks.len() as i64);
+    }
+
+    /// Brings the set of tasks in line with the running domains.
+    fn resync(self: &Arc<Self>, hv: &Hypervisor) -> Result<(), String> {
+        let doms = hv.domains().map_err(|e| error_chain(&e))?;
+        let running: Vec<_> = doms.iter().filter(|d| d.state == "running" || d.state == "paused" || d.state == "blocked").collect();
+        for d in &running {
+            self.start_task(&d.uuid, &d.name);
+        }
+        let gone: Vec<(String, String)> = {
+            let tasks = self.tasks.lock().expect("tasks lock");
+            let status = self.status.lock().expect("status lock");
+            tasks
+                .keys()
+                .filter(|u| !running.iter().any(|d| &d.uuid == *u))
+                .map(|u| (u.clone(), status.get(u).map(|s| s.name.clone()).unwrap_or_default()))
+                .collect()
+        };
+        for (uuid, name) in gone {
+            self.stop_task(&uuid, &name, "the domain is no longer running");
+        }
+        Ok(())
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        eprintln!("vigil: warning: telling systemd {state:?}: {e}");
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .map_err(|source| DaemonError::StateDir { path: settings.state_dir.display().to_string(), source })?;
+    let metrics = Metrics::new();
+    let reported = AlertLog::reported(&settings.alert_log)?;
+    let log = AlertLog::open(&settings.alert_log)?;
+    let mut pushers = Vec::new();
+    for (ep, is_am) in [(settings.alertmanager.clone(), true), (settings.webhook.clone(), false)] {
+        if let Some(ep) = ep {
+            let (tx, rx) = mpsc::channel(push::QUEUE);
+            tokio::spawn(push::run(ep, is_am, rx, metrics.clone()));
+            pushers.push((is_am, tx));
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(settings.metrics_listen)
+        .await
+        .map_err(|source| DaemonError::Metrics { addr: settings.metrics_listen, source })?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let control_listener = control::bind(&settings.control_socket, &settings.control_group)?;
+    let shared = Arc::new(Shared {
+        budget: Budget::new(settings.cpu_budget),
+        sink: Sink { log: Mutex::new(log), reported: Mutex::new(reported), metrics, pushers },
+        status: Mutex::new(HashMap::new()),
+        hv: RwLock::new(None),
+        tasks: Mutex::new(HashMap::new()),
+        settings,
+    });
+    tokio::spawn(control::serve(control_listener, shared.clone()));
+
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut ready = false;
+    let mut libvirt_down_since: Option<Instant> = None;
+    let host_subject = shared.subject("", "", "");
+    loop {
+        tokio::select! {
+            _ = resync.tick() => {
+                let alive = shared.hypervisor().is_some_and(|h| h.is_alive());
+                if !alive {
+                    let uri = shared.settings.connect.clone();
+                    let tx = ev_tx.clone();
+                    match tokio::task::spawn_blocking(move || Hypervisor::connect_with_events(&uri, tx)).await.expect("connect panicked") {
+                        Ok(hv) => {
+                            let was_down = libvirt_down_since.take().is_some() || shared.hypervisor().is_some();
+                            *shared.hv.write().expect("hv lock") = Some(Arc::new(hv));
+                            if was_down {
+                                shared.sink.emit(host_subject.event(EventKind::Notice, "info", format!("reconnected to libvirt at {}", shared.settings.connect)));
+                            }
+                        }
+                        Err(e) => {
+                            if libvirt_down_since.is_none() {
+                                shared.sink.error("libvirt");
+                                shared.sink.emit(host_subject.event(EventKind::Error, "warning", format!("libvirt unreachable, retrying: {}", error_chain(&e))));
+                                libvirt_down_since = Some(Instant::now());
+                            }
+                            *shared.hv.write().expect("hv lock") = None;
+                        }
+                    }
+                }
+                if let Some(hv) = shared.hypervisor() {
+                    let (sh, h) = (shared.clone(), hv.clone());
+                    if let Err(e) = tokio::task::spawn_blocking(move || sh.resync(&h)).await.expect("resync panicked") {
+                        eprintln!("vigil: warning: listing domains: {e}");
+                    }
+                }
+                if !ready {
+                    ready = true;
+                    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("watching libvirt domains")]);
+                }
+                resync.reset_after(Duration::from_secs(5));
+            }
+            Some(ev) = ev_rx.recv() => match ev {
+                DomainEvent::Started { uuid, name } => shared.start_task(&uuid, &name),
+                DomainEvent::Stopped { uuid, name } => shared.stop_task(&uuid, &name, "the domain stopped"),
+                DomainEvent::Rebooted { uuid, .. } => {
+                    if let Some(t) = shared.tasks.lock().expect("tasks lock").get(&uuid) {
+                        t.reboot.notify_one();
+                    }
+                }
+            },
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = std::fs::remove_file(&shared.settings.control_socket);
+    Ok(())
+}

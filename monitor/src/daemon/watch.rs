@@ -1,0 +1,148 @@
+//! One watched domain's blocking work: attach (find the kernel, load or
+//! take its baseline), check, re-baseline. Runs on tokio's blocking pool; the
+//! memory source stays open between checks.
+
+use std::path::{Path, PathBuf};
+
+use crate::integrity::baseline::DomainId;
+use crate::integrity::check::{CheckError, Report, Scope, check_scoped};
+use crate::integrity::{Baseline, BaselineError};
+use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
+use crate::linux::{DiscoverError, discover};
+use crate::memory::GuestMemory;
+
+/// Why a domain could not be attached or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error("kernel not found")]
+    Discover(#[from] DiscoverError),
+    #[error(transparent)]
+    Baseline(#[from] BaselineError),
+    #[error("{0}")]
+    DifferentBoot(String),
+}
+
+impl WatchError {
+    /// A short, stable name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)) => "domain_lost",
+            WatchError::Libvirt(LibvirtError::Memory { .. }) => "memory_unreadable",
+            WatchError::Libvirt(_) => "libvirt",
+            WatchError::Discover(_) => "kernel_not_found",
+            WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
+            WatchError::Baseline(_) => "baseline_file",
+            WatchError::DifferentBoot(_) => "different_boot",
+        }
+    }
+
+    pub fn domain_gone(&self) -> bool {
+        matches!(self, WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)))
+    }
+
+    pub fn message(&self) -> String {
+        error_chain(self)
+    }
+}
+
+/// How an attach found its baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// The stored baseline is of this very boot: checked against, not replaced.
+    Stored,
+    /// A new baseline was taken (first sight, or a new boot).
+    New,
+}
+
+/// A domain being watched.
+pub struct Watched {
+    pub dom: GuestDomain,
+    mem: Option<Box<dyn GuestMemory + Send + Sync>>,
+    pub baseline: Baseline,
+    pub path: PathBuf,
+}
+
+/// Where a domain's baseline is kept (the same place `vigil baseline` uses).
+pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
+    state_dir.join("baselines").join(format!("{uuid}.json"))
+}
+
+fn take_baseline(dom: &GuestDomain, mem: &(dyn GuestMemory + Send + Sync)) -> Result<Baseline, WatchError> {
+    let regs = dom.registers()?;
+    let view = discover(mem, &regs)?;
+    let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
+    Ok(Baseline::build(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
+}
+
+impl Watched {
+    /// Finds the kernel of a running domain and loads its stored baseline if
+    /// it is of the current boot, or takes and stores a new one.
+    pub fn attach(hv: &Hypervisor, uuid: &str, state_dir: &Path) -> Result<(Self, Attached), WatchError> {
+        let dom = hv.domain(uuid)?;
+        dom.ensure_running()?;
+        let mem = dom.open_memory(SourceChoice::Auto)?;
+        let regs = dom.registers()?;
+        let view = discover(&*mem, &regs)?;
+        let boot = view.identification.boot_key();
+        let path = baseline_path(state_dir, &dom.uuid);
+        if let Ok(stored) = Baseline::load(&path)
+            && stored.domain.uuid == dom.uuid
+            && stored.kernel.boot_key() == boot
+        {
+            drop(view);
+            return Ok((Self { dom, mem: Some(mem), baseline: stored, path }, Attached::Stored));
+        }
+        drop(view);
+        let baseline = take_baseline(&dom, &*mem)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| BaselineError::Write { path: dir.display().to_string(), source })?;
+        }
+        baseline.save(&path)?;
+        Ok((Self { dom, mem: Some(mem), baseline, path }, Attached::New))
+    }
+
+    pub fn boot(&self) -> String {
+        self.baseline.kernel.boot_key()
+    }
+
+    /// Compares the guest with the baseline over `scope`.
+    pub fn check(&mut self, scope: Scope) -> Result<Report, WatchError> {
+        let r = self.check_inner(scope);
+        if r.is_err() {
+            self.mem = None; // re-open on the next check
+        }
+        r
+    }
+
+    fn check_inner(&mut self, scope: Scope) -> Result<Report, WatchError> {
+        self.dom.ensure_running()?;
+        if self.mem.is_none() {
+            self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
+        }
+        let mem = self.mem.as_deref().expect("opened above");
+        let regs = self.dom.registers()?;
+        let view = discover(mem, &regs)?;
+        match check_scoped(&self.baseline, mem, &view, &regs, view.identification.image_base, scope) {
+            Ok(r) => Ok(r),
+            Err(e @ CheckError::DifferentBoot { .. }) => Err(WatchError::DifferentBoot(e.to_string())),
+            Err(CheckError::Read(e)) => Err(WatchError::Baseline(e)),
+        }
+    }
+
+    /// Replaces the baseline with the guest's current state, and stores it.
+    pub fn rebaseline(&mut self) -> Result<(), WatchError> {
+        if self.mem.is_none() {
+            self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
+        }
+        let baseline = take_baseline(&self.dom, self.mem.as_deref().expect("opened above"))?;
+        baseline.save(&self.path)?;
+        self.baseline = baseline;
+        Ok(())
+    }
+
+    pub fn pages(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.baseline.regions.iter().map(|r| (r.name.as_str(), r.pages.len() as u64))
+    }
+}
