@@ -149,6 +149,7 @@ impl Lab {
     /// Like [`Lab::start`], for a guest of any shape.
     pub fn start_with(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
+        let lock = self.lock_shared()?;
         let conn = connect_fresh(&name)?;
         let _ = std::fs::remove_file(self.console_path(&name));
         let xml = self.domain_xml_with(&name, shape);
@@ -164,6 +165,7 @@ impl Lab {
             console: self.console_path(&format!("{NAME_PREFIX}{suffix}")),
             port: None,
             next_id: first_id(),
+            _lock: lock,
         };
         guest.wait_ready(Duration::from_secs(120))?;
         Ok(guest)
@@ -187,6 +189,7 @@ impl Lab {
             dom: Some(dom),
             port: None,
             next_id: first_id(),
+            _lock: None,
         })
     }
 
@@ -212,6 +215,7 @@ impl Lab {
             dom: None,
             port: None,
             next_id: first_id(),
+            _lock: None,
         };
         g.connect(Duration::from_secs(10))?;
         Ok(g)
@@ -230,6 +234,54 @@ fn connect_fresh(name: &str) -> Result<Connect, LabError> {
         let _ = old.undefine();
     }
     Ok(conn)
+}
+
+/// Set while this process holds the lab's exclusive lock.
+static EXCLUSIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A lock on the lab: every guest holds it shared; a test that disturbs
+/// libvirt itself (restarting libvirtd) holds it exclusive, so that it runs
+/// alone whatever the test runner's parallelism.
+pub struct LabLock {
+    _file: std::fs::File,
+    exclusive: bool,
+}
+
+impl Drop for LabLock {
+    fn drop(&mut self) {
+        if self.exclusive {
+            EXCLUSIVE.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Lab {
+    fn lock_file(&self) -> Result<std::fs::File, LabError> {
+        let path = self.dir.join("run").join("lab.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| err(format!("opening {}: {e}", path.display())))
+    }
+
+    /// Waits until no other lab test runs, and keeps them out until dropped.
+    pub fn lock_exclusive(&self) -> Result<LabLock, LabError> {
+        let f = self.lock_file()?;
+        f.lock().map_err(|e| err(format!("locking the lab: {e}")))?;
+        EXCLUSIVE.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(LabLock { _file: f, exclusive: true })
+    }
+
+    fn lock_shared(&self) -> Result<Option<LabLock>, LabError> {
+        if EXCLUSIVE.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None); // this process already holds it exclusively
+        }
+        let f = self.lock_file()?;
+        f.lock_shared().map_err(|e| err(format!("locking the lab: {e}")))?;
+        Ok(Some(LabLock { _file: f, exclusive: false }))
+    }
 }
 
 /// Command ids start from the clock, so that answers meant for an earlier
@@ -256,6 +308,8 @@ pub struct Guest {
     console: PathBuf,
     port: Option<BufReader<UnixStream>>,
     next_id: u64,
+    /// Held while the domain runs (see [`LabLock`]); dropped after it.
+    _lock: Option<LabLock>,
 }
 
 impl Guest {
@@ -425,8 +479,15 @@ impl Guest {
     }
 
     fn destroy_now(&mut self) {
-        if let Some(d) = self.dom.take() {
-            let _ = d.destroy();
+        if let Some(d) = self.dom.take()
+            && d.destroy().is_err()
+        {
+            // The handle's connection may be gone (libvirtd restarted): by name.
+            if let Ok(conn) = Connect::open(Some(URI))
+                && let Ok(d) = conn.lookup_domain_by_name(&self.name)
+            {
+                let _ = d.destroy();
+            }
         }
     }
 }

@@ -110,10 +110,8 @@ impl Hypervisor {
         });
         let hv = Self::connect(uri)?;
         let _ = hv.conn.set_keep_alive(5, 3);
-        crate::sys::register_domain_events(&hv.conn, events).map_err(|reason| LibvirtError::Events {
-            uri: uri.into(),
-            reason,
-        })?;
+        crate::sys::register_domain_events(&hv.conn, events)
+            .map_err(|reason| LibvirtError::Events { uri: uri.into(), reason })?;
         Ok(hv)
     }
 
@@ -204,11 +202,20 @@ impl GuestDomain {
         self.dom.is_active().unwrap_or(false)
     }
 
+    /// `Ok` when the domain runs; `NotRunning` only when libvirt says it
+    /// does not (a failing connection is another error).
     pub fn ensure_running(&self) -> Result<(), LibvirtError> {
-        if self.is_running() {
-            Ok(())
-        } else {
-            Err(LibvirtError::NotRunning { domain: self.name.clone(), state: self.state_text() })
+        match self.dom.is_active() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(LibvirtError::NotRunning {
+                domain: self.name.clone(),
+                state: self.state_text(),
+            }),
+            Err(source) => Err(LibvirtError::Monitor {
+                domain: self.name.clone(),
+                command: "is-active".into(),
+                source,
+            }),
         }
     }
 
@@ -292,7 +299,10 @@ impl GuestDomain {
     }
 
     /// Opens the guest's memory with the source `choice` asks for.
-    pub fn open_memory(&self, choice: SourceChoice) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
+    pub fn open_memory(
+        &self,
+        choice: SourceChoice,
+    ) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         self.ensure_running()?;
         let (pid, layout, blocks) = self.memory_blocks()?;
         let used: Vec<BlockMapping> = blocks

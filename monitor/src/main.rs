@@ -56,7 +56,12 @@ struct Cli {
     #[arg(long, global = true, env = "VIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it).
-    #[arg(long, global = true, env = "VIGIL_CONTROL_SOCKET", default_value = "/run/vigil/control.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_CONTROL_SOCKET",
+        default_value = "/run/vigil/control.sock"
+    )]
     control_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -176,14 +181,18 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 control_socket: Some(cli.control_socket.clone()),
             };
             let settings = vigil::daemon::config::Settings::load(config.as_deref(), &over)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(vigil::daemon::run(settings))?;
             Ok(EXIT_OK)
         }
         Command::Status => control(cli, &serde_json::json!({ "command": "status" })),
-        Command::Accept { domain, reason } => {
-            control(cli, &serde_json::json!({ "command": "accept", "domain": domain, "reason": reason }))
-        }
+        Command::Accept { domain, reason } => control(
+            cli,
+            &serde_json::json!({ "command": "accept", "domain": domain, "reason": reason }),
+        ),
         Command::Domains => domains(cli),
         Command::Baseline { domain, output, source } => {
             baseline(cli, domain, output.as_deref(), *source)
@@ -333,7 +342,8 @@ fn check_domain(
 }
 
 fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
-    let answer = vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
+    let answer =
+        vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
         bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
     }
@@ -344,11 +354,25 @@ fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
         return Ok(EXIT_OK);
     }
     let list = answer["domains"].as_array().cloned().unwrap_or_default();
-    writeln!(out, "vigil daemon on {} ({}), {} domain(s)", answer["host"].as_str().unwrap_or("?"), answer["connect"].as_str().unwrap_or("?"), list.len())?;
+    writeln!(
+        out,
+        "vigil daemon on {} ({}), {} domain(s)",
+        answer["host"].as_str().unwrap_or("?"),
+        answer["connect"].as_str().unwrap_or("?"),
+        list.len()
+    )?;
     writeln!(out, "{:24} {:12} {:>10}  {:30}  DETAIL", "DOMAIN", "STATE", "OPEN", "LAST CHECK")?;
     for d in &list {
         let s = |k: &str| d[k].as_str().unwrap_or("").to_owned();
-        writeln!(out, "{:24} {:12} {:>10}  {:30}  {}", s("name"), s("state"), d["open_violations"], s("last_check"), s("detail"))?;
+        writeln!(
+            out,
+            "{:24} {:12} {:>10}  {:30}  {}",
+            s("name"),
+            s("state"),
+            d["open_violations"],
+            s("last_check"),
+            s("detail")
+        )?;
     }
     Ok(EXIT_OK)
 }

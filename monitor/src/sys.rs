@@ -117,8 +117,12 @@ unsafe fn domain_ids(dom: virt::sys::virDomainPtr) -> (String, String) {
     // SAFETY: `dom` is valid (caller's contract); the buffer holds the 37
     // bytes VIR_UUID_STRING_BUFLEN asks for.
     let ok = unsafe { virt::sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0;
-    // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
-    let uuid = if ok { unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned() } else { String::new() };
+    let uuid = if ok {
+        // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    } else {
+        String::new()
+    };
     // SAFETY: `dom` is valid; the name it returns lives as long as `dom` and
     // is copied out before returning.
     let name_ptr = unsafe { virt::sys::virDomainGetName(dom) };
@@ -156,7 +160,11 @@ unsafe extern "C" fn lifecycle_cb(
     0
 }
 
-unsafe extern "C" fn reboot_cb(_conn: virt::sys::virConnectPtr, dom: virt::sys::virDomainPtr, opaque: *mut libc::c_void) {
+unsafe extern "C" fn reboot_cb(
+    _conn: virt::sys::virConnectPtr,
+    dom: virt::sys::virDomainPtr,
+    opaque: *mut libc::c_void,
+) {
     // SAFETY: as in `lifecycle_cb`.
     let (uuid, name) = unsafe { domain_ids(dom) };
     // SAFETY: as in `lifecycle_cb`.
@@ -174,7 +182,10 @@ unsafe extern "C" fn free_sender(opaque: *mut libc::c_void) {
 /// sending what they see to `tx`. Needs libvirt's default event loop
 /// registered before `conn` was opened and run on some thread. The
 /// registrations end when the connection closes.
-pub fn register_domain_events(conn: &virt::connect::Connect, tx: EventSender) -> Result<(), String> {
+pub fn register_domain_events(
+    conn: &virt::connect::Connect,
+    tx: EventSender,
+) -> Result<(), String> {
     type Lifecycle = unsafe extern "C" fn(
         virt::sys::virConnectPtr,
         virt::sys::virDomainPtr,
@@ -182,12 +193,15 @@ pub fn register_domain_events(conn: &virt::connect::Connect, tx: EventSender) ->
         libc::c_int,
         *mut libc::c_void,
     ) -> libc::c_int;
-    type Generic = unsafe extern "C" fn(virt::sys::virConnectPtr, virt::sys::virDomainPtr, *mut libc::c_void);
+    type Generic =
+        unsafe extern "C" fn(virt::sys::virConnectPtr, virt::sys::virDomainPtr, *mut libc::c_void);
     for (id, cb) in [
         // SAFETY: libvirt calls a callback registered for an event ID with that
         // ID's own signature; the generic type is only how the C API spells
         // the parameter (its VIR_DOMAIN_EVENT_CALLBACK macro casts the same way).
-        (virt::sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe { std::mem::transmute::<Lifecycle, Generic>(lifecycle_cb) }),
+        (virt::sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe {
+            std::mem::transmute::<Lifecycle, Generic>(lifecycle_cb)
+        }),
         (virt::sys::VIR_DOMAIN_EVENT_ID_REBOOT, reboot_cb as Generic),
     ] {
         let opaque = Box::into_raw(Box::new(tx.clone())).cast::<libc::c_void>();

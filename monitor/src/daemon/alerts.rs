@@ -106,7 +106,11 @@ fn kind_text(k: FindingKind) -> &'static str {
 /// T1014 (Rootkit); switching off a CPU protection is T1562 (Impair Defenses).
 fn technique(f: &Finding) -> &'static str {
     match f.kind {
-        FindingKind::Register if f.register.as_deref().is_some_and(|r| r.starts_with("CR") || r.starts_with("EFER")) => {
+        FindingKind::Register
+            if f.register
+                .as_deref()
+                .is_some_and(|r| r.starts_with("CR") || r.starts_with("EFER")) =>
+        {
             "T1562"
         }
         _ => "T1014",
@@ -127,11 +131,15 @@ pub fn group_key(f: &Finding) -> String {
     }
 }
 
+/// A group of findings: its key, its digest, its findings.
+pub type Group<'a> = (String, String, Vec<&'a Finding>);
+
 /// The findings of one scan, grouped, each group with a digest of exactly
 /// what changed: the same change seen again has the same digest; a change
 /// that grows, shrinks or differs has another.
-pub fn groups(findings: &[Finding]) -> Vec<(String, String, Vec<&Finding>)> {
-    let mut map: std::collections::BTreeMap<String, Vec<&Finding>> = std::collections::BTreeMap::new();
+pub fn groups(findings: &[Finding]) -> Vec<Group<'_>> {
+    let mut map: std::collections::BTreeMap<String, Vec<&Finding>> =
+        std::collections::BTreeMap::new();
     for f in findings {
         map.entry(group_key(f)).or_default().push(f);
     }
@@ -139,7 +147,10 @@ pub fn groups(findings: &[Finding]) -> Vec<(String, String, Vec<&Finding>)> {
         .map(|(key, fs)| {
             let mut h = blake3::Hasher::new();
             for f in &fs {
-                h.update(format!("{:#x}|{:?}|{}|{}\n", f.gva.raw(), f.vcpu, f.before, f.after).as_bytes());
+                h.update(
+                    format!("{:#x}|{:?}|{}|{}\n", f.gva.raw(), f.vcpu, f.before, f.after)
+                        .as_bytes(),
+                );
             }
             (key, h.finalize().to_hex().to_string(), fs)
         })
@@ -193,7 +204,8 @@ impl Subject {
         let detail = if fs.len() == 1 {
             f.detail.clone()
         } else {
-            let shown: Vec<String> = fs.iter().take(4).map(|f| format!("{:#x}", f.gva.raw())).collect();
+            let shown: Vec<String> =
+                fs.iter().take(4).map(|f| format!("{:#x}", f.gva.raw())).collect();
             format!(
                 "{} pages of {} ({}): {}{}",
                 fs.len(),
@@ -208,7 +220,8 @@ impl Subject {
         a.kind = kind_text(f.kind).into();
         a.gva = format!("{:#x}", f.gva.raw());
         a.gpa = format!("{:#x}", f.gpa.raw());
-        a.pages = fs.iter().filter(|f| f.page.is_some() || f.kind != FindingKind::Register).count() as u64;
+        a.pages = fs.iter().filter(|f| f.page.is_some() || f.kind != FindingKind::Register).count()
+            as u64;
         a.vcpu = f.vcpu;
         a.register = f.register.clone();
         a.technique = technique(f).into();
@@ -249,7 +262,8 @@ impl AlertLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let mut file = OpenOptions::new().create(true).append(true).read(true).open(path).map_err(err)?;
+        let mut file =
+            OpenOptions::new().create(true).append(true).read(true).open(path).map_err(err)?;
         // A crash in mid-append leaves a torn last line: end it, so the next
         // alert starts a line of its own.
         let len = file.metadata().map_err(err)?.len();
@@ -322,10 +336,11 @@ use std::io::Read as _;
 /// reported with another digest) and which reported groups are gone.
 pub fn news<'a>(
     reported: &HashMap<String, String>,
-    groups: &'a [(String, String, Vec<&'a Finding>)],
-) -> (Vec<&'a (String, String, Vec<&'a Finding>)>, Vec<String>) {
+    groups: &'a [Group<'a>],
+) -> (Vec<&'a Group<'a>>, Vec<String>) {
     let fresh = groups.iter().filter(|(k, d, _)| reported.get(k) != Some(d)).collect();
-    let mut gone: Vec<String> = reported.keys().filter(|k| !groups.iter().any(|(g, _, _)| g == *k)).cloned().collect();
+    let mut gone: Vec<String> =
+        reported.keys().filter(|k| !groups.iter().any(|(g, _, _)| g == *k)).cloned().collect();
     gone.sort();
     (fresh, gone)
 }
@@ -401,7 +416,12 @@ mod tests {
         log.append(&rev).unwrap();
         drop(log);
         // A crash in mid-write leaves half a line.
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"schema\":1,\"ti").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"schema\":1,\"ti")
+            .unwrap();
         let r = AlertLog::reported(&path).unwrap();
         let cur = &r[&("u".to_string(), "b".to_string())];
         let g = groups(&text);
@@ -421,8 +441,24 @@ mod tests {
         let a = subject().group(&g[0].0, &g[0].1, &g[0].2);
         let v = serde_json::to_value(&a).unwrap();
         for k in [
-            "schema", "time", "host", "event", "severity", "domain", "uuid", "boot", "region", "kind", "gva", "gpa", "pages",
-            "technique", "before", "after", "key", "digest",
+            "schema",
+            "time",
+            "host",
+            "event",
+            "severity",
+            "domain",
+            "uuid",
+            "boot",
+            "region",
+            "kind",
+            "gva",
+            "gpa",
+            "pages",
+            "technique",
+            "before",
+            "after",
+            "key",
+            "digest",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

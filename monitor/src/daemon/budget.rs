@@ -21,7 +21,16 @@ struct State {
 impl Budget {
     pub fn new(rate: f64) -> Self {
         let now = Instant::now();
-        Self { rate, state: Mutex::new(State { tokens: rate, last: now, window_start: now, window_used: 0.0, last_ratio: 0.0 }) }
+        Self {
+            rate,
+            state: Mutex::new(State {
+                tokens: rate,
+                last: now,
+                window_start: now,
+                window_used: 0.0,
+                last_ratio: 0.0,
+            }),
+        }
     }
 
     fn refill(&self, s: &mut State, now: Instant) {
@@ -71,7 +80,10 @@ mod tests {
         let b = Budget::new(0.1); // 100 ms of checking per second
         assert_eq!(b.reserve(Duration::from_millis(60)), Duration::ZERO);
         let wait = b.reserve(Duration::from_millis(60));
-        assert!(wait > Duration::from_millis(150) && wait <= Duration::from_millis(200), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(150) && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
         // A check that cost less than estimated gives the rest back.
         b.settle(Duration::from_millis(60), Duration::from_millis(10));
         assert_eq!(b.reserve(Duration::from_millis(60)), Duration::ZERO);

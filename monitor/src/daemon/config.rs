@@ -161,7 +161,8 @@ impl Settings {
         let (name, raw) = match file {
             Some(p) => {
                 let name = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { file: name.clone(), source })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { file: name.clone(), source })?;
                 let raw = Self::parse(&name, &text)?;
                 (name, raw)
             }
@@ -171,57 +172,102 @@ impl Settings {
     }
 
     pub fn parse(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Syntax { file: file.into(), reason: e.to_string().trim().replace('\n', " ") })
+        toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.into(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
     }
 
     pub fn validate(file: &str, raw: RawConfig, over: &Overrides) -> Result<Self, ConfigError> {
-        let bad = |key: &str, reason: String| ConfigError::Invalid { file: file.into(), key: key.into(), reason };
-        let dur = |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            file: file.into(),
+            key: key.into(),
+            reason,
+        };
+        let dur = |key: &str,
+                   v: &Option<String>,
+                   default: Duration|
+         -> Result<Duration, ConfigError> {
             match v {
                 None => Ok(default),
                 Some(s) => parse_duration(s).ok_or_else(|| {
-                    bad(key, format!("{s:?} is not a positive duration like \"500ms\", \"1s\", \"2m\""))
+                    bad(
+                        key,
+                        format!("{s:?} is not a positive duration like \"500ms\", \"1s\", \"2m\""),
+                    )
                 }),
             }
         };
-        let state_dir = over.state_dir.clone().or(raw.state_dir).unwrap_or_else(|| "/var/lib/vigil".into());
-        let alert_log = over.alert_log.clone().or(raw.alert_log).unwrap_or_else(|| state_dir.join("alerts.jsonl"));
-        let listen = over.metrics_listen.clone().or(raw.metrics_listen).unwrap_or_else(|| "127.0.0.1:9797".into());
-        let metrics_listen: SocketAddr =
-            listen.parse().map_err(|_| bad("metrics_listen", format!("{listen:?} is not an ADDRESS:PORT")))?;
-        let hot_interval = dur("schedule.hot_interval", &raw.schedule.hot_interval, Duration::from_secs(1))?;
-        let full_interval = dur("schedule.full_interval", &raw.schedule.full_interval, Duration::from_secs(10))?;
+        let state_dir =
+            over.state_dir.clone().or(raw.state_dir).unwrap_or_else(|| "/var/lib/vigil".into());
+        let alert_log = over
+            .alert_log
+            .clone()
+            .or(raw.alert_log)
+            .unwrap_or_else(|| state_dir.join("alerts.jsonl"));
+        let listen = over
+            .metrics_listen
+            .clone()
+            .or(raw.metrics_listen)
+            .unwrap_or_else(|| "127.0.0.1:9797".into());
+        let metrics_listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| bad("metrics_listen", format!("{listen:?} is not an ADDRESS:PORT")))?;
+        let hot_interval =
+            dur("schedule.hot_interval", &raw.schedule.hot_interval, Duration::from_secs(1))?;
+        let full_interval =
+            dur("schedule.full_interval", &raw.schedule.full_interval, Duration::from_secs(10))?;
         if full_interval < hot_interval {
             return Err(bad(
                 "schedule.full_interval",
-                format!("{full_interval:?} is shorter than schedule.hot_interval ({hot_interval:?})"),
+                format!(
+                    "{full_interval:?} is shorter than schedule.hot_interval ({hot_interval:?})"
+                ),
             ));
         }
         let jitter = raw.schedule.jitter.unwrap_or(0.1);
         if !(0.0..=0.5).contains(&jitter) {
-            return Err(bad("schedule.jitter", format!("{jitter} is not a fraction between 0 and 0.5")));
+            return Err(bad(
+                "schedule.jitter",
+                format!("{jitter} is not a fraction between 0 and 0.5"),
+            ));
         }
         let cpu_budget = raw.schedule.cpu_budget.unwrap_or(0.5);
         if !(cpu_budget > 0.0 && cpu_budget <= 64.0) {
-            return Err(bad("schedule.cpu_budget", format!("{cpu_budget} is not a share of CPU cores above 0")));
+            return Err(bad(
+                "schedule.cpu_budget",
+                format!("{cpu_budget} is not a share of CPU cores above 0"),
+            ));
         }
-        let attach_retry = dur("schedule.attach_retry", &raw.schedule.attach_retry, Duration::from_secs(2))?;
+        let attach_retry =
+            dur("schedule.attach_retry", &raw.schedule.attach_retry, Duration::from_secs(2))?;
         let settle = dur("schedule.settle", &raw.schedule.settle, Duration::from_secs(5))?;
         let include = raw.domains.include.unwrap_or_else(|| vec!["*".into()]);
         let exclude = raw.domains.exclude.unwrap_or_default();
         for (key, list) in [("domains.include", &include), ("domains.exclude", &exclude)] {
             if let Some(p) = list.iter().find(|p| p.is_empty() || p.len() > 256) {
-                return Err(bad(key, format!("pattern {p:?} is empty or longer than 256 characters")));
+                return Err(bad(
+                    key,
+                    format!("pattern {p:?} is empty or longer than 256 characters"),
+                ));
             }
         }
         let endpoint = |key: &str, e: RawEndpoint| -> Result<Option<HttpEndpoint>, ConfigError> {
-            e.url.map(|u| parse_endpoint(&u).map_err(|r| bad(key, format!("{u:?} {r}")))).transpose()
+            e.url
+                .map(|u| parse_endpoint(&u).map_err(|r| bad(key, format!("{u:?} {r}"))))
+                .transpose()
         };
         let host = raw.host.unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into())
         });
         Ok(Self {
-            connect: over.connect.clone().or(raw.connect).unwrap_or_else(|| "qemu:///system".into()),
+            connect: over
+                .connect
+                .clone()
+                .or(raw.connect)
+                .unwrap_or_else(|| "qemu:///system".into()),
             alert_log,
             metrics_listen,
             control_socket: over
@@ -292,8 +338,13 @@ mod tests {
 
     #[test]
     fn overrides_win() {
-        let raw = Settings::parse("f", "state_dir = \"/a\"\nmetrics_listen = \"127.0.0.1:1\"").unwrap();
-        let over = Overrides { state_dir: Some("/b".into()), metrics_listen: Some("127.0.0.1:2".into()), ..Default::default() };
+        let raw =
+            Settings::parse("f", "state_dir = \"/a\"\nmetrics_listen = \"127.0.0.1:1\"").unwrap();
+        let over = Overrides {
+            state_dir: Some("/b".into()),
+            metrics_listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
         let s = Settings::validate("f", raw, &over).unwrap();
         assert_eq!(s.state_dir, PathBuf::from("/b"));
         assert_eq!(s.metrics_listen.port(), 2);
@@ -303,7 +354,10 @@ mod tests {
     fn invalid_files_name_file_key_and_reason() {
         for (text, key) in [
             ("[schedule]\nhot_interval = \"fast\"", "schedule.hot_interval"),
-            ("[schedule]\nhot_interval = \"10s\"\nfull_interval = \"1s\"", "schedule.full_interval"),
+            (
+                "[schedule]\nhot_interval = \"10s\"\nfull_interval = \"1s\"",
+                "schedule.full_interval",
+            ),
             ("[schedule]\njitter = 2.0", "schedule.jitter"),
             ("[schedule]\ncpu_budget = 0", "schedule.cpu_budget"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
@@ -313,7 +367,12 @@ mod tests {
             let e = load(text).unwrap_err().to_string();
             assert!(e.starts_with("vigil.toml: key ") && e.contains(key), "{text:?}: {e}");
         }
-        for (text, word) in [("bogus = 1", "bogus"), ("[schedule]\nhot_intervall = \"1s\"", "hot_intervall"), ("state_dir = 5", "state_dir"), ("[[", "")] {
+        for (text, word) in [
+            ("bogus = 1", "bogus"),
+            ("[schedule]\nhot_intervall = \"1s\"", "hot_intervall"),
+            ("state_dir = 5", "state_dir"),
+            ("[[", ""),
+        ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.starts_with("vigil.toml: ") && e.contains(word), "{text:?}: {e}");
         }

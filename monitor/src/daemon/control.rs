@@ -88,12 +88,17 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ControlError> {
         Err(e) => return Err(err("removing a stale socket", e)),
     }
     let listener = UnixListener::bind(path).map_err(|e| err("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|e| err("setting mode 0660", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err("setting mode 0660", e))?;
     let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
     if let Some((gid, _)) = group_entry(&groups, group) {
-        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(|e| err("setting its group", e))?;
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .map_err(|e| err("setting its group", e))?;
     } else {
-        eprintln!("vigil: warning: group {group:?} does not exist: only root can use the control socket {}", path.display());
+        eprintln!(
+            "vigil: warning: group {group:?} does not exist: only root can use the control socket {}",
+            path.display()
+        );
     }
     Ok(listener)
 }
@@ -118,19 +123,26 @@ async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
     };
     match req.command.as_str() {
         "status" | "domains" => {
-            let mut list: Vec<_> = shared.status.lock().expect("status lock").values().cloned().collect();
+            let mut list: Vec<_> =
+                shared.status.lock().expect("status lock").values().cloned().collect();
             list.sort_by(|a, b| a.name.cmp(&b.name));
             serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list })
         }
         "check" | "accept" => {
-            let Some(domain) = req.domain else { return reply_err("this command needs a \"domain\"") };
+            let Some(domain) = req.domain else {
+                return reply_err("this command needs a \"domain\"");
+            };
             let (tx, rx) = tokio::sync::oneshot::channel();
             let cmd = if req.command == "check" {
                 Command::CheckNow(tx)
             } else {
                 match req.reason.filter(|r| !r.trim().is_empty()) {
                     Some(reason) => Command::Accept { reason, reply: tx },
-                    None => return reply_err("accept needs a \"reason\": it is recorded in the alert log"),
+                    None => {
+                        return reply_err(
+                            "accept needs a \"reason\": it is recorded in the alert log",
+                        );
+                    }
                 }
             };
             if let Err(e) = shared.command(&domain, cmd) {
@@ -150,22 +162,26 @@ async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
 async fn client(shared: Arc<Shared>, stream: UnixStream) {
     let cred = stream.peer_cred();
     let (r, mut w) = stream.into_split();
-    let ok = cred.as_ref().is_ok_and(|c| allowed(c.uid(), c.gid(), &shared.settings.control_group));
-    if !ok {
-        let who = cred.map(|c| format!("uid {} gid {}", c.uid(), c.gid())).unwrap_or_else(|_| "an unknown peer".into());
-        let msg = reply_err(format!("permission denied: {who} is neither root nor in group {}", shared.settings.control_group));
-        let _ = w.write_all(format!("{msg}\n").as_bytes()).await;
-        return;
-    }
     let mut lines = BufReader::new(r.take(MAX_REQUEST));
     let mut line = String::new();
-    match tokio::time::timeout(TIMEOUT, lines.read_line(&mut line)).await {
-        Ok(Ok(n)) if n > 0 => {
-            let v = answer(&shared, line.trim()).await;
-            let _ = w.write_all(format!("{v}\n").as_bytes()).await;
-        }
-        _ => {}
-    }
+    // Read the request (bounded) before answering, even a refusal, so that
+    // the caller is not cut off in mid-write and sees the reason.
+    let got = matches!(tokio::time::timeout(TIMEOUT, lines.read_line(&mut line)).await, Ok(Ok(n)) if n > 0);
+    let ok = cred.as_ref().is_ok_and(|c| allowed(c.uid(), c.gid(), &shared.settings.control_group));
+    let v = if !ok {
+        let who = cred
+            .map(|c| format!("uid {} gid {}", c.uid(), c.gid()))
+            .unwrap_or_else(|_| "an unknown peer".into());
+        reply_err(format!(
+            "permission denied: {who} is neither root nor in group {}",
+            shared.settings.control_group
+        ))
+    } else if got {
+        answer(&shared, line.trim()).await
+    } else {
+        return;
+    };
+    let _ = w.write_all(format!("{v}\n").as_bytes()).await;
 }
 
 /// Serves the socket until the listener fails.
@@ -189,10 +205,14 @@ pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the vigil daemon at {}: {e} (is it running? are you root or in its group?)", path.display()))?;
     s.set_read_timeout(Some(TIMEOUT + Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    s.write_all(format!("{req}\n").as_bytes()).map_err(|e| format!("writing to {}: {e}", path.display()))?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| format!("writing to {}: {e}", path.display()))?;
     let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("reading from {}: {e}", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("the daemon's answer is not JSON ({e}): {line:?}"))
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from {}: {e}", path.display()))?;
+    serde_json::from_str(&line)
+        .map_err(|e| format!("the daemon's answer is not JSON ({e}): {line:?}"))
 }
 
 use tokio::io::AsyncReadExt as _;

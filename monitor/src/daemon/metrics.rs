@@ -88,19 +88,35 @@ impl Metrics {
             let mut r = m.registry.lock().expect("registry lock");
             r.register("checks", "Integrity checks run", m.checks.clone());
             r.register("check_duration_seconds", "Time one check took", m.check_duration.clone());
-            r.register("bytes_verified", "Guest memory bytes read and hashed", m.bytes_verified.clone());
+            r.register(
+                "bytes_verified",
+                "Guest memory bytes read and hashed",
+                m.bytes_verified.clone(),
+            );
             r.register("pages_protected", "Pages under protection", m.pages_protected.clone());
             r.register(
                 "last_check_timestamp_seconds",
                 "Unix time of the last completed check",
                 m.last_check.clone(),
             );
-            r.register("violations", "Violations found (each distinct change once)", m.violations.clone());
+            r.register(
+                "violations",
+                "Violations found (each distinct change once)",
+                m.violations.clone(),
+            );
             r.register("events", "Alert-log events by kind", m.events.clone());
             r.register("errors", "Monitor failures by kind", m.errors.clone());
             r.register("domains_attached", "Domains being checked", m.attached.clone());
-            r.register("budget_used_ratio", "Share of the CPU budget used over the last second", m.budget_used.clone());
-            r.register("budget_overruns", "Checks started late because the CPU budget was spent", m.budget_overruns.clone());
+            r.register(
+                "budget_used_ratio",
+                "Share of the CPU budget used over the last second",
+                m.budget_used.clone(),
+            );
+            r.register(
+                "budget_overruns",
+                "Checks started late because the CPU budget was spent",
+                m.budget_overruns.clone(),
+            );
             r.register(
                 "build",
                 "Build information",
@@ -113,13 +129,17 @@ impl Metrics {
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        encode(&mut out, &self.registry.lock().expect("registry lock")).expect("writing to a String");
+        encode(&mut out, &self.registry.lock().expect("registry lock"))
+            .expect("writing to a String");
         out
     }
 }
 
 /// Serves `/metrics` and `/healthz` until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     use axum::http::header;
     use axum::routing::get;
     let app = axum::Router::new()
@@ -129,7 +149,10 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> 
                 let m = metrics.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         m.encode(),
                     )
                 }
@@ -147,11 +170,20 @@ mod tests {
     fn encodes_openmetrics_with_prefix_and_labels() {
         let m = Metrics::new();
         m.violations
-            .get_or_create(&ViolationLabels { domain: "web1".into(), region: "kernel-text".into(), kind: "content".into() })
+            .get_or_create(&ViolationLabels {
+                domain: "web1".into(),
+                region: "kernel-text".into(),
+                kind: "content".into(),
+            })
             .inc();
         m.check_duration.get_or_create(&ScopeLabels { scope: "full".into() }).observe(0.01);
         let text = m.encode();
-        assert!(text.contains(r#"vigil_violations_total{domain="web1",region="kernel-text",kind="content"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"vigil_violations_total{domain="web1",region="kernel-text",kind="content"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains("vigil_check_duration_seconds_bucket"), "{text}");
         assert!(text.contains("vigil_build_info{version="), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));

@@ -30,7 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 use self::alerts::{Alert, AlertLog, EventKind, Reported, Subject};
 use self::budget::Budget;
 use self::config::Settings;
-use self::metrics::{CheckLabels, DomainLabels, KindLabels, Metrics, RegionLabels, ScopeLabels, ViolationLabels};
+use self::metrics::{
+    CheckLabels, DomainLabels, KindLabels, Metrics, RegionLabels, ScopeLabels, ViolationLabels,
+};
 use self::watch::{Attached, WatchError, Watched};
 use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
@@ -79,12 +81,19 @@ impl Sink {
             }
         };
         println!("{}", serde_json::to_string(&alert).expect("alerts serialise"));
-        let kind = serde_json::to_value(alert.event).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let kind = serde_json::to_value(alert.event)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         self.metrics.events.get_or_create(&KindLabels { kind }).inc();
         if alert.event == EventKind::Violation {
             self.metrics
                 .violations
-                .get_or_create(&ViolationLabels { domain: alert.domain.clone(), region: alert.region.clone(), kind: alert.kind.clone() })
+                .get_or_create(&ViolationLabels {
+                    domain: alert.domain.clone(),
+                    region: alert.region.clone(),
+                    kind: alert.kind.clone(),
+                })
                 .inc();
         }
         {
@@ -103,14 +112,22 @@ impl Sink {
         }
         for (is_am, q) in &self.pushers {
             if (!*is_am || push::for_alertmanager(&alert)) && q.try_send(alert.clone()).is_err() {
-                self.metrics.errors.get_or_create(&KindLabels { kind: "push_queue_full".into() }).inc();
+                self.metrics
+                    .errors
+                    .get_or_create(&KindLabels { kind: "push_queue_full".into() })
+                    .inc();
             }
         }
         logged
     }
 
     fn reported_for(&self, uuid: &str, boot: &str) -> HashMap<String, String> {
-        self.reported.lock().expect("reported lock").get(&(uuid.to_owned(), boot.to_owned())).cloned().unwrap_or_default()
+        self.reported
+            .lock()
+            .expect("reported lock")
+            .get(&(uuid.to_owned(), boot.to_owned()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn error(&self, kind: &str) {
@@ -138,6 +155,7 @@ pub struct DomainStatus {
 }
 
 struct Task {
+    id: u64,
     cancel: tokio_watch::Sender<bool>,
     reboot: Arc<tokio::sync::Notify>,
     commands: mpsc::Sender<Command>,
@@ -159,7 +177,12 @@ impl Shared {
     }
 
     fn subject(&self, name: &str, uuid: &str, boot: &str) -> Subject {
-        Subject { host: self.settings.host.clone(), domain: name.into(), uuid: uuid.into(), boot: boot.into() }
+        Subject {
+            host: self.settings.host.clone(),
+            domain: name.into(),
+            uuid: uuid.into(),
+            boot: boot.into(),
+        }
     }
 
     fn set_status(&self, uuid: &str, f: impl FnOnce(&mut DomainStatus)) {
@@ -179,6 +202,11 @@ impl Shared {
         let t = tasks.get(&uuid).ok_or_else(|| format!("domain {domain} is not attached"))?;
         t.commands.try_send(cmd).map_err(|_| format!("domain {domain} is busy; try again"))
     }
+}
+
+/// A count as a gauge value (saturating).
+fn gauge(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// A little randomness for jitter, without a dependency.
@@ -211,7 +239,12 @@ async fn blocking<T: Send + 'static>(
 
 /// Attaches a domain, retrying until its kernel can be found, the task is
 /// cancelled, or the domain is gone. `None` when it should stop.
-async fn attach(shared: &Arc<Shared>, uuid: &str, name: &str, cancel: &mut tokio_watch::Receiver<bool>) -> Option<(Watched, Attached)> {
+async fn attach(
+    shared: &Arc<Shared>,
+    uuid: &str,
+    name: &str,
+    cancel: &mut tokio_watch::Receiver<bool>,
+) -> Option<(Watched, Attached)> {
     let mut last_reason = String::new();
     loop {
         if *cancel.borrow() {
@@ -219,15 +252,24 @@ async fn attach(shared: &Arc<Shared>, uuid: &str, name: &str, cancel: &mut tokio
         }
         if let Some(hv) = shared.hypervisor() {
             let (u, dir) = (uuid.to_owned(), shared.settings.state_dir.clone());
-            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir)).await.expect("attach panicked");
+            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir))
+                .await
+                .expect("attach panicked");
             match r {
                 Ok(ok) => return Some(ok),
                 Err(e) if e.domain_gone() => return None,
                 Err(e) => {
                     let reason = e.message();
                     if reason != last_reason {
-                        let detail = format!("waiting to attach {name}: {reason}; retrying every {:?}", shared.settings.attach_retry);
-                        shared.sink.emit(shared.subject(name, uuid, "").event(EventKind::Waiting, "info", detail.clone()));
+                        let detail = format!(
+                            "waiting to attach {name}: {reason}; retrying every {:?}",
+                            shared.settings.attach_retry
+                        );
+                        shared.sink.emit(shared.subject(name, uuid, "").event(
+                            EventKind::Waiting,
+                            "info",
+                            detail.clone(),
+                        ));
                         shared.set_status(uuid, |s| {
                             s.state = "waiting".into();
                             s.detail = detail;
@@ -248,6 +290,7 @@ async fn attach(shared: &Arc<Shared>, uuid: &str, name: &str, cancel: &mut tokio
 /// new boot, stop when cancelled or the domain is gone.
 async fn domain_task(
     shared: Arc<Shared>,
+    task_id: u64,
     uuid: String,
     name: String,
     mut cancel: tokio_watch::Receiver<bool>,
@@ -264,17 +307,36 @@ async fn domain_task(
         let mut reported = shared.sink.reported_for(&uuid, &boot);
         let mut provisional_until = match how {
             Attached::Stored => {
-                shared.sink.emit(subject.event(EventKind::Attached, "info", format!("attached {name}: checking against the stored baseline of this boot ({})", w.path.display())));
+                shared.sink.emit(subject.event(
+                    EventKind::Attached,
+                    "info",
+                    format!(
+                        "attached {name}: checking against the stored baseline of this boot ({})",
+                        w.path.display()
+                    ),
+                ));
                 None
             }
             Attached::New => {
-                shared.sink.emit(subject.event(EventKind::NewBoot, "info", format!("attached {name}: new baseline of boot {boot} taken ({})", w.path.display())));
+                shared.sink.emit(subject.event(
+                    EventKind::NewBoot,
+                    "info",
+                    format!(
+                        "attached {name}: new baseline of boot {boot} taken ({})",
+                        w.path.display()
+                    ),
+                ));
                 reported.clear();
                 Some(Instant::now() + s.settle)
             }
         };
         for (region, pages) in w.pages() {
-            shared.sink.metrics.pages_protected.get_or_create(&RegionLabels { domain: name.clone(), region: region.into() }).set(pages as i64);
+            shared
+                .sink
+                .metrics
+                .pages_protected
+                .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
+                .set(gauge(pages));
         }
         shared.set_status(&uuid, |st| {
             st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
@@ -311,7 +373,9 @@ async fn domain_task(
                         a.key = reason;
                         shared.sink.emit(a);
                         reported.clear();
-                        let _ = reply.send(Ok(serde_json::json!({ "domain": name, "baseline": w.path, "boot": boot })));
+                        let _ = reply.send(Ok(
+                            serde_json::json!({ "domain": name, "baseline": w.path, "boot": boot }),
+                        ));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.message()));
@@ -353,10 +417,22 @@ async fn domain_task(
             match result {
                 Ok(report) => {
                     last_error.clear();
-                    m.checks.get_or_create(&CheckLabels { domain: name.clone(), scope: scope_name.into() }).inc();
-                    m.check_duration.get_or_create(&ScopeLabels { scope: scope_name.into() }).observe(took.as_secs_f64());
-                    m.bytes_verified.get_or_create(&DomainLabels { domain: name.clone() }).inc_by(report.bytes_verified);
-                    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                    m.checks
+                        .get_or_create(&CheckLabels {
+                            domain: name.clone(),
+                            scope: scope_name.into(),
+                        })
+                        .inc();
+                    m.check_duration
+                        .get_or_create(&ScopeLabels { scope: scope_name.into() })
+                        .observe(took.as_secs_f64());
+                    m.bytes_verified
+                        .get_or_create(&DomainLabels { domain: name.clone() })
+                        .inc_by(report.bytes_verified);
+                    let unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
                     m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
                     // While a new boot settles, the kernel may still be patching
                     // itself: take such changes into the baseline, as info.
@@ -366,12 +442,21 @@ async fn domain_task(
                             let (back, r) = blocking(w, |w| w.rebaseline()).await;
                             w = back;
                             let detail = match r {
-                                Ok(()) => format!("{name} was still changing while its new boot settled ({} change(s)); baseline re-taken", report.violations.len()),
-                                Err(e) => format!("re-taking the baseline of {name} failed: {}", e.message()),
+                                Ok(()) => format!(
+                                    "{name} was still changing while its new boot settled ({} finding(s)); baseline re-taken",
+                                    report.violations.len() + report.info.len()
+                                ),
+                                Err(e) => format!(
+                                    "re-taking the baseline of {name} failed: {}",
+                                    e.message()
+                                ),
                             };
                             shared.sink.emit(subject.event(EventKind::Notice, "info", detail));
                             provisional_until = Some(Instant::now() + s.settle);
-                            if let Some(r) = reply { let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default())); }
+                            if let Some(r) = reply {
+                                let _ =
+                                    r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                            }
                             continue;
                         }
                         if full && Instant::now() >= until {
@@ -379,7 +464,8 @@ async fn domain_task(
                             shared.set_status(&uuid, |st| st.state = "watching".into());
                         }
                     }
-                    let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+                    let all: Vec<_> =
+                        report.violations.iter().chain(&report.info).cloned().collect();
                     let groups = alerts::groups(&all);
                     let (fresh, gone) = alerts::news(&scope_filter(&reported, scope), &groups);
                     for (key, digest, fs) in fresh {
@@ -388,7 +474,11 @@ async fn domain_task(
                         shared.sink.emit(a);
                     }
                     for key in gone {
-                        let mut a = subject.event(EventKind::Reverted, "info", format!("{key} is as in the baseline again"));
+                        let mut a = subject.event(
+                            EventKind::Reverted,
+                            "info",
+                            format!("{key} is as in the baseline again"),
+                        );
                         a.key = key.clone();
                         reported.remove(&key);
                         shared.sink.emit(a);
@@ -404,31 +494,55 @@ async fn domain_task(
                     }
                 }
                 Err(WatchError::DifferentBoot(msg)) => {
-                    if let Some(r) = reply { let _ = r.send(Err(msg.clone())); }
-                    shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = msg; });
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(msg.clone()));
+                    }
+                    shared.set_status(&uuid, |st| {
+                        st.state = "waiting".into();
+                        st.detail = msg;
+                    });
                     continue 'attach;
                 }
                 Err(e) if e.domain_gone() => {
-                    if let Some(r) = reply { let _ = r.send(Err(e.message())); }
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e.message()));
+                    }
                     break 'attach;
                 }
                 Err(e) => {
                     shared.sink.error(e.kind());
                     let msg = e.message();
                     if msg != last_error {
-                        shared.sink.emit(subject.event(EventKind::Error, "warning", format!("checking {name} failed: {msg}")));
+                        shared.sink.emit(subject.event(
+                            EventKind::Error,
+                            "warning",
+                            format!("checking {name} failed: {msg}"),
+                        ));
                         last_error = msg.clone();
                     }
-                    if let Some(r) = reply { let _ = r.send(Err(msg)); }
-                    if matches!(e, WatchError::Discover(_)) {
-                        // The kernel vanished from its page tables: a reset in progress.
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(msg));
+                    }
+                    if matches!(e, WatchError::Discover(_) | WatchError::Libvirt(_)) {
+                        // The kernel vanished from its page tables (a reset in
+                        // progress), or libvirt went away and came back on a new
+                        // connection: attach again, with the stored baseline.
+                        tokio::time::sleep(s.attach_retry).await;
                         continue 'attach;
                     }
                 }
             }
         }
     }
-    shared.status.lock().expect("status lock").remove(&uuid);
+    // Ended by itself (the domain is gone) or cancelled: forget it, unless a
+    // newer task for the same domain has taken its place meanwhile, so that a
+    // resync can start it again if it does run.
+    let mut tasks = shared.tasks.lock().expect("tasks lock");
+    if tasks.get(&uuid).is_some_and(|t| t.id == task_id) {
+        tasks.remove(&uuid);
+        shared.status.lock().expect("status lock").remove(&uuid);
+    }
+    shared.sink.metrics.attached.set(gauge(tasks.len()));
 }
 
 /// Reported subjects a check of `scope` can see again (a hot check does not
@@ -438,7 +552,11 @@ fn scope_filter(reported: &HashMap<String, String>, scope: Scope) -> HashMap<Str
         Scope::Full => reported.clone(),
         Scope::Hot => reported
             .iter()
-            .filter(|(k, _)| k.starts_with("idt") || k.starts_with("gdt") || k.starts_with(crate::integrity::check::REGISTER_REGION))
+            .filter(|(k, _)| {
+                k.starts_with("idt")
+                    || k.starts_with("gdt")
+                    || k.starts_with(crate::integrity::check::REGISTER_REGION)
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     }
@@ -465,27 +583,49 @@ impl Shared {
                 open_violations: 0,
             },
         );
-        tasks.insert(uuid.to_owned(), Task { cancel, reboot: reboot.clone(), commands });
-        self.sink.metrics.attached.set(tasks.len() as i64);
-        tokio::spawn(domain_task(self.clone(), uuid.to_owned(), name.to_owned(), cancel_rx, reboot, commands_rx));
+        static NEXT_TASK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_TASK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tasks.insert(uuid.to_owned(), Task { id, cancel, reboot: reboot.clone(), commands });
+        self.sink.metrics.attached.set(gauge(tasks.len()));
+        tokio::spawn(domain_task(
+            self.clone(),
+            id,
+            uuid.to_owned(),
+            name.to_owned(),
+            cancel_rx,
+            reboot,
+            commands_rx,
+        ));
     }
 
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
         let mut tasks = self.tasks.lock().expect("tasks lock");
         if let Some(t) = tasks.remove(uuid) {
             let _ = t.cancel.send(true);
-            self.sink.emit(self.subject(name, uuid, "").event(EventKind::Detached, "info", format!("detached {name}: {why}")));
+            self.status.lock().expect("status lock").remove(uuid);
+            self.sink.emit(self.subject(name, uuid, "").event(
+                EventKind::Detached,
+                "info",
+                format!("detached {name}: {why}"),
+            ));
             for region in ["kernel-text", "kernel-rodata"] {
-                self.sink.metrics.pages_protected.get_or_create(&RegionLabels { domain: name.into(), region: region.into() }).set(0);
+                self.sink
+                    .metrics
+                    .pages_protected
+                    .get_or_create(&RegionLabels { domain: name.into(), region: region.into() })
+                    .set(0);
             }
         }
-        self.sink.metrics.attached.set(tasks.len() as i64);
+        self.sink.metrics.attached.set(gauge(tasks.len()));
     }
 
     /// Brings the set of tasks in line with the running domains.
     fn resync(self: &Arc<Self>, hv: &Hypervisor) -> Result<(), String> {
         let doms = hv.domains().map_err(|e| error_chain(&e))?;
-        let running: Vec<_> = doms.iter().filter(|d| d.state == "running" || d.state == "paused" || d.state == "blocked").collect();
+        let running: Vec<_> = doms
+            .iter()
+            .filter(|d| d.state == "running" || d.state == "paused" || d.state == "blocked")
+            .collect();
         for d in &running {
             self.start_task(&d.uuid, &d.name);
         }
@@ -513,8 +653,10 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&settings.state_dir)
-        .map_err(|source| DaemonError::StateDir { path: settings.state_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&settings.state_dir).map_err(|source| DaemonError::StateDir {
+        path: settings.state_dir.display().to_string(),
+        source,
+    })?;
     let metrics = Metrics::new();
     let reported = AlertLog::reported(&settings.alert_log)?;
     let log = AlertLog::open(&settings.alert_log)?;
@@ -542,8 +684,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     tokio::spawn(control::serve(control_listener, shared.clone()));
 
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(DaemonError::Signals)?;
     let mut resync = tokio::time::interval(Duration::from_secs(5));
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));

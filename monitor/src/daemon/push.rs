@@ -21,7 +21,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// POSTs `body` as JSON; `Ok` on a 2xx answer.
 pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(), String> {
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(&ep.host_port).await.map_err(|e| format!("connect {}: {e}", ep.host_port))?;
+        let mut s = tokio::net::TcpStream::connect(&ep.host_port)
+            .await
+            .map_err(|e| format!("connect {}: {e}", ep.host_port))?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: vigil/{}\r\n\r\n",
             ep.host_port,
@@ -37,7 +39,9 @@ pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(),
         let code = line.split_whitespace().nth(1).unwrap_or("");
         if code.starts_with('2') { Ok(()) } else { Err(format!("{} answered {line:?}", ep.url)) }
     };
-    tokio::time::timeout(TIMEOUT, work).await.map_err(|_| format!("{}: no answer within {TIMEOUT:?}", ep.url))?
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .map_err(|_| format!("{}: no answer within {TIMEOUT:?}", ep.url))?
 }
 
 /// The Alertmanager v2 body for one alert.
@@ -73,11 +77,19 @@ pub fn for_alertmanager(a: &Alert) -> bool {
 }
 
 /// Runs one pusher until its queue closes.
-pub async fn run(ep: HttpEndpoint, alertmanager: bool, mut rx: mpsc::Receiver<Alert>, metrics: std::sync::Arc<Metrics>) {
+pub async fn run(
+    ep: HttpEndpoint,
+    alertmanager: bool,
+    mut rx: mpsc::Receiver<Alert>,
+    metrics: std::sync::Arc<Metrics>,
+) {
     let sink = if alertmanager { "alertmanager" } else { "webhook" };
     while let Some(a) = rx.recv().await {
         let (path, body) = if alertmanager {
-            (format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/"), alertmanager_body(&a))
+            (
+                format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/"),
+                alertmanager_body(&a),
+            )
         } else {
             (ep.path.clone(), serde_json::to_vec(&a).expect("json"))
         };
@@ -86,8 +98,13 @@ pub async fn run(ep: HttpEndpoint, alertmanager: bool, mut rx: mpsc::Receiver<Al
             match post_json(&ep, &path, &body).await {
                 Ok(()) => break,
                 Err(e) => {
-                    eprintln!("vigil: warning: pushing an alert to the {sink} (attempt {attempt} of {ATTEMPTS}): {e}");
-                    metrics.errors.get_or_create(&KindLabels { kind: format!("{sink}_push") }).inc();
+                    eprintln!(
+                        "vigil: warning: pushing an alert to the {sink} (attempt {attempt} of {ATTEMPTS}): {e}"
+                    );
+                    metrics
+                        .errors
+                        .get_or_create(&KindLabels { kind: format!("{sink}_push") })
+                        .inc();
                     if attempt < ATTEMPTS {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(60));

@@ -28,7 +28,9 @@ impl WatchError {
     /// A short, stable name for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)) => "domain_lost",
+            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)) => {
+                "domain_lost"
+            }
             WatchError::Libvirt(LibvirtError::Memory { .. }) => "memory_unreadable",
             WatchError::Libvirt(_) => "libvirt",
             WatchError::Discover(_) => "kernel_not_found",
@@ -39,7 +41,10 @@ impl WatchError {
     }
 
     pub fn domain_gone(&self) -> bool {
-        matches!(self, WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)))
+        matches!(
+            self,
+            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_))
+        )
     }
 
     pub fn message(&self) -> String {
@@ -69,7 +74,10 @@ pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
     state_dir.join("baselines").join(format!("{uuid}.json"))
 }
 
-fn take_baseline(dom: &GuestDomain, mem: &(dyn GuestMemory + Send + Sync)) -> Result<Baseline, WatchError> {
+fn take_baseline(
+    dom: &GuestDomain,
+    mem: &(dyn GuestMemory + Send + Sync),
+) -> Result<Baseline, WatchError> {
     let regs = dom.registers()?;
     let view = discover(mem, &regs)?;
     let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
@@ -79,7 +87,11 @@ fn take_baseline(dom: &GuestDomain, mem: &(dyn GuestMemory + Send + Sync)) -> Re
 impl Watched {
     /// Finds the kernel of a running domain and loads its stored baseline if
     /// it is of the current boot, or takes and stores a new one.
-    pub fn attach(hv: &Hypervisor, uuid: &str, state_dir: &Path) -> Result<(Self, Attached), WatchError> {
+    pub fn attach(
+        hv: &Hypervisor,
+        uuid: &str,
+        state_dir: &Path,
+    ) -> Result<(Self, Attached), WatchError> {
         let dom = hv.domain(uuid)?;
         dom.ensure_running()?;
         let mem = dom.open_memory(SourceChoice::Auto)?;
@@ -97,7 +109,10 @@ impl Watched {
         drop(view);
         let baseline = take_baseline(&dom, &*mem)?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| BaselineError::Write { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| BaselineError::Write {
+                path: dir.display().to_string(),
+                source,
+            })?;
         }
         baseline.save(&path)?;
         Ok((Self { dom, mem: Some(mem), baseline, path }, Attached::New))
@@ -124,9 +139,12 @@ impl Watched {
         let mem = self.mem.as_deref().expect("opened above");
         let regs = self.dom.registers()?;
         let view = discover(mem, &regs)?;
-        match check_scoped(&self.baseline, mem, &view, &regs, view.identification.image_base, scope) {
+        match check_scoped(&self.baseline, mem, &view, &regs, view.identification.image_base, scope)
+        {
             Ok(r) => Ok(r),
-            Err(e @ CheckError::DifferentBoot { .. }) => Err(WatchError::DifferentBoot(e.to_string())),
+            Err(e @ CheckError::DifferentBoot { .. }) => {
+                Err(WatchError::DifferentBoot(e.to_string()))
+            }
             Err(CheckError::Read(e)) => Err(WatchError::Baseline(e)),
         }
     }

@@ -1,0 +1,409 @@
+//! Lab tests of `vigil daemon`: the real binary, real libvirt and QEMU guests
+//! of the pinned Debian cloud kernel, attacked by the lab's modules.
+//!
+//! Needs the lab prepared and libvirtd running (`lab/test.sh` does both).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vigil_lab::{Guest, Lab, Memory, Shape};
+
+const HOT: Duration = Duration::from_secs(1);
+const FULL: Duration = Duration::from_secs(3);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `vigil daemon` of the test's own, in a temporary state directory.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    port: u16,
+    extra_env: Vec<(String, String)>,
+    config: String,
+}
+
+impl Daemon {
+    /// A configuration with short intervals that watches only `domain`
+    /// (other tests' guests run beside it).
+    fn config_text(domain: &str) -> String {
+        format!(
+            "[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n[domains]\ninclude = [\"{domain}\"]\n",
+            HOT.as_millis(),
+            FULL.as_millis()
+        )
+    }
+
+    fn start(domain: &str) -> Self {
+        Self::start_with(domain, vec![])
+    }
+
+    fn start_with(domain: &str, extra_env: Vec<(String, String)>) -> Self {
+        let mut d = Daemon {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port: free_port(),
+            extra_env,
+            config: Self::config_text(domain),
+        };
+        d.spawn();
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn spawn(&mut self) {
+        std::fs::write(self.path("vigil.toml"), &self.config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.arg("--state-dir")
+            .arg(self.dir.path())
+            .arg("--control-socket")
+            .arg(self.path("control.sock"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.path("vigil.toml"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("stderr.log")).unwrap());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("starting vigil daemon"));
+        self.wait_for("the control socket", Duration::from_secs(20), |d| {
+            d.path("control.sock").exists()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    fn alerts(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.path("alerts.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    fn events(&self, event: &str, domain: &str) -> Vec<Value> {
+        self.alerts().into_iter().filter(|a| a["event"] == event && a["domain"] == domain).collect()
+    }
+
+    fn vigil(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("--control-socket")
+            .arg(self.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self, domain: &str) -> Option<Value> {
+        let out = self.vigil(&["status", "--format", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["domains"].as_array()?.iter().find(|d| d["name"] == domain).cloned()
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok(self) {
+            if Instant::now() > deadline {
+                let err = std::fs::read_to_string(self.path("stderr.log")).unwrap_or_default();
+                let alerts: Vec<String> = self
+                    .alerts()
+                    .iter()
+                    .map(|a| format!("{} {} {}", a["event"], a["region"], a["detail"]))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\nalerts:\n{}\nstderr:\n{err}",
+                    alerts.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the daemon checks `g` against a settled baseline.
+    fn wait_watching(&self, g: &Guest) {
+        self.wait_for(&format!("{} to be watched", g.name), Duration::from_secs(90), |d| {
+            d.status(&g.name).is_some_and(|s| s["state"] == "watching" && s["last_check"] != "")
+        });
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SIGTERM first: the daemon should stop cleanly.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn boot(suffix: &str) -> Guest {
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    lab.start_with(suffix, &Shape { memory: Memory::Shared, ..Shape::default() })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn violations(d: &Daemon, g: &Guest, region: &str) -> Vec<Value> {
+    d.events("violation", &g.name).into_iter().filter(|a| a["region"] == region).collect()
+}
+
+#[test]
+fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
+    let d = Daemon::start("vigil-lab-dmn-attach");
+    let mut g = boot("dmn-attach");
+    d.wait_watching(&g);
+    assert!(
+        d.events("violation", &g.name).is_empty(),
+        "violations before any attack: {:#?}",
+        d.alerts()
+    );
+
+    // Text is checked every FULL: one alert within twice that.
+    g.run("attack inline").unwrap();
+    let t = Instant::now();
+    d.wait_for("the inline hook's alert", 2 * FULL + Duration::from_secs(2), |d| {
+        !violations(d, &g, "kernel-text").is_empty()
+    });
+    eprintln!("inline hook reported after {:?}", t.elapsed());
+    // The IDT is hot: one alert within twice HOT (plus the time a check takes).
+    g.run("attack idt").unwrap();
+    let t = Instant::now();
+    d.wait_for("the IDT overwrite's alert", 2 * HOT + Duration::from_secs(2), |d| {
+        !violations(d, &g, "idt").is_empty()
+    });
+    eprintln!("IDT overwrite reported after {:?}", t.elapsed());
+    // Several more scans: still exactly one alert per change.
+    std::thread::sleep(2 * FULL);
+    let text = violations(&d, &g, "kernel-text");
+    assert_eq!(text.len(), 1, "{text:#?}");
+    assert_eq!(text[0]["kind"], "content");
+    assert_eq!(text[0]["pages"], 1);
+    assert_eq!(text[0]["technique"], "T1014");
+    assert_eq!(text[0]["uuid"], g.uuid.as_str());
+    assert_eq!(violations(&d, &g, "idt").len(), 1);
+
+    let m = d.metrics();
+    let line = format!(
+        "vigil_violations_total{{domain=\"{}\",region=\"kernel-text\",kind=\"content\"}} 1",
+        g.name
+    );
+    assert!(m.contains(&line), "{line} not in:\n{m}");
+    assert!(m.contains("vigil_domains_attached 1"), "{m}");
+    assert!(m.contains("vigil_checks_total{domain="), "{m}");
+}
+
+#[test]
+fn lab_daemon_rebaselines_a_reboot_and_detaches_a_destroyed_domain() {
+    let d = Daemon::start("vigil-lab-dmn-reboot");
+    let mut g = boot("dmn-reboot");
+    d.wait_watching(&g);
+    let boot_before = d.status(&g.name).unwrap()["boot"].clone();
+    g.reboot().unwrap_or_else(|e| panic!("{e}"));
+    d.wait_for("a new boot", Duration::from_secs(90), |d| {
+        d.status(&g.name).is_some_and(|s| s["state"] == "watching" && s["boot"] != boot_before)
+    });
+    assert_eq!(
+        d.events("new-boot", &g.name).len(),
+        2,
+        "first sight and the reboot: {:#?}",
+        d.alerts()
+    );
+    assert!(
+        d.events("violation", &g.name).is_empty(),
+        "a reboot is no violation: {:#?}",
+        d.alerts()
+    );
+    let name = g.name.clone();
+    g.destroy();
+    d.wait_for("the detach event", Duration::from_secs(15), |d| {
+        !d.events("detached", &name).is_empty()
+    });
+    assert!(d.status(&name).is_none());
+}
+
+#[test]
+fn lab_daemon_killed_catches_an_attack_made_while_down_without_repeating_alerts() {
+    let mut d = Daemon::start("vigil-lab-dmn-kill");
+    let mut g = boot("dmn-kill");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    d.wait_for("the inline hook's alert", 2 * FULL + Duration::from_secs(2), |d| {
+        !violations(d, &g, "kernel-text").is_empty()
+    });
+    d.kill9();
+    g.run("attack syscall").unwrap();
+    d.spawn();
+    d.wait_for("the syscall hook's alert", Duration::from_secs(30), |d| {
+        !violations(d, &g, "kernel-rodata").is_empty()
+    });
+    std::thread::sleep(2 * FULL);
+    assert_eq!(
+        violations(&d, &g, "kernel-text").len(),
+        1,
+        "the inline hook was alerted again: {:#?}",
+        d.alerts()
+    );
+    assert_eq!(violations(&d, &g, "kernel-rodata").len(), 1);
+    let attached = d.events("attached", &g.name);
+    assert_eq!(attached.len(), 1, "re-attached against the stored baseline: {:#?}", d.alerts());
+    assert_eq!(d.events("new-boot", &g.name).len(), 1, "not re-baselined");
+}
+
+#[test]
+fn lab_daemon_tells_systemd_ready_and_pings_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let d = Daemon::start_with(
+        "vigil-lab-none",
+        vec![
+            ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ],
+    );
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !(seen.contains("READY=1") && seen.matches("WATCHDOG=1").count() >= 2) {
+        assert!(Instant::now() < deadline, "only got {seen:?}");
+        let n = sock.recv(&mut buf).expect("a notification");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    drop(d); // SIGTERM: STOPPING=1
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
+#[test]
+fn lab_daemon_control_socket_refuses_outsiders_and_audits_accept() {
+    let d = Daemon::start("vigil-lab-dmn-ctl");
+    let mut g = boot("dmn-ctl");
+    d.wait_watching(&g);
+    // Someone neither root nor in the group.
+    let sock = d.path("control.sock");
+    let mode = std::fs::metadata(&sock)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o660);
+    // Let the outsider reach the socket file, so that the daemon is what refuses.
+    std::fs::set_permissions(d.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_vigil"),
+            "--control-socket",
+        ])
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("permission denied") && err.contains("uid 65534"), "{err}");
+
+    // Accept a sanctioned change: re-baselined, with an audit event.
+    g.run("attack inline").unwrap();
+    d.wait_for("the alert", 2 * FULL + Duration::from_secs(2), |d| {
+        !violations(d, &g, "kernel-text").is_empty()
+    });
+    let out = d.vigil(&["accept", &g.name, "--reason", "ticket 4711: test hook approved"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let acc = d.events("accepted", &g.name);
+    assert_eq!(acc.len(), 1);
+    assert!(acc[0]["detail"].as_str().unwrap().contains("ticket 4711"));
+    assert!(
+        d.vigil(&["accept", &g.name, "--reason", " "]).status.code() == Some(2),
+        "an empty reason is refused"
+    );
+    std::thread::sleep(2 * FULL);
+    assert_eq!(
+        violations(&d, &g, "kernel-text").len(),
+        1,
+        "no alert after the change was accepted"
+    );
+    // And the check-now command answers with a report.
+    let out = d.vigil(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&g.name));
+}
+
+#[test]
+fn lab_daemon_survives_libvirtd_restarting() {
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    let _alone = lab.lock_exclusive().unwrap();
+    let d = Daemon::start("vigil-lab-dmn-libvirtd");
+    let mut g = boot("dmn-libvirtd");
+    d.wait_watching(&g);
+    assert!(Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap().success());
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Command::new("libvirtd").arg("-d").status().unwrap();
+    assert!(started.success());
+    d.wait_for("the reconnect", Duration::from_secs(40), |d| {
+        d.alerts()
+            .iter()
+            .any(|a| a["detail"].as_str().unwrap_or("").starts_with("reconnected to libvirt"))
+    });
+    g.run("attack inline").unwrap();
+    d.wait_for("an alert after the reconnect", 2 * FULL + Duration::from_secs(10), |d| {
+        !violations(d, &g, "kernel-text").is_empty()
+    });
+}
+
+#[test]
+fn daemon_refuses_an_invalid_config_naming_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[schedule]\nhot_interval = \"soon\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--control-socket")
+        .arg(dir.path().join("c.sock"))
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("schedule.hot_interval")
+            && err.contains("\"soon\""),
+        "{err}"
+    );
+    assert!(!dir.path().join("c.sock").exists(), "the daemon did not start");
+}
