@@ -40,16 +40,17 @@ impl Daemon {
     }
 
     fn start(domain: &str) -> Self {
-        Self::start_with(domain, vec![])
+        Self::start_with(domain, "", vec![])
     }
 
-    fn start_with(domain: &str, extra_env: Vec<(String, String)>) -> Self {
+    /// `extra_config` is appended to the configuration file.
+    fn start_with(domain: &str, extra_config: &str, extra_env: Vec<(String, String)>) -> Self {
         let mut d = Daemon {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             port: free_port(),
             extra_env,
-            config: Self::config_text(domain),
+            config: Self::config_text(domain) + extra_config,
         };
         d.spawn();
         d
@@ -286,6 +287,7 @@ fn lab_daemon_tells_systemd_ready_and_pings_the_watchdog() {
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let d = Daemon::start_with(
         "vigil-lab-none",
+        "",
         vec![
             ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
             ("WATCHDOG_USEC".into(), "1000000".into()),
@@ -406,4 +408,114 @@ fn daemon_refuses_an_invalid_config_naming_file_key_and_reason() {
         "{err}"
     );
     assert!(!dir.path().join("c.sock").exists(), "the daemon did not start");
+}
+
+/// GETs `path` from 127.0.0.1:`port` and returns the body.
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+/// A server process of the test's, killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server(bin: &'static str, args: &[String], log: &std::path::Path) -> Server {
+    let child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{bin} not found ({e}): apt-get install prometheus prometheus-alertmanager")
+        });
+    Server(child)
+}
+
+#[test]
+fn shipped_prometheus_rules_pass_promtool() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/vigil-rules.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("promtool not found: apt-get install prometheus");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (am_port, prom_port) = (free_port(), free_port());
+    // Alertmanager: one receiver that keeps the alerts for its API.
+    let am_cfg = dir.path().join("am.yml");
+    std::fs::write(&am_cfg, "route:\n  receiver: keep\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: keep\n").unwrap();
+    let _am = server(
+        "prometheus-alertmanager",
+        &[
+            format!("--config.file={}", am_cfg.display()),
+            format!("--storage.path={}", dir.path().join("am-data").display()),
+            format!("--web.listen-address=127.0.0.1:{am_port}"),
+            "--cluster.listen-address=".into(),
+        ],
+        &dir.path().join("am.log"),
+    );
+    // The daemon pushes to the Alertmanager itself too.
+    let am_url = format!("[alertmanager]\nurl = \"http://127.0.0.1:{am_port}\"\n");
+    let d = Daemon::start_with("vigil-lab-dmn-prom", &am_url, vec![]);
+    // Prometheus scrapes the daemon every second and evaluates the shipped rules.
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/vigil-rules.yml");
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{am_port}']\n\
+             scrape_configs:\n  - job_name: vigil\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            d.port
+        ),
+    )
+    .unwrap();
+    let _prom = server(
+        "prometheus",
+        &[
+            format!("--config.file={}", prom_cfg.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("prom-data").display()),
+            format!("--web.listen-address=127.0.0.1:{prom_port}"),
+        ],
+        &dir.path().join("prom.log"),
+    );
+    let mut g = boot("dmn-prom");
+    d.wait_watching(&g);
+    d.wait_for("Prometheus to scrape vigil", Duration::from_secs(30), |_| {
+        http_get(prom_port, "/api/v1/query?query=vigil_domains_attached").contains("\"value\"")
+    });
+    std::thread::sleep(Duration::from_secs(3)); // a few samples at 0
+    g.run("attack inline").unwrap();
+    d.wait_for("the rule to fire in Prometheus", Duration::from_secs(45), |_| {
+        let a = http_get(prom_port, "/api/v1/alerts");
+        a.contains("VigilKernelIntegrityViolation") && a.contains("\"firing\"")
+    });
+    d.wait_for("the Alertmanager to hold both alerts", Duration::from_secs(45), |_| {
+        let a = http_get(am_port, "/api/v2/alerts");
+        // From Prometheus (the rule) and from the daemon's own push.
+        a.contains("VigilKernelIntegrityViolation")
+            && a.contains("\"alertname\":\"VigilKernelIntegrity\"")
+            && a.contains(&g.name)
+    });
 }

@@ -338,6 +338,28 @@ async fn domain_task(
                 .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
                 .set(gauge(pages));
         }
+        // Every violation series exists from the start, at 0, so that
+        // Prometheus sees the first violation as an increase.
+        let regions = w
+            .pages()
+            .map(|(r, _)| r.to_owned())
+            .chain([crate::integrity::check::IMAGE_REGION.to_owned()]);
+        for region in regions {
+            for kind in ["content", "remap", "permission"] {
+                let labels = ViolationLabels {
+                    domain: name.clone(),
+                    region: region.clone(),
+                    kind: kind.into(),
+                };
+                let _ = shared.sink.metrics.violations.get_or_create(&labels);
+            }
+        }
+        let labels = ViolationLabels {
+            domain: name.clone(),
+            region: crate::integrity::check::REGISTER_REGION.into(),
+            kind: "register".into(),
+        };
+        let _ = shared.sink.metrics.violations.get_or_create(&labels);
         shared.set_status(&uuid, |st| {
             st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
             st.detail = String::new();
