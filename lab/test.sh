@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine, as root:
 # installs the lab's packages, prepares the lab guest, starts libvirt, removes
-# lab domains left over from an earlier run, then runs every test (unit tests,
-# and the lab tests that boot real guests) with cargo-nextest.
+# lab domains left over from an earlier run, builds and checks the Debian
+# package (install, verify, purge), then runs every test (unit tests, and the
+# lab tests that boot real guests, Prometheus and Alertmanager) with nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -12,5 +13,6 @@ lab/services.sh
 for dom in $(virsh -c qemu:///system list --name | grep '^vigil-lab-' || true); do
     virsh -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
 done
+lab/package.sh --check
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -140,6 +140,9 @@ enum Command {
         /// File to append alerts to [default: STATE_DIR/alerts.jsonl].
         #[arg(long)]
         alert_log: Option<PathBuf>,
+        /// Only validate the configuration, print the settings, and exit.
+        #[arg(long)]
+        check_config: bool,
     },
     /// Ask the running daemon which domains it watches and how they are.
     Status,
@@ -172,7 +175,7 @@ fn state_dir(cli: &Cli) -> PathBuf {
 
 fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
-        Command::Daemon { config, metrics_listen, alert_log } => {
+        Command::Daemon { config, metrics_listen, alert_log, check_config } => {
             let over = vigil::daemon::config::Overrides {
                 connect: Some(cli.connect.clone()),
                 state_dir: cli.state_dir.clone(),
@@ -181,6 +184,10 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 control_socket: Some(cli.control_socket.clone()),
             };
             let settings = vigil::daemon::config::Settings::load(config.as_deref(), &over)?;
+            if *check_config {
+                println!("configuration OK: {settings:#?}");
+                return Ok(EXIT_OK);
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

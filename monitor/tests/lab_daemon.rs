@@ -408,6 +408,14 @@ fn daemon_refuses_an_invalid_config_naming_file_key_and_reason() {
         "{err}"
     );
     assert!(!dir.path().join("c.sock").exists(), "the daemon did not start");
+    // --check-config says the same without starting anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["daemon", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schedule.hot_interval"));
 }
 
 /// GETs `path` from 127.0.0.1:`port` and returns the body.

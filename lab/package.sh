@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds vigil's Debian package with cargo-deb (target/debian/vigil_*.deb).
+#
+#   lab/package.sh            build it
+#   lab/package.sh --check    build it, then install it here with apt, check what
+#                             it installed (binary, unit that systemd-analyze
+#                             verifies, group, state directory, config), purge it
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+say() { printf 'lab/package: %s\n' "$*" >&2; }
+
+command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked cargo-deb; }
+cargo deb -p vigil
+deb=$(ls -t target/debian/vigil_*.deb | head -n 1)
+say "built $deb"
+[[ ${1:-} == --check ]] || exit 0
+
+say "installing $deb"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "./$deb" >/dev/null
+trap 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq vigil >/dev/null' EXIT
+fail() { say "check failed: $*"; exit 1; }
+/usr/bin/vigil --version >/dev/null || fail "/usr/bin/vigil does not run"
+[[ -z $(systemd-analyze verify /lib/systemd/system/vigil.service 2>&1) ]] \
+    || fail "systemd-analyze verify: $(systemd-analyze verify /lib/systemd/system/vigil.service 2>&1)"
+getent group vigil >/dev/null || fail "group vigil was not created"
+[[ -d /var/lib/vigil/baselines ]] || fail "/var/lib/vigil/baselines was not created"
+[[ -f /etc/vigil/vigil.toml ]] || fail "/etc/vigil/vigil.toml is missing"
+[[ -f /usr/share/vigil/vigil-rules.yml ]] || fail "the Prometheus rules are missing"
+/usr/bin/vigil daemon --config /etc/vigil/vigil.toml --check-config >/dev/null \
+    || fail "the installed /etc/vigil/vigil.toml is refused"
+say "package check passed: binary, unit (verified), sysusers, tmpfiles, config and rules installed"
