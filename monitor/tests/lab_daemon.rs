@@ -30,10 +30,11 @@ struct Daemon {
 
 impl Daemon {
     /// A configuration with short intervals that watches only `domain`
-    /// (other tests' guests run beside it).
+    /// (other tests' guests run beside it). `[schedule]` comes last, so that
+    /// text appended to it may add schedule keys or new tables.
     fn config_text(domain: &str) -> String {
         format!(
-            "[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n[domains]\ninclude = [\"{domain}\"]\n",
+            "[domains]\ninclude = [\"{domain}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
             HOT.as_millis(),
             FULL.as_millis()
         )
@@ -358,7 +359,21 @@ fn lab_daemon_control_socket_refuses_outsiders_and_audits_accept() {
         1,
         "no alert after the change was accepted"
     );
-    // And the check-now command answers with a report.
+    // Check now, through the socket: a full report, intact since the accept.
+    let answer = vigil::daemon::control::request(
+        &sock,
+        &serde_json::json!({ "command": "check", "domain": g.name }),
+    )
+    .unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["result"]["scope"], "full");
+    assert_eq!(answer["result"]["intact"], true, "{answer}");
+    let answer = vigil::daemon::control::request(
+        &sock,
+        &serde_json::json!({ "command": "check", "domain": "nope" }),
+    )
+    .unwrap();
+    assert_eq!(answer["ok"], false);
     let out = d.vigil(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&g.name));
 }
@@ -525,5 +540,26 @@ fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
         a.contains("VigilKernelIntegrityViolation")
             && a.contains("\"alertname\":\"VigilKernelIntegrity\"")
             && a.contains(&g.name)
+    });
+}
+
+#[test]
+fn lab_daemon_reports_a_cpu_budget_it_cannot_meet() {
+    // 5 ms of checking per second cannot pay for a full check every 3 s.
+    let d = Daemon::start_with("vigil-lab-dmn-budget", "cpu_budget = 0.005\n", vec![]);
+    let g = boot("dmn-budget");
+    d.wait_for("a budget-exceeded event", Duration::from_secs(90), |d| {
+        !d.events("budget-exceeded", &g.name).is_empty()
+    });
+    let m = d.metrics();
+    let overruns: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_budget_overruns_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(overruns >= 1.0, "{m}");
+    // Paced, not stopped: checks still complete.
+    d.wait_for("a completed check", Duration::from_secs(60), |d| {
+        d.status(&g.name).is_some_and(|s| s["last_check"] != "")
     });
 }

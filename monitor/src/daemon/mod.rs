@@ -169,9 +169,29 @@ pub struct Shared {
     pub status: Mutex<HashMap<String, DomainStatus>>,
     hv: RwLock<Option<Arc<Hypervisor>>>,
     tasks: Mutex<HashMap<String, Task>>,
+    /// When the last budget-exceeded event was sent (one a minute at most).
+    budget_event: Mutex<Option<Instant>>,
 }
 
 impl Shared {
+    fn budget_exceeded(&self, name: &str, uuid: &str, late: Duration, interval: Duration) {
+        let mut last = self.budget_event.lock().expect("budget event lock");
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let detail = format!(
+            "CPU budget of {} core(s) spent: a check of {name} started {late:?} late (interval {interval:?}); \
+             raise schedule.cpu_budget or lengthen the intervals",
+            self.settings.cpu_budget
+        );
+        self.sink.emit(self.subject(name, uuid, "").event(
+            EventKind::BudgetExceeded,
+            "warning",
+            detail,
+        ));
+    }
+
     fn hypervisor(&self) -> Option<Arc<Hypervisor>> {
         self.hv.read().expect("hv lock").clone()
     }
@@ -415,8 +435,10 @@ async fn domain_task(
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
                 let late = Instant::now().duration_since(due);
-                if late > (if full { s.full_interval } else { s.hot_interval }) / 2 {
+                let interval = if full { s.full_interval } else { s.hot_interval };
+                if late > interval / 2 {
                     shared.sink.metrics.budget_overruns.inc();
+                    shared.budget_exceeded(&name, &uuid, late, interval);
                 }
             }
             let started = Instant::now();
@@ -701,6 +723,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         status: Mutex::new(HashMap::new()),
         hv: RwLock::new(None),
         tasks: Mutex::new(HashMap::new()),
+        budget_event: Mutex::new(None),
         settings,
     });
     tokio::spawn(control::serve(control_listener, shared.clone()));

@@ -114,3 +114,90 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::alerts::Subject;
+
+    fn alert(event: EventKind) -> Alert {
+        let s =
+            Subject { host: "h".into(), domain: "web1".into(), uuid: "u".into(), boot: "b".into() };
+        s.event(event, "critical", "page 3 of kernel-text changed".into())
+    }
+
+    /// A one-shot HTTP server that answers `status` and hands back the request.
+    async fn one_request(status: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let mut got = Vec::new();
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&got).to_string()
+        });
+        (port, h)
+    }
+
+    fn endpoint(port: u16, path: &str) -> HttpEndpoint {
+        HttpEndpoint {
+            host_port: format!("127.0.0.1:{port}"),
+            path: path.into(),
+            url: format!("http://127.0.0.1:{port}{path}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn webhook_gets_the_alert_line_as_json() {
+        let (port, req) = one_request("200 OK").await;
+        let a = alert(EventKind::Violation);
+        let body = serde_json::to_vec(&a).unwrap();
+        post_json(&endpoint(port, "/hooks/vigil"), "/hooks/vigil", &body).await.unwrap();
+        let req = req.await.unwrap();
+        assert!(req.starts_with("POST /hooks/vigil HTTP/1.1\r\n"), "{req}");
+        let json = req.split_once("\r\n\r\n").unwrap().1;
+        let back: Alert = serde_json::from_str(json).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[tokio::test]
+    async fn non_2xx_and_no_server_are_errors() {
+        let (port, _req) = one_request("500 Internal Server Error").await;
+        let e = post_json(&endpoint(port, "/"), "/", b"{}").await.unwrap_err();
+        assert!(e.contains("500"), "{e}");
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert!(post_json(&endpoint(dead, "/"), "/", b"{}").await.is_err());
+    }
+
+    #[test]
+    fn alertmanager_body_and_selection() {
+        let a = alert(EventKind::Violation);
+        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a)).unwrap();
+        assert_eq!(v[0]["labels"]["alertname"], "VigilKernelIntegrity");
+        assert_eq!(v[0]["labels"]["domain"], "web1");
+        assert_eq!(v[0]["startsAt"], a.time.as_str());
+        assert!(for_alertmanager(&a));
+        assert!(!for_alertmanager(&alert(EventKind::Attached)));
+    }
+}
