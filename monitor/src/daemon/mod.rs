@@ -551,6 +551,14 @@ async fn domain_task(
                     if let Some(r) = reply {
                         let _ = r.send(Err(e.message()));
                     }
+                    // Lost without a stop event (or before it arrived): say so,
+                    // unless the stop event's handling already did.
+                    shared.retire(
+                        &uuid,
+                        Some(task_id),
+                        &name,
+                        &format!("domain lost: {}", e.message()),
+                    );
                     break 'attach;
                 }
                 Err(e) => {
@@ -643,7 +651,16 @@ impl Shared {
     }
 
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
+        self.retire(uuid, None, name, why);
+    }
+
+    /// Removes a domain's task (only task `id`, when given) and emits one
+    /// detached event; does nothing if it is already gone.
+    fn retire(&self, uuid: &str, id: Option<u64>, name: &str, why: &str) {
         let mut tasks = self.tasks.lock().expect("tasks lock");
+        if id.is_some_and(|id| tasks.get(uuid).is_none_or(|t| t.id != id)) {
+            return;
+        }
         if let Some(t) = tasks.remove(uuid) {
             let _ = t.cancel.send(true);
             self.status.lock().expect("status lock").remove(uuid);
