@@ -5,5 +5,7 @@
 //! splits CR3); hands the integrity engine plain regions of pages.
 
 mod discover;
+pub mod image;
+pub mod kallsyms;
 
 pub use discover::{DiscoverError, IMAGE_END, IMAGE_START, KernelView, discover};

@@ -1,0 +1,426 @@
+//! kallsyms: the kernel's own compressed symbol table, found without symbols
+//! in a vmlinux's `.rodata` (or any copy of it, such as guest memory).
+//!
+//! Linux 6.1 lays the tables out in this order, each aligned to 8 bytes:
+//!
+//! ```text
+//!  kallsyms_offsets        u32 × N   (signed: >= 0 absolute per-CPU, < 0 base - 1 - off)
+//!  kallsyms_relative_base  u64
+//!  kallsyms_num_syms       u32       N
+//!  kallsyms_names          N × [len, token bytes...]   (len > 0x7f takes two bytes)
+//!  kallsyms_markers        u32 × ceil(N / 256)          offset of every 256th name
+//!  kallsyms_token_table    256 NUL-terminated tokens
+//!  kallsyms_token_index    u16 × 256                    offset of each token
+//! ```
+//!
+//! The token table is found first: unused byte values stand for themselves,
+//! so the tokens for '0'..'9' are the strings "0".."9" in a row. Every other
+//! table is then found from its neighbour and checked against it.
+
+use std::collections::HashMap;
+
+/// Most symbols believed.
+const MAX_SYMS: usize = 1 << 21;
+const DIGITS: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    /// The `nm`-style type: `T`/`t` text, `D`/`d` data, `R`/`r` rodata, ...
+    pub kind: char,
+    /// The address as linked (before any KASLR slide).
+    pub addr: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KallsymsError {
+    #[error("no kallsyms token table found")]
+    NoTokenTable,
+    #[error("kallsyms tables found but inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    b.get(off..off.checked_add(2)?).map(|s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    b.get(off..off.checked_add(4)?).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+}
+
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    b.get(off..off.checked_add(8)?).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+}
+
+fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// The 256 tokens, their offsets in the table, and where the table ends.
+type TokenTable<'a> = (Vec<&'a [u8]>, Vec<usize>, usize);
+
+/// The token table starting at `start`.
+fn tokens_at(b: &[u8], start: usize) -> Option<TokenTable<'_>> {
+    let mut toks = Vec::with_capacity(256);
+    let mut offs = Vec::with_capacity(256);
+    let mut p = start;
+    for _ in 0..256 {
+        let len = b.get(p..)?.iter().take(64).position(|&c| c == 0)?;
+        if len == 0 {
+            return None;
+        }
+        offs.push(p - start);
+        toks.push(&b[p..p + len]);
+        p += len + 1;
+    }
+    Some((toks, offs, p))
+}
+
+/// A table found in a byte image: where, and what it says.
+#[derive(Debug)]
+pub struct Tables {
+    pub symbols: Vec<Symbol>,
+    /// Offset of `kallsyms_token_table` in the image searched.
+    pub token_table: usize,
+    pub relative_base: u64,
+}
+
+fn decode_name(name: &[u8], tokens: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() * 3);
+    for &c in name {
+        out.extend_from_slice(tokens[usize::from(c)]);
+    }
+    out
+}
+
+/// Reads name `i` starting at `p`: its token bytes and where the next begins.
+fn name_at(b: &[u8], p: usize) -> Option<(&[u8], usize)> {
+    let first = *b.get(p)?;
+    let (len, body) = if first & 0x80 != 0 {
+        (usize::from(first & 0x7f) | (usize::from(*b.get(p + 1)?) << 7), p + 2)
+    } else {
+        (usize::from(first), p + 1)
+    };
+    if len == 0 {
+        return None;
+    }
+    Some((b.get(body..body + len)?, body + len))
+}
+
+/// Finds and decodes the kallsyms tables in `image` (typically `.rodata`).
+pub fn find(image: &[u8]) -> Result<Tables, KallsymsError> {
+    let mut last = KallsymsError::NoTokenTable;
+    let mut from = 0;
+    while let Some(hit) =
+        image.get(from..).and_then(|rest| rest.windows(DIGITS.len()).position(|w| w == DIGITS))
+    {
+        let digits = from + hit;
+        from = digits + 1;
+        match try_at(image, digits) {
+            Ok(t) => return Ok(t),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
+    let bad = |r: &str| KallsymsError::Inconsistent(r.to_owned());
+    // Walk back 0x30 tokens from "0" to the table's start.
+    let mut start = digits;
+    for _ in 0..0x30 {
+        if start < 2 || b[start - 1] != 0 {
+            return Err(KallsymsError::NoTokenTable);
+        }
+        let prev_end = start - 1;
+        let prev_start = b[..prev_end].iter().rposition(|&c| c == 0).map_or(0, |z| z + 1);
+        if prev_start == prev_end || prev_end - prev_start > 64 {
+            return Err(KallsymsError::NoTokenTable);
+        }
+        start = prev_start;
+    }
+    let (tokens, offs, end) = tokens_at(b, start).ok_or(KallsymsError::NoTokenTable)?;
+    // The token index follows, aligned; it must say where every token is.
+    let index_at = (end..end + 16)
+        .find(|&p| (0..256).all(|i| u16_at(b, p + 2 * i).map(usize::from) == Some(offs[i])))
+        .ok_or_else(|| bad("no token index matches the token table"))?;
+    let _ = index_at;
+
+    // The markers come before the token table: right before it, or (from
+    // 6.2, and in later 6.1 stable kernels) before kallsyms_seqs_of_names,
+    // 3 bytes a symbol. Find a u32 run rising from 0 in plausible steps.
+    let (markers_at, markers) =
+        find_markers(b, start).ok_or_else(|| bad("no markers before the token table"))?;
+    if markers.len() < 2 {
+        return Err(bad("fewer than 257 symbols"));
+    }
+    let names_len_max = markers_at;
+    // num_syms sits 4 or 8 bytes before the names; try the aligned places.
+    let lo = (markers.len() - 1) * 256 + 1;
+    let hi = markers.len() * 256;
+    let search_from = markers_at.saturating_sub(64 << 20);
+    let mut q = markers_at.saturating_sub(8) & !3;
+    while q > search_from {
+        q -= 4;
+        let Some(n) = u32_at(b, q).map(|v| v as usize) else { break };
+        if n < lo || n > hi {
+            continue;
+        }
+        for names in [q + 4, align_up(q + 4, 8)] {
+            if let Some(t) = decode_all(b, names, n, &markers, markers_at, &tokens) {
+                let base_at =
+                    (q & !7).checked_sub(8).ok_or_else(|| bad("no room for the relative base"))?;
+                let relative_base = u64_at(b, base_at).ok_or_else(|| bad("no relative base"))?;
+                let offsets_at = base_at
+                    .checked_sub(align_up(n * 4, 8))
+                    .ok_or_else(|| bad("no room for offsets"))?;
+                let mut symbols = Vec::with_capacity(n);
+                for (i, (name, kind)) in t.into_iter().enumerate() {
+                    let off = u32_at(b, offsets_at + 4 * i)
+                        .ok_or_else(|| bad("offsets run off the image"))?;
+                    // Read as i32: >= 0 is an absolute (per-CPU) value, < 0 is
+                    // `relative_base - 1 - off`, which is `relative_base + !off`.
+                    let addr = if off & 0x8000_0000 == 0 {
+                        u64::from(off)
+                    } else {
+                        relative_base.wrapping_add(u64::from(!off))
+                    };
+                    symbols.push(Symbol { name, kind, addr });
+                }
+                return Ok(Tables { symbols, token_table: start, relative_base });
+            }
+        }
+        if q < names_len_max.saturating_sub(64 << 20) {
+            break;
+        }
+    }
+    Err(bad("no symbol count and names agree with the markers"))
+}
+
+/// Looks back from the token table at `tokens` for the markers array.
+fn find_markers(b: &[u8], tokens: usize) -> Option<(usize, Vec<u32>)> {
+    let step_ok = |d: u32| (256..=256 * 256).contains(&d);
+    let floor = tokens.saturating_sub(16 << 20);
+    let mut p = tokens & !3;
+    while p > floor {
+        p -= 4;
+        if u32_at(b, p)? != 0 || !u32_at(b, p + 4).is_some_and(step_ok) {
+            continue;
+        }
+        let mut markers = vec![0u32];
+        let mut q = p + 4;
+        while q + 4 <= tokens {
+            let v = u32_at(b, q)?;
+            let last = *markers.last().expect("one at least");
+            if v <= last || !step_ok(v - last) || markers.len() > MAX_SYMS / 256 {
+                break;
+            }
+            markers.push(v);
+            q += 4;
+        }
+        let k = markers.len();
+        let gap = tokens - q;
+        if gap < 8 || (gap >= 3 * 256 * (k - 1) && gap <= 3 * 256 * k + 8) {
+            return Some((p, markers));
+        }
+    }
+    None
+}
+
+/// Decodes `n` names at `names`, checking them against the markers and the
+/// markers' position. `None` if anything disagrees.
+fn decode_all(
+    b: &[u8],
+    names: usize,
+    n: usize,
+    markers: &[u32],
+    markers_at: usize,
+    tokens: &[&[u8]],
+) -> Option<Vec<(String, char)>> {
+    // Cheap test first: name 256 must start where the second marker says.
+    let mut p = names;
+    for _ in 0..256 {
+        p = name_at(b, p)?.1;
+    }
+    if p - names != markers[1] as usize {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    p = names;
+    for i in 0..n {
+        if i % 256 == 0 && p - names != *markers.get(i / 256)? as usize {
+            return None;
+        }
+        let (name, next) = name_at(b, p)?;
+        let full = decode_name(name, tokens);
+        let (&kind, rest) = full.split_first()?;
+        out.push((String::from_utf8_lossy(rest).into_owned(), char::from(kind)));
+        p = next;
+    }
+    // The names end at the markers, give or take alignment.
+    (p <= markers_at && markers_at - p < 8).then_some(out)
+}
+
+/// The symbols of a vmlinux ELF, read from its `.rodata`.
+pub fn from_vmlinux(elf: &[u8]) -> Result<Vec<Symbol>, String> {
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(elf).map_err(|e| format!("not an ELF file: {e}"))?;
+    let rodata = file.section_by_name(".rodata").ok_or("the ELF has no .rodata section")?;
+    let data = rodata.data().map_err(|e| format!(".rodata: {e}"))?;
+    let t = find(data).map_err(|e| e.to_string())?;
+    Ok(t.symbols)
+}
+
+/// Looks symbols up by name.
+pub fn by_name(symbols: &[Symbol]) -> HashMap<&str, &Symbol> {
+    symbols.iter().map(|s| (s.name.as_str(), s)).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    /// Lays out kallsyms tables the way scripts/kallsyms.c does, from a
+    /// symbol list, with a token table in which every byte stands for itself
+    /// except a few that stand for common pairs, and optionally
+    /// kallsyms_seqs_of_names between the markers and the tokens.
+    fn build(symbols: &[(u64, char, String)], base: u64, seqs: bool) -> (Vec<u8>, usize) {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        // Bytes below '0' never occur in names: let them stand for pairs.
+        let pairs: [&[u8]; 6] = [b"_t", b"ex", b"sy", b"s_", b"in", b"__"];
+        for (i, p) in pairs.iter().enumerate() {
+            tokens[i + 1] = p.to_vec();
+        }
+        tokens[0] = b"??".to_vec();
+        let encode = |s: &[u8]| -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < s.len() {
+                if let Some(k) = pairs.iter().position(|p| s[i..].starts_with(p)) {
+                    out.push(k as u8 + 1);
+                    i += 2;
+                } else {
+                    out.push(s[i]);
+                    i += 1;
+                }
+            }
+            out
+        };
+        let pad8 = |v: &mut Vec<u8>| {
+            while v.len() % 8 != 0 {
+                v.push(0);
+            }
+        };
+        let mut img = vec![0xeeu8; 40]; // unrelated bytes before
+        pad8(&mut img);
+        for (addr, _, _) in symbols {
+            let off: i32 =
+                if *addr < 0x10_0000 { *addr as i32 } else { -((addr - base) as i32) - 1 };
+            img.extend_from_slice(&off.to_le_bytes());
+        }
+        pad8(&mut img);
+        img.extend_from_slice(&base.to_le_bytes());
+        img.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+        pad8(&mut img);
+        let names_at = img.len();
+        let mut markers = Vec::new();
+        for (i, (_, kind, name)) in symbols.iter().enumerate() {
+            if i % 256 == 0 {
+                markers.push((img.len() - names_at) as u32);
+            }
+            let mut full = vec![*kind as u8];
+            full.extend_from_slice(&encode(name.as_bytes()));
+            if full.len() > 0x7f {
+                img.push(0x80 | (full.len() & 0x7f) as u8);
+                img.push((full.len() >> 7) as u8);
+            } else {
+                img.push(full.len() as u8);
+            }
+            img.extend_from_slice(&full);
+        }
+        pad8(&mut img);
+        for m in &markers {
+            img.extend_from_slice(&m.to_le_bytes());
+        }
+        pad8(&mut img);
+        if seqs {
+            for i in 0..symbols.len() as u32 {
+                img.extend_from_slice(&i.to_be_bytes()[1..]);
+            }
+            pad8(&mut img);
+        }
+        let token_at = img.len();
+        let mut offs = Vec::new();
+        for t in &tokens {
+            offs.push((img.len() - token_at) as u16);
+            img.extend_from_slice(t);
+            img.push(0);
+        }
+        pad8(&mut img);
+        for o in offs {
+            img.extend_from_slice(&o.to_le_bytes());
+        }
+        img.extend(vec![0xeeu8; 40]);
+        (img, token_at)
+    }
+
+    fn symbols(n: usize) -> Vec<(u64, char, String)> {
+        let mut v: Vec<(u64, char, String)> = (0..n)
+            .map(|i| {
+                (
+                    0xffff_ffff_8100_0000 + 16 * i as u64,
+                    if i % 3 == 0 { 't' } else { 'T' },
+                    format!("__x64_sys_thing_{i}_in_text"),
+                )
+            })
+            .collect();
+        v.insert(0, (0x1000, 'A', "cpu_debug_store".into())); // a per-CPU absolute
+        v.push((0xffff_ffff_8200_0000, 'D', format!("long_{}", "x".repeat(200)))); // a "big" name
+        v
+    }
+
+    #[test]
+    fn finds_generated_tables_with_and_without_seqs_of_names() {
+        for (n, seqs) in [(300, false), (1000, true), (5000, true)] {
+            let syms = symbols(n);
+            let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, seqs);
+            let t = find(&img).unwrap_or_else(|e| panic!("{n} symbols, seqs {seqs}: {e}"));
+            assert_eq!(t.token_table, token_at);
+            let got: Vec<(u64, char, String)> =
+                t.symbols.into_iter().map(|s| (s.addr, s.kind, s.name)).collect();
+            assert_eq!(got, syms);
+        }
+    }
+
+    #[test]
+    fn damaged_generated_tables_are_refused() {
+        let syms = symbols(1000);
+        let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, true);
+        // Token index wrong.
+        let mut b = img.clone();
+        let idx = b.len() - 40 - 2 * 200;
+        b[idx] ^= 1;
+        assert!(find(&b).is_err());
+        // A name's length byte changed: names no longer meet the markers.
+        let mut b = img.clone();
+        let first_name = b.windows(4).position(|w| w == [b'c', b'p', b'u', b'_']).unwrap() - 2;
+        b[first_name] += 1;
+        assert!(find(&b).is_err());
+        // Cut anywhere: never a panic.
+        for cut in (0..img.len()).step_by(97) {
+            let _ = find(&img[..cut]);
+        }
+        assert!(find(&img[..token_at]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_around_a_digit_run_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..3000), at in 0usize..3000) {
+            let mut b = bytes;
+            let at = at.min(b.len());
+            b.splice(at..at, DIGITS.iter().copied());
+            let _ = find(&b);
+        }
+    }
+}

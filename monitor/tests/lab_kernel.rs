@@ -1,0 +1,79 @@
+//! The lab kernel image (from `lab/setup.sh`) through vigil's image and
+//! kallsyms parsers, checked against what a running guest of the same build
+//! printed in /proc/kallsyms (captured in `tests/data/`).
+
+use std::collections::HashMap;
+
+use vigil::linux::{image, kallsyms};
+
+const SAMPLE: &str = include_str!("data/kallsyms-6.1.0-56-cloud-amd64.sample");
+
+fn lab_vmlinux() -> Vec<u8> {
+    let dir = std::env::var("VIGIL_LAB_DIR").unwrap_or_else(|_| "/var/lib/vigil-lab".into());
+    let release = std::fs::read_to_string(format!("{dir}/kernel-release")).unwrap_or_default();
+    assert_eq!(
+        release.trim(),
+        "6.1.0-56-cloud-amd64",
+        "the reference capture is of the pinned build; run lab/setup.sh (found {release:?} in {dir})"
+    );
+    let img = std::fs::read(format!("{dir}/vmlinuz"))
+        .unwrap_or_else(|e| panic!("{dir}/vmlinuz: {e}; run lab/setup.sh"));
+    let (elf, method) = image::vmlinux(&img).unwrap();
+    assert_eq!(method, "lz4", "Debian's cloud kernel payload is LZ4");
+    elf
+}
+
+#[test]
+fn lab_kernel_kallsyms_match_the_running_guest() {
+    let syms = kallsyms::from_vmlinux(&lab_vmlinux()).unwrap();
+    assert_eq!(syms.len(), 87347, "the guest's /proc/kallsyms has 87347 lines");
+    let mut by_name: HashMap<&str, Vec<&kallsyms::Symbol>> = HashMap::new();
+    for s in &syms {
+        by_name.entry(s.name.as_str()).or_default().push(s);
+    }
+    let reference: Vec<(u64, char, &str)> = SAMPLE
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (u64::from_str_radix(f[0], 16).unwrap(), f[1].chars().next().unwrap(), f[2])
+        })
+        .collect();
+    assert!(reference.len() > 2000);
+    let text_now = reference.iter().find(|r| r.2 == "_text").unwrap().0;
+    let slide = text_now.wrapping_sub(by_name["_text"][0].addr);
+    assert_eq!(slide % (2 << 20), 0, "KASLR slides the kernel by 2 MiB steps");
+    for (addr, kind, name) in reference {
+        let cands = by_name.get(name).unwrap_or_else(|| panic!("{name} is missing"));
+        // Per-CPU and absolute symbols do not slide.
+        let ok = cands
+            .iter()
+            .any(|s| s.kind == kind && (s.addr == addr || s.addr.wrapping_add(slide) == addr));
+        assert!(ok, "{name}: guest says {addr:#x} {kind}, image has {cands:?} (slide {slide:#x})");
+    }
+}
+
+#[test]
+fn kallsyms_refuse_malformed_tables_without_panicking() {
+    let elf = lab_vmlinux();
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(&*elf).unwrap();
+    let rodata = file.section_by_name(".rodata").unwrap().data().unwrap().to_vec();
+    let t = kallsyms::find(&rodata).unwrap();
+    let tok = t.token_table;
+    // Damage each table in turn: each must be refused (or, where the damage
+    // only renames one symbol, still parse), never panic.
+    for (what, at) in [("token table", tok + 100), ("markers", tok - 600_000), ("first bytes", 0)] {
+        let mut b = rodata.clone();
+        for x in &mut b[at..at + 64] {
+            *x ^= 0x5a;
+        }
+        let _ = kallsyms::find(&b).map_err(|e| eprintln!("{what}: {e}"));
+    }
+    // Cut short anywhere near the tables.
+    for cut in [tok, tok + 300, tok - 4, tok / 2] {
+        let _ = kallsyms::find(&rodata[..cut]);
+    }
+    assert!(kallsyms::find(&rodata[..tok - 8]).is_err(), "no token table, no symbols");
+    assert!(kallsyms::from_vmlinux(b"\x7fELF garbage").is_err());
+}
