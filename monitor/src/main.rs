@@ -55,6 +55,14 @@ struct Cli {
     /// Where baselines are kept (baselines/<domain uuid>.json) [default: /var/lib/vigil].
     #[arg(long, global = true, env = "VIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Directory of guest profiles (`*.profile`), for names and semantic checks; may be given more than once.
+    #[arg(
+        long = "profiles",
+        global = true,
+        env = "VIGIL_PROFILES",
+        default_value = "/usr/share/vigil/guest-profiles"
+    )]
+    profiles: Vec<PathBuf>,
     /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it).
     #[arg(
         long,
@@ -146,6 +154,9 @@ enum Command {
     },
     /// Ask the running daemon which domains it watches and how they are.
     Status,
+    /// Guest profiles: what vigil knows of one kernel build (see guest-profiles/README.md).
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// Make a watched domain's current state its baseline (after a sanctioned
     /// change), recorded in the alert log with the reason.
     Accept {
@@ -154,6 +165,18 @@ enum Command {
         /// Why: who approved which change (kept in the alert log).
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Make the profile of a vendor kernel image (vmlinuz or vmlinux).
+    Build {
+        /// The kernel image, as the distribution ships it (e.g. /boot/vmlinuz-6.1.0-56-cloud-amd64).
+        vmlinuz: PathBuf,
+        /// Where to write it [default: guest-profiles/<release>.profile].
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -196,6 +219,9 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Status => control(cli, &serde_json::json!({ "command": "status" })),
+        Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
+            profile_build(vmlinuz, output.as_deref())
+        }
         Command::Accept { domain, reason } => control(
             cli,
             &serde_json::json!({ "command": "accept", "domain": domain, "reason": reason }),
@@ -333,11 +359,32 @@ fn check_domain(
     let mem = dom.open_memory(source.into())?;
     let regs = dom.registers()?;
     let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
-    let report = match check(&b, &*mem, &view, &regs, view.identification.image_base) {
+    let mut report = match check(&b, &*mem, &view, &regs, view.identification.image_base) {
         Ok(r) => r,
         Err(e @ CheckError::DifferentBoot { .. }) => bail!("{}", error_chain(&e)),
         Err(e) => return Err(e).with_context(|| format!("domain {}", dom.name)),
     };
+    let (profiles, refused) = vigil::linux::profile::load_dir(&cli.profiles);
+    for (path, why) in refused {
+        eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
+    }
+    match vigil::linux::semantic::match_profile(
+        &profiles,
+        &*mem,
+        &view,
+        view.identification.image_base,
+    ) {
+        Some(mut m) => {
+            let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs);
+            report.profile = Some(m.profile.release.clone());
+            report.add_findings(found);
+        }
+        None => eprintln!(
+            "vigil: warning: no guest profile (in {}) matches the kernel of {}: symbol-free checks only",
+            cli.profiles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            dom.name
+        ),
+    }
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -346,6 +393,29 @@ fn check_domain(
         print_report(&mut out, &report, &path)?;
     }
     Ok(if report.intact { EXIT_OK } else { EXIT_VIOLATIONS })
+}
+
+fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
+    let bytes = std::fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    let name = vmlinuz.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let p = vigil::linux::profile::Profile::build(&bytes, &name)
+        .with_context(|| format!("{}", vmlinuz.display()))?;
+    let path = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("guest-profiles").join(format!("{}.profile", p.release)));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, p.to_text()).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "profile of {} written to {}: {} symbols, {} + {} syscall table entries",
+        p.release,
+        path.display(),
+        p.symbols.len(),
+        p.syscalls64.len(),
+        p.syscalls32.len()
+    );
+    Ok(EXIT_OK)
 }
 
 fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {

@@ -409,3 +409,45 @@ fn lab_errors_name_the_domain_and_the_reason() {
         r.stderr
     );
 }
+
+#[test]
+fn lab_shared_ram_guest_with_profile_names_syscall_entry_and_idt_vector() {
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles");
+    let mut g = boot("semantic", Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    let check = |state: &Path, g: &Guest| {
+        let r = vigil(state, &["--profiles", profiles, "check", &g.name, "--format", "json"]);
+        assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+        assert!(!r.stderr.contains("no guest profile"), "{}", r.stderr);
+        (r.code, r.json())
+    };
+    // An untouched guest: the profile matches and nothing is out of place.
+    let (code, report) = check(&state, &g);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["profile"], "6.1.0-56-cloud-amd64");
+
+    g.run("attack syscall").unwrap();
+    let (code, report) = check(&state, &g);
+    assert_eq!(code, 1);
+    let pointers: Vec<Value> =
+        violations(&report).into_iter().filter(|v| v["kind"] == "pointer").collect();
+    assert_eq!(pointers.len(), 1, "{pointers:#?}");
+    let d = pointers[0]["detail"].as_str().unwrap();
+    assert!(d.starts_with("sys_call_table[110] (getppid) points to 0xffffffffc"), "{d}");
+    assert!(d.contains("in the module area") && d.contains("not to __x64_sys_getppid"), "{d}");
+    let table = g.symbol("sys_call_table").unwrap();
+    assert_eq!(pointers[0]["gva"], format!("{:#x}", table + 110 * 8), "the entry's own address");
+
+    g.run("attack idt").unwrap();
+    let (_, report) = check(&state, &g);
+    let idt: Vec<Value> =
+        violations(&report).into_iter().filter(|v| v["region"] == "idt-vectors").collect();
+    assert_eq!(idt.len(), 1, "{idt:#?}");
+    let d = idt[0]["detail"].as_str().unwrap();
+    assert!(
+        d.starts_with("IDT vector 4 points to 0xffffffffc")
+            && d.contains("not to asm_exc_overflow"),
+        "{d}"
+    );
+}

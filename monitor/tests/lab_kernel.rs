@@ -77,3 +77,33 @@ fn kallsyms_refuse_malformed_tables_without_panicking() {
     assert!(kallsyms::find(&rodata[..tok - 8]).is_err(), "no token table, no symbols");
     assert!(kallsyms::from_vmlinux(b"\x7fELF garbage").is_err());
 }
+
+#[test]
+fn committed_lab_profile_is_what_profile_build_makes() {
+    let dir = std::env::var("VIGIL_LAB_DIR").unwrap_or_else(|_| "/var/lib/vigil-lab".into());
+    let _ = lab_vmlinux(); // the pinned build is there
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("p.profile");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["profile", "build", &format!("{dir}/vmlinuz"), "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let made = std::fs::read_to_string(&path).unwrap();
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../guest-profiles/6.1.0-56-cloud-amd64.profile"
+    ))
+    .unwrap();
+    assert!(
+        made == committed,
+        "guest-profiles/6.1.0-56-cloud-amd64.profile is stale: run `vigil profile build {dir}/vmlinuz`"
+    );
+    let p = vigil::linux::profile::Profile::parse(&committed).unwrap();
+    // The banner is what the running guest printed in /proc/version.
+    let version = include_str!("data/version-6.1.0-56-cloud-amd64.txt");
+    assert_eq!(p.banner, version.trim_end());
+    assert_eq!(p.syscalls64[110].1, "__x64_sys_getppid");
+    assert_eq!(p.syscalls64.len(), 451);
+}

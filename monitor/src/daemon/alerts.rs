@@ -99,6 +99,7 @@ fn kind_text(k: FindingKind) -> &'static str {
         FindingKind::Remap => "remap",
         FindingKind::Permission => "permission",
         FindingKind::Register => "register",
+        FindingKind::Pointer => "pointer",
     }
 }
 

@@ -32,6 +32,9 @@ pub enum FindingKind {
     Remap,
     Permission,
     Register,
+    /// A pointer in a kernel table (syscall table, IDT gate) that points
+    /// somewhere the kernel did not put it.
+    Pointer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -96,6 +99,45 @@ pub struct Report {
     pub scope: Scope,
     /// Bytes of guest memory read and hashed.
     pub bytes_verified: u64,
+    /// The guest profile the kernel matched, if any (semantic checks ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+impl Report {
+    /// Adds findings made outside the page comparison (semantic checks by the
+    /// kernel model), each under its region's status.
+    pub fn add_findings(&mut self, findings: Vec<Finding>) {
+        for f in findings {
+            let status = match self.regions.iter_mut().position(|s| s.name == f.region) {
+                Some(i) => &mut self.regions[i],
+                None => {
+                    self.regions.push(RegionStatus {
+                        name: f.region.clone(),
+                        pages: 0,
+                        changed_pages: 0,
+                        info: 0,
+                        intact: true,
+                        baseline_root: String::new(),
+                        current_root: String::new(),
+                    });
+                    self.regions.last_mut().expect("just pushed")
+                }
+            };
+            match f.severity {
+                Severity::Violation => {
+                    status.changed_pages += 1;
+                    status.intact = false;
+                    self.violations.push(f);
+                }
+                Severity::Info => {
+                    status.info += 1;
+                    self.info.push(f);
+                }
+            }
+        }
+        self.intact = self.violations.is_empty();
+    }
 }
 
 /// Why a check could not be made.
@@ -314,6 +356,7 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
         regions,
         scope,
         bytes_verified,
+        profile: None,
     })
 }
 

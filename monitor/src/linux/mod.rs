@@ -7,5 +7,7 @@
 mod discover;
 pub mod image;
 pub mod kallsyms;
+pub mod profile;
+pub mod semantic;
 
 pub use discover::{DiscoverError, IMAGE_END, IMAGE_START, KernelView, discover};

@@ -1,0 +1,391 @@
+//! Guest profiles: what vigil knows of one kernel build, made from the
+//! vendor's `vmlinuz` (trusted, unlike guest memory) and kept as reviewable
+//! text under `guest-profiles/`.
+//!
+//! ```text
+//! # comments
+//! format vigil-guest-profile 1
+//! release 6.1.0-56-cloud-amd64
+//! banner Linux version 6.1.0-56-cloud-amd64 (...) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2 (2026-11-16)
+//! source vmlinuz-6.1.0-56-cloud-amd64 blake3 <hex>
+//! sym ffffffff81000000 T _text                 one line per symbol vigil uses, by address
+//! syscall64 0 __x64_sys_read                   what each syscall table entry must point to
+//! syscall32 0 __ia32_sys_restart_syscall
+//! ```
+//!
+//! Addresses are as linked; a running guest adds its KASLR slide.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use super::{image, kallsyms};
+
+pub const FORMAT: &str = "vigil-guest-profile";
+pub const VERSION: u32 = 1;
+/// Largest profile file accepted.
+pub const MAX_PROFILE: usize = 64 << 20;
+const MAX_SYSCALLS: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileSymbol {
+    pub addr: u64,
+    pub kind: char,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub release: String,
+    pub banner: String,
+    pub source: String,
+    /// Sorted by address.
+    pub symbols: Vec<ProfileSymbol>,
+    pub syscalls64: Vec<(u32, String)>,
+    pub syscalls32: Vec<(u32, String)>,
+    by_name: HashMap<String, usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProfileError {
+    #[error("{0}")]
+    Image(#[from] image::ImageError),
+    #[error("{0}")]
+    Kallsyms(String),
+    #[error("the image has no {0}")]
+    Missing(&'static str),
+    #[error("line {line}: {reason}")]
+    Syntax { line: usize, reason: String },
+    #[error("the profile is larger than {MAX_PROFILE} bytes")]
+    TooLarge,
+}
+
+/// Symbols a profile keeps besides all code: what the checks read.
+const DATA_SYMBOLS: &[&str] = &[
+    "_text",
+    "_etext",
+    "__start_rodata",
+    "__end_rodata",
+    "_sdata",
+    "_end",
+    "linux_banner",
+    "sys_call_table",
+    "ia32_sys_call_table",
+    "x32_sys_call_table",
+    "idt_table",
+    "modules",
+    "init_task",
+];
+
+impl Profile {
+    fn new(
+        release: String,
+        banner: String,
+        source: String,
+        mut symbols: Vec<ProfileSymbol>,
+        s64: Vec<(u32, String)>,
+        s32: Vec<(u32, String)>,
+    ) -> Self {
+        symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
+        let by_name = symbols.iter().enumerate().rev().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { release, banner, source, symbols, syscalls64: s64, syscalls32: s32, by_name }
+    }
+
+    /// Builds the profile of a vendor kernel image.
+    pub fn build(vmlinuz: &[u8], file_name: &str) -> Result<Self, ProfileError> {
+        use object::{Object, ObjectSection};
+        let (elf, _) = image::vmlinux(vmlinuz)?;
+        let file = object::File::parse(&*elf)
+            .map_err(|e| ProfileError::Kallsyms(format!("not an ELF file: {e}")))?;
+        let rodata =
+            file.section_by_name(".rodata").ok_or(ProfileError::Missing(".rodata section"))?;
+        let ro_addr = rodata.address();
+        let ro = rodata.data().map_err(|e| ProfileError::Kallsyms(e.to_string()))?;
+        let all = kallsyms::find(ro).map_err(|e| ProfileError::Kallsyms(e.to_string()))?.symbols;
+        let names = kallsyms::by_name(&all);
+        let at =
+            |name: &'static str| names.get(name).map(|s| s.addr).ok_or(ProfileError::Missing(name));
+        let read = |addr: u64, len: usize| -> Option<&[u8]> {
+            let off = usize::try_from(addr.checked_sub(ro_addr)?).ok()?;
+            ro.get(off..off.checked_add(len)?)
+        };
+        let banner_bytes = read(at("linux_banner")?, 512)
+            .ok_or(ProfileError::Missing("linux_banner in .rodata"))?;
+        let end =
+            banner_bytes.iter().position(|&c| c == 0 || c == b'\n').unwrap_or(banner_bytes.len());
+        let banner = String::from_utf8_lossy(&banner_bytes[..end]).into_owned();
+        let release = banner
+            .strip_prefix("Linux version ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("")
+            .to_owned();
+
+        // Code symbols, for names of addresses; and the data the checks use.
+        let mut keep: Vec<ProfileSymbol> = all
+            .iter()
+            .filter(|s| {
+                matches!(s.kind, 'T' | 't' | 'W' | 'w') || DATA_SYMBOLS.contains(&s.name.as_str())
+            })
+            .map(|s| ProfileSymbol { addr: s.addr, kind: s.kind, name: s.name.clone() })
+            .collect();
+        keep.dedup_by(|a, b| a.addr == b.addr && a.name == b.name);
+        let code: HashMap<u64, &str> = all
+            .iter()
+            .filter(|s| matches!(s.kind, 'T' | 't'))
+            .map(|s| (s.addr, s.name.as_str()))
+            .collect();
+
+        // A syscall table runs up to the next symbol after it.
+        let mut sorted: Vec<u64> = all.iter().map(|s| s.addr).collect();
+        sorted.sort_unstable();
+        let table = |name: &'static str| -> Result<Vec<(u32, String)>, ProfileError> {
+            let Ok(start) = at(name) else { return Ok(vec![]) };
+            let next = sorted.iter().copied().find(|&a| a > start).unwrap_or(start);
+            let n = usize::try_from((next - start) / 8).unwrap_or(0).min(MAX_SYSCALLS);
+            let bytes = read(start, n * 8)
+                .ok_or(ProfileError::Missing("syscall table bytes in .rodata"))?;
+            // Alignment padding after the table reads as null entries.
+            let used =
+                bytes.chunks_exact(8).rposition(|c| c.iter().any(|&b| b != 0)).map_or(0, |i| i + 1);
+            Ok(bytes[..used * 8]
+                .chunks_exact(8)
+                .zip(0u32..)
+                .map(|(c, nr)| {
+                    let target = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                    (
+                        nr,
+                        code.get(&target)
+                            .map_or_else(|| format!("{target:#x}"), |s| (*s).to_owned()),
+                    )
+                })
+                .collect())
+        };
+        let s64 = table("sys_call_table")?;
+        let s32 = table("ia32_sys_call_table")?;
+        if s64.is_empty() {
+            return Err(ProfileError::Missing("sys_call_table"));
+        }
+        let source = format!("{file_name} blake3 {}", blake3::hash(vmlinuz).to_hex());
+        Ok(Self::new(release, banner, source, keep, s64, s32))
+    }
+
+    /// The profile as text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# vigil guest profile: one kernel build. Made by `vigil profile build`; see guest-profiles/README.md."
+        );
+        let _ = writeln!(s, "format {FORMAT} {VERSION}");
+        let _ = writeln!(s, "release {}", self.release);
+        let _ = writeln!(s, "banner {}", self.banner);
+        let _ = writeln!(s, "source {}", self.source);
+        for (nr, name) in &self.syscalls64 {
+            let _ = writeln!(s, "syscall64 {nr} {name}");
+        }
+        for (nr, name) in &self.syscalls32 {
+            let _ = writeln!(s, "syscall32 {nr} {name}");
+        }
+        for sym in &self.symbols {
+            let _ = writeln!(s, "sym {:016x} {} {}", sym.addr, sym.kind, sym.name);
+        }
+        s
+    }
+
+    /// Parses a profile, strictly.
+    pub fn parse(text: &str) -> Result<Self, ProfileError> {
+        if text.len() > MAX_PROFILE {
+            return Err(ProfileError::TooLarge);
+        }
+        let (mut release, mut banner, mut source) = (None, None, None);
+        let mut format_seen = false;
+        let (mut syms, mut s64, mut s32) = (Vec::new(), Vec::new(), Vec::new());
+        for (n, line) in text.lines().enumerate() {
+            let line_no = n + 1;
+            let bad = |r: String| ProfileError::Syntax { line: line_no, reason: r };
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (key, rest) =
+                line.split_once(' ').ok_or_else(|| bad(format!("no value: {line:?}")))?;
+            match key {
+                "format" => {
+                    if rest != format!("{FORMAT} {VERSION}") {
+                        return Err(bad(format!("format {rest:?} is not {FORMAT} {VERSION}")));
+                    }
+                    format_seen = true;
+                }
+                "release" => release = Some(rest.to_owned()),
+                "banner" => banner = Some(rest.to_owned()),
+                "source" => source = Some(rest.to_owned()),
+                "syscall64" | "syscall32" => {
+                    let (nr, name) = rest
+                        .split_once(' ')
+                        .ok_or_else(|| bad("syscall needs NUMBER NAME".into()))?;
+                    let nr: u32 =
+                        nr.parse().map_err(|_| bad(format!("bad syscall number {nr:?}")))?;
+                    let list = if key == "syscall64" { &mut s64 } else { &mut s32 };
+                    if usize::try_from(nr).ok() != Some(list.len()) || list.len() >= MAX_SYSCALLS {
+                        return Err(bad(format!("syscall {nr} out of order")));
+                    }
+                    list.push((nr, name.to_owned()));
+                }
+                "sym" => {
+                    let mut f = rest.splitn(3, ' ');
+                    let (Some(a), Some(k), Some(name)) = (f.next(), f.next(), f.next()) else {
+                        return Err(bad("sym needs ADDRESS KIND NAME".into()));
+                    };
+                    let addr = u64::from_str_radix(a, 16)
+                        .map_err(|_| bad(format!("bad address {a:?}")))?;
+                    let mut kc = k.chars();
+                    let (Some(kind), None) = (kc.next(), kc.next()) else {
+                        return Err(bad(format!("bad kind {k:?}")));
+                    };
+                    if name.is_empty() || name.contains(char::is_whitespace) {
+                        return Err(bad(format!("bad symbol name {name:?}")));
+                    }
+                    syms.push(ProfileSymbol { addr, kind, name: name.to_owned() });
+                }
+                other => return Err(bad(format!("unknown key {other:?}"))),
+            }
+        }
+        let missing =
+            |what: &str| ProfileError::Syntax { line: 0, reason: format!("no {what} line") };
+        if !format_seen {
+            return Err(missing("format"));
+        }
+        let p = Self::new(
+            release.ok_or_else(|| missing("release"))?,
+            banner.ok_or_else(|| missing("banner"))?,
+            source.ok_or_else(|| missing("source"))?,
+            syms,
+            s64,
+            s32,
+        );
+        if p.symbol("_text").is_none() || p.syscalls64.is_empty() {
+            return Err(missing("_text symbol or syscall64"));
+        }
+        Ok(p)
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<&ProfileSymbol> {
+        self.by_name.get(name).map(|&i| &self.symbols[i])
+    }
+
+    /// The code symbol holding link-time address `addr`, and the offset into it.
+    pub fn symbolize(&self, addr: u64) -> Option<(&str, u64)> {
+        let text = self.symbol("_text")?.addr;
+        let etext = self.symbol("_etext")?.addr;
+        if addr < text || addr >= etext {
+            return None;
+        }
+        let i = self.symbols.partition_point(|s| s.addr <= addr).checked_sub(1)?;
+        let s =
+            self.symbols[..=i].iter().rev().find(|s| matches!(s.kind, 'T' | 't' | 'W' | 'w'))?;
+        Some((s.name.as_str(), addr - s.addr))
+    }
+}
+
+/// Loads every `*.profile` in `dirs` (missing directories are skipped).
+/// Returns the profiles and, for each file refused, its path and the reason.
+pub fn load_dir(dirs: &[std::path::PathBuf]) -> (Vec<Profile>, Vec<(std::path::PathBuf, String)>) {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "profile")) {
+            match std::fs::metadata(&path).map(|m| m.len()) {
+                Ok(n) if n > MAX_PROFILE as u64 => {
+                    bad.push((path, ProfileError::TooLarge.to_string()))
+                }
+                Ok(_) => match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| Profile::parse(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(p) => ok.push(p),
+                    Err(e) => bad.push((path, e)),
+                },
+                Err(e) => bad.push((path, e.to_string())),
+            }
+        }
+    }
+    (ok, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Profile {
+        let syms = vec![
+            ProfileSymbol { addr: 0xffff_ffff_8100_0000, kind: 'T', name: "_text".into() },
+            ProfileSymbol { addr: 0xffff_ffff_8100_1000, kind: 'T', name: "__x64_sys_read".into() },
+            ProfileSymbol { addr: 0xffff_ffff_8100_1040, kind: 't', name: "helper".into() },
+            ProfileSymbol { addr: 0xffff_ffff_8120_0000, kind: 'T', name: "_etext".into() },
+            ProfileSymbol { addr: 0xffff_ffff_8200_0000, kind: 'D', name: "sys_call_table".into() },
+        ];
+        Profile::new(
+            "6.1.0-test".into(),
+            "Linux version 6.1.0-test (x) #1 SMP".into(),
+            "vmlinuz blake3 00".into(),
+            syms,
+            vec![(0, "__x64_sys_read".into())],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn text_round_trips_and_symbolizes() {
+        let p = sample();
+        let back = Profile::parse(&p.to_text()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(p.symbolize(0xffff_ffff_8100_1044), Some(("helper", 4)));
+        assert_eq!(p.symbolize(0xffff_ffff_8100_1000), Some(("__x64_sys_read", 0)));
+        assert_eq!(p.symbolize(0xffff_ffff_8300_0000), None, "beyond _etext");
+        assert_eq!(p.symbolize(0x1000), None);
+        assert_eq!(p.symbol("sys_call_table").unwrap().kind, 'D');
+    }
+
+    #[test]
+    fn malformed_profiles_are_refused_with_the_line() {
+        let good = sample().to_text();
+        for (edit, what) in [
+            (
+                good.replace("format vigil-guest-profile 1", "format vigil-guest-profile 9"),
+                "version",
+            ),
+            (good.replace("format vigil-guest-profile 1\n", ""), "no format"),
+            (good.replace("release 6.1.0-test\n", ""), "no release"),
+            (good.replace("sym ffffffff81000000 T _text", "sym zz T _text"), "bad address"),
+            (
+                good.replace("sym ffffffff81000000 T _text", "sym ffffffff81000000 TT _text"),
+                "bad kind",
+            ),
+            (good.replace("sym ffffffff81000000 T _text", "sym ffffffff81000000 T"), "no name"),
+            (good.replace("sym ffffffff81000000 T _text\n", ""), "no _text"),
+            (
+                good.replace("syscall64 0 __x64_sys_read", "syscall64 5 __x64_sys_read"),
+                "syscall order",
+            ),
+            (good.clone() + "nonsense here\n", "unknown key"),
+            (good.clone() + "justoneword\n", "no value"),
+        ] {
+            assert!(Profile::parse(&edit).is_err(), "accepted a profile with {what}");
+        }
+        let e = Profile::parse(&(good + "bogus x\n")).unwrap_err().to_string();
+        assert!(e.starts_with("line "), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mutated_profiles_never_panic(pos in 0usize..2000, byte in 0u8..128) {
+            let mut b = sample().to_text().into_bytes();
+            let i = pos % b.len();
+            b[i] = byte;
+            if let Ok(t) = String::from_utf8(b) {
+                let _ = Profile::parse(&t);
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Semantic checks with a guest profile: the KASLR slide found two ways and
+//! compared, every syscall table entry and every IDT gate compared with
+//! where the kernel put it, and addresses named by symbol.
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
+use crate::memory::GuestMemory;
+use crate::qemu::VcpuRegisters;
+
+use super::profile::Profile;
+
+/// Where loadable modules live on x86-64 (MODULES_VADDR..MODULES_END).
+const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
+
+/// Exception vectors and the entry stub Linux 6.1 installs for each.
+const EXCEPTIONS: &[(u8, &str)] = &[
+    (0, "asm_exc_divide_error"),
+    (1, "asm_exc_debug"),
+    (2, "asm_exc_nmi"),
+    (3, "asm_exc_int3"),
+    (4, "asm_exc_overflow"),
+    (5, "asm_exc_bounds"),
+    (6, "asm_exc_invalid_op"),
+    (7, "asm_exc_device_not_available"),
+    (8, "asm_exc_double_fault"),
+    (9, "asm_exc_coproc_segment_overrun"),
+    (10, "asm_exc_invalid_tss"),
+    (11, "asm_exc_segment_not_present"),
+    (12, "asm_exc_stack_segment"),
+    (13, "asm_exc_general_protection"),
+    (14, "asm_exc_page_fault"),
+    (15, "asm_spurious_interrupt_bug"),
+    (16, "asm_exc_coprocessor_error"),
+    (17, "asm_exc_alignment_check"),
+    (18, "asm_exc_machine_check"),
+    (19, "asm_exc_simd_coprocessor_error"),
+    (20, "asm_exc_virtualization_exception"),
+    (21, "asm_exc_control_protection"),
+    (29, "asm_exc_vmm_communication"),
+];
+
+/// A guest matched to a profile.
+pub struct Matched<'p> {
+    pub profile: &'p Profile,
+    /// KASLR slide from the W^X walk: where the image is mapped less `_text`.
+    pub slide: u64,
+    /// KASLR slide from the IDT: vector 0's handler less its symbol.
+    pub idt_slide: Option<u64>,
+}
+
+impl Matched<'_> {
+    /// Names a guest virtual address: `symbol+0xoff`, a module-area address, or nothing known.
+    pub fn locate(&self, gva: u64) -> String {
+        match self.profile.symbolize(gva.wrapping_sub(self.slide)) {
+            Some((name, 0)) => format!("{name} (kernel text)"),
+            Some((name, off)) => format!("{name}+{off:#x} (kernel text)"),
+            None if MODULES.contains(&gva) => "the module area (no listed module)".into(),
+            None => "nowhere known".into(),
+        }
+    }
+
+    fn expect(&self, name: &str) -> Option<u64> {
+        self.profile.symbol(name).map(|s| s.addr.wrapping_add(self.slide))
+    }
+}
+
+/// Reads `len` bytes at `gva` through the guest's page tables.
+fn read_virt(
+    mem: &(impl GuestMemory + ?Sized),
+    space: &dyn AddressSpace,
+    gva: u64,
+    len: usize,
+) -> Option<(Vec<u8>, GuestPhysAddr)> {
+    let mut out = Vec::with_capacity(len);
+    let mut first_gpa = None;
+    let mut va = gva;
+    while out.len() < len {
+        let page = GuestVirtAddr(va).page_floor();
+        let (gpa, _) = space.translate(page)?;
+        let off = GuestVirtAddr(va).page_offset();
+        let n = usize::try_from(PAGE_SIZE - off).ok()?.min(len - out.len());
+        let mut buf = vec![0u8; n];
+        let at = gpa.checked_add(off)?;
+        mem.read(at, &mut buf).ok()?;
+        first_gpa.get_or_insert(at);
+        out.extend_from_slice(&buf);
+        va = va.checked_add(n as u64)?;
+    }
+    Some((out, first_gpa?))
+}
+
+/// Finds the profile whose banner the guest's `linux_banner` holds.
+pub fn match_profile<'p, M: GuestMemory + ?Sized>(
+    profiles: &'p [Profile],
+    mem: &M,
+    space: &dyn AddressSpace,
+    image_base: GuestVirtAddr,
+) -> Option<Matched<'p>> {
+    profiles.iter().find_map(|p| {
+        let slide = image_base.raw().wrapping_sub(p.symbol("_text")?.addr);
+        let banner_at = p.symbol("linux_banner")?.addr.wrapping_add(slide);
+        let (bytes, _) = read_virt(mem, space, banner_at, p.banner.len())?;
+        (bytes == p.banner.as_bytes()).then_some(Matched { profile: p, slide, idt_slide: None })
+    })
+}
+
+fn gate_target(g: &[u8]) -> Option<u64> {
+    // 16-byte gate: offset 0..15 at 0, 16..31 at 6, 32..63 at 8; present bit 47.
+    let present = g[5] & 0x80 != 0;
+    present.then(|| {
+        u64::from(u16::from_le_bytes([g[0], g[1]]))
+            | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16
+            | u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32
+    })
+}
+
+fn pointer(
+    region: &str,
+    gva: u64,
+    gpa: GuestPhysAddr,
+    detail: String,
+    before: String,
+    after: String,
+) -> Finding {
+    Finding {
+        region: region.into(),
+        kind: FindingKind::Pointer,
+        severity: Severity::Violation,
+        gva: GuestVirtAddr(gva),
+        gpa,
+        page: None,
+        vcpu: None,
+        register: None,
+        detail,
+        before,
+        after,
+    }
+}
+
+/// Every semantic finding: KASLR disagreement, syscall table entries, IDT gates.
+pub fn check<M: GuestMemory + ?Sized>(
+    m: &mut Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    regs: &[VcpuRegisters],
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let p = m.profile;
+
+    // The slide a second way: vector 0's handler.
+    let cpu = regs.iter().find(|r| r.in_long_mode());
+    if let (Some(cpu), Some(de)) = (cpu, p.symbol("asm_exc_divide_error"))
+        && let Some((g, gpa)) = read_virt(mem, space, cpu.idtr_base, 16)
+        && let Some(t) = gate_target(&g)
+    {
+        let idt_slide = t.wrapping_sub(de.addr);
+        m.idt_slide = Some(idt_slide);
+        if idt_slide != m.slide {
+            out.push(pointer(
+                "kaslr",
+                cpu.idtr_base,
+                gpa,
+                format!(
+                    "the KASLR slide from the page tables ({:#x}) and from IDT vector 0 ({idt_slide:#x}) disagree: \
+                     vector 0 points to {}",
+                    m.slide,
+                    m.locate(t)
+                ),
+                format!("{:#x}", m.slide),
+                format!("{idt_slide:#x}"),
+            ));
+        }
+    }
+
+    // Syscall tables.
+    for (table, list) in [("sys_call_table", &p.syscalls64), ("ia32_sys_call_table", &p.syscalls32)]
+    {
+        let (Some(base), false) = (m.expect(table), list.is_empty()) else { continue };
+        let Some((bytes, _)) = read_virt(mem, space, base, list.len() * 8) else {
+            out.push(pointer(
+                table,
+                base,
+                GuestPhysAddr(0),
+                format!("{table} is not mapped"),
+                String::new(),
+                String::new(),
+            ));
+            continue;
+        };
+        for ((nr, name), c) in list.iter().zip(bytes.chunks_exact(8)) {
+            let found = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            let Some(expected) = m.expect(name) else { continue };
+            if found != expected {
+                let entry = base + u64::from(*nr) * 8;
+                let gpa = space
+                    .translate(GuestVirtAddr(entry).page_floor())
+                    .map_or(GuestPhysAddr(0), |(g, _)| {
+                        GuestPhysAddr(g.raw() + GuestVirtAddr(entry).page_offset())
+                    });
+                let call = name.trim_start_matches("__x64_sys_").trim_start_matches("__ia32_sys_");
+                out.push(pointer(
+                    table,
+                    entry,
+                    gpa,
+                    format!(
+                        "{table}[{nr}] ({call}) points to {found:#x} in {}, not to {name} ({expected:#x})",
+                        m.locate(found)
+                    ),
+                    format!("{name} {expected:#x}"),
+                    format!("{found:#x} {}", m.locate(found)),
+                ));
+            }
+        }
+    }
+
+    // IDT gates, once per distinct IDT.
+    let image = (m.expect("_text"), m.expect("_end"));
+    let in_image = |t: u64| matches!(image, (Some(a), Some(b)) if (a..b).contains(&t));
+    let irq = p.symbol("irq_entries_start").map(|s| s.addr.wrapping_add(m.slide));
+    let spurious = p.symbol("spurious_entries_start").map(|s| s.addr.wrapping_add(m.slide));
+    let mut seen = Vec::new();
+    for cpu in regs.iter().filter(|r| r.in_long_mode()) {
+        if seen.contains(&cpu.idtr_base) {
+            continue;
+        }
+        seen.push(cpu.idtr_base);
+        let n = (usize::try_from(cpu.idtr_limit).unwrap_or(0) + 1).min(256 * 16) / 16;
+        let Some((idt, idt_gpa)) = read_virt(mem, space, cpu.idtr_base, n * 16) else { continue };
+        for (v, g) in idt.chunks_exact(16).enumerate() {
+            let Some(target) = gate_target(g) else { continue };
+            let vector = u8::try_from(v).expect("at most 256 gates");
+            let named = EXCEPTIONS.iter().find(|(x, _)| *x == vector).map(|(_, n)| *n);
+            let expected = named.and_then(|n| m.expect(n));
+            let ok = match expected {
+                Some(e) => target == e,
+                None if vector >= 32 => {
+                    let slot = u64::from(vector - 32) * 8;
+                    irq.is_some_and(|i| target == i + slot)
+                        || spurious.is_some_and(|s| target == s + slot)
+                        || m.profile.symbolize(target.wrapping_sub(m.slide)).is_some_and(
+                            |(s, off)| {
+                                off == 0 && (s.starts_with("asm_") || s.starts_with("entry_"))
+                            },
+                        )
+                }
+                // Reserved exception vectors keep the early boot handlers
+                // (in .init.text, freed after boot): judged only by staying
+                // inside the kernel image.
+                None => in_image(target),
+            };
+            if !ok {
+                let want = match (named, expected) {
+                    (Some(n), Some(e)) => format!("{n} {e:#x}"),
+                    _ => "an interrupt entry stub".into(),
+                };
+                let gate = cpu.idtr_base + u64::from(vector) * 16;
+                out.push(pointer(
+                    "idt-vectors",
+                    gate,
+                    GuestPhysAddr(idt_gpa.raw() + u64::from(vector) * 16),
+                    format!(
+                        "IDT vector {vector} points to {target:#x} in {}, not to {want}",
+                        m.locate(target)
+                    ),
+                    want.clone(),
+                    format!("{target:#x} {}", m.locate(target)),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gates_decode() {
+        let mut g = [0u8; 16];
+        let addr = 0xffff_ffff_81c0_09b0u64;
+        g[0..2].copy_from_slice(&(addr as u16).to_le_bytes());
+        g[6..8].copy_from_slice(&((addr >> 16) as u16).to_le_bytes());
+        g[8..12].copy_from_slice(&((addr >> 32) as u32).to_le_bytes());
+        assert_eq!(gate_target(&g), None, "not present");
+        g[5] = 0x8e;
+        assert_eq!(gate_target(&g), Some(addr));
+    }
+}
