@@ -272,6 +272,7 @@ pub fn check<M: GuestMemory + ?Sized>(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
