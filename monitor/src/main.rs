@@ -55,13 +55,9 @@ struct Cli {
     /// Where baselines are kept (baselines/<domain uuid>.json) [default: /var/lib/vigil].
     #[arg(long, global = true, env = "VIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Directory of guest profiles (`*.profile`), for names and semantic checks; may be given more than once.
-    #[arg(
-        long = "profiles",
-        global = true,
-        env = "VIGIL_PROFILES",
-        default_value = "/usr/share/vigil/guest-profiles"
-    )]
+    /// Directories of guest profiles (`*.profile`), for names and semantic checks
+    /// (repeat, or separate with ':') [default: /usr/share/vigil/guest-profiles].
+    #[arg(long = "profiles", global = true, env = "VIGIL_PROFILES", value_delimiter = ':')]
     profiles: Vec<PathBuf>,
     /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it).
     #[arg(
@@ -192,6 +188,14 @@ fn main() -> ExitCode {
     }
 }
 
+fn profile_dirs(cli: &Cli) -> Vec<PathBuf> {
+    if cli.profiles.is_empty() {
+        vec![PathBuf::from(vigil::daemon::config::DEFAULT_PROFILES)]
+    } else {
+        cli.profiles.clone()
+    }
+}
+
 fn state_dir(cli: &Cli) -> PathBuf {
     cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/vigil"))
 }
@@ -205,6 +209,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 alert_log: alert_log.clone(),
                 metrics_listen: metrics_listen.clone(),
                 control_socket: Some(cli.control_socket.clone()),
+                profiles: (!cli.profiles.is_empty()).then(|| cli.profiles.clone()),
             };
             let settings = vigil::daemon::config::Settings::load(config.as_deref(), &over)?;
             if *check_config {
@@ -364,7 +369,8 @@ fn check_domain(
         Err(e @ CheckError::DifferentBoot { .. }) => bail!("{}", error_chain(&e)),
         Err(e) => return Err(e).with_context(|| format!("domain {}", dom.name)),
     };
-    let (profiles, refused) = vigil::linux::profile::load_dir(&cli.profiles);
+    let dirs = profile_dirs(cli);
+    let (profiles, refused) = vigil::linux::profile::load_dir(&dirs);
     for (path, why) in refused {
         eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
     }
@@ -378,10 +384,13 @@ fn check_domain(
             let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs);
             report.profile = Some(m.profile.release.clone());
             report.add_findings(found);
+            for region in vigil::linux::semantic::REGIONS {
+                report.cover(region);
+            }
         }
         None => eprintln!(
             "vigil: warning: no guest profile (in {}) matches the kernel of {}: symbol-free checks only",
-            cli.profiles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             dom.name
         ),
     }

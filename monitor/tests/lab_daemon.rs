@@ -34,7 +34,8 @@ impl Daemon {
     /// text appended to it may add schedule keys or new tables.
     fn config_text(domain: &str) -> String {
         format!(
-            "[domains]\ninclude = [\"{domain}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+            "profiles = [\"{}/../guest-profiles\"]\n[domains]\ninclude = [\"{domain}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+            env!("CARGO_MANIFEST_DIR"),
             HOT.as_millis(),
             FULL.as_millis()
         )
@@ -203,6 +204,22 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
         !violations(d, &g, "idt").is_empty()
     });
     eprintln!("IDT overwrite reported after {:?}", t.elapsed());
+    // With the guest profile the syscall table is hot too, and named.
+    g.run("attack syscall").unwrap();
+    let t = Instant::now();
+    d.wait_for("the syscall hook's alert", 2 * HOT + Duration::from_secs(2), |d| {
+        !violations(d, &g, "sys_call_table").is_empty()
+    });
+    eprintln!("syscall hook reported after {:?}", t.elapsed());
+    let sc = violations(&d, &g, "sys_call_table");
+    assert_eq!(sc[0]["kind"], "pointer");
+    assert!(sc[0]["detail"].as_str().unwrap().contains("sys_call_table[110] (getppid)"), "{sc:#?}");
+    assert!(
+        d.alerts().iter().any(|a| a["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("runs kernel 6.1.0-56-cloud-amd64"))
+    );
     // Several more scans: still exactly one alert per change.
     std::thread::sleep(2 * FULL);
     let text = violations(&d, &g, "kernel-text");
@@ -212,6 +229,17 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
     assert_eq!(text[0]["technique"], "T1014");
     assert_eq!(text[0]["uuid"], g.uuid.as_str());
     assert_eq!(violations(&d, &g, "idt").len(), 1);
+    assert_eq!(violations(&d, &g, "idt-vectors").len(), 1);
+    let sc = violations(&d, &g, "sys_call_table");
+    assert_eq!(
+        sc.len(),
+        1,
+        "{:#?}",
+        d.alerts()
+            .iter()
+            .map(|a| format!("{} {} {}", a["event"], a["key"], a["detail"]))
+            .collect::<Vec<_>>()
+    );
 
     let m = d.metrics();
     let line = format!(

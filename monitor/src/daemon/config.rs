@@ -32,6 +32,7 @@ pub struct RawConfig {
     pub control_socket: Option<PathBuf>,
     pub control_group: Option<String>,
     pub host: Option<String>,
+    pub profiles: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub schedule: RawSchedule,
     #[serde(default)]
@@ -74,7 +75,11 @@ pub struct Overrides {
     pub alert_log: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub control_socket: Option<PathBuf>,
+    pub profiles: Option<Vec<PathBuf>>,
 }
+
+/// Where guest profiles are looked for unless told otherwise.
+pub const DEFAULT_PROFILES: &str = "/usr/share/vigil/guest-profiles";
 
 /// An `http://host:port/path` endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +99,8 @@ pub struct Settings {
     pub control_socket: PathBuf,
     pub control_group: String,
     pub host: String,
+    /// Directories of guest profiles.
+    pub profiles: Vec<PathBuf>,
     pub hot_interval: Duration,
     pub full_interval: Duration,
     pub jitter: f64,
@@ -277,6 +284,11 @@ impl Settings {
                 .unwrap_or_else(|| "/run/vigil/control.sock".into()),
             control_group: raw.control_group.unwrap_or_else(|| "vigil".into()),
             host,
+            profiles: over
+                .profiles
+                .clone()
+                .or(raw.profiles)
+                .unwrap_or_else(|| vec![DEFAULT_PROFILES.into()]),
             hot_interval,
             full_interval,
             jitter,

@@ -167,6 +167,8 @@ pub struct Shared {
     pub sink: Sink,
     pub budget: Budget,
     pub status: Mutex<HashMap<String, DomainStatus>>,
+    /// Guest profiles, loaded at start.
+    pub profiles: Vec<crate::linux::profile::Profile>,
     hv: RwLock<Option<Arc<Hypervisor>>>,
     tasks: Mutex<HashMap<String, Task>>,
     /// When the last budget-exceeded event was sent (one a minute at most).
@@ -388,6 +390,7 @@ async fn domain_task(
         let mut next_hot = Instant::now();
         let mut next_full = Instant::now();
         let mut last_error = String::new();
+        let mut profile_said = false;
         loop {
             let due = next_hot.min(next_full);
             let mut forced: Option<Command> = None;
@@ -442,7 +445,8 @@ async fn domain_task(
                 }
             }
             let started = Instant::now();
-            let (back, result) = blocking(w, move |w| w.check(scope)).await;
+            let sh = shared.clone();
+            let (back, result) = blocking(w, move |w| w.check(scope, &sh.profiles)).await;
             w = back;
             let took = started.elapsed();
             estimate[usize::from(full)] = took;
@@ -461,6 +465,29 @@ async fn domain_task(
             match result {
                 Ok(report) => {
                     last_error.clear();
+                    if !profile_said {
+                        profile_said = true;
+                        let (sev, detail) = match &report.profile {
+                            Some(p) => (
+                                "info",
+                                format!(
+                                    "{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"
+                                ),
+                            ),
+                            None => (
+                                "warning",
+                                format!(
+                                    "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
+                                    s.profiles
+                                        .iter()
+                                        .map(|p| p.display().to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            ),
+                        };
+                        shared.sink.emit(subject.event(EventKind::Notice, sev, detail));
+                    }
                     m.checks
                         .get_or_create(&CheckLabels {
                             domain: name.clone(),
@@ -511,7 +538,7 @@ async fn domain_task(
                     let all: Vec<_> =
                         report.violations.iter().chain(&report.info).cloned().collect();
                     let groups = alerts::groups(&all);
-                    let (fresh, gone) = alerts::news(&scope_filter(&reported, scope), &groups);
+                    let (fresh, gone) = alerts::news(&visible(&reported, &report), &groups);
                     for (key, digest, fs) in fresh {
                         let a = subject.group(key, digest, fs);
                         reported.insert(a.key.clone(), a.digest.clone());
@@ -597,21 +624,21 @@ async fn domain_task(
     shared.sink.metrics.attached.set(gauge(tasks.len()));
 }
 
-/// Reported subjects a check of `scope` can see again (a hot check does not
-/// look at text pages, so it must not call their changes reverted).
-fn scope_filter(reported: &HashMap<String, String>, scope: Scope) -> HashMap<String, String> {
-    match scope {
-        Scope::Full => reported.clone(),
-        Scope::Hot => reported
-            .iter()
-            .filter(|(k, _)| {
-                k.starts_with("idt")
-                    || k.starts_with("gdt")
-                    || k.starts_with(crate::integrity::check::REGISTER_REGION)
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+/// The reported groups a check could see again: those of the regions it
+/// covered (a hot check does not look at text pages, so it must not call
+/// their changes reverted).
+fn visible(
+    reported: &HashMap<String, String>,
+    report: &crate::integrity::Report,
+) -> HashMap<String, String> {
+    reported
+        .iter()
+        .filter(|(k, _)| {
+            let region = k.split('/').next().unwrap_or("");
+            report.regions.iter().any(|r| r.name == region)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 impl Shared {
@@ -734,10 +761,15 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::Metrics { addr: settings.metrics_listen, source })?;
     tokio::spawn(metrics::serve(listener, metrics.clone()));
     let control_listener = control::bind(&settings.control_socket, &settings.control_group)?;
+    let (profiles, refused) = crate::linux::profile::load_dir(&settings.profiles);
+    for (path, why) in &refused {
+        eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
+    }
     let shared = Arc::new(Shared {
         budget: Budget::new(settings.cpu_budget),
         sink: Sink { log: Mutex::new(log), reported: Mutex::new(reported), metrics, pushers },
         status: Mutex::new(HashMap::new()),
+        profiles,
         hv: RwLock::new(None),
         tasks: Mutex::new(HashMap::new()),
         budget_event: Mutex::new(None),

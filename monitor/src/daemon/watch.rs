@@ -8,7 +8,8 @@ use crate::integrity::baseline::DomainId;
 use crate::integrity::check::{CheckError, Report, Scope, check_scoped};
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
-use crate::linux::{DiscoverError, discover};
+use crate::linux::profile::Profile;
+use crate::linux::{DiscoverError, discover, semantic};
 use crate::memory::GuestMemory;
 
 /// Why a domain could not be attached or checked.
@@ -67,6 +68,8 @@ pub struct Watched {
     mem: Option<Box<dyn GuestMemory + Send + Sync>>,
     pub baseline: Baseline,
     pub path: PathBuf,
+    /// The guest profile the kernel matched at the last check, if any.
+    pub profile: Option<String>,
 }
 
 /// Where a domain's baseline is kept (the same place `vigil baseline` uses).
@@ -104,7 +107,10 @@ impl Watched {
             && stored.kernel.boot_key() == boot
         {
             drop(view);
-            return Ok((Self { dom, mem: Some(mem), baseline: stored, path }, Attached::Stored));
+            return Ok((
+                Self { dom, mem: Some(mem), baseline: stored, path, profile: None },
+                Attached::Stored,
+            ));
         }
         drop(view);
         let baseline = take_baseline(&dom, &*mem)?;
@@ -115,7 +121,7 @@ impl Watched {
             })?;
         }
         baseline.save(&path)?;
-        Ok((Self { dom, mem: Some(mem), baseline, path }, Attached::New))
+        Ok((Self { dom, mem: Some(mem), baseline, path, profile: None }, Attached::New))
     }
 
     pub fn boot(&self) -> String {
@@ -123,15 +129,15 @@ impl Watched {
     }
 
     /// Compares the guest with the baseline over `scope`.
-    pub fn check(&mut self, scope: Scope) -> Result<Report, WatchError> {
-        let r = self.check_inner(scope);
+    pub fn check(&mut self, scope: Scope, profiles: &[Profile]) -> Result<Report, WatchError> {
+        let r = self.check_inner(scope, profiles);
         if r.is_err() {
             self.mem = None; // re-open on the next check
         }
         r
     }
 
-    fn check_inner(&mut self, scope: Scope) -> Result<Report, WatchError> {
+    fn check_inner(&mut self, scope: Scope, profiles: &[Profile]) -> Result<Report, WatchError> {
         self.dom.ensure_running()?;
         if self.mem.is_none() {
             self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
@@ -141,7 +147,22 @@ impl Watched {
         let view = discover(mem, &regs)?;
         match check_scoped(&self.baseline, mem, &view, &regs, view.identification.image_base, scope)
         {
-            Ok(r) => Ok(r),
+            Ok(mut r) => {
+                // Syscall tables and IDT gates are small: both scopes check them.
+                self.profile = None;
+                if let Some(mut m) =
+                    semantic::match_profile(profiles, mem, &view, view.identification.image_base)
+                {
+                    let found = semantic::check(&mut m, mem, &view, &regs);
+                    self.profile = Some(m.profile.release.clone());
+                    r.profile = self.profile.clone();
+                    r.add_findings(found);
+                    for region in semantic::REGIONS {
+                        r.cover(region);
+                    }
+                }
+                Ok(r)
+            }
             Err(e @ CheckError::DifferentBoot { .. }) => {
                 Err(WatchError::DifferentBoot(e.to_string()))
             }

@@ -105,25 +105,29 @@ pub struct Report {
 }
 
 impl Report {
+    /// Says that region `name` was checked, creating its status (intact) if
+    /// no finding did.
+    pub fn cover(&mut self, name: &str) {
+        if !self.regions.iter().any(|s| s.name == name) {
+            self.regions.push(RegionStatus {
+                name: name.into(),
+                pages: 0,
+                changed_pages: 0,
+                info: 0,
+                intact: true,
+                baseline_root: String::new(),
+                current_root: String::new(),
+            });
+        }
+    }
+
     /// Adds findings made outside the page comparison (semantic checks by the
     /// kernel model), each under its region's status.
     pub fn add_findings(&mut self, findings: Vec<Finding>) {
         for f in findings {
-            let status = match self.regions.iter_mut().position(|s| s.name == f.region) {
-                Some(i) => &mut self.regions[i],
-                None => {
-                    self.regions.push(RegionStatus {
-                        name: f.region.clone(),
-                        pages: 0,
-                        changed_pages: 0,
-                        info: 0,
-                        intact: true,
-                        baseline_root: String::new(),
-                        current_root: String::new(),
-                    });
-                    self.regions.last_mut().expect("just pushed")
-                }
-            };
+            self.cover(&f.region);
+            let status =
+                self.regions.iter_mut().find(|s| s.name == f.region).expect("covered above");
             match f.severity {
                 Severity::Violation => {
                     status.changed_pages += 1;

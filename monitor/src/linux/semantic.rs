@@ -9,6 +9,9 @@ use crate::qemu::VcpuRegisters;
 
 use super::profile::Profile;
 
+/// The regions the semantic checks report under.
+pub const REGIONS: &[&str] = &["kaslr", "sys_call_table", "ia32_sys_call_table", "idt-vectors"];
+
 /// Where loadable modules live on x86-64 (MODULES_VADDR..MODULES_END).
 const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
 
