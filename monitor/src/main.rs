@@ -384,6 +384,7 @@ fn check_domain(
             let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs);
             report.profile = Some(m.profile.release.clone());
             report.add_findings(found);
+            report.symbolize(|gva| m.symbol_of(gva));
             for region in vigil::linux::semantic::REGIONS {
                 report.cover(region);
             }
@@ -514,6 +515,9 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
         (None, None) => format!("gva {} gpa {}", f.gva, f.gpa),
     };
     writeln!(out, "  {:14} {:10} {place}  {}", f.region, kind, f.detail)?;
+    if let Some(sym) = &f.symbol {
+        writeln!(out, "  {:14} {:10} at {sym}", "", "")?;
+    }
     if !f.before.is_empty() || !f.after.is_empty() {
         writeln!(out, "  {:14} {:10} before {}  after {}", "", "", f.before, f.after)?;
     }

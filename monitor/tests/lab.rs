@@ -438,6 +438,18 @@ fn lab_shared_ram_guest_with_profile_names_syscall_entry_and_idt_vector() {
     assert!(d.contains("in the module area") && d.contains("not to __x64_sys_getppid"), "{d}");
     let table = g.symbol("sys_call_table").unwrap();
     assert_eq!(pointers[0]["gva"], format!("{:#x}", table + 110 * 8), "the entry's own address");
+    // The rodata page's finding is placed too (sys_call_table is data, so by
+    // the nearest code symbol's name only when it lies in text).
+    g.run("attack inline").unwrap();
+    let (_, report) = check(&state, &g);
+    let text: Vec<Value> =
+        violations(&report).into_iter().filter(|v| v["region"] == "kernel-text").collect();
+    assert_eq!(text.len(), 1);
+    assert!(
+        text[0]["symbol"].as_str().is_some_and(|s| s.ends_with("(kernel text)")),
+        "{:#}",
+        text[0]
+    );
 
     g.run("attack idt").unwrap();
     let (_, report) = check(&state, &g);

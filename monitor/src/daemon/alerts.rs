@@ -91,6 +91,9 @@ pub struct Alert {
     /// Digest of exactly what changed in this group (pages and evidence).
     #[serde(default)]
     pub digest: String,
+    /// Where the first page or entry lies, by symbol, when a profile matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
 }
 
 fn kind_text(k: FindingKind) -> &'static str {
@@ -191,6 +194,7 @@ impl Subject {
             after: String::new(),
             key: String::new(),
             digest: String::new(),
+            symbol: None,
         }
     }
 
@@ -234,6 +238,7 @@ impl Subject {
         }
         a.digest = digest.into();
         a.key = key.into();
+        a.symbol = f.symbol.clone();
         a
     }
 }
@@ -364,6 +369,7 @@ mod tests {
             detail: "page 3 changed".into(),
             before: "aa".into(),
             after: after.into(),
+            symbol: None,
         }
     }
 

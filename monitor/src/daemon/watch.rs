@@ -157,6 +157,7 @@ impl Watched {
                     self.profile = Some(m.profile.release.clone());
                     r.profile = self.profile.clone();
                     r.add_findings(found);
+                    r.symbolize(|gva| m.symbol_of(gva));
                     for region in semantic::REGIONS {
                         r.cover(region);
                     }

@@ -67,6 +67,10 @@ pub struct Finding {
     pub before: String,
     /// Current value, in the same form.
     pub after: String,
+    /// Where `gva` lies, by symbol, when a guest profile matched
+    /// (`symbol+0xoff (kernel text)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
 }
 
 /// How one region compares.
@@ -105,6 +109,16 @@ pub struct Report {
 }
 
 impl Report {
+    /// Names the place of every finding that has an address, with `locate`
+    /// (a guest profile's symbols).
+    pub fn symbolize(&mut self, locate: impl Fn(u64) -> Option<String>) {
+        for f in self.violations.iter_mut().chain(self.info.iter_mut()) {
+            if f.symbol.is_none() && f.gva.raw() != 0 {
+                f.symbol = locate(f.gva.raw());
+            }
+        }
+    }
+
     /// Says that region `name` was checked, creating its status (intact) if
     /// no finding did.
     pub fn cover(&mut self, name: &str) {
@@ -175,6 +189,7 @@ fn finding(
         detail: String::new(),
         before: String::new(),
         after: String::new(),
+        symbol: None,
     }
 }
 

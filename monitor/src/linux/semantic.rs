@@ -52,6 +52,17 @@ pub struct Matched<'p> {
 }
 
 impl Matched<'_> {
+    /// Names a guest virtual address inside kernel text: `symbol+0xoff`.
+    pub fn symbol_of(&self, gva: u64) -> Option<String> {
+        self.profile.symbolize(gva.wrapping_sub(self.slide)).map(|(name, off)| {
+            if off == 0 {
+                format!("{name} (kernel text)")
+            } else {
+                format!("{name}+{off:#x} (kernel text)")
+            }
+        })
+    }
+
     /// Names a guest virtual address: `symbol+0xoff`, a module-area address, or nothing known.
     pub fn locate(&self, gva: u64) -> String {
         match self.profile.symbolize(gva.wrapping_sub(self.slide)) {
@@ -137,6 +148,7 @@ fn pointer(
         detail,
         before,
         after,
+        symbol: None,
     }
 }
 
