@@ -454,6 +454,13 @@ syscall64 447 __x64_sys_memfd_secret
 syscall64 448 __x64_sys_process_mrelease
 syscall64 449 __x64_sys_futex_waitv
 syscall64 450 __x64_sys_set_mempolicy_home_node
+offset module.list 8
+offset module.name 24
+offset module.state 0
+offset module.core_layout.base 320
+offset module.core_layout.size 328
+offset module.core_layout.text_size 332
+offset module.core_layout.ro_size 336
 sym ffffffff81000000 T _stext
 sym ffffffff81000000 T _text
 sym ffffffff81000000 T startup_64

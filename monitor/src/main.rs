@@ -381,10 +381,13 @@ fn check_domain(
         view.identification.image_base,
     ) {
         Some(mut m) => {
-            let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs);
+            let known =
+                vigil::integrity::baseline::expand_runs(&b.exec_outside_image).unwrap_or_default();
+            let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs, &known);
             report.profile = Some(m.profile.release.clone());
             report.add_findings(found);
             report.symbolize(|gva| m.symbol_of(gva));
+            report.modules = m.modules.iter().map(|md| md.name.clone()).collect();
             for region in vigil::linux::semantic::REGIONS {
                 report.cover(region);
             }

@@ -435,7 +435,10 @@ fn lab_shared_ram_guest_with_profile_names_syscall_entry_and_idt_vector() {
     assert_eq!(pointers.len(), 1, "{pointers:#?}");
     let d = pointers[0]["detail"].as_str().unwrap();
     assert!(d.starts_with("sys_call_table[110] (getppid) points to 0xffffffffc"), "{d}");
-    assert!(d.contains("in the module area") && d.contains("not to __x64_sys_getppid"), "{d}");
+    assert!(
+        d.contains("in module vigil_hook_syscall+0x") && d.contains("not to __x64_sys_getppid"),
+        "{d}"
+    );
     let table = g.symbol("sys_call_table").unwrap();
     assert_eq!(pointers[0]["gva"], format!("{:#x}", table + 110 * 8), "the entry's own address");
     // The rodata page's finding is placed too (sys_call_table is data, so by
@@ -461,5 +464,51 @@ fn lab_shared_ram_guest_with_profile_names_syscall_entry_and_idt_vector() {
         d.starts_with("IDT vector 4 points to 0xffffffffc")
             && d.contains("not to asm_exc_overflow"),
         "{d}"
+    );
+}
+
+#[test]
+fn lab_shared_ram_guest_hidden_module_is_reported_and_module_churn_is_not() {
+    let profiles = concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles");
+    let mut g = boot("modules", Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    let check = |g: &Guest| {
+        let r = vigil(&state, &["--profiles", profiles, "check", &g.name, "--format", "json"]);
+        assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+        r.json()
+    };
+    // A benign module loaded and unloaded, and one that stays: no violation,
+    // and the one that stays is listed.
+    g.run("attack benign").unwrap();
+    g.run("insmod /lib/vigil/vigil_benign.ko").unwrap();
+    let report = check(&g);
+    assert_eq!(report["intact"], true, "{report:#}");
+    assert_eq!(report["modules"], serde_json::json!(["vigil_benign"]));
+    g.run("rmmod vigil_benign").unwrap();
+    assert_eq!(check(&g)["intact"], true);
+
+    // A module that unlinks itself from the list.
+    g.run("attack hide").unwrap();
+    let report = check(&g);
+    let v = violations(&report);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0]["region"], "module-area");
+    assert_eq!(v[0]["kind"], "unlisted");
+    assert!(v[0]["detail"].as_str().unwrap().contains("belong to no listed module"), "{:#}", v[0]);
+    assert!(
+        !g.run("cat /proc/modules").unwrap().contains("vigil_hide"),
+        "the module is hidden from the guest too"
+    );
+
+    // A syscall hook's target is named by its module.
+    g.run("attack syscall").unwrap();
+    let report = check(&g);
+    let p: Vec<Value> =
+        violations(&report).into_iter().filter(|v| v["kind"] == "pointer").collect();
+    assert!(
+        p[0]["detail"].as_str().unwrap().contains("in module vigil_hook_syscall+0x"),
+        "{:#}",
+        p[0]
     );
 }

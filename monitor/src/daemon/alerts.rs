@@ -103,6 +103,7 @@ fn kind_text(k: FindingKind) -> &'static str {
         FindingKind::Permission => "permission",
         FindingKind::Register => "register",
         FindingKind::Pointer => "pointer",
+        FindingKind::Unlisted => "unlisted",
     }
 }
 

@@ -153,11 +153,15 @@ impl Watched {
                 if let Some(mut m) =
                     semantic::match_profile(profiles, mem, &view, view.identification.image_base)
                 {
-                    let found = semantic::check(&mut m, mem, &view, &regs);
+                    let known =
+                        crate::integrity::baseline::expand_runs(&self.baseline.exec_outside_image)
+                            .unwrap_or_default();
+                    let found = semantic::check(&mut m, mem, &view, &regs, &known);
                     self.profile = Some(m.profile.release.clone());
                     r.profile = self.profile.clone();
                     r.add_findings(found);
                     r.symbolize(|gva| m.symbol_of(gva));
+                    r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                     for region in semantic::REGIONS {
                         r.cover(region);
                     }

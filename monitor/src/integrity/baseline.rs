@@ -75,6 +75,9 @@ pub struct Baseline {
     pub kernel: Identification,
     pub registers: Vec<VcpuRegisters>,
     pub image_mapping: Vec<MappingRun>,
+    /// Executable kernel memory outside the image when the baseline was taken.
+    #[serde(default)]
+    pub exec_outside_image: Vec<MappingRun>,
     pub regions: Vec<RegionRecord>,
 }
 
@@ -257,6 +260,7 @@ impl Baseline {
             kernel,
             registers,
             image_mapping: mapping_runs(space.image_pages()),
+            exec_outside_image: mapping_runs(&space.exec_outside_image()),
             regions: records,
         })
     }
@@ -326,6 +330,7 @@ impl Baseline {
             return Err("no regions".into());
         }
         expand_runs(&self.image_mapping).ok_or("image mapping runs overflow or are too large")?;
+        expand_runs(&self.exec_outside_image).ok_or("executable runs overflow or are too large")?;
         for r in &self.regions {
             if r.pages.len() > MAX_REGION_PAGES {
                 return Err(format!(

@@ -35,6 +35,9 @@ pub enum FindingKind {
     /// A pointer in a kernel table (syscall table, IDT gate) that points
     /// somewhere the kernel did not put it.
     Pointer,
+    /// Executable kernel memory that belongs to nothing the kernel lists (a
+    /// hidden module).
+    Unlisted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,6 +109,9 @@ pub struct Report {
     /// The guest profile the kernel matched, if any (semantic checks ran).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// Modules in the guest's module list, when a profile let vigil walk it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
 }
 
 impl Report {
@@ -376,6 +382,7 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
         scope,
         bytes_verified,
         profile: None,
+        modules: Vec::new(),
     })
 }
 

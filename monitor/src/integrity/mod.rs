@@ -74,4 +74,14 @@ pub trait AddressSpace {
     fn image_pages(&self) -> &[Mapping];
     /// Where page-aligned `gva` maps now, and with which permissions.
     fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)>;
+    /// Executable kernel memory outside the image that the kernel model
+    /// knows of (module code, JIT images): recorded in baselines so that what
+    /// was there when the guest was trusted is told from what came later.
+    fn exec_outside_image(&self) -> Vec<Mapping> {
+        Vec::new()
+    }
+    /// Every leaf mapping in `[start, end)` (bounded; empty when the walk fails).
+    fn mappings_in(&self, _start: GuestVirtAddr, _end: GuestVirtAddr) -> Vec<Mapping> {
+        Vec::new()
+    }
 }

@@ -73,6 +73,18 @@ impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
         &self.image_pages
     }
 
+    fn exec_outside_image(&self) -> Vec<Mapping> {
+        let area = super::semantic::MODULES;
+        split_pages(&self.mappings_in(GuestVirtAddr(area.start), GuestVirtAddr(area.end)))
+            .into_iter()
+            .filter(|m| m.perms.executable && !m.perms.user)
+            .collect()
+    }
+
+    fn mappings_in(&self, start: GuestVirtAddr, end: GuestVirtAddr) -> Vec<Mapping> {
+        self.walker.mappings(start, end).map(|s| s.mappings).unwrap_or_default()
+    }
+
     fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
         if let Some(&hit) = self.index.get(&gva.raw()) {
             return Some(hit);

@@ -4,6 +4,7 @@
 //! Owns what is Linux-specific (where the kernel image is mapped, how PTI
 //! splits CR3); hands the integrity engine plain regions of pages.
 
+pub mod btf;
 mod discover;
 pub mod image;
 pub mod kallsyms;

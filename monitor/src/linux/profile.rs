@@ -42,6 +42,8 @@ pub struct Profile {
     pub symbols: Vec<ProfileSymbol>,
     pub syscalls64: Vec<(u32, String)>,
     pub syscalls32: Vec<(u32, String)>,
+    /// Structure member offsets from the kernel's BTF, as `struct.member.path`.
+    pub offsets: Vec<(String, u64)>,
     by_name: HashMap<String, usize>,
 }
 
@@ -58,6 +60,17 @@ pub enum ProfileError {
     #[error("the profile is larger than {MAX_PROFILE} bytes")]
     TooLarge,
 }
+
+/// Members of `struct module` the module checks read (6.1 layout).
+pub const MODULE_FIELDS: &[&str] = &[
+    "list",
+    "name",
+    "state",
+    "core_layout.base",
+    "core_layout.size",
+    "core_layout.text_size",
+    "core_layout.ro_size",
+];
 
 /// Symbols a profile keeps besides all code: what the checks read.
 const DATA_SYMBOLS: &[&str] = &[
@@ -87,7 +100,16 @@ impl Profile {
     ) -> Self {
         symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
         let by_name = symbols.iter().enumerate().rev().map(|(i, s)| (s.name.clone(), i)).collect();
-        Self { release, banner, source, symbols, syscalls64: s64, syscalls32: s32, by_name }
+        Self {
+            release,
+            banner,
+            source,
+            symbols,
+            syscalls64: s64,
+            syscalls32: s32,
+            offsets: Vec::new(),
+            by_name,
+        }
     }
 
     /// Builds the profile of a vendor kernel image.
@@ -165,7 +187,18 @@ impl Profile {
             return Err(ProfileError::Missing("sys_call_table"));
         }
         let source = format!("{file_name} blake3 {}", blake3::hash(vmlinuz).to_hex());
-        Ok(Self::new(release, banner, source, keep, s64, s32))
+        let mut p = Self::new(release, banner, source, keep, s64, s32);
+        // Where struct module keeps what the module checks read (when the image has BTF).
+        if let Some(btf) = file.section_by_name(".BTF").and_then(|s| s.data().ok())
+            && let Ok(btf) = super::btf::Btf::parse(btf)
+        {
+            for path in MODULE_FIELDS {
+                if let Ok(off) = btf.offset_of("module", path) {
+                    p.offsets.push((format!("module.{path}"), off));
+                }
+            }
+        }
+        Ok(p)
     }
 
     /// The profile as text.
@@ -185,6 +218,9 @@ impl Profile {
         for (nr, name) in &self.syscalls32 {
             let _ = writeln!(s, "syscall32 {nr} {name}");
         }
+        for (path, off) in &self.offsets {
+            let _ = writeln!(s, "offset {path} {off}");
+        }
         for sym in &self.symbols {
             let _ = writeln!(s, "sym {:016x} {} {}", sym.addr, sym.kind, sym.name);
         }
@@ -198,7 +234,8 @@ impl Profile {
         }
         let (mut release, mut banner, mut source) = (None, None, None);
         let mut format_seen = false;
-        let (mut syms, mut s64, mut s32) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut syms, mut s64, mut s32, mut offsets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (n, line) in text.lines().enumerate() {
             let line_no = n + 1;
             let bad = |r: String| ProfileError::Syntax { line: line_no, reason: r };
@@ -229,6 +266,16 @@ impl Profile {
                     }
                     list.push((nr, name.to_owned()));
                 }
+                "offset" => {
+                    let (path, off) = rest
+                        .split_once(' ')
+                        .ok_or_else(|| bad("offset needs PATH BYTES".into()))?;
+                    let off: u64 = off.parse().map_err(|_| bad(format!("bad offset {off:?}")))?;
+                    if off > 1 << 20 || path.is_empty() || offsets.len() > 256 {
+                        return Err(bad(format!("implausible offset {path} {off}")));
+                    }
+                    offsets.push((path.to_owned(), off));
+                }
                 "sym" => {
                     let mut f = rest.splitn(3, ' ');
                     let (Some(a), Some(k), Some(name)) = (f.next(), f.next(), f.next()) else {
@@ -253,7 +300,7 @@ impl Profile {
         if !format_seen {
             return Err(missing("format"));
         }
-        let p = Self::new(
+        let mut p = Self::new(
             release.ok_or_else(|| missing("release"))?,
             banner.ok_or_else(|| missing("banner"))?,
             source.ok_or_else(|| missing("source"))?,
@@ -261,10 +308,16 @@ impl Profile {
             s64,
             s32,
         );
+        p.offsets = offsets;
         if p.symbol("_text").is_none() || p.syscalls64.is_empty() {
             return Err(missing("_text symbol or syscall64"));
         }
         Ok(p)
+    }
+
+    /// A structure member's offset, as `module.core_layout.base`.
+    pub fn offset(&self, path: &str) -> Option<u64> {
+        self.offsets.iter().find(|(p, _)| p == path).map(|(_, o)| *o)
     }
 
     pub fn symbol(&self, name: &str) -> Option<&ProfileSymbol> {

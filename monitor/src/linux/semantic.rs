@@ -6,14 +6,33 @@ use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::memory::GuestMemory;
 use crate::qemu::VcpuRegisters;
+use crate::x86::Mapping;
 
 use super::profile::Profile;
 
 /// The regions the semantic checks report under.
-pub const REGIONS: &[&str] = &["kaslr", "sys_call_table", "ia32_sys_call_table", "idt-vectors"];
+pub const REGIONS: &[&str] =
+    &["kaslr", "sys_call_table", "ia32_sys_call_table", "idt-vectors", "module-area"];
+
+/// Most modules believed in a module list.
+const MAX_MODULES: usize = 4096;
+/// Pages of a BPF program pack (`BPF_PROG_PACK_SIZE`, 2 MiB).
+const BPF_PACK_PAGES: u64 = 512;
+/// `MODULE_NAME_LEN` on 64-bit.
+const MODULE_NAME_LEN: usize = 56;
+
+/// A module as the guest's module list has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Module {
+    pub name: String,
+    /// Guest virtual address of its code and read-only data.
+    pub base: u64,
+    pub size: u64,
+    pub text_size: u64,
+}
 
 /// Where loadable modules live on x86-64 (MODULES_VADDR..MODULES_END).
-const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
+pub const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
 
 /// Exception vectors and the entry stub Linux 6.1 installs for each.
 const EXCEPTIONS: &[(u8, &str)] = &[
@@ -45,6 +64,8 @@ const EXCEPTIONS: &[(u8, &str)] = &[
 /// A guest matched to a profile.
 pub struct Matched<'p> {
     pub profile: &'p Profile,
+    /// The module list, once walked.
+    pub modules: Vec<Module>,
     /// KASLR slide from the W^X walk: where the image is mapped less `_text`.
     pub slide: u64,
     /// KASLR slide from the IDT: vector 0's handler less its symbol.
@@ -68,14 +89,106 @@ impl Matched<'_> {
         match self.profile.symbolize(gva.wrapping_sub(self.slide)) {
             Some((name, 0)) => format!("{name} (kernel text)"),
             Some((name, off)) => format!("{name}+{off:#x} (kernel text)"),
-            None if MODULES.contains(&gva) => "the module area (no listed module)".into(),
-            None => "nowhere known".into(),
+            None => match self
+                .modules
+                .iter()
+                .find(|md| (md.base..md.base.saturating_add(md.size)).contains(&gva))
+            {
+                Some(md) => format!("module {}+{:#x}", md.name, gva - md.base),
+                None if MODULES.contains(&gva) => "the module area (no listed module)".into(),
+                None => "nowhere known".into(),
+            },
         }
     }
 
     fn expect(&self, name: &str) -> Option<u64> {
         self.profile.symbol(name).map(|s| s.addr.wrapping_add(self.slide))
     }
+}
+
+fn read_u64(mem: &(impl GuestMemory + ?Sized), space: &dyn AddressSpace, gva: u64) -> Option<u64> {
+    read_virt(mem, space, gva, 8).map(|(b, _)| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+fn read_u32(mem: &(impl GuestMemory + ?Sized), space: &dyn AddressSpace, gva: u64) -> Option<u32> {
+    read_virt(mem, space, gva, 4).map(|(b, _)| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+}
+
+/// Walks the guest's module list (`modules`, a `list_head`), bounded and
+/// loop-safe. The list is guest data: names are checked, sizes bounded.
+pub fn walk_modules<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> Result<Vec<Module>, String> {
+    let p = m.profile;
+    let need = |k: &str| {
+        p.offset(k).ok_or_else(|| format!("the profile has no offset {k} (no BTF in the image?)"))
+    };
+    let (list, name, base, size, text) = (
+        need("module.list")?,
+        need("module.name")?,
+        need("module.core_layout.base")?,
+        need("module.core_layout.size")?,
+        need("module.core_layout.text_size")?,
+    );
+    let head = m.expect("modules").ok_or("the profile has no symbol modules")?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut next = read_u64(mem, space, head).ok_or("the module list head is not readable")?;
+    while next != head {
+        if !seen.insert(next) || out.len() >= MAX_MODULES {
+            return Err(format!("the module list loops or is longer than {MAX_MODULES}"));
+        }
+        let md = next.wrapping_sub(list);
+        let (raw, _) = read_virt(mem, space, md.wrapping_add(name), MODULE_NAME_LEN)
+            .ok_or("a module's name is not readable")?;
+        let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+        let nm = &raw[..end];
+        if nm.is_empty() || !nm.iter().all(|c| c.is_ascii_graphic()) {
+            return Err(format!("a module at {md:#x} has no valid name"));
+        }
+        out.push(Module {
+            name: String::from_utf8_lossy(nm).into_owned(),
+            base: read_u64(mem, space, md.wrapping_add(base))
+                .ok_or("a module's base is not readable")?,
+            size: u64::from(
+                read_u32(mem, space, md.wrapping_add(size))
+                    .ok_or("a module's size is not readable")?,
+            ),
+            text_size: u64::from(
+                read_u32(mem, space, md.wrapping_add(text))
+                    .ok_or("a module's text size is not readable")?,
+            ),
+        });
+        next = read_u64(mem, space, next).ok_or("the module list breaks off")?;
+    }
+    Ok(out)
+}
+
+/// Executable pages of the module area that belong to no listed module, as
+/// runs `(start, pages)`.
+fn unlisted_runs(
+    space: &dyn AddressSpace,
+    modules: &[Module],
+    known: &[Mapping],
+) -> Vec<(u64, u64, GuestPhysAddr)> {
+    let mut runs: Vec<(u64, u64, GuestPhysAddr)> = Vec::new();
+    let known: std::collections::HashSet<(u64, u64)> =
+        known.iter().map(|k| (k.gva.raw(), k.gpa.raw())).collect();
+    for mp in space.exec_outside_image() {
+        let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
+        if modules.iter().any(|md| md.base <= s && e <= md.base.saturating_add(md.size))
+            || known.contains(&(s, mp.gpa.raw()))
+        {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 * PAGE_SIZE == s => r.1 += mp.size / PAGE_SIZE,
+            _ => runs.push((s, mp.size / PAGE_SIZE, mp.gpa)),
+        }
+    }
+    runs
 }
 
 /// Reads `len` bytes at `gva` through the guest's page tables.
@@ -114,7 +227,12 @@ pub fn match_profile<'p, M: GuestMemory + ?Sized>(
         let slide = image_base.raw().wrapping_sub(p.symbol("_text")?.addr);
         let banner_at = p.symbol("linux_banner")?.addr.wrapping_add(slide);
         let (bytes, _) = read_virt(mem, space, banner_at, p.banner.len())?;
-        (bytes == p.banner.as_bytes()).then_some(Matched { profile: p, slide, idt_slide: None })
+        (bytes == p.banner.as_bytes()).then_some(Matched {
+            profile: p,
+            modules: Vec::new(),
+            slide,
+            idt_slide: None,
+        })
     })
 }
 
@@ -152,12 +270,15 @@ fn pointer(
     }
 }
 
-/// Every semantic finding: KASLR disagreement, syscall table entries, IDT gates.
+/// Every semantic finding: KASLR disagreement, hidden modules, syscall table
+/// entries, IDT gates. `known_exec` is the executable memory outside the
+/// image that the baseline recorded (there when the guest was trusted).
 pub fn check<M: GuestMemory + ?Sized>(
     m: &mut Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
     regs: &[VcpuRegisters],
+    known_exec: &[Mapping],
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     let p = m.profile;
@@ -185,6 +306,49 @@ pub fn check<M: GuestMemory + ?Sized>(
                 format!("{idt_slide:#x}"),
             ));
         }
+    }
+
+    // The module list first, so that addresses in modules get names.
+    match walk_modules(m, mem, space) {
+        Ok(list) => {
+            for (start, pages, gpa) in unlisted_runs(space, &list, known_exec) {
+                // The BPF JIT allocates its program packs as 2 MiB of executable
+                // module-area memory, listed nowhere vigil reads yet: such runs
+                // are reported as information until BPF images are recognised.
+                let bpf_shaped = pages == BPF_PACK_PAGES;
+                let detail = if bpf_shaped {
+                    format!(
+                        "{pages} pages (2 MiB) of executable kernel memory at {start:#x} belong to no listed module: shaped like a BPF program pack"
+                    )
+                } else {
+                    format!(
+                        "{pages} page(s) of executable kernel memory at {start:#x} belong to no listed module (a hidden module?)"
+                    )
+                };
+                let mut f = pointer(
+                    "module-area",
+                    start,
+                    gpa,
+                    detail,
+                    "no executable memory".into(),
+                    format!("{pages} page(s) executable"),
+                );
+                f.kind = FindingKind::Unlisted;
+                if bpf_shaped {
+                    f.severity = Severity::Info;
+                }
+                out.push(f);
+            }
+            m.modules = list;
+        }
+        Err(e) => out.push(pointer(
+            "module-area",
+            0,
+            GuestPhysAddr(0),
+            format!("the module list cannot be walked: {e}"),
+            String::new(),
+            String::new(),
+        )),
     }
 
     // Syscall tables.
