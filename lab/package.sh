@@ -27,6 +27,7 @@ getent group vigil >/dev/null || fail "group vigil was not created"
 [[ -d /var/lib/vigil/baselines ]] || fail "/var/lib/vigil/baselines was not created"
 [[ -f /etc/vigil/vigil.toml ]] || fail "/etc/vigil/vigil.toml is missing"
 [[ -f /usr/share/vigil/vigil-rules.yml ]] || fail "the Prometheus rules are missing"
+ls /usr/share/vigil/guest-profiles/*.profile >/dev/null 2>&1 || fail "the guest profiles are missing"
 /usr/bin/vigil daemon --config /etc/vigil/vigil.toml --check-config >/dev/null \
     || fail "the installed /etc/vigil/vigil.toml is refused"
 say "package check passed: binary, unit (verified), sysusers, tmpfiles, config and rules installed"
