@@ -591,3 +591,29 @@ fn lab_daemon_reports_a_cpu_budget_it_cannot_meet() {
         d.status(&g.name).is_some_and(|s| s["last_check"] != "")
     });
 }
+
+#[test]
+fn lab_daemon_module_load_and_unload_are_info_events_not_violations() {
+    let d = Daemon::start("vigil-lab-dmn-mod");
+    let mut g = boot("dmn-mod");
+    d.wait_watching(&g);
+    g.run("insmod /lib/vigil/vigil_benign.ko").unwrap();
+    d.wait_for("the module-loaded event", 2 * HOT + Duration::from_secs(3), |d| {
+        !d.events("module-loaded", &g.name).is_empty()
+    });
+    let ev = &d.events("module-loaded", &g.name)[0];
+    assert_eq!(ev["severity"], "info");
+    assert!(
+        ev["detail"].as_str().unwrap().starts_with("module vigil_benign loaded at 0xffffffffc"),
+        "{ev:#}"
+    );
+    // Several scans of the module's text, then it goes.
+    std::thread::sleep(FULL);
+    g.run("rmmod vigil_benign").unwrap();
+    d.wait_for("the module-unloaded event", 2 * HOT + Duration::from_secs(3), |d| {
+        !d.events("module-unloaded", &g.name).is_empty()
+    });
+    std::thread::sleep(FULL);
+    assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.events("violation", &g.name));
+    assert_eq!(d.events("module-loaded", &g.name).len(), 1);
+}

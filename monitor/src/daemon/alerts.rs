@@ -41,6 +41,10 @@ pub enum EventKind {
     Error,
     /// The CPU budget could not be met.
     BudgetExceeded,
+    /// A module appeared in the guest's module list (its text is protected from then on).
+    ModuleLoaded,
+    /// A module left the guest's module list.
+    ModuleUnloaded,
 }
 
 /// One line of the alert log.

@@ -535,6 +535,22 @@ async fn domain_task(
                             shared.set_status(&uuid, |st| st.state = "watching".into());
                         }
                     }
+                    for ev in std::mem::take(&mut w.module_events) {
+                        let detail = if ev.loaded {
+                            format!(
+                                "module {} loaded at {:#x}: {} page(s) of its text protected from now on",
+                                ev.name, ev.base, ev.text_pages
+                            )
+                        } else {
+                            format!("module {} unloaded from {:#x}", ev.name, ev.base)
+                        };
+                        let kind = if ev.loaded {
+                            EventKind::ModuleLoaded
+                        } else {
+                            EventKind::ModuleUnloaded
+                        };
+                        shared.sink.emit(subject.event(kind, "info", detail));
+                    }
                     let all: Vec<_> =
                         report.violations.iter().chain(&report.info).cloned().collect();
                     let groups = alerts::groups(&all);

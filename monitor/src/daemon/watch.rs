@@ -8,6 +8,11 @@ use crate::integrity::baseline::DomainId;
 use crate::integrity::check::{CheckError, Report, Scope, check_scoped};
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
+use std::collections::HashMap;
+
+use crate::addr::{GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::baseline::to_hex;
+use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::linux::profile::Profile;
 use crate::linux::{DiscoverError, discover, semantic};
 use crate::memory::GuestMemory;
@@ -70,7 +75,25 @@ pub struct Watched {
     pub path: PathBuf,
     /// The guest profile the kernel matched at the last check, if any.
     pub profile: Option<String>,
+    /// Live modules' text, hashed page by page when first seen: (name, base)
+    /// to page hashes. Kept in memory: a restarted daemon protects modules
+    /// from when it sees them again.
+    modules: HashMap<(String, u64), Vec<[u8; 32]>>,
+    /// Modules seen loaded or unloaded by the last check.
+    pub module_events: Vec<ModuleEvent>,
 }
+
+/// A module appearing in or leaving the module list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEvent {
+    pub loaded: bool,
+    pub name: String,
+    pub base: u64,
+    pub text_pages: u64,
+}
+
+/// Most pages of module text protected per module.
+const MAX_MODULE_PAGES: u64 = 4096;
 
 /// Where a domain's baseline is kept (the same place `vigil baseline` uses).
 pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
@@ -108,7 +131,15 @@ impl Watched {
         {
             drop(view);
             return Ok((
-                Self { dom, mem: Some(mem), baseline: stored, path, profile: None },
+                Self {
+                    dom,
+                    mem: Some(mem),
+                    baseline: stored,
+                    path,
+                    profile: None,
+                    modules: HashMap::new(),
+                    module_events: Vec::new(),
+                },
                 Attached::Stored,
             ));
         }
@@ -121,7 +152,18 @@ impl Watched {
             })?;
         }
         baseline.save(&path)?;
-        Ok((Self { dom, mem: Some(mem), baseline, path, profile: None }, Attached::New))
+        Ok((
+            Self {
+                dom,
+                mem: Some(mem),
+                baseline,
+                path,
+                profile: None,
+                modules: HashMap::new(),
+                module_events: Vec::new(),
+            },
+            Attached::New,
+        ))
     }
 
     pub fn boot(&self) -> String {
@@ -160,6 +202,14 @@ impl Watched {
                     self.profile = Some(m.profile.release.clone());
                     r.profile = self.profile.clone();
                     r.add_findings(found);
+                    let module_findings = protect_modules(
+                        &mut self.modules,
+                        &mut self.module_events,
+                        &m.modules,
+                        mem,
+                        &view,
+                    );
+                    r.add_findings(module_findings);
                     r.symbolize(|gva| m.symbol_of(gva));
                     r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                     for region in semantic::REGIONS {
@@ -174,7 +224,84 @@ impl Watched {
             Err(CheckError::Read(e)) => Err(WatchError::Baseline(e)),
         }
     }
+}
 
+/// Hashes the text of live modules first seen now, compares the text of
+/// those seen before, and notes loads and unloads in `events`.
+fn protect_modules(
+    known: &mut HashMap<(String, u64), Vec<[u8; 32]>>,
+    events: &mut Vec<ModuleEvent>,
+    list: &[semantic::Module],
+    mem: &(dyn GuestMemory + Send + Sync),
+    space: &dyn AddressSpace,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    events.clear();
+    let live: Vec<&semantic::Module> =
+        list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
+    let gone: Vec<(String, u64)> = known
+        .keys()
+        .filter(|(n, b)| !live.iter().any(|m| &m.name == n && m.base == *b))
+        .cloned()
+        .collect();
+    for key in gone {
+        let pages = known.remove(&key).map_or(0, |v| v.len() as u64);
+        events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
+    }
+    for m in live {
+        let pages = m.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
+        let mut hashes = Vec::with_capacity(pages as usize);
+        let mut places = Vec::with_capacity(pages as usize);
+        for i in 0..pages {
+            let va = m.base + i * PAGE_SIZE;
+            match semantic::read_virt(mem, space, va, PAGE_SIZE as usize) {
+                Some((bytes, gpa)) => {
+                    hashes.push(*blake3::hash(&bytes).as_bytes());
+                    places.push((va, gpa));
+                }
+                None => break,
+            }
+        }
+        let key = (m.name.clone(), m.base);
+        match known.get(&key) {
+            None => {
+                events.push(ModuleEvent {
+                    loaded: true,
+                    name: m.name.clone(),
+                    base: m.base,
+                    text_pages: hashes.len() as u64,
+                });
+                known.insert(key, hashes);
+            }
+            Some(old) => {
+                for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
+                    if old.get(i) != Some(h) {
+                        out.push(Finding {
+                            region: format!("module:{}", m.name),
+                            kind: FindingKind::Content,
+                            severity: Severity::Violation,
+                            gva: GuestVirtAddr(*va),
+                            gpa: *gpa,
+                            page: Some(i as u64),
+                            vcpu: None,
+                            register: None,
+                            detail: format!(
+                                "page {i} of the text of module {} changed after it was loaded",
+                                m.name
+                            ),
+                            before: old.get(i).map(|h| to_hex(h)).unwrap_or_default(),
+                            after: to_hex(h),
+                            symbol: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Watched {
     /// Replaces the baseline with the guest's current state, and stores it.
     pub fn rebaseline(&mut self) -> Result<(), WatchError> {
         if self.mem.is_none() {

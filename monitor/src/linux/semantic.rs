@@ -29,7 +29,12 @@ pub struct Module {
     pub base: u64,
     pub size: u64,
     pub text_size: u64,
+    /// `enum module_state`: 0 live, 1 coming, 2 going, 3 unformed.
+    pub state: u32,
 }
+
+/// `MODULE_STATE_LIVE`: loaded, initialised, its text final.
+pub const MODULE_LIVE: u32 = 0;
 
 /// Where loadable modules live on x86-64 (MODULES_VADDR..MODULES_END).
 pub const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
@@ -160,6 +165,10 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
                 read_u32(mem, space, md.wrapping_add(text))
                     .ok_or("a module's text size is not readable")?,
             ),
+            state: p
+                .offset("module.state")
+                .and_then(|o| read_u32(mem, space, md.wrapping_add(o)))
+                .unwrap_or(MODULE_LIVE),
         });
         next = read_u64(mem, space, next).ok_or("the module list breaks off")?;
     }
@@ -192,7 +201,7 @@ fn unlisted_runs(
 }
 
 /// Reads `len` bytes at `gva` through the guest's page tables.
-fn read_virt(
+pub fn read_virt(
     mem: &(impl GuestMemory + ?Sized),
     space: &dyn AddressSpace,
     gva: u64,
