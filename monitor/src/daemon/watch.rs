@@ -254,7 +254,7 @@ fn protect_modules(
         let mut places = Vec::with_capacity(pages as usize);
         for i in 0..pages {
             let va = m.base + i * PAGE_SIZE;
-            match semantic::read_virt(mem, space, va, PAGE_SIZE as usize) {
+            match semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES) {
                 Some((bytes, gpa)) => {
                     hashes.push(*blake3::hash(&bytes).as_bytes());
                     places.push((va, gpa));
