@@ -617,3 +617,27 @@ fn lab_daemon_module_load_and_unload_are_info_events_not_violations() {
     assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.events("violation", &g.name));
     assert_eq!(d.events("module-loaded", &g.name).len(), 1);
 }
+
+#[test]
+fn lab_daemon_catches_a_write_to_module_text_after_load() {
+    let d = Daemon::start("vigil-lab-dmn-modtext");
+    let mut g = boot("dmn-modtext");
+    d.wait_watching(&g);
+    g.run("insmod /lib/vigil/vigil_benign.ko").unwrap();
+    d.wait_for("the module-loaded event", 2 * HOT + Duration::from_secs(3), |d| {
+        !d.events("module-loaded", &g.name).is_empty()
+    });
+    g.run("attack module-inline").unwrap();
+    d.wait_for("the module text alert", 2 * HOT + Duration::from_secs(3), |d| {
+        !violations(d, &g, "module:vigil_benign").is_empty()
+    });
+    let v = &violations(&d, &g, "module:vigil_benign")[0];
+    assert_eq!(v["kind"], "content");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("text of module vigil_benign changed after it was loaded"),
+        "{v:#}"
+    );
+}
