@@ -200,6 +200,110 @@ fn unlisted_runs(
     runs
 }
 
+/// GDT entries Linux x86-64 uses (asm/segment.h): kernel code, 32-bit
+/// kernel code, kernel data, user 32-bit code, user data, user 64-bit code,
+/// the TSS (two slots).
+const GDT_KERNEL32_CS: usize = 1;
+const GDT_KERNEL_CS: usize = 2;
+const GDT_KERNEL_DS: usize = 3;
+const GDT_USER32_CS: usize = 4;
+const GDT_USER_DS: usize = 5;
+const GDT_USER_CS: usize = 6;
+const GDT_TSS: usize = 8;
+
+/// What is wrong with the descriptors of one GDT, judged against the layout
+/// Linux sets up: each finding names the entry and the reason.
+pub fn gdt_problems(gdt: &[u8]) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let entry = |i: usize| {
+        gdt.get(i * 8..i * 8 + 8).map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+    };
+    let access = |d: u64| ((d >> 40) & 0xff) as u8;
+    let present = |d: u64| access(d) & 0x80 != 0;
+    let dpl = |d: u64| (access(d) >> 5) & 3;
+    let is_segment = |d: u64| access(d) & 0x10 != 0; // S: code/data, not system
+    let is_code = |d: u64| is_segment(d) && access(d) & 0x08 != 0;
+    let long = |d: u64| (d >> 53) & 1 == 1;
+    let want = |out: &mut Vec<(usize, String)>, i: usize, ok: bool, what: &str| {
+        if !ok {
+            out.push((i, format!("entry {i} (selector {:#x}) is not {what}", i * 8)));
+        }
+    };
+    let n = gdt.len() / 8;
+    if n <= GDT_TSS + 1 {
+        out.push((0, format!("only {n} entries: too short for Linux's layout")));
+        return out;
+    }
+    let e = |i| entry(i).unwrap_or(0);
+    let kcs = e(GDT_KERNEL_CS);
+    want(
+        &mut out,
+        GDT_KERNEL_CS,
+        present(kcs) && is_code(kcs) && dpl(kcs) == 0 && long(kcs),
+        "64-bit ring-0 code",
+    );
+    let kds = e(GDT_KERNEL_DS);
+    want(
+        &mut out,
+        GDT_KERNEL_DS,
+        present(kds) && is_segment(kds) && !is_code(kds) && dpl(kds) == 0,
+        "ring-0 data",
+    );
+    let ucs = e(GDT_USER_CS);
+    want(
+        &mut out,
+        GDT_USER_CS,
+        present(ucs) && is_code(ucs) && dpl(ucs) == 3 && long(ucs),
+        "64-bit ring-3 code",
+    );
+    let u32cs = e(GDT_USER32_CS);
+    want(
+        &mut out,
+        GDT_USER32_CS,
+        is_code(u32cs) && dpl(u32cs) == 3 && !long(u32cs),
+        "32-bit ring-3 code",
+    );
+    let uds = e(GDT_USER_DS);
+    want(&mut out, GDT_USER_DS, is_segment(uds) && !is_code(uds) && dpl(uds) == 3, "ring-3 data");
+    let tss = e(GDT_TSS);
+    let tss_type = access(tss) & 0x0f;
+    want(
+        &mut out,
+        GDT_TSS,
+        present(tss) && !is_segment(tss) && (tss_type == 9 || tss_type == 11) && dpl(tss) == 0,
+        "a 64-bit TSS",
+    );
+    // Nothing else may be a gate, or ring-0 code.
+    let mut i = 1;
+    while i < n {
+        let d = e(i);
+        if present(d) && !is_segment(d) {
+            let t = access(d) & 0x0f;
+            if matches!(t, 0x4 | 0xc | 0x6 | 0x7 | 0xe | 0xf) {
+                out.push((
+                    i,
+                    format!(
+                        "entry {i} (selector {:#x}) is a gate (type {t:#x}): a way into ring 0",
+                        i * 8
+                    ),
+                ));
+            } else if i != GDT_TSS && !(i == GDT_TSS + 2 && t == 2) {
+                out.push((i, format!("entry {i} (selector {:#x}) is an unexpected system descriptor (type {t:#x})", i * 8)));
+            }
+            i += 2; // system descriptors take two slots in long mode
+            continue;
+        }
+        if present(d) && is_code(d) && dpl(d) == 0 && i != GDT_KERNEL_CS && i != GDT_KERNEL32_CS {
+            out.push((
+                i,
+                format!("entry {i} (selector {:#x}) is an extra ring-0 code segment", i * 8),
+            ));
+        }
+        i += 1;
+    }
+    out
+}
+
 /// Reads `len` bytes at `gva` through the guest's page tables.
 pub fn read_virt(
     mem: &(impl GuestMemory + ?Sized),
@@ -401,6 +505,28 @@ pub fn check<M: GuestMemory + ?Sized>(
         }
     }
 
+    // GDT descriptors of every vCPU.
+    for cpu in regs.iter().filter(|r| r.in_long_mode()) {
+        let len = (usize::try_from(cpu.gdtr_limit).unwrap_or(0) + 1).min(64 * 1024);
+        let Some((gdt, gpa)) = read_virt(mem, space, cpu.gdtr_base, len) else { continue };
+        for (i, why) in gdt_problems(&gdt) {
+            let mut f = pointer(
+                "gdt-descriptors",
+                cpu.gdtr_base + i as u64 * 8,
+                GuestPhysAddr(gpa.raw() + i as u64 * 8),
+                format!("GDT of vCPU {}: {why}", cpu.index),
+                "Linux's descriptor".into(),
+                format!(
+                    "{:#018x}",
+                    gdt.get(i * 8..i * 8 + 8)
+                        .map_or(0, |e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+                ),
+            );
+            f.vcpu = Some(cpu.index);
+            out.push(f);
+        }
+    }
+
     // IDT gates, once per distinct IDT.
     let image = (m.expect("_text"), m.expect("_end"));
     let in_image = |t: u64| matches!(image, (Some(a), Some(b)) if (a..b).contains(&t));
@@ -463,6 +589,57 @@ pub fn check<M: GuestMemory + ?Sized>(
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    /// The GDT of a lab guest's vCPU 0 (6.1, x86-64), as read from it.
+    fn linux_gdt() -> Vec<u8> {
+        let entries: [u64; 16] = [
+            0,
+            0x00cf_9b00_0000_ffff, // KERNEL32_CS
+            0x00af_9b00_0000_ffff, // KERNEL_CS
+            0x00cf_9300_0000_ffff, // KERNEL_DS
+            0x00cf_fb00_0000_ffff, // USER32_CS
+            0x00cf_f300_0000_ffff, // USER_DS
+            0x00af_fb00_0000_ffff, // USER_CS
+            0,
+            0x0000_8b00_3000_4087, // TSS (low), busy, base 0xfffffe0000003000
+            0x0000_0000_ffff_fe00, // TSS (high)
+            0,
+            0,
+            0,
+            0,
+            0,
+            0x0040_f500_0000_0000, // CPUNODE
+        ];
+        entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn linux_gdt_is_sane_and_tampering_is_named() {
+        assert_eq!(gdt_problems(&linux_gdt()), vec![]);
+        let set = |i: usize, v: u64| {
+            let mut g = linux_gdt();
+            g[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            g
+        };
+        // A call gate to ring 0 in a free slot.
+        let p = gdt_problems(&set(12, 0xffff_ec00_0010_1234));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].1.contains("is a gate"), "{p:?}");
+        // User code made ring 0.
+        assert!(gdt_problems(&set(6, 0x00af_9b00_0000_ffff)).iter().any(|(i, _)| *i == 6));
+        // Kernel code made 32-bit.
+        assert!(gdt_problems(&set(2, 0x00cf_9b00_0000_ffff)).iter().any(|(i, _)| *i == 2));
+        // An extra ring-0 code segment in a TLS slot.
+        assert!(
+            gdt_problems(&set(13, 0x00af_9b00_0000_ffff))
+                .iter()
+                .any(|(_, w)| w.contains("extra ring-0 code"))
+        );
+        // Truncated tables do not panic.
+        for n in 0..linux_gdt().len() {
+            let _ = gdt_problems(&linux_gdt()[..n]);
+        }
+    }
 
     #[test]
     fn gates_decode() {
