@@ -392,11 +392,23 @@ fn check_domain(
                 report.cover(region);
             }
         }
-        None => eprintln!(
-            "vigil: warning: no guest profile (in {}) matches the kernel of {}: symbol-free checks only",
-            dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-            dom.name
-        ),
+        None => {
+            eprintln!(
+                "vigil: warning: no guest profile (in {}) matches the kernel of {}: page, mapping and register checks only",
+                dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                dom.name
+            );
+            // Names from the guest's own kallsyms, marked as lower trust.
+            if !report.intact
+                && let Some(rodata) = view
+                    .regions
+                    .iter()
+                    .find(|r| r.kind == vigil::integrity::RegionKind::ReadOnlyData)
+                && let Some(syms) = vigil::linux::semantic::GuestSymbols::read(&*mem, rodata)
+            {
+                report.symbolize(|gva| syms.locate(gva));
+            }
+        }
     }
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {

@@ -195,6 +195,9 @@ fn lab_shared_ram_guest_inline_hook_is_a_text_content_change() {
     assert_eq!(v[0]["region"], "kernel-text");
     assert_eq!(v[0]["kind"], "content");
     assert_eq!(v[0]["gva"], page_of(target));
+    // No profile here: the page is named from the guest's own kallsyms, as such.
+    let sym = v[0]["symbol"].as_str().unwrap_or_default();
+    assert!(sym.contains("(kernel text, named from guest memory: lower trust)"), "{:#}", v[0]);
     assert_intact(&report, &["kernel-rodata", "idt", "gdt-cpu0", "registers", "kernel-image"]);
 }
 

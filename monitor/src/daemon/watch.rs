@@ -81,6 +81,9 @@ pub struct Watched {
     modules: HashMap<(String, u64), Vec<[u8; 32]>>,
     /// Modules seen loaded or unloaded by the last check.
     pub module_events: Vec<ModuleEvent>,
+    /// Names from the guest's own kallsyms, read once when no profile
+    /// matches and something needs naming (lower trust).
+    guest_symbols: Option<Option<semantic::GuestSymbols>>,
 }
 
 /// A module appearing in or leaving the module list.
@@ -139,6 +142,7 @@ impl Watched {
                     profile: None,
                     modules: HashMap::new(),
                     module_events: Vec::new(),
+                    guest_symbols: None,
                 },
                 Attached::Stored,
             ));
@@ -161,6 +165,7 @@ impl Watched {
                 profile: None,
                 modules: HashMap::new(),
                 module_events: Vec::new(),
+                guest_symbols: None,
             },
             Attached::New,
         ))
@@ -214,6 +219,18 @@ impl Watched {
                     r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                     for region in semantic::REGIONS {
                         r.cover(region);
+                    }
+                } else if !r.intact {
+                    // No profile: name places from the guest's own kallsyms
+                    // (read once), marked as lower trust.
+                    let syms = self.guest_symbols.get_or_insert_with(|| {
+                        view.regions
+                            .iter()
+                            .find(|g| g.kind == crate::integrity::RegionKind::ReadOnlyData)
+                            .and_then(|ro| semantic::GuestSymbols::read(mem, ro))
+                    });
+                    if let Some(syms) = syms {
+                        r.symbolize(|gva| syms.locate(gva));
                     }
                 }
                 Ok(r)
