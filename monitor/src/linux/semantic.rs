@@ -585,6 +585,62 @@ pub fn check<M: GuestMemory + ?Sized>(
     out
 }
 
+/// Symbols read from the guest's own kallsyms tables (in its rodata), for
+/// naming addresses when no profile matches. Lower trust: the guest could
+/// have forged them.
+pub struct GuestSymbols {
+    /// Code symbols at run-time addresses, sorted.
+    code: Vec<(u64, String)>,
+}
+
+impl GuestSymbols {
+    /// Reads the rodata region's pages (as the kernel model found them) and
+    /// looks for kallsyms in them.
+    pub fn read<M: GuestMemory + ?Sized>(
+        mem: &M,
+        rodata: &crate::integrity::RegionLayout,
+    ) -> Option<Self> {
+        let first = rodata.pages.first()?.gva.raw();
+        let last = rodata.pages.last()?.gva.raw();
+        let span = usize::try_from(last.checked_sub(first)? + PAGE_SIZE).ok()?;
+        if span > 256 << 20 {
+            return None;
+        }
+        let mut buf = vec![0u8; span];
+        for p in &rodata.pages {
+            let off = usize::try_from(p.gva.raw() - first).ok()?;
+            mem.read(p.gpa, &mut buf[off..off + crate::addr::PAGE_BYTES]).ok()?;
+        }
+        let t = super::kallsyms::find(&buf).ok()?;
+        let mut code: Vec<(u64, String)> = t
+            .symbols
+            .into_iter()
+            .filter(|s| matches!(s.kind, 'T' | 't'))
+            .map(|s| (s.addr, s.name))
+            .collect();
+        code.sort();
+        Some(Self { code })
+    }
+
+    pub fn len(&self) -> usize {
+        self.code.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.code.is_empty()
+    }
+
+    /// `symbol+0xoff (kernel text, from guest memory)` for a run-time address.
+    pub fn locate(&self, gva: u64) -> Option<String> {
+        let i = self.code.partition_point(|(a, _)| *a <= gva).checked_sub(1)?;
+        let (addr, name) = &self.code[i];
+        let off = gva - addr;
+        // Past the last symbol by more than a large function: not text.
+        (off < 1 << 20)
+            .then(|| format!("{name}+{off:#x} (kernel text, named from guest memory: lower trust)"))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
@@ -651,61 +707,5 @@ mod tests {
         assert_eq!(gate_target(&g), None, "not present");
         g[5] = 0x8e;
         assert_eq!(gate_target(&g), Some(addr));
-    }
-}
-
-/// Symbols read from the guest's own kallsyms tables (in its rodata), for
-/// naming addresses when no profile matches. Lower trust: the guest could
-/// have forged them.
-pub struct GuestSymbols {
-    /// Code symbols at run-time addresses, sorted.
-    code: Vec<(u64, String)>,
-}
-
-impl GuestSymbols {
-    /// Reads the rodata region's pages (as the kernel model found them) and
-    /// looks for kallsyms in them.
-    pub fn read<M: GuestMemory + ?Sized>(
-        mem: &M,
-        rodata: &crate::integrity::RegionLayout,
-    ) -> Option<Self> {
-        let first = rodata.pages.first()?.gva.raw();
-        let last = rodata.pages.last()?.gva.raw();
-        let span = usize::try_from(last.checked_sub(first)? + PAGE_SIZE).ok()?;
-        if span > 256 << 20 {
-            return None;
-        }
-        let mut buf = vec![0u8; span];
-        for p in &rodata.pages {
-            let off = usize::try_from(p.gva.raw() - first).ok()?;
-            mem.read(p.gpa, &mut buf[off..off + crate::addr::PAGE_BYTES]).ok()?;
-        }
-        let t = super::kallsyms::find(&buf).ok()?;
-        let mut code: Vec<(u64, String)> = t
-            .symbols
-            .into_iter()
-            .filter(|s| matches!(s.kind, 'T' | 't'))
-            .map(|s| (s.addr, s.name))
-            .collect();
-        code.sort();
-        Some(Self { code })
-    }
-
-    pub fn len(&self) -> usize {
-        self.code.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.code.is_empty()
-    }
-
-    /// `symbol+0xoff (kernel text, from guest memory)` for a run-time address.
-    pub fn locate(&self, gva: u64) -> Option<String> {
-        let i = self.code.partition_point(|(a, _)| *a <= gva).checked_sub(1)?;
-        let (addr, name) = &self.code[i];
-        let off = gva - addr;
-        // Past the last symbol by more than a large function: not text.
-        (off < 1 << 20)
-            .then(|| format!("{name}+{off:#x} (kernel text, named from guest memory: lower trust)"))
     }
 }
