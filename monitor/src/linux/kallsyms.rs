@@ -21,6 +21,9 @@ use std::collections::HashMap;
 
 /// Most symbols believed.
 const MAX_SYMS: usize = 1 << 21;
+/// Most places that look like a token table tried: guest memory can plant
+/// the pattern anywhere, and each try scans megabytes.
+const MAX_CANDIDATES: usize = 32;
 const DIGITS: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,11 +114,18 @@ fn name_at(b: &[u8], p: usize) -> Option<(&[u8], usize)> {
 pub fn find(image: &[u8]) -> Result<Tables, KallsymsError> {
     let mut last = KallsymsError::NoTokenTable;
     let mut from = 0;
+    let mut tries = 0;
     while let Some(hit) =
         image.get(from..).and_then(|rest| rest.windows(DIGITS.len()).position(|w| w == DIGITS))
     {
         let digits = from + hit;
         from = digits + 1;
+        tries += 1;
+        if tries > MAX_CANDIDATES {
+            return Err(KallsymsError::Inconsistent(format!(
+                "more than {MAX_CANDIDATES} token-table look-alikes; giving up"
+            )));
+        }
         match try_at(image, digits) {
             Ok(t) => return Ok(t),
             Err(e) => last = e,
@@ -412,6 +422,21 @@ mod tests {
             let _ = find(&img[..cut]);
         }
         assert!(find(&img[..token_at]).is_err());
+    }
+
+    #[test]
+    fn planted_look_alikes_are_bounded() {
+        // Many copies of a real token table and index (as a hostile guest
+        // could plant) end the search after a fixed number of tries.
+        let (img, token_at) = build(&symbols(300), 0xffff_ffff_8100_0000, false);
+        let table = &img[token_at..img.len() - 40];
+        let mut b = Vec::new();
+        for _ in 0..100 {
+            b.extend_from_slice(&[0xaa; 64]);
+            b.extend_from_slice(table);
+        }
+        let e = find(&b).unwrap_err().to_string();
+        assert!(e.contains("look-alikes"), "{e}");
     }
 
     proptest::proptest! {

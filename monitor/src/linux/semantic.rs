@@ -603,7 +603,8 @@ impl GuestSymbols {
         let first = rodata.pages.first()?.gva.raw();
         let last = rodata.pages.last()?.gva.raw();
         let span = usize::try_from(last.checked_sub(first)? + PAGE_SIZE).ok()?;
-        if span > 256 << 20 {
+        // Real rodata is about 10 MiB; the guest decides this span.
+        if span > 64 << 20 {
             return None;
         }
         let mut buf = vec![0u8; span];
