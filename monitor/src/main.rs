@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
 use vigil::integrity::check::{CheckError, check};
-use vigil::integrity::{Baseline, Finding, Report};
+use vigil::integrity::{Baseline, Finding, FindingKind, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
 
@@ -512,12 +512,28 @@ fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Resul
             continue;
         }
         writeln!(out, "\n{title}")?;
+        // A terminal gets the first findings of each region and kind; JSON has all.
+        let mut shown: std::collections::HashMap<(&str, FindingKind), usize> =
+            std::collections::HashMap::new();
+        let mut hidden = 0usize;
         for f in list {
-            print_finding(out, f)?;
+            let n = shown.entry((f.region.as_str(), f.kind)).or_default();
+            *n += 1;
+            if *n <= TEXT_FINDINGS_PER_GROUP {
+                print_finding(out, f)?;
+            } else {
+                hidden += 1;
+            }
+        }
+        if hidden > 0 {
+            writeln!(out, "  ... and {hidden} more like these (--format json lists every one)")?;
         }
     }
     Ok(())
 }
+
+/// Findings of one region and kind printed in text output.
+const TEXT_FINDINGS_PER_GROUP: usize = 10;
 
 fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
     let kind = serde_json::to_value(f.kind)

@@ -25,7 +25,7 @@ pub const IMAGE_REGION: &str = "kernel-image";
 /// Region name for register findings.
 pub const REGISTER_REGION: &str = "registers";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FindingKind {
     Content,
