@@ -126,13 +126,8 @@ impl Hypervisor {
 
     /// Every domain libvirt knows, running or not.
     pub fn domains(&self) -> Result<Vec<DomainSummary>, LibvirtError> {
-        let doms = self
-            .conn
-            .list_all_domains(0)
-            .map_err(|source| LibvirtError::List { uri: self.uri.clone(), source })?;
         let mut out = Vec::new();
-        for d in doms {
-            let g = GuestDomain::new(d);
+        for g in self.list(0)? {
             let state = g.state_text();
             let memory_source = if g.is_running() {
                 match g.memory_blocks().and_then(|(pid, _, blocks)| {
@@ -154,6 +149,27 @@ impl Hypervisor {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn list(
+        &self,
+        flags: sys::virConnectListAllDomainsFlags,
+    ) -> Result<Vec<GuestDomain>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(flags)
+            .map_err(|source| LibvirtError::List { uri: self.uri.clone(), source })?;
+        Ok(doms.into_iter().map(GuestDomain::new).collect())
+    }
+
+    /// The running (or paused) domains, as (UUID, name): one libvirt call, no
+    /// QEMU monitor traffic, for the daemon's periodic resync.
+    pub fn active_domains(&self) -> Result<Vec<(String, String)>, LibvirtError> {
+        Ok(self
+            .list(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?
+            .into_iter()
+            .map(|g| (g.uuid, g.name))
+            .collect())
     }
 
     /// A domain by name or UUID.

@@ -444,8 +444,7 @@ fn lab_shared_ram_guest_with_profile_names_syscall_entry_and_idt_vector() {
     );
     let table = g.symbol("sys_call_table").unwrap();
     assert_eq!(pointers[0]["gva"], format!("{:#x}", table + 110 * 8), "the entry's own address");
-    // The rodata page's finding is placed too (sys_call_table is data, so by
-    // the nearest code symbol's name only when it lies in text).
+    // A text page's finding is placed by symbol too.
     g.run("attack inline").unwrap();
     let (_, report) = check(&state, &g);
     let text: Vec<Value> =

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::integrity::{Finding, FindingKind, Severity};
@@ -340,8 +340,6 @@ impl AlertLog {
         Ok(out)
     }
 }
-
-use std::io::Read as _;
 
 /// Decides which groups of a scan are news (not reported before, or
 /// reported with another digest) and which reported groups are gone.

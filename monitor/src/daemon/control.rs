@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{Command, Shared};
@@ -214,8 +214,6 @@ pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value
     serde_json::from_str(&line)
         .map_err(|e| format!("the daemon's answer is not JSON ({e}): {line:?}"))
 }
-
-use tokio::io::AsyncReadExt as _;
 
 #[cfg(test)]
 mod tests {

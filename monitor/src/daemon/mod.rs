@@ -725,20 +725,16 @@ impl Shared {
 
     /// Brings the set of tasks in line with the running domains.
     fn resync(self: &Arc<Self>, hv: &Hypervisor) -> Result<(), String> {
-        let doms = hv.domains().map_err(|e| error_chain(&e))?;
-        let running: Vec<_> = doms
-            .iter()
-            .filter(|d| d.state == "running" || d.state == "paused" || d.state == "blocked")
-            .collect();
-        for d in &running {
-            self.start_task(&d.uuid, &d.name);
+        let running = hv.active_domains().map_err(|e| error_chain(&e))?;
+        for (uuid, name) in &running {
+            self.start_task(uuid, name);
         }
         let gone: Vec<(String, String)> = {
             let tasks = self.tasks.lock().expect("tasks lock");
             let status = self.status.lock().expect("status lock");
             tasks
                 .keys()
-                .filter(|u| !running.iter().any(|d| &d.uuid == *u))
+                .filter(|u| !running.iter().any(|(uuid, _)| uuid == *u))
                 .map(|u| (u.clone(), status.get(u).map(|s| s.name.clone()).unwrap_or_default()))
                 .collect()
         };
