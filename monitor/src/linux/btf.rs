@@ -170,6 +170,12 @@ impl<'a> Btf<'a> {
         Ok(total)
     }
 
+    /// Size in bytes of struct `st`.
+    pub fn size_of(&self, st: &str) -> Result<u64, BtfError> {
+        let id = self.find_struct(st).ok_or_else(|| BtfError::NoStruct(st.into()))?;
+        Ok(u64::from(self.types[id].size_or_type))
+    }
+
     /// Follows typedefs and qualifiers to the type they name.
     fn resolve(&self, mut id: usize) -> usize {
         for _ in 0..32 {
@@ -228,6 +234,7 @@ mod tests {
         let btf = Btf::parse(&b).unwrap();
         assert_eq!(btf.offset_of("outer", "x").unwrap(), 0);
         assert_eq!(btf.offset_of("outer", "in.b").unwrap(), 8 + 8);
+        assert_eq!((btf.size_of("outer").unwrap(), btf.size_of("inner").unwrap()), (24, 16));
         assert_eq!(btf.offset_of("inner", "b").unwrap(), 8);
         assert!(matches!(btf.offset_of("outer", "y"), Err(BtfError::NoMember { .. })));
         assert!(matches!(btf.offset_of("nope", "x"), Err(BtfError::NoStruct(_))));

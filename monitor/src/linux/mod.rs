@@ -8,6 +8,7 @@ pub mod btf;
 mod discover;
 pub mod image;
 pub mod kallsyms;
+pub mod patch;
 pub mod profile;
 pub mod semantic;
 

@@ -11,6 +11,9 @@
 //! sym ffffffff81000000 T _text                 one line per symbol vigil uses, by address
 //! syscall64 0 __x64_sys_read                   what each syscall table entry must point to
 //! syscall32 0 __ia32_sys_restart_syscall
+//! offset module.list 8                         a member's offset (BTF), `S.#size` a struct's size
+//! table jump_table 5980 <hex>                  count and digest of a patch table (see `patch`)
+//! fentry 1c10 1c50 ...                         ftrace's patchable function entries, as offsets from _text
 //! ```
 //!
 //! Addresses are as linked; a running guest adds its KASLR slide.
@@ -25,6 +28,10 @@ pub const VERSION: u32 = 1;
 /// Largest profile file accepted.
 pub const MAX_PROFILE: usize = 64 << 20;
 const MAX_SYSCALLS: usize = 4096;
+/// Most patchable function entries a profile may list.
+const MAX_FENTRY: usize = 1 << 20;
+/// Function entries written per `fentry` line.
+const FENTRY_PER_LINE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileSymbol {
@@ -42,8 +49,15 @@ pub struct Profile {
     pub symbols: Vec<ProfileSymbol>,
     pub syscalls64: Vec<(u32, String)>,
     pub syscalls32: Vec<(u32, String)>,
-    /// Structure member offsets from the kernel's BTF, as `struct.member.path`.
+    /// Structure member offsets from the kernel's BTF, as `struct.member.path`
+    /// (and sizes, as `struct.#size`).
     pub offsets: Vec<(String, u64)>,
+    /// Patch tables of the image: name, entry count and digest, to validate
+    /// what guest memory holds.
+    pub tables: Vec<(String, u64, String)>,
+    /// Link-time addresses of the function entries ftrace may patch
+    /// (`__mcount_loc`), sorted.
+    pub fentry: Vec<u64>,
     by_name: HashMap<String, usize>,
 }
 
@@ -87,7 +101,50 @@ const DATA_SYMBOLS: &[&str] = &[
     "idt_table",
     "modules",
     "init_task",
+    // Where the kernel's patching machinery keeps its records (see `patch`).
+    "__start___jump_table",
+    "__stop___jump_table",
+    "__start_static_call_sites",
+    "__stop_static_call_sites",
+    "ftrace_pages_start",
+    "ftrace_ops_list",
+    "ftrace_list_end",
+    "kprobe_table",
+    "kprobe_insn_slots",
+    "kprobe_optinsn_slots",
+    "pack_list",
+    "bpf_kallsyms",
+    "x86_return_thunk",
 ];
+
+/// Data symbols kept by prefix: static call keys, named after their calls.
+const DATA_PREFIXES: &[&str] = &["__SCK__"];
+
+/// Structure members the patch-site checks read (6.1 layout), and structures
+/// whose size they need.
+pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "module",
+        &[
+            "jump_entries",
+            "num_jump_entries",
+            "static_call_sites",
+            "num_static_call_sites",
+            "kallsyms",
+        ],
+    ),
+    ("mod_kallsyms", &["symtab", "num_symtab"]),
+    ("ftrace_page", &["next", "records", "index"]),
+    ("dyn_ftrace", &["ip", "flags"]),
+    ("ftrace_ops", &["func", "next", "flags", "trampoline", "trampoline_size"]),
+    ("kprobe", &["hlist", "addr", "flags"]),
+    ("kprobe_insn_cache", &["pages"]),
+    ("kprobe_insn_page", &["list", "insns"]),
+    ("bpf_prog_pack", &["list", "ptr"]),
+    ("bpf_ksym", &["start", "end", "lnode"]),
+    ("static_call_key", &["func"]),
+];
+pub const PATCH_SIZES: &[&str] = &["dyn_ftrace"];
 
 impl Profile {
     fn new(
@@ -108,6 +165,8 @@ impl Profile {
             syscalls64: s64,
             syscalls32: s32,
             offsets: Vec::new(),
+            tables: Vec::new(),
+            fentry: Vec::new(),
             by_name,
         }
     }
@@ -145,7 +204,9 @@ impl Profile {
         let mut keep: Vec<ProfileSymbol> = all
             .iter()
             .filter(|s| {
-                matches!(s.kind, 'T' | 't' | 'W' | 'w') || DATA_SYMBOLS.contains(&s.name.as_str())
+                matches!(s.kind, 'T' | 't' | 'W' | 'w')
+                    || DATA_SYMBOLS.contains(&s.name.as_str())
+                    || DATA_PREFIXES.iter().any(|p| s.name.starts_with(p))
             })
             .map(|s| ProfileSymbol { addr: s.addr, kind: s.kind, name: s.name.clone() })
             .collect();
@@ -197,6 +258,56 @@ impl Profile {
                     p.offsets.push((format!("module.{path}"), off));
                 }
             }
+            for (st, members) in PATCH_FIELDS {
+                for path in *members {
+                    if let Ok(off) = btf.offset_of(st, path) {
+                        p.offsets.push((format!("{st}.{path}"), off));
+                    }
+                }
+            }
+            for st in PATCH_SIZES {
+                if let Ok(size) = btf.size_of(st) {
+                    p.offsets.push((format!("{st}.#size"), size));
+                }
+            }
+        }
+        // The patch tables, read where the image links them.
+        let read_any = |addr: u64, len: u64| -> Option<Vec<u8>> {
+            let sec = file.sections().find(|s| {
+                s.address() <= addr
+                    && addr.checked_add(len).is_some_and(|e| e <= s.address() + s.size())
+            })?;
+            let data = sec.data().ok()?;
+            let off = usize::try_from(addr - sec.address()).ok()?;
+            data.get(off..off.checked_add(usize::try_from(len).ok()?)?).map(<[u8]>::to_vec)
+        };
+        let span = |start: &'static str, stop: &'static str| -> Option<(u64, Vec<u8>)> {
+            let (a, b) = (at(start).ok()?, at(stop).ok()?);
+            Some((a, read_any(a, b.checked_sub(a)?)?))
+        };
+        if let Some((base, bytes)) = span("__start___jump_table", "__stop___jump_table") {
+            let entries = super::patch::parse_jump_entries(&bytes, base)
+                .map_err(|e| ProfileError::Kallsyms(format!("__jump_table: {e}")))?;
+            let (n, digest) = super::patch::jump_table_digest(&entries, 0);
+            p.tables.push(("jump_table".into(), n, digest));
+        }
+        if let Some((base, bytes)) = span("__start_static_call_sites", "__stop_static_call_sites") {
+            let sites = super::patch::parse_static_call_sites(&bytes, base)
+                .map_err(|e| ProfileError::Kallsyms(format!(".static_call_sites: {e}")))?;
+            let (n, digest) = super::patch::static_call_digest(&sites, 0);
+            p.tables.push(("static_call_sites".into(), n, digest));
+        }
+        if let Some((_, bytes)) = span("__start_mcount_loc", "__stop_mcount_loc") {
+            let text = p.symbol("_text").map_or(0, |s| s.addr);
+            let mut f: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .filter(|&a| a >= text)
+                .collect();
+            f.sort_unstable();
+            f.dedup();
+            f.truncate(MAX_FENTRY);
+            p.fentry = f;
         }
         Ok(p)
     }
@@ -221,6 +332,14 @@ impl Profile {
         for (path, off) in &self.offsets {
             let _ = writeln!(s, "offset {path} {off}");
         }
+        for (name, n, digest) in &self.tables {
+            let _ = writeln!(s, "table {name} {n} {digest}");
+        }
+        let text = self.symbol("_text").map_or(0, |t| t.addr);
+        for chunk in self.fentry.chunks(FENTRY_PER_LINE) {
+            let offs: Vec<String> = chunk.iter().map(|a| format!("{:x}", a - text)).collect();
+            let _ = writeln!(s, "fentry {}", offs.join(" "));
+        }
         for sym in &self.symbols {
             let _ = writeln!(s, "sym {:016x} {} {}", sym.addr, sym.kind, sym.name);
         }
@@ -236,6 +355,7 @@ impl Profile {
         let mut format_seen = false;
         let (mut syms, mut s64, mut s32, mut offsets) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut tables, mut fentry_offs) = (Vec::new(), Vec::new());
         for (n, line) in text.lines().enumerate() {
             let line_no = n + 1;
             let bad = |r: String| ProfileError::Syntax { line: line_no, reason: r };
@@ -271,10 +391,34 @@ impl Profile {
                         .split_once(' ')
                         .ok_or_else(|| bad("offset needs PATH BYTES".into()))?;
                     let off: u64 = off.parse().map_err(|_| bad(format!("bad offset {off:?}")))?;
-                    if off > 1 << 20 || path.is_empty() || offsets.len() > 256 {
+                    if off > 1 << 20 || path.is_empty() || offsets.len() > 512 {
                         return Err(bad(format!("implausible offset {path} {off}")));
                     }
                     offsets.push((path.to_owned(), off));
+                }
+                "table" => {
+                    let f: Vec<&str> = rest.split(' ').collect();
+                    let [name, n, digest] = f[..] else {
+                        return Err(bad("table needs NAME COUNT DIGEST".into()));
+                    };
+                    let n: u64 = n.parse().map_err(|_| bad(format!("bad count {n:?}")))?;
+                    if digest.len() != 64
+                        || !digest.bytes().all(|c| c.is_ascii_hexdigit())
+                        || tables.len() > 16
+                    {
+                        return Err(bad(format!("bad table digest {digest:?}")));
+                    }
+                    tables.push((name.to_owned(), n, digest.to_owned()));
+                }
+                "fentry" => {
+                    for o in rest.split(' ') {
+                        let o = u64::from_str_radix(o, 16)
+                            .map_err(|_| bad(format!("bad function entry offset {o:?}")))?;
+                        if fentry_offs.len() >= MAX_FENTRY || o > 1 << 32 {
+                            return Err(bad("too many or implausible function entries".into()));
+                        }
+                        fentry_offs.push(o);
+                    }
                 }
                 "sym" => {
                     let mut f = rest.splitn(3, ' ');
@@ -309,8 +453,16 @@ impl Profile {
             s32,
         );
         p.offsets = offsets;
-        if p.symbol("_text").is_none() || p.syscalls64.is_empty() {
-            return Err(missing("_text symbol or syscall64"));
+        p.tables = tables;
+        let Some(text) = p.symbol("_text").map(|t| t.addr) else {
+            return Err(missing("_text symbol"));
+        };
+        if p.syscalls64.is_empty() {
+            return Err(missing("syscall64"));
+        }
+        p.fentry = fentry_offs.into_iter().map(|o| text.wrapping_add(o)).collect();
+        if !p.fentry.is_sorted_by(|a, b| a < b) {
+            return Err(missing("fentry list in increasing order"));
         }
         Ok(p)
     }
@@ -318,6 +470,11 @@ impl Profile {
     /// A structure member's offset, as `module.core_layout.base`.
     pub fn offset(&self, path: &str) -> Option<u64> {
         self.offsets.iter().find(|(p, _)| p == path).map(|(_, o)| *o)
+    }
+
+    /// Digest of patch table `name`: entry count and hex digest.
+    pub fn table(&self, name: &str) -> Option<(u64, &str)> {
+        self.tables.iter().find(|(n, _, _)| n == name).map(|(_, c, d)| (*c, d.as_str()))
     }
 
     pub fn symbol(&self, name: &str) -> Option<&ProfileSymbol> {
@@ -390,9 +547,14 @@ mod tests {
 
     #[test]
     fn text_round_trips_and_symbolizes() {
-        let p = sample();
+        let mut p = sample();
+        p.tables.push(("jump_table".into(), 3, "ab".repeat(32)));
+        p.fentry = (0..40).map(|i| 0xffff_ffff_8100_1000 + i * 0x40).collect();
+        p.offsets.push(("dyn_ftrace.#size".into(), 16));
         let back = Profile::parse(&p.to_text()).unwrap();
         assert_eq!(back, p);
+        assert_eq!(back.table("jump_table"), Some((3, "ab".repeat(32).as_str())));
+        assert_eq!(back.fentry.len(), 40);
         assert_eq!(p.symbolize(0xffff_ffff_8100_1044), Some(("helper", 4)));
         assert_eq!(p.symbolize(0xffff_ffff_8100_1000), Some(("__x64_sys_read", 0)));
         assert_eq!(p.symbolize(0xffff_ffff_8300_0000), None, "beyond _etext");
@@ -422,6 +584,10 @@ mod tests {
                 "syscall order",
             ),
             (good.clone() + "nonsense here\n", "unknown key"),
+            (good.clone() + "fentry 10 zz\n", "bad fentry"),
+            (good.clone() + "fentry 20 10\n", "fentry out of order"),
+            (good.clone() + "table jump_table 3 abc\n", "short digest"),
+            (good.clone() + "table jump_table x\n", "table fields"),
             (good.clone() + "justoneword\n", "no value"),
         ] {
             assert!(Profile::parse(&edit).is_err(), "accepted a profile with {what}");

@@ -25,6 +25,9 @@ const MODULE_NAME_LEN: usize = 56;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Module {
     pub name: String,
+    /// Guest virtual address of its `struct module`.
+    #[serde(skip)]
+    pub addr: u64,
     /// Guest virtual address of its code and read-only data.
     pub base: u64,
     pub size: u64,
@@ -106,16 +109,25 @@ impl Matched<'_> {
         }
     }
 
-    fn expect(&self, name: &str) -> Option<u64> {
+    /// Where symbol `name` of the profile lies in this guest.
+    pub fn expect(&self, name: &str) -> Option<u64> {
         self.profile.symbol(name).map(|s| s.addr.wrapping_add(self.slide))
     }
 }
 
-fn read_u64(mem: &(impl GuestMemory + ?Sized), space: &dyn AddressSpace, gva: u64) -> Option<u64> {
+pub(crate) fn read_u64(
+    mem: &(impl GuestMemory + ?Sized),
+    space: &dyn AddressSpace,
+    gva: u64,
+) -> Option<u64> {
     read_virt(mem, space, gva, 8).map(|(b, _)| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
-fn read_u32(mem: &(impl GuestMemory + ?Sized), space: &dyn AddressSpace, gva: u64) -> Option<u32> {
+pub(crate) fn read_u32(
+    mem: &(impl GuestMemory + ?Sized),
+    space: &dyn AddressSpace,
+    gva: u64,
+) -> Option<u32> {
     read_virt(mem, space, gva, 4).map(|(b, _)| u32::from_le_bytes(b.try_into().expect("4 bytes")))
 }
 
@@ -155,6 +167,7 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
         }
         out.push(Module {
             name: String::from_utf8_lossy(nm).into_owned(),
+            addr: md,
             base: read_u64(mem, space, md.wrapping_add(base))
                 .ok_or("a module's base is not readable")?,
             size: u64::from(
@@ -181,6 +194,7 @@ fn unlisted_runs(
     space: &dyn AddressSpace,
     modules: &[Module],
     known: &[Mapping],
+    recognized: &[super::patch::ExecRange],
 ) -> Vec<(u64, u64, GuestPhysAddr)> {
     let mut runs: Vec<(u64, u64, GuestPhysAddr)> = Vec::new();
     let known: std::collections::HashSet<(u64, u64)> =
@@ -189,6 +203,10 @@ fn unlisted_runs(
         let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
         if modules.iter().any(|md| md.base <= s && e <= md.base.saturating_add(md.size))
             || known.contains(&(s, mp.gpa.raw()))
+            || recognized.iter().any(|r| {
+                r.start & !(PAGE_SIZE - 1) <= s
+                    && e <= r.end.saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
+            })
         {
             continue;
         }
@@ -385,13 +403,17 @@ fn pointer(
 
 /// Every semantic finding: KASLR disagreement, hidden modules, syscall table
 /// entries, IDT gates. `known_exec` is the executable memory outside the
-/// image that the baseline recorded (there when the guest was trusted).
+/// image that the baseline recorded (there when the guest was trusted);
+/// `recognized`, the executable allocations the kernel keeps records of
+/// (ftrace trampolines, kprobe slots, BPF images: see
+/// [`super::patch::exec_ranges`]), when they could be read.
 pub fn check<M: GuestMemory + ?Sized>(
     m: &mut Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
     regs: &[VcpuRegisters],
     known_exec: &[Mapping],
+    recognized: Option<&[super::patch::ExecRange]>,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     let p = m.profile;
@@ -424,11 +446,13 @@ pub fn check<M: GuestMemory + ?Sized>(
     // The module list first, so that addresses in modules get names.
     match walk_modules(m, mem, space) {
         Ok(list) => {
-            for (start, pages, gpa) in unlisted_runs(space, &list, known_exec) {
-                // The BPF JIT allocates its program packs as 2 MiB of executable
-                // module-area memory, listed nowhere vigil reads yet: such runs
-                // are reported as information until BPF images are recognised.
-                let bpf_shaped = pages == BPF_PACK_PAGES;
+            for (start, pages, gpa) in
+                unlisted_runs(space, &list, known_exec, recognized.unwrap_or(&[]))
+            {
+                // Without the kernel's records of BPF program packs (2 MiB of
+                // executable module-area memory), runs of that shape are
+                // reported as information only.
+                let bpf_shaped = pages == BPF_PACK_PAGES && recognized.is_none();
                 let detail = if bpf_shaped {
                     format!(
                         "{pages} pages (2 MiB) of executable kernel memory at {start:#x} belong to no listed module: shaped like a BPF program pack"
