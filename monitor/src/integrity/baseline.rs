@@ -202,6 +202,17 @@ pub fn hash_pages_at<M: GuestMemory + ?Sized>(
     region_len: u64,
     pages: &[(u64, GuestVirtAddr, GuestPhysAddr)],
 ) -> Result<Vec<PageValue>, BaselineError> {
+    hash_pages_keeping(mem, region, region_len, pages, &mut |_, _| {})
+}
+
+/// Like [`hash_pages_at`], handing each page's bytes to `keep` as well.
+pub fn hash_pages_keeping<M: GuestMemory + ?Sized>(
+    mem: &M,
+    region: &str,
+    region_len: u64,
+    pages: &[(u64, GuestVirtAddr, GuestPhysAddr)],
+    keep: &mut dyn FnMut(GuestVirtAddr, &[u8]),
+) -> Result<Vec<PageValue>, BaselineError> {
     let mut values = Vec::with_capacity(pages.len());
     let mut bufs = vec![[0u8; PAGE_BYTES]; READ_BATCH.min(pages.len())];
     for batch in pages.chunks(READ_BATCH) {
@@ -216,7 +227,8 @@ pub fn hash_pages_at<M: GuestMemory + ?Sized>(
                 .unwrap_or(&batch[0]);
             return Err(BaselineError::Read { region: region.to_owned(), gva: bad.1, source });
         }
-        for (&(index, _, _), buf) in batch.iter().zip(&bufs) {
+        for (&(index, gva, _), buf) in batch.iter().zip(&bufs) {
+            keep(gva, buf);
             values.push(tree::page_value(index, buf, region_len));
         }
     }
@@ -233,11 +245,27 @@ impl Baseline {
         space: &dyn AddressSpace,
         regions: &[RegionLayout],
     ) -> Result<Self, BaselineError> {
+        Self::build_keeping(mem, domain, kernel, registers, space, regions).map(|(b, _)| b)
+    }
+
+    /// Like [`Baseline::build`], keeping every page's original bytes too.
+    pub fn build_keeping<M: GuestMemory + ?Sized>(
+        mem: &M,
+        domain: DomainId,
+        kernel: Identification,
+        registers: Vec<VcpuRegisters>,
+        space: &dyn AddressSpace,
+        regions: &[RegionLayout],
+    ) -> Result<(Self, super::Originals), BaselineError> {
         let mut records = Vec::with_capacity(regions.len());
+        let mut originals = super::Originals::default();
         for r in regions {
-            let addrs: Vec<_> = r.pages.iter().map(|p| (p.gva, p.gpa)).collect();
-            let values = hash_pages(mem, &r.name, &addrs)?;
+            let addrs: Vec<_> =
+                r.pages.iter().zip(0u64..).map(|(p, i)| (i, p.gva, p.gpa)).collect();
             let bytes = r.pages.len() as u64 * PAGE_SIZE;
+            let values = hash_pages_keeping(mem, &r.name, bytes, &addrs, &mut |gva, page| {
+                originals.insert(gva.raw(), page);
+            })?;
             let root = if values.is_empty() {
                 *blake3::hash(&[]).as_bytes()
             } else {
@@ -251,7 +279,7 @@ impl Baseline {
                 .collect();
             records.push(RegionRecord { name: r.name.clone(), kind: r.kind, bytes, root, pages });
         }
-        Ok(Self {
+        let baseline = Self {
             format: FORMAT.into(),
             version: VERSION,
             created: now_rfc3339(),
@@ -262,7 +290,8 @@ impl Baseline {
             image_mapping: mapping_runs(space.image_pages()),
             exec_outside_image: mapping_runs(&space.exec_outside_image()),
             regions: records,
-        })
+        };
+        Ok((baseline, originals))
     }
 
     /// Writes the baseline atomically: a temporary file beside `path`,

@@ -6,10 +6,12 @@
 
 pub mod baseline;
 pub mod check;
+pub mod originals;
 pub mod tree;
 
 pub use baseline::{Baseline, BaselineError};
 pub use check::{Finding, FindingKind, Report, Severity};
+pub use originals::Originals;
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 use crate::x86::{Mapping, Perms};

@@ -1,0 +1,220 @@
+//! The original bytes of a baseline's pages, kept beside the baseline so that
+//! a later difference can be looked at byte by byte: to tell the kernel's own
+//! patching from an attack, and to show what was there.
+//!
+//! File `<baseline>.pages`: the magic line `vigil-pages 1`, then per page its
+//! virtual address (u64 LE), the length of its LZ4 block (u32 LE) and the
+//! block. Written atomically; read back only when every page decompresses to
+//! 4 KiB whose value is the one the baseline holds for it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::baseline::{Baseline, BaselineError};
+use super::tree;
+use crate::addr::PAGE_BYTES;
+
+const MAGIC: &[u8] = b"vigil-pages 1\n";
+/// Longest compressed page accepted (LZ4's worst case for 4 KiB, rounded up).
+const MAX_BLOCK: usize = 8192;
+/// Most pages a file may hold.
+const MAX_PAGES: usize = 1 << 20;
+
+/// Original page bytes by virtual address, LZ4-compressed.
+#[derive(Debug, Default, Clone)]
+pub struct Originals {
+    pages: HashMap<u64, Vec<u8>>,
+}
+
+impl Originals {
+    /// Where the originals of the baseline at `baseline` are kept.
+    pub fn path_for(baseline: &Path) -> PathBuf {
+        baseline.with_extension("pages")
+    }
+
+    pub fn insert(&mut self, gva: u64, bytes: &[u8]) {
+        self.pages.insert(gva, lz4_flex::block::compress_prepend_size(bytes));
+    }
+
+    /// The original bytes of the page at `gva`.
+    pub fn page(&self, gva: u64) -> Option<Vec<u8>> {
+        let block = self.pages.get(&gva)?;
+        lz4_flex::block::decompress_size_prepended(block).ok().filter(|b| b.len() == PAGE_BYTES)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Bytes held in memory (compressed).
+    pub fn compressed_bytes(&self) -> usize {
+        self.pages.values().map(Vec::len).sum()
+    }
+
+    /// Writes the file atomically (temporary file, sync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
+        let shown = path.display().to_string();
+        let werr = |source| BaselineError::Write { path: shown.clone(), source };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".vigil-pages.{}.tmp", std::process::id()));
+        let mut keys: Vec<&u64> = self.pages.keys().collect();
+        keys.sort();
+        let mut out = Vec::with_capacity(MAGIC.len() + self.compressed_bytes() + keys.len() * 12);
+        out.extend_from_slice(MAGIC);
+        for k in keys {
+            let block = &self.pages[k];
+            out.extend_from_slice(&k.to_le_bytes());
+            out.extend_from_slice(
+                &u32::try_from(block.len()).expect("a compressed page").to_le_bytes(),
+            );
+            out.extend_from_slice(block);
+        }
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&out).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(werr(e));
+        }
+        Ok(())
+    }
+
+    /// Reads the originals of `baseline` from `path`, checking every page
+    /// against the value the baseline holds for it.
+    pub fn load(path: &Path, baseline: &Baseline) -> Result<Self, BaselineError> {
+        let shown = path.display().to_string();
+        let invalid = |reason: String| BaselineError::Invalid { path: shown.clone(), reason };
+        let size = std::fs::metadata(path)
+            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?
+            .len();
+        if size > (MAX_PAGES * (MAX_BLOCK + 12)) as u64 {
+            return Err(BaselineError::TooLarge { path: shown, size });
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
+        Self::from_bytes(&bytes, baseline).map_err(invalid)
+    }
+
+    /// Parses and checks the file's bytes against `baseline`.
+    pub fn from_bytes(bytes: &[u8], baseline: &Baseline) -> Result<Self, String> {
+        let rest = bytes.strip_prefix(MAGIC).ok_or("not a vigil pages file (bad magic line)")?;
+        let expected: HashMap<u64, (u64, u64, [u8; 32])> = baseline
+            .regions
+            .iter()
+            .flat_map(|r| {
+                r.pages.iter().zip(0u64..).map(move |(p, i)| (p.gva.raw(), (i, r.bytes, p.value)))
+            })
+            .collect();
+        let mut out = Originals::default();
+        let mut at = 0usize;
+        while at < rest.len() {
+            let head = rest
+                .get(at..at + 12)
+                .ok_or_else(|| format!("truncated at byte {}", at + MAGIC.len()))?;
+            let gva = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+            if len > MAX_BLOCK {
+                return Err(format!(
+                    "page {gva:#x}: a {len}-byte block is longer than any compressed page"
+                ));
+            }
+            let block = rest
+                .get(at + 12..at + 12 + len)
+                .ok_or_else(|| format!("page {gva:#x}: truncated"))?;
+            let page = lz4_flex::block::decompress_size_prepended(block)
+                .ok()
+                .filter(|p| p.len() == PAGE_BYTES)
+                .ok_or_else(|| format!("page {gva:#x}: does not decompress to one page"))?;
+            let &(index, region_len, value) = expected
+                .get(&gva)
+                .ok_or_else(|| format!("page {gva:#x} is in no region of the baseline"))?;
+            if tree::page_value(index, &page, region_len) != value {
+                return Err(format!("page {gva:#x} does not match the baseline's value for it"));
+            }
+            if out.pages.insert(gva, block.to_vec()).is_some() || out.pages.len() > MAX_PAGES {
+                return Err(format!("page {gva:#x} appears twice, or too many pages"));
+            }
+            at += 12 + len;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::baseline::tests::{Fake, TEXT_VA};
+
+    fn taken() -> (Baseline, Originals) {
+        let f = Fake::new();
+        let domain = crate::integrity::baseline::DomainId { name: "fake".into(), uuid: "u".into() };
+        Baseline::build_keeping(
+            &f.mem,
+            domain,
+            f.identification(),
+            Fake::registers(),
+            &f,
+            &f.regions(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_page_is_kept_and_read_back_checked() {
+        let (b, o) = taken();
+        assert_eq!(o.len(), 6);
+        let f = Fake::new();
+        let mut page = vec![0u8; PAGE_BYTES];
+        crate::memory::GuestMemory::read(&f.mem, crate::addr::GuestPhysAddr(0x3000), &mut page)
+            .unwrap();
+        assert_eq!(o.page(TEXT_VA + 0x1000).unwrap(), page);
+        let dir = tempfile::tempdir().unwrap();
+        let path = Originals::path_for(&dir.path().join("x.json"));
+        assert!(path.ends_with("x.pages"));
+        o.save(&path).unwrap();
+        let back = Originals::load(&path, &b).unwrap();
+        assert_eq!(back.page(TEXT_VA + 0x1000).unwrap(), page);
+    }
+
+    #[test]
+    fn a_file_that_does_not_match_the_baseline_is_refused() {
+        let (b, o) = taken();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pages");
+        o.save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // Another page's bytes under a page's address.
+        let mut other = Originals::default();
+        other.insert(TEXT_VA, &[7u8; PAGE_BYTES]);
+        other.save(&path).unwrap();
+        let e = Originals::load(&path, &b).unwrap_err().to_string();
+        assert!(e.contains("does not match the baseline"), "{e}");
+        for (bytes, why) in [
+            (b"not pages".to_vec(), "bad magic"),
+            (good[..good.len() - 3].to_vec(), "truncated"),
+            ([good.clone(), vec![1, 2, 3]].concat(), "truncated"),
+        ] {
+            let e = Originals::from_bytes(&bytes, &b).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn mutated_files_never_panic(pos in 0usize..100_000, byte: u8) {
+            let (b, o) = taken();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.pages");
+            o.save(&path).unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            let _ = Originals::from_bytes(&bytes, &b);
+        }
+    }
+}
