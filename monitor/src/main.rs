@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
 use vigil::integrity::check::{CheckError, check};
-use vigil::integrity::{Baseline, Finding, FindingKind, Report};
+use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
 
@@ -277,12 +277,15 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
     let regs = dom.registers()?;
     let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
     let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
-    let b = Baseline::build(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
-        .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
+    let (b, originals) =
+        Baseline::build_keeping(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
+            .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
     let path = output.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // The original pages first: a baseline never points at missing ones.
+    originals.save(&Originals::path_for(&path))?;
     b.save(&path)?;
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
@@ -383,9 +386,38 @@ fn check_domain(
         Some(mut m) => {
             let known =
                 vigil::integrity::baseline::expand_runs(&b.exec_outside_image).unwrap_or_default();
-            let found = vigil::linux::semantic::check(&mut m, &*mem, &view, &regs, &known);
+            let (ranges, _) = vigil::linux::patch::exec_ranges(&m, &*mem, &view);
+            let found =
+                vigil::linux::semantic::check(&mut m, &*mem, &view, &regs, &known, Some(&ranges));
             report.profile = Some(m.profile.release.clone());
             report.add_findings(found);
+            // Text changes judged against the kernel's patch records.
+            let originals = match Originals::load(&Originals::path_for(&path), &b) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!(
+                        "vigil: warning: {}: without the baseline's original pages, kernel patches cannot be told from attacks",
+                        error_chain(&e)
+                    );
+                    Originals::default()
+                }
+            };
+            let code: Vec<&str> = b
+                .regions
+                .iter()
+                .filter(|r| r.kind == vigil::integrity::RegionKind::Code)
+                .map(|r| r.name.as_str())
+                .collect();
+            vigil::linux::patch::review(
+                &mut report,
+                &m,
+                &*mem,
+                &view,
+                &|gva| originals.page(gva),
+                &mut vigil::linux::patch::PatchMemory::default(),
+                &|region| code.contains(&region),
+                &|_| Some(true),
+            );
             report.symbolize(|gva| m.symbol_of(gva));
             report.modules = m.modules.iter().map(|md| md.name.clone()).collect();
             for region in vigil::linux::semantic::REGIONS {
@@ -497,6 +529,15 @@ fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Resul
         r.checked,
         r.source
     )?;
+    if r.patched_sites > 0 {
+        let kinds: Vec<String> = r.patches.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        writeln!(
+            out,
+            "kernel patches: {} site(s) differ from the baseline, each a patch the kernel's own records allow ({})",
+            r.patched_sites,
+            kinds.join(", ")
+        )?;
+    }
     writeln!(out)?;
     writeln!(out, "{:16} {:>7} {:>8} {:>5}  STATUS", "REGION", "PAGES", "CHANGED", "INFO")?;
     for s in &r.regions {

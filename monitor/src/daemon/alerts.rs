@@ -45,6 +45,9 @@ pub enum EventKind {
     ModuleLoaded,
     /// A module left the guest's module list.
     ModuleUnloaded,
+    /// The kernel patched its own text (jump labels, static calls, ftrace,
+    /// kprobes), and every change was one its patch records allow.
+    KernelPatched,
 }
 
 /// One line of the alert log.

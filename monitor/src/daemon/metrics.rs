@@ -43,6 +43,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatchLabels {
+    pub domain: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: String,
 }
@@ -58,6 +64,8 @@ pub struct Metrics {
     pub violations: Family<ViolationLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
     pub errors: Family<KindLabels, Counter>,
+    pub patches: Family<PatchLabels, Counter>,
+    pub patched_sites: Family<DomainLabels, Gauge>,
     pub attached: Gauge,
     pub budget_used: Gauge<f64, AtomicU64>,
     pub budget_overruns: Counter,
@@ -80,6 +88,8 @@ impl Metrics {
             violations: Family::default(),
             events: Family::default(),
             errors: Family::default(),
+            patches: Family::default(),
+            patched_sites: Family::default(),
             attached: Gauge::default(),
             budget_used: Gauge::default(),
             budget_overruns: Counter::default(),
@@ -106,6 +116,16 @@ impl Metrics {
             );
             r.register("events", "Alert-log events by kind", m.events.clone());
             r.register("errors", "Monitor failures by kind", m.errors.clone());
+            r.register(
+                "patches_accepted",
+                "Kernel text patches accepted, by kind (jump_label, static_call, ftrace, kprobe)",
+                m.patches.clone(),
+            );
+            r.register(
+                "patched_sites",
+                "Text patch sites that differ from the baseline now, all accepted",
+                m.patched_sites.clone(),
+            );
             r.register("domains_attached", "Domains being checked", m.attached.clone());
             r.register(
                 "budget_used_ratio",

@@ -31,7 +31,8 @@ use self::alerts::{Alert, AlertLog, EventKind, Reported, Subject};
 use self::budget::Budget;
 use self::config::Settings;
 use self::metrics::{
-    CheckLabels, DomainLabels, KindLabels, Metrics, RegionLabels, ScopeLabels, ViolationLabels,
+    CheckLabels, DomainLabels, KindLabels, Metrics, PatchLabels, RegionLabels, ScopeLabels,
+    ViolationLabels,
 };
 use self::watch::{Attached, WatchError, Watched};
 use crate::integrity::check::Scope;
@@ -534,6 +535,33 @@ async fn domain_task(
                             provisional_until = None;
                             shared.set_status(&uuid, |st| st.state = "watching".into());
                         }
+                    }
+                    if !report.patches.is_empty() {
+                        let mut parts = Vec::new();
+                        for (kind, n) in &report.patches {
+                            m.patches
+                                .get_or_create(&PatchLabels {
+                                    domain: name.clone(),
+                                    kind: kind.clone(),
+                                })
+                                .inc_by(*n);
+                            parts.push(format!("{n} {kind}"));
+                        }
+                        shared.sink.emit(subject.event(
+                            EventKind::KernelPatched,
+                            "info",
+                            format!(
+                                "{name} patched its own text: {} site change(s) accepted ({}); {} site(s) differ from the baseline now",
+                                report.patches.values().sum::<u64>(),
+                                parts.join(", "),
+                                report.patched_sites
+                            ),
+                        ));
+                    }
+                    if full {
+                        m.patched_sites
+                            .get_or_create(&DomainLabels { domain: name.clone() })
+                            .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
                     }
                     for ev in std::mem::take(&mut w.module_events) {
                         let detail = if ev.loaded {

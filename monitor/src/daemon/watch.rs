@@ -8,14 +8,17 @@ use crate::integrity::baseline::DomainId;
 use crate::integrity::check::{CheckError, Report, Scope, check_scoped};
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::addr::{GuestVirtAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::Originals;
 use crate::integrity::baseline::to_hex;
 use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
+use crate::linux::patch::{self, PatchMemory};
 use crate::linux::profile::Profile;
 use crate::linux::{DiscoverError, discover, semantic};
 use crate::memory::GuestMemory;
+use crate::x86::{Mapping, Perms};
 
 /// Why a domain could not be attached or checked.
 #[derive(Debug, thiserror::Error)]
@@ -73,17 +76,39 @@ pub struct Watched {
     mem: Option<Box<dyn GuestMemory + Send + Sync>>,
     pub baseline: Baseline,
     pub path: PathBuf,
+    /// The baseline's original page bytes (empty if the file is missing:
+    /// then every text change is a violation).
+    originals: Originals,
     /// The guest profile the kernel matched at the last check, if any.
     pub profile: Option<String>,
-    /// Live modules' text, hashed page by page when first seen: (name, base)
-    /// to page hashes. Kept in memory: a restarted daemon protects modules
+    /// Live modules' text, kept when first seen: (name, base) to page
+    /// hashes and bytes. Kept in memory: a restarted daemon protects modules
     /// from when it sees them again.
-    modules: HashMap<(String, u64), Vec<[u8; 32]>>,
+    modules: HashMap<(String, u64), ModuleText>,
     /// Modules seen loaded or unloaded by the last check.
     pub module_events: Vec<ModuleEvent>,
+    /// Patch sites accepted by the last checks, and patch records seen lately.
+    patch_state: PatchMemory,
+    /// Executable pages of the module area that a kernel record (the module
+    /// list, an ftrace trampoline, a kprobe slot, a BPF image) accounted for,
+    /// as (virtual, physical), with when a record last did. The kernel drops
+    /// a record some time before it frees the memory (an RCU grace period
+    /// apart), so such a page stays accounted for up to [`RECORD_GRACE`].
+    recognized: HashMap<(u64, u64), std::time::Instant>,
+    /// Unlisted executable runs seen by the last check, as (virtual,
+    /// physical) of their start: reported when seen a second time in a row,
+    /// since the kernel maps some memory executable a moment before it
+    /// records it (a kprobe slot page, an ftrace trampoline).
+    unlisted_seen: HashSet<(u64, u64)>,
     /// Names from the guest's own kallsyms, read once when no profile
     /// matches and something needs naming (lower trust).
     guest_symbols: Option<Option<semantic::GuestSymbols>>,
+}
+
+/// A live module's text as first seen.
+struct ModuleText {
+    hashes: Vec<[u8; 32]>,
+    bytes: Vec<u8>,
 }
 
 /// A module appearing in or leaving the module list.
@@ -98,6 +123,8 @@ pub struct ModuleEvent {
 /// Most pages of module text protected per module.
 const MAX_MODULE_PAGES: u64 = 4096;
 
+use crate::linux::patch::RECORD_GRACE;
+
 /// Where a domain's baseline is kept (the same place `vigil baseline` uses).
 pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
     state_dir.join("baselines").join(format!("{uuid}.json"))
@@ -106,14 +133,49 @@ pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
 fn take_baseline(
     dom: &GuestDomain,
     mem: &(dyn GuestMemory + Send + Sync),
-) -> Result<Baseline, WatchError> {
+) -> Result<(Baseline, Originals), WatchError> {
     let regs = dom.registers()?;
     let view = discover(mem, &regs)?;
     let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
-    Ok(Baseline::build(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
+    Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
+}
+
+/// Stores a baseline and its original pages.
+fn store(path: &Path, baseline: &Baseline, originals: &Originals) -> Result<(), WatchError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| BaselineError::Write { path: dir.display().to_string(), source })?;
+    }
+    // Pages first: a baseline never points at missing originals.
+    originals.save(&Originals::path_for(path))?;
+    baseline.save(path)?;
+    Ok(())
 }
 
 impl Watched {
+    fn new(
+        dom: GuestDomain,
+        mem: Box<dyn GuestMemory + Send + Sync>,
+        baseline: Baseline,
+        path: PathBuf,
+        originals: Originals,
+    ) -> Self {
+        Self {
+            dom,
+            mem: Some(mem),
+            baseline,
+            path,
+            originals,
+            profile: None,
+            modules: HashMap::new(),
+            module_events: Vec::new(),
+            patch_state: PatchMemory::default(),
+            recognized: HashMap::new(),
+            unlisted_seen: HashSet::new(),
+            guest_symbols: None,
+        }
+    }
+
     /// Finds the kernel of a running domain and loads its stored baseline if
     /// it is of the current boot, or takes and stores a new one.
     pub fn attach(
@@ -133,42 +195,16 @@ impl Watched {
             && stored.kernel.boot_key() == boot
         {
             drop(view);
-            return Ok((
-                Self {
-                    dom,
-                    mem: Some(mem),
-                    baseline: stored,
-                    path,
-                    profile: None,
-                    modules: HashMap::new(),
-                    module_events: Vec::new(),
-                    guest_symbols: None,
-                },
-                Attached::Stored,
-            ));
+            // Without its original pages the stored baseline still protects,
+            // but cannot tell the kernel's patches from an attack.
+            let originals =
+                Originals::load(&Originals::path_for(&path), &stored).unwrap_or_default();
+            return Ok((Self::new(dom, mem, stored, path, originals), Attached::Stored));
         }
         drop(view);
-        let baseline = take_baseline(&dom, &*mem)?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| BaselineError::Write {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
-        baseline.save(&path)?;
-        Ok((
-            Self {
-                dom,
-                mem: Some(mem),
-                baseline,
-                path,
-                profile: None,
-                modules: HashMap::new(),
-                module_events: Vec::new(),
-                guest_symbols: None,
-            },
-            Attached::New,
-        ))
+        let (baseline, originals) = take_baseline(&dom, &*mem)?;
+        store(&path, &baseline, &originals)?;
+        Ok((Self::new(dom, mem, baseline, path, originals), Attached::New))
     }
 
     pub fn boot(&self) -> String {
@@ -200,13 +236,44 @@ impl Watched {
                 if let Some(mut m) =
                     semantic::match_profile(profiles, mem, &view, view.identification.image_base)
                 {
-                    let known =
+                    let mut known =
                         crate::integrity::baseline::expand_runs(&self.baseline.exec_outside_image)
                             .unwrap_or_default();
-                    let found = semantic::check(&mut m, mem, &view, &regs, &known);
+                    let now = std::time::Instant::now();
+                    self.recognized.retain(|_, seen| now.duration_since(*seen) < RECORD_GRACE);
+                    known.extend(self.recognized.keys().map(|&(gva, gpa)| Mapping {
+                        gva: GuestVirtAddr(gva),
+                        gpa: GuestPhysAddr(gpa),
+                        size: PAGE_SIZE,
+                        perms: Perms { writable: false, user: false, executable: true },
+                    }));
+                    let (ranges, unread) = patch::exec_ranges(&m, mem, &view);
+                    let mut found =
+                        semantic::check(&mut m, mem, &view, &regs, &known, Some(&ranges));
+                    let before = std::mem::take(&mut self.unlisted_seen);
+                    found.retain(|f| {
+                        if f.kind != FindingKind::Unlisted || f.severity != Severity::Violation {
+                            return true;
+                        }
+                        let key = (f.gva.raw(), f.gpa.raw());
+                        self.unlisted_seen.insert(key);
+                        before.contains(&key)
+                    });
+                    for mp in view.exec_outside_image() {
+                        let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
+                        let recorded =
+                            ranges.iter().any(|x| x.start & !(PAGE_SIZE - 1) <= s && s < x.end)
+                                || m.modules
+                                    .iter()
+                                    .any(|md| md.base <= s && e <= md.base.saturating_add(md.size));
+                        if recorded {
+                            self.recognized.insert((s, mp.gpa.raw()), now);
+                        }
+                    }
                     self.profile = Some(m.profile.release.clone());
                     r.profile = self.profile.clone();
                     r.add_findings(found);
+                    r.add_findings(unread.into_iter().map(unreadable_records).collect());
                     let module_findings = protect_modules(
                         &mut self.modules,
                         &mut self.module_events,
@@ -215,6 +282,16 @@ impl Watched {
                         &view,
                     );
                     r.add_findings(module_findings);
+                    review_patches(
+                        &self.baseline,
+                        &self.originals,
+                        &self.modules,
+                        &mut self.patch_state,
+                        (&mut r, &m),
+                        mem,
+                        &view,
+                        scope,
+                    );
                     r.symbolize(|gva| m.symbol_of(gva));
                     r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                     for region in semantic::REGIONS {
@@ -243,10 +320,73 @@ impl Watched {
     }
 }
 
+/// Judges text changes (kernel and module) against the kernel's patch
+/// records, and counts the accepted ones.
+#[allow(clippy::too_many_arguments)]
+fn review_patches(
+    baseline: &Baseline,
+    originals: &Originals,
+    modules: &HashMap<(String, u64), ModuleText>,
+    state: &mut PatchMemory,
+    (r, m): (&mut Report, &semantic::Matched<'_>),
+    mem: &(dyn GuestMemory + Send + Sync),
+    space: &dyn AddressSpace,
+    scope: Scope,
+) {
+    let text: HashSet<u64> = baseline
+        .regions
+        .iter()
+        .filter(|g| g.kind == crate::integrity::RegionKind::Code)
+        .flat_map(|g| g.pages.iter().map(|p| p.gva.raw()))
+        .collect();
+    let code_regions: Vec<String> = baseline
+        .regions
+        .iter()
+        .filter(|g| g.kind == crate::integrity::RegionKind::Code)
+        .map(|g| g.name.clone())
+        .collect();
+    let in_module = |a: u64| {
+        modules.iter().find_map(|((_, base), t)| {
+            let off = usize::try_from(a.checked_sub(*base)?).ok()?;
+            (off < t.bytes.len()).then_some((t, off))
+        })
+    };
+    let original = |gva: u64| {
+        originals.page(gva).or_else(|| {
+            let (t, off) = in_module(gva)?;
+            t.bytes.get(off..off + crate::addr::PAGE_BYTES).map(<[u8]>::to_vec)
+        })
+    };
+    let is_text =
+        |region: &str| region.starts_with("module:") || code_regions.iter().any(|c| c == region);
+    let full = scope == Scope::Full;
+    let covered = |a: u64| {
+        if text.contains(&(a & !(PAGE_SIZE - 1))) { Some(full) } else { in_module(a).map(|_| true) }
+    };
+    patch::review(r, m, mem, space, &original, state, &is_text, &covered);
+}
+
+fn unreadable_records(what: String) -> Finding {
+    Finding {
+        region: patch::TABLES_REGION.into(),
+        kind: FindingKind::Pointer,
+        severity: Severity::Info,
+        gva: GuestVirtAddr(0),
+        gpa: GuestPhysAddr(0),
+        page: None,
+        vcpu: None,
+        register: None,
+        detail: format!("kernel records of executable memory not read: {what}"),
+        before: String::new(),
+        after: String::new(),
+        symbol: None,
+    }
+}
+
 /// Hashes the text of live modules first seen now, compares the text of
 /// those seen before, and notes loads and unloads in `events`.
 fn protect_modules(
-    known: &mut HashMap<(String, u64), Vec<[u8; 32]>>,
+    known: &mut HashMap<(String, u64), ModuleText>,
     events: &mut Vec<ModuleEvent>,
     list: &[semantic::Module],
     mem: &(dyn GuestMemory + Send + Sync),
@@ -262,19 +402,21 @@ fn protect_modules(
         .cloned()
         .collect();
     for key in gone {
-        let pages = known.remove(&key).map_or(0, |v| v.len() as u64);
+        let pages = known.remove(&key).map_or(0, |t| t.hashes.len() as u64);
         events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
     }
     for m in live {
         let pages = m.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
         let mut hashes = Vec::with_capacity(pages as usize);
         let mut places = Vec::with_capacity(pages as usize);
+        let mut bytes = Vec::new();
         for i in 0..pages {
             let va = m.base + i * PAGE_SIZE;
             match semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES) {
-                Some((bytes, gpa)) => {
-                    hashes.push(*blake3::hash(&bytes).as_bytes());
+                Some((page, gpa)) => {
+                    hashes.push(*blake3::hash(&page).as_bytes());
                     places.push((va, gpa));
+                    bytes.extend_from_slice(&page);
                 }
                 None => break,
             }
@@ -288,11 +430,11 @@ fn protect_modules(
                     base: m.base,
                     text_pages: hashes.len() as u64,
                 });
-                known.insert(key, hashes);
+                known.insert(key, ModuleText { hashes, bytes });
             }
             Some(old) => {
                 for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
-                    if old.get(i) != Some(h) {
+                    if old.hashes.get(i) != Some(h) {
                         out.push(Finding {
                             region: format!("module:{}", m.name),
                             kind: FindingKind::Content,
@@ -306,7 +448,7 @@ fn protect_modules(
                                 "page {i} of the text of module {} changed after it was loaded",
                                 m.name
                             ),
-                            before: old.get(i).map(|h| to_hex(h)).unwrap_or_default(),
+                            before: old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
                             after: to_hex(h),
                             symbol: None,
                         });
@@ -324,9 +466,12 @@ impl Watched {
         if self.mem.is_none() {
             self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
         }
-        let baseline = take_baseline(&self.dom, self.mem.as_deref().expect("opened above"))?;
-        baseline.save(&self.path)?;
+        let (baseline, originals) =
+            take_baseline(&self.dom, self.mem.as_deref().expect("opened above"))?;
+        store(&self.path, &baseline, &originals)?;
         self.baseline = baseline;
+        self.originals = originals;
+        self.patch_state = PatchMemory::default();
         Ok(())
     }
 

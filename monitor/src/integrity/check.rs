@@ -112,6 +112,19 @@ pub struct Report {
     /// Modules in the guest's module list, when a profile let vigil walk it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<String>,
+    /// Kernel patches accepted by this check, by kind (`jump_label`,
+    /// `static_call`, `ftrace`, `kprobe`): sites whose bytes changed since the
+    /// last check (or, without one, since the baseline).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub patches: std::collections::BTreeMap<String, u64>,
+    /// Sites that differ from the baseline now, every one a patch the
+    /// kernel makes.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub patched_sites: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Report {
@@ -146,19 +159,35 @@ impl Report {
     pub fn add_findings(&mut self, findings: Vec<Finding>) {
         for f in findings {
             self.cover(&f.region);
-            let status =
-                self.regions.iter_mut().find(|s| s.name == f.region).expect("covered above");
             match f.severity {
-                Severity::Violation => {
-                    status.changed_pages += 1;
-                    status.intact = false;
-                    self.violations.push(f);
-                }
-                Severity::Info => {
-                    status.info += 1;
-                    self.info.push(f);
-                }
+                Severity::Violation => self.violations.push(f),
+                Severity::Info => self.info.push(f),
             }
+        }
+        self.recount();
+    }
+
+    /// Takes out the violations `pick` chooses (to be judged again).
+    pub fn take_violations(&mut self, pick: impl Fn(&Finding) -> bool) -> Vec<Finding> {
+        let (taken, kept) = std::mem::take(&mut self.violations).into_iter().partition(|f| pick(f));
+        self.violations = kept;
+        self.recount();
+        taken
+    }
+
+    /// Recomputes each region's status from the findings: changed pages (or
+    /// entries) are the distinct places with a violation.
+    fn recount(&mut self) {
+        for status in &mut self.regions {
+            let violated: HashSet<(u64, Option<u32>)> = self
+                .violations
+                .iter()
+                .filter(|f| f.region == status.name)
+                .map(|f| (f.gva.raw(), f.vcpu))
+                .collect();
+            status.changed_pages = violated.len() as u64;
+            status.info = self.info.iter().filter(|f| f.region == status.name).count() as u64;
+            status.intact = violated.is_empty();
         }
         self.intact = self.violations.is_empty();
     }
@@ -383,6 +412,8 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
         bytes_verified,
         profile: None,
         modules: Vec::new(),
+        patches: std::collections::BTreeMap::new(),
+        patched_sites: 0,
     })
 }
 
