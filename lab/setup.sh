@@ -69,6 +69,7 @@ mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/vigil}
 cp /bin/busybox "$root/bin/busybox"
 cp "$HERE/initramfs/init" "$root/init"
 cp "$HERE/initramfs/attack" "$root/bin/attack"
+cp "$HERE/initramfs/storm" "$root/bin/storm"
 cp modules-build/*.ko "$root/lib/vigil/"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > initramfs.cpio.gz.new
 mv initramfs.cpio.gz.new initramfs.cpio.gz

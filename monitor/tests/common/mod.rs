@@ -1,0 +1,211 @@
+//! What the lab tests of `vigil daemon` share: a daemon of the test's own in a
+//! temporary state directory, and lab guests to watch.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vigil_lab::{Guest, Lab, Memory, Shape};
+
+pub const HOT: Duration = Duration::from_secs(1);
+pub const FULL: Duration = Duration::from_secs(3);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `vigil daemon` of the test's own, in a temporary state directory.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub port: u16,
+    pub extra_env: Vec<(String, String)>,
+    pub config: String,
+}
+
+impl Daemon {
+    /// A configuration with short intervals that watches only `domain`
+    /// (other tests' guests run beside it). `[schedule]` comes last, so that
+    /// text appended to it may add schedule keys or new tables.
+    pub fn config_text(domain: &str) -> String {
+        format!(
+            "profiles = [\"{}/../guest-profiles\"]\n[domains]\ninclude = [\"{domain}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+            env!("CARGO_MANIFEST_DIR"),
+            HOT.as_millis(),
+            FULL.as_millis()
+        )
+    }
+
+    pub fn start(domain: &str) -> Self {
+        Self::start_with(domain, "", vec![])
+    }
+
+    /// A daemon that checks `domain` in full every second.
+    pub fn every_second(domain: &str) -> Self {
+        let mut d = Daemon {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port: free_port(),
+            extra_env: vec![],
+            config: Self::config_text(domain).replace(
+                &format!("full_interval = \"{}ms\"", FULL.as_millis()),
+                "full_interval = \"1s\"",
+            ),
+        };
+        assert!(d.config.contains("full_interval = \"1s\""), "{}", d.config);
+        d.spawn();
+        d
+    }
+
+    /// One request on the control socket, and its answer.
+    pub fn control(&self, req: &Value) -> Value {
+        let mut s = std::os::unix::net::UnixStream::connect(self.path("control.sock")).unwrap();
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("control answer {out:?}: {e}"))
+    }
+
+    /// The value of one sample of the metrics, by name and label text.
+    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let text = self.metrics();
+        let want = format!("{name}{{{labels}}} ");
+        text.lines().find_map(|l| l.strip_prefix(&want)).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// `extra_config` is appended to the configuration file.
+    pub fn start_with(domain: &str, extra_config: &str, extra_env: Vec<(String, String)>) -> Self {
+        let mut d = Daemon {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port: free_port(),
+            extra_env,
+            config: Self::config_text(domain) + extra_config,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn spawn(&mut self) {
+        std::fs::write(self.path("vigil.toml"), &self.config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.arg("--state-dir")
+            .arg(self.dir.path())
+            .arg("--control-socket")
+            .arg(self.path("control.sock"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.path("vigil.toml"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("stderr.log")).unwrap());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("starting vigil daemon"));
+        self.wait_for("the control socket", Duration::from_secs(20), |d| {
+            d.path("control.sock").exists()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn alerts(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.path("alerts.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    pub fn events(&self, event: &str, domain: &str) -> Vec<Value> {
+        self.alerts().into_iter().filter(|a| a["event"] == event && a["domain"] == domain).collect()
+    }
+
+    pub fn vigil(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("--control-socket")
+            .arg(self.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn status(&self, domain: &str) -> Option<Value> {
+        let out = self.vigil(&["status", "--format", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["domains"].as_array()?.iter().find(|d| d["name"] == domain).cloned()
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok(self) {
+            if Instant::now() > deadline {
+                let err = std::fs::read_to_string(self.path("stderr.log")).unwrap_or_default();
+                let alerts: Vec<String> = self
+                    .alerts()
+                    .iter()
+                    .map(|a| format!("{} {} {}", a["event"], a["region"], a["detail"]))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\nalerts:\n{}\nstderr:\n{err}",
+                    alerts.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the daemon checks `g` against a settled baseline.
+    pub fn wait_watching(&self, g: &Guest) {
+        self.wait_for(&format!("{} to be watched", g.name), Duration::from_secs(90), |d| {
+            d.status(&g.name).is_some_and(|s| s["state"] == "watching" && s["last_check"] != "")
+        });
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SIGTERM first: the daemon should stop cleanly.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn boot(suffix: &str) -> Guest {
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    lab.start_with(suffix, &Shape { memory: Memory::Shared, ..Shape::default() })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn violations(d: &Daemon, g: &Guest, region: &str) -> Vec<Value> {
+    d.events("violation", &g.name).into_iter().filter(|a| a["region"] == region).collect()
+}
