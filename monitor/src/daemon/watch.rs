@@ -367,20 +367,18 @@ fn review_patches(
 }
 
 fn unreadable_records(what: String) -> Finding {
-    Finding {
-        region: patch::TABLES_REGION.into(),
-        kind: FindingKind::Pointer,
-        severity: Severity::Info,
-        gva: GuestVirtAddr(0),
-        gpa: GuestPhysAddr(0),
-        page: None,
-        vcpu: None,
-        register: None,
-        detail: format!("kernel records of executable memory not read: {what}"),
-        before: String::new(),
-        after: String::new(),
-        symbol: None,
-    }
+    Finding::new(
+        patch::TABLES_REGION,
+        FindingKind::Pointer,
+        Severity::Info,
+        GuestVirtAddr(0),
+        GuestPhysAddr(0),
+    )
+    .saying(
+        format!("kernel records of executable memory not read: {what}"),
+        String::new(),
+        String::new(),
+    )
 }
 
 /// Hashes the text of live modules first seen now, compares the text of
@@ -435,23 +433,24 @@ fn protect_modules(
             Some(old) => {
                 for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
                     if old.hashes.get(i) != Some(h) {
-                        out.push(Finding {
-                            region: format!("module:{}", m.name),
-                            kind: FindingKind::Content,
-                            severity: Severity::Violation,
-                            gva: GuestVirtAddr(*va),
-                            gpa: *gpa,
-                            page: Some(i as u64),
-                            vcpu: None,
-                            register: None,
-                            detail: format!(
+                        let region = format!("module:{}", m.name);
+                        let mut f = Finding::new(
+                            &region,
+                            FindingKind::Content,
+                            Severity::Violation,
+                            GuestVirtAddr(*va),
+                            *gpa,
+                        )
+                        .saying(
+                            format!(
                                 "page {i} of the text of module {} changed after it was loaded",
                                 m.name
                             ),
-                            before: old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
-                            after: to_hex(h),
-                            symbol: None,
-                        });
+                            old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
+                            to_hex(h),
+                        );
+                        f.page = Some(i as u64);
+                        out.push(f);
                     }
                 }
             }

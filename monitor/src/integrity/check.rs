@@ -205,6 +205,40 @@ pub enum CheckError {
     Read(#[from] BaselineError),
 }
 
+impl Finding {
+    /// A finding at `gva` (`gpa`), with nothing else said yet.
+    pub fn new(
+        region: &str,
+        kind: FindingKind,
+        severity: Severity,
+        gva: GuestVirtAddr,
+        gpa: GuestPhysAddr,
+    ) -> Self {
+        Finding {
+            region: region.to_owned(),
+            kind,
+            severity,
+            gva,
+            gpa,
+            page: None,
+            vcpu: None,
+            register: None,
+            detail: String::new(),
+            before: String::new(),
+            after: String::new(),
+            symbol: None,
+        }
+    }
+
+    /// The same finding, with its sentence and evidence.
+    pub fn saying(mut self, detail: String, before: String, after: String) -> Self {
+        self.detail = detail;
+        self.before = before;
+        self.after = after;
+        self
+    }
+}
+
 fn finding(
     region: &str,
     kind: FindingKind,
@@ -212,20 +246,7 @@ fn finding(
     gva: GuestVirtAddr,
     gpa: GuestPhysAddr,
 ) -> Finding {
-    Finding {
-        region: region.to_owned(),
-        kind,
-        severity,
-        gva,
-        gpa,
-        page: None,
-        vcpu: None,
-        register: None,
-        detail: String::new(),
-        before: String::new(),
-        after: String::new(),
-        symbol: None,
-    }
+    Finding::new(region, kind, severity, gva, gpa)
 }
 
 fn mapping_text(gpa: GuestPhysAddr, perms: Perms) -> String {

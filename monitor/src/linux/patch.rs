@@ -432,46 +432,22 @@ impl PatchTables {
                 read_span(mem, space, s, e.checked_sub(s).ok_or("table ends before it starts")?)?,
             ))
         };
-        let mut jumps = Vec::new();
-        match span("__start___jump_table", "__stop___jump_table")
-            .and_then(|(base, b)| parse_jump_entries(&b, base))
-        {
-            Ok(entries) => {
-                let got = jump_table_digest(&entries, slide);
-                match m.profile.table("jump_table") {
-                    Some((n, d)) if (n, d) == (got.0, got.1.as_str()) => jumps = entries,
-                    Some((n, _)) => violation(
-                        &mut t,
-                        format!(
-                            "the kernel's jump table ({} entries) differs from the profile's ({n} entries): its records were altered",
-                            got.0
-                        ),
-                    ),
-                    None => info(&mut t, "the profile has no jump table digest".into()),
-                }
-            }
-            Err(e) => info(&mut t, format!("the kernel's jump table: {e}")),
-        }
-        let mut calls = Vec::new();
-        match span("__start_static_call_sites", "__stop_static_call_sites")
-            .and_then(|(base, b)| parse_static_call_sites(&b, base))
-        {
-            Ok(sites) => {
-                let got = static_call_digest(&sites, slide);
-                match m.profile.table("static_call_sites") {
-                    Some((n, d)) if (n, d) == (got.0, got.1.as_str()) => calls = sites,
-                    Some((n, _)) => violation(
-                        &mut t,
-                        format!(
-                            "the kernel's static call sites ({} entries) differ from the profile's ({n}): its records were altered",
-                            got.0
-                        ),
-                    ),
-                    None => info(&mut t, "the profile has no static call site digest".into()),
-                }
-            }
-            Err(e) => info(&mut t, format!("the kernel's static call sites: {e}")),
-        }
+        let mut jumps = t.validated(
+            m,
+            "jump_table",
+            "jump table",
+            span("__start___jump_table", "__stop___jump_table")
+                .and_then(|(base, b)| parse_jump_entries(&b, base)),
+            |e| jump_table_digest(e, slide),
+        );
+        let mut calls = t.validated(
+            m,
+            "static_call_sites",
+            "static call sites",
+            span("__start_static_call_sites", "__stop_static_call_sites")
+                .and_then(|(base, b)| parse_static_call_sites(&b, base)),
+            |e| static_call_digest(e, slide),
+        );
 
         // Each module's own tables.
         for md in &m.modules {
@@ -594,6 +570,44 @@ impl PatchTables {
             t.optinsn = pages.into_iter().map(|p| (p, p.saturating_add(PAGE_SIZE))).collect();
         }
         t
+    }
+
+    /// The entries of a kernel table read from guest memory, if they are the
+    /// ones the profile's digest names; otherwise none, and why.
+    fn validated<T>(
+        &mut self,
+        m: &Matched<'_>,
+        table: &str,
+        what: &str,
+        read: Result<Vec<T>, String>,
+        digest: impl Fn(&[T]) -> (u64, String),
+    ) -> Vec<T> {
+        let entries = match read {
+            Ok(e) => e,
+            Err(e) => {
+                self.problems.push((Severity::Info, format!("the kernel's {what}: {e}")));
+                return Vec::new();
+            }
+        };
+        let got = digest(&entries);
+        match m.profile.table(table) {
+            Some((n, d)) if (n, d) == (got.0, got.1.as_str()) => entries,
+            Some((n, _)) => {
+                self.problems.push((
+                    Severity::Violation,
+                    format!(
+                        "the kernel's {what} ({} entries) differ from the profile's ({n} entries): its records were altered",
+                        got.0
+                    ),
+                ));
+                Vec::new()
+            }
+            None => {
+                self.problems
+                    .push((Severity::Info, format!("the profile has no digest of the {what}")));
+                Vec::new()
+            }
+        }
     }
 
     /// Number of patch sites known (for reports and tests).
@@ -1058,19 +1072,18 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     let mut out = Verdicts::default();
     let mut judged: HashSet<u64> = HashSet::new();
     for p in pages {
-        let violation = |at: u64, detail: String, before: String, after: String| Finding {
-            region: p.region.clone(),
-            kind: FindingKind::Content,
-            severity: Severity::Violation,
-            gva: GuestVirtAddr(at),
-            gpa: GuestPhysAddr(p.gpa.raw().wrapping_add(at.wrapping_sub(p.gva))),
-            page: Some(p.index),
-            vcpu: None,
-            register: None,
-            detail,
-            before,
-            after,
-            symbol: None,
+        let violation = |at: u64, detail: String, before: String, after: String| {
+            let gpa = GuestPhysAddr(p.gpa.raw().wrapping_add(at.wrapping_sub(p.gva)));
+            let mut f = Finding::new(
+                &p.region,
+                FindingKind::Content,
+                Severity::Violation,
+                GuestVirtAddr(at),
+                gpa,
+            )
+            .saying(detail, before, after);
+            f.page = Some(p.index);
+            f
         };
         let mut cur = vec![0u8; crate::addr::PAGE_BYTES];
         if let Err(e) = mem.read(p.gpa, &mut cur) {
@@ -1378,19 +1391,15 @@ pub fn review<M: GuestMemory + ?Sized>(
         let problems = tables
             .problems
             .iter()
-            .map(|(sev, what)| Finding {
-                region: TABLES_REGION.into(),
-                kind: FindingKind::Pointer,
-                severity: *sev,
-                gva: GuestVirtAddr(0),
-                gpa: GuestPhysAddr(0),
-                page: None,
-                vcpu: None,
-                register: None,
-                detail: what.clone(),
-                before: String::new(),
-                after: String::new(),
-                symbol: None,
+            .map(|(sev, what)| {
+                Finding::new(
+                    TABLES_REGION,
+                    FindingKind::Pointer,
+                    *sev,
+                    GuestVirtAddr(0),
+                    GuestPhysAddr(0),
+                )
+                .saying(what.clone(), String::new(), String::new())
             })
             .collect();
         report.add_findings(problems);

@@ -385,20 +385,8 @@ fn pointer(
     before: String,
     after: String,
 ) -> Finding {
-    Finding {
-        region: region.into(),
-        kind: FindingKind::Pointer,
-        severity: Severity::Violation,
-        gva: GuestVirtAddr(gva),
-        gpa,
-        page: None,
-        vcpu: None,
-        register: None,
-        detail,
-        before,
-        after,
-        symbol: None,
-    }
+    Finding::new(region, FindingKind::Pointer, Severity::Violation, GuestVirtAddr(gva), gpa)
+        .saying(detail, before, after)
 }
 
 /// Every semantic finding: KASLR disagreement, hidden modules, syscall table
