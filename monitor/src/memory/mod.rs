@@ -7,11 +7,13 @@
 //! choosing a source for a domain lives in `libvirt`.
 
 mod dump;
+mod elfcore;
 mod layout;
 mod mapped;
 mod process;
 
 pub use dump::RawDump;
+pub use elfcore::{DumpError, ElfCore, is_elf};
 pub use layout::{LayoutError, RamLayout, RamRange};
 pub use mapped::SharedRam;
 pub use mapped::{MapsEntry, SharedRamError, parse_maps};
