@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
-use vigil::integrity::check::{CheckError, check};
+use vigil::integrity::check::CheckError;
 use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
+use vigil::linux::examine::{ExamineError, examine};
 
 /// Exit status when a check finds the kernel intact, or a command succeeds.
 const EXIT_OK: u8 = 0;
@@ -127,6 +128,20 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
+    /// Show exactly what changed: bytes, code and pointers, before and after.
+    ///
+    /// For every change a check finds: region, guest virtual and physical
+    /// address, symbol+offset, the verdict and the rule behind it, the bytes
+    /// before and after, and for code both sides disassembled with branch and
+    /// call targets named (a symbol, a module, or memory no module owns).
+    /// Syscall table and IDT entries show the entry, and the old and new
+    /// target with their owners. Accepted kernel patches are listed too.
+    ///
+    /// Live:    vigil diff web1 [--baseline FILE]
+    /// Offline: vigil diff --baseline FILE --dump web1.core
+    /// (a dump from `virsh dump --memory-only --format elf web1 web1.core`,
+    /// or a raw guest-physical image). Exit status as `check`.
+    Diff(DiffArgs),
     /// Watch every running domain: check continuously, alert, export metrics.
     ///
     /// Runs in the foreground (as systemd's vigil.service does). Alerts go to
@@ -162,6 +177,22 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+}
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// Domain name or UUID (live); not needed with --dump.
+    domain: Option<String>,
+    /// Baseline to compare with [default for a live domain: STATE_DIR/baselines/<uuid>.json].
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// A memory dump to examine instead of a live domain: an ELF core as
+    /// `virsh dump --memory-only` writes it, or a raw guest-physical image.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Only changes in this region (kernel-text, kernel-rodata, sys_call_table, idt-vectors, ...).
+    #[arg(long)]
+    region: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +269,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Check { domain, baseline, source } => {
             check_domain(cli, domain, baseline.as_deref(), *source)
         }
+        Command::Diff(a) => diff(cli, a),
     }
 }
 
@@ -366,82 +398,10 @@ fn check_domain(
     }
     let mem = dom.open_memory(source.into())?;
     let regs = dom.registers()?;
-    let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
-    let mut report = match check(&b, &*mem, &view, &regs, view.identification.image_base) {
-        Ok(r) => r,
-        Err(e @ CheckError::DifferentBoot { .. }) => bail!("{}", error_chain(&e)),
-        Err(e) => return Err(e).with_context(|| format!("domain {}", dom.name)),
-    };
-    let dirs = profile_dirs(cli);
-    let (profiles, refused) = vigil::linux::profile::load_dir(&dirs);
-    for (path, why) in refused {
-        eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
-    }
-    match vigil::linux::semantic::match_profile(
-        &profiles,
-        &*mem,
-        &view,
-        view.identification.image_base,
-    ) {
-        Some(mut m) => {
-            let known =
-                vigil::integrity::baseline::expand_runs(&b.exec_outside_image).unwrap_or_default();
-            let (ranges, _) = vigil::linux::patch::exec_ranges(&m, &*mem, &view);
-            let found =
-                vigil::linux::semantic::check(&mut m, &*mem, &view, &regs, &known, Some(&ranges));
-            report.profile = Some(m.profile.release.clone());
-            report.add_findings(found);
-            // Text changes judged against the kernel's patch records.
-            let originals = match Originals::load(&Originals::path_for(&path), &b) {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!(
-                        "vigil: warning: {}: without the baseline's original pages, kernel patches cannot be told from attacks",
-                        error_chain(&e)
-                    );
-                    Originals::default()
-                }
-            };
-            let code: Vec<&str> = b
-                .regions
-                .iter()
-                .filter(|r| r.kind == vigil::integrity::RegionKind::Code)
-                .map(|r| r.name.as_str())
-                .collect();
-            vigil::linux::patch::review(
-                &mut report,
-                &m,
-                &*mem,
-                &view,
-                &|gva| originals.page(gva),
-                &mut vigil::linux::patch::PatchMemory::default(),
-                &|region| code.contains(&region),
-                &|_| Some(true),
-            );
-            report.symbolize(|gva| m.symbol_of(gva));
-            report.modules = m.modules.iter().map(|md| md.name.clone()).collect();
-            for region in vigil::linux::semantic::REGIONS {
-                report.cover(region);
-            }
-        }
-        None => {
-            eprintln!(
-                "vigil: warning: no guest profile (in {}) matches the kernel of {}: page, mapping and register checks only",
-                dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                dom.name
-            );
-            // Names from the guest's own kallsyms, marked as lower trust.
-            if !report.intact
-                && let Some(rodata) = view
-                    .regions
-                    .iter()
-                    .find(|r| r.kind == vigil::integrity::RegionKind::ReadOnlyData)
-                && let Some(syms) = vigil::linux::semantic::GuestSymbols::read(&*mem, rodata)
-            {
-                report.symbolize(|gva| syms.locate(gva));
-            }
-        }
-    }
+    let originals = load_originals(&path, &b);
+    let profiles = load_profiles(cli);
+    let report =
+        examined(&dom.name, examine(&b, &originals, &*mem, &regs, &profiles, false))?.report;
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -509,6 +469,155 @@ fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
         )?;
     }
     Ok(EXIT_OK)
+}
+
+/// The baseline's original pages, or none (with a warning) when missing.
+fn load_originals(baseline: &Path, b: &Baseline) -> Originals {
+    match Originals::load(&Originals::path_for(baseline), b) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!(
+                "vigil: warning: {}: without the baseline's original pages, kernel patches cannot be told from attacks",
+                error_chain(&e)
+            );
+            Originals::default()
+        }
+    }
+}
+
+fn load_profiles(cli: &Cli) -> Vec<vigil::linux::profile::Profile> {
+    let (profiles, refused) = vigil::linux::profile::load_dir(&profile_dirs(cli));
+    for (path, why) in refused {
+        eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
+    }
+    profiles
+}
+
+/// An examination's result, its warnings said on stderr, its errors worded.
+fn examined(
+    name: &str,
+    r: Result<vigil::linux::examine::Examined, ExamineError>,
+) -> anyhow::Result<vigil::linux::examine::Examined> {
+    match r {
+        Ok(e) => {
+            for w in &e.warnings {
+                eprintln!("vigil: warning: {name}: {w}");
+            }
+            Ok(e)
+        }
+        Err(ExamineError::Check(e @ CheckError::DifferentBoot { .. })) => {
+            bail!("{}", error_chain(&e))
+        }
+        Err(e) => Err(e).with_context(|| format!("domain {name}")),
+    }
+}
+
+/// `vigil diff`: live against a domain, or on a dump file.
+fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
+    let (b, path, mem, regs, source): (
+        Baseline,
+        PathBuf,
+        Box<dyn vigil::memory::GuestMemory>,
+        _,
+        String,
+    ) = match (&a.dump, &a.domain) {
+        (Some(dump), _) => {
+            let Some(path) = a.baseline.clone() else {
+                bail!("--dump needs --baseline FILE: the baseline the dump is compared with");
+            };
+            let b = Baseline::load(&path)?;
+            let shown = dump.display().to_string();
+            let elf =
+                vigil::memory::is_elf(dump).with_context(|| format!("{shown}: cannot read"))?;
+            let (mem, regs): (Box<dyn vigil::memory::GuestMemory>, Vec<_>) = if elf {
+                let core = vigil::memory::ElfCore::open(dump)?;
+                // EFER is not in QEMU's notes: taken as the baseline has it.
+                let mut regs = core.registers.clone();
+                for r in &mut regs {
+                    r.efer = b.registers.iter().find(|o| o.index == r.index).map_or(0, |o| o.efer);
+                }
+                if regs.is_empty() {
+                    bail!(
+                        "{shown}: the ELF core has no QEMU CPU notes, so no CR3 to find the kernel with"
+                    );
+                }
+                (Box::new(core), regs)
+            } else {
+                let raw = vigil::memory::RawDump::open(dump)
+                    .with_context(|| format!("{shown}: cannot read"))?;
+                // A raw dump has no registers: the baseline's (the same boot) lead to the kernel.
+                (Box::new(raw), b.registers.clone())
+            };
+            let source = format!("{} {shown}", if elf { "ELF core" } else { "raw dump" });
+            (b, path, mem, regs, source)
+        }
+        (None, Some(domain)) => {
+            let hv = Hypervisor::connect(&cli.connect)?;
+            let dom = hv.domain(domain)?;
+            dom.ensure_running()?;
+            let path = a.baseline.clone().unwrap_or_else(|| default_baseline_path(cli, &dom));
+            if !path.exists() {
+                bail!(
+                    "no baseline for domain {} at {}: run `vigil baseline {}` first",
+                    dom.name,
+                    path.display(),
+                    dom.name
+                );
+            }
+            let b = Baseline::load(&path)?;
+            if b.domain.uuid != dom.uuid {
+                bail!(
+                    "baseline {} is of domain {}, not of {}",
+                    path.display(),
+                    b.domain.name,
+                    dom.name
+                );
+            }
+            let mem = dom.open_memory(SourceChoice::Auto)?;
+            let regs = dom.registers()?;
+            let source = format!("live {}", mem.kind());
+            (b, path, Box::new(mem), regs, source)
+        }
+        (None, None) => {
+            bail!("name a DOMAIN to diff live, or give --dump FILE and --baseline FILE")
+        }
+    };
+    let originals = load_originals(&path, &b);
+    let profiles = load_profiles(cli);
+    let e =
+        examined(&b.domain.name.clone(), examine(&b, &originals, &*mem, &regs, &profiles, true))?;
+    let mut changes = e.changes;
+    if let Some(r) = &a.region {
+        changes.retain(|c| &c.region == r);
+    }
+    let d = vigil::linux::diff::Diff {
+        format: vigil::linux::diff::SCHEMA,
+        version: vigil::linux::diff::VERSION,
+        domain: b.domain.name.clone(),
+        uuid: b.domain.uuid.clone(),
+        baseline: path.display().to_string(),
+        baseline_created: b.created.clone(),
+        checked: e.report.checked.clone(),
+        source,
+        profile: e.report.profile.clone(),
+        intact: e.report.intact,
+        violations: e.report.violations.len(),
+        changes,
+    };
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        serde_json::to_writer_pretty(&mut out, &d)?;
+        writeln!(out)?;
+    } else {
+        use std::io::IsTerminal;
+        let colour = if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+            vigil::linux::diff::Colour::Yes
+        } else {
+            vigil::linux::diff::Colour::No
+        };
+        write!(out, "{}", vigil::linux::diff::render_text(&d, colour, 20))?;
+    }
+    Ok(if d.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }
 
 fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Result<()> {

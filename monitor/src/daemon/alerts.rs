@@ -376,6 +376,7 @@ mod tests {
             before: "aa".into(),
             after: after.into(),
             symbol: None,
+            entry: None,
         }
     }
 

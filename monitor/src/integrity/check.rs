@@ -74,6 +74,25 @@ pub struct Finding {
     /// (`symbol+0xoff (kernel text)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symbol: Option<String>,
+    /// For an entry of a pointer table (syscall table, IDT): which entry,
+    /// and the target it should have and has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryRef>,
+}
+
+/// An entry of a kernel pointer table that points elsewhere than it should.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EntryRef {
+    pub table: String,
+    pub index: u64,
+    /// Where the entry should point, and the symbol there.
+    #[serde(with = "crate::addr::hex_addr")]
+    pub expected: u64,
+    pub expected_symbol: String,
+    /// Where it points, and what lies there.
+    #[serde(with = "crate::addr::hex_addr")]
+    pub found: u64,
+    pub found_owner: String,
 }
 
 /// How one region compares.
@@ -227,6 +246,7 @@ impl Finding {
             before: String::new(),
             after: String::new(),
             symbol: None,
+            entry: None,
         }
     }
 

@@ -10,7 +10,7 @@ pub mod originals;
 pub mod tree;
 
 pub use baseline::{Baseline, BaselineError};
-pub use check::{Finding, FindingKind, Report, Severity};
+pub use check::{EntryRef, Finding, FindingKind, Report, Severity};
 pub use originals::Originals;
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};

@@ -5,7 +5,9 @@
 //! splits CR3); hands the integrity engine plain regions of pages.
 
 pub mod btf;
+pub mod diff;
 mod discover;
+pub mod examine;
 pub mod image;
 pub mod kallsyms;
 pub mod patch;

@@ -1316,7 +1316,7 @@ pub const TABLES_REGION: &str = "patch-tables";
 /// page (`is_text` names the regions) is judged again against the kernel's
 /// patch records, read only when there is something to judge. Accepted
 /// patches are counted into the report against what `memory` accepted
-/// before (see [`account`]);
+/// before (see [`account`]), and returned;
 /// `covered` says which addresses this check's scope verified.
 #[allow(clippy::too_many_arguments)]
 pub fn review<M: GuestMemory + ?Sized>(
@@ -1328,7 +1328,7 @@ pub fn review<M: GuestMemory + ?Sized>(
     memory: &mut PatchMemory,
     is_text: &dyn Fn(&str) -> bool,
     covered: &dyn Fn(u64) -> Option<bool>,
-) {
+) -> Vec<Patched> {
     let taken = report.take_violations(|f| {
         f.kind == FindingKind::Content && f.page.is_some() && is_text(&f.region)
     });
@@ -1415,6 +1415,7 @@ pub fn review<M: GuestMemory + ?Sized>(
     for (kind, n) in account(&mut memory.sites, &accepted, covered) {
         report.patches.insert(kind.as_str().to_owned(), n);
     }
+    accepted
 }
 
 #[cfg(test)]

@@ -481,6 +481,14 @@ impl Profile {
         self.by_name.get(name).map(|&i| &self.symbols[i])
     }
 
+    /// The nearest symbol of any kind at or below link-time address `addr`
+    /// (within 1 MiB), and the offset from it: names data the profile keeps.
+    pub fn nearest(&self, addr: u64) -> Option<(&str, u64)> {
+        let i = self.symbols.partition_point(|s| s.addr <= addr).checked_sub(1)?;
+        let s = &self.symbols[i];
+        (addr - s.addr < 1 << 20).then_some((s.name.as_str(), addr - s.addr))
+    }
+
     /// The code symbol holding link-time address `addr`, and the offset into it.
     pub fn symbolize(&self, addr: u64) -> Option<(&str, u64)> {
         let text = self.symbol("_text")?.addr;

@@ -3,7 +3,7 @@
 //! where the kernel put it, and addresses named by symbol.
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
-use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
+use crate::integrity::{AddressSpace, EntryRef, Finding, FindingKind, Severity};
 use crate::memory::GuestMemory;
 use crate::qemu::VcpuRegisters;
 use crate::x86::Mapping;
@@ -377,6 +377,11 @@ fn gate_target(g: &[u8]) -> Option<u64> {
     })
 }
 
+fn with_entry(entry: EntryRef, mut f: Finding) -> Finding {
+    f.entry = Some(entry);
+    f
+}
+
 fn pointer(
     region: &str,
     gva: u64,
@@ -502,7 +507,15 @@ pub fn check<M: GuestMemory + ?Sized>(
                         GuestPhysAddr(g.raw() + GuestVirtAddr(entry).page_offset())
                     });
                 let call = name.trim_start_matches("__x64_sys_").trim_start_matches("__ia32_sys_");
-                out.push(pointer(
+                let eref = EntryRef {
+                    table: table.to_string(),
+                    index: u64::from(*nr),
+                    expected,
+                    expected_symbol: name.clone(),
+                    found,
+                    found_owner: m.locate(found),
+                };
+                out.push(with_entry(eref, pointer(
                     table,
                     entry,
                     gpa,
@@ -512,7 +525,7 @@ pub fn check<M: GuestMemory + ?Sized>(
                     ),
                     format!("{name} {expected:#x}"),
                     format!("{found:#x} {}", m.locate(found)),
-                ));
+                )));
             }
         }
     }
@@ -580,16 +593,27 @@ pub fn check<M: GuestMemory + ?Sized>(
                     _ => "an interrupt entry stub".into(),
                 };
                 let gate = cpu.idtr_base + u64::from(vector) * 16;
-                out.push(pointer(
-                    "idt-vectors",
-                    gate,
-                    GuestPhysAddr(idt_gpa.raw() + u64::from(vector) * 16),
-                    format!(
-                        "IDT vector {vector} points to {target:#x} in {}, not to {want}",
-                        m.locate(target)
+                let entry = EntryRef {
+                    table: "idt".into(),
+                    index: u64::from(vector),
+                    expected: expected.unwrap_or(0),
+                    expected_symbol: named.unwrap_or("an interrupt entry stub").to_owned(),
+                    found: target,
+                    found_owner: m.locate(target),
+                };
+                out.push(with_entry(
+                    entry,
+                    pointer(
+                        "idt-vectors",
+                        gate,
+                        GuestPhysAddr(idt_gpa.raw() + u64::from(vector) * 16),
+                        format!(
+                            "IDT vector {vector} points to {target:#x} in {}, not to {want}",
+                            m.locate(target)
+                        ),
+                        want.clone(),
+                        format!("{target:#x} {}", m.locate(target)),
                     ),
-                    want.clone(),
-                    format!("{target:#x} {}", m.locate(target)),
                 ));
             }
         }

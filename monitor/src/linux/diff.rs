@@ -1,0 +1,504 @@
+//! Forensic diffs: for every change a check found, what was there, what is
+//! there now, what the code does on both sides and where its branches go.
+//!
+//! Built from a check's report (its findings already judged: violation,
+//! information, or a patch the kernel's records allow), the baseline's
+//! original pages and the guest's memory now. JSON schema `vigil-diff 1`
+//! (see the README); [`render_text`] for terminals.
+
+use std::fmt::Write as _;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, OpKind};
+
+use crate::addr::{GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::{AddressSpace, EntryRef, Finding, FindingKind, Originals, Report, Severity};
+use crate::memory::GuestMemory;
+
+use super::patch::Patched;
+use super::semantic::read_virt;
+
+pub const SCHEMA: &str = "vigil-diff";
+pub const VERSION: u32 = 1;
+/// Bytes of context shown around a changed range, each side.
+const CONTEXT: u64 = 16;
+/// Farthest back a disassembly starts, from the function's start.
+const MAX_DECODE_BACK: u64 = 64 * 1024;
+/// Most runs of changed bytes listed for one page of read-only data.
+const MAX_RUNS_PER_PAGE: usize = 16;
+
+/// How a change was judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Violation,
+    Info,
+    /// A patch the kernel's own records allow (jump label, static call, ftrace, kprobe).
+    AcceptedPatch,
+}
+
+/// One instruction, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Insn {
+    #[serde(with = "crate::addr::hex_addr")]
+    pub addr: u64,
+    pub bytes: String,
+    pub text: String,
+    /// Where a branch or call goes, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// A changed run of bytes: both sides, as hex and decoded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Bytes {
+    #[serde(with = "crate::addr::hex_addr")]
+    pub start: u64,
+    pub len: u64,
+    pub before: String,
+    pub after: String,
+    /// Context around the run, from `context_start`, both sides.
+    #[serde(with = "crate::addr::hex_addr")]
+    pub context_start: u64,
+    pub context_before: String,
+    pub context_after: String,
+    /// Instructions covering the run and one each side (code regions only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disasm_before: Vec<Insn>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disasm_after: Vec<Insn>,
+}
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    pub region: String,
+    pub kind: FindingKind,
+    pub verdict: Verdict,
+    /// The rule behind the verdict, in words.
+    pub rule: String,
+    pub gva: GuestVirtAddr,
+    pub gpa: crate::addr::GuestPhysAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Bytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryRef>,
+}
+
+/// A whole diff.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Diff {
+    pub format: &'static str,
+    pub version: u32,
+    pub domain: String,
+    pub uuid: String,
+    pub baseline: String,
+    pub baseline_created: String,
+    pub checked: String,
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    pub intact: bool,
+    pub violations: usize,
+    pub changes: Vec<Change>,
+}
+
+/// What names addresses for a diff: `locate` says where an address lies,
+/// `function_start` where the function holding it starts (a known
+/// instruction boundary to decode from).
+pub struct Namer<'a> {
+    pub locate: &'a dyn Fn(u64) -> String,
+    pub function_start: &'a dyn Fn(u64) -> Option<u64>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || s.len() % 2 != 0 || s.len() > 2 * crate::addr::PAGE_BYTES {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The original bytes `[start, start+len)`, from the baseline's pages.
+fn original(originals: &Originals, start: u64, len: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut a = start;
+    let end = start.checked_add(len)?;
+    while a < end {
+        let page = a & !(PAGE_SIZE - 1);
+        let bytes = originals.page(page)?;
+        let off = usize::try_from(a - page).ok()?;
+        let n = usize::try_from((page + PAGE_SIZE).min(end) - a).ok()?;
+        out.extend_from_slice(bytes.get(off..off + n)?);
+        a += n as u64;
+    }
+    Some(out)
+}
+
+/// Decodes `code` (at `base`), keeping the instructions that overlap
+/// `[from, to)` and one on each side.
+fn disasm(code: &[u8], base: u64, from: u64, to: u64, namer: &Namer<'_>) -> Vec<Insn> {
+    let mut dec = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
+    let mut fmt = IntelFormatter::new();
+    let mut all: Vec<Instruction> = Vec::new();
+    let mut insn = Instruction::default();
+    while dec.can_decode() {
+        dec.decode_out(&mut insn);
+        let end = insn.next_ip();
+        all.push(insn);
+        if end > to + CONTEXT {
+            break;
+        }
+    }
+    let first = all.iter().position(|i| i.next_ip() > from).unwrap_or(all.len()).saturating_sub(1);
+    let last = all.iter().rposition(|i| i.ip() < to).map_or(first, |l| (l + 2).min(all.len()));
+    all[first..last.max(first)]
+        .iter()
+        .map(|i| {
+            let mut text = String::new();
+            fmt.format(i, &mut text);
+            let off = usize::try_from(i.ip() - base).unwrap_or(0);
+            let len = i.len();
+            let target = (i.op_count() > 0
+                && matches!(
+                    i.op0_kind(),
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                ))
+            .then(|| (namer.locate)(i.near_branch_target()));
+            Insn { addr: i.ip(), bytes: hex(code.get(off..off + len).unwrap_or(&[])), text, target }
+        })
+        .collect()
+}
+
+/// Both sides of the run `[start, start+len)`, with context and, for code,
+/// disassembly.
+#[allow(clippy::too_many_arguments)]
+fn bytes_of<M: GuestMemory + ?Sized>(
+    start: u64,
+    len: u64,
+    code: bool,
+    mem: &M,
+    space: &dyn AddressSpace,
+    originals: &Originals,
+    module_original: &dyn Fn(u64, u64) -> Option<Vec<u8>>,
+    namer: &Namer<'_>,
+) -> Option<Bytes> {
+    let then = |a: u64, n: u64| original(originals, a, n).or_else(|| module_original(a, n));
+    let now = |a: u64, n: u64| read_virt(mem, space, a, usize::try_from(n).ok()?).map(|(b, _)| b);
+    let cstart = start.saturating_sub(CONTEXT) & !(CONTEXT - 1);
+    let cend = (start + len + CONTEXT).div_ceil(CONTEXT) * CONTEXT;
+    let (before, after) = (then(start, len)?, now(start, len)?);
+    let (cb, ca) = (
+        then(cstart, cend - cstart).unwrap_or_default(),
+        now(cstart, cend - cstart).unwrap_or_default(),
+    );
+    let (mut db, mut da) = (Vec::new(), Vec::new());
+    if code {
+        let from = (namer.function_start)(start)
+            .filter(|&f| f <= start && start - f <= MAX_DECODE_BACK)
+            .unwrap_or(cstart);
+        let to = start + len;
+        let span = to + 2 * CONTEXT - from;
+        if let (Some(b), Some(a)) = (then(from, span), now(from, span)) {
+            db = disasm(&b, from, start, to, namer);
+            da = disasm(&a, from, start, to, namer);
+        }
+    }
+    Some(Bytes {
+        start,
+        len,
+        before: hex(&before),
+        after: hex(&after),
+        context_start: cstart,
+        context_before: hex(&cb),
+        context_after: hex(&ca),
+        disasm_before: db,
+        disasm_after: da,
+    })
+}
+
+/// Every change of `report` (and the accepted patches), with its bytes.
+/// `is_code` tells code regions; `module_original` gives a module's
+/// original text bytes (the daemon keeps them; elsewhere none).
+#[allow(clippy::too_many_arguments)]
+pub fn changes<M: GuestMemory + ?Sized>(
+    report: &Report,
+    accepted: &[Patched],
+    mem: &M,
+    space: &dyn AddressSpace,
+    originals: &Originals,
+    module_original: &dyn Fn(u64, u64) -> Option<Vec<u8>>,
+    is_code: &dyn Fn(&str) -> bool,
+    namer: &Namer<'_>,
+) -> Vec<Change> {
+    let mut out = Vec::new();
+    let base = |f: &Finding, verdict: Verdict| Change {
+        region: f.region.clone(),
+        kind: f.kind,
+        verdict,
+        rule: f.detail.clone(),
+        gva: f.gva,
+        gpa: f.gpa,
+        symbol: f.symbol.clone(),
+        bytes: None,
+        entry: f.entry.clone(),
+    };
+    for f in report.violations.iter().chain(&report.info) {
+        let verdict =
+            if f.severity == Severity::Violation { Verdict::Violation } else { Verdict::Info };
+        let code = is_code(&f.region);
+        if f.kind != FindingKind::Content || f.page.is_none() {
+            out.push(base(f, verdict));
+            continue;
+        }
+        // A judged run carries its bytes; a page found changed by its hash
+        // alone (evidence: two page hashes), its runs.
+        let page_level =
+            f.detail.starts_with("page ") && f.before.len() == 64 && f.after.len() == 64;
+        if let (false, Some(b), Some(_)) = (page_level, unhex(&f.before), unhex(&f.after)) {
+            let mut c = base(f, verdict);
+            c.bytes = bytes_of(
+                f.gva.raw(),
+                b.len() as u64,
+                code,
+                mem,
+                space,
+                originals,
+                module_original,
+                namer,
+            );
+            out.push(c);
+            continue;
+        }
+        let page = f.gva.raw() & !(PAGE_SIZE - 1);
+        let (Some(then), Some((now, _))) = (
+            original(originals, page, PAGE_SIZE),
+            read_virt(mem, space, page, crate::addr::PAGE_BYTES),
+        ) else {
+            out.push(base(f, verdict));
+            continue;
+        };
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < then.len() {
+            if then[i] == now[i] {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            // Runs closer than the context merge.
+            while i < then.len()
+                && (then[i] != now[i]
+                    || then[i..].iter().zip(&now[i..]).take(4).any(|(a, b)| a != b))
+            {
+                i += 1;
+            }
+            runs.push((s, i));
+        }
+        for &(s, e) in runs.iter().take(MAX_RUNS_PER_PAGE) {
+            let mut c = base(f, verdict);
+            c.gva = GuestVirtAddr(page + s as u64);
+            c.gpa = crate::addr::GuestPhysAddr(f.gpa.raw() + s as u64);
+            c.symbol = Some((namer.locate)(page + s as u64));
+            c.bytes = bytes_of(
+                page + s as u64,
+                (e - s) as u64,
+                code,
+                mem,
+                space,
+                originals,
+                module_original,
+                namer,
+            );
+            out.push(c);
+        }
+        if runs.len() > MAX_RUNS_PER_PAGE {
+            let mut c = base(f, verdict);
+            c.rule = format!("{} more changed runs on this page", runs.len() - MAX_RUNS_PER_PAGE);
+            out.push(c);
+        }
+    }
+    for p in accepted {
+        let Some((_, gpa)) = read_virt(mem, space, p.addr, 1) else { continue };
+        out.push(Change {
+            region: "kernel-text".into(),
+            kind: FindingKind::Content,
+            verdict: Verdict::AcceptedPatch,
+            rule: format!(
+                "a {} patch the kernel's records allow{}",
+                p.kind.as_str().replace('_', " "),
+                if p.in_flight { " (caught mid-rewrite)" } else { "" }
+            ),
+            gva: GuestVirtAddr(p.addr),
+            gpa,
+            symbol: Some((namer.locate)(p.addr)),
+            bytes: bytes_of(
+                p.addr,
+                p.bytes.len() as u64,
+                true,
+                mem,
+                space,
+                originals,
+                module_original,
+                namer,
+            ),
+            entry: None,
+        });
+    }
+    out
+}
+
+/// Whether to colour text output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Colour {
+    Yes,
+    No,
+}
+
+fn paint(c: Colour, code: &str, s: &str) -> String {
+    match c {
+        Colour::Yes => format!("\x1b[{code}m{s}\x1b[0m"),
+        Colour::No => s.to_owned(),
+    }
+}
+
+fn spaced(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap_or("??"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The diff for a terminal: violations first, each with its rule, bytes and
+/// code on both sides; then information; then accepted patches, one line each.
+pub fn render_text(d: &Diff, colour: Colour, max_accepted: usize) -> String {
+    let mut s = String::new();
+    let verdict =
+        if d.intact { paint(colour, "32", "INTACT") } else { paint(colour, "1;31", "VIOLATIONS") };
+    let _ = writeln!(
+        s,
+        "{verdict}: domain {} ({}), {} violation(s); baseline {} of {}, read {} through {}",
+        d.domain, d.uuid, d.violations, d.baseline, d.baseline_created, d.checked, d.source
+    );
+    if let Some(p) = &d.profile {
+        let _ = writeln!(s, "guest profile {p}");
+    }
+    for want in [Verdict::Violation, Verdict::Info] {
+        for c in d.changes.iter().filter(|c| c.verdict == want) {
+            let (tag, code) = match want {
+                Verdict::Violation => ("VIOLATION", "1;31"),
+                _ => ("INFO", "33"),
+            };
+            let _ = writeln!(
+                s,
+                "\n{} {} {} {}{}",
+                paint(colour, code, tag),
+                c.region,
+                c.gva,
+                c.gpa,
+                c.symbol.as_ref().map(|n| format!("  {n}")).unwrap_or_default()
+            );
+            let _ = writeln!(s, "  rule:   {}", c.rule);
+            if let Some(e) = &c.entry {
+                let _ = writeln!(s, "  entry:  {}[{}]", e.table, e.index);
+                let _ = writeln!(s, "  was:    {:#x}  {}", e.expected, e.expected_symbol);
+                let _ =
+                    writeln!(s, "  now:    {:#x}  {}", e.found, paint(colour, "1", &e.found_owner));
+            }
+            if let Some(b) = &c.bytes {
+                let _ = writeln!(s, "  before: {}", spaced(&b.before));
+                let _ = writeln!(s, "  after:  {}", paint(colour, "1", &spaced(&b.after)));
+                for (sign, list, code) in
+                    [("-", &b.disasm_before, "31"), ("+", &b.disasm_after, "32")]
+                {
+                    for i in list {
+                        let line = format!(
+                            "  {sign} {:#018x}  {:<22} {:<40}{}",
+                            i.addr,
+                            i.bytes,
+                            i.text,
+                            i.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default()
+                        );
+                        let changed = i.addr < b.start + b.len
+                            && i.addr + (i.bytes.len() as u64 / 2) > b.start;
+                        let _ = writeln!(
+                            s,
+                            "{}",
+                            if changed { paint(colour, code, &line) } else { line }
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let accepted: Vec<&Change> =
+        d.changes.iter().filter(|c| c.verdict == Verdict::AcceptedPatch).collect();
+    if !accepted.is_empty() {
+        let _ = writeln!(s, "\n{} accepted kernel patch(es):", accepted.len());
+        for c in accepted.iter().take(max_accepted) {
+            let now = c
+                .bytes
+                .as_ref()
+                .and_then(|b| b.disasm_after.iter().find(|i| i.addr == b.start))
+                .map(|i| {
+                    format!(
+                        "{}{}",
+                        i.text,
+                        i.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  {} {}  {}  {}",
+                c.gva,
+                c.symbol.as_deref().unwrap_or(""),
+                c.rule.trim_start_matches("a ").trim_end_matches(" the kernel's records allow"),
+                now
+            );
+        }
+        if accepted.len() > max_accepted {
+            let _ = writeln!(
+                s,
+                "  ... and {} more (--format json lists every one)",
+                accepted.len() - max_accepted
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disassembly_resolves_branch_targets_and_keeps_the_changed_range() {
+        // nop; jmp +0x10; ret; int3 ...
+        let code = [
+            0x90, 0xe9, 0x10, 0, 0, 0, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
+            0xcc,
+        ];
+        let locate = |a: u64| format!("at {a:#x}");
+        let start = |_| None;
+        let namer = Namer { locate: &locate, function_start: &start };
+        let d = disasm(&code, 0x1000, 0x1001, 0x1006, &namer);
+        let texts: Vec<&str> = d.iter().map(|i| i.text.as_str()).collect();
+        assert_eq!(texts[..3], ["nop", "jmp 0000000000001016h", "ret"], "{d:#?}");
+        assert_eq!(d[1].target.as_deref(), Some("at 0x1016"));
+        assert_eq!(d[1].bytes, "e910000000");
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_junk() {
+        assert_eq!(unhex("0f1f440000"), Some(vec![0x0f, 0x1f, 0x44, 0, 0]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex(&"ab".repeat(4097)), None, "longer than a page");
+    }
+}

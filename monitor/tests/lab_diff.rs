@@ -1,0 +1,165 @@
+//! Lab tests of `vigil diff`: what an incident responder reads after an
+//! alert, live and from a dump taken with `virsh dump --memory-only`.
+//!
+//! Needs the lab prepared and libvirtd running (`lab/test.sh` does both).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use vigil::memory::GuestMemory;
+
+mod common;
+use common::boot;
+
+fn vigil(state: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--profiles")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The changes of a diff, as comparable text (what they are, not when read).
+fn findings(d: &Value) -> BTreeSet<String> {
+    d["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {} {} {}",
+                c["region"], c["gva"], c["verdict"], c["rule"], c["bytes"]["after"], c["entry"]
+            )
+        })
+        .collect()
+}
+
+/// Writes the RAM of an ELF core as a raw guest-physical image (sparse).
+fn raw_from_core(core: &Path, raw: &Path) {
+    use std::os::unix::fs::FileExt;
+    let c = vigil::memory::ElfCore::open(core).unwrap();
+    let f = std::fs::File::create(raw).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for r in c.layout().ranges() {
+        let mut at = 0;
+        while at < r.len {
+            let n = usize::try_from((r.len - at).min(buf.len() as u64)).unwrap();
+            c.read(vigil::addr::GuestPhysAddr(r.start.raw() + at), &mut buf[..n]).unwrap();
+            f.write_all_at(&buf[..n], r.start.raw() + at).unwrap();
+            at += n as u64;
+        }
+    }
+}
+
+#[test]
+fn lab_diff_shows_the_hooks_live_and_the_same_from_a_dump() {
+    let mut g = boot("diff");
+    let state = tempfile::tempdir().unwrap();
+    assert!(vigil(state.path(), &["baseline", &g.name]).status.success());
+    g.run("attack inline").unwrap();
+    g.run("attack syscall").unwrap();
+
+    let live = vigil(state.path(), &["diff", &g.name, "--format", "json"]);
+    assert_eq!(live.status.code(), Some(1));
+    let d = json(&live);
+    assert_eq!((d["format"].as_str(), d["version"].as_u64()), (Some("vigil-diff"), Some(1)));
+    let changes = d["changes"].as_array().unwrap();
+
+    // The inline hook: the function by name, both instructions, the jmp's target.
+    let hook = changes
+        .iter()
+        .find(|c| c["region"] == "kernel-text" && c["verdict"] == "violation")
+        .unwrap_or_else(|| panic!("{d:#}"));
+    assert!(hook["symbol"].as_str().unwrap().starts_with("__x64_sys_getppid"), "{hook:#}");
+    let before = &hook["bytes"]["disasm_before"][0];
+    let after = &hook["bytes"]["disasm_after"][0];
+    assert_eq!(before["addr"], hook["gva"]);
+    assert!(before["text"].as_str().unwrap().starts_with("nop"), "{hook:#}");
+    assert!(after["text"].as_str().unwrap().starts_with("jmp"), "{hook:#}");
+    assert!(after["target"].as_str().unwrap().starts_with("module vigil_hook_inline+"), "{hook:#}");
+
+    // The syscall hook: the entry, the old and the new target with their owners.
+    let entry = changes
+        .iter()
+        .find_map(|c| (c["region"] == "sys_call_table").then(|| c["entry"].clone()))
+        .unwrap_or_else(|| panic!("{d:#}"));
+    assert_eq!(
+        (entry["table"].as_str(), entry["index"].as_u64()),
+        (Some("sys_call_table"), Some(110))
+    );
+    assert_eq!(entry["expected_symbol"], "__x64_sys_getppid");
+    assert!(
+        entry["found_owner"].as_str().unwrap().starts_with("module vigil_hook_syscall+"),
+        "{entry:#}"
+    );
+
+    // Text for a terminal says the same.
+    let text = vigil(state.path(), &["diff", &g.name]);
+    let t = String::from_utf8_lossy(&text.stdout);
+    assert!(t.contains("sys_call_table[110]") && t.contains("__x64_sys_getppid"), "{t}");
+    assert!(t.contains("-> module vigil_hook_inline+"), "{t}");
+    assert!(!t.contains("\x1b["), "no colour when not a terminal");
+
+    // Offline, from the dump libvirt writes: the same findings.
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("guest.core");
+    let dumped = Command::new("virsh")
+        .args(["-c", "qemu:///system", "dump", &g.name])
+        .arg(&core)
+        .args(["--memory-only", "--format", "elf"])
+        .output()
+        .unwrap();
+    assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
+    let baseline = std::fs::read_dir(state.path().join("baselines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let b = baseline.to_str().unwrap();
+    let offline = vigil(
+        state.path(),
+        &["diff", "--baseline", b, "--dump", core.to_str().unwrap(), "--format", "json"],
+    );
+    assert_eq!(offline.status.code(), Some(1), "{}", String::from_utf8_lossy(&offline.stderr));
+    let o = json(&offline);
+    assert!(o["source"].as_str().unwrap().starts_with("ELF core"));
+    assert_eq!(findings(&o), findings(&d));
+
+    // A raw image of the same memory: the same findings again.
+    let raw = dir.path().join("guest.raw");
+    raw_from_core(&core, &raw);
+    let r = json(&vigil(
+        state.path(),
+        &["diff", "--baseline", b, "--dump", raw.to_str().unwrap(), "--format", "json"],
+    ));
+    assert_eq!(findings(&r), findings(&d));
+
+    // Malformed dumps are refused, saying why.
+    let cut = dir.path().join("cut.core");
+    std::fs::write(&cut, &std::fs::read(&core).unwrap()[..1 << 20]).unwrap();
+    let junk = dir.path().join("junk.raw");
+    std::fs::write(&junk, vec![0x5au8; 4 << 20]).unwrap();
+    for (file, why) in [(&cut, "truncated"), (&junk, "kernel not found")] {
+        let out = vigil(state.path(), &["diff", "--baseline", b, "--dump", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(why), "{}: {err}", file.display());
+    }
+    let out = vigil(state.path(), &["diff", "--dump", core.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dump needs --baseline"));
+}
