@@ -478,6 +478,7 @@ offset ftrace_ops.next 8
 offset ftrace_ops.flags 16
 offset ftrace_ops.trampoline 144
 offset ftrace_ops.trampoline_size 152
+offset ftrace_ops.list 160
 offset kprobe.hlist 0
 offset kprobe.addr 40
 offset kprobe.flags 120
@@ -47362,6 +47363,7 @@ sym ffffffff82b35100 D __SCK__tp_func_cgroup_destroy_root
 sym ffffffff82b35110 D __SCK__tp_func_cgroup_setup_root
 sym ffffffff82b38740 D kprobe_optinsn_slots
 sym ffffffff82b387a0 D kprobe_insn_slots
+sym ffffffff82b39880 d ftrace_ops_trampoline_list
 sym ffffffff82b3f2d0 D __SCK__tp_func_bpf_trace_printk
 sym ffffffff82b3f630 D __SCK__tp_func_error_report_end
 sym ffffffff82b41b30 D __SCK__tp_func_guest_halt_poll_ns

@@ -282,13 +282,22 @@ pub fn exec_ranges<M: GuestMemory + ?Sized>(
             out.push(ExecRange { start, end: start.saturating_add(len), what });
         }
     };
-    // ftrace ops trampolines.
+    // ftrace ops trampolines: of the ops registered now, and of every ops
+    // whose trampoline is still allocated (ftrace keeps a static ops'
+    // trampoline after it unregisters it, on ftrace_ops_trampoline_list).
     if let Err(e) = ftrace_ops(m, mem, space).map(|ops| {
         for o in ops {
             push(o.trampoline, o.trampoline_size, "an ftrace trampoline", &mut out);
         }
     }) {
         problems.push(format!("ftrace ops: {e}"));
+    }
+    if let Err(e) = trampoline_ops(m, mem, space).map(|ops| {
+        for o in ops {
+            push(o.trampoline, o.trampoline_size, "an ftrace trampoline", &mut out);
+        }
+    }) {
+        problems.push(format!("ftrace trampolines: {e}"));
     }
     // kprobe instruction slots, plain and optimised.
     for (cache, what) in [
@@ -375,6 +384,31 @@ fn ftrace_ops<M: GuestMemory + ?Sized>(
         at = read_u64(mem, space, at.wrapping_add(next_off)).ok_or("the ops list breaks off")?;
     }
     Ok(ops)
+}
+
+/// The ops on `ftrace_ops_trampoline_list`: every ops with an allocated trampoline.
+fn trampoline_ops<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> Result<Vec<Ops>, String> {
+    let (list, tramp_off, size_off) = (
+        need(m, "ftrace_ops.list")?,
+        need(m, "ftrace_ops.trampoline")?,
+        need(m, "ftrace_ops.trampoline_size")?,
+    );
+    let mut entries = Vec::new();
+    walk_list(mem, space, sym(m, "ftrace_ops_trampoline_list")?, |e| {
+        entries.push(e.wrapping_sub(list))
+    })?;
+    Ok(entries
+        .into_iter()
+        .map(|o| Ops {
+            func: 0,
+            trampoline: read_u64(mem, space, o.wrapping_add(tramp_off)).unwrap_or(0),
+            trampoline_size: u64::from(read_u32(mem, space, o.wrapping_add(size_off)).unwrap_or(0)),
+        })
+        .collect())
 }
 
 fn slot_pages<M: GuestMemory + ?Sized>(
