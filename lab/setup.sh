@@ -12,7 +12,8 @@ PINNED_ABI=6.1.0-56
 LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
-          cpio gzip make gcc systemd prometheus prometheus-alertmanager util-linux procps)
+          cpio gzip make gcc systemd prometheus prometheus-alertmanager util-linux procps
+          chromium)
 
 say() { printf 'lab/setup: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
 use vigil::integrity::check::CheckError;
-use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
+use vigil::integrity::{Baseline, Finding, FindingKind, Originals, RegionKind, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
 use vigil::linux::examine::{ExamineError, examine};
@@ -76,6 +76,8 @@ struct Cli {
 enum Format {
     Text,
     Json,
+    /// One self-contained HTML page (`vigil diff` only).
+    Html,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -232,6 +234,9 @@ fn state_dir(cli: &Cli) -> PathBuf {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<u8> {
+    if cli.format == Format::Html && !matches!(cli.command, Command::Diff(_)) {
+        bail!("--format html is for `vigil diff`; other commands print text or json");
+    }
     match &cli.command {
         Command::Daemon { config, metrics_listen, alert_log, check_config } => {
             let over = vigil::daemon::config::Overrides {
@@ -603,11 +608,19 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
         intact: e.report.intact,
         violations: e.report.violations.len(),
         changes,
+        map: b
+            .regions
+            .iter()
+            .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
+            .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
+            .collect(),
     };
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
         serde_json::to_writer_pretty(&mut out, &d)?;
         writeln!(out)?;
+    } else if cli.format == Format::Html {
+        write!(out, "{}", vigil::linux::diff::render_html(&d))?;
     } else {
         use std::io::IsTerminal;
         let colour = if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {

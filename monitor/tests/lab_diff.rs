@@ -66,6 +66,21 @@ fn raw_from_core(core: &Path, raw: &Path) {
     }
 }
 
+/// The DOM headless chromium builds from a page.
+fn chromium_dom(page: &Path) -> String {
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "chromium: {e}: install it (apt-get install chromium, or lab/setup.sh --install)"
+            )
+        });
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn lab_diff_shows_the_hooks_live_and_the_same_from_a_dump() {
     let mut g = boot("diff");
@@ -115,8 +130,19 @@ fn lab_diff_shows_the_hooks_live_and_the_same_from_a_dump() {
     assert!(t.contains("-> module vigil_hook_inline+"), "{t}");
     assert!(!t.contains("\x1b["), "no colour when not a terminal");
 
-    // Offline, from the dump libvirt writes: the same findings.
+    // One HTML page, opened in a real browser: the verdict, the map leading
+    // to the changes, and the changes themselves.
+    let html = vigil(state.path(), &["--format", "html", "diff", &g.name]);
     let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("diff.html");
+    std::fs::write(&page, &html.stdout).unwrap();
+    let dom = chromium_dom(&page);
+    assert!(dom.contains("VIOLATIONS: 3"), "{dom}");
+    assert!(dom.contains("sys_call_table[110]") && dom.contains("__x64_sys_getppid"), "{dom}");
+    assert!(dom.contains("module vigil_hook_inline+"), "{dom}");
+    assert!(dom.contains("<a class=\"violation\" href=\"#c"), "the page map links no violation");
+
+    // Offline, from the dump libvirt writes: the same findings.
     let core = dir.path().join("guest.core");
     let dumped = Command::new("virsh")
         .args(["-c", "qemu:///system", "dump", &g.name])

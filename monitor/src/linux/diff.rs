@@ -102,6 +102,10 @@ pub struct Diff {
     pub intact: bool,
     pub violations: usize,
     pub changes: Vec<Change>,
+    /// The baseline's code and read-only data regions, page by page (for
+    /// the HTML page map): region name and page addresses.
+    #[serde(skip)]
+    pub map: Vec<(String, Vec<u64>)>,
 }
 
 /// What names addresses for a diff: `locate` says where an address lies,
@@ -473,9 +477,214 @@ pub fn render_text(d: &Diff, colour: Colour, max_accepted: usize) -> String {
     s
 }
 
+/// Escapes text for HTML (symbols and rules may hold guest-chosen names).
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '&' => o.push_str("&amp;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c if c.is_control() => o.push('\u{fffd}'),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}\
+code,pre,td.m{font-family:ui-monospace,monospace}\
+.bad{color:#b00020}.ok{color:#1b7f3b}.info{color:#8a6d00}\
+.map{display:flex;flex-wrap:wrap;gap:1px;max-width:100%;margin:.5em 0 1em}\
+.map i,.map a{display:block;width:6px;height:6px;background:#cfd8dc}\
+.map a.violation{background:#d32f2f}.map a.accepted-patch{background:#1976d2}.map a.info{background:#f9a825}\
+article{border-left:4px solid #cfd8dc;padding:.2em 1em;margin:1em 0}\
+article.violation{border-color:#d32f2f}article.accepted-patch{border-color:#1976d2}article.info{border-color:#f9a825}\
+table{border-collapse:collapse}td{padding:0 .6em;vertical-align:top}\
+tr.was td{color:#8e2430}tr.now td{color:#1b5e20}tr.hit td{font-weight:bold}\
+.legend span{display:inline-block;width:10px;height:10px;margin:0 .3em 0 1em}";
+
+/// One self-contained HTML page: the verdict, a map of the kernel image's
+/// pages coloured by verdict (each changed page leads to its changes), and
+/// every change with its rule, bytes and code.
+pub fn render_html(d: &Diff) -> String {
+    let mut s = String::new();
+    let title = format!("vigil diff: {}", d.domain);
+    let _ = write!(
+        s,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n",
+        esc(&title)
+    );
+    let _ = writeln!(s, "<h1>{}</h1>", esc(&title));
+    let verdict = if d.intact {
+        "<p class=\"ok\" id=\"verdict\">INTACT: no violation</p>".to_owned()
+    } else {
+        format!("<p class=\"bad\" id=\"verdict\">VIOLATIONS: {}</p>", d.violations)
+    };
+    let _ = writeln!(s, "{verdict}");
+    let _ = writeln!(
+        s,
+        "<table><tr><td>domain</td><td>{} ({})</td></tr><tr><td>baseline</td><td>{} of {}</td></tr><tr><td>read</td><td>{} through {}</td></tr><tr><td>guest profile</td><td>{}</td></tr></table>",
+        esc(&d.domain),
+        esc(&d.uuid),
+        esc(&d.baseline),
+        esc(&d.baseline_created),
+        esc(&d.checked),
+        esc(&d.source),
+        esc(d.profile.as_deref().unwrap_or("none"))
+    );
+
+    // The page map: each page's worst verdict, leading to its first change.
+    let mut by_page: std::collections::HashMap<u64, (Verdict, usize)> =
+        std::collections::HashMap::new();
+    for (i, c) in d.changes.iter().enumerate() {
+        let page = c.gva.raw() & !(PAGE_SIZE - 1);
+        let e = by_page.entry(page).or_insert((c.verdict, i));
+        let rank = |v: Verdict| match v {
+            Verdict::Violation => 2,
+            Verdict::Info => 1,
+            Verdict::AcceptedPatch => 0,
+        };
+        if rank(c.verdict) > rank(e.0) {
+            *e = (c.verdict, i);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "<h2>Kernel image pages</h2><p class=\"legend\"><span style=\"background:#cfd8dc\"></span>intact<span style=\"background:#1976d2\"></span>accepted kernel patch<span style=\"background:#d32f2f\"></span>violation<span style=\"background:#f9a825\"></span>information</p>"
+    );
+    for (region, pages) in &d.map {
+        let _ = writeln!(
+            s,
+            "<h3>{} ({} pages)</h3><div class=\"map\" id=\"map-{}\">",
+            esc(region),
+            pages.len(),
+            esc(region)
+        );
+        for &p in pages {
+            match by_page.get(&p) {
+                Some((v, i)) => {
+                    let class = serde_json::to_value(v)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let _ = write!(s, "<a class=\"{class}\" href=\"#c{i}\" title=\"{p:#x}\"></a>");
+                }
+                None => s.push_str("<i></i>"),
+            }
+        }
+        s.push_str("\n</div>\n");
+    }
+
+    let _ = writeln!(s, "<h2>Changes</h2>");
+    if d.changes.is_empty() {
+        let _ = writeln!(s, "<p>None: the guest is as in the baseline.</p>");
+    }
+    for (i, c) in d.changes.iter().enumerate() {
+        let (class, tag) = match c.verdict {
+            Verdict::Violation => ("violation", "VIOLATION"),
+            Verdict::Info => ("info", "INFO"),
+            Verdict::AcceptedPatch => ("accepted-patch", "ACCEPTED PATCH"),
+        };
+        let _ = writeln!(
+            s,
+            "<article id=\"c{i}\" class=\"{class}\"><h3>{tag} {} <code>{}</code> (physical <code>{}</code>) {}</h3><p class=\"rule\">{}</p>",
+            esc(&c.region),
+            c.gva,
+            c.gpa,
+            c.symbol.as_deref().map(|n| format!("<code>{}</code>", esc(n))).unwrap_or_default(),
+            esc(&c.rule)
+        );
+        if let Some(e) = &c.entry {
+            let _ = writeln!(
+                s,
+                "<table class=\"entry\"><tr><td>entry</td><td class=\"m\">{}[{}]</td></tr><tr class=\"was\"><td>was</td><td class=\"m\">{:#x} {}</td></tr><tr class=\"now\"><td>now</td><td class=\"m\">{:#x} {}</td></tr></table>",
+                esc(&e.table),
+                e.index,
+                e.expected,
+                esc(&e.expected_symbol),
+                e.found,
+                esc(&e.found_owner)
+            );
+        }
+        if let Some(b) = &c.bytes {
+            let _ = writeln!(
+                s,
+                "<pre class=\"hex\">before {}\nafter  {}</pre>",
+                esc(&spaced(&b.before)),
+                esc(&spaced(&b.after))
+            );
+            if !b.disasm_before.is_empty() || !b.disasm_after.is_empty() {
+                s.push_str("<table class=\"disasm\">");
+                for (sign, class, list) in
+                    [("\u{2212}", "was", &b.disasm_before), ("+", "now", &b.disasm_after)]
+                {
+                    for insn in list {
+                        let hit = insn.addr < b.start + b.len
+                            && insn.addr + (insn.bytes.len() as u64 / 2) > b.start;
+                        let _ = write!(
+                            s,
+                            "<tr class=\"{class}{}\"><td>{sign}</td><td class=\"m\">{:#x}</td><td class=\"m\">{}</td><td class=\"m\">{}</td><td>{}</td></tr>",
+                            if hit { " hit" } else { "" },
+                            insn.addr,
+                            esc(&insn.bytes),
+                            esc(&insn.text),
+                            insn.target
+                                .as_deref()
+                                .map(|t| format!("&rarr; {}", esc(t)))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                s.push_str("</table>\n");
+            }
+        }
+        s.push_str("</article>\n");
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn html_escapes_guest_names_and_links_the_map_to_changes() {
+        let c = Change {
+            region: "kernel-text".into(),
+            kind: FindingKind::Content,
+            verdict: Verdict::Violation,
+            rule: "jmp to <script>alert(1)</script>".into(),
+            gva: GuestVirtAddr(0xffff_ffff_8100_1004),
+            gpa: crate::addr::GuestPhysAddr(0x1004),
+            symbol: Some("evil\"name".into()),
+            bytes: None,
+            entry: None,
+        };
+        let d = Diff {
+            format: SCHEMA,
+            version: VERSION,
+            domain: "web1".into(),
+            uuid: "u".into(),
+            baseline: "b.json".into(),
+            baseline_created: "t".into(),
+            checked: "t".into(),
+            source: "live".into(),
+            profile: None,
+            intact: false,
+            violations: 1,
+            changes: vec![c],
+            map: vec![("kernel-text".into(), vec![0xffff_ffff_8100_0000, 0xffff_ffff_8100_1000])],
+        };
+        let h = render_html(&d);
+        assert!(!h.contains("<script>") && h.contains("&lt;script&gt;"), "{h}");
+        assert!(h.contains("evil&quot;name"));
+        assert!(h.contains("<i></i><a class=\"violation\" href=\"#c0\""), "{h}");
+        assert!(h.contains("<article id=\"c0\" class=\"violation\">"));
+    }
 
     #[test]
     fn disassembly_resolves_branch_targets_and_keeps_the_changed_range() {
