@@ -195,6 +195,10 @@ struct DiffArgs {
     /// Only changes in this region (kernel-text, kernel-rodata, sys_call_table, idt-vectors, ...).
     #[arg(long)]
     region: Option<String>,
+    /// Ask the running daemon (through its control socket) for the diff of a
+    /// domain it watches: its baseline, and the module text it keeps.
+    #[arg(long)]
+    daemon: bool,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +444,16 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// One request to the daemon; its answer when it said ok.
+fn control_request(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let mut answer =
+        vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
+    if answer["ok"] != true {
+        bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
+    }
+    Ok(answer["result"].take())
+}
+
 fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
     let answer =
         vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
@@ -519,6 +533,21 @@ fn examined(
 
 /// `vigil diff`: live against a domain, or on a dump file.
 fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
+    if a.daemon {
+        let Some(domain) = &a.domain else { bail!("--daemon needs the DOMAIN the daemon watches") };
+        if a.dump.is_some() || a.baseline.is_some() {
+            bail!(
+                "--daemon diffs against the daemon's own baseline: --dump and --baseline do not apply"
+            );
+        }
+        let v = control_request(cli, &serde_json::json!({ "command": "diff", "domain": domain }))?;
+        let mut d: vigil::linux::diff::Diff = serde_json::from_value(v)
+            .context("the daemon's diff is not one this vigil reads (versions differ?)")?;
+        if let Some(r) = &a.region {
+            d.changes.retain(|c| &c.region == r);
+        }
+        return print_diff(cli, &d);
+    }
     let (b, path, mem, regs, source): (
         Baseline,
         PathBuf,
@@ -595,32 +624,26 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
     if let Some(r) = &a.region {
         changes.retain(|c| &c.region == r);
     }
-    let d = vigil::linux::diff::Diff {
-        format: vigil::linux::diff::SCHEMA,
-        version: vigil::linux::diff::VERSION,
-        domain: b.domain.name.clone(),
-        uuid: b.domain.uuid.clone(),
-        baseline: path.display().to_string(),
-        baseline_created: b.created.clone(),
-        checked: e.report.checked.clone(),
-        source,
-        profile: e.report.profile.clone(),
-        intact: e.report.intact,
-        violations: e.report.violations.len(),
-        changes,
-        map: b
-            .regions
-            .iter()
-            .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
-            .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
-            .collect(),
-    };
+    let mut d =
+        vigil::linux::diff::Diff::of(&e.report, &path.display().to_string(), &b.created, source);
+    d.changes = changes;
+    d.map = b
+        .regions
+        .iter()
+        .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
+        .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
+        .collect();
+    print_diff(cli, &d)
+}
+
+/// Writes a diff in the chosen format; the exit status says whether it is intact.
+fn print_diff(cli: &Cli, d: &vigil::linux::diff::Diff) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
-        serde_json::to_writer_pretty(&mut out, &d)?;
+        serde_json::to_writer_pretty(&mut out, d)?;
         writeln!(out)?;
     } else if cli.format == Format::Html {
-        write!(out, "{}", vigil::linux::diff::render_html(&d))?;
+        write!(out, "{}", vigil::linux::diff::render_html(d))?;
     } else {
         use std::io::IsTerminal;
         let colour = if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
@@ -628,7 +651,7 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
         } else {
             vigil::linux::diff::Colour::No
         };
-        write!(out, "{}", vigil::linux::diff::render_text(&d, colour, 20))?;
+        write!(out, "{}", vigil::linux::diff::render_text(d, colour, 20))?;
     }
     Ok(if d.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }

@@ -189,3 +189,40 @@ fn lab_diff_shows_the_hooks_live_and_the_same_from_a_dump() {
     let out = vigil(state.path(), &["diff", "--dump", core.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dump needs --baseline"));
 }
+
+#[test]
+fn lab_diff_through_the_daemon_shows_module_text_it_protects() {
+    let d = common::Daemon::start("vigil-lab-diff-dmn");
+    let mut g = boot("diff-dmn");
+    d.wait_watching(&g);
+    g.run("insmod /lib/vigil/vigil_benign.ko").unwrap();
+    d.wait_for("vigil_benign to be seen", std::time::Duration::from_secs(20), |d| {
+        !d.events("module-loaded", &g.name).is_empty()
+    });
+    g.run("attack module-inline").unwrap();
+    d.wait_for("the module text alert", std::time::Duration::from_secs(20), |d| {
+        !common::violations(d, &g, "module:vigil_benign").is_empty()
+    });
+    let out = d.vigil(&["diff", &g.name, "--daemon", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    let c = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["region"] == "module:vigil_benign")
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert!(c["rule"].as_str().unwrap().contains("changed after it was loaded"), "{c:#}");
+    let after = &c["bytes"]["disasm_after"][0];
+    assert!(after["text"].as_str().is_some_and(|t| t.starts_with("jmp")), "{c:#}");
+    assert!(
+        after["target"].as_str().is_some_and(|t| t.starts_with("module vigil_hook_modtext+")),
+        "{c:#}"
+    );
+    // Text through the daemon as well; an unknown domain is refused by name.
+    let text = d.vigil(&["diff", &g.name, "--daemon"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("module:vigil_benign"));
+    let out = d.vigil(&["diff", "no-such-domain", "--daemon"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-domain"));
+}

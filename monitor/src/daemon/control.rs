@@ -4,6 +4,7 @@
 //! ```text
 //! {"command":"status"}
 //! {"command":"check","domain":"web1"}
+//! {"command":"diff","domain":"web1"}
 //! {"command":"accept","domain":"web1","reason":"kernel livepatch 2026-11-28"}
 //! ```
 //!
@@ -128,13 +129,15 @@ async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
             list.sort_by(|a, b| a.name.cmp(&b.name));
             serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list })
         }
-        "check" | "accept" => {
+        "check" | "accept" | "diff" => {
             let Some(domain) = req.domain else {
                 return reply_err("this command needs a \"domain\"");
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             let cmd = if req.command == "check" {
                 Command::CheckNow(tx)
+            } else if req.command == "diff" {
+                Command::Diff(tx)
             } else {
                 match req.reason.filter(|r| !r.trim().is_empty()) {
                     Some(reason) => Command::Accept { reason, reply: tx },
@@ -155,7 +158,9 @@ async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
                 Err(_) => reply_err(format!("domain {domain} did not answer within {TIMEOUT:?}")),
             }
         }
-        other => reply_err(format!("unknown command {other:?} (status, domains, check, accept)")),
+        other => {
+            reply_err(format!("unknown command {other:?} (status, domains, check, diff, accept)"))
+        }
     }
 }
 

@@ -139,7 +139,12 @@ impl Sink {
 /// What the control socket can ask a domain task.
 pub enum Command {
     CheckNow(oneshot::Sender<Result<serde_json::Value, String>>),
-    Accept { reason: String, reply: oneshot::Sender<Result<serde_json::Value, String>> },
+    /// A diff of the domain now (`vigil diff` through the daemon).
+    Diff(oneshot::Sender<Result<serde_json::Value, String>>),
+    Accept {
+        reason: String,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
 }
 
 /// A domain's state as `vigil status` shows it.
@@ -404,6 +409,16 @@ async fn domain_task(
                     continue 'attach;
                 }
                 Some(cmd) = commands.recv() => forced = Some(cmd),
+            }
+            if let Some(Command::Diff(reply)) = forced {
+                let sh = shared.clone();
+                let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
+                w = back;
+                let _ = reply.send(
+                    r.map(|d| serde_json::to_value(&d).unwrap_or_default())
+                        .map_err(|e| e.message()),
+                );
+                continue;
             }
             if let Some(Command::Accept { reason, reply }) = forced {
                 let (back, r) = blocking(w, |w| w.rebaseline()).await;

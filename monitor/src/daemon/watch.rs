@@ -12,9 +12,11 @@ use std::collections::{HashMap, HashSet};
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::Originals;
+use crate::integrity::RegionKind;
 use crate::integrity::baseline::to_hex;
 use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
-use crate::linux::patch::{self, PatchMemory};
+use crate::linux::diff::{self, Change, Diff};
+use crate::linux::patch::{self, PatchMemory, Patched};
 use crate::linux::profile::Profile;
 use crate::linux::{DiscoverError, discover, semantic};
 use crate::memory::GuestMemory;
@@ -213,14 +215,50 @@ impl Watched {
 
     /// Compares the guest with the baseline over `scope`.
     pub fn check(&mut self, scope: Scope, profiles: &[Profile]) -> Result<Report, WatchError> {
-        let r = self.check_inner(scope, profiles);
+        let r = self.check_inner(scope, profiles, None);
         if r.is_err() {
             self.mem = None; // re-open on the next check
         }
         r
     }
 
-    fn check_inner(&mut self, scope: Scope, profiles: &[Profile]) -> Result<Report, WatchError> {
+    /// A full check with every change's bytes and code, as `vigil diff`
+    /// shows it. It leaves the watch's own state (what was accepted and
+    /// counted, what was seen once) as it was.
+    pub fn diff(&mut self, profiles: &[Profile]) -> Result<Diff, WatchError> {
+        let mut changes = Vec::new();
+        let r = self.check_inner(Scope::Full, profiles, Some(&mut changes));
+        let report = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.mem = None;
+                return Err(e);
+            }
+        };
+        let mut d = Diff::of(
+            &report,
+            &self.path.display().to_string(),
+            &self.baseline.created,
+            format!("live {}", report.source),
+        );
+        d.changes = changes;
+        d.map = self
+            .baseline
+            .regions
+            .iter()
+            .filter(|g| matches!(g.kind, RegionKind::Code | RegionKind::ReadOnlyData))
+            .map(|g| (g.name.clone(), g.pages.iter().map(|p| p.gva.raw()).collect()))
+            .collect();
+        Ok(d)
+    }
+
+    fn check_inner(
+        &mut self,
+        scope: Scope,
+        profiles: &[Profile],
+        changes: Option<&mut Vec<Change>>,
+    ) -> Result<Report, WatchError> {
+        let diffing = changes.is_some();
         self.dom.ensure_running()?;
         if self.mem.is_none() {
             self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
@@ -250,8 +288,15 @@ impl Watched {
                     let (ranges, unread) = patch::exec_ranges(&m, mem, &view);
                     let mut found =
                         semantic::check(&mut m, mem, &view, &regs, &known, Some(&ranges));
-                    let before = std::mem::take(&mut self.unlisted_seen);
+                    let before = if diffing {
+                        self.unlisted_seen.clone()
+                    } else {
+                        std::mem::take(&mut self.unlisted_seen)
+                    };
                     found.retain(|f| {
+                        if diffing {
+                            return true;
+                        }
                         if f.kind != FindingKind::Unlisted || f.severity != Severity::Violation {
                             return true;
                         }
@@ -282,17 +327,52 @@ impl Watched {
                         &view,
                     );
                     r.add_findings(module_findings);
-                    review_patches(
+                    let mut scratch;
+                    let state = if diffing {
+                        scratch = self.patch_state.clone();
+                        &mut scratch
+                    } else {
+                        &mut self.patch_state
+                    };
+                    let accepted = review_patches(
                         &self.baseline,
                         &self.originals,
                         &self.modules,
-                        &mut self.patch_state,
+                        state,
                         (&mut r, &m),
                         mem,
                         &view,
                         scope,
                     );
                     r.symbolize(|gva| m.symbol_of(gva));
+                    if let Some(out) = changes {
+                        let locate = |a: u64| m.locate(a);
+                        let start = |a: u64| {
+                            m.profile.symbolize(a.wrapping_sub(m.slide)).map(|(_, off)| a - off)
+                        };
+                        let namer = diff::Namer { locate: &locate, function_start: &start };
+                        let modules = &self.modules;
+                        let module_original = |a: u64, n: u64| {
+                            modules.iter().find_map(|((_, base), t)| {
+                                let off = usize::try_from(a.checked_sub(*base)?).ok()?;
+                                t.bytes
+                                    .get(off..off.checked_add(usize::try_from(n).ok()?)?)
+                                    .map(<[u8]>::to_vec)
+                            })
+                        };
+                        let code =
+                            |region: &str| region == "kernel-text" || region.starts_with("module:");
+                        *out = diff::changes(
+                            &r,
+                            &accepted,
+                            mem,
+                            &view,
+                            &self.originals,
+                            &module_original,
+                            &code,
+                            &namer,
+                        );
+                    }
                     r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                     for region in semantic::REGIONS {
                         r.cover(region);
@@ -332,7 +412,7 @@ fn review_patches(
     mem: &(dyn GuestMemory + Send + Sync),
     space: &dyn AddressSpace,
     scope: Scope,
-) {
+) -> Vec<Patched> {
     let text: HashSet<u64> = baseline
         .regions
         .iter()
@@ -363,7 +443,7 @@ fn review_patches(
     let covered = |a: u64| {
         if text.contains(&(a & !(PAGE_SIZE - 1))) { Some(full) } else { in_module(a).map(|_| true) }
     };
-    patch::review(r, m, mem, space, &original, state, &is_text, &covered);
+    patch::review(r, m, mem, space, &original, state, &is_text, &covered)
 }
 
 fn unreadable_records(what: String) -> Finding {

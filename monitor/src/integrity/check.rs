@@ -25,7 +25,7 @@ pub const IMAGE_REGION: &str = "kernel-image";
 /// Region name for register findings.
 pub const REGISTER_REGION: &str = "registers";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FindingKind {
     Content,
@@ -81,7 +81,7 @@ pub struct Finding {
 }
 
 /// An entry of a kernel pointer table that points elsewhere than it should.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EntryRef {
     pub table: String,
     pub index: u64,

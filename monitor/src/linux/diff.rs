@@ -27,7 +27,7 @@ const MAX_DECODE_BACK: u64 = 64 * 1024;
 const MAX_RUNS_PER_PAGE: usize = 16;
 
 /// How a change was judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     Violation,
@@ -37,7 +37,7 @@ pub enum Verdict {
 }
 
 /// One instruction, decoded.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Insn {
     #[serde(with = "crate::addr::hex_addr")]
     pub addr: u64,
@@ -49,7 +49,7 @@ pub struct Insn {
 }
 
 /// A changed run of bytes: both sides, as hex and decoded.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bytes {
     #[serde(with = "crate::addr::hex_addr")]
     pub start: u64,
@@ -62,14 +62,14 @@ pub struct Bytes {
     pub context_before: String,
     pub context_after: String,
     /// Instructions covering the run and one each side (code regions only).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disasm_before: Vec<Insn>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disasm_after: Vec<Insn>,
 }
 
 /// One change.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     pub region: String,
     pub kind: FindingKind,
@@ -87,9 +87,9 @@ pub struct Change {
 }
 
 /// A whole diff.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Diff {
-    pub format: &'static str,
+    pub format: String,
     pub version: u32,
     pub domain: String,
     pub uuid: String,
@@ -106,6 +106,32 @@ pub struct Diff {
     /// the HTML page map): region name and page addresses.
     #[serde(skip)]
     pub map: Vec<(String, Vec<u64>)>,
+}
+
+impl Diff {
+    /// The diff's head; `changes` and `map` to be filled.
+    pub fn of(
+        report: &Report,
+        baseline_path: &str,
+        baseline_created: &str,
+        source: String,
+    ) -> Self {
+        Diff {
+            format: SCHEMA.into(),
+            version: VERSION,
+            domain: report.domain.clone(),
+            uuid: report.uuid.clone(),
+            baseline: baseline_path.into(),
+            baseline_created: baseline_created.into(),
+            checked: report.checked.clone(),
+            source,
+            profile: report.profile.clone(),
+            intact: report.intact,
+            violations: report.violations.len(),
+            changes: Vec::new(),
+            map: Vec::new(),
+        }
+    }
 }
 
 /// What names addresses for a diff: `locate` says where an address lies,
@@ -193,23 +219,38 @@ fn bytes_of<M: GuestMemory + ?Sized>(
 ) -> Option<Bytes> {
     let then = |a: u64, n: u64| original(originals, a, n).or_else(|| module_original(a, n));
     let now = |a: u64, n: u64| read_virt(mem, space, a, usize::try_from(n).ok()?).map(|(b, _)| b);
-    let cstart = start.saturating_sub(CONTEXT) & !(CONTEXT - 1);
-    let cend = (start + len + CONTEXT).div_ceil(CONTEXT) * CONTEXT;
     let (before, after) = (then(start, len)?, now(start, len)?);
-    let (cb, ca) = (
-        then(cstart, cend - cstart).unwrap_or_default(),
-        now(cstart, cend - cstart).unwrap_or_default(),
-    );
+    // Context from a 16-byte line before the run, or from the run itself
+    // where nothing is known before it (the start of a module's text).
+    let cend = (start + len + CONTEXT).div_ceil(CONTEXT) * CONTEXT;
+    let mut cstart = start.saturating_sub(CONTEXT) & !(CONTEXT - 1);
+    let (cb, ca) = match (then(cstart, cend - cstart), now(cstart, cend - cstart)) {
+        (Some(b), Some(a)) => (b, a),
+        _ => {
+            cstart = start;
+            (
+                then(start, cend - start).unwrap_or_default(),
+                now(start, cend - start).unwrap_or_default(),
+            )
+        }
+    };
     let (mut db, mut da) = (Vec::new(), Vec::new());
     if code {
-        let from = (namer.function_start)(start)
-            .filter(|&f| f <= start && start - f <= MAX_DECODE_BACK)
-            .unwrap_or(cstart);
+        // Decode from the function's start, else from the context's, else
+        // from the run's (a patch site is an instruction boundary).
         let to = start + len;
-        let span = to + 2 * CONTEXT - from;
-        if let (Some(b), Some(a)) = (then(from, span), now(from, span)) {
-            db = disasm(&b, from, start, to, namer);
-            da = disasm(&a, from, start, to, namer);
+        let starts = [
+            (namer.function_start)(start).filter(|&f| f <= start && start - f <= MAX_DECODE_BACK),
+            Some(cstart),
+            Some(start),
+        ];
+        for from in starts.into_iter().flatten() {
+            let span = to + 2 * CONTEXT - from;
+            if let (Some(b), Some(a)) = (then(from, span), now(from, span)) {
+                db = disasm(&b, from, start, to, namer);
+                da = disasm(&a, from, start, to, namer);
+                break;
+            }
         }
     }
     Some(Bytes {
@@ -665,7 +706,7 @@ mod tests {
             entry: None,
         };
         let d = Diff {
-            format: SCHEMA,
+            format: SCHEMA.into(),
             version: VERSION,
             domain: "web1".into(),
             uuid: "u".into(),

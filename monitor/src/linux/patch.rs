@@ -1287,7 +1287,7 @@ pub fn account(
 /// undone their patches (ftrace unlists an ops, then restores the function
 /// entries; an optimised kprobe is unregistered, then un-optimised by a
 /// worker), so a record seen within [`RECORD_GRACE`] still counts.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PatchMemory {
     pub sites: HashMap<u64, Patched>,
     /// Changed pages judged wholly the kernel's patching, by address: the
