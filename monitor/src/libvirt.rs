@@ -314,6 +314,35 @@ impl GuestDomain {
         Ok((pid, layout, mappings))
     }
 
+    /// The guest's memory size in bytes, as libvirt reports it.
+    pub fn memory_bytes(&self) -> Result<u64, LibvirtError> {
+        let info = self.dom.info().map_err(|source| LibvirtError::Monitor {
+            domain: self.name.clone(),
+            command: "dominfo".into(),
+            source,
+        })?;
+        Ok(info.max_mem.saturating_mul(1024))
+    }
+
+    /// Writes the guest's memory to `path` as an ELF core, as `virsh dump
+    /// --memory-only` does. QEMU pauses the guest while it writes.
+    pub fn dump_memory(&self, path: &std::path::Path) -> Result<(), LibvirtError> {
+        let to = path.to_str().ok_or_else(|| {
+            self.memory_error(format!("dump path {} is not UTF-8", path.display()))
+        })?;
+        self.dom
+            .core_dump_with_format(
+                to,
+                sys::VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
+                sys::VIR_DUMP_MEMORY_ONLY,
+            )
+            .map_err(|source| LibvirtError::Monitor {
+                domain: self.name.clone(),
+                command: "dump --memory-only".into(),
+                source,
+            })
+    }
+
     /// Opens the guest's memory with the source `choice` asks for.
     pub fn open_memory(
         &self,

@@ -219,10 +219,132 @@ fn lab_diff_through_the_daemon_shows_module_text_it_protects() {
         after["target"].as_str().is_some_and(|t| t.starts_with("module vigil_hook_modtext+")),
         "{c:#}"
     );
+    // The page map comes through the socket too: the HTML page draws it.
+    let html = d.vigil(&["--format", "html", "diff", &g.name, "--daemon"]);
+    let page = String::from_utf8_lossy(&html.stdout);
+    assert!(page.contains("id=\"map-kernel-text\""), "no page map in {page}");
     // Text through the daemon as well; an unknown domain is refused by name.
     let text = d.vigil(&["diff", &g.name, "--daemon"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("module:vigil_benign"));
     let out = d.vigil(&["diff", "no-such-domain", "--daemon"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-domain"));
+}
+
+/// The files of one evidence bundle, by name, with their manifest entries.
+fn manifest(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json"))
+        .unwrap_or_else(|e| panic!("{}: no manifest: {e}", dir.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn lab_daemon_saves_evidence_of_a_violation_and_keeps_within_its_limits() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = common::Daemon::start_with(
+        "vigil-lab-diff-evid",
+        "[evidence]\nenabled = true\nkeep = 1\nmin_interval = \"1s\"\nmax_total = \"2GiB\"\n",
+        vec![],
+    );
+    let mut g = boot("diff-evid");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    let timeout = std::time::Duration::from_secs(60);
+    d.wait_for("evidence of the inline hook", timeout, |d| {
+        !d.events("evidence-saved", &g.name).is_empty()
+    });
+    // The alert names the bundle; the event says it is complete.
+    let alert = common::violations(&d, &g, "kernel-text").remove(0);
+    let first = std::path::PathBuf::from(alert["evidence"].as_str().unwrap());
+    assert!(first.starts_with(d.path("evidence")), "{alert:#}");
+    let saved = d.events("evidence-saved", &g.name).remove(0);
+    assert_eq!(saved["evidence"], alert["evidence"]);
+    assert_eq!(saved["severity"], "info", "{saved:#}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&first), 0o700);
+
+    // Every file is there, private, with the hash the manifest gives.
+    let m = manifest(&first);
+    assert_eq!(
+        (m["format"].as_str(), m["domain"].as_str()),
+        (Some("vigil-evidence"), Some(g.name.as_str()))
+    );
+    assert!(m["skipped"].as_array().unwrap().is_empty(), "{m:#}");
+    let names: Vec<&str> =
+        m["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["diff.json", "diff.html", "memory.core"]);
+    for f in m["files"].as_array().unwrap() {
+        let p = first.join(f["name"].as_str().unwrap());
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(f["bytes"].as_u64(), Some(bytes.len() as u64));
+        assert_eq!(f["blake3"].as_str(), Some(blake3::hash(&bytes).to_hex().as_str()));
+    }
+
+    // The saved diff names the hook; the saved memory gives the same
+    // findings offline, against the daemon's own baseline.
+    let saved_diff: Value =
+        serde_json::from_slice(&std::fs::read(first.join("diff.json")).unwrap()).unwrap();
+    let hook = saved_diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["region"] == "kernel-text" && c["verdict"] == "violation")
+        .unwrap_or_else(|| panic!("{saved_diff:#}"));
+    assert!(hook["symbol"].as_str().unwrap().starts_with("__x64_sys_getppid"), "{hook:#}");
+    let baseline = std::fs::read_dir(d.path("baselines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let core = first.join("memory.core");
+    let offline = vigil(
+        d.dir.path(),
+        &[
+            "diff",
+            "--baseline",
+            baseline.to_str().unwrap(),
+            "--dump",
+            core.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    );
+    let o = json(&offline);
+    let text_violations = |d: &Value| -> BTreeSet<String> {
+        findings(&serde_json::json!({ "changes": d["changes"].as_array().unwrap().iter()
+            .filter(|c| c["region"] == "kernel-text" && c["verdict"] == "violation")
+            .cloned().collect::<Vec<_>>() }))
+    };
+    assert!(!text_violations(&o).is_empty());
+    assert_eq!(text_violations(&o), text_violations(&saved_diff));
+
+    // A second violation makes a second bundle; keep = 1 removes the first.
+    g.run("attack syscall").unwrap();
+    d.wait_for("evidence of the syscall hook", timeout, |d| {
+        d.events("evidence-saved", &g.name).len() >= 2
+    });
+    let second = d.events("evidence-saved", &g.name).remove(1);
+    let second = std::path::PathBuf::from(second["evidence"].as_str().unwrap());
+    assert_ne!(second, first);
+    assert!(!first.exists(), "keep = 1 leaves only the newest bundle");
+    let m = manifest(&second);
+    assert_eq!(m["removed"][0].as_str(), Some(first.to_str().unwrap()), "{m:#}");
+    assert!(
+        m["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k.as_str().unwrap().starts_with("sys_call_table/")),
+        "{m:#}"
+    );
+    let saved_total = d.metric("vigil_evidence_saved_total", &format!("domain=\"{}\"", g.name));
+    assert_eq!(saved_total, Some(2.0));
+    // The gauge is the directory's size: the one bundle's files.
+    let bytes: u64 =
+        m["files"].as_array().unwrap().iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
+    let gauge = d.metrics().lines().find_map(|l| {
+        l.strip_prefix("vigil_evidence_bytes ").map(|v| v.trim().parse::<u64>().unwrap())
+    });
+    assert_eq!(gauge, Some(bytes));
 }

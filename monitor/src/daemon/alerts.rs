@@ -48,6 +48,8 @@ pub enum EventKind {
     /// The kernel patched its own text (jump labels, static calls, ftrace,
     /// kprobes), and every change was one its patch records allow.
     KernelPatched,
+    /// Evidence of a violation was saved (or could only be saved in part).
+    EvidenceSaved,
 }
 
 /// One line of the alert log.
@@ -101,6 +103,10 @@ pub struct Alert {
     /// Where the first page or entry lies, by symbol, when a profile matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbol: Option<String>,
+    /// The directory where evidence of this violation is being saved
+    /// (`[evidence]`); its `manifest.json` appears when the saving is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
 }
 
 fn kind_text(k: FindingKind) -> &'static str {
@@ -203,6 +209,7 @@ impl Subject {
             key: String::new(),
             digest: String::new(),
             symbol: None,
+            evidence: None,
         }
     }
 

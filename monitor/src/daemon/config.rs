@@ -41,6 +41,19 @@ pub struct RawConfig {
     pub alertmanager: RawEndpoint,
     #[serde(default)]
     pub webhook: RawEndpoint,
+    #[serde(default)]
+    pub evidence: RawEvidence,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvidence {
+    pub enabled: Option<bool>,
+    pub memory_dump: Option<bool>,
+    pub max_dump: Option<String>,
+    pub max_total: Option<String>,
+    pub keep: Option<u32>,
+    pub min_interval: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -113,6 +126,40 @@ pub struct Settings {
     pub exclude: Vec<String>,
     pub alertmanager: Option<HttpEndpoint>,
     pub webhook: Option<HttpEndpoint>,
+    /// Evidence saved on a violation; `None` when switched off (the default).
+    pub evidence: Option<EvidenceSettings>,
+}
+
+/// What the daemon saves when a violation is first reported (`[evidence]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceSettings {
+    /// Whether to save the guest's memory through libvirt as well as the diff.
+    pub memory_dump: bool,
+    /// No memory dump of a guest with more memory than this (bytes).
+    pub max_dump: u64,
+    /// The evidence directory's size cap (bytes): the oldest bundles go first.
+    pub max_total: u64,
+    /// Bundles kept per domain, newest first.
+    pub keep: usize,
+    /// At most one bundle per domain in this time.
+    pub min_interval: Duration,
+}
+
+/// Parses a size: `"512MiB"`, `"4GiB"`, `"1TiB"`, `"64KiB"`, or plain bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift).filter(|&b| b > 0)
 }
 
 /// Parses `"1s"`, `"500ms"`, `"2m"`, `"1h"`.
@@ -264,6 +311,48 @@ impl Settings {
                 .map(|u| parse_endpoint(&u).map_err(|r| bad(key, format!("{u:?} {r}"))))
                 .transpose()
         };
+        let e = raw.evidence;
+        let any_key = e.memory_dump.is_some()
+            || e.max_dump.is_some()
+            || e.max_total.is_some()
+            || e.keep.is_some()
+            || e.min_interval.is_some();
+        if e.enabled.is_none() && any_key {
+            return Err(bad(
+                "evidence.enabled",
+                "missing: [evidence] has settings but is not switched on; say enabled = true (or false)"
+                    .into(),
+            ));
+        }
+        let evidence = if e.enabled.unwrap_or(false) {
+            let size = |key: &str, v: &Option<String>, default: u64| match v {
+                None => Ok(default),
+                Some(t) => parse_size(t).ok_or_else(|| {
+                    bad(key, format!("{t:?} is not a size like \"512MiB\" or \"4GiB\""))
+                }),
+            };
+            let keep = e.keep.unwrap_or(5);
+            if keep == 0 {
+                return Err(bad(
+                    "evidence.keep",
+                    "0 would delete every bundle as it is saved; switch evidence off instead"
+                        .into(),
+                ));
+            }
+            Some(EvidenceSettings {
+                memory_dump: e.memory_dump.unwrap_or(true),
+                max_dump: size("evidence.max_dump", &e.max_dump, 4 << 30)?,
+                max_total: size("evidence.max_total", &e.max_total, 16 << 30)?,
+                keep: keep as usize,
+                min_interval: dur(
+                    "evidence.min_interval",
+                    &e.min_interval,
+                    Duration::from_secs(600),
+                )?,
+            })
+        } else {
+            None
+        };
         let host = raw.host.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -299,6 +388,7 @@ impl Settings {
             exclude,
             alertmanager: endpoint("alertmanager.url", raw.alertmanager)?,
             webhook: endpoint("webhook.url", raw.webhook)?,
+            evidence,
             state_dir,
         })
     }
@@ -375,6 +465,10 @@ mod tests {
             ("metrics_listen = \"localhost\"", "metrics_listen"),
             ("[alertmanager]\nurl = \"https://am:9093\"", "alertmanager.url"),
             ("[domains]\ninclude = [\"\"]", "domains.include"),
+            ("[evidence]\nenabled = true\nmax_dump = \"4 GB\"", "evidence.max_dump"),
+            ("[evidence]\nenabled = true\nkeep = 0", "evidence.keep"),
+            ("[evidence]\nmemory_dump = true", "evidence.enabled"),
+            ("[evidence]\nenabled = true\nmin_interval = \"soon\"", "evidence.min_interval"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.starts_with("vigil.toml: key ") && e.contains(key), "{text:?}: {e}");
@@ -400,5 +494,24 @@ mod tests {
         assert!(matches("a*b?d", "axxbcd"));
         assert!(!matches("a*b", "ac"));
         assert!(!matches(&"*".repeat(300), "a"));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size(" 2 GiB "), Some(2 << 30));
+        for bad in ["", "GiB", "0", "4GB", "1.5GiB", "-1", "99999999999TiB"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn evidence_is_off_unless_enabled() {
+        assert_eq!(load("").unwrap().evidence, None);
+        assert_eq!(load("[evidence]\nenabled = false\nkeep = 3").unwrap().evidence, None);
+        let e = load("[evidence]\nenabled = true\nmax_total = \"1GiB\"\nkeep = 2")
+            .unwrap()
+            .evidence
+            .unwrap();
+        assert_eq!((e.max_total, e.keep, e.memory_dump), (1 << 30, 2, true));
+        assert_eq!(e.min_interval, Duration::from_secs(600));
+        assert!(load("[evidence]\nenabled = true\nbogus = 1").is_err());
     }
 }

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub attached: Gauge,
     pub budget_used: Gauge<f64, AtomicU64>,
     pub budget_overruns: Counter,
+    pub evidence_saved: Family<DomainLabels, Counter>,
+    pub evidence_bytes: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -93,6 +95,8 @@ impl Metrics {
             attached: Gauge::default(),
             budget_used: Gauge::default(),
             budget_overruns: Counter::default(),
+            evidence_saved: Family::default(),
+            evidence_bytes: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -136,6 +140,16 @@ impl Metrics {
                 "budget_overruns",
                 "Checks started late because the CPU budget was spent",
                 m.budget_overruns.clone(),
+            );
+            r.register(
+                "evidence_saved",
+                "Evidence bundles saved after a violation",
+                m.evidence_saved.clone(),
+            );
+            r.register(
+                "evidence_bytes",
+                "Bytes under the evidence directory after the last save",
+                m.evidence_bytes.clone(),
             );
             r.register(
                 "build",

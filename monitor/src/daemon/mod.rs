@@ -17,6 +17,7 @@ pub mod alerts;
 pub mod budget;
 pub mod config;
 pub mod control;
+pub mod evidence;
 pub mod metrics;
 pub mod push;
 pub mod watch;
@@ -397,6 +398,7 @@ async fn domain_task(
         let mut next_full = Instant::now();
         let mut last_error = String::new();
         let mut profile_said = false;
+        let mut last_evidence: Option<Instant> = None;
         loop {
             let due = next_hot.min(next_full);
             let mut forced: Option<Command> = None;
@@ -598,10 +600,35 @@ async fn domain_task(
                         report.violations.iter().chain(&report.info).cloned().collect();
                     let groups = alerts::groups(&all);
                     let (fresh, gone) = alerts::news(&visible(&reported, &report), &groups);
+                    // Evidence of new violations, at most once per min_interval.
+                    let evidence = s.evidence.clone().filter(|e| {
+                        fresh.iter().any(|(_, _, fs)| {
+                            fs[0].severity == crate::integrity::Severity::Violation
+                        }) && last_evidence.is_none_or(|t| t.elapsed() >= e.min_interval)
+                    });
+                    let bundle =
+                        evidence.as_ref().map(|_| evidence::bundle_dir(&s.state_dir, &uuid));
+                    let mut for_evidence = Vec::new();
                     for (key, digest, fs) in fresh {
-                        let a = subject.group(key, digest, fs);
+                        let mut a = subject.group(key, digest, fs);
+                        if a.event == EventKind::Violation
+                            && let Some(dir) = &bundle
+                        {
+                            a.evidence = Some(dir.display().to_string());
+                            for_evidence.push(a.key.clone());
+                        }
                         reported.insert(a.key.clone(), a.digest.clone());
                         shared.sink.emit(a);
+                    }
+                    if let (Some(cfg), Some(dir)) = (evidence, bundle) {
+                        last_evidence = Some(Instant::now());
+                        let sh = shared.clone();
+                        let (back, out) = blocking(w, move |w| {
+                            evidence::save(w, &sh.profiles, &cfg, &dir, for_evidence)
+                        })
+                        .await;
+                        w = back;
+                        report_evidence(&shared, &subject, &out);
                     }
                     for key in gone {
                         let mut a = subject.event(
@@ -681,6 +708,51 @@ async fn domain_task(
         shared.status.lock().expect("status lock").remove(&uuid);
     }
     shared.sink.metrics.attached.set(gauge(tasks.len()));
+}
+
+/// Says what an evidence bundle holds, as an event and in the metrics.
+fn report_evidence(shared: &Shared, subject: &alerts::Subject, out: &evidence::Outcome) {
+    let m = &out.manifest;
+    let files: Vec<String> =
+        m.files.iter().map(|f| format!("{} ({} KiB)", f.name, f.bytes.div_ceil(1024))).collect();
+    let skipped: Vec<String> =
+        m.skipped.iter().map(|k| format!("{}: {}", k.what, k.reason)).collect();
+    let (severity, detail) = match &out.failed {
+        Some(why) => ("warning", format!("evidence of {} could not be saved: {why}", m.domain)),
+        None if skipped.is_empty() => (
+            "info",
+            format!(
+                "evidence of {} saved in {}: {}",
+                m.domain,
+                out.dir.display(),
+                files.join(", ")
+            ),
+        ),
+        None => (
+            "warning",
+            format!(
+                "evidence of {} saved in part: {}; not saved: {}",
+                m.domain,
+                if files.is_empty() { "nothing".into() } else { files.join(", ") },
+                skipped.join("; ")
+            ),
+        ),
+    };
+    if out.failed.is_some() || !skipped.is_empty() {
+        shared.sink.error("evidence");
+    }
+    if out.failed.is_none() {
+        shared
+            .sink
+            .metrics
+            .evidence_saved
+            .get_or_create(&DomainLabels { domain: m.domain.clone() })
+            .inc();
+        shared.sink.metrics.evidence_bytes.set(gauge(out.total_bytes));
+    }
+    let mut a = subject.event(EventKind::EvidenceSaved, severity, detail);
+    a.evidence = Some(out.dir.display().to_string());
+    shared.sink.emit(a);
 }
 
 /// The reported groups a check could see again: those of the regions it

@@ -65,6 +65,7 @@ pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
             "technique": a.technique,
             "before": a.before,
             "after": a.after,
+            "evidence": a.evidence.clone().unwrap_or_default(),
         },
         "startsAt": a.time,
     }]);

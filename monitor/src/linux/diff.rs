@@ -103,9 +103,76 @@ pub struct Diff {
     pub violations: usize,
     pub changes: Vec<Change>,
     /// The baseline's code and read-only data regions, page by page (for
-    /// the HTML page map): region name and page addresses.
-    #[serde(skip)]
+    /// the HTML page map): region name and page addresses. In JSON, runs
+    /// of consecutive pages: `[{"region", "runs": [["0x<first page>", pages], ...]}]`.
+    #[serde(default, with = "page_runs")]
     pub map: Vec<(String, Vec<u64>)>,
+}
+
+/// The page map as runs of consecutive pages, to keep the JSON small.
+mod page_runs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+
+    use crate::addr::PAGE_SIZE;
+    use crate::addr::hex_addr::{from_hex, to_hex};
+
+    /// Pages a map may list when read back (more than any kernel image has).
+    const MAX_PAGES: u64 = 1 << 20;
+
+    #[derive(Serialize, Deserialize)]
+    struct Region {
+        region: String,
+        runs: Vec<(String, u64)>,
+    }
+
+    pub fn serialize<S: Serializer>(map: &[(String, Vec<u64>)], s: S) -> Result<S::Ok, S::Error> {
+        let regions: Vec<Region> = map
+            .iter()
+            .map(|(name, pages)| {
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for &p in pages {
+                    match runs.last_mut() {
+                        Some((start, n)) if *start + *n * PAGE_SIZE == p => *n += 1,
+                        _ => runs.push((p, 1)),
+                    }
+                }
+                Region {
+                    region: name.clone(),
+                    runs: runs.into_iter().map(|(a, n)| (to_hex(a), n)).collect(),
+                }
+            })
+            .collect();
+        regions.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, Vec<u64>)>, D::Error> {
+        let regions = Vec::<Region>::deserialize(d)?;
+        let mut total = 0u64;
+        let mut out = Vec::new();
+        for r in regions {
+            let mut pages = Vec::new();
+            for (start, n) in r.runs {
+                let a = from_hex(&start).ok_or_else(|| {
+                    D::Error::custom(format!("page map: {start:?} is no address"))
+                })?;
+                total = total.saturating_add(n);
+                if total > MAX_PAGES {
+                    return Err(D::Error::custom(format!("page map: more than {MAX_PAGES} pages")));
+                }
+                for i in 0..n {
+                    let p = i
+                        .checked_mul(PAGE_SIZE)
+                        .and_then(|o| a.checked_add(o))
+                        .ok_or_else(|| D::Error::custom("page map: a run passes 2^64"))?;
+                    pages.push(p);
+                }
+            }
+            out.push((r.region, pages));
+        }
+        Ok(out)
+    }
 }
 
 impl Diff {
@@ -742,6 +809,42 @@ mod tests {
         assert_eq!(texts[..3], ["nop", "jmp 0000000000001016h", "ret"], "{d:#?}");
         assert_eq!(d[1].target.as_deref(), Some("at 0x1016"));
         assert_eq!(d[1].bytes, "e910000000");
+    }
+
+    #[test]
+    fn the_page_map_travels_as_runs_and_comes_back_whole() {
+        let pages = |a: u64, n: u64| (0..n).map(move |i| a + i * PAGE_SIZE);
+        let text: Vec<u64> =
+            pages(0xffff_ffff_8100_0000, 3).chain(pages(0xffff_ffff_8200_0000, 2)).collect();
+        let d = Diff {
+            format: SCHEMA.into(),
+            version: VERSION,
+            domain: "d".into(),
+            uuid: "u".into(),
+            baseline: "b".into(),
+            baseline_created: String::new(),
+            checked: String::new(),
+            source: String::new(),
+            profile: None,
+            intact: true,
+            violations: 0,
+            changes: vec![],
+            map: vec![("kernel-text".into(), text), ("kernel-rodata".into(), vec![])],
+        };
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            v["map"][0]["runs"],
+            serde_json::json!([["0xffffffff81000000", 3], ["0xffffffff82000000", 2]])
+        );
+        let back: Diff = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.map, d.map);
+        // A hostile map is refused, not expanded.
+        let mut huge = v.clone();
+        huge["map"][0]["runs"] = serde_json::json!([["0x1000", u64::MAX]]);
+        assert!(serde_json::from_value::<Diff>(huge).is_err());
+        let mut wraps = v;
+        wraps["map"][0]["runs"] = serde_json::json!([["0xfffffffffffff000", 2]]);
+        assert!(serde_json::from_value::<Diff>(wraps).is_err());
     }
 
     #[test]
