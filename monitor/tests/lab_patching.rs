@@ -160,7 +160,7 @@ fn targets(domain: &str, tracepoint_key: u64) -> Targets {
             let a = p.gva.raw() + i as u64;
             if bytes[i - 1] == 0xcc
                 && bytes[i..i + 5] == NOP5
-                && (a + 5) % 16 == 0
+                && (a + 5).is_multiple_of(16)
                 && !tables.touches(a, a + 5)
             {
                 padding.push(a);

@@ -92,7 +92,7 @@ fn i32_at(b: &[u8], off: usize) -> i64 {
 /// Parses a `__jump_table` of relative entries (`s32 code, s32 target, long
 /// key`) that lies at `base`.
 pub fn parse_jump_entries(bytes: &[u8], base: u64) -> Result<Vec<JumpEntry>, String> {
-    if bytes.len() % 16 != 0 || bytes.len() / 16 > MAX_TABLE_ENTRIES {
+    if !bytes.len().is_multiple_of(16) || bytes.len() / 16 > MAX_TABLE_ENTRIES {
         return Err(format!("{} bytes is no table of 16-byte entries", bytes.len()));
     }
     Ok(bytes
@@ -122,7 +122,7 @@ pub struct StaticCallSite {
 
 /// Parses `.static_call_sites` (`s32 addr, s32 key`) that lies at `base`.
 pub fn parse_static_call_sites(bytes: &[u8], base: u64) -> Result<Vec<StaticCallSite>, String> {
-    if bytes.len() % 8 != 0 || bytes.len() / 8 > MAX_TABLE_ENTRIES {
+    if !bytes.len().is_multiple_of(8) || bytes.len() / 8 > MAX_TABLE_ENTRIES {
         return Err(format!("{} bytes is no table of 8-byte entries", bytes.len()));
     }
     Ok(bytes
