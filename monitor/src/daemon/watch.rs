@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::integrity::baseline::DomainId;
-use crate::integrity::check::{CheckError, Report, Scope, check_scoped};
+use crate::integrity::check::{CheckError, Report, Scope, check_tagged};
+use crate::integrity::tags::PageTags;
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
 use std::collections::{HashMap, HashSet};
@@ -105,6 +106,10 @@ pub struct Watched {
     /// Names from the guest's own kallsyms, read once when no profile
     /// matches and something needs naming (lower trust).
     guest_symbols: Option<Option<semantic::GuestSymbols>>,
+    /// The baseline pages' NH tags under a key of this watch's own: checks
+    /// hash with BLAKE3 only the pages whose tag differs. Made at the first
+    /// check of a baseline.
+    tags: Option<PageTags>,
 }
 
 /// A live module's text as first seen.
@@ -175,6 +180,7 @@ impl Watched {
             recognized: HashMap::new(),
             unlisted_seen: HashSet::new(),
             guest_symbols: None,
+            tags: None,
         }
     }
 
@@ -266,8 +272,14 @@ impl Watched {
         let mem = self.mem.as_deref().expect("opened above");
         let regs = self.dom.registers()?;
         let view = discover(mem, &regs)?;
-        match check_scoped(&self.baseline, mem, &view, &regs, view.identification.image_base, scope)
+        if self.tags.is_none()
+            && let Ok(key) = crate::integrity::nh::Key::random()
         {
+            let (tags, _) = PageTags::build(key, &self.baseline, mem, &view, &self.originals);
+            self.tags = Some(tags);
+        }
+        let base = view.identification.image_base;
+        match check_tagged(&self.baseline, mem, &view, &regs, base, scope, self.tags.as_ref()) {
             Ok(mut r) => {
                 // Syscall tables and IDT gates are small: both scopes check them.
                 self.profile = None;
@@ -551,6 +563,7 @@ impl Watched {
         self.baseline = baseline;
         self.originals = originals;
         self.patch_state = PatchMemory::default();
+        self.tags = None;
         Ok(())
     }
 

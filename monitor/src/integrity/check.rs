@@ -6,7 +6,7 @@
 //! tightening only information, as a running kernel does it), and control or
 //! descriptor-table register changes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages_at, to_hex};
 use super::{AddressSpace, tree};
@@ -313,6 +313,22 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
     image_base: GuestVirtAddr,
     scope: Scope,
 ) -> Result<Report, CheckError> {
+    check_tagged(baseline, mem, space, registers, image_base, scope, None)
+}
+
+/// Like [`check_scoped`], with the baseline pages' NH tags: a page whose
+/// tag matches holds its baseline bytes (but for a chance of one in
+/// 2^[`super::tags::ESCAPE_BITS`]) and is not hashed; the others are hashed
+/// with BLAKE3 and judged as without tags. The report is the same.
+pub fn check_tagged<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    mem: &M,
+    space: &dyn AddressSpace,
+    registers: &[VcpuRegisters],
+    image_base: GuestVirtAddr,
+    scope: Scope,
+    tags: Option<&super::tags::PageTags>,
+) -> Result<Report, CheckError> {
     // Another boot (new KASLR slide) moves nearly every code page; an attacker
     // remapping a few pages does not.
     if let Some(text) = baseline.regions.iter().find(|r| r.kind == super::RegionKind::Code) {
@@ -334,13 +350,17 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
 
     let mut findings = Vec::new();
     let mut regions = Vec::new();
-    let mut region_pages: HashSet<u64> = HashSet::new();
+    // Every region page of the baseline, sorted: looked up by binary search
+    // (no hashing of addresses on the hot path).
+    let mut region_pages: Vec<u64> =
+        baseline.regions.iter().flat_map(|r| r.pages.iter().map(|p| p.gva.raw())).collect();
+    region_pages.sort_unstable();
+    region_pages.dedup();
     let mut bytes_verified = 0u64;
-    for r in baseline.regions.iter().filter(|r| scope.covers(r.kind)) {
+    for (ri, r) in baseline.regions.iter().enumerate().filter(|(_, r)| scope.covers(r.kind)) {
         // Pages to hash now: (index in region, gva, where it maps now).
         let mut reads = Vec::with_capacity(r.pages.len());
         for (i, p) in r.pages.iter().enumerate() {
-            region_pages.insert(p.gva.raw());
             let index = i as u64;
             let Some((gpa, perms)) = space.translate(p.gva) else {
                 let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, p.gpa);
@@ -370,7 +390,26 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
             }
             reads.push((index, p.gva, gpa));
         }
-        let values = hash_pages_at(mem, &r.name, r.bytes, &reads)?;
+        let slow = tags.and_then(|t| super::tags::untagged_or_changed(t, ri, &r.root, mem, &reads));
+        let values = match &slow {
+            None => hash_pages_at(mem, &r.name, r.bytes, &reads)?,
+            Some(slow) => {
+                let fresh: std::collections::HashMap<u64, _> = slow
+                    .iter()
+                    .map(|s| s.0)
+                    .zip(hash_pages_at(mem, &r.name, r.bytes, slow)?)
+                    .collect();
+                reads
+                    .iter()
+                    .map(|(index, ..)| {
+                        fresh.get(index).copied().unwrap_or_else(|| {
+                            r.pages[usize::try_from(*index).expect("index of a page in memory")]
+                                .value
+                        })
+                    })
+                    .collect()
+            }
+        };
         bytes_verified += reads.len() as u64 * PAGE_SIZE;
         for (&(index, gva, gpa), v) in reads.iter().zip(&values) {
             let old = &r.pages[usize::try_from(index).expect("index of a page in memory")];
@@ -386,6 +425,8 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
         // A root only when every page could be read now.
         let current_root = if reads.len() != r.pages.len() {
             "unavailable: pages unmapped or outside RAM".to_owned()
+        } else if slow.as_ref().is_some_and(Vec::is_empty) {
+            to_hex(&r.root) // every page's tag matched
         } else if values.is_empty() {
             to_hex(blake3::hash(&[]).as_bytes())
         } else {
@@ -405,9 +446,7 @@ pub fn check_scoped<M: GuestMemory + ?Sized>(
     if scope == Scope::Full {
         // Pages of regions this scope covers are compared above; the rest of
         // the image's mapping here.
-        let all_region_pages: HashSet<u64> =
-            baseline.regions.iter().flat_map(|r| r.pages.iter().map(|p| p.gva.raw())).collect();
-        image_mapping_findings(baseline, space, &all_region_pages, &mut findings);
+        image_mapping_findings(baseline, space, &region_pages, &mut findings);
     }
     register_findings(&baseline.registers, registers, &mut findings);
 
@@ -486,17 +525,46 @@ fn permission_finding(
 fn image_mapping_findings(
     baseline: &Baseline,
     space: &dyn AddressSpace,
-    in_regions: &HashSet<u64>,
+    in_regions: &[u64],
     out: &mut Vec<Finding>,
 ) {
-    let old = expand_runs(&baseline.image_mapping).unwrap_or_default();
-    let old_by_va: HashMap<u64, (GuestPhysAddr, Perms)> =
-        old.iter().map(|m| (m.gva.raw(), (m.gpa, m.perms))).collect();
+    let mut old = expand_runs(&baseline.image_mapping).unwrap_or_default();
+    old.sort_unstable_by_key(|m| m.gva.raw());
+    let mut now = std::borrow::Cow::Borrowed(space.image_pages());
+    if !now.is_sorted_by_key(|m| m.gva.raw()) {
+        now.to_mut().sort_unstable_by_key(|m| m.gva.raw());
+    }
+    // One merge walk over three sorted lists: the baseline's image pages,
+    // the image pages now, and the region pages (compared elsewhere).
+    let (mut j, mut r) = (0, 0);
+    let newly_mapped = |m: &crate::x86::Mapping, out: &mut Vec<Finding>| {
+        let sev =
+            if m.perms.executable || m.perms.user { Severity::Violation } else { Severity::Info };
+        let mut f = finding(IMAGE_REGION, FindingKind::Remap, sev, m.gva, m.gpa);
+        f.detail = format!("page newly mapped {}", m.perms.as_text());
+        f.before = "unmapped".into();
+        f.after = mapping_text(m.gpa, m.perms);
+        out.push(f);
+    };
     for m in &old {
-        if in_regions.contains(&m.gva.raw()) {
+        let va = m.gva.raw();
+        while j < now.len() && now[j].gva.raw() < va {
+            newly_mapped(&now[j], out);
+            j += 1;
+        }
+        let current = if j < now.len() && now[j].gva.raw() == va {
+            j += 1;
+            Some((now[j - 1].gpa, now[j - 1].perms))
+        } else {
+            space.translate(m.gva)
+        };
+        while r < in_regions.len() && in_regions[r] < va {
+            r += 1;
+        }
+        if r < in_regions.len() && in_regions[r] == va {
             continue;
         }
-        match space.translate(m.gva) {
+        match current {
             None => {
                 // Unmapping kernel data takes nothing from the kernel's protection.
                 let mut f = finding(IMAGE_REGION, FindingKind::Remap, Severity::Info, m.gva, m.gpa);
@@ -520,19 +588,8 @@ fn image_mapping_findings(
             }
         }
     }
-    for m in space.image_pages() {
-        if !old_by_va.contains_key(&m.gva.raw()) {
-            let sev = if m.perms.executable || m.perms.user {
-                Severity::Violation
-            } else {
-                Severity::Info
-            };
-            let mut f = finding(IMAGE_REGION, FindingKind::Remap, sev, m.gva, m.gpa);
-            f.detail = format!("page newly mapped {}", m.perms.as_text());
-            f.before = "unmapped".into();
-            f.after = mapping_text(m.gpa, m.perms);
-            out.push(f);
-        }
+    for m in &now[j..] {
+        newly_mapped(m, out);
     }
 }
 
@@ -654,6 +711,58 @@ mod tests {
         assert_eq!(v.gpa, GuestPhysAddr(0x2000 + 2 * 4096));
         let rodata = r.regions.iter().find(|s| s.name == "kernel-rodata").unwrap();
         assert!(rodata.intact, "untouched regions stay intact");
+    }
+
+    /// The report of a check with tags, which must equal one without.
+    fn run_tagged(f: &Fake, b: &Baseline, tags: &crate::integrity::tags::PageTags) -> Report {
+        let regs = Fake::registers();
+        let base = GuestVirtAddr(TEXT_VA);
+        let mut with = check_tagged(b, &f.mem, f, &regs, base, Scope::Full, Some(tags)).unwrap();
+        let mut without = check(b, &f.mem, f, &regs, base).unwrap();
+        with.checked.clear();
+        without.checked.clear();
+        assert_eq!(format!("{with:?}"), format!("{without:?}"), "tags changed the report");
+        with
+    }
+
+    fn key() -> crate::integrity::nh::Key {
+        crate::integrity::nh::Key::random().unwrap()
+    }
+
+    #[test]
+    fn tags_skip_unchanged_pages_and_still_catch_every_write() {
+        use crate::integrity::tags::{PageTags, TagSources};
+        let mut f = Fake::new();
+        let b = f.baseline();
+        let none = crate::integrity::Originals::default();
+        let (tags, from) = PageTags::build(key(), &b, &f.mem, &f, &none);
+        let pages = b.regions.iter().map(|r| r.pages.len()).sum();
+        assert_eq!(from, TagSources { memory: pages, originals: 0, unknown: 0 });
+        assert!(run_tagged(&f, &b, &tags).intact);
+        poke(&mut f, 0x2000 + 2 * 4096 + 5, 0xcc); // text page 2
+        let r = run_tagged(&f, &b, &tags);
+        assert_eq!((r.violations.len(), r.violations[0].page), (1, Some(2)));
+
+        // Tags made after the write: that page's tag is unknown without
+        // the originals (so it is hashed), and from the originals with them.
+        let (late, from) = PageTags::build(key(), &b, &f.mem, &f, &none);
+        assert_eq!((from.memory, from.unknown), (pages - 1, 1));
+        assert_eq!(run_tagged(&f, &b, &late).violations.len(), 1);
+        let mut originals = crate::integrity::Originals::default();
+        let fresh = Fake::new();
+        for p in b.regions.iter().flat_map(|r| &r.pages) {
+            let mut page = vec![0u8; 4096];
+            fresh.mem.read(p.gpa, &mut page).unwrap();
+            originals.insert(p.gva.raw(), &page);
+        }
+        let (late, from) = PageTags::build(key(), &b, &f.mem, &f, &originals);
+        assert_eq!((from.memory, from.originals, from.unknown), (pages - 1, 1, 0));
+        assert_eq!(run_tagged(&f, &b, &late).violations.len(), 1);
+
+        // Tags of another baseline are not used (the report is still right).
+        poke(&mut f, 0x2000 + 2 * 4096 + 5, 0x90);
+        let other = f.baseline();
+        assert!(run_tagged(&f, &other, &tags).intact);
     }
 
     #[test]

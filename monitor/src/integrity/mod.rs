@@ -6,7 +6,9 @@
 
 pub mod baseline;
 pub mod check;
+pub mod nh;
 pub mod originals;
+pub mod tags;
 pub mod tree;
 
 pub use baseline::{Baseline, BaselineError};

@@ -8,8 +8,6 @@
 //! permission finds the kernel's text and rodata with no symbols at all. The
 //! IDT and each vCPU's GDT are found through IDTR and GDTR.
 
-use std::collections::HashMap;
-
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::{AddressSpace, Identification, PageSpec, RegionKind, RegionLayout};
 use crate::memory::GuestMemory;
@@ -65,7 +63,6 @@ pub struct KernelView<'m, M: GuestMemory + ?Sized> {
     /// Table pointers of the image range that led outside RAM.
     pub unreadable_tables: Vec<(GuestVirtAddr, GuestPhysAddr)>,
     walker: Walker<'m, M>,
-    index: HashMap<u64, (GuestPhysAddr, Perms)>,
 }
 
 impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
@@ -86,8 +83,10 @@ impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
     }
 
     fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
-        if let Some(&hit) = self.index.get(&gva.raw()) {
-            return Some(hit);
+        // `image_pages` is in address order: a binary search, no hashing.
+        if let Ok(i) = self.image_pages.binary_search_by_key(&gva.raw(), |m| m.gva.raw()) {
+            let m = &self.image_pages[i];
+            return Some((m.gpa, m.perms));
         }
         if (IMAGE_START..IMAGE_END).contains(&gva) {
             return None; // the image was enumerated whole
@@ -165,9 +164,11 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
             Err(e) => last_err = Some(e),
         }
     }
-    let Some((cr3, image_pages, unreadable_tables)) = best else {
+    let Some((cr3, mut image_pages, unreadable_tables)) = best else {
         return Err(last_err.unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
     };
+    // The walk yields address order already; `translate` relies on it.
+    image_pages.sort_by_key(|m| m.gva.raw());
     let walker = Walker::new(mem, mode, cr3, nxe);
     let spec = |m: &Mapping| PageSpec { gva: m.gva, gpa: m.gpa, perms: m.perms };
     let text: Vec<PageSpec> = image_pages.iter().filter(|m| is_text(&m.perms)).map(spec).collect();
@@ -214,7 +215,6 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         )?);
     }
 
-    let index = image_pages.iter().map(|m| (m.gva.raw(), (m.gpa, m.perms))).collect();
     Ok(KernelView {
         identification,
         registers: registers.to_vec(),
@@ -222,7 +222,6 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         regions,
         unreadable_tables,
         walker,
-        index,
     })
 }
 

@@ -56,6 +56,15 @@ impl GuestMemory for RawDump {
         }
     }
 
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        let Backing::Bytes(b) = &self.backing else { return None };
+        if !self.layout.contains(start, len) {
+            return None;
+        }
+        let from = usize::try_from(start.raw()).ok()?;
+        b.get(from..from.checked_add(usize::try_from(len).ok()?)?)
+    }
+
     fn layout(&self) -> &RamLayout {
         &self.layout
     }

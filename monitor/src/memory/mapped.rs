@@ -151,6 +151,13 @@ impl GuestMemory for SharedRam {
         Ok(())
     }
 
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        let range = self.layout.find(start, len)?;
+        let block = self.blocks.iter().find(|b| b.name == range.block)?;
+        let from = usize::try_from(range.block_offset + (start.raw() - range.start.raw())).ok()?;
+        block.map.get(from..from.checked_add(usize::try_from(len).ok()?)?)
+    }
+
     fn layout(&self) -> &RamLayout {
         &self.layout
     }

@@ -63,6 +63,14 @@ pub trait GuestMemory {
         Ok(())
     }
 
+    /// The bytes at `start` in place, without copying, for sources that
+    /// map guest RAM (`None` for the others, and outside RAM). The guest may
+    /// change them while they are looked at: read each byte once.
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        let _ = (start, len);
+        None
+    }
+
     /// Where RAM is in guest-physical space.
     fn layout(&self) -> &RamLayout;
 
@@ -76,6 +84,9 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &T {
     }
     fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
         (**self).read_many(reads)
+    }
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        (**self).slice(start, len)
     }
     fn layout(&self) -> &RamLayout {
         (**self).layout()
@@ -91,6 +102,9 @@ impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     }
     fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
         (**self).read_many(reads)
+    }
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        (**self).slice(start, len)
     }
     fn layout(&self) -> &RamLayout {
         (**self).layout()

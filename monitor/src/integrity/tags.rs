@@ -1,0 +1,143 @@
+//! The steady-state fast path: every baseline page's NH tag (see [`nh`]),
+//! so that a check computes BLAKE3 only for the pages whose tag differs.
+//!
+//! Tags are of the baseline's bytes, never of whatever memory holds when
+//! they are made: a page's tag comes from memory only when its BLAKE3
+//! value there is the baseline's, otherwise from the baseline's originals
+//! (`.pages`), otherwise it is unknown and the page always takes the BLAKE3
+//! path. Tags belong to one baseline: a check with another baseline's
+//! regions ignores them.
+
+use super::nh::{self, Key, Tag};
+use super::{AddressSpace, Baseline, Originals, tree};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::GuestMemory;
+
+/// Pages read per batch when a source cannot lend its bytes in place.
+const BATCH: usize = 64;
+
+/// The tags of one baseline's pages, region by region.
+pub struct PageTags {
+    key: Key,
+    regions: Vec<RegionTags>,
+}
+
+struct RegionTags {
+    root: [u8; 32],
+    tags: Vec<Option<Tag>>,
+}
+
+/// Where a [`PageTags`] got its tags from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TagSources {
+    pub memory: usize,
+    pub originals: usize,
+    pub unknown: usize,
+}
+
+impl PageTags {
+    /// Tags every page of `baseline` with `key`.
+    pub fn build<M: GuestMemory + ?Sized>(
+        key: Key,
+        baseline: &Baseline,
+        mem: &M,
+        space: &dyn AddressSpace,
+        originals: &Originals,
+    ) -> (Self, TagSources) {
+        let mut sources = TagSources::default();
+        let mut buf = [0u8; PAGE_BYTES];
+        let regions = baseline
+            .regions
+            .iter()
+            .map(|r| {
+                let tags = r
+                    .pages
+                    .iter()
+                    .zip(0u64..)
+                    .map(|(p, i)| {
+                        let holds_baseline = |bytes: &[u8]| {
+                            bytes.len() == PAGE_BYTES
+                                && tree::page_value(i, bytes, r.bytes) == p.value
+                        };
+                        let in_memory = space.translate(p.gva).is_some_and(|(gpa, _)| {
+                            gpa == p.gpa && mem.read(gpa, &mut buf).is_ok()
+                        });
+                        if in_memory && holds_baseline(&buf) {
+                            sources.memory += 1;
+                            return key.tag_slice(&buf);
+                        }
+                        match originals.page(p.gva.raw()) {
+                            Some(o) if holds_baseline(&o) => {
+                                sources.originals += 1;
+                                key.tag_slice(&o)
+                            }
+                            _ => {
+                                sources.unknown += 1;
+                                None
+                            }
+                        }
+                    })
+                    .collect();
+                RegionTags { root: r.root, tags }
+            })
+            .collect();
+        (Self { key, regions }, sources)
+    }
+
+    /// The tags of region `index` of a baseline whose region has `root`
+    /// (`None` when these tags are of another baseline).
+    fn region(&self, index: usize, root: &[u8; 32]) -> Option<&[Option<Tag>]> {
+        self.regions.get(index).filter(|t| &t.root == root).map(|t| t.tags.as_slice())
+    }
+}
+
+/// Checks the pages `reads` (index in region, virtual, physical) of region
+/// `region_index` against their tags. Returns the reads whose tag differs
+/// or is unknown: only those need hashing. `None` when the tags do not
+/// belong to this region, or a page cannot be read (the caller's BLAKE3
+/// path then reads and reports it).
+pub fn untagged_or_changed<M: GuestMemory + ?Sized>(
+    tags: &PageTags,
+    region_index: usize,
+    root: &[u8; 32],
+    mem: &M,
+    reads: &[(u64, GuestVirtAddr, GuestPhysAddr)],
+) -> Option<Vec<(u64, GuestVirtAddr, GuestPhysAddr)>> {
+    let expected = tags.region(region_index, root)?;
+    let want = |index: u64| expected.get(usize::try_from(index).ok()?).copied().flatten();
+    let mut slow = Vec::new();
+    let mut now = Vec::with_capacity(BATCH);
+    let mut bufs = vec![[0u8; PAGE_BYTES]; BATCH.min(reads.len())];
+    for batch in reads.chunks(BATCH) {
+        // In place where the source maps RAM; else one batched read.
+        let in_place: Option<Vec<&[u8]>> =
+            batch.iter().map(|&(_, _, gpa)| mem.slice(gpa, PAGE_SIZE)).collect();
+        let pages: Vec<&[u8]> = match in_place {
+            Some(p) => p,
+            None => {
+                let mut rs: Vec<(GuestPhysAddr, &mut [u8])> = batch
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
+                    .collect();
+                mem.read_many(&mut rs).ok()?;
+                bufs.iter().take(batch.len()).map(|b| &b[..]).collect()
+            }
+        };
+        let whole: Option<Vec<&[u8; PAGE_BYTES]>> =
+            pages.iter().map(|p| (*p).try_into().ok()).collect();
+        now.clear();
+        tags.key.tag_each(&whole?, &mut now);
+        for (&read, tag) in batch.iter().zip(&now) {
+            if want(read.0) != Some(*tag) {
+                slow.push(read);
+            }
+        }
+    }
+    Some(slow)
+}
+
+/// The chance that a change of one page escapes its tag, as a power of two
+/// (for reports): one in 2^this.
+#[allow(clippy::cast_possible_truncation)] // PASSES is 2
+pub const ESCAPE_BITS: u32 = 32 * nh::PASSES as u32;
