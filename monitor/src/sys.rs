@@ -17,9 +17,10 @@ pub fn map_readonly(file: &File, offset: u64, len: usize) -> io::Result<Mmap> {
     // SAFETY: the mapping is read-only and private to this process, so no
     // Rust reference into it is ever aliased by a writer in this process. The
     // guest (through QEMU) writes the pages concurrently: readers copy bytes
-    // out of the mapping and never hold references across reads or assume the
-    // contents are stable, which is all a shared mapping of foreign memory can
-    // promise. Truncation (SIGBUS) is documented above.
+    // out of the mapping, or hash a page in place (`GuestMemory::slice`,
+    // reading each byte once), and never assume the contents are stable or
+    // hold them across reads, which is all a shared mapping of foreign memory
+    // can promise. Truncation (SIGBUS) is documented above.
     unsafe { MmapOptions::new().offset(offset).len(len).map(file) }
 }
 
@@ -38,11 +39,18 @@ pub fn process_vm_read(
         .iter_mut()
         .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
         .collect();
-    let mut remote_iov = Vec::with_capacity(remote.len());
+    // Remote ranges that follow one another become one iovec: the kernel
+    // pins and copies a long range much faster than many pages.
+    let mut remote_iov: Vec<libc::iovec> = Vec::with_capacity(remote.len());
     for &(addr, len) in remote {
         let base = usize::try_from(addr)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "remote address"))?;
-        remote_iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
+        match remote_iov.last_mut() {
+            Some(last) if (last.iov_base as usize).checked_add(last.iov_len) == Some(base) => {
+                last.iov_len += len;
+            }
+            _ => remote_iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len }),
+        }
     }
     // SAFETY: every local iovec points into a live `&mut [u8]` of exactly its
     // length, borrowed mutably for the duration of the call, so the kernel
@@ -78,6 +86,27 @@ mod tests {
         assert_eq!(n, 256 + 4096);
         assert_eq!(x, a);
         assert_eq!(y, b);
+    }
+
+    #[test]
+    fn adjacent_remote_ranges_land_in_their_own_buffers() {
+        let a: Vec<u8> = (0..=255).cycle().take(3 * 4096).collect();
+        let base = a.as_ptr() as u64;
+        // Three adjacent pages and one out of order, into four buffers.
+        let remote = [(base, 4096), (base + 4096, 4096), (base + 8192, 4096), (base, 16)];
+        let (mut p, mut q, mut r, mut s) =
+            (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 16]);
+        let n = process_vm_read(
+            std::process::id() as i32,
+            &mut [&mut p, &mut q, &mut r, &mut s],
+            &remote,
+        )
+        .unwrap();
+        assert_eq!(n, 3 * 4096 + 16);
+        assert_eq!(
+            (&p[..], &q[..], &r[..], &s[..]),
+            (&a[..4096], &a[4096..8192], &a[8192..], &a[..16])
+        );
     }
 
     #[test]
