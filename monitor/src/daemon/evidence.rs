@@ -240,8 +240,8 @@ pub fn save(
     let mut m = Manifest {
         format: FORMAT.into(),
         version: VERSION,
-        domain: w.dom.name.clone(),
-        uuid: w.dom.uuid.clone(),
+        domain: w.dom.name().to_owned(),
+        uuid: w.dom.uuid().to_owned(),
         boot: w.boot(),
         started: crate::integrity::baseline::now_rfc3339(),
         finished: String::new(),

@@ -73,9 +73,48 @@ pub enum Attached {
     New,
 }
 
+/// What a watch needs of a running guest: libvirt's domains
+/// ([`GuestDomain`]) in the daemon, in-process guests in the benchmarks.
+pub trait Guest: Send {
+    fn name(&self) -> &str;
+    fn uuid(&self) -> &str;
+    /// `Ok` while the guest runs (or is paused).
+    fn ensure_running(&self) -> Result<(), LibvirtError>;
+    fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError>;
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError>;
+    /// The guest's memory size, for evidence limits.
+    fn memory_bytes(&self) -> Result<u64, LibvirtError>;
+    /// Writes the guest's memory to `path` as an ELF core (evidence).
+    fn dump_memory(&self, path: &Path) -> Result<(), LibvirtError>;
+}
+
+impl Guest for GuestDomain {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn uuid(&self) -> &str {
+        &self.uuid
+    }
+    fn ensure_running(&self) -> Result<(), LibvirtError> {
+        GuestDomain::ensure_running(self)
+    }
+    fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError> {
+        GuestDomain::registers(self)
+    }
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
+        GuestDomain::open_memory(self, SourceChoice::Auto)
+    }
+    fn memory_bytes(&self) -> Result<u64, LibvirtError> {
+        GuestDomain::memory_bytes(self)
+    }
+    fn dump_memory(&self, path: &Path) -> Result<(), LibvirtError> {
+        GuestDomain::dump_memory(self, path)
+    }
+}
+
 /// A domain being watched.
 pub struct Watched {
-    pub dom: GuestDomain,
+    pub dom: Box<dyn Guest>,
     mem: Option<Box<dyn GuestMemory + Send + Sync>>,
     pub baseline: Baseline,
     pub path: PathBuf,
@@ -138,12 +177,12 @@ pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
 }
 
 fn take_baseline(
-    dom: &GuestDomain,
+    dom: &dyn Guest,
     mem: &(dyn GuestMemory + Send + Sync),
 ) -> Result<(Baseline, Originals), WatchError> {
     let regs = dom.registers()?;
     let view = discover(mem, &regs)?;
-    let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
+    let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
     Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
 }
 
@@ -161,7 +200,7 @@ fn store(path: &Path, baseline: &Baseline, originals: &Originals) -> Result<(), 
 
 impl Watched {
     fn new(
-        dom: GuestDomain,
+        dom: Box<dyn Guest>,
         mem: Box<dyn GuestMemory + Send + Sync>,
         baseline: Baseline,
         path: PathBuf,
@@ -191,15 +230,22 @@ impl Watched {
         uuid: &str,
         state_dir: &Path,
     ) -> Result<(Self, Attached), WatchError> {
-        let dom = hv.domain(uuid)?;
+        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir)
+    }
+
+    /// [`Watched::attach`] for any [`Guest`].
+    pub fn attach_guest(
+        dom: Box<dyn Guest>,
+        state_dir: &Path,
+    ) -> Result<(Self, Attached), WatchError> {
         dom.ensure_running()?;
-        let mem = dom.open_memory(SourceChoice::Auto)?;
+        let mem = dom.open_memory()?;
         let regs = dom.registers()?;
         let view = discover(&*mem, &regs)?;
         let boot = view.identification.boot_key();
-        let path = baseline_path(state_dir, &dom.uuid);
+        let path = baseline_path(state_dir, dom.uuid());
         if let Ok(stored) = Baseline::load(&path)
-            && stored.domain.uuid == dom.uuid
+            && stored.domain.uuid == dom.uuid()
             && stored.kernel.boot_key() == boot
         {
             drop(view);
@@ -210,7 +256,7 @@ impl Watched {
             return Ok((Self::new(dom, mem, stored, path, originals), Attached::Stored));
         }
         drop(view);
-        let (baseline, originals) = take_baseline(&dom, &*mem)?;
+        let (baseline, originals) = take_baseline(&*dom, &*mem)?;
         store(&path, &baseline, &originals)?;
         Ok((Self::new(dom, mem, baseline, path, originals), Attached::New))
     }
@@ -267,7 +313,7 @@ impl Watched {
         let diffing = changes.is_some();
         self.dom.ensure_running()?;
         if self.mem.is_none() {
-            self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
+            self.mem = Some(self.dom.open_memory()?);
         }
         let mem = self.mem.as_deref().expect("opened above");
         let regs = self.dom.registers()?;
@@ -425,12 +471,14 @@ fn review_patches(
     space: &dyn AddressSpace,
     scope: Scope,
 ) -> Vec<Patched> {
-    let text: HashSet<u64> = baseline
+    // Text pages, sorted (a binary search per look-up, no hashing).
+    let mut text: Vec<u64> = baseline
         .regions
         .iter()
         .filter(|g| g.kind == crate::integrity::RegionKind::Code)
         .flat_map(|g| g.pages.iter().map(|p| p.gva.raw()))
         .collect();
+    text.sort_unstable();
     let code_regions: Vec<String> = baseline
         .regions
         .iter()
@@ -453,7 +501,11 @@ fn review_patches(
         |region: &str| region.starts_with("module:") || code_regions.iter().any(|c| c == region);
     let full = scope == Scope::Full;
     let covered = |a: u64| {
-        if text.contains(&(a & !(PAGE_SIZE - 1))) { Some(full) } else { in_module(a).map(|_| true) }
+        if text.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {
+            Some(full)
+        } else {
+            in_module(a).map(|_| true)
+        }
     };
     patch::review(r, m, mem, space, &original, state, &is_text, &covered)
 }
@@ -555,10 +607,10 @@ impl Watched {
     /// Replaces the baseline with the guest's current state, and stores it.
     pub fn rebaseline(&mut self) -> Result<(), WatchError> {
         if self.mem.is_none() {
-            self.mem = Some(self.dom.open_memory(SourceChoice::Auto)?);
+            self.mem = Some(self.dom.open_memory()?);
         }
         let (baseline, originals) =
-            take_baseline(&self.dom, self.mem.as_deref().expect("opened above"))?;
+            take_baseline(&*self.dom, self.mem.as_deref().expect("opened above"))?;
         store(&self.path, &baseline, &originals)?;
         self.baseline = baseline;
         self.originals = originals;

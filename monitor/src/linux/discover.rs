@@ -63,6 +63,9 @@ pub struct KernelView<'m, M: GuestMemory + ?Sized> {
     /// Table pointers of the image range that led outside RAM.
     pub unreadable_tables: Vec<(GuestVirtAddr, GuestPhysAddr)>,
     walker: Walker<'m, M>,
+    /// Where the last translation was found in `image_pages`: callers
+    /// mostly translate pages in address order, so the next one is close.
+    hint: std::cell::Cell<usize>,
 }
 
 impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
@@ -83,8 +86,17 @@ impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
     }
 
     fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
-        // `image_pages` is in address order: a binary search, no hashing.
-        if let Ok(i) = self.image_pages.binary_search_by_key(&gva.raw(), |m| m.gva.raw()) {
+        // `image_pages` is in address order: the page after the last one
+        // found, else a binary search; no hashing.
+        let va = gva.raw();
+        let h = self.hint.get();
+        let near = [h, h + 1]
+            .into_iter()
+            .find(|&i| self.image_pages.get(i).is_some_and(|m| m.gva.raw() == va));
+        if let Some(i) =
+            near.or_else(|| self.image_pages.binary_search_by_key(&va, |m| m.gva.raw()).ok())
+        {
+            self.hint.set(i);
             let m = &self.image_pages[i];
             return Some((m.gpa, m.perms));
         }
@@ -222,6 +234,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         regions,
         unreadable_tables,
         walker,
+        hint: std::cell::Cell::new(0),
     })
 }
 
