@@ -15,4 +15,7 @@ for dom in $(virsh -c qemu:///system list --name | grep '^vigil-lab-' || true); 
 done
 lab/package.sh --check
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# The benchmarks need a captured guest to run (lab/capture.sh); here they
+# are only built, so that they cannot rot.
+cargo build --quiet -p vigil-bench --benches
 cargo nextest run --workspace --no-fail-fast "$@"
