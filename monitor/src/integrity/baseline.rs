@@ -164,7 +164,11 @@ pub fn mapping_runs(pages: &[Mapping]) -> Vec<MappingRun> {
 
 /// Expands runs back into 4 KiB pages, refusing runs that overflow.
 pub fn expand_runs(runs: &[MappingRun]) -> Option<Vec<Mapping>> {
-    let mut out = Vec::new();
+    let total = runs.iter().try_fold(0u64, |n, r| n.checked_add(r.pages))?;
+    if total > MAX_REGION_PAGES as u64 + 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(usize::try_from(total).ok()?);
     for r in runs {
         for i in 0..r.pages {
             let off = i.checked_mul(PAGE_SIZE)?;

@@ -109,7 +109,9 @@ impl<M: GuestMemory + ?Sized> AddressSpace for KernelView<'_, M> {
 
 /// Splits leaf mappings into 4 KiB pages.
 fn split_pages(mappings: &[Mapping]) -> Vec<Mapping> {
-    let mut out = Vec::new();
+    // Reserved up front, up to a million pages (more still fits, slower).
+    let pages = mappings.iter().fold(0u64, |n, m| n.saturating_add(m.size / PAGE_SIZE));
+    let mut out = Vec::with_capacity(usize::try_from(pages.min(1 << 20)).unwrap_or(0));
     for m in mappings {
         for off in (0..m.size).step_by(crate::addr::PAGE_BYTES) {
             // Both sides stay inside the leaf the walker returned (aligned, in range).

@@ -59,6 +59,9 @@ pub struct Profile {
     /// (`__mcount_loc`), sorted.
     pub fentry: Vec<u64>,
     by_name: HashMap<String, usize>,
+    /// `_text` and `_etext`, looked up once: `symbolize` runs for every
+    /// table entry of every check.
+    text_span: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -157,7 +160,10 @@ impl Profile {
         s32: Vec<(u32, String)>,
     ) -> Self {
         symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
-        let by_name = symbols.iter().enumerate().rev().map(|(i, s)| (s.name.clone(), i)).collect();
+        let by_name: HashMap<String, usize> =
+            symbols.iter().enumerate().rev().map(|(i, s)| (s.name.clone(), i)).collect();
+        let at = |n: &str| by_name.get(n).map(|&i| symbols[i].addr);
+        let text_span = at("_text").zip(at("_etext"));
         Self {
             release,
             banner,
@@ -169,6 +175,7 @@ impl Profile {
             tables: Vec::new(),
             fentry: Vec::new(),
             by_name,
+            text_span,
         }
     }
 
@@ -492,8 +499,7 @@ impl Profile {
 
     /// The code symbol holding link-time address `addr`, and the offset into it.
     pub fn symbolize(&self, addr: u64) -> Option<(&str, u64)> {
-        let text = self.symbol("_text")?.addr;
-        let etext = self.symbol("_etext")?.addr;
+        let (text, etext) = self.text_span?;
         if addr < text || addr >= etext {
             return None;
         }
