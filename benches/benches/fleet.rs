@@ -3,7 +3,8 @@
 //! a while; writes into random guests' kernel text meanwhile, each timed
 //! until a check reports it.
 //!
-//!   lab/capture.sh && cargo bench -p vigil-bench --bench fleet [-- --guests 100 --seconds 30 --writes-per-minute 60]
+//!   lab/capture.sh && cargo bench -p vigil-bench --bench fleet \
+//!       [-- --guests 100 --seconds 30 --writes-per-minute 60 --originals memory|disk]
 //!
 //! Each guest is a copy-on-write copy of the captured lab guest's memory,
 //! watched by vigil's own `Watched` (profile match, semantic checks, patch
@@ -72,6 +73,11 @@ fn main() {
     let seconds = arg("--seconds", 30);
     // Writes per minute into random guests (0: none, steady state only).
     let pokes_per_minute = arg("--writes-per-minute", 60);
+    // `--originals disk`: the baselines' original pages stay in their files.
+    let on_disk = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "--originals" && w[1] == "disk");
     let cap = Capture::load();
     let (profiles, _) = vigil::linux::profile::load_dir(&[concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -85,7 +91,11 @@ fn main() {
     let pages_file = vigil::integrity::Originals::path_for(&cap.baseline_path);
     let text = cap.baseline.regions.iter().find(|r| r.name == "kernel-text").unwrap().clone();
 
-    println!("fleet: attaching {guests} guests (copies of {})", cap.dir.display());
+    println!(
+        "fleet: attaching {guests} guests (copies of {}), original pages {}",
+        cap.dir.display(),
+        if on_disk { "on disk" } else { "in memory" }
+    );
     let rss_before = rss_anon();
     let attach = Instant::now();
     let mut fleet = Vec::new();
@@ -105,7 +115,7 @@ fn main() {
             ram: ram.copy(),
         };
         let copy = g.ram.clone();
-        let (mut w, _) = Watched::attach_guest(Box::new(g), state.path()).unwrap();
+        let (mut w, _) = Watched::attach_guest(Box::new(g), state.path(), on_disk).unwrap();
         let r = w.check(Scope::Full, &profiles).unwrap();
         assert!(r.intact, "guest {i} is not intact at start: {:?}", r.violations.first());
         fleet.push((w, copy));

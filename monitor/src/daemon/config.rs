@@ -33,6 +33,7 @@ pub struct RawConfig {
     pub control_group: Option<String>,
     pub host: Option<String>,
     pub profiles: Option<Vec<PathBuf>>,
+    pub originals: Option<String>,
     #[serde(default)]
     pub schedule: RawSchedule,
     #[serde(default)]
@@ -128,6 +129,9 @@ pub struct Settings {
     pub webhook: Option<HttpEndpoint>,
     /// Evidence saved on a violation; `None` when switched off (the default).
     pub evidence: Option<EvidenceSettings>,
+    /// Keep baselines' original pages in their files, not in memory
+    /// (`originals = "disk"`).
+    pub originals_on_disk: bool,
 }
 
 /// What the daemon saves when a violation is first reported (`[evidence]`).
@@ -353,6 +357,16 @@ impl Settings {
         } else {
             None
         };
+        let originals_on_disk = match raw.originals.as_deref() {
+            None | Some("memory") => false,
+            Some("disk") => true,
+            Some(other) => {
+                return Err(bad(
+                    "originals",
+                    format!("{other:?} is neither \"memory\" nor \"disk\""),
+                ));
+            }
+        };
         let host = raw.host.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -389,6 +403,7 @@ impl Settings {
             alertmanager: endpoint("alertmanager.url", raw.alertmanager)?,
             webhook: endpoint("webhook.url", raw.webhook)?,
             evidence,
+            originals_on_disk,
             state_dir,
         })
     }
@@ -436,6 +451,8 @@ mod tests {
         assert_eq!(s.alert_log, PathBuf::from("/srv/vigil/alerts.jsonl"));
         assert!(s.watches("web-1", "x") && !s.watches("web-test1", "x") && !s.watches("db", "x"));
         assert_eq!(s.alertmanager.unwrap().path, "/");
+        assert!(!load("").unwrap().originals_on_disk);
+        assert!(load("originals = \"disk\"").unwrap().originals_on_disk);
     }
 
     #[test]
@@ -468,6 +485,7 @@ mod tests {
             ("[evidence]\nenabled = true\nmax_dump = \"4 GB\"", "evidence.max_dump"),
             ("[evidence]\nenabled = true\nkeep = 0", "evidence.keep"),
             ("[evidence]\nmemory_dump = true", "evidence.enabled"),
+            ("originals = \"ssd\"", "originals"),
             ("[evidence]\nenabled = true\nmin_interval = \"soon\"", "evidence.min_interval"),
         ] {
             let e = load(text).unwrap_err().to_string();

@@ -281,7 +281,8 @@ async fn attach(
         }
         if let Some(hv) = shared.hypervisor() {
             let (u, dir) = (uuid.to_owned(), shared.settings.state_dir.clone());
-            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir))
+            let on_disk = shared.settings.originals_on_disk;
+            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir, on_disk))
                 .await
                 .expect("attach panicked");
             match r {

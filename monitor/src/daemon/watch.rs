@@ -149,6 +149,8 @@ pub struct Watched {
     /// hash with BLAKE3 only the pages whose tag differs. Made at the first
     /// check of a baseline.
     tags: Option<PageTags>,
+    /// Whether original pages stay in their file (`originals = "disk"`).
+    originals_on_disk: bool,
 }
 
 /// A live module's text as first seen.
@@ -186,16 +188,27 @@ fn take_baseline(
     Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
 }
 
-/// Stores a baseline and its original pages.
-fn store(path: &Path, baseline: &Baseline, originals: &Originals) -> Result<(), WatchError> {
+/// Stores a baseline and its original pages; returns the originals as the
+/// watch keeps them (in memory, or indexed in their file).
+fn store(
+    path: &Path,
+    baseline: &Baseline,
+    originals: Originals,
+    on_disk: bool,
+) -> Result<Originals, WatchError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|source| BaselineError::Write { path: dir.display().to_string(), source })?;
     }
     // Pages first: a baseline never points at missing originals.
-    originals.save(&Originals::path_for(path))?;
+    let pages = Originals::path_for(path);
+    originals.save(&pages)?;
     baseline.save(path)?;
-    Ok(())
+    if on_disk {
+        // Read back indexed; should that fail, keep them in memory.
+        return Ok(Originals::load_indexed(&pages, baseline).unwrap_or(originals));
+    }
+    Ok(originals)
 }
 
 impl Watched {
@@ -220,23 +233,28 @@ impl Watched {
             unlisted_seen: HashSet::new(),
             guest_symbols: None,
             tags: None,
+            originals_on_disk: false,
         }
     }
 
     /// Finds the kernel of a running domain and loads its stored baseline if
     /// it is of the current boot, or takes and stores a new one.
+    /// With `originals_on_disk`, the baseline's original pages stay in their
+    /// file and are read when a page changes (`originals = "disk"`).
     pub fn attach(
         hv: &Hypervisor,
         uuid: &str,
         state_dir: &Path,
+        originals_on_disk: bool,
     ) -> Result<(Self, Attached), WatchError> {
-        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir)
+        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir, originals_on_disk)
     }
 
     /// [`Watched::attach`] for any [`Guest`].
     pub fn attach_guest(
         dom: Box<dyn Guest>,
         state_dir: &Path,
+        originals_on_disk: bool,
     ) -> Result<(Self, Attached), WatchError> {
         dom.ensure_running()?;
         let mem = dom.open_memory()?;
@@ -251,14 +269,23 @@ impl Watched {
             drop(view);
             // Without its original pages the stored baseline still protects,
             // but cannot tell the kernel's patches from an attack.
-            let originals =
-                Originals::load(&Originals::path_for(&path), &stored).unwrap_or_default();
-            return Ok((Self::new(dom, mem, stored, path, originals), Attached::Stored));
+            let pages = Originals::path_for(&path);
+            let originals = if originals_on_disk {
+                Originals::load_indexed(&pages, &stored)
+            } else {
+                Originals::load(&pages, &stored)
+            }
+            .unwrap_or_default();
+            let mut w = Self::new(dom, mem, stored, path, originals);
+            w.originals_on_disk = originals_on_disk;
+            return Ok((w, Attached::Stored));
         }
         drop(view);
         let (baseline, originals) = take_baseline(&*dom, &*mem)?;
-        store(&path, &baseline, &originals)?;
-        Ok((Self::new(dom, mem, baseline, path, originals), Attached::New))
+        let originals = store(&path, &baseline, originals, originals_on_disk)?;
+        let mut w = Self::new(dom, mem, baseline, path, originals);
+        w.originals_on_disk = originals_on_disk;
+        Ok((w, Attached::New))
     }
 
     pub fn boot(&self) -> String {
@@ -611,7 +638,7 @@ impl Watched {
         }
         let (baseline, originals) =
             take_baseline(&*self.dom, self.mem.as_deref().expect("opened above"))?;
-        store(&self.path, &baseline, &originals)?;
+        let originals = store(&self.path, &baseline, originals, self.originals_on_disk)?;
         self.baseline = baseline;
         self.originals = originals;
         self.patch_state = PatchMemory::default();

@@ -21,10 +21,31 @@ const MAX_BLOCK: usize = 8192;
 /// Most pages a file may hold.
 const MAX_PAGES: usize = 1 << 20;
 
-/// Original page bytes by virtual address, LZ4-compressed.
+/// Original page bytes by virtual address, LZ4-compressed: in memory, or
+/// left in the file and read when a page is asked for
+/// ([`Originals::load_indexed`]).
 #[derive(Debug, Default, Clone)]
 pub struct Originals {
     pages: HashMap<u64, Vec<u8>>,
+    /// For pages left in the file: where each block is, and what the page
+    /// must hash to (the file is checked again at every read).
+    on_disk: Option<OnDisk>,
+}
+
+#[derive(Debug, Clone)]
+struct OnDisk {
+    file: std::sync::Arc<std::fs::File>,
+    path: String,
+    index: HashMap<u64, Block>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    offset: u64,
+    len: u32,
+    page: u64,
+    region_len: u64,
+    value: [u8; 32],
 }
 
 impl Originals {
@@ -39,19 +60,59 @@ impl Originals {
 
     /// The original bytes of the page at `gva`.
     pub fn page(&self, gva: u64) -> Option<Vec<u8>> {
+        if let Some(d) = &self.on_disk {
+            return d.page(gva);
+        }
         let block = self.pages.get(&gva)?;
         lz4_flex::block::decompress_size_prepended(block).ok().filter(|b| b.len() == PAGE_BYTES)
     }
 
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.on_disk.as_ref().map_or(self.pages.len(), |d| d.index.len())
+    }
+
+    /// Whether the pages are left in the file (read when asked for).
+    pub fn is_on_disk(&self) -> bool {
+        self.on_disk.is_some()
+    }
+
+    /// Like [`Originals::load`], but keeps only an index in memory (about
+    /// 60 bytes a page instead of the compressed page, some 2.3 KB): each
+    /// page asked for later is read from the file, decompressed and checked
+    /// against the baseline's value again (a file changed since is then
+    /// treated as missing).
+    pub fn load_indexed(path: &Path, baseline: &Baseline) -> Result<Self, BaselineError> {
+        let checked = Self::load(path, baseline)?;
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path)
+            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
+        let file = std::fs::File::open(path)
+            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
+        let expected = expected_values(baseline);
+        let mut index = HashMap::with_capacity(checked.pages.len());
+        let mut at = MAGIC.len();
+        while at + 12 <= bytes.len() {
+            let gva = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+            let &(page, region_len, value) =
+                expected.get(&gva).ok_or_else(|| BaselineError::Invalid {
+                    path: shown.clone(),
+                    reason: format!("page {gva:#x} is in no region of the baseline"),
+                })?;
+            index.insert(gva, Block { offset: (at + 12) as u64, len, page, region_len, value });
+            at += 12 + len as usize;
+        }
+        Ok(Self {
+            pages: HashMap::new(),
+            on_disk: Some(OnDisk { file: std::sync::Arc::new(file), path: shown, index }),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
         self.pages.is_empty()
     }
 
-    /// Bytes held in memory (compressed).
+    /// Bytes held in memory (compressed; 0 when the pages are on disk).
     pub fn compressed_bytes(&self) -> usize {
         self.pages.values().map(Vec::len).sum()
     }
@@ -59,6 +120,14 @@ impl Originals {
     /// Writes the file atomically (temporary file, sync, rename).
     pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
         let shown = path.display().to_string();
+        if let Some(d) = &self.on_disk {
+            // Pages left in a file: that file already is the saved form.
+            if d.path != shown {
+                std::fs::copy(&d.path, path)
+                    .map_err(|source| BaselineError::Write { path: shown.clone(), source })?;
+            }
+            return Ok(());
+        }
         let werr = |source| BaselineError::Write { path: shown.clone(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".vigil-pages.{}.tmp", std::process::id()));
@@ -103,13 +172,7 @@ impl Originals {
     /// Parses and checks the file's bytes against `baseline`.
     pub fn from_bytes(bytes: &[u8], baseline: &Baseline) -> Result<Self, String> {
         let rest = bytes.strip_prefix(MAGIC).ok_or("not a vigil pages file (bad magic line)")?;
-        let expected: HashMap<u64, (u64, u64, [u8; 32])> = baseline
-            .regions
-            .iter()
-            .flat_map(|r| {
-                r.pages.iter().zip(0u64..).map(move |(p, i)| (p.gva.raw(), (i, r.bytes, p.value)))
-            })
-            .collect();
+        let expected = expected_values(baseline);
         let mut out = Originals::default();
         let mut at = 0usize;
         while at < rest.len() {
@@ -142,6 +205,30 @@ impl Originals {
             at += 12 + len;
         }
         Ok(out)
+    }
+}
+
+/// Each baseline page's (index in its region, region length, value), by address.
+fn expected_values(baseline: &Baseline) -> HashMap<u64, (u64, u64, [u8; 32])> {
+    baseline
+        .regions
+        .iter()
+        .flat_map(|r| {
+            r.pages.iter().zip(0u64..).map(move |(p, i)| (p.gva.raw(), (i, r.bytes, p.value)))
+        })
+        .collect()
+}
+
+impl OnDisk {
+    fn page(&self, gva: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let b = self.index.get(&gva)?;
+        let mut block = vec![0u8; b.len as usize];
+        self.file.read_exact_at(&mut block, b.offset).ok()?;
+        let page = lz4_flex::block::decompress_size_prepended(&block)
+            .ok()
+            .filter(|p| p.len() == PAGE_BYTES)?;
+        (tree::page_value(b.page, &page, b.region_len) == b.value).then_some(page)
     }
 }
 
@@ -179,6 +266,37 @@ mod tests {
         o.save(&path).unwrap();
         let back = Originals::load(&path, &b).unwrap();
         assert_eq!(back.page(TEXT_VA + 0x1000).unwrap(), page);
+    }
+
+    #[test]
+    fn pages_left_on_disk_read_the_same_and_are_checked_again() {
+        let (b, o) = taken();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pages");
+        o.save(&path).unwrap();
+        let d = Originals::load_indexed(&path, &b).unwrap();
+        assert!(d.is_on_disk() && d.compressed_bytes() == 0);
+        assert_eq!(d.len(), o.len());
+        for p in b.regions.iter().flat_map(|r| &r.pages) {
+            assert_eq!(d.page(p.gva.raw()), o.page(p.gva.raw()));
+        }
+        assert_eq!(d.page(0x1234_5000), None);
+        // Saving elsewhere copies the file; the copy loads.
+        let copy = dir.path().join("y.pages");
+        d.save(&copy).unwrap();
+        assert!(Originals::load(&copy, &b).is_ok());
+        // A file changed after loading: its pages are no longer believed.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 2] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let changed = b
+            .regions
+            .iter()
+            .flat_map(|r| &r.pages)
+            .filter(|p| d.page(p.gva.raw()).is_none())
+            .count();
+        assert!(changed >= 1);
     }
 
     #[test]
