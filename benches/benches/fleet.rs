@@ -197,6 +197,13 @@ fn main() {
     let wall = start.elapsed().min(Duration::from_secs(seconds));
     let cpu = cpu_time() - cpu0;
     let missed = pending.iter().filter(|p| p.is_some()).count();
+    let unseen_ages: Vec<String> = pending
+        .iter()
+        .flatten()
+        .map(|(t, gpa, _)| {
+            format!("{gpa} {:.2} s before the end", (end.min(Instant::now()) - *t).as_secs_f64())
+        })
+        .collect();
     println!(
         "fleet: {guests} guests, {seconds} s, {checks} full checks ({:.1} per second)",
         checks as f64 / wall.as_secs_f64()
@@ -218,6 +225,9 @@ fn main() {
         percentile(&mut latencies, 0.99),
         percentile(&mut latencies, 1.0)
     );
+    if !unseen_ages.is_empty() {
+        println!("  unseen writes: {}", unseen_ages.join(", "));
+    }
     println!(
         "  checks started late: {} of {checks} (p99 {:.1} ms)",
         late.iter().filter(|&&l| l > 0.010).count(),
