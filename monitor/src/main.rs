@@ -376,17 +376,15 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
     Ok(EXIT_OK)
 }
 
-fn check_domain(
+/// A live domain's baseline: the one given, or the stored one; refused
+/// when it is missing or of another domain.
+fn domain_baseline(
     cli: &Cli,
-    domain: &str,
-    baseline: Option<&Path>,
-    source: Source,
-) -> anyhow::Result<u8> {
-    let hv = Hypervisor::connect(&cli.connect)?;
-    let dom = hv.domain(domain)?;
-    dom.ensure_running()?;
-    let path = baseline.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
-    if baseline.is_none() && !path.exists() {
+    dom: &GuestDomain,
+    given: Option<&Path>,
+) -> anyhow::Result<(PathBuf, Baseline)> {
+    let path = given.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, dom));
+    if given.is_none() && !path.exists() {
         bail!(
             "no baseline for domain {} at {}: run `vigil baseline {}` first",
             dom.name,
@@ -405,6 +403,19 @@ fn check_domain(
             dom.uuid
         );
     }
+    Ok((path, b))
+}
+
+fn check_domain(
+    cli: &Cli,
+    domain: &str,
+    baseline: Option<&Path>,
+    source: Source,
+) -> anyhow::Result<u8> {
+    let hv = Hypervisor::connect(&cli.connect)?;
+    let dom = hv.domain(domain)?;
+    dom.ensure_running()?;
+    let (path, b) = domain_baseline(cli, &dom, baseline)?;
     let mem = dom.open_memory(source.into())?;
     let regs = dom.registers()?;
     let originals = load_originals(&path, &b);
@@ -589,24 +600,7 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
             let hv = Hypervisor::connect(&cli.connect)?;
             let dom = hv.domain(domain)?;
             dom.ensure_running()?;
-            let path = a.baseline.clone().unwrap_or_else(|| default_baseline_path(cli, &dom));
-            if !path.exists() {
-                bail!(
-                    "no baseline for domain {} at {}: run `vigil baseline {}` first",
-                    dom.name,
-                    path.display(),
-                    dom.name
-                );
-            }
-            let b = Baseline::load(&path)?;
-            if b.domain.uuid != dom.uuid {
-                bail!(
-                    "baseline {} is of domain {}, not of {}",
-                    path.display(),
-                    b.domain.name,
-                    dom.name
-                );
-            }
+            let (path, b) = domain_baseline(cli, &dom, a.baseline.as_deref())?;
             let mem = dom.open_memory(SourceChoice::Auto)?;
             let regs = dom.registers()?;
             let source = format!("live {}", mem.kind());

@@ -13,16 +13,7 @@ use vigil::memory::GuestMemory;
 mod common;
 use common::boot;
 
-fn vigil(state: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--profiles")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::vigil_in as vigil;
 
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

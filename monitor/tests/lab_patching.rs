@@ -250,16 +250,7 @@ fn lab_patching_mimicry_of_the_kernels_patches_is_caught() {
     assert!(names.iter().any(|n| n.starts_with("__x64_sys_getppid")), "{names:?}");
 }
 
-fn vigil(state: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--profiles")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::vigil_in as vigil;
 
 #[test]
 fn lab_patching_cli_check_accepts_the_tracer_and_needs_the_original_pages() {

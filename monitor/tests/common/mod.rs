@@ -200,6 +200,19 @@ impl Drop for Daemon {
     }
 }
 
+/// One `vigil` command with a state directory of its own and the repo's
+/// guest profiles.
+pub fn vigil_in(state: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--profiles")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 pub fn boot(suffix: &str) -> Guest {
     let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
     lab.start_with(suffix, &Shape { memory: Memory::Shared, ..Shape::default() })
