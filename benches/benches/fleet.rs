@@ -23,16 +23,7 @@ use std::time::{Duration, Instant};
 use vigil::addr::GuestPhysAddr;
 use vigil::daemon::watch::Watched;
 use vigil::integrity::check::Scope;
-use vigil_bench::{Capture, FleetGuest, RamFiles, percentile};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use vigil_bench::{Capture, FleetGuest, RamFiles, arg, percentile};
 
 /// RssAnon from /proc/self/status, in bytes.
 fn rss_anon() -> u64 {

@@ -220,6 +220,16 @@ impl Guest for FleetGuest {
     }
 }
 
+/// The number after `name` on the command line, or `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Median and other percentiles of `v` (sorted in place).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0 <= p <= 1
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
