@@ -80,28 +80,17 @@ impl Originals {
     /// 60 bytes a page instead of the compressed page, some 2.3 KB): each
     /// page asked for later is read from the file, decompressed and checked
     /// against the baseline's value again (a file changed since is then
-    /// treated as missing).
+    /// treated as missing). The file is read and checked once, through the
+    /// handle that is kept.
     pub fn load_indexed(path: &Path, baseline: &Baseline) -> Result<Self, BaselineError> {
-        let checked = Self::load(path, baseline)?;
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path)
-            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
-        let file = std::fs::File::open(path)
-            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
-        let expected = expected_values(baseline);
-        let mut index = HashMap::with_capacity(checked.pages.len());
-        let mut at = MAGIC.len();
-        while at + 12 <= bytes.len() {
-            let gva = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
-            let &(page, region_len, value) =
-                expected.get(&gva).ok_or_else(|| BaselineError::Invalid {
-                    path: shown.clone(),
-                    reason: format!("page {gva:#x} is in no region of the baseline"),
-                })?;
-            index.insert(gva, Block { offset: (at + 12) as u64, len, page, region_len, value });
-            at += 12 + len as usize;
-        }
+        let (file, bytes) = read_bounded(path)?;
+        let mut index = HashMap::new();
+        parse(&bytes, baseline, |gva, offset, block, (page, region_len, value)| {
+            let len = u32::try_from(block.len()).expect("blocks are at most MAX_BLOCK");
+            index.insert(gva, Block { offset, len, page, region_len, value }).is_none()
+        })
+        .map_err(|reason| BaselineError::Invalid { path: shown.clone(), reason })?;
         Ok(Self {
             pages: HashMap::new(),
             on_disk: Some(OnDisk { file: std::sync::Arc::new(file), path: shown, index }),
@@ -109,7 +98,7 @@ impl Originals {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.len() == 0
     }
 
     /// Bytes held in memory (compressed; 0 when the pages are on disk).
@@ -156,56 +145,78 @@ impl Originals {
     /// Reads the originals of `baseline` from `path`, checking every page
     /// against the value the baseline holds for it.
     pub fn load(path: &Path, baseline: &Baseline) -> Result<Self, BaselineError> {
-        let shown = path.display().to_string();
-        let invalid = |reason: String| BaselineError::Invalid { path: shown.clone(), reason };
-        let size = std::fs::metadata(path)
-            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?
-            .len();
-        if size > (MAX_PAGES * (MAX_BLOCK + 12)) as u64 {
-            return Err(BaselineError::TooLarge { path: shown, size });
-        }
-        let bytes = std::fs::read(path)
-            .map_err(|source| BaselineError::Open { path: shown.clone(), source })?;
-        Self::from_bytes(&bytes, baseline).map_err(invalid)
+        let (_, bytes) = read_bounded(path)?;
+        Self::from_bytes(&bytes, baseline)
+            .map_err(|reason| BaselineError::Invalid { path: path.display().to_string(), reason })
     }
 
     /// Parses and checks the file's bytes against `baseline`.
     pub fn from_bytes(bytes: &[u8], baseline: &Baseline) -> Result<Self, String> {
-        let rest = bytes.strip_prefix(MAGIC).ok_or("not a vigil pages file (bad magic line)")?;
-        let expected = expected_values(baseline);
         let mut out = Originals::default();
-        let mut at = 0usize;
-        while at < rest.len() {
-            let head = rest
-                .get(at..at + 12)
-                .ok_or_else(|| format!("truncated at byte {}", at + MAGIC.len()))?;
-            let gva = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
-            if len > MAX_BLOCK {
-                return Err(format!(
-                    "page {gva:#x}: a {len}-byte block is longer than any compressed page"
-                ));
-            }
-            let block = rest
-                .get(at + 12..at + 12 + len)
-                .ok_or_else(|| format!("page {gva:#x}: truncated"))?;
-            let page = lz4_flex::block::decompress_size_prepended(block)
-                .ok()
-                .filter(|p| p.len() == PAGE_BYTES)
-                .ok_or_else(|| format!("page {gva:#x}: does not decompress to one page"))?;
-            let &(index, region_len, value) = expected
-                .get(&gva)
-                .ok_or_else(|| format!("page {gva:#x} is in no region of the baseline"))?;
-            if tree::page_value(index, &page, region_len) != value {
-                return Err(format!("page {gva:#x} does not match the baseline's value for it"));
-            }
-            if out.pages.insert(gva, block.to_vec()).is_some() || out.pages.len() > MAX_PAGES {
-                return Err(format!("page {gva:#x} appears twice, or too many pages"));
-            }
-            at += 12 + len;
-        }
+        parse(bytes, baseline, |gva, _, block, _| out.pages.insert(gva, block.to_vec()).is_none())?;
         Ok(out)
     }
+}
+
+/// Opens a pages file and reads it whole through that handle, refusing one
+/// larger than any baseline's.
+fn read_bounded(path: &Path) -> Result<(std::fs::File, Vec<u8>), BaselineError> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let open = |source| BaselineError::Open { path: shown.clone(), source };
+    let mut file = std::fs::File::open(path).map_err(open)?;
+    let size = file.metadata().map_err(open)?.len();
+    if size > (MAX_PAGES * (MAX_BLOCK + 12)) as u64 {
+        return Err(BaselineError::TooLarge { path: shown, size });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(open)?;
+    Ok((file, bytes))
+}
+
+/// Walks a pages file's bytes, checking every page against `baseline`, and
+/// hands each to `keep` with its block's offset in the file and what the
+/// baseline says of it; `keep` returns false for a page seen before.
+fn parse(
+    bytes: &[u8],
+    baseline: &Baseline,
+    mut keep: impl FnMut(u64, u64, &[u8], (u64, u64, [u8; 32])) -> bool,
+) -> Result<(), String> {
+    let rest = bytes.strip_prefix(MAGIC).ok_or("not a vigil pages file (bad magic line)")?;
+    let expected = expected_values(baseline);
+    let mut at = 0usize;
+    let mut pages = 0usize;
+    while at < rest.len() {
+        let head = rest
+            .get(at..at + 12)
+            .ok_or_else(|| format!("truncated at byte {}", at + MAGIC.len()))?;
+        let gva = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+        if len > MAX_BLOCK {
+            return Err(format!(
+                "page {gva:#x}: a {len}-byte block is longer than any compressed page"
+            ));
+        }
+        let block =
+            rest.get(at + 12..at + 12 + len).ok_or_else(|| format!("page {gva:#x}: truncated"))?;
+        let page = lz4_flex::block::decompress_size_prepended(block)
+            .ok()
+            .filter(|p| p.len() == PAGE_BYTES)
+            .ok_or_else(|| format!("page {gva:#x}: does not decompress to one page"))?;
+        let &(index, region_len, value) = expected
+            .get(&gva)
+            .ok_or_else(|| format!("page {gva:#x} is in no region of the baseline"))?;
+        if tree::page_value(index, &page, region_len) != value {
+            return Err(format!("page {gva:#x} does not match the baseline's value for it"));
+        }
+        pages += 1;
+        let offset = (MAGIC.len() + at + 12) as u64;
+        if !keep(gva, offset, block, (index, region_len, value)) || pages > MAX_PAGES {
+            return Err(format!("page {gva:#x} appears twice, or too many pages"));
+        }
+        at += 12 + len;
+    }
+    Ok(())
 }
 
 /// Each baseline page's (index in its region, region length, value), by address.
