@@ -17,6 +17,7 @@ use sha2::Digest;
 use vigil::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use vigil::integrity::check::{Scope, check_tagged};
 use vigil::integrity::nh::{Key, Tag};
+use vigil::integrity::tags::untagged_or_changed;
 use vigil::integrity::tree;
 use vigil::memory::{BlockMapping, GuestMemory, ProcessRam, SharedRam};
 use vigil::x86::{PagingMode, Walker};
@@ -218,40 +219,6 @@ fn main() {
     });
     let in_process: Vec<&[u8; PAGE]> =
         cap.image.chunks_exact(PAGE).map(|p| p.try_into().unwrap()).collect();
-    let mut now = Vec::with_capacity(BATCH);
-    measure(&mut c, "verify", "nh-tags-in-process", bytes, || {
-        let mut bad = 0;
-        for (batch, want) in in_process.chunks(BATCH).zip(tags.chunks(BATCH)) {
-            now.clear();
-            key.tag_each(batch, &mut now);
-            bad += now.iter().zip(want).filter(|(a, b)| a != b).count();
-        }
-        assert_eq!(bad, 0);
-    });
-    measure(&mut c, "verify", "nh-tags-shared-mapping-in-place", bytes, || {
-        let mut bad = 0;
-        for (batch, want) in cap.pages.chunks(BATCH).zip(tags.chunks(BATCH)) {
-            let pages: Vec<&[u8; PAGE]> = batch
-                .iter()
-                .map(|&(_, gpa)| ram.shared.slice(gpa, PAGE_SIZE).unwrap().try_into().unwrap())
-                .collect();
-            now.clear();
-            key.tag_each(&pages, &mut now);
-            bad += now.iter().zip(want).filter(|(a, b)| a != b).count();
-        }
-        assert_eq!(bad, 0);
-    });
-    measure(&mut c, "verify", "nh-tags-shared-mapping-copied", bytes, || {
-        let mut bad = 0;
-        read_all(&ram.shared, &cap.pages, &mut bufs2, |i, b| {
-            bad += usize::from(key.tag(b) != tags[i])
-        });
-        assert_eq!(bad, 0);
-    });
-
-    // The engine's whole comparison of the guest with its baseline, as the
-    // daemon's full check runs it (kernel found anew from the registers,
-    // every mapping and page compared), with and without tags.
     let regs = cap.baseline.registers.clone();
     let base = cap.baseline.kernel.image_base;
     let none = vigil::integrity::Originals::default();
@@ -265,6 +232,35 @@ fn main() {
     );
     assert_eq!(from.unknown, 0, "the capture differs from its baseline: run lab/capture.sh again");
     drop(view);
+    measure(&mut c, "verify", "nh-tags-in-process", bytes, || {
+        let bad = in_process.iter().zip(&tags).filter(|(p, t)| key.tag(p) != **t).count();
+        assert_eq!(bad, 0);
+    });
+    // The engine's own fast path (tags::untagged_or_changed), region by
+    // region, over the shared mapping in place.
+    let region_reads: Vec<Vec<_>> = cap
+        .baseline
+        .regions
+        .iter()
+        .map(|r| r.pages.iter().zip(0u64..).map(|(p, i)| (i, p.gva, p.gpa)).collect())
+        .collect();
+    measure(&mut c, "verify", "nh-tags-shared-mapping-in-place", bytes, || {
+        for (i, (r, reads)) in cap.baseline.regions.iter().zip(&region_reads).enumerate() {
+            let slow = untagged_or_changed(&page_tags, i, &r.root, &ram.shared, reads);
+            assert_eq!(slow.map(|s| s.len()), Some(0));
+        }
+    });
+    measure(&mut c, "verify", "nh-tags-shared-mapping-copied", bytes, || {
+        let mut bad = 0;
+        read_all(&ram.shared, &cap.pages, &mut bufs2, |i, b| {
+            bad += usize::from(key.tag(b) != tags[i])
+        });
+        assert_eq!(bad, 0);
+    });
+
+    // The engine's whole comparison of the guest with its baseline, as the
+    // daemon's full check runs it (kernel found anew from the registers,
+    // every mapping and page compared), with and without tags.
     measure(&mut c, "verify", "engine-discover-kernel", bytes, || {
         black_box(vigil::linux::discover(&ram.shared, &regs).unwrap());
     });

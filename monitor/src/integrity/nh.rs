@@ -101,11 +101,6 @@ impl Key {
     pub fn tag_slice(&self, page: &[u8]) -> Option<Tag> {
         page.try_into().ok().map(|p| self.tag(p))
     }
-
-    /// The tags of many pages, appended to `out`.
-    pub fn tag_each(&self, pages: &[&[u8; PAGE]], out: &mut Vec<Tag>) {
-        out.extend(pages.iter().map(|p| self.tag(p)));
-    }
 }
 
 impl Simd {
@@ -234,17 +229,6 @@ mod tests {
         assert!(!format!("{a:?}").contains(&a.words[0].to_string()));
         assert_eq!(Key::from_bytes(&[]).portable().tag(&[0; PAGE]), [0, 0]);
         assert_eq!(a.tag_slice(&[0u8; 100]), None);
-    }
-
-    #[test]
-    fn many_pages_at_once_give_each_page_its_own_tag() {
-        let key = Key::from_bytes(&page(9)[..]);
-        let pages: Vec<Box<[u8; PAGE]>> = (0..11).map(page).collect();
-        let refs: Vec<&[u8; PAGE]> = pages.iter().map(|p| &**p).collect();
-        let mut out = Vec::new();
-        key.tag_each(&refs, &mut out);
-        let want: Vec<Tag> = refs.iter().map(|p| key.portable().tag(p)).collect();
-        assert_eq!(out, want);
     }
 
     proptest! {
