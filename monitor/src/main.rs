@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
 use vigil::integrity::check::CheckError;
-use vigil::integrity::{Baseline, Finding, FindingKind, Originals, RegionKind, Report};
+use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
 use vigil::linux::examine::{ExamineError, examine};
@@ -618,15 +618,8 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
     if let Some(r) = &a.region {
         changes.retain(|c| &c.region == r);
     }
-    let mut d =
-        vigil::linux::diff::Diff::of(&e.report, &path.display().to_string(), &b.created, source);
-    d.changes = changes;
-    d.map = b
-        .regions
-        .iter()
-        .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
-        .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
-        .collect();
+    let d =
+        vigil::linux::diff::Diff::of(&e.report, &b, &path.display().to_string(), source, changes);
     print_diff(cli, &d)
 }
 

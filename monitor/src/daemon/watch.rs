@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::Originals;
-use crate::integrity::RegionKind;
 use crate::integrity::baseline::to_hex;
 use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::linux::diff::{self, Change, Diff};
@@ -314,20 +313,13 @@ impl Watched {
                 return Err(e);
             }
         };
-        let mut d = Diff::of(
+        let d = Diff::of(
             &report,
+            &self.baseline,
             &self.path.display().to_string(),
-            &self.baseline.created,
             format!("live {}", report.source),
+            changes,
         );
-        d.changes = changes;
-        d.map = self
-            .baseline
-            .regions
-            .iter()
-            .filter(|g| matches!(g.kind, RegionKind::Code | RegionKind::ReadOnlyData))
-            .map(|g| (g.name.clone(), g.pages.iter().map(|p| p.gva.raw()).collect()))
-            .collect();
         Ok(d)
     }
 

@@ -176,27 +176,35 @@ mod page_runs {
 }
 
 impl Diff {
-    /// The diff's head; `changes` and `map` to be filled.
+    /// A diff of `changes` found by `report` against `baseline` (kept at
+    /// `baseline_path`), with the baseline's page map.
     pub fn of(
         report: &Report,
+        baseline: &crate::integrity::Baseline,
         baseline_path: &str,
-        baseline_created: &str,
         source: String,
+        changes: Vec<Change>,
     ) -> Self {
+        use crate::integrity::RegionKind;
         Diff {
             format: SCHEMA.into(),
             version: VERSION,
             domain: report.domain.clone(),
             uuid: report.uuid.clone(),
             baseline: baseline_path.into(),
-            baseline_created: baseline_created.into(),
+            baseline_created: baseline.created.clone(),
             checked: report.checked.clone(),
             source,
             profile: report.profile.clone(),
             intact: report.intact,
             violations: report.violations.len(),
-            changes: Vec::new(),
-            map: Vec::new(),
+            changes,
+            map: baseline
+                .regions
+                .iter()
+                .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
+                .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
+                .collect(),
         }
     }
 }
