@@ -104,9 +104,9 @@ impl Key {
 }
 
 impl Simd {
-    /// AVX2 where the CPU has it. (An AVX-512 version measured slower on
-    /// the AMD EPYC hosts here, which split 512-bit operations in two:
-    /// about 0.6x plain-read speed against 0.8x; see benches/README.md.)
+    /// AVX2 where the CPU has it. (An AVX-512 version, since dropped,
+    /// measured slower on the AMD EPYC hosts here, which split 512-bit
+    /// operations in two; see benches/README.md.)
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
