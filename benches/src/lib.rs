@@ -179,23 +179,6 @@ pub struct FleetGuest {
     pub ram: Arc<RamCopy>,
 }
 
-struct Shared(Arc<RamCopy>);
-
-impl GuestMemory for Shared {
-    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.0.read(start, buf)
-    }
-    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
-        self.0.slice(start, len)
-    }
-    fn layout(&self) -> &RamLayout {
-        self.0.layout()
-    }
-    fn kind(&self) -> &'static str {
-        "bench-copy"
-    }
-}
-
 impl Guest for FleetGuest {
     fn name(&self) -> &str {
         &self.name
@@ -210,7 +193,7 @@ impl Guest for FleetGuest {
         Ok(self.registers.clone())
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
-        Ok(Box::new(Shared(self.ram.clone())))
+        Ok(Box::new(self.ram.clone()))
     }
     fn memory_bytes(&self) -> Result<u64, LibvirtError> {
         Ok(self.ram.layout().total())

@@ -114,6 +114,24 @@ impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     }
 }
 
+impl<T: GuestMemory + ?Sized> GuestMemory for std::sync::Arc<T> {
+    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        (**self).read(start, buf)
+    }
+    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
+        (**self).read_many(reads)
+    }
+    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+        (**self).slice(start, len)
+    }
+    fn layout(&self) -> &RamLayout {
+        (**self).layout()
+    }
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+}
+
 fn len_u64(buf: &[u8]) -> u64 {
     u64::try_from(buf.len()).unwrap_or(u64::MAX)
 }
