@@ -78,59 +78,32 @@ pub trait GuestMemory {
     fn kind(&self) -> &'static str;
 }
 
-impl<T: GuestMemory + ?Sized> GuestMemory for &T {
-    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
-        (**self).read(start, buf)
-    }
-    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
-        (**self).read_many(reads)
-    }
-    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
-        (**self).slice(start, len)
-    }
-    fn layout(&self) -> &RamLayout {
-        (**self).layout()
-    }
-    fn kind(&self) -> &'static str {
-        (**self).kind()
-    }
+/// Pointers to a source are sources: `&T`, `Box<T>`, `Arc<T>`.
+macro_rules! forward_guest_memory {
+    ($($ptr:ty),*) => {$(
+        impl<T: GuestMemory + ?Sized> GuestMemory for $ptr {
+            fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+                (**self).read(start, buf)
+            }
+            fn read_many(
+                &self,
+                reads: &mut [(GuestPhysAddr, &mut [u8])],
+            ) -> Result<(), MemoryError> {
+                (**self).read_many(reads)
+            }
+            fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
+                (**self).slice(start, len)
+            }
+            fn layout(&self) -> &RamLayout {
+                (**self).layout()
+            }
+            fn kind(&self) -> &'static str {
+                (**self).kind()
+            }
+        }
+    )*};
 }
-
-impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
-    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
-        (**self).read(start, buf)
-    }
-    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
-        (**self).read_many(reads)
-    }
-    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
-        (**self).slice(start, len)
-    }
-    fn layout(&self) -> &RamLayout {
-        (**self).layout()
-    }
-    fn kind(&self) -> &'static str {
-        (**self).kind()
-    }
-}
-
-impl<T: GuestMemory + ?Sized> GuestMemory for std::sync::Arc<T> {
-    fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
-        (**self).read(start, buf)
-    }
-    fn read_many(&self, reads: &mut [(GuestPhysAddr, &mut [u8])]) -> Result<(), MemoryError> {
-        (**self).read_many(reads)
-    }
-    fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
-        (**self).slice(start, len)
-    }
-    fn layout(&self) -> &RamLayout {
-        (**self).layout()
-    }
-    fn kind(&self) -> &'static str {
-        (**self).kind()
-    }
-}
+forward_guest_memory!(&T, Box<T>, std::sync::Arc<T>);
 
 fn len_u64(buf: &[u8]) -> u64 {
     u64::try_from(buf.len()).unwrap_or(u64::MAX)
