@@ -143,6 +143,13 @@ fn targets(domain: &str, tracepoint_key: u64) -> Targets {
     let tables = PatchTables::read(&m, &*mem, &view);
     assert!(tables.problems.is_empty(), "{:?}", tables.problems);
     assert!(tables.site_count() > 40_000, "only {} patch sites", tables.site_count());
+    // A watch's kept site map gives the same sites, made once.
+    let mut memo = vigil::linux::patch::SiteMemo::default();
+    for _ in 0..2 {
+        let kept = PatchTables::read_with(&m, &*mem, &view, &mut memo);
+        assert_eq!(kept.site_count(), tables.site_count());
+        assert!(kept.problems.is_empty(), "{:?}", kept.problems);
+    }
     let now = |a: u64, n: usize| read_virt(&*mem, &view, a, n).unwrap().0;
 
     let jump_label = tables

@@ -213,10 +213,29 @@ pub struct ExecRange {
     pub what: &'static str,
 }
 
+/// The site map a [`PatchTables`] reads its sites from, shared with the
+/// watch's [`SiteMemo`].
+#[derive(Debug, Default)]
+struct SiteSet(std::sync::Arc<SiteMap>);
+
+impl std::ops::Deref for SiteSet {
+    type Target = BTreeMap<u64, Site>;
+    fn deref(&self) -> &Self::Target {
+        &self.0.sites
+    }
+}
+
+#[cfg(test)]
+impl SiteSet {
+    fn insert(&mut self, addr: u64, site: Site) {
+        std::sync::Arc::make_mut(&mut self.0).sites.insert(addr, site);
+    }
+}
+
 /// The patch records of one guest, read at one moment.
 #[derive(Debug, Default)]
 pub struct PatchTables {
-    sites: BTreeMap<u64, Site>,
+    sites: SiteSet,
     /// Registered kprobes that place `int3`: address to flags.
     kprobes: HashMap<u64, u32>,
     /// What a function entry may call: ftrace's callers and ops trampolines.
@@ -443,68 +462,141 @@ fn read_span<M: GuestMemory + ?Sized>(
         .ok_or_else(|| format!("{len} bytes at {start:#x} are not readable"))
 }
 
-impl PatchTables {
-    /// Reads every patch record of the guest: the kernel's and its modules'
-    /// (`m.modules`, walked before) jump tables and static call sites, the
-    /// ftrace records and ops, the kprobes.
-    pub fn read<M: GuestMemory + ?Sized>(
-        m: &Matched<'_>,
-        mem: &M,
-        space: &dyn AddressSpace,
-    ) -> Self {
-        let mut t = PatchTables::default();
-        let slide = m.slide;
-        let violation =
-            |t: &mut PatchTables, what: String| t.problems.push((Severity::Violation, what));
-        let info = |t: &mut PatchTables, what: String| t.problems.push((Severity::Info, what));
+/// A table as read from guest memory: where it starts, and its bytes.
+type RawTable = (u64, Vec<u8>);
+/// A module's jump entries and static call sites, as read (none when it has none).
+type ModuleTables = (Option<RawTable>, Option<RawTable>);
 
-        // The kernel's jump table and static call sites, checked against the profile.
-        let span = |a: &str, b: &str| -> Result<(u64, Vec<u8>), String> {
+/// What the site map is made from, as read: the kernel's jump table and
+/// static call sites, each listed module's two tables, and the ftrace
+/// records' addresses. Errors are kept as the reason to report.
+struct SiteInputs {
+    kernel_jumps: Result<RawTable, String>,
+    kernel_calls: Result<RawTable, String>,
+    /// One per module of `m.modules`: its jump entries and static call sites.
+    modules: Vec<Result<ModuleTables, String>>,
+    ftrace: Result<Vec<u64>, String>,
+}
+
+impl SiteInputs {
+    fn read<M: GuestMemory + ?Sized>(m: &Matched<'_>, mem: &M, space: &dyn AddressSpace) -> Self {
+        let span = |a: &str, b: &str| -> Result<RawTable, String> {
             let (s, e) = (sym(m, a)?, sym(m, b)?);
             Ok((
                 s,
                 read_span(mem, space, s, e.checked_sub(s).ok_or("table ends before it starts")?)?,
             ))
         };
-        let mut jumps = t.validated(
+        Self {
+            kernel_jumps: span("__start___jump_table", "__stop___jump_table"),
+            kernel_calls: span("__start_static_call_sites", "__stop_static_call_sites"),
+            modules: m.modules.iter().map(|md| module_tables(m, mem, space, md)).collect(),
+            ftrace: ftrace_records(m, mem, space),
+        }
+    }
+
+    /// A digest of everything the site map depends on: these inputs, the
+    /// profile, the slide, and where the modules' text is.
+    fn digest(&self, m: &Matched<'_>) -> [u8; 32] {
+        /// Each field length-prefixed, so that no two inputs hash alike.
+        struct Fields(blake3::Hasher);
+        impl Fields {
+            fn bytes(&mut self, b: &[u8]) {
+                self.0.update(&(b.len() as u64).to_le_bytes());
+                self.0.update(b);
+            }
+            fn table(&mut self, t: Option<&RawTable>) {
+                match t {
+                    Some((base, b)) => {
+                        self.bytes(&base.to_le_bytes());
+                        self.bytes(b);
+                    }
+                    None => self.bytes(b"none"),
+                }
+            }
+            fn read<T>(&mut self, r: &Result<T, String>, each: impl FnOnce(&mut Self, &T)) {
+                match r {
+                    Ok(v) => each(self, v),
+                    Err(e) => self.bytes(e.as_bytes()),
+                }
+            }
+        }
+        let mut h = Fields(blake3::Hasher::new());
+        h.bytes(m.profile.release.as_bytes());
+        h.bytes(m.profile.banner.as_bytes());
+        h.bytes(&m.slide.to_le_bytes());
+        h.read(&self.kernel_jumps, |h, t| h.table(Some(t)));
+        h.read(&self.kernel_calls, |h, t| h.table(Some(t)));
+        for (md, tables) in m.modules.iter().zip(&self.modules) {
+            h.bytes(md.name.as_bytes());
+            h.bytes(&md.base.to_le_bytes());
+            h.bytes(&md.text_size.to_le_bytes());
+            h.read(tables, |h, (j, c)| {
+                h.table(j.as_ref());
+                h.table(c.as_ref());
+            });
+        }
+        h.read(&self.ftrace, |h, ips| {
+            h.bytes(&(ips.len() as u64).to_le_bytes());
+            for ip in ips {
+                h.0.update(&ip.to_le_bytes());
+            }
+        });
+        *h.0.finalize().as_bytes()
+    }
+}
+
+/// The patch sites of a guest, made from its [`SiteInputs`]: the part of
+/// reading the records that costs (tens of thousands of entries, each
+/// placed in the kernel's text), kept between reads while its inputs stay
+/// the same.
+#[derive(Debug, Default, Clone)]
+struct SiteMap {
+    sites: BTreeMap<u64, Site>,
+    /// Static call keys, whose functions are read anew each time.
+    keys: Vec<u64>,
+    problems: Vec<(Severity, String)>,
+}
+
+impl SiteMap {
+    fn build(m: &Matched<'_>, inputs: &SiteInputs) -> Self {
+        let mut t = SiteMap::default();
+        let slide = m.slide;
+        let mut jumps = validated(
+            &mut t.problems,
             m,
             "jump_table",
             "jump table",
-            span("__start___jump_table", "__stop___jump_table")
-                .and_then(|(base, b)| parse_jump_entries(&b, base)),
+            inputs.kernel_jumps.clone().and_then(|(base, b)| parse_jump_entries(&b, base)),
             |e| jump_table_digest(e, slide),
         );
-        let mut calls = t.validated(
+        let mut calls = validated(
+            &mut t.problems,
             m,
             "static_call_sites",
             "static call sites",
-            span("__start_static_call_sites", "__stop_static_call_sites")
-                .and_then(|(base, b)| parse_static_call_sites(&b, base)),
+            inputs.kernel_calls.clone().and_then(|(base, b)| parse_static_call_sites(&b, base)),
             |e| static_call_digest(e, slide),
         );
-
-        // Each module's own tables.
-        for md in &m.modules {
-            if let Err(e) = module_tables(m, mem, space, md, &mut jumps, &mut calls) {
-                info(&mut t, format!("module {}: {e}", md.name));
-            }
-            let text = (md.base, md.base.saturating_add(md.text_size));
-            t.module_text.push(text);
-            match module_functions(m, mem, space, md) {
-                Ok(f) => t
-                    .module_functions
-                    .extend(f.into_iter().filter(|&(s, _)| (text.0..text.1).contains(&s))),
-                // Without its symbols, all of a module's text counts as code.
-                Err(_) => t.module_functions.push(text),
+        for (md, tables) in m.modules.iter().zip(&inputs.modules) {
+            let parsed = tables.clone().and_then(|(j, c)| {
+                if let Some((base, b)) = j {
+                    jumps.extend(parse_jump_entries(&b, base)?);
+                }
+                if let Some((base, b)) = c {
+                    calls.extend(parse_static_call_sites(&b, base)?);
+                }
+                Ok(())
+            });
+            if let Err(e) = parsed {
+                t.problems.push((Severity::Info, format!("module {}: {e}", md.name)));
             }
         }
 
-        let in_text = |a: u64| {
-            m.profile.symbolize(a.wrapping_sub(slide)).is_some()
-                || m.modules
-                    .iter()
-                    .any(|md| (md.base..md.base.saturating_add(md.text_size)).contains(&a))
+        let in_module = |a: u64| {
+            m.modules.iter().any(|md| (md.base..md.base.saturating_add(md.text_size)).contains(&a))
         };
+        let in_text = |a: u64| m.profile.symbolize(a.wrapping_sub(slide)).is_some() || in_module(a);
         for e in &jumps {
             if in_text(e.code) {
                 t.sites.insert(e.code, Site::JumpLabel { target: e.target, key: e.key });
@@ -523,26 +615,17 @@ impl PatchTables {
             t.sites.insert(s.addr.wrapping_add(slide), Site::StaticTramp { key });
             keys.extend(key);
         }
-        for k in keys {
-            if let Some(f) = read_u64(mem, space, k) {
-                t.key_funcs.insert(k, f);
-            }
-        }
-        t.return_thunk = m.expect("__x86_return_thunk");
+        t.keys = keys.into_iter().collect();
+        t.keys.sort_unstable();
 
         // ftrace: its records, validated against the profile's function entries.
-        match ftrace_records(m, mem, space) {
+        match &inputs.ftrace {
             Ok(ips) => {
-                let fentry: HashSet<u64> = m.profile.fentry.iter().copied().collect();
                 let mut strays = 0usize;
                 let mut first = None;
-                for ip in ips {
-                    let kernel_ok = fentry.contains(&ip.wrapping_sub(slide));
-                    let module_ok = !kernel_ok
-                        && m.modules.iter().any(|md| {
-                            (md.base..md.base.saturating_add(md.text_size)).contains(&ip)
-                        });
-                    if kernel_ok || module_ok {
+                for &ip in ips {
+                    let kernel_ok = m.profile.fentry.binary_search(&ip.wrapping_sub(slide)).is_ok();
+                    if kernel_ok || in_module(ip) {
                         t.sites.entry(ip).or_insert(Site::Fentry);
                     } else if super::semantic::MODULES.contains(&ip) {
                         // A module coming or going: its text is protected by
@@ -553,17 +636,94 @@ impl PatchTables {
                     }
                 }
                 if strays > 0 {
-                    violation(
-                        &mut t,
+                    t.problems.push((
+                        Severity::Violation,
                         format!(
                             "{strays} ftrace record(s) outside the module area name no function entry the profile has (first at {:#x}): records were forged",
                             first.unwrap_or(0)
                         ),
-                    );
+                    ));
                 }
             }
-            Err(e) => info(&mut t, format!("ftrace records: {e}")),
+            Err(e) => t.problems.push((Severity::Info, format!("ftrace records: {e}"))),
         }
+        for name in ["ftrace_call", "ftrace_regs_call"] {
+            if let Some(a) = m.expect(name) {
+                t.sites.insert(a, Site::FtraceCall);
+            }
+        }
+        t
+    }
+}
+
+/// The site map a watch made last, and the digest of what it was made from.
+#[derive(Debug, Default, Clone)]
+pub struct SiteMemo(Option<([u8; 32], std::sync::Arc<SiteMap>)>);
+
+impl SiteMemo {
+    /// The site map of `inputs`: the one kept when they are what it was
+    /// made from, else a new one (then kept).
+    fn get(&mut self, m: &Matched<'_>, inputs: &SiteInputs) -> std::sync::Arc<SiteMap> {
+        let digest = inputs.digest(m);
+        match &self.0 {
+            Some((d, map)) if *d == digest => map.clone(),
+            _ => {
+                let map = std::sync::Arc::new(SiteMap::build(m, inputs));
+                self.0 = Some((digest, map.clone()));
+                map
+            }
+        }
+    }
+}
+
+impl PatchTables {
+    /// Reads every patch record of the guest: the kernel's and its modules'
+    /// (`m.modules`, walked before) jump tables and static call sites, the
+    /// ftrace records and ops, the kprobes.
+    pub fn read<M: GuestMemory + ?Sized>(
+        m: &Matched<'_>,
+        mem: &M,
+        space: &dyn AddressSpace,
+    ) -> Self {
+        Self::read_with(m, mem, space, &mut SiteMemo::default())
+    }
+
+    /// [`Self::read`], with the site map taken from `memo` when the tables it
+    /// is made from read the same as when it was made. Every record is
+    /// still read each time; only the work of placing unchanged ones is
+    /// saved.
+    pub fn read_with<M: GuestMemory + ?Sized>(
+        m: &Matched<'_>,
+        mem: &M,
+        space: &dyn AddressSpace,
+        memo: &mut SiteMemo,
+    ) -> Self {
+        let map = memo.get(m, &SiteInputs::read(m, mem, space));
+        let mut t = PatchTables {
+            sites: SiteSet(map.clone()),
+            problems: map.problems.clone(),
+            ..PatchTables::default()
+        };
+        let info = |t: &mut PatchTables, what: String| t.problems.push((Severity::Info, what));
+
+        for md in &m.modules {
+            let text = (md.base, md.base.saturating_add(md.text_size));
+            t.module_text.push(text);
+            match module_functions(m, mem, space, md) {
+                Ok(f) => t
+                    .module_functions
+                    .extend(f.into_iter().filter(|&(s, _)| (text.0..text.1).contains(&s))),
+                // Without its symbols, all of a module's text counts as code.
+                Err(_) => t.module_functions.push(text),
+            }
+        }
+        for &k in &map.keys {
+            if let Some(f) = read_u64(mem, space, k) {
+                t.key_funcs.insert(k, f);
+            }
+        }
+        t.return_thunk = m.expect("__x86_return_thunk");
+
         for name in ["ftrace_caller", "ftrace_regs_caller"] {
             t.ftrace_callers.extend(m.expect(name));
         }
@@ -575,11 +735,6 @@ impl PatchTables {
             "ftrace_pid_func",
         ] {
             t.ftrace_funcs.extend(m.expect(name));
-        }
-        for name in ["ftrace_call", "ftrace_regs_call"] {
-            if let Some(a) = m.expect(name) {
-                t.sites.insert(a, Site::FtraceCall);
-            }
         }
         match ftrace_ops(m, mem, space) {
             Ok(ops) => {
@@ -605,45 +760,46 @@ impl PatchTables {
         }
         t
     }
+}
 
-    /// The entries of a kernel table read from guest memory, if they are the
-    /// ones the profile's digest names; otherwise none, and why.
-    fn validated<T>(
-        &mut self,
-        m: &Matched<'_>,
-        table: &str,
-        what: &str,
-        read: Result<Vec<T>, String>,
-        digest: impl Fn(&[T]) -> (u64, String),
-    ) -> Vec<T> {
-        let entries = match read {
-            Ok(e) => e,
-            Err(e) => {
-                self.problems.push((Severity::Info, format!("the kernel's {what}: {e}")));
-                return Vec::new();
-            }
-        };
-        let got = digest(&entries);
-        match m.profile.table(table) {
-            Some((n, d)) if (n, d) == (got.0, got.1.as_str()) => entries,
-            Some((n, _)) => {
-                self.problems.push((
-                    Severity::Violation,
-                    format!(
-                        "the kernel's {what} ({} entries) differ from the profile's ({n} entries): its records were altered",
-                        got.0
-                    ),
-                ));
-                Vec::new()
-            }
-            None => {
-                self.problems
-                    .push((Severity::Info, format!("the profile has no digest of the {what}")));
-                Vec::new()
-            }
+/// The entries of a kernel table read from guest memory, if they are the
+/// ones the profile's digest names; otherwise none, and why.
+fn validated<T>(
+    problems: &mut Vec<(Severity, String)>,
+    m: &Matched<'_>,
+    table: &str,
+    what: &str,
+    read: Result<Vec<T>, String>,
+    digest: impl Fn(&[T]) -> (u64, String),
+) -> Vec<T> {
+    let entries = match read {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push((Severity::Info, format!("the kernel's {what}: {e}")));
+            return Vec::new();
+        }
+    };
+    let got = digest(&entries);
+    match m.profile.table(table) {
+        Some((n, d)) if (n, d) == (got.0, got.1.as_str()) => entries,
+        Some((n, _)) => {
+            problems.push((
+                Severity::Violation,
+                format!(
+                    "the kernel's {what} ({} entries) differ from the profile's ({n} entries): its records were altered",
+                    got.0
+                ),
+            ));
+            Vec::new()
+        }
+        None => {
+            problems.push((Severity::Info, format!("the profile has no digest of the {what}")));
+            Vec::new()
         }
     }
+}
 
+impl PatchTables {
     /// Number of patch sites known (for reports and tests).
     pub fn site_count(&self) -> usize {
         self.sites.len()
@@ -674,14 +830,13 @@ impl PatchTables {
     }
 }
 
+/// A module's jump entries and static call sites, as read.
 fn module_tables<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
     md: &Module,
-    jumps: &mut Vec<JumpEntry>,
-    calls: &mut Vec<StaticCallSite>,
-) -> Result<(), String> {
+) -> Result<ModuleTables, String> {
     let at = md.addr;
     let (je, nje, sc, nsc) = (
         need(m, "module.jump_entries")?,
@@ -691,19 +846,15 @@ fn module_tables<M: GuestMemory + ?Sized>(
     );
     let u32_field = |off: u64| read_u32(mem, space, at.wrapping_add(off)).ok_or("unreadable");
     let u64_field = |off: u64| read_u64(mem, space, at.wrapping_add(off)).ok_or("unreadable");
-    let (n, base) = (u64::from(u32_field(nje)?), u64_field(je)?);
-    if n > 0 {
-        jumps
-            .extend(parse_jump_entries(&read_span(mem, space, base, n.saturating_mul(16))?, base)?);
-    }
-    let (n, base) = (u64::from(u32_field(nsc)?), u64_field(sc)?);
-    if n > 0 {
-        calls.extend(parse_static_call_sites(
-            &read_span(mem, space, base, n.saturating_mul(8))?,
-            base,
-        )?);
-    }
-    Ok(())
+    let table = |count: u64, entry: u64, base: u64| -> Result<Option<RawTable>, String> {
+        if count == 0 {
+            return Ok(None);
+        }
+        Ok(Some((base, read_span(mem, space, base, count.saturating_mul(entry))?)))
+    };
+    let jumps = table(u64::from(u32_field(nje)?), 16, u64_field(je)?)?;
+    let calls = table(u64::from(u32_field(nsc)?), 8, u64_field(sc)?)?;
+    Ok((jumps, calls))
 }
 
 /// `STT_FUNC` symbols of a module, as address ranges.
@@ -1299,6 +1450,8 @@ pub struct PatchMemory {
     funcs: HashMap<u64, std::time::Instant>,
     kprobes: HashMap<u64, (u32, std::time::Instant)>,
     optinsn: HashMap<(u64, u64), std::time::Instant>,
+    /// The site map last made, kept while the tables read the same.
+    site_memo: SiteMemo,
 }
 
 /// How long a patch record still counts after the kernel dropped it.
@@ -1401,7 +1554,7 @@ pub fn review<M: GuestMemory + ?Sized>(
         // pause. A write of an attacker's stays; the kernel's update ends.
         let mut round = 0;
         let (tables, mut v) = loop {
-            let mut tables = PatchTables::read(m, mem, space);
+            let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
             tables.merge_recent(memory, std::time::Instant::now());
             let name = |a: u64| m.locate(a);
             let v = verify_pages(&tables, &pages, mem, space, original, &memory.sites, &name);
@@ -1501,6 +1654,51 @@ mod tests {
         t.sites.insert(A, site);
         t.ftrace_callers.insert(CALLER);
         t
+    }
+
+    /// The site map is made once for tables that read the same, and anew
+    /// when any of them reads differently.
+    #[test]
+    fn the_site_map_is_kept_while_its_tables_read_the_same() {
+        let mut profile = crate::linux::profile::tests::sample();
+        let entry = 0xffff_ffff_8100_1000;
+        profile.fentry = vec![entry];
+        let m =
+            Matched { profile: &profile, modules: Vec::new(), slide: 0x20_0000, idt_slide: None };
+        let inputs = |ips: Vec<u64>| SiteInputs {
+            kernel_jumps: Err("unreadable".into()),
+            kernel_calls: Err("unreadable".into()),
+            modules: Vec::new(),
+            ftrace: Ok(ips),
+        };
+        let mut memo = SiteMemo::default();
+        let first = memo.get(&m, &inputs(vec![entry + m.slide]));
+        assert!(first.sites.get(&(entry + m.slide)) == Some(&Site::Fentry));
+        assert!(std::sync::Arc::ptr_eq(&first, &memo.get(&m, &inputs(vec![entry + m.slide]))));
+        // A forged record: a new map, which says so.
+        let forged = memo.get(&m, &inputs(vec![entry + m.slide, 0xffff_ffff_8100_0007]));
+        assert!(!std::sync::Arc::ptr_eq(&first, &forged));
+        assert!(
+            forged.problems.iter().any(|(s, p)| *s == Severity::Violation && p.contains("forged"))
+        );
+        // The same inputs under another slide, or with a table unreadable for
+        // another reason, are other inputs.
+        let other = Matched {
+            slide: 0x40_0000,
+            ..Matched { profile: &profile, modules: Vec::new(), slide: 0, idt_slide: None }
+        };
+        let a = inputs(vec![entry + m.slide]);
+        assert_ne!(a.digest(&m), a.digest(&other));
+        let mut b = inputs(vec![entry + m.slide]);
+        b.kernel_jumps = Err("unreadabl".into());
+        assert_ne!(a.digest(&m), b.digest(&m));
+        // Through the whole read: a memo gives the same tables as none.
+        let read = |memo: &mut SiteMemo| {
+            let t = PatchTables { sites: SiteSet(memo.get(&m, &a)), ..PatchTables::default() };
+            (t.site_count(), t.is_site(entry + m.slide, PatchKind::Ftrace))
+        };
+        assert_eq!(read(&mut SiteMemo::default()), (1, true));
+        assert_eq!(read(&mut memo), (1, true));
     }
 
     #[test]

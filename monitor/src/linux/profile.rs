@@ -539,10 +539,10 @@ pub fn load_dir(dirs: &[std::path::PathBuf]) -> (Vec<Profile>, Vec<(std::path::P
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Profile {
+    pub(crate) fn sample() -> Profile {
         let syms = vec![
             ProfileSymbol { addr: 0xffff_ffff_8100_0000, kind: 'T', name: "_text".into() },
             ProfileSymbol { addr: 0xffff_ffff_8100_1000, kind: 'T', name: "__x64_sys_read".into() },
