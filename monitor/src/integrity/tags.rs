@@ -106,27 +106,39 @@ pub fn untagged_or_changed<M: GuestMemory + ?Sized>(
     let expected = tags.region(region_index, root)?;
     let want = |index: u64| expected.get(usize::try_from(index).ok()?).copied().flatten();
     let mut slow = Vec::new();
-    let mut bufs = vec![[0u8; PAGE_BYTES]; BATCH.min(reads.len())];
-    for batch in reads.chunks(BATCH) {
-        // In place where the source maps RAM; else one batched read.
-        let in_place: Option<Vec<&[u8]>> =
-            batch.iter().map(|&(_, _, gpa)| mem.slice(gpa, PAGE_SIZE)).collect();
-        let pages: Vec<&[u8]> = match in_place {
-            Some(p) => p,
-            None => {
-                let mut rs: Vec<(GuestPhysAddr, &mut [u8])> = batch
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
-                    .collect();
-                mem.read_many(&mut rs).ok()?;
-                bufs.iter().take(batch.len()).map(|b| &b[..]).collect()
+    let mut judge = |read: (u64, GuestVirtAddr, GuestPhysAddr), page: &[u8; PAGE_BYTES]| {
+        let expected = want(read.0);
+        if expected.is_none() || Some(tags.key.tag(page)) != expected {
+            slow.push(read);
+        }
+    };
+    let mut bufs = Vec::new();
+    let mut rest = reads;
+    while let Some(first) = rest.first() {
+        // The longest run of physically consecutive pages: lent in place in
+        // one piece where the source maps RAM, else read in batches.
+        let run = 1 + rest
+            .windows(2)
+            .take_while(|w| w[1].2.raw() == w[0].2.raw().wrapping_add(PAGE_SIZE))
+            .count();
+        let (this, next) = rest.split_at(run);
+        rest = next;
+        if let Some(bytes) = mem.slice(first.2, PAGE_SIZE * this.len() as u64) {
+            for (&read, page) in this.iter().zip(bytes.as_chunks::<PAGE_BYTES>().0) {
+                judge(read, page);
             }
-        };
-        for (&read, bytes) in batch.iter().zip(pages) {
-            let expected = want(read.0);
-            if expected.is_none() || tags.key.tag_slice(bytes) != expected {
-                slow.push(read);
+            continue;
+        }
+        for batch in this.chunks(BATCH) {
+            bufs.resize(batch.len().max(bufs.len()), [0u8; PAGE_BYTES]);
+            let mut rs: Vec<(GuestPhysAddr, &mut [u8])> = batch
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
+                .collect();
+            mem.read_many(&mut rs).ok()?;
+            for (&read, page) in batch.iter().zip(&bufs) {
+                judge(read, page);
             }
         }
     }
@@ -143,6 +155,25 @@ mod tests {
     use super::*;
     use crate::integrity::baseline::tests::Fake;
     use crate::memory::RawDump;
+
+    /// A source that only copies (as `process_vm_readv` and dumps do).
+    struct Copying<'a>(&'a RawDump);
+
+    impl GuestMemory for Copying<'_> {
+        fn read(
+            &self,
+            start: GuestPhysAddr,
+            buf: &mut [u8],
+        ) -> Result<(), crate::memory::MemoryError> {
+            self.0.read(start, buf)
+        }
+        fn layout(&self) -> &crate::memory::RamLayout {
+            self.0.layout()
+        }
+        fn kind(&self) -> &'static str {
+            "copying"
+        }
+    }
 
     fn reads(b: &Baseline, region: usize) -> Vec<(u64, GuestVirtAddr, GuestPhysAddr)> {
         b.regions[region].pages.iter().zip(0u64..).map(|(p, i)| (i, p.gva, p.gpa)).collect()
@@ -165,6 +196,15 @@ mod tests {
         bytes[at] ^= 0x40;
         let poked = RawDump::from_bytes(bytes);
         assert_eq!(untagged_or_changed(&tags, 0, &root, &poked, &text), Some(vec![text[2]]));
+        // The same through a source that cannot lend its bytes in place.
+        assert_eq!(untagged_or_changed(&tags, 0, &root, &Copying(&f.mem), &text), Some(vec![]));
+        assert_eq!(
+            untagged_or_changed(&tags, 0, &root, &Copying(&poked), &text),
+            Some(vec![text[2]])
+        );
+        // Pages out of physical order are judged each against its own tag.
+        let shuffled: Vec<_> = text.iter().rev().copied().collect();
+        assert_eq!(untagged_or_changed(&tags, 0, &root, &poked, &shuffled), Some(vec![text[2]]));
         assert_eq!(untagged_or_changed(&tags, 0, &[9; 32], &f.mem, &text), None);
         assert_eq!(untagged_or_changed(&tags, 7, &root, &f.mem, &text), None);
         // A page with no tag (its baseline bytes were nowhere) is hashed.
