@@ -437,6 +437,25 @@ pub(crate) mod tests {
         pub pages: Vec<Mapping>,
     }
 
+    /// A source that only copies (as `process_vm_readv` and dumps do).
+    pub struct Copying<'a>(pub &'a RawDump);
+
+    impl GuestMemory for Copying<'_> {
+        fn read(
+            &self,
+            start: GuestPhysAddr,
+            buf: &mut [u8],
+        ) -> Result<(), crate::memory::MemoryError> {
+            self.0.read(start, buf)
+        }
+        fn layout(&self) -> &crate::memory::RamLayout {
+            self.0.layout()
+        }
+        fn kind(&self) -> &'static str {
+            "copying"
+        }
+    }
+
     pub const TEXT_VA: u64 = 0xffff_ffff_8100_0000;
     const RX: Perms = Perms { writable: false, user: false, executable: true };
     const RO: Perms = Perms { writable: false, user: false, executable: false };

@@ -153,27 +153,8 @@ pub const ESCAPE_BITS: u32 = 32 * nh::PASSES as u32;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::integrity::baseline::tests::Fake;
+    use crate::integrity::baseline::tests::{Copying, Fake};
     use crate::memory::RawDump;
-
-    /// A source that only copies (as `process_vm_readv` and dumps do).
-    struct Copying<'a>(&'a RawDump);
-
-    impl GuestMemory for Copying<'_> {
-        fn read(
-            &self,
-            start: GuestPhysAddr,
-            buf: &mut [u8],
-        ) -> Result<(), crate::memory::MemoryError> {
-            self.0.read(start, buf)
-        }
-        fn layout(&self) -> &crate::memory::RamLayout {
-            self.0.layout()
-        }
-        fn kind(&self) -> &'static str {
-            "copying"
-        }
-    }
 
     fn reads(b: &Baseline, region: usize) -> Vec<(u64, GuestVirtAddr, GuestPhysAddr)> {
         b.regions[region].pages.iter().zip(0u64..).map(|(p, i)| (i, p.gva, p.gpa)).collect()
