@@ -64,6 +64,8 @@ fn main() {
     let seconds = arg("--seconds", 30);
     // Writes per minute into random guests (0: none, steady state only).
     let pokes_per_minute = arg("--writes-per-minute", 60);
+    // Threads running checks: the daemon's blocking pool has at least two.
+    let workers = usize::try_from(arg("--workers", 2)).unwrap().max(1);
     // `--originals disk`: the baselines' original pages stay in their files.
     let on_disk = std::env::args()
         .collect::<Vec<_>>()
@@ -114,15 +116,18 @@ fn main() {
     let rss_after = rss_anon();
     println!("fleet: attached in {:.1} s", attach.elapsed().as_secs_f64());
 
-    // The schedule: every guest once a second (±10 %), pokes every ~0.5 s.
+    // The schedule: every guest once a second (±10 %), pokes at random
+    // moments; `workers` threads take the events in deadline order, as the
+    // daemon's blocking pool takes its domains' checks.
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 11) as f64 / (1u64 << 53) as f64
+    let rand = std::sync::Mutex::new(0x9e37_79b9_7f4a_7c15u64);
+    let rand = || {
+        let mut seed = rand.lock().unwrap();
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
     };
     let mut queue: BinaryHeap<std::cmp::Reverse<(Instant, Event)>> = BinaryHeap::new();
     for i in 0..guests {
@@ -133,58 +138,86 @@ fn main() {
     if pokes_per_minute > 0 {
         queue.push(std::cmp::Reverse((start + poke_gap(rand()), Event::Poke)));
     }
-    // Pokes waiting to be seen: guest -> (when, address, old byte).
-    let mut pending: Vec<Option<(Instant, GuestPhysAddr, u8)>> = vec![None; guests];
-    let (mut latencies, mut durations) = (Vec::new(), Vec::new());
-    let (mut checks, mut late) = (0u64, Vec::new());
-    let cpu0 = cpu_time();
-    while let Some(std::cmp::Reverse((at, ev))) = queue.pop() {
-        if at >= end {
-            break;
-        }
-        let now = Instant::now();
-        if at > now {
-            std::thread::sleep(at - now);
-        } else {
-            late.push((now - at).as_secs_f64());
-        }
-        match ev {
-            Event::Poke => {
-                let victim = (rand() * guests as f64) as usize % guests;
-                if pending[victim].is_none() {
-                    let page =
-                        &text.pages[(rand() * text.pages.len() as f64) as usize % text.pages.len()];
-                    let gpa = GuestPhysAddr(page.gpa.raw() + (rand() * 4000.0) as u64 + 16);
-                    let old = fleet[victim].1.poke(gpa, 0xcc);
-                    if old != 0xcc {
-                        pending[victim] = Some((Instant::now(), gpa, old));
-                    } else {
-                        fleet[victim].1.poke(gpa, old);
-                    }
-                }
-                let next = Instant::now() + poke_gap(rand());
-                queue.push(std::cmp::Reverse((next, Event::Poke)));
-            }
-            Event::Check(i) => {
-                let t = Instant::now();
-                let r = fleet[i].0.check(Scope::Full, &profiles).unwrap();
-                durations.push(t.elapsed().as_secs_f64());
-                checks += 1;
-                if let Some((poked, gpa, old)) = pending[i] {
-                    let seen = r.violations.iter().any(|f| f.region == "kernel-text");
-                    if seen {
-                        latencies.push(poked.elapsed().as_secs_f64());
-                        fleet[i].1.poke(gpa, old);
-                        pending[i] = None;
-                    }
-                } else {
-                    assert!(r.intact, "guest {i}: unexpected {:?}", r.violations.first());
-                }
-                let next = at + Duration::from_secs_f64(0.9 + 0.2 * rand());
-                queue.push(std::cmp::Reverse((next, Event::Check(i))));
-            }
-        }
+    let queue = std::sync::Mutex::new(queue);
+    // Each guest with the write waiting to be seen in it: (when, address, old byte).
+    type Pending = Option<(Instant, GuestPhysAddr, u8)>;
+    let fleet: Vec<std::sync::Mutex<(Watched, std::sync::Arc<vigil_bench::RamCopy>, Pending)>> =
+        fleet.into_iter().map(|(w, copy)| std::sync::Mutex::new((w, copy, None))).collect();
+    #[derive(Default)]
+    struct Tally {
+        latencies: Vec<f64>,
+        durations: Vec<f64>,
+        late: Vec<f64>,
+        checks: u64,
     }
+    let tally = std::sync::Mutex::new(Tally::default());
+    let cpu0 = cpu_time();
+    let worker = || {
+        loop {
+            let Some(std::cmp::Reverse((at, ev))) = queue.lock().unwrap().pop() else { return };
+            if at >= end {
+                return; // every later event is later still
+            }
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            } else {
+                tally.lock().unwrap().late.push((now - at).as_secs_f64());
+            }
+            match ev {
+                Event::Poke => {
+                    let victim = (rand() * guests as f64) as usize % guests;
+                    // Under the guest's lock: never while it is being checked.
+                    let mut g = fleet[victim].lock().unwrap();
+                    if g.2.is_none() {
+                        let page = &text.pages
+                            [(rand() * text.pages.len() as f64) as usize % text.pages.len()];
+                        let gpa = GuestPhysAddr(page.gpa.raw() + (rand() * 4000.0) as u64 + 16);
+                        let old = g.1.poke(gpa, 0xcc);
+                        if old != 0xcc {
+                            g.2 = Some((Instant::now(), gpa, old));
+                        } else {
+                            g.1.poke(gpa, old);
+                        }
+                    }
+                    drop(g);
+                    let next = Instant::now() + poke_gap(rand());
+                    queue.lock().unwrap().push(std::cmp::Reverse((next, Event::Poke)));
+                }
+                Event::Check(i) => {
+                    let mut g = fleet[i].lock().unwrap();
+                    let t = Instant::now();
+                    let r = g.0.check(Scope::Full, &profiles).unwrap();
+                    let took = t.elapsed().as_secs_f64();
+                    let mut seen = None;
+                    if let Some((poked, gpa, old)) = g.2 {
+                        if r.violations.iter().any(|f| f.region == "kernel-text") {
+                            seen = Some(poked.elapsed().as_secs_f64());
+                            g.1.poke(gpa, old);
+                            g.2 = None;
+                        }
+                    } else {
+                        assert!(r.intact, "guest {i}: unexpected {:?}", r.violations.first());
+                    }
+                    drop(g);
+                    let mut t = tally.lock().unwrap();
+                    t.durations.push(took);
+                    t.checks += 1;
+                    t.latencies.extend(seen);
+                    drop(t);
+                    let next = at + Duration::from_secs_f64(0.9 + 0.2 * rand());
+                    queue.lock().unwrap().push(std::cmp::Reverse((next, Event::Check(i))));
+                }
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(worker);
+        }
+    });
+    let Tally { mut latencies, mut durations, mut late, checks } = tally.into_inner().unwrap();
+    let pending: Vec<Pending> = fleet.iter().map(|g| g.lock().unwrap().2).collect();
     let wall = start.elapsed().min(Duration::from_secs(seconds));
     let cpu = cpu_time() - cpu0;
     let missed = pending.iter().filter(|p| p.is_some()).count();
@@ -196,7 +229,7 @@ fn main() {
         })
         .collect();
     println!(
-        "fleet: {guests} guests, {seconds} s, {checks} full checks ({:.1} per second)",
+        "fleet: {guests} guests, {seconds} s, {checks} full checks ({:.1} per second) on {workers} thread(s)",
         checks as f64 / wall.as_secs_f64()
     );
     println!(

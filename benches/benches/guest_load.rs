@@ -9,8 +9,9 @@
 //! Needs the lab (lab/setup.sh, libvirtd running) and builds the release
 //! `vigil` binary. The workload: a busybox shell counting loop (CPU) and
 //! SHA-256 over 64 MiB streamed through a pipe (memory), about 5 s a round
-//! under TCG. Reported: each round's time both ways, the slowdown per pair
-//! of rounds, and its mean and spread.
+//! under TCG, timed by the guest's clock. Reported: each round's time both
+//! ways, the slowdown per pair of rounds, and its mean, median and spread,
+//! with a 95 % confidence interval of the mean.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -131,10 +132,20 @@ fn main() {
     stop_daemon(first);
     g.run(WORKLOAD).unwrap(); // warm up the guest's caches
 
+    // Timed by the guest's own clock, so that the serial console's round
+    // trip is not part of it.
+    let timed = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); {WORKLOAD}; b=$(cut -d' ' -f1 /proc/uptime); echo \"took $a $b\""
+    );
     let run = |g: &mut vigil_lab::Guest| {
-        let t = Instant::now();
-        g.run(WORKLOAD).unwrap();
-        t.elapsed().as_secs_f64()
+        let out = g.run(&timed).unwrap();
+        let times: Vec<f64> = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("took "))
+            .map(|t| t.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_default();
+        assert_eq!(times.len(), 2, "no timing in the guest's answer {out:?}");
+        times[1] - times[0]
     };
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut checks_on = 0.0;
@@ -169,13 +180,19 @@ fn main() {
     let (mr, sr) = mean_sd(&ratios);
     let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let median = vigil_bench::percentile(&mut ratios.clone(), 0.5);
+    // Normal approximation: the mean's 95 % interval is 1.96 standard errors.
+    let half = 1.96 * sr / (rounds as f64).sqrt();
     println!("stopped:  mean {mo:.3} s, sd {so:.3} s");
     println!(
         "checking: mean {mn:.3} s, sd {sn:.3} s ({checks_on:.0} full checks during those rounds)"
     );
     println!(
-        "slowdown: mean {:.2} %, sd {:.2} %, min {:.2} %, max {:.2} % over {rounds} pairs (target <= 1 %)",
+        "slowdown: mean {:.2} % (95 % interval {:.2} to {:.2} %), median {:.2} %, sd {:.2} %, min {:.2} %, max {:.2} % over {rounds} pairs (target <= 1 %)",
         100.0 * mr,
+        100.0 * (mr - half),
+        100.0 * (mr + half),
+        100.0 * median,
         100.0 * sr,
         100.0 * lo,
         100.0 * hi

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use sha2::Digest;
 use vigil::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
-use vigil::integrity::check::{Scope, check_tagged};
+use vigil::integrity::check::{Scope, check_tagged, region_hash};
 use vigil::integrity::nh::{Key, Tag};
 use vigil::integrity::tags::untagged_or_changed;
 use vigil::integrity::tree;
 use vigil::memory::{BlockMapping, GuestMemory, ProcessRam, SharedRam};
 use vigil::x86::{PagingMode, Walker};
-use vigil_bench::{Capture, RamFiles};
+use vigil_bench::{Capture, RamFiles, percentile};
 
 const PAGE: usize = vigil::addr::PAGE_BYTES;
 /// Pages per `read_many` batch, as the engine reads.
@@ -149,25 +149,24 @@ fn main() {
 
     // Sources: the protected set read into page buffers, as the engine reads.
     let mut bufs = vec![[0u8; PAGE]; BATCH];
-    measure(&mut c, "sources", "reference-in-process-copy", bytes, || {
+    let in_process_copy = || {
         for (chunk, batch) in cap.image.chunks(BATCH * PAGE).zip(0..) {
             for (src, dst) in chunk.chunks_exact(PAGE).zip(bufs.iter_mut()) {
                 dst.copy_from_slice(src);
             }
             black_box((&bufs, batch));
         }
-    });
+    };
+    let mut bufs3 = vec![[0u8; PAGE]; BATCH];
+    let mut source_read = |source: &dyn GuestMemory| {
+        read_all(source, &cap.pages, &mut bufs3, |_, b| {
+            black_box(b);
+        });
+    };
+    measure(&mut c, "sources", "reference-in-process-copy", bytes, in_process_copy);
+    measure(&mut c, "sources", "shared-mapping", bytes, || source_read(&ram.shared));
+    measure(&mut c, "sources", "process-vm-readv", bytes, || source_read(&ram.process));
     let mut bufs2 = vec![[0u8; PAGE]; BATCH];
-    measure(&mut c, "sources", "shared-mapping", bytes, || {
-        read_all(&ram.shared, &cap.pages, &mut bufs2, |_, b| {
-            black_box(b);
-        });
-    });
-    measure(&mut c, "sources", "process-vm-readv", bytes, || {
-        read_all(&ram.process, &cap.pages, &mut bufs2, |_, b| {
-            black_box(b);
-        });
-    });
 
     // Verification of the protected set in steady state.
     let key = Key::random().unwrap();
@@ -183,9 +182,10 @@ fn main() {
         cap.image.chunks_exact(PAGE).map(|p| std::hash::BuildHasher::hash_one(&sip, p)).collect();
     let shas: Vec<[u8; 32]> =
         cap.image.chunks_exact(PAGE).map(|p| sha2::Sha256::digest(p).into()).collect();
-    measure(&mut c, "verify", "reference-plain-read", bytes, || {
+    let plain = || {
         black_box(plain_read(black_box(&cap.image)));
-    });
+    };
+    measure(&mut c, "verify", "reference-plain-read", bytes, plain);
     measure(&mut c, "verify", "blake3-whole-buffer", bytes, || {
         black_box(blake3::hash(black_box(&cap.image)));
     });
@@ -244,12 +244,21 @@ fn main() {
         .iter()
         .map(|r| r.pages.iter().zip(0u64..).map(|(p, i)| (i, p.gva, p.gpa)).collect())
         .collect();
-    measure(&mut c, "verify", "nh-tags-shared-mapping-in-place", bytes, || {
+    let nh_in_place = || {
         for (i, (r, reads)) in cap.baseline.regions.iter().zip(&region_reads).enumerate() {
             let slow = untagged_or_changed(&page_tags, i, &r.root, &ram.shared, reads);
             assert_eq!(slow.map(|s| s.len()), Some(0));
         }
-    });
+    };
+    measure(&mut c, "verify", "nh-tags-shared-mapping-in-place", bytes, nh_in_place);
+    // BLAKE3-only verification: each region hashed whole, in place, and
+    // compared with its root (pages are hashed one by one only on a mismatch).
+    let blake3_in_place = || {
+        for (r, reads) in cap.baseline.regions.iter().zip(&region_reads) {
+            assert_eq!(region_hash(&ram.shared, reads, r.bytes), Some(r.root));
+        }
+    };
+    measure(&mut c, "verify", "blake3-regions-shared-mapping-in-place", bytes, blake3_in_place);
     measure(&mut c, "verify", "nh-tags-shared-mapping-copied", bytes, || {
         let mut bad = 0;
         read_all(&ram.shared, &cap.pages, &mut bufs2, |i, b| {
@@ -264,16 +273,14 @@ fn main() {
     measure(&mut c, "verify", "engine-discover-kernel", bytes, || {
         black_box(vigil::linux::discover(&ram.shared, &regs).unwrap());
     });
-    for (name, t) in
-        [("engine-full-check-blake3", None), ("engine-full-check-tagged", Some(&page_tags))]
-    {
-        measure(&mut c, "verify", name, bytes, || {
-            let view = vigil::linux::discover(&ram.shared, &regs).unwrap();
-            let r = check_tagged(&cap.baseline, &ram.shared, &view, &regs, base, Scope::Full, t)
-                .unwrap();
-            assert!(r.intact, "{:?}", r.violations.first());
-        });
-    }
+    let engine = |t: Option<&vigil::integrity::tags::PageTags>| {
+        let view = vigil::linux::discover(&ram.shared, &regs).unwrap();
+        let r =
+            check_tagged(&cap.baseline, &ram.shared, &view, &regs, base, Scope::Full, t).unwrap();
+        assert!(r.intact, "{:?}", r.violations.first());
+    };
+    measure(&mut c, "verify", "engine-full-check-blake3", bytes, || engine(None));
+    measure(&mut c, "verify", "engine-full-check-tagged", bytes, || engine(Some(&page_tags)));
 
     // Localising a changed page and the incremental update after an
     // accepted patch: the page's BLAKE3 value, merged into the region root.
@@ -310,6 +317,124 @@ fn main() {
 
     c.final_summary();
     report(&cap, n, &key, mapped.mappings.len());
+
+    // The targets' ratios once more, each method timed alternately with its
+    // reference, so that the machine's changes of speed hit both alike, and
+    // every reference reading the very memory its method reads (the shared
+    // mapping, in place), so that both find the caches alike.
+    let mapped: Vec<&[u8]> = cap
+        .pages
+        .iter()
+        .map(|&(_, gpa)| ram.shared.slice(gpa, PAGE_SIZE).expect("the capture's pages are RAM"))
+        .collect();
+    let plain_in_place = || {
+        for p in &mapped {
+            black_box(plain_read(black_box(p)));
+        }
+    };
+    let mut bufs4 = vec![[0u8; PAGE]; BATCH];
+    let mut copy_in_place = || {
+        for batch in mapped.chunks(BATCH) {
+            for (src, dst) in batch.iter().zip(bufs4.iter_mut()) {
+                dst.copy_from_slice(src);
+            }
+            black_box(&bufs4);
+        }
+    };
+    let whole = {
+        let mut v = Vec::with_capacity(mapped.len() * PAGE);
+        mapped.iter().for_each(|p| v.extend_from_slice(p));
+        v
+    };
+    let blake3_whole = || {
+        black_box(blake3::hash(black_box(&whole)));
+    };
+    let pairs: Vec<Paired> = vec![
+        paired("NH tags, shared mapping in place", "plain read", 400, plain_in_place, nh_in_place),
+        paired("engine full check, tagged", "plain read", 300, plain_in_place, || {
+            engine(Some(&page_tags))
+        }),
+        paired(
+            "BLAKE3 regions, shared mapping in place",
+            "whole-buffer BLAKE3",
+            60,
+            blake3_whole,
+            blake3_in_place,
+        ),
+        paired("engine full check, BLAKE3 only", "whole-buffer BLAKE3", 40, blake3_whole, || {
+            engine(None)
+        }),
+        paired("shared-mapping source", "in-process copy", 300, &mut copy_in_place, || {
+            source_read(&ram.shared)
+        }),
+        paired("process_vm_readv source", "in-process copy", 200, &mut copy_in_place, || {
+            source_read(&ram.process)
+        }),
+    ];
+    println!();
+    println!(
+        "paired: each method alternated with its reference, ratio per pair (reference time over method time)"
+    );
+    println!(
+        "{:36} {:>22} {:>6} {:>7} {:>7} {:>7}",
+        "method", "reference", "pairs", "p25", "median", "p75"
+    );
+    for p in pairs {
+        println!(
+            "{:36} {:>22} {:>6} {:>7.3} {:>7.3} {:>7.3}",
+            p.method, p.reference, p.pairs, p.p25, p.median, p.p75
+        );
+    }
+}
+
+/// Ratios of a method to its reference, measured alternately.
+struct Paired {
+    method: &'static str,
+    reference: &'static str,
+    pairs: usize,
+    p25: f64,
+    median: f64,
+    p75: f64,
+}
+
+/// Times `reference` and `method` alternately (which goes first alternates
+/// too), `pairs` times after a warm-up, and gives the spread of the ratios.
+fn paired(
+    method: &'static str,
+    reference: &'static str,
+    pairs: usize,
+    mut reference_fn: impl FnMut(),
+    mut method_fn: impl FnMut(),
+) -> Paired {
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..pairs / 10 + 1 {
+        reference_fn();
+        method_fn();
+    }
+    let mut ratios: Vec<f64> = (0..pairs)
+        .map(|i| {
+            let (r, m) = if i % 2 == 0 {
+                let r = time(&mut reference_fn);
+                (r, time(&mut method_fn))
+            } else {
+                let m = time(&mut method_fn);
+                (time(&mut reference_fn), m)
+            };
+            r / m
+        })
+        .collect();
+    Paired {
+        method,
+        reference,
+        pairs,
+        p25: percentile(&mut ratios, 0.25),
+        median: percentile(&mut ratios, 0.5),
+        p75: percentile(&mut ratios, 0.75),
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -342,6 +467,7 @@ fn report(cap: &Capture, n: usize, key: &Key, mappings: usize) {
         ("verify/engine-full-check-tagged", "verify/reference-plain-read", bytes),
         ("verify/engine-full-check-blake3", "verify/reference-plain-read", bytes),
         ("verify/engine-full-check-blake3", "verify/blake3-whole-buffer", bytes),
+        ("verify/blake3-regions-shared-mapping-in-place", "verify/blake3-whole-buffer", bytes),
         ("verify/engine-discover-kernel", "", 0.0),
         ("verify/blake3-whole-buffer", "verify/reference-plain-read", bytes),
         ("verify/blake3-per-page", "verify/reference-plain-read", bytes),
