@@ -105,10 +105,15 @@ impl RamLayout {
 
     /// The range holding `[start, start + len)` entirely, if one does.
     pub fn find(&self, start: GuestPhysAddr, len: u64) -> Option<&RamRange> {
+        self.find_index(start, len).map(|i| &self.ranges[i])
+    }
+
+    /// The index in [`Self::ranges`] of the range [`Self::find`] finds.
+    pub fn find_index(&self, start: GuestPhysAddr, len: u64) -> Option<usize> {
         let end = start.checked_add(len)?.raw();
         let idx = self.ranges.partition_point(|r| r.end() <= start.raw());
         let r = self.ranges.get(idx)?;
-        (r.start <= start && end <= r.end()).then_some(r)
+        (r.start <= start && end <= r.end()).then_some(idx)
     }
 
     /// Whether `[start, start + len)` lies inside RAM.

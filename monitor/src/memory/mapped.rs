@@ -71,6 +71,9 @@ struct MappedBlock {
 pub struct SharedRam {
     layout: RamLayout,
     blocks: Vec<MappedBlock>,
+    /// For each range of the layout, the index of its block in `blocks`
+    /// (looked up once, not by name at every read).
+    block_of: Vec<usize>,
 }
 
 /// Why a shared mapping could not be set up.
@@ -124,7 +127,13 @@ impl SharedRam {
             let map = sys::map_readonly(&file, offset, len).map_err(map_err)?;
             mapped.push(MappedBlock { name: b.name.clone(), map });
         }
-        Ok(Self { layout, blocks: mapped })
+        let block_of = layout
+            .ranges()
+            .iter()
+            .map(|r| mapped.iter().position(|b| b.name == r.block))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| SharedRamError::Blocks("a RAM range names no mapped block".into()))?;
+        Ok(Self { layout, blocks: mapped, block_of })
     }
 }
 
@@ -137,23 +146,15 @@ fn read_maps(pid: i32) -> Result<Vec<MapsEntry>, SharedRamError> {
 impl GuestMemory for SharedRam {
     fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         let len = len_u64(buf);
-        let range = self.layout.find(start, len).ok_or(MemoryError::NotRam { start, len })?;
-        let block = self
-            .blocks
-            .iter()
-            .find(|b| b.name == range.block)
-            .ok_or(MemoryError::NotRam { start, len })?;
-        let from = range.block_offset + (start.raw() - range.start.raw());
-        let from = usize::try_from(from).map_err(|_| MemoryError::NotRam { start, len })?;
-        let src =
-            block.map.get(from..from + buf.len()).ok_or(MemoryError::NotRam { start, len })?;
+        let src = self.slice(start, len).ok_or(MemoryError::NotRam { start, len })?;
         buf.copy_from_slice(src);
         Ok(())
     }
 
     fn slice(&self, start: GuestPhysAddr, len: u64) -> Option<&[u8]> {
-        let range = self.layout.find(start, len)?;
-        let block = self.blocks.iter().find(|b| b.name == range.block)?;
+        let index = self.layout.find_index(start, len)?;
+        let range = &self.layout.ranges()[index];
+        let block = &self.blocks[*self.block_of.get(index)?];
         let from = usize::try_from(range.block_offset + (start.raw() - range.start.raw())).ok()?;
         block.map.get(from..from.checked_add(usize::try_from(len).ok()?)?)
     }
