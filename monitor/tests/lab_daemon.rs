@@ -114,9 +114,11 @@ fn lab_daemon_rebaselines_a_reboot_and_detaches_a_destroyed_domain() {
     assert!(d.status(&name).is_none());
 }
 
+/// Run with `originals = "disk"`: the baseline's original pages stay in
+/// their file, read back on re-attach and whenever a page changed.
 #[test]
 fn lab_daemon_killed_catches_an_attack_made_while_down_without_repeating_alerts() {
-    let mut d = Daemon::start("vigil-lab-dmn-kill");
+    let mut d = Daemon::start_top_level("vigil-lab-dmn-kill", "originals = \"disk\"");
     let mut g = boot("dmn-kill");
     d.wait_watching(&g);
     g.run("attack inline").unwrap();

@@ -45,19 +45,12 @@ impl Daemon {
 
     /// A daemon that checks `domain` in full every second.
     pub fn every_second(domain: &str) -> Self {
-        let mut d = Daemon {
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            port: free_port(),
-            extra_env: vec![],
-            config: Self::config_text(domain).replace(
-                &format!("full_interval = \"{}ms\"", FULL.as_millis()),
-                "full_interval = \"1s\"",
-            ),
-        };
-        assert!(d.config.contains("full_interval = \"1s\""), "{}", d.config);
-        d.spawn();
-        d
+        let config = Self::config_text(domain).replace(
+            &format!("full_interval = \"{}ms\"", FULL.as_millis()),
+            "full_interval = \"1s\"",
+        );
+        assert!(config.contains("full_interval = \"1s\""), "{config}");
+        Self::spawned(config, vec![])
     }
 
     /// One request on the control socket, and its answer.
@@ -76,14 +69,23 @@ impl Daemon {
         text.lines().find_map(|l| l.strip_prefix(&want)).and_then(|v| v.trim().parse().ok())
     }
 
+    /// `top_level` settings go first in the configuration file.
+    pub fn start_top_level(domain: &str, top_level: &str) -> Self {
+        Self::spawned(format!("{top_level}\n{}", Self::config_text(domain)), vec![])
+    }
+
     /// `extra_config` is appended to the configuration file.
     pub fn start_with(domain: &str, extra_config: &str, extra_env: Vec<(String, String)>) -> Self {
+        Self::spawned(Self::config_text(domain) + extra_config, extra_env)
+    }
+
+    fn spawned(config: String, extra_env: Vec<(String, String)>) -> Self {
         let mut d = Daemon {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             port: free_port(),
             extra_env,
-            config: Self::config_text(domain) + extra_config,
+            config,
         };
         d.spawn();
         d
