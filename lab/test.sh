@@ -2,8 +2,9 @@
 # The whole test suite, on a fresh Debian 12 machine, as root:
 # installs the lab's packages, prepares the lab guest, starts libvirt, removes
 # lab domains left over from an earlier run, builds and checks the Debian
-# package (install, verify, purge), then runs every test (unit tests, and the
-# lab tests that boot real guests, Prometheus and Alertmanager) with nextest.
+# package (install, verify, purge), runs every fuzz target for a short while
+# from its seeds, then runs every test (unit tests, and the lab tests that
+# boot real guests, Prometheus and Alertmanager) with nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,5 +18,6 @@ lab/package.sh --check
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # The benchmarks need a captured guest to run (lab/capture.sh); here they
 # are only built, so that they cannot rot.
-cargo build --quiet -p vigil-bench --benches
+cargo build --quiet -p vigil-bench --benches --examples
+fuzz/run.sh smoke
 cargo nextest run --workspace --no-fail-fast "$@"

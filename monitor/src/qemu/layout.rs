@@ -110,7 +110,8 @@ pub fn parse_mtree_ram(text: &str, blocks: &[RamBlockInfo]) -> Result<Vec<RamRan
         if !blocks.iter().any(|b| b.name == name) {
             continue;
         }
-        let len = last - start + 1;
+        // The whole 64-bit space is one byte too long to count.
+        let len = (last - start).checked_add(1).ok_or_else(|| bad("range covers every address"))?;
         if out.len() >= MAX_ENTRIES {
             return Err(bad("too many RAM ranges"));
         }
@@ -233,6 +234,15 @@ mod tests {
                 "no name",
             ),
             (String::from("FlatView #0\n AS \"io\", root: io\n"), "no system view"),
+            // Seen while writing the qemu_monitor fuzz target's invariants:
+            // the length of a range over every address overflowed.
+            (
+                MTREE_5G.replace(
+                    "0000000100000000-000000017fffffff",
+                    "0000000000000000-ffffffffffffffff",
+                ),
+                "every address",
+            ),
         ] {
             assert!(parse_mtree_ram(&text, &blocks).is_err(), "accepted {what}");
         }

@@ -1,0 +1,129 @@
+//! Seeds for the fuzz targets that read guest memory, cut from a real lab
+//! guest (the capture `lab/capture.sh` leaves; see fuzz/README.md):
+//!
+//!   cargo run --release -p vigil-bench --example fuzz_seeds -- fuzz/seeds
+//!
+//! - `page_walk/lab-kernel-image.bin`: the guest's page tables for the
+//!   kernel image (the tables on the image's path from CR3 down to its
+//!   page directory, and the first page tables under that), moved into the target's
+//!   16 pages of RAM with their pointers to each other rewritten, behind
+//!   the target's 9-byte header (CR3, flags).
+//! - `patch_tables/lab-jump-table.bin`, `lab-static-call-sites.bin`: the
+//!   first 4 KiB of the kernel's jump table and static call sites, behind
+//!   the 8-byte address they were read from.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use vigil::addr::{GuestPhysAddr, PAGE_BYTES};
+use vigil::memory::GuestMemory;
+use vigil_bench::Capture;
+
+/// The fuzz target's RAM, in pages.
+const PAGES: usize = 16;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+const PRESENT: u64 = 1;
+const LARGE: u64 = 1 << 7;
+const IMAGE: u64 = 0xffff_ffff_8000_0000;
+const CR4_LA57: u64 = 1 << 12;
+
+fn main() {
+    let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/seeds".into()));
+    let cap = Capture::load();
+    let regs = &cap.baseline.registers[0];
+    let read = |gpa: u64| {
+        let mut page = vec![0u8; PAGE_BYTES];
+        cap.core.read(GuestPhysAddr(gpa), &mut page).expect("a table in the captured RAM");
+        page
+    };
+    let entry =
+        |page: &[u8], i: usize| u64::from_le_bytes(page[8 * i..8 * i + 8].try_into().unwrap());
+    let next = |page: &[u8], i: usize| {
+        let e = entry(page, i);
+        assert!(e & PRESENT != 0 && e & LARGE == 0, "no table on the image's path: {e:#x}");
+        e & ADDR
+    };
+
+    // The tables on the image's path, top (PML5 or PML4) down to the page
+    // directory, then the page tables under it.
+    let levels: u32 = if regs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    let index = |level: u32| ((IMAGE >> (12 + 9 * level)) & 0x1ff) as usize;
+    let mut path = vec![regs.cr3 & ADDR & !(1 << 12)];
+    for level in (2..levels).rev() {
+        let table = read(*path.last().unwrap());
+        path.push(next(&table, index(level)));
+    }
+    let pd = read(*path.last().unwrap());
+    let mut tables: BTreeMap<u64, usize> = BTreeMap::new();
+    for (slot, &at) in path.iter().enumerate() {
+        tables.insert(at, slot);
+    }
+    for i in 0..512 {
+        let e = entry(&pd, i);
+        if e & PRESENT != 0 && e & LARGE == 0 && tables.len() < PAGES {
+            let n = tables.len();
+            tables.entry(e & ADDR).or_insert(n);
+        }
+    }
+    // Copy each into its slot, pointing table entries at the copies. Leaf
+    // entries keep their addresses: the walk never reads what they map.
+    let mut ram = vec![0u8; PAGES * PAGE_BYTES];
+    for (&at, &slot) in &tables {
+        let mut page = read(at);
+        if path.contains(&at) {
+            for i in 0..512 {
+                let e = entry(&page, i);
+                if let Some(&s) =
+                    tables.get(&(e & ADDR)).filter(|_| e & PRESENT != 0 && e & LARGE == 0)
+                {
+                    let moved = (e & !ADDR) | ((s as u64) << 12);
+                    page[8 * i..8 * i + 8].copy_from_slice(&moved.to_le_bytes());
+                }
+            }
+        }
+        ram[slot * PAGE_BYTES..(slot + 1) * PAGE_BYTES].copy_from_slice(&page);
+    }
+    // Header: CR3 (slot 0, with the guest's flag bits), flags: the guest's
+    // paging levels and NXE, CR3 taken as given, the image range.
+    let cr3 = regs.cr3 & !ADDR;
+    let nxe = regs.efer & (1 << 11) != 0;
+    let flags = u8::from(levels == 5) | if nxe { 2 } else { 0 } | 4;
+    let mut seed = cr3.to_le_bytes().to_vec();
+    seed.push(flags);
+    seed.extend_from_slice(&ram);
+    write(&out, "page_walk", "lab-kernel-image.bin", &seed);
+    println!("page_walk: {} tables of the kernel image's mapping", tables.len());
+
+    // The patch tables, from the profile's symbols and the guest's slide.
+    let (profiles, _) = vigil::linux::profile::load_dir(&[concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../guest-profiles"
+    )
+    .into()]);
+    let view = vigil::linux::discover(&cap.core, &cap.baseline.registers).unwrap();
+    let m = vigil::linux::semantic::match_profile(
+        &profiles,
+        &cap.core,
+        &view,
+        view.identification.image_base,
+    )
+    .expect("the capture matches the committed profile");
+    for (name, symbol) in [
+        ("lab-jump-table.bin", "__start___jump_table"),
+        ("lab-static-call-sites.bin", "__start_static_call_sites"),
+    ] {
+        let at = m.expect(symbol).expect("the profile names the table");
+        let (bytes, _) =
+            vigil::linux::semantic::read_virt(&cap.core, &view, at, PAGE_BYTES).expect("readable");
+        let mut seed = at.to_le_bytes().to_vec();
+        seed.extend_from_slice(&bytes);
+        write(&out, "patch_tables", name, &seed);
+    }
+    println!("patch_tables: 4 KiB of each table");
+}
+
+fn write(out: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {
+    let dir = out.join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}

@@ -1,0 +1,82 @@
+//! The fuzz targets' seeds (fuzz/seeds, cut from a real lab guest) are what
+//! their parsers accept: a seed the format has moved away from would leave
+//! its target fuzzing error paths only.
+
+use std::path::{Path, PathBuf};
+
+fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds").join(target);
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "{}: no seeds", dir.display());
+    out
+}
+
+fn text(p: &Path, b: &[u8]) -> String {
+    String::from_utf8(b.to_vec()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn qemu_monitor_seeds_parse_with_the_parser_their_first_byte_picks() {
+    let all = seeds("qemu_monitor");
+    let blocks = all.iter().find(|(p, _)| p.ends_with("ramblock.txt")).unwrap();
+    let blocks = vigil::qemu::parse_ramblocks(&text(&blocks.0, &blocks.1)[1..]).unwrap();
+    let mut picked = [false; 6];
+    for (p, b) in &all {
+        let t = text(p, b);
+        let (which, body) = t.split_at(1);
+        let which: usize = which.parse().unwrap_or_else(|_| panic!("{}: no selector", p.display()));
+        picked[which] = true;
+        let e = |e: vigil::qemu::ParseError| e.to_string();
+        let parsed: Result<usize, String> = match which {
+            0 => vigil::qemu::parse_registers(body).map(|r| r.len()).map_err(e),
+            1 => vigil::qemu::parse_ramblocks(body).map(|r| r.len()).map_err(e),
+            2 => vigil::qemu::parse_mtree_ram(body, &blocks).map(|r| r.len()).map_err(e),
+            3 => vigil::qemu::parse_gpa2hva(body).map(|_| 1).map_err(e),
+            4 => vigil::qemu::parse_query_cpus_thread_ids(body).map(|r| r.len()).map_err(e),
+            5 => vigil::memory::parse_maps(body).map(|r| r.len()),
+            _ => panic!("{}: selector {which}", p.display()),
+        };
+        let n = parsed.unwrap_or_else(|err| panic!("{}: {err}", p.display()));
+        assert!(n > 0, "{}: nothing parsed", p.display());
+    }
+    assert_eq!(picked, [true; 6], "a seed for every parser");
+}
+
+#[test]
+fn profile_and_config_seeds_parse() {
+    for (p, b) in seeds("profile") {
+        vigil::linux::profile::Profile::parse(&text(&p, &b))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    for (p, b) in seeds("config") {
+        let name = p.display().to_string();
+        let raw = vigil::daemon::config::Settings::parse(&name, &text(&p, &b)).unwrap();
+        vigil::daemon::config::Settings::validate(&name, raw, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn memory_seeds_hold_tables_the_parsers_take() {
+    for (p, b) in seeds("patch_tables") {
+        let (base, table) = b.split_at(8);
+        let base = u64::from_le_bytes(base.try_into().unwrap());
+        let n = if p.to_string_lossy().contains("jump") {
+            vigil::linux::patch::parse_jump_entries(table, base).map(|e| e.len())
+        } else {
+            vigil::linux::patch::parse_static_call_sites(table, base).map(|e| e.len())
+        };
+        assert!(n.unwrap_or_else(|e| panic!("{}: {e}", p.display())) > 0);
+    }
+    for (p, b) in seeds("page_walk") {
+        assert_eq!(b.len(), 9 + 16 * 4096, "{}: the target's header and 16 pages", p.display());
+    }
+}
