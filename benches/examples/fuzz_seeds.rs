@@ -11,6 +11,8 @@
 //! - `patch_tables/lab-jump-table.bin`, `lab-static-call-sites.bin`: the
 //!   first 4 KiB of the kernel's jump table and static call sites, behind
 //!   the 8-byte address they were read from.
+//! - `baseline/lab-guest-cut.json`: the guest's baseline cut to three pages
+//!   a region and three runs of each mapping list, its roots merged anew.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,6 +122,18 @@ fn main() {
         write(&out, "patch_tables", name, &seed);
     }
     println!("patch_tables: 4 KiB of each table");
+
+    let mut cut = cap.baseline.clone();
+    for r in &mut cut.regions {
+        r.pages.truncate(3);
+        r.bytes = r.pages.len() as u64 * PAGE_BYTES as u64;
+        let values: Vec<_> = r.pages.iter().map(|p| p.value).collect();
+        r.root = *vigil::integrity::tree::region_root(&values, r.bytes).unwrap().as_bytes();
+    }
+    cut.image_mapping.truncate(3);
+    cut.exec_outside_image.truncate(2);
+    write(&out, "baseline", "lab-guest-cut.json", &serde_json::to_vec_pretty(&cut).unwrap());
+    println!("baseline: {} regions of up to 3 pages", cut.regions.len());
 }
 
 fn write(out: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {

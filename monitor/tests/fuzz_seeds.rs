@@ -80,3 +80,15 @@ fn memory_seeds_hold_tables_the_parsers_take() {
         assert_eq!(b.len(), 9 + 16 * 4096, "{}: the target's header and 16 pages", p.display());
     }
 }
+
+#[test]
+fn baseline_and_control_seeds_parse() {
+    for (p, b) in seeds("baseline") {
+        vigil::integrity::Baseline::from_json(&b)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    for (p, b) in seeds("control_request") {
+        vigil::daemon::control::parse_request(&text(&p, &b))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+}

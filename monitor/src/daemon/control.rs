@@ -105,7 +105,7 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ControlError> {
 }
 
 #[derive(serde::Deserialize)]
-struct Request {
+struct RawRequest {
     command: String,
     #[serde(default)]
     domain: Option<String>,
@@ -113,54 +113,77 @@ struct Request {
     reason: Option<String>,
 }
 
+/// A control request, checked: one line of JSON such as
+/// `{"command":"accept","domain":"web1","reason":"kernel update"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `status` (or `domains`): every watched domain.
+    Status,
+    Check {
+        domain: String,
+    },
+    Diff {
+        domain: String,
+    },
+    /// Accept the domain's current state; the reason goes to the alert log.
+    Accept {
+        domain: String,
+        reason: String,
+    },
+}
+
+/// Parses and checks one request line (the caller bounds its length).
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let req: RawRequest = serde_json::from_str(line).map_err(|e| format!("not a request: {e}"))?;
+    let domain =
+        || req.domain.clone().filter(|d| !d.is_empty()).ok_or("this command needs a \"domain\"");
+    match req.command.as_str() {
+        "status" | "domains" => Ok(Request::Status),
+        "check" => Ok(Request::Check { domain: domain()? }),
+        "diff" => Ok(Request::Diff { domain: domain()? }),
+        "accept" => {
+            let domain = domain()?;
+            match req.reason.filter(|r| !r.trim().is_empty()) {
+                Some(reason) => Ok(Request::Accept { domain, reason }),
+                None => Err("accept needs a \"reason\": it is recorded in the alert log".into()),
+            }
+        }
+        other => Err(format!(
+            "unknown command {:?} (status, domains, check, diff, accept)",
+            other.chars().take(64).collect::<String>()
+        )),
+    }
+}
+
 fn reply_err(msg: impl Into<String>) -> serde_json::Value {
     serde_json::json!({ "ok": false, "error": msg.into() })
 }
 
 async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
-    let req: Request = match serde_json::from_str(line) {
+    let req = match parse_request(line) {
         Ok(r) => r,
-        Err(e) => return reply_err(format!("not a request: {e}")),
+        Err(e) => return reply_err(e),
     };
-    match req.command.as_str() {
-        "status" | "domains" => {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (domain, cmd) = match req {
+        Request::Status => {
             let mut list: Vec<_> =
                 shared.status.lock().expect("status lock").values().cloned().collect();
             list.sort_by(|a, b| a.name.cmp(&b.name));
-            serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list })
+            return serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list });
         }
-        "check" | "accept" | "diff" => {
-            let Some(domain) = req.domain else {
-                return reply_err("this command needs a \"domain\"");
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let cmd = if req.command == "check" {
-                Command::CheckNow(tx)
-            } else if req.command == "diff" {
-                Command::Diff(tx)
-            } else {
-                match req.reason.filter(|r| !r.trim().is_empty()) {
-                    Some(reason) => Command::Accept { reason, reply: tx },
-                    None => {
-                        return reply_err(
-                            "accept needs a \"reason\": it is recorded in the alert log",
-                        );
-                    }
-                }
-            };
-            if let Err(e) = shared.command(&domain, cmd) {
-                return reply_err(e);
-            }
-            match tokio::time::timeout(TIMEOUT, rx).await {
-                Ok(Ok(Ok(v))) => serde_json::json!({ "ok": true, "result": v }),
-                Ok(Ok(Err(e))) => reply_err(e),
-                Ok(Err(_)) => reply_err(format!("domain {domain} was detached before answering")),
-                Err(_) => reply_err(format!("domain {domain} did not answer within {TIMEOUT:?}")),
-            }
-        }
-        other => {
-            reply_err(format!("unknown command {other:?} (status, domains, check, diff, accept)"))
-        }
+        Request::Check { domain } => (domain, Command::CheckNow(tx)),
+        Request::Diff { domain } => (domain, Command::Diff(tx)),
+        Request::Accept { domain, reason } => (domain, Command::Accept { reason, reply: tx }),
+    };
+    if let Err(e) = shared.command(&domain, cmd) {
+        return reply_err(e);
+    }
+    match tokio::time::timeout(TIMEOUT, rx).await {
+        Ok(Ok(Ok(v))) => serde_json::json!({ "ok": true, "result": v }),
+        Ok(Ok(Err(e))) => reply_err(e),
+        Ok(Err(_)) => reply_err(format!("domain {domain} was detached before answering")),
+        Err(_) => reply_err(format!("domain {domain} did not answer within {TIMEOUT:?}")),
     }
 }
 
@@ -223,6 +246,24 @@ pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_checked_before_anything_acts_on_them() {
+        let ok = |l: &str| parse_request(l).unwrap();
+        let err = |l: &str| parse_request(l).unwrap_err();
+        assert_eq!(ok(r#"{"command":"domains"}"#), Request::Status);
+        assert_eq!(ok(r#"{"command":"diff","domain":"a"}"#), Request::Diff { domain: "a".into() });
+        assert_eq!(
+            ok(r#"{"command":"accept","domain":"a","reason":"update"}"#),
+            Request::Accept { domain: "a".into(), reason: "update".into() }
+        );
+        assert!(err(r#"{"command":"check"}"#).contains("needs a \"domain\""));
+        assert!(err(r#"{"command":"check","domain":""}"#).contains("needs a \"domain\""));
+        assert!(err(r#"{"command":"accept","domain":"a","reason":"  "}"#).contains("reason"));
+        assert!(err("status").starts_with("not a request"));
+        let long = format!(r#"{{"command":"{}"}}"#, "x".repeat(10_000));
+        assert!(err(&long).len() < 200, "an unknown command is not echoed whole");
+    }
 
     #[test]
     fn group_and_passwd_lookups() {
