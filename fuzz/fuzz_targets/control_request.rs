@@ -14,7 +14,6 @@ fuzz_target!(|data: &[u8]| {
         Ok(Request::Accept { domain, reason }) => {
             assert!(!domain.is_empty() && !reason.trim().is_empty());
         }
-        // serde_json quotes at most a short excerpt; the command name is cut.
         Err(e) => assert!(e.len() <= 512, "a {}-byte refusal", e.len()),
     }
 });
