@@ -13,6 +13,10 @@
 //!   the 8-byte address they were read from.
 //! - `baseline/lab-guest-cut.json`: the guest's baseline cut to three pages
 //!   a region and three runs of each mapping list, its roots merged anew.
+//! - `gdt/lab-gdt.bin`: the guest's GDT page as its memory holds it.
+//! - `elf_core/lab-core-cut.elf`: the capture's ELF core (libvirt's
+//!   memory-only dump) with its QEMU register notes whole and its first
+//!   RAM segment cut to 8 KiB, the others left out.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -134,6 +138,67 @@ fn main() {
     cut.exec_outside_image.truncate(2);
     write(&out, "baseline", "lab-guest-cut.json", &serde_json::to_vec_pretty(&cut).unwrap());
     println!("baseline: {} regions of up to 3 pages", cut.regions.len());
+
+    let gdt =
+        cap.baseline.regions.iter().find(|r| r.name.starts_with("gdt")).expect("a GDT region");
+    write(&out, "gdt", "lab-gdt.bin", &read(gdt.pages[0].gpa.raw()));
+    println!("gdt: the page of {}", gdt.name);
+
+    write(&out, "elf_core", "lab-core-cut.elf", &cut_core(&cap.dir.join("guest.core")));
+    println!("elf_core: notes and 8 KiB of RAM");
+}
+
+/// The ELF core at `path` with its note segments and the first 8 KiB of its
+/// first load segment, in a file of their own.
+fn cut_core(path: &std::path::Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    const PT_LOAD: u32 = 1;
+    const PT_NOTE: u32 = 4;
+    const PHDR: usize = 56;
+    let file = std::fs::File::open(path).unwrap();
+    let at = |off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        file.read_exact_at(&mut b, off).unwrap();
+        b
+    };
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let mut head = at(0, 64);
+    let (phoff, phnum) = (u64_at(&head, 0x20), usize::from(u16_at(&head, 0x38)));
+    let phdrs = at(phoff, phnum * PHDR);
+    let mut kept: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut load_kept = false;
+    for ph in phdrs.chunks_exact(PHDR) {
+        let (kind, offset, filesz) = (u32_at(ph, 0), u64_at(ph, 8), u64_at(ph, 32));
+        let mut ph = ph.to_vec();
+        let len = match kind {
+            PT_NOTE => filesz,
+            PT_LOAD if !load_kept => {
+                load_kept = true;
+                filesz.min(8192)
+            }
+            _ => continue,
+        };
+        ph[32..40].copy_from_slice(&len.to_le_bytes()); // p_filesz
+        if kind == PT_LOAD {
+            ph[40..48].copy_from_slice(&len.to_le_bytes()); // p_memsz
+        }
+        kept.push((ph, at(offset, usize::try_from(len).unwrap())));
+    }
+    head[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    head[0x38..0x3a].copy_from_slice(&u16::try_from(kept.len()).unwrap().to_le_bytes());
+    let mut offset = (64 + kept.len() * PHDR) as u64;
+    let mut out = head;
+    for (ph, data) in &mut kept {
+        ph[8..16].copy_from_slice(&offset.to_le_bytes()); // p_offset
+        offset += data.len() as u64;
+        out.extend_from_slice(ph);
+    }
+    for (_, data) in &kept {
+        out.extend_from_slice(data);
+    }
+    out
 }
 
 fn write(out: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {

@@ -92,3 +92,32 @@ fn baseline_and_control_seeds_parse() {
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
 }
+
+#[test]
+fn image_core_and_gdt_seeds_are_what_the_lab_guest_has() {
+    for (p, b) in seeds("kernel_image") {
+        let name = p.display().to_string();
+        if name.contains("payload.") {
+            let (elf, _) =
+                vigil::linux::image::decompress(&b).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(elf.starts_with(b"\x7fELF"), "{name}");
+        } else {
+            // The head of the lab's vmlinuz: its boot header parses, and
+            // the payload it points to lies past the cut.
+            let e = vigil::linux::image::payload(&b).unwrap_err().to_string();
+            assert!(e.contains("payload"), "{name}: {e}");
+        }
+    }
+    for (p, _) in seeds("elf_core") {
+        let core =
+            vigil::memory::ElfCore::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            !core.registers.is_empty()
+                && !vigil::memory::GuestMemory::layout(&core).ranges().is_empty()
+        );
+    }
+    for (p, b) in seeds("gdt") {
+        let problems = vigil::linux::semantic::gdt_problems(&b);
+        assert!(problems.is_empty(), "{}: {problems:?}", p.display());
+    }
+}
