@@ -17,6 +17,9 @@
 //! - `elf_core/lab-core-cut.elf`: the capture's ELF core (libvirt's
 //!   memory-only dump) with its QEMU register notes whole and its first
 //!   RAM segment cut to 8 KiB, the others left out.
+//! - `btf/lab-btf-cut.bin`: the lab kernel's own BTF (from the vmlinux in
+//!   `/var/lib/vigil-lab/vmlinuz`), its types cut after 16 KiB at a type's
+//!   end and its strings after 64 KiB, the header saying so.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -146,6 +149,53 @@ fn main() {
 
     write(&out, "elf_core", "lab-core-cut.elf", &cut_core(&cap.dir.join("guest.core")));
     println!("elf_core: notes and 8 KiB of RAM");
+
+    let vmlinuz =
+        std::fs::read("/var/lib/vigil-lab/vmlinuz").expect("the lab's kernel (lab/setup.sh)");
+    let (elf, _) = vigil::linux::image::vmlinux(&vmlinuz).unwrap();
+    let btf = {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(&*elf).unwrap();
+        file.section_by_name(".BTF").expect("a .BTF section").data().unwrap().to_vec()
+    };
+    let (seed, types) = cut_btf(&btf, 16 << 10, 64 << 10);
+    write(&out, "btf", "lab-btf-cut.bin", &seed);
+    println!("btf: {types} types of the lab kernel's");
+}
+
+/// `btf` with its first types up to `type_bytes` and its first
+/// `string_bytes` of strings; returns the blob and how many types it holds.
+fn cut_btf(btf: &[u8], type_bytes: usize, string_bytes: usize) -> (Vec<u8>, usize) {
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let (hdr_len, type_off, type_len, str_off, str_len) =
+        (u32_at(btf, 4), u32_at(btf, 8), u32_at(btf, 12), u32_at(btf, 16), u32_at(btf, 20));
+    let types = &btf[hdr_len + type_off..hdr_len + type_off + type_len];
+    // Whole types only: each is 12 bytes and what its kind adds.
+    let (mut p, mut n) = (0, 0);
+    while p < types.len() {
+        let info = u32_at(types, p + 4);
+        let (kind, vlen) = ((info >> 24) & 0x1f, info & 0xffff);
+        let extra = match kind {
+            1 | 14 | 17 => 4,
+            3 => 12,
+            4 | 5 | 15 | 19 => 12 * vlen,
+            6 | 13 => 8 * vlen,
+            _ => 0,
+        };
+        if p + 12 + extra > type_bytes {
+            break;
+        }
+        p += 12 + extra;
+        n += 1;
+    }
+    let strings = &btf[hdr_len + str_off..hdr_len + str_off + str_len.min(string_bytes)];
+    let mut out = btf[..hdr_len].to_vec();
+    for (at, v) in [(8, 0), (12, p), (16, p), (20, strings.len())] {
+        out[at..at + 4].copy_from_slice(&u32::try_from(v).unwrap().to_le_bytes());
+    }
+    out.extend_from_slice(&types[..p]);
+    out.extend_from_slice(strings);
+    (out, n)
 }
 
 /// The ELF core at `path` with its note segments and the first 8 KiB of its

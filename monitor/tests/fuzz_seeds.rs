@@ -116,6 +116,9 @@ fn image_core_and_gdt_seeds_are_what_the_lab_guest_has() {
                 && !vigil::memory::GuestMemory::layout(&core).ranges().is_empty()
         );
     }
+    for (p, b) in seeds("btf") {
+        vigil::linux::btf::Btf::parse(&b).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
     for (p, b) in seeds("gdt") {
         let problems = vigil::linux::semantic::gdt_problems(&b);
         assert!(problems.is_empty(), "{}: {problems:?}", p.display());
