@@ -6,6 +6,7 @@
 
 pub mod baseline;
 pub mod check;
+#[allow(unsafe_code)]
 pub mod nh;
 pub mod originals;
 pub mod tags;
