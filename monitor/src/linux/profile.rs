@@ -345,7 +345,8 @@ impl Profile {
         }
         let text = self.symbol("_text").map_or(0, |t| t.addr);
         for chunk in self.fentry.chunks(FENTRY_PER_LINE) {
-            let offs: Vec<String> = chunk.iter().map(|a| format!("{:x}", a - text)).collect();
+            let offs: Vec<String> =
+                chunk.iter().map(|a| format!("{:x}", a.wrapping_sub(text))).collect();
             let _ = writeln!(s, "fentry {}", offs.join(" "));
         }
         for sym in &self.symbols {
@@ -473,7 +474,13 @@ impl Profile {
         if p.syscalls64.is_empty() {
             return Err(missing("syscall64"));
         }
-        p.fentry = fentry_offs.into_iter().map(|o| text.wrapping_add(o)).collect();
+        p.fentry = fentry_offs
+            .into_iter()
+            .map(|o| text.checked_add(o))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                missing("fentry list inside the address space (an entry is past its end)")
+            })?;
         if !p.fentry.is_sorted_by(|a, b| a < b) {
             return Err(missing("fentry list in increasing order"));
         }
@@ -612,6 +619,13 @@ pub(crate) mod tests {
             // Found by the profile fuzz target: a carriage return at the end
             // of a value was lost when the profile was written and read back.
             (good.replace("release 6.1.0-test", "release 6.1.0-test\r\r"), "a stray CR"),
+            // Found by the profile fuzz target: an entry offset that carries
+            // past the top of the address space overflowed on writing.
+            (
+                good.replace("sym ffffffff81000000 T _text", "sym ffffffffffffff00 T _text")
+                    + "fentry 1000\n",
+                "fentry past the end",
+            ),
         ] {
             assert!(Profile::parse(&edit).is_err(), "accepted a profile with {what}");
         }
