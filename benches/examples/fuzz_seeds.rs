@@ -17,6 +17,9 @@
 //! - `elf_core/lab-core-cut.elf`: the capture's ELF core (libvirt's
 //!   memory-only dump) with its QEMU register notes whole and its first
 //!   RAM segment cut to 8 KiB, the others left out.
+//! - `module_list/two-modules.bin`: the target's 64 KiB of RAM holding a
+//!   list head and two `struct module`s laid out by the lab profile's BTF
+//!   offsets (made, not read: the capture's guest has no module loaded).
 //! - `btf/lab-btf-cut.bin`: the lab kernel's own BTF (from the vmlinux in
 //!   `/var/lib/vigil-lab/vmlinuz`), its types cut after 16 KiB at a type's
 //!   end and its strings after 64 KiB, the header saying so.
@@ -161,6 +164,32 @@ fn main() {
     let (seed, types) = cut_btf(&btf, 16 << 10, 64 << 10);
     write(&out, "btf", "lab-btf-cut.bin", &seed);
     println!("btf: {types} types of the lab kernel's");
+
+    write(&out, "module_list", "two-modules.bin", &module_list(&profiles[0]));
+    println!("module_list: a head and two modules");
+}
+
+/// The module_list target's RAM: the list head at 0x40 and two modules at
+/// 0x1000 and 0x3000, their fields where the profile's offsets put them.
+fn module_list(p: &vigil::linux::profile::Profile) -> Vec<u8> {
+    const WINDOW: u64 = 0xffff_8880_0100_0000;
+    let off = |k: &str| usize::try_from(p.offset(k).expect("a module offset")).unwrap();
+    let mut ram = vec![0u8; 64 << 10];
+    let mut put = |at: usize, b: &[u8]| ram[at..at + b.len()].copy_from_slice(b);
+    let (head, a, b) = (0x40usize, 0x1000usize, 0x3000usize);
+    let node = |m: usize| WINDOW + (m + off("module.list")) as u64;
+    put(head, &node(a).to_le_bytes());
+    for (m, next, name, base) in [
+        (a, node(b), "vigil_lab_hook", 0xffff_ffff_c000_0000u64),
+        (b, WINDOW + head as u64, "virtio_net", 0xffff_ffff_c001_0000),
+    ] {
+        put(m + off("module.list"), &next.to_le_bytes());
+        put(m + off("module.name"), name.as_bytes());
+        put(m + off("module.core_layout.base"), &base.to_le_bytes());
+        put(m + off("module.core_layout.size"), &0x6000u32.to_le_bytes());
+        put(m + off("module.core_layout.text_size"), &0x2000u32.to_le_bytes());
+    }
+    ram
 }
 
 /// `btf` with its first types up to `type_bytes` and its first

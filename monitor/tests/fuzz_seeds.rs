@@ -124,3 +124,44 @@ fn image_core_and_gdt_seeds_are_what_the_lab_guest_has() {
         assert!(problems.is_empty(), "{}: {problems:?}", p.display());
     }
 }
+
+/// The module_list target's RAM at its fixed address (as the target maps it).
+struct Window;
+
+const WINDOW: u64 = 0xffff_8880_0100_0000;
+
+impl vigil::integrity::AddressSpace for Window {
+    fn image_pages(&self) -> &[vigil::x86::Mapping] {
+        &[]
+    }
+    fn translate(
+        &self,
+        gva: vigil::addr::GuestVirtAddr,
+    ) -> Option<(vigil::addr::GuestPhysAddr, vigil::x86::Perms)> {
+        let off = gva.raw().checked_sub(WINDOW).filter(|&o| o < 64 << 10)?;
+        let rw = vigil::x86::Perms { writable: true, user: false, executable: false };
+        Some((vigil::addr::GuestPhysAddr(off), rw))
+    }
+}
+
+#[test]
+fn module_list_seed_walks_to_its_two_modules() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
+    let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
+    assert!(bad.is_empty(), "{bad:?}");
+    let profile = &profiles[0];
+    let modules = profile.symbol("modules").unwrap().addr;
+    let m = vigil::linux::semantic::Matched {
+        profile,
+        modules: Vec::new(),
+        slide: (WINDOW + 0x40).wrapping_sub(modules),
+        idt_slide: None,
+    };
+    for (p, b) in seeds("module_list") {
+        let mem = vigil::memory::RawDump::from_bytes(b);
+        let list = vigil::linux::semantic::walk_modules(&m, &mem, &Window)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let names: Vec<_> = list.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["vigil_lab_hook", "virtio_net"], "{}", p.display());
+    }
+}
