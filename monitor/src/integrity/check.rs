@@ -514,33 +514,14 @@ pub fn region_hash<M: GuestMemory + ?Sized>(
     reads: &[(u64, GuestVirtAddr, GuestPhysAddr)],
     region_len: u64,
 ) -> Option<[u8; 32]> {
-    const BATCH: usize = 64;
-    let page = crate::addr::PAGE_BYTES;
     if u64::try_from(reads.len()).ok()? != tree::page_count(region_len) {
         return None;
     }
     let mut h = blake3::Hasher::new();
-    let mut buf = Vec::new();
-    let mut rest = reads;
-    while let Some(first) = rest.first() {
-        let run = 1 + rest
-            .windows(2)
-            .take_while(|w| w[1].2.raw() == w[0].2.raw().wrapping_add(PAGE_SIZE))
-            .count();
-        let (this, next) = rest.split_at(run);
-        rest = next;
-        if let Some(bytes) = mem.slice(first.2, PAGE_SIZE * this.len() as u64) {
-            h.update(bytes);
-            continue;
-        }
-        for batch in this.chunks(BATCH) {
-            buf.resize(batch.len() * page, 0);
-            let mut rs: Vec<(GuestPhysAddr, &mut [u8])> =
-                batch.iter().zip(buf.chunks_exact_mut(page)).map(|(r, b)| (r.2, b)).collect();
-            mem.read_many(&mut rs).ok()?;
-            h.update(&buf);
-        }
-    }
+    super::read_in_runs(mem, reads, |_, bytes| {
+        h.update(bytes);
+    })
+    .ok()?;
     Some(*h.finalize().as_bytes())
 }
 

@@ -16,8 +16,46 @@ pub use baseline::{Baseline, BaselineError};
 pub use check::{EntryRef, Finding, FindingKind, Report, Severity};
 pub use originals::Originals;
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError};
 use crate::x86::{Mapping, Perms};
+
+/// A page to read: (index in its region, virtual, physical).
+pub type PageRead = (u64, GuestVirtAddr, GuestPhysAddr);
+
+/// Hands `visit` the pages `reads`, in order, a run of physically
+/// consecutive pages at a time with their bytes (4096 a page): lent in
+/// place in one piece where the source maps RAM, else copied in batches of
+/// up to 64 pages. Stops at the first read that fails.
+pub(crate) fn read_in_runs<M: GuestMemory + ?Sized>(
+    mem: &M,
+    reads: &[PageRead],
+    mut visit: impl FnMut(&[PageRead], &[u8]),
+) -> Result<(), MemoryError> {
+    const BATCH: usize = 64;
+    let mut buf = Vec::new();
+    let mut rest = reads;
+    while let Some(first) = rest.first() {
+        let run = 1 + rest
+            .windows(2)
+            .take_while(|w| w[1].2.raw() == w[0].2.raw().wrapping_add(PAGE_SIZE))
+            .count();
+        let (this, next) = rest.split_at(run);
+        rest = next;
+        if let Some(bytes) = mem.slice(first.2, PAGE_SIZE * this.len() as u64) {
+            visit(this, bytes);
+            continue;
+        }
+        for batch in this.chunks(BATCH) {
+            buf.resize(batch.len() * PAGE_BYTES, 0);
+            let mut rs: Vec<(GuestPhysAddr, &mut [u8])> =
+                batch.iter().zip(buf.chunks_exact_mut(PAGE_BYTES)).map(|(r, b)| (r.2, b)).collect();
+            mem.read_many(&mut rs)?;
+            visit(batch, &buf);
+        }
+    }
+    Ok(())
+}
 
 /// What a region is for; decides nothing in the engine but is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -10,11 +10,8 @@
 
 use super::nh::{self, Key, Tag};
 use super::{AddressSpace, Baseline, Originals, tree};
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES};
 use crate::memory::GuestMemory;
-
-/// Pages read per batch when a source cannot lend its bytes in place.
-const BATCH: usize = 64;
 
 /// The tags of one baseline's pages, region by region.
 pub struct PageTags {
@@ -112,36 +109,12 @@ pub fn untagged_or_changed<M: GuestMemory + ?Sized>(
             slow.push(read);
         }
     };
-    let mut bufs = Vec::new();
-    let mut rest = reads;
-    while let Some(first) = rest.first() {
-        // The longest run of physically consecutive pages: lent in place in
-        // one piece where the source maps RAM, else read in batches.
-        let run = 1 + rest
-            .windows(2)
-            .take_while(|w| w[1].2.raw() == w[0].2.raw().wrapping_add(PAGE_SIZE))
-            .count();
-        let (this, next) = rest.split_at(run);
-        rest = next;
-        if let Some(bytes) = mem.slice(first.2, PAGE_SIZE * this.len() as u64) {
-            for (&read, page) in this.iter().zip(bytes.as_chunks::<PAGE_BYTES>().0) {
-                judge(read, page);
-            }
-            continue;
+    super::read_in_runs(mem, reads, |run, bytes| {
+        for (&read, page) in run.iter().zip(bytes.as_chunks::<PAGE_BYTES>().0) {
+            judge(read, page);
         }
-        for batch in this.chunks(BATCH) {
-            bufs.resize(batch.len().max(bufs.len()), [0u8; PAGE_BYTES]);
-            let mut rs: Vec<(GuestPhysAddr, &mut [u8])> = batch
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(&(_, _, gpa), b)| (gpa, &mut b[..]))
-                .collect();
-            mem.read_many(&mut rs).ok()?;
-            for (&read, page) in batch.iter().zip(&bufs) {
-                judge(read, page);
-            }
-        }
-    }
+    })
+    .ok()?;
     Some(slow)
 }
 
