@@ -20,6 +20,9 @@
 //! - `module_list/two-modules.bin`: the target's 64 KiB of RAM holding a
 //!   list head and two `struct module`s laid out by the lab profile's BTF
 //!   offsets (made, not read: the capture's guest has no module loaded).
+//! - `semantic/lab-tables.bin`: the semantic target's 16 pages: the module
+//!   list pages as above, then the guest's own syscall table and IDT page,
+//!   their pointers moved from the guest's KASLR slide to the target's.
 //! - `btf/lab-btf-cut.bin`: the lab kernel's own BTF (from the vmlinux in
 //!   `/var/lib/vigil-lab/vmlinuz`), its types cut after 16 KiB at a type's
 //!   end and its strings after 64 KiB, the header saying so.
@@ -165,18 +168,56 @@ fn main() {
     write(&out, "btf", "lab-btf-cut.bin", &seed);
     println!("btf: {types} types of the lab kernel's");
 
-    write(&out, "module_list", "two-modules.bin", &module_list(&profiles[0]));
+    let list = module_list(&profiles[0]);
+    write(&out, "module_list", "two-modules.bin", &list);
     println!("module_list: a head and two modules");
+
+    // The semantic target: its list pages, then the real tables, moved.
+    const LIST: u64 = 0xffff_8880_0100_0000;
+    let fuzz_slide = LIST.wrapping_sub(m.profile.symbol("modules").unwrap().addr & !0xfff);
+    let moved = |a: u64| a.wrapping_sub(m.slide).wrapping_add(fuzz_slide);
+    let mut pages = list[..8 * PAGE_BYTES].to_vec();
+    let table = m.expect("sys_call_table").unwrap();
+    let (mut sct, _) =
+        vigil::linux::semantic::read_virt(&cap.core, &view, table & !0xfff, 2 * PAGE_BYTES)
+            .expect("the syscall table's pages");
+    let first = usize::try_from(table & 0xfff).unwrap();
+    for i in 0..m.profile.syscalls64.len() {
+        let at = first + 8 * i;
+        let e = u64::from_le_bytes(sct[at..at + 8].try_into().unwrap());
+        sct[at..at + 8].copy_from_slice(&moved(e).to_le_bytes());
+    }
+    pages.extend_from_slice(&sct);
+    let (mut idt, _) =
+        vigil::linux::semantic::read_virt(&cap.core, &view, regs.idtr_base, PAGE_BYTES)
+            .expect("the IDT");
+    for g in idt.chunks_exact_mut(16) {
+        let target = u64::from(u16::from_le_bytes([g[0], g[1]]))
+            | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16
+            | u64::from(u32::from_le_bytes(g[8..12].try_into().unwrap())) << 32;
+        if g[5] & 0x80 != 0 {
+            // A gate splits its target: bits 0-15, 16-31, 32-63.
+            let t = moved(target).to_le_bytes();
+            g[0..2].copy_from_slice(&t[0..2]);
+            g[6..8].copy_from_slice(&t[2..4]);
+            g[8..12].copy_from_slice(&t[4..8]);
+        }
+    }
+    pages.extend_from_slice(&idt);
+    write(&out, "semantic", "lab-tables.bin", &pages);
+    println!("semantic: the list pages, the syscall table and the IDT");
 }
 
-/// The module_list target's RAM: the list head at 0x40 and two modules at
-/// 0x1000 and 0x3000, their fields where the profile's offsets put them.
+/// The module_list target's RAM: the list head at its offset in its page
+/// (the targets map that page first), and two modules at 0x1000 and 0x3000,
+/// their fields where the profile's offsets put them.
 fn module_list(p: &vigil::linux::profile::Profile) -> Vec<u8> {
     const WINDOW: u64 = 0xffff_8880_0100_0000;
     let off = |k: &str| usize::try_from(p.offset(k).expect("a module offset")).unwrap();
     let mut ram = vec![0u8; 64 << 10];
     let mut put = |at: usize, b: &[u8]| ram[at..at + b.len()].copy_from_slice(b);
-    let (head, a, b) = (0x40usize, 0x1000usize, 0x3000usize);
+    let head = usize::try_from(p.symbol("modules").expect("the list head").addr & 0xfff).unwrap();
+    let (a, b) = (0x1000usize, 0x3000usize);
     let node = |m: usize| WINDOW + (m + off("module.list")) as u64;
     put(head, &node(a).to_le_bytes());
     for (m, next, name, base) in [

@@ -125,12 +125,13 @@ fn image_core_and_gdt_seeds_are_what_the_lab_guest_has() {
     }
 }
 
-/// The module_list target's RAM at its fixed address (as the target maps it).
-struct Window;
+/// Guest pages mapped to pages of a seed's RAM, as the targets map them.
+struct Pages(Vec<(u64, u64)>);
 
-const WINDOW: u64 = 0xffff_8880_0100_0000;
+const LIST: u64 = 0xffff_8880_0100_0000;
+const IDT: u64 = 0xffff_fe00_0000_0000;
 
-impl vigil::integrity::AddressSpace for Window {
+impl vigil::integrity::AddressSpace for Pages {
     fn image_pages(&self) -> &[vigil::x86::Mapping] {
         &[]
     }
@@ -138,30 +139,77 @@ impl vigil::integrity::AddressSpace for Window {
         &self,
         gva: vigil::addr::GuestVirtAddr,
     ) -> Option<(vigil::addr::GuestPhysAddr, vigil::x86::Perms)> {
-        let off = gva.raw().checked_sub(WINDOW).filter(|&o| o < 64 << 10)?;
+        let page = gva.raw() & !0xfff;
+        let &(_, ram) = self.0.iter().find(|&&(va, _)| va == page)?;
         let rw = vigil::x86::Perms { writable: true, user: false, executable: false };
-        Some((vigil::addr::GuestPhysAddr(off), rw))
+        Some((vigil::addr::GuestPhysAddr(ram * 4096 + (gva.raw() & 0xfff)), rw))
     }
+}
+
+fn lab_profile() -> vigil::linux::profile::Profile {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
+    let (mut profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
+    assert!(bad.is_empty(), "{bad:?}");
+    profiles.remove(0)
 }
 
 #[test]
 fn module_list_seed_walks_to_its_two_modules() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
-    let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
-    assert!(bad.is_empty(), "{bad:?}");
-    let profile = &profiles[0];
-    let modules = profile.symbol("modules").unwrap().addr;
+    let profile = lab_profile();
+    let slide = LIST.wrapping_sub(profile.symbol("modules").unwrap().addr & !0xfff);
     let m = vigil::linux::semantic::Matched {
-        profile,
+        profile: &profile,
         modules: Vec::new(),
-        slide: (WINDOW + 0x40).wrapping_sub(modules),
+        slide,
         idt_slide: None,
     };
+    let window = Pages((0..16).map(|i| (LIST + i * 4096, i)).collect());
     for (p, b) in seeds("module_list") {
         let mem = vigil::memory::RawDump::from_bytes(b);
-        let list = vigil::linux::semantic::walk_modules(&m, &mem, &Window)
+        let list = vigil::linux::semantic::walk_modules(&m, &mem, &window)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let names: Vec<_> = list.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["vigil_lab_hook", "virtio_net"], "{}", p.display());
+    }
+}
+
+/// The semantic seed is the lab guest's syscall table and IDT, moved to the
+/// target's slide: the checks find nothing wrong with them.
+#[test]
+fn semantic_seed_holds_the_guests_tables_intact() {
+    let profile = lab_profile();
+    let slide = LIST.wrapping_sub(profile.symbol("modules").unwrap().addr & !0xfff);
+    let table = profile.symbol("sys_call_table").unwrap().addr.wrapping_add(slide) & !0xfff;
+    let mut map: Vec<(u64, u64)> = (0..8).map(|i| (LIST + i * 4096, i)).collect();
+    map.extend([(table, 8), (table + 4096, 9), (IDT, 10)]);
+    let space = Pages(map);
+    let regs = [vigil::qemu::VcpuRegisters {
+        index: 0,
+        cr0: 0x8005_0033,
+        cr3: 0,
+        cr4: 0x0075_0ef0,
+        efer: 0xd01,
+        idtr_base: IDT,
+        idtr_limit: 0xfff,
+        gdtr_base: 0,
+        gdtr_limit: 0x7f,
+    }];
+    for (p, mut b) in seeds("semantic") {
+        b.resize(16 * 4096, 0);
+        let mem = vigil::memory::RawDump::from_bytes(b);
+        let mut m = vigil::linux::semantic::Matched {
+            profile: &profile,
+            modules: Vec::new(),
+            slide,
+            idt_slide: None,
+        };
+        let findings = vigil::linux::semantic::check(&mut m, &mem, &space, &regs, &[], None);
+        let bad: Vec<_> = findings
+            .iter()
+            .filter(|f| f.severity == vigil::integrity::Severity::Violation)
+            .collect();
+        assert!(bad.is_empty(), "{}: {bad:#?}", p.display());
+        assert_eq!(m.idt_slide, Some(slide), "{}", p.display());
+        assert_eq!(m.modules.len(), 2, "{}", p.display());
     }
 }
