@@ -23,6 +23,9 @@
 //! - `semantic/lab-tables.bin`: the semantic target's 16 pages: the module
 //!   list pages as above, then the guest's own syscall table and IDT page,
 //!   their pointers moved from the guest's KASLR slide to the target's.
+//! - `kallsyms/lab-512-symbols.bin`: the lab kernel's kallsyms tables (from
+//!   its `.rodata`) cut to their first 512 symbols: offsets, relative base,
+//!   count, names, two markers, then the real token table and index.
 //! - `btf/lab-btf-cut.bin`: the lab kernel's own BTF (from the vmlinux in
 //!   `/var/lib/vigil-lab/vmlinuz`), its types cut after 16 KiB at a type's
 //!   end and its strings after 64 KiB, the header saying so.
@@ -164,6 +167,14 @@ fn main() {
         let file = object::File::parse(&*elf).unwrap();
         file.section_by_name(".BTF").expect("a .BTF section").data().unwrap().to_vec()
     };
+    let rodata = {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(&*elf).unwrap();
+        file.section_by_name(".rodata").expect("a .rodata section").data().unwrap().to_vec()
+    };
+    write(&out, "kallsyms", "lab-512-symbols.bin", &cut_kallsyms(&rodata, 512));
+    println!("kallsyms: 512 symbols of the lab kernel's");
+
     let (seed, types) = cut_btf(&btf, 16 << 10, 64 << 10);
     write(&out, "btf", "lab-btf-cut.bin", &seed);
     println!("btf: {types} types of the lab kernel's");
@@ -325,4 +336,58 @@ fn write(out: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {
     let dir = out.join(target);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// The kallsyms tables of `rodata` with only their first `keep` symbols
+/// (257 to 512, so two markers): laid out as the kernel lays them out, with
+/// no `kallsyms_seqs_of_names`.
+fn cut_kallsyms(rodata: &[u8], keep: usize) -> Vec<u8> {
+    let u32_at = |o: usize| u32::from_le_bytes(rodata[o..o + 4].try_into().unwrap());
+    let tables = vigil::linux::kallsyms::find(rodata).expect("the lab kernel's kallsyms");
+    let n = tables.symbols.len();
+    let tokens = tables.token_table;
+    // The token table and its index: 256 NUL-terminated tokens, then 256
+    // u16 offsets, aligned.
+    let mut end = tokens;
+    for _ in 0..256 {
+        end += rodata[end..].iter().position(|&c| c == 0).unwrap() + 1;
+    }
+    let index = end.next_multiple_of(2);
+    let token_part = &rodata[tokens..index + 512];
+    // The markers: a u32 run from 0 in steps of names' lengths, n/256 of
+    // them rounded up, somewhere before the token table.
+    let k = n.div_ceil(256);
+    let markers_at = (0..tokens - 4 * k)
+        .rev()
+        .step_by(4)
+        .map(|p| p & !3)
+        .find(|&p| u32_at(p) == 0 && (1..k).all(|i| u32_at(p + 4 * i) > u32_at(p + 4 * (i - 1))))
+        .expect("the markers");
+    // The names end at the markers; the count sits before the names.
+    let names_len = usize::try_from(u32_at(markers_at + 4 * (k - 1))).unwrap();
+    let num_at = (0..markers_at)
+        .rev()
+        .step_by(4)
+        .map(|p| p & !3)
+        .find(|&p| u32_at(p) as usize == n && markers_at - p >= names_len)
+        .expect("the symbol count");
+    let names_at = if u32_at(num_at + 4) == 0 { (num_at + 8) & !7 } else { num_at + 4 };
+    let base_at = (num_at & !7) - 8;
+    let offsets_at = base_at - (n * 4).next_multiple_of(8);
+    assert!(keep.is_multiple_of(256) && keep / 256 < k, "keep a multiple of 256, fewer than {n}");
+    let cut_names = usize::try_from(u32_at(markers_at + 4 * (keep / 256))).unwrap();
+    let mut out = rodata[offsets_at..offsets_at + 4 * keep].to_vec();
+    out.resize(out.len().next_multiple_of(8), 0);
+    out.extend_from_slice(&rodata[base_at..base_at + 8]);
+    out.extend_from_slice(&u32::try_from(keep).unwrap().to_le_bytes());
+    if names_at != num_at + 4 {
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out.extend_from_slice(&rodata[names_at..names_at + cut_names]);
+    out.resize(out.len().next_multiple_of(4), 0);
+    for i in 0..keep / 256 {
+        out.extend_from_slice(&u32_at(markers_at + 4 * i).to_le_bytes());
+    }
+    out.extend_from_slice(token_part);
+    out
 }

@@ -116,6 +116,10 @@ fn image_core_and_gdt_seeds_are_what_the_lab_guest_has() {
                 && !vigil::memory::GuestMemory::layout(&core).ranges().is_empty()
         );
     }
+    for (p, b) in seeds("kallsyms") {
+        let t = vigil::linux::kallsyms::find(&b).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(t.symbols.len(), 512, "{}", p.display());
+    }
     for (p, b) in seeds("btf") {
         vigil::linux::btf::Btf::parse(&b).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
