@@ -13,6 +13,8 @@
 //!   the 8-byte address they were read from.
 //! - `baseline/lab-guest-cut.json`: the guest's baseline cut to three pages
 //!   a region and three runs of each mapping list, its roots merged anew.
+//! - `originals/lab-guest-cut.pages`: that cut baseline's `.pages` file, the
+//!   guest's original bytes of its pages.
 //! - `gdt/lab-gdt.bin`: the guest's GDT page as its memory holds it.
 //! - `elf_core/lab-core-cut.elf`: the capture's ELF core (libvirt's
 //!   memory-only dump) with its QEMU register notes whole and its first
@@ -150,6 +152,14 @@ fn main() {
     cut.exec_outside_image.truncate(2);
     write(&out, "baseline", "lab-guest-cut.json", &serde_json::to_vec_pretty(&cut).unwrap());
     println!("baseline: {} regions of up to 3 pages", cut.regions.len());
+    let mut originals = vigil::integrity::Originals::default();
+    for p in cut.regions.iter().flat_map(|r| &r.pages) {
+        originals.insert(p.gva.raw(), &read(p.gpa.raw()));
+    }
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    originals.save(tmp.path()).unwrap();
+    write(&out, "originals", "lab-guest-cut.pages", &std::fs::read(tmp.path()).unwrap());
+    println!("originals: {} pages", originals.len());
 
     let gdt =
         cap.baseline.regions.iter().find(|r| r.name.starts_with("gdt")).expect("a GDT region");

@@ -87,6 +87,13 @@ fn baseline_and_control_seeds_parse() {
         vigil::integrity::Baseline::from_json(&b)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
+    let cut = &seeds("baseline")[0].1;
+    let cut = vigil::integrity::Baseline::from_json(cut).unwrap();
+    for (p, b) in seeds("originals") {
+        let o = vigil::integrity::Originals::from_bytes(&b, &cut)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(o.len(), cut.regions.iter().map(|r| r.pages.len()).sum::<usize>());
+    }
     for (p, b) in seeds("control_request") {
         vigil::daemon::control::parse_request(&text(&p, &b))
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));

@@ -63,8 +63,7 @@ impl Originals {
         if let Some(d) = &self.on_disk {
             return d.page(gva);
         }
-        let block = self.pages.get(&gva)?;
-        lz4_flex::block::decompress_size_prepended(block).ok().filter(|b| b.len() == PAGE_BYTES)
+        decompress_page(self.pages.get(&gva)?)
     }
 
     pub fn len(&self) -> usize {
@@ -158,6 +157,19 @@ impl Originals {
     }
 }
 
+/// A page from its block: the size the block states must be one page, and
+/// exactly that much is decompressed (the size comes from the file, and a
+/// decoder trusting it would allocate what it says: found by fuzzing).
+fn decompress_page(block: &[u8]) -> Option<Vec<u8>> {
+    let (size, body) = block.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*size) as usize != PAGE_BYTES {
+        return None;
+    }
+    let mut page = vec![0u8; PAGE_BYTES];
+    let n = lz4_flex::block::decompress_into(body, &mut page).ok()?;
+    (n == PAGE_BYTES).then_some(page)
+}
+
 /// Opens a pages file and reads it whole through that handle, refusing one
 /// larger than any baseline's.
 fn read_bounded(path: &Path) -> Result<(std::fs::File, Vec<u8>), BaselineError> {
@@ -199,9 +211,7 @@ fn parse(
         }
         let block =
             rest.get(at + 12..at + 12 + len).ok_or_else(|| format!("page {gva:#x}: truncated"))?;
-        let page = lz4_flex::block::decompress_size_prepended(block)
-            .ok()
-            .filter(|p| p.len() == PAGE_BYTES)
+        let page = decompress_page(block)
             .ok_or_else(|| format!("page {gva:#x}: does not decompress to one page"))?;
         let &(index, region_len, value) = expected
             .get(&gva)
@@ -236,9 +246,7 @@ impl OnDisk {
         let b = self.index.get(&gva)?;
         let mut block = vec![0u8; b.len as usize];
         self.file.read_exact_at(&mut block, b.offset).ok()?;
-        let page = lz4_flex::block::decompress_size_prepended(&block)
-            .ok()
-            .filter(|p| p.len() == PAGE_BYTES)?;
+        let page = decompress_page(&block)?;
         (tree::page_value(b.page, &page, b.region_len) == b.value).then_some(page)
     }
 }
@@ -331,6 +339,14 @@ mod tests {
             let e = Originals::from_bytes(&bytes, &b).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
+        // Found by the originals fuzz target: a block stating a 4 GiB page
+        // made the decoder allocate 4 GiB. This pins the refusal; the fuzz
+        // target's allocation limit is what would see the allocation again.
+        let mut huge = good.clone();
+        let first_block = b"vigil-pages 1\n".len() + 12;
+        huge[first_block..first_block + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = Originals::from_bytes(&huge, &b).unwrap_err();
+        assert!(e.contains("does not decompress to one page"), "{e}");
     }
 
     proptest::proptest! {
