@@ -8,6 +8,7 @@
 
 mod dump;
 mod elfcore;
+pub mod faults;
 mod layout;
 mod mapped;
 mod process;
