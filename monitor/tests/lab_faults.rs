@@ -4,6 +4,8 @@
 //! an error that says so, never a panic or a verdict on bytes not read, and
 //! the next check after the fault clears is whole again.
 //!
+//! The daemon's side: QEMU killed under one of two watched guests.
+//!
 //! Needs the lab prepared and libvirtd running (`lab/test.sh` does both).
 
 use std::path::Path;
@@ -16,7 +18,9 @@ use vigil::memory::GuestMemory;
 use vigil::memory::faults::{FaultPlan, Faults, Faulty};
 
 mod common;
-use common::boot;
+use common::{Daemon, FULL, boot};
+
+use std::time::Duration;
 
 /// A libvirt domain whose memory is read through a [`Faulty`] wrapper.
 struct FaultyGuest {
@@ -86,4 +90,49 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
             r.violations
         );
     }
+}
+
+/// QEMU killed under a watched guest (its RAM mapping and monitor gone at
+/// once, as in a host OOM kill): the daemon says so with an event and a
+/// metric, and goes on checking the other guest it watches.
+#[test]
+fn lab_faults_qemu_killed_under_one_guest_leaves_the_other_checked() {
+    let d = Daemon::start("vigil-lab-flt-q*");
+    let a = boot("flt-qa");
+    let b = boot("flt-qb");
+    d.wait_watching(&a);
+    d.wait_watching(&b);
+    let full = |d: &Daemon, g: &vigil_lab::Guest| {
+        d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name))
+            .unwrap_or(0.0)
+    };
+    let pid = std::process::Command::new("pgrep")
+        .args(["-f", &format!("guest={},", a.name)])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout).lines().next().map(str::to_owned);
+    let pid = pid.unwrap_or_else(|| panic!("no QEMU process for {}", a.name));
+    let killed = std::process::Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(killed.success());
+    let before = full(&d, &b);
+    d.wait_for("the killed guest's event", Duration::from_secs(30), |d| {
+        !d.events("detached", &a.name).is_empty() || !d.events("error", &a.name).is_empty()
+    });
+    // Killed between two checks the domain is detached; killed in mid-scan
+    // the check fails first (its memory unreadable, or its kernel gone).
+    let counted = [
+        "events_total{kind=\"detached\"}",
+        "errors_total{kind=\"memory_unreadable\"}",
+        "errors_total{kind=\"kernel_not_found\"}",
+    ]
+    .iter()
+    .any(|m| {
+        d.metrics().lines().any(|l| l.starts_with(&format!("vigil_{m} ")) && !l.ends_with(" 0"))
+    });
+    assert!(counted, "no metric counts the loss:\n{}", d.metrics());
+    d.wait_for("the other guest checked on", 4 * FULL + Duration::from_secs(5), |d| {
+        full(d, &b) >= before + 2.0
+    });
+    assert!(d.status(&b.name).is_some_and(|s| s["state"] == "watching"), "{:?}", d.status(&b.name));
+    assert!(d.events("violation", &b.name).is_empty(), "{:#?}", d.alerts());
 }
