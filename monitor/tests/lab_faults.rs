@@ -136,3 +136,37 @@ fn lab_faults_qemu_killed_under_one_guest_leaves_the_other_checked() {
     assert!(d.status(&b.name).is_some_and(|s| s["state"] == "watching"), "{:?}", d.status(&b.name));
     assert!(d.events("violation", &b.name).is_empty(), "{:#?}", d.alerts());
 }
+
+/// A guest paused (`virsh suspend`, as during a snapshot or a migration's
+/// last phase) is still checked, finds nothing wrong, and runs on after.
+#[test]
+fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
+    let d = Daemon::start("vigil-lab-flt-pause");
+    let mut g = boot("flt-pause");
+    d.wait_watching(&g);
+    let name = g.name.clone();
+    let virsh = |cmd: &str| {
+        let ok = std::process::Command::new("virsh")
+            .args(["-c", "qemu:///system", cmd, &name])
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "virsh {cmd}: {}", String::from_utf8_lossy(&ok.stderr));
+    };
+    let full = |d: &Daemon| {
+        d.metric("vigil_checks_total", &format!("domain=\"{name}\",scope=\"full\"")).unwrap_or(0.0)
+    };
+    virsh("suspend");
+    let before = full(&d);
+    d.wait_for("checks of the paused guest", 4 * FULL + Duration::from_secs(5), |d| {
+        full(d) >= before + 2.0
+    });
+    assert!(d.events("violation", &name).is_empty(), "{:#?}", d.alerts());
+    assert!(d.events("error", &name).is_empty(), "{:#?}", d.alerts());
+    virsh("resume");
+    g.run("true").unwrap_or_else(|e| panic!("the guest after resume: {e}"));
+    let before = full(&d);
+    d.wait_for("checks after resume", 4 * FULL + Duration::from_secs(5), |d| {
+        full(d) >= before + 2.0
+    });
+    assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
+}
