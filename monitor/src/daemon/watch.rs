@@ -44,6 +44,16 @@ impl WatchError {
             }
             WatchError::Libvirt(LibvirtError::Memory { .. }) => "memory_unreadable",
             WatchError::Libvirt(_) => "libvirt",
+            // A bound on the page-table walk was hit: hostile or broken
+            // tables, counted apart from a kernel that is simply not there.
+            WatchError::Discover(DiscoverError::Walk {
+                source: crate::x86::WalkError::TooManyTables(_),
+                ..
+            }) => "limit_walk_tables",
+            WatchError::Discover(DiscoverError::Walk {
+                source: crate::x86::WalkError::TooManyMappings(_),
+                ..
+            }) => "limit_walk_mappings",
             WatchError::Discover(_) => "kernel_not_found",
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
             WatchError::Baseline(_) => "baseline_file",
@@ -640,5 +650,23 @@ impl Watched {
 
     pub fn pages(&self) -> impl Iterator<Item = (&str, u64)> {
         self.baseline.regions.iter().map(|r| (r.name.as_str(), r.pages.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::x86::WalkError;
+
+    /// Bounds hit are counted apart from a kernel that is simply not there.
+    #[test]
+    fn errors_are_counted_by_why() {
+        let walk = |source| WatchError::Discover(DiscoverError::Walk { cr3: 0x1000, source });
+        assert_eq!(walk(WalkError::TooManyTables(2048)).kind(), "limit_walk_tables");
+        assert_eq!(walk(WalkError::TooManyMappings(1 << 19)).kind(), "limit_walk_mappings");
+        assert_eq!(
+            WatchError::Discover(DiscoverError::NoText { cr3: 0 }).kind(),
+            "kernel_not_found"
+        );
     }
 }
