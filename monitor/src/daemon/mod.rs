@@ -67,7 +67,7 @@ pub struct Sink {
     log: Mutex<AlertLog>,
     reported: Mutex<Reported>,
     pub metrics: Arc<Metrics>,
-    pushers: Vec<(bool, mpsc::Sender<Alert>)>,
+    pushers: Vec<(bool, mpsc::Sender<push::Wake>)>,
 }
 
 impl Sink {
@@ -113,7 +113,13 @@ impl Sink {
             }
         }
         for (is_am, q) in &self.pushers {
-            if (!*is_am || push::for_alertmanager(&alert)) && q.try_send(alert.clone()).is_err() {
+            if logged {
+                // The pusher reads it from the log; a wake-up lost to a full
+                // queue is made up by the next one, or the pusher's timer.
+                let _ = q.try_send(push::Wake::Logged);
+            } else if (!*is_am || push::for_alertmanager(&alert))
+                && q.try_send(push::Wake::Unlogged(Box::new(alert.clone()))).is_err()
+            {
                 self.metrics
                     .errors
                     .get_or_create(&KindLabels { kind: "push_queue_full".into() })
@@ -880,7 +886,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     for (ep, is_am) in [(settings.alertmanager.clone(), true), (settings.webhook.clone(), false)] {
         if let Some(ep) = ep {
             let (tx, rx) = mpsc::channel(push::QUEUE);
-            tokio::spawn(push::run(ep, is_am, rx, metrics.clone()));
+            let cursor = push::cursor_path(&settings.state_dir, is_am);
+            let log = settings.alert_log.clone();
+            tokio::spawn(push::run(ep, is_am, log, cursor, rx, metrics.clone()));
             pushers.push((is_am, tx));
         }
     }

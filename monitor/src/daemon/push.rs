@@ -1,9 +1,16 @@
-//! Pushing alerts to an Alertmanager (v2 API) and to a webhook, with
-//! retries, off the check path: the checks only put alerts on a queue.
+//! Pushing alerts to an Alertmanager (v2 API) and to a webhook, off the
+//! check path. A pusher delivers from the durable alert log, in order, and
+//! keeps how far it got in a cursor file beside the other state
+//! (`push-alertmanager.offset`, `push-webhook.offset`): an alert is retried
+//! until its sink takes it, across restarts, and none is lost while a sink
+//! is unreachable. The checks only wake the pusher. An alert the log could
+//! not take (the disk full, say) is handed over whole and pushed with a few
+//! retries, the best that can be done for it.
 //!
 //! The HTTP client is the least that does: HTTP/1.1 POST over plain TCP to
 //! the configured host and port, success on a 2xx status.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,41 +84,160 @@ pub fn for_alertmanager(a: &Alert) -> bool {
     matches!(a.event, EventKind::Violation | EventKind::Error | EventKind::BudgetExceeded)
 }
 
-/// Runs one pusher until its queue closes.
+/// What wakes a pusher.
+#[derive(Debug)]
+pub enum Wake {
+    /// The log took an alert: deliver what the log holds past the cursor.
+    Logged,
+    /// The log could not take this alert: push this copy, the only one.
+    Unlogged(Box<Alert>),
+}
+
+/// Where a sink's pusher keeps its place in the alert log.
+pub fn cursor_path(state_dir: &Path, alertmanager: bool) -> PathBuf {
+    state_dir.join(if alertmanager { "push-alertmanager.offset" } else { "push-webhook.offset" })
+}
+
+/// Longest alert line read back (as the log's own reader allows).
+const MAX_LINE: usize = 1 << 20;
+/// How often the log is read again without a wake-up (a retry of what is
+/// still undelivered, at the latest).
+const IDLE: Duration = Duration::from_secs(30);
+
+fn read_cursor(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn write_cursor(path: &Path, offset: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("offset.tmp");
+    std::fs::write(&tmp, format!("{offset}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The complete alert lines of the log from `offset` on, with the offset
+/// after each (a torn or over-long line is skipped, not fatal).
+fn lines_from(log: &Path, offset: u64) -> std::io::Result<Vec<(u64, Option<Alert>)>> {
+    use std::io::{BufRead, Read, Seek};
+    let mut f = std::fs::File::open(log)?;
+    f.seek(std::io::SeekFrom::Start(offset))?;
+    let mut reader = std::io::BufReader::new(f);
+    let (mut out, mut at, mut buf) = (Vec::new(), offset, Vec::new());
+    loop {
+        buf.clear();
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)?;
+        if n == 0 || buf.last() != Some(&b'\n') {
+            if n > MAX_LINE {
+                // An over-long line: skip to its end, if it has one yet.
+                let mut rest = Vec::new();
+                let m = reader.read_until(b'\n', &mut rest)?;
+                if rest.last() == Some(&b'\n') {
+                    at += (n + m) as u64;
+                    out.push((at, None));
+                    continue;
+                }
+            }
+            return Ok(out); // the end, or a line still being written
+        }
+        at += n as u64;
+        out.push((at, serde_json::from_slice::<Alert>(&buf).ok()));
+    }
+}
+
+/// Pushes an alert the log could not take, with a few retries.
+async fn push_unlogged(
+    ep: &HttpEndpoint,
+    path: &str,
+    body: &[u8],
+    failed: &(dyn Fn(&str, &str) + Sync),
+) {
+    for attempt in 1..=ATTEMPTS {
+        match post_json(ep, path, body).await {
+            Ok(()) => return,
+            Err(e) => {
+                failed(&e, &format!("an unlogged alert (attempt {attempt} of {ATTEMPTS})"));
+                if attempt < ATTEMPTS {
+                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(6))).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one pusher until its wake-up channel closes.
 pub async fn run(
     ep: HttpEndpoint,
     alertmanager: bool,
-    mut rx: mpsc::Receiver<Alert>,
+    log: PathBuf,
+    cursor: PathBuf,
+    mut rx: mpsc::Receiver<Wake>,
     metrics: std::sync::Arc<Metrics>,
 ) {
     let sink = if alertmanager { "alertmanager" } else { "webhook" };
-    while let Some(a) = rx.recv().await {
-        let (path, body) = if alertmanager {
-            (
-                format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/"),
-                alertmanager_body(&a),
-            )
-        } else {
-            (ep.path.clone(), serde_json::to_vec(&a).expect("json"))
-        };
-        let mut delay = Duration::from_secs(1);
-        for attempt in 1..=ATTEMPTS {
-            match post_json(&ep, &path, &body).await {
-                Ok(()) => break,
-                Err(e) => {
-                    eprintln!(
-                        "vigil: warning: pushing an alert to the {sink} (attempt {attempt} of {ATTEMPTS}): {e}"
-                    );
-                    metrics
-                        .errors
-                        .get_or_create(&KindLabels { kind: format!("{sink}_push") })
-                        .inc();
-                    if attempt < ATTEMPTS {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(60));
-                    }
+    let path = if alertmanager {
+        format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/")
+    } else {
+        ep.path.clone()
+    };
+    let body = |a: &Alert| {
+        if alertmanager { alertmanager_body(a) } else { serde_json::to_vec(a).expect("json") }
+    };
+    let failed = |e: &str, what: &str| {
+        eprintln!("vigil: warning: pushing {what} to the {sink}: {e}");
+        metrics.errors.get_or_create(&KindLabels { kind: format!("{sink}_push") }).inc();
+    };
+    // First start: from the log's end (what came before was never queued
+    // for this sink); afterwards, from where the last run got to.
+    let log_len = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let mut offset = read_cursor(&cursor).unwrap_or_else(|| {
+        let end = log_len();
+        if let Err(e) = write_cursor(&cursor, end) {
+            failed(&e.to_string(), &format!("its start ({})", cursor.display()));
+        }
+        end
+    });
+    let mut delay = Duration::from_secs(1);
+    loop {
+        // Deliver everything the log holds past the cursor, in order; an
+        // alert that will not go is retried, with backoff, before the next.
+        offset = offset.min(log_len());
+        let lines = lines_from(&log, offset).unwrap_or_else(|e| {
+            failed(&e.to_string(), &format!("from the alert log {}", log.display()));
+            Vec::new()
+        });
+        let mut stuck = false;
+        for (next, alert) in lines {
+            if let Some(a) = alert.filter(|a| !alertmanager || for_alertmanager(a))
+                && let Err(e) = post_json(&ep, &path, &body(&a)).await
+            {
+                failed(&e, "an alert");
+                stuck = true;
+                break;
+            }
+            offset = next;
+            if let Err(e) = write_cursor(&cursor, offset) {
+                failed(&e.to_string(), &format!("its place ({})", cursor.display()));
+            }
+        }
+        if stuck {
+            // Back off, then try again; alerts the log could not take that
+            // came meanwhile still get their own push.
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+            loop {
+                match rx.try_recv() {
+                    Ok(Wake::Unlogged(a)) => push_unlogged(&ep, &path, &body(&a), &failed).await,
+                    Ok(Wake::Logged) => {}
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
+            continue;
+        }
+        delay = Duration::from_secs(1);
+        match tokio::time::timeout(IDLE, rx.recv()).await {
+            Ok(None) => return,
+            Ok(Some(Wake::Unlogged(a))) => push_unlogged(&ep, &path, &body(&a), &failed).await,
+            Ok(Some(Wake::Logged)) | Err(_) => {}
         }
     }
 }
@@ -189,6 +315,106 @@ mod tests {
         assert!(e.contains("500"), "{e}");
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         assert!(post_json(&endpoint(dead, "/"), "/", b"{}").await.is_err());
+    }
+
+    /// A server on `port` that answers 200 to every request and keeps the
+    /// alerts it was sent.
+    async fn collector(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<Alert>>> {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let keep = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut req = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                let body = loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len || n == 0 {
+                            break body.to_owned();
+                        }
+                    }
+                };
+                keep.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+            }
+        });
+        got
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// An alert logged while the sink is down is delivered once it is up, and
+    /// one logged while no pusher runs is delivered by the next, from the log.
+    #[tokio::test]
+    async fn alerts_wait_in_the_log_until_the_sink_takes_them() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let mut old = alert(EventKind::Violation);
+        old.detail = "before the first start".into();
+        log.append(&old).unwrap(); // before any pusher: not this sink's
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics = Metrics::new();
+        let start = |rx| {
+            tokio::spawn(run(
+                endpoint(port, "/hook"),
+                false,
+                log_path.clone(),
+                cursor.clone(),
+                rx,
+                metrics.clone(),
+            ))
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = start(rx);
+        until("the cursor at the log's end", || read_cursor(&cursor).is_some()).await;
+        let mut first = alert(EventKind::Violation);
+        first.detail = "while the sink is down".into();
+        log.append(&first).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        // Nothing listens yet: the push fails and is counted.
+        let failures =
+            |m: &Metrics| m.errors.get_or_create(&KindLabels { kind: "webhook_push".into() }).get();
+        until("a failed push", || failures(&metrics) > 0).await;
+        let got = collector(port).await;
+        until("the alert delivered once the sink is up", || got.lock().unwrap().len() == 1).await;
+        assert_eq!(got.lock().unwrap()[0], first);
+        drop(tx);
+        pusher.await.unwrap();
+        // Logged while no pusher runs: the next one delivers it from the log.
+        let mut second = alert(EventKind::Error);
+        second.detail = "while the daemon was down".into();
+        log.append(&second).unwrap();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = start(rx);
+        until("the alert logged meanwhile", || got.lock().unwrap().len() == 2).await;
+        assert_eq!(got.lock().unwrap()[1], second);
+        let end = std::fs::metadata(&log_path).unwrap().len();
+        until("the cursor at the end", || read_cursor(&cursor) == Some(end)).await;
+        drop(tx);
+        pusher.await.unwrap();
+        assert!(
+            !got.lock().unwrap().contains(&old),
+            "an alert from before the first start was sent"
+        );
     }
 
     #[test]
