@@ -170,3 +170,70 @@ fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
     });
     assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
 }
+
+/// The webhook unreachable while an attack is caught, and the daemon killed
+/// before it comes back: the alert waits in the log and is delivered once
+/// the webhook is up, by the restarted daemon.
+#[test]
+fn lab_faults_an_alert_survives_an_unreachable_webhook_and_a_restart() {
+    use std::io::{Read, Write};
+    let port = common::free_port();
+    let mut d = Daemon::start_with(
+        "vigil-lab-flt-hook",
+        &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
+        vec![],
+    );
+    let mut g = boot("flt-hook");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    d.wait_for("the violation in the log", 2 * FULL + Duration::from_secs(5), |d| {
+        !common::violations(d, &g, "kernel-text").is_empty()
+    });
+    d.wait_for("a failed push counted", Duration::from_secs(10), |d| {
+        d.metric("vigil_errors_total", "kind=\"webhook_push\"").unwrap_or(0.0) >= 1.0
+    });
+    d.kill9();
+    // The webhook comes up; the daemon restarts.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 65536];
+            let body = loop {
+                let n = s.read(&mut buf).unwrap_or(0);
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len || n == 0 {
+                        break body.to_owned();
+                    }
+                } else if n == 0 {
+                    break String::new();
+                }
+            };
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            if let Ok(v) = serde_json::from_str(&body) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    d.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
+            got.push(v);
+        }
+        if got.iter().any(|a| a["event"] == "violation" && a["region"] == "kernel-text") {
+            return;
+        }
+    }
+    panic!("the violation never reached the webhook; it got: {got:#?}");
+}
