@@ -176,7 +176,6 @@ fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
 /// the webhook is up, by the restarted daemon.
 #[test]
 fn lab_faults_an_alert_survives_an_unreachable_webhook_and_a_restart() {
-    use std::io::{Read, Write};
     let port = common::free_port();
     let mut d = Daemon::start_with(
         "vigil-lab-flt-hook",
@@ -194,6 +193,14 @@ fn lab_faults_an_alert_survives_an_unreachable_webhook_and_a_restart() {
     });
     d.kill9();
     // The webhook comes up; the daemon restarts.
+    let rx = webhook(port);
+    d.spawn();
+    wait_for_violation(&rx, "kernel-text");
+}
+
+/// A webhook on `port` that answers 200 and hands over each alert it gets.
+fn webhook(port: u16) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
@@ -224,16 +231,84 @@ fn lab_faults_an_alert_survives_an_unreachable_webhook_and_a_restart() {
             }
         }
     });
-    d.spawn();
+    rx
+}
+
+/// Waits up to a minute for a violation of `region` at the webhook.
+fn wait_for_violation(rx: &std::sync::mpsc::Receiver<serde_json::Value>, region: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut got = Vec::new();
     while std::time::Instant::now() < deadline {
         if let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
             got.push(v);
         }
-        if got.iter().any(|a| a["event"] == "violation" && a["region"] == "kernel-text") {
+        if got.iter().any(|a| a["event"] == "violation" && a["region"] == region) {
             return;
         }
     }
-    panic!("the violation never reached the webhook; it got: {got:#?}");
+    panic!("no {region} violation reached the webhook; it got: {got:#?}");
+}
+
+/// The state directory full (a small tmpfs filled up, the alert log's last
+/// page too) when an attack is caught: the alert log cannot take the alert,
+/// which is counted, and the alert still reaches the webhook; checking goes
+/// on, and once there is room again the log takes alerts again. (Before,
+/// the first warning written to a stderr on that full disk panicked the
+/// pusher's task, and nothing was pushed any more.)
+#[test]
+fn lab_faults_a_full_state_directory_loses_no_alert() {
+    let port = common::free_port();
+    let mut d = Daemon::unstarted(
+        "vigil-lab-flt-full",
+        &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
+    );
+    let dir = d.path("");
+    let mount = |args: &[&str]| {
+        let ok = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(ok.success(), "{args:?}");
+    };
+    // Room for the baseline and its original pages (about 16 MiB), not more.
+    mount(&["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", dir.to_str().unwrap()]);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let rx = webhook(port);
+    d.spawn();
+    let mut g = boot("flt-full");
+    d.wait_watching(&g);
+    // Fill the file system to the last byte.
+    let filler = dir.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=1M"])
+        .output()
+        .unwrap();
+    // And the alert log's last page: blank lines, which readers skip.
+    {
+        use std::io::Write;
+        let mut log =
+            std::fs::OpenOptions::new().append(true).open(d.path("alerts.jsonl")).unwrap();
+        while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
+    }
+    g.run("attack inline").unwrap();
+    wait_for_violation(&rx, "kernel-text");
+    d.wait_for("the alert log's failure counted", Duration::from_secs(10), |d| {
+        d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0) >= 1.0
+    });
+    assert!(d.status(&g.name).is_some_and(|s| s["state"] == "watching"), "{:?}", d.status(&g.name));
+    // Room again: the next alert is logged.
+    std::fs::remove_file(&filler).unwrap();
+    g.run("attack syscall").unwrap();
+    d.wait_for("the next alert in the log", 2 * FULL + Duration::from_secs(10), |d| {
+        !common::violations(d, &g, "kernel-rodata").is_empty()
+    });
+    // No alert line was torn or run into another.
+    let log = std::fs::read_to_string(d.path("alerts.jsonl")).unwrap();
+    for l in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("a torn line {l:?}: {e}"));
+    }
 }

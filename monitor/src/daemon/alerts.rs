@@ -271,6 +271,8 @@ pub struct AlertLogError {
 pub struct AlertLog {
     path: PathBuf,
     file: File,
+    /// An append failed, perhaps part-way: the next starts a line of its own.
+    torn: bool,
 }
 
 /// What the log says is currently reported, per domain and boot: group key
@@ -296,16 +298,22 @@ impl AlertLog {
                 file.write_all(b"\n").and_then(|()| file.sync_data()).map_err(err)?;
             }
         }
-        Ok(Self { path: path.to_owned(), file })
+        Ok(Self { path: path.to_owned(), file, torn: false })
     }
 
     /// Appends one line and waits until it is on disk.
     pub fn append(&mut self, alert: &Alert) -> Result<(), AlertLogError> {
-        let mut line = serde_json::to_vec(alert).expect("alerts serialise");
+        let mut line = if self.torn { vec![b'\n'] } else { Vec::new() };
+        line.extend(serde_json::to_vec(alert).expect("alerts serialise"));
         line.push(b'\n');
         let err = |source| AlertLogError { path: self.path.clone(), source };
+        // A full disk may take part of a line: mark it, so that the next
+        // append does not continue it (readers skip the torn part).
+        self.torn = true;
         self.file.write_all(&line).map_err(err)?;
-        self.file.sync_data().map_err(err)
+        self.file.sync_data().map_err(err)?;
+        self.torn = false;
+        Ok(())
     }
 
     /// Reads the log back and returns what is currently reported. Lines that

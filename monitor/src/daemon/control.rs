@@ -96,7 +96,7 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ControlError> {
         std::os::unix::fs::chown(path, Some(0), Some(gid))
             .map_err(|e| err("setting its group", e))?;
     } else {
-        eprintln!(
+        warn_line!(
             "vigil: warning: group {group:?} does not exist: only root can use the control socket {}",
             path.display()
         );
@@ -230,7 +230,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 tokio::spawn(client(shared.clone(), stream));
             }
             Err(e) => {
-                eprintln!("vigil: warning: control socket: {e}");
+                warn_line!("vigil: warning: control socket: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -13,6 +13,23 @@
 //!                                                               └─> push queues
 //! ```
 
+/// `eprintln!` that cannot panic: a stderr that will not take the line (a
+/// full disk, journald gone) is no reason for a task of the daemon to die.
+macro_rules! warn_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic, for alert lines on stdout (the journal).
+macro_rules! out_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod alerts;
 pub mod budget;
 pub mod config;
@@ -77,12 +94,12 @@ impl Sink {
         let logged = match self.log.lock().expect("alert log lock").append(&alert) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!("vigil: error: {}", error_chain(&e));
+                warn_line!("vigil: error: {}", error_chain(&e));
                 self.metrics.errors.get_or_create(&KindLabels { kind: "alert_log".into() }).inc();
                 false
             }
         };
-        println!("{}", serde_json::to_string(&alert).expect("alerts serialise"));
+        out_line!("{}", serde_json::to_string(&alert).expect("alerts serialise"));
         let kind = serde_json::to_value(alert.event)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -869,7 +886,7 @@ impl Shared {
 
 fn notify(state: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
-        eprintln!("vigil: warning: telling systemd {state:?}: {e}");
+        warn_line!("vigil: warning: telling systemd {state:?}: {e}");
     }
 }
 
@@ -899,7 +916,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let control_listener = control::bind(&settings.control_socket, &settings.control_group)?;
     let (profiles, refused) = crate::linux::profile::load_dir(&settings.profiles);
     for (path, why) in &refused {
-        eprintln!("vigil: warning: guest profile {} refused: {why}", path.display());
+        warn_line!("vigil: warning: guest profile {} refused: {why}", path.display());
     }
     let shared = Arc::new(Shared {
         budget: Budget::new(settings.cpu_budget),
@@ -952,7 +969,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 if let Some(hv) = shared.hypervisor() {
                     let (sh, h) = (shared.clone(), hv.clone());
                     if let Err(e) = tokio::task::spawn_blocking(move || sh.resync(&h)).await.expect("resync panicked") {
-                        eprintln!("vigil: warning: listing domains: {e}");
+                        warn_line!("vigil: warning: listing domains: {e}");
                     }
                 }
                 if !ready {

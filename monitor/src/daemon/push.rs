@@ -182,7 +182,7 @@ pub async fn run(
         if alertmanager { alertmanager_body(a) } else { serde_json::to_vec(a).expect("json") }
     };
     let failed = |e: &str, what: &str| {
-        eprintln!("vigil: warning: pushing {what} to the {sink}: {e}");
+        warn_line!("vigil: warning: pushing {what} to the {sink}: {e}");
         metrics.errors.get_or_create(&KindLabels { kind: format!("{sink}_push") }).inc();
     };
     // First start: from the log's end (what came before was never queued

@@ -74,6 +74,18 @@ impl Daemon {
         Self::spawned(format!("{top_level}\n{}", Self::config_text(domain)), vec![])
     }
 
+    /// A daemon not yet started (`spawn` starts it), with `extra_config`
+    /// appended to its configuration file.
+    pub fn unstarted(domain: &str, extra_config: &str) -> Self {
+        Daemon {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            port: free_port(),
+            extra_env: vec![],
+            config: Self::config_text(domain) + extra_config,
+        }
+    }
+
     /// `extra_config` is appended to the configuration file.
     pub fn start_with(domain: &str, extra_config: &str, extra_env: Vec<(String, String)>) -> Self {
         Self::spawned(Self::config_text(domain) + extra_config, extra_env)
