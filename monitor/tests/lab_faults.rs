@@ -257,18 +257,40 @@ fn wait_for_violation(rx: &std::sync::mpsc::Receiver<serde_json::Value>, region:
 /// pusher's task, and nothing was pushed any more.)
 #[test]
 fn lab_faults_a_full_state_directory_loses_no_alert() {
+    state_directory_fault(
+        "full",
+        |dir| {
+            let filler = format!("of={}", dir.join("filler").display());
+            let _ =
+                std::process::Command::new("dd").args(["if=/dev/zero", &filler, "bs=1M"]).output();
+            // And the alert log's last page: blank lines, which readers skip.
+            use std::io::Write;
+            let mut log =
+                std::fs::OpenOptions::new().append(true).open(dir.join("alerts.jsonl")).unwrap();
+            while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
+        },
+        |dir| std::fs::remove_file(dir.join("filler")).unwrap(),
+    );
+}
+
+/// A daemon whose state directory is a tmpfs of its own, broken by `fault`
+/// while an attack is caught and mended by `mend` before another: neither
+/// alert is lost (the first reaches the webhook though the log could not
+/// take it), the log's failure is counted, checking goes on, and no line of
+/// the log is torn.
+fn state_directory_fault(suffix: &str, fault: impl Fn(&Path), mend: impl Fn(&Path)) {
     let port = common::free_port();
     let mut d = Daemon::unstarted(
-        "vigil-lab-flt-full",
+        &format!("vigil-lab-flt-{suffix}"),
         &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
     );
     let dir = d.path("");
-    let mount = |args: &[&str]| {
-        let ok = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
-        assert!(ok.success(), "{args:?}");
-    };
     // Room for the baseline and its original pages (about 16 MiB), not more.
-    mount(&["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", dir.to_str().unwrap()]);
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs", dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a tmpfs (needs root)");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -278,34 +300,20 @@ fn lab_faults_a_full_state_directory_loses_no_alert() {
     let _unmount = Unmount(dir.clone());
     let rx = webhook(port);
     d.spawn();
-    let mut g = boot("flt-full");
+    let mut g = boot(&format!("flt-{suffix}"));
     d.wait_watching(&g);
-    // Fill the file system to the last byte.
-    let filler = dir.join("filler");
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=1M"])
-        .output()
-        .unwrap();
-    // And the alert log's last page: blank lines, which readers skip.
-    {
-        use std::io::Write;
-        let mut log =
-            std::fs::OpenOptions::new().append(true).open(d.path("alerts.jsonl")).unwrap();
-        while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
-    }
+    fault(&dir);
     g.run("attack inline").unwrap();
     wait_for_violation(&rx, "kernel-text");
     d.wait_for("the alert log's failure counted", Duration::from_secs(10), |d| {
         d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0) >= 1.0
     });
     assert!(d.status(&g.name).is_some_and(|s| s["state"] == "watching"), "{:?}", d.status(&g.name));
-    // Room again: the next alert is logged.
-    std::fs::remove_file(&filler).unwrap();
+    mend(&dir);
     g.run("attack syscall").unwrap();
     d.wait_for("the next alert in the log", 2 * FULL + Duration::from_secs(10), |d| {
         !common::violations(d, &g, "kernel-rodata").is_empty()
     });
-    // No alert line was torn or run into another.
     let log = std::fs::read_to_string(d.path("alerts.jsonl")).unwrap();
     for l in log.lines().filter(|l| !l.trim().is_empty()) {
         serde_json::from_str::<serde_json::Value>(l)
