@@ -54,6 +54,7 @@ impl WatchError {
                 source: crate::x86::WalkError::TooManyMappings(_),
                 ..
             }) => "limit_walk_mappings",
+            WatchError::Discover(DiscoverError::Unreadable { .. }) => "memory_unreadable",
             WatchError::Discover(_) => "kernel_not_found",
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
             WatchError::Baseline(_) => "baseline_file",

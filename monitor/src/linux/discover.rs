@@ -47,6 +47,12 @@ pub enum DiscoverError {
          is this a Linux guest with strict kernel RWX?"
     )]
     NoText { cr3: u64 },
+    #[error("guest memory cannot be read at the page-table root {cr3:#x} (is QEMU's RAM gone?)")]
+    Unreadable {
+        cr3: u64,
+        #[source]
+        source: crate::memory::MemoryError,
+    },
     #[error("{table} of vCPU {vcpu} at {base} is not mapped")]
     TableUnmapped { table: &'static str, vcpu: u32, base: GuestVirtAddr },
     #[error("{table} of vCPU {vcpu} has an implausible limit {limit:#x}")]
@@ -178,8 +184,18 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
             Err(e) => last_err = Some(e),
         }
     }
+    // No kernel text, and not even the root table reads: the memory is what
+    // failed, not the kernel (QEMU killed, its mapping gone).
+    let root_unreadable = || {
+        let mut probe = [0u8; 8];
+        mem.read(crate::addr::GuestPhysAddr(table), &mut probe)
+            .err()
+            .map(|source| DiscoverError::Unreadable { cr3: table, source })
+    };
     let Some((cr3, mut image_pages, unreadable_tables)) = best else {
-        return Err(last_err.unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
+        return Err(root_unreadable()
+            .or(last_err)
+            .unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
     };
     // The walk yields address order already; `translate` relies on it.
     image_pages.sort_by_key(|m| m.gva.raw());
@@ -189,7 +205,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
     let rodata: Vec<PageSpec> =
         image_pages.iter().filter(|m| is_rodata(&m.perms)).map(spec).collect();
     if text.is_empty() {
-        return Err(DiscoverError::NoText { cr3 });
+        return Err(root_unreadable().unwrap_or(DiscoverError::NoText { cr3 }));
     }
     let first = image_pages[0];
     let identification = Identification {
@@ -333,6 +349,20 @@ mod tests {
         let v = discover(&mem, &[regs]).unwrap();
         assert_eq!(v.identification.cr3, root & !0xfff);
         assert_eq!(v.regions[0].pages.len(), 512);
+    }
+
+    /// Memory that cannot be read at all (QEMU's RAM mapping gone) is said
+    /// to be that, not a missing kernel.
+    #[test]
+    fn unreadable_memory_is_not_a_missing_kernel() {
+        use crate::memory::faults::{FaultPlan, Faults, Faulty};
+        let (mem, regs, _) = guest(false, 4);
+        let plan = FaultPlan::default();
+        let faulty = Faulty::new(mem, plan.clone());
+        assert!(discover(&faulty, &[regs]).is_ok());
+        *plan.lock().unwrap() = Faults { gone: true, ..Faults::default() };
+        let e = discover(&faulty, &[regs]).err().expect("no kernel in memory that cannot be read");
+        assert!(matches!(e, DiscoverError::Unreadable { .. }), "{e}");
     }
 
     #[test]
