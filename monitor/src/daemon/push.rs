@@ -253,36 +253,41 @@ mod tests {
         s.event(event, "critical", "page 3 of kernel-text changed".into())
     }
 
+    /// Reads one HTTP request whole (head and a body of its Content-Length).
+    async fn read_request(s: &mut tokio::net::TcpStream) -> String {
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return text;
+                }
+            }
+            if n == 0 {
+                return text;
+            }
+        }
+    }
+
     /// A one-shot HTTP server that answers `status` and hands back the request.
     async fn one_request(status: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let h = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            let mut got = Vec::new();
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        break;
-                    }
-                }
-                if n == 0 {
-                    break;
-                }
-            }
+            let req = read_request(&mut s).await;
             s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
-            String::from_utf8_lossy(&got).to_string()
+            req
         });
         (port, h)
     }
@@ -326,24 +331,9 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
-                let mut req = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                let body = loop {
-                    let n = s.read(&mut buf).await.unwrap();
-                    req.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&req).to_string();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        if body.len() >= len || n == 0 {
-                            break body.to_owned();
-                        }
-                    }
-                };
-                keep.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                let req = read_request(&mut s).await;
+                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                keep.lock().unwrap().push(serde_json::from_str(body).unwrap());
                 s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
             }
         });
