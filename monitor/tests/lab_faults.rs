@@ -320,3 +320,39 @@ fn state_directory_fault(suffix: &str, fault: impl Fn(&Path), mend: impl Fn(&Pat
             .unwrap_or_else(|e| panic!("a torn line {l:?}: {e}"));
     }
 }
+
+/// A guest saved and restored (`virsh save`/`restore`: what a migration does
+/// to a host, a new QEMU process with the same guest memory): the daemon
+/// lets go of the old process, takes up the new one against the stored
+/// baseline (the same boot, so no new baseline), and finds nothing wrong.
+#[test]
+fn lab_faults_a_guest_saved_and_restored_is_taken_up_again() {
+    let d = Daemon::start("vigil-lab-flt-save");
+    let g = boot("flt-save");
+    d.wait_watching(&g);
+    let boot_before = d.status(&g.name).unwrap()["boot"].clone();
+    let saved = tempfile::tempdir().unwrap();
+    let file = saved.path().join("guest.save");
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .arg("-c")
+            .arg("qemu:///system")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    virsh(&["save", &g.name, file.to_str().unwrap()]);
+    d.wait_for("the saved guest let go", Duration::from_secs(30), |d| {
+        !d.events("detached", &g.name).is_empty()
+    });
+    virsh(&["restore", file.to_str().unwrap()]);
+    d.wait_for("the restored guest watched again", Duration::from_secs(90), |d| {
+        !d.events("attached", &g.name).is_empty()
+            && d.status(&g.name).is_some_and(|s| s["state"] == "watching" && s["last_check"] != "")
+    });
+    assert_eq!(d.status(&g.name).unwrap()["boot"], boot_before, "the same boot");
+    assert_eq!(d.events("new-boot", &g.name).len(), 1, "no new baseline: {:#?}", d.alerts());
+    std::thread::sleep(2 * FULL);
+    assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
+}
