@@ -78,6 +78,18 @@ fn memory_seeds_hold_tables_the_parsers_take() {
     }
     for (p, b) in seeds("page_walk") {
         assert_eq!(b.len(), 9 + 16 * 4096, "{}: the target's header and 16 pages", p.display());
+        // Walked as the target walks it: the guest's own kernel image mapping.
+        let cr3 = u64::from_le_bytes(b[..8].try_into().unwrap());
+        let mode = vigil::x86::PagingMode::from_cr4(if b[8] & 1 != 0 { 1 << 12 } else { 0 });
+        let mem = vigil::memory::RawDump::from_bytes(b[9..].to_vec());
+        let w = vigil::x86::Walker::new(&mem, mode, cr3, b[8] & 2 != 0);
+        let set = w
+            .mappings(
+                vigil::addr::GuestVirtAddr(0xffff_ffff_8000_0000),
+                vigil::addr::GuestVirtAddr(0xffff_ffff_c000_0000),
+            )
+            .unwrap();
+        assert!(set.mappings.len() > 512, "{}: {} mappings", p.display(), set.mappings.len());
     }
 }
 
