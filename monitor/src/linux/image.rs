@@ -120,6 +120,23 @@ fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, ImageError> {
     Ok(out)
 }
 
+/// Runs a third-party decoder so that a panic inside it (lzma-rs 0.3.0
+/// overflows on some xz footers, for one) becomes a corrupt-payload error
+/// rather than taking the daemon's task down with it.
+fn contained<T>(
+    method: &'static str,
+    decode: impl FnOnce() -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(ImageError::Corrupt { method, reason: format!("the decoder panicked ({what})") })
+    })
+}
+
 /// Decompresses a payload by its magic; an ELF is returned as it is.
 pub fn decompress(payload: &[u8]) -> Result<(Vec<u8>, &'static str), ImageError> {
     let head = |n: usize| payload.get(..n).unwrap_or(payload);
@@ -127,29 +144,36 @@ pub fn decompress(payload: &[u8]) -> Result<(Vec<u8>, &'static str), ImageError>
         return Ok((payload.to_vec(), "none"));
     }
     if head(2) == [0x1f, 0x8b] {
-        return Ok((read_bounded(flate2::read::GzDecoder::new(payload), "gzip")?, "gzip"));
+        let out =
+            contained("gzip", || read_bounded(flate2::read::GzDecoder::new(payload), "gzip"))?;
+        return Ok((out, "gzip"));
     }
     if head(6) == [0xfd, b'7', b'z', b'X', b'Z', 0] {
-        let mut out = Bounded(Vec::new());
-        let mut input = std::io::BufReader::new(payload);
-        match lzma_rs::xz_decompress(&mut input, &mut out) {
-            Ok(()) => {}
-            Err(lzma_rs::error::Error::IoError(e)) if e.to_string() == "output limit" => {
-                return Err(ImageError::TooLarge);
+        return contained("xz", || {
+            let mut out = Bounded(Vec::new());
+            let mut input = std::io::BufReader::new(payload);
+            match lzma_rs::xz_decompress(&mut input, &mut out) {
+                Ok(()) => {}
+                Err(lzma_rs::error::Error::IoError(e)) if e.to_string() == "output limit" => {
+                    return Err(ImageError::TooLarge);
+                }
+                // The kernel appends 4 bytes of size after the xz stream.
+                Err(_) if !out.0.is_empty() => {}
+                Err(e) => return Err(ImageError::Corrupt { method: "xz", reason: e.to_string() }),
             }
-            // The kernel appends 4 bytes of size after the xz stream.
-            Err(_) if !out.0.is_empty() => {}
-            Err(e) => return Err(ImageError::Corrupt { method: "xz", reason: e.to_string() }),
-        }
-        return Ok((out.0, "xz"));
+            Ok((out.0, "xz"))
+        });
     }
     if head(4) == LZ4_LEGACY_MAGIC {
-        return Ok((lz4_legacy(payload)?, "lz4"));
+        return Ok((contained("lz4", || lz4_legacy(payload))?, "lz4"));
     }
     if head(4) == [0x28, 0xb5, 0x2f, 0xfd] {
-        let dec = ruzstd::decoding::StreamingDecoder::new(payload)
-            .map_err(|e| ImageError::Corrupt { method: "zstd", reason: e.to_string() })?;
-        return Ok((read_bounded(dec, "zstd")?, "zstd"));
+        let out = contained("zstd", || {
+            let dec = ruzstd::decoding::StreamingDecoder::new(payload)
+                .map_err(|e| ImageError::Corrupt { method: "zstd", reason: e.to_string() })?;
+            read_bounded(dec, "zstd")
+        })?;
+        return Ok((out, "zstd"));
     }
     let hex: String = head(6).iter().map(|b| format!("{b:02x}")).collect();
     Err(ImageError::Unsupported(hex))
@@ -255,6 +279,28 @@ mod tests {
             ruzstd::encoding::CompressionLevel::Fastest,
         );
         assert!(matches!(vmlinux(&bzimage(&zst)), Err(ImageError::Corrupt { .. })));
+    }
+
+    /// Found by the kernel_image fuzz target: an xz footer whose backward
+    /// size is `u32::MAX`, on which lzma-rs 0.3.0 adds with overflow (a
+    /// panic where overflow checks are on, as in tests and fuzzing).
+    #[test]
+    fn a_decoder_panic_is_a_corrupt_payload() {
+        let input =
+            include_bytes!("../../../fuzz/regressions/kernel_image/lzma-rs-xz-add-overflow.bin");
+        match decompress(input) {
+            Err(ImageError::Corrupt { method: "xz", .. }) => {}
+            other => panic!("expected a corrupt xz payload, got {other:?}"),
+        }
+        assert!(vmlinux(&bzimage(input)).is_err());
+        let caught = contained("test", || -> Result<(), ImageError> { panic!("inside") });
+        assert_eq!(
+            caught,
+            Err(ImageError::Corrupt {
+                method: "test",
+                reason: "the decoder panicked (inside)".into()
+            })
+        );
     }
 
     proptest::proptest! {
