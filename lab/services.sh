@@ -13,7 +13,16 @@ if [[ $(cat /proc/1/comm 2>/dev/null) == systemd ]]; then
     systemctl start virtlogd libvirtd
 else
     pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
-    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+    # lab/libvirtd.conf lets group libvirt (vigil's unit runs in it) use the
+    # read-write socket. A libvirtd started without it is restarted; running
+    # domains carry on.
+    sock=/run/libvirt/libvirt-sock
+    if pgrep -x libvirtd >/dev/null && [[ $(stat -c %G:%a "$sock" 2>/dev/null) != libvirt:770 ]]; then
+        say "restarting libvirtd with lab/libvirtd.conf"
+        pkill -x libvirtd
+        for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.2; done
+    fi
+    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d -f "$(cd "$(dirname "$0")" && pwd)/libvirtd.conf"; }
 fi
 for _ in $(seq 1 60); do
     if virsh -c qemu:///system version >/dev/null 2>&1; then

@@ -13,7 +13,7 @@ LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
           cpio gzip make gcc systemd prometheus prometheus-alertmanager util-linux procps
-          chromium)
+          chromium linux-libc-dev)
 
 say() { printf 'lab/setup: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -41,6 +41,10 @@ if [[ ! -d $headers ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$flavour" >/dev/null \
         || die "could not install linux-headers-$flavour (apt-get update first?)"
 fi
+
+# The daemon's own user, as the package makes it (lab tests run the daemon as
+# it, under the unit's capabilities and system-call filter).
+systemd-sysusers "$HERE/../systemd/vigil.sysusers" || die "systemd-sysusers could not create user vigil"
 
 mkdir -p "$LAB_DIR"
 chmod 0755 "$LAB_DIR"

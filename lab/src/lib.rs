@@ -8,6 +8,8 @@
 //!         <--output, then "VIGIL-DONE <id> <status>"--
 //! ```
 
+pub mod confine;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,10 @@ const USAGE: &str = "usage:
   vigil-lab start NAME [--private]   boot lab guest vigil-lab-NAME (shared memfd RAM unless --private)
   vigil-lab exec NAME COMMAND...     run a shell command in it (e.g. 'attack inline')
   vigil-lab stop NAME                destroy it
+  vigil-lab confine UNIT -- PROGRAM [ARGS...]
+                                     run PROGRAM as UNIT (a systemd unit file) would run it:
+                                     its user, groups, capabilities and system-call filter
+                                     (for hosts where systemd is not PID 1; see lab/src/confine.rs)
 
 Attacks available in the guest: attack syscall | inline | idt | wp.
 The lab must be prepared first with lab/setup.sh.";
@@ -49,6 +53,18 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         [cmd, name] if cmd == "stop" => {
             vigil_lab::destroy(name)?;
             Ok(())
+        }
+        [cmd, unit, dashes, program, rest @ ..] if cmd == "confine" && dashes == "--" => {
+            let confinement = std::sync::Arc::new(vigil_lab::confine::Confinement::from_unit(
+                std::path::Path::new(unit),
+            )?);
+            eprintln!("vigil-lab: confining {program}: {}", confinement.summary);
+            let mut child = std::process::Command::new(program);
+            child.args(rest);
+            confinement.apply(&mut child);
+            // exec returns only on failure.
+            let e = std::os::unix::process::CommandExt::exec(&mut child);
+            Err(format!("starting {program} confined: {e}").into())
         }
         _ => Err(USAGE.into()),
     }

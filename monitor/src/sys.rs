@@ -255,3 +255,17 @@ pub fn register_domain_events(
     }
     Ok(())
 }
+
+/// The host's name, from uname(2): unlike `/proc/sys/kernel/hostname` it
+/// needs no more of /proc than the unit's `ProcSubset=pid` leaves.
+pub fn hostname() -> Option<String> {
+    // SAFETY: utsname is plain old data, for which all zeroes is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes only into the struct it is given.
+    if unsafe { libc::uname(&raw mut uts) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> =
+        uts.nodename.iter().take_while(|&&c| c != 0).map(|&c| c.cast_unsigned()).collect();
+    String::from_utf8(bytes).ok().filter(|h| !h.is_empty())
+}

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use vigil_lab::Lab;
 
+use std::os::unix::fs::PermissionsExt;
+
 mod common;
 use common::{Daemon, FULL, HOT, boot, free_port, violations};
 
@@ -149,6 +151,9 @@ fn lab_daemon_tells_systemd_ready_and_pings_the_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
+    // As systemd's own notify socket, reachable by the unit's user.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o777)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let d = Daemon::start_with(
         "vigil-lab-none",
@@ -251,7 +256,14 @@ fn lab_daemon_survives_libvirtd_restarting() {
     d.wait_watching(&g);
     assert!(Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap().success());
     std::thread::sleep(Duration::from_secs(2));
-    let started = Command::new("libvirtd").arg("-d").status().unwrap();
+    // With the lab's configuration, as lab/services.sh starts it: group
+    // libvirt (the unit's user is in it) may use the socket.
+    let started = Command::new("libvirtd")
+        .arg("-d")
+        .arg("-f")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/libvirtd.conf"))
+        .status()
+        .unwrap();
     assert!(started.success());
     d.wait_for("the reconnect", Duration::from_secs(40), |d| {
         d.alerts()

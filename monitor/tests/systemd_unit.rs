@@ -71,12 +71,25 @@ fn sysusers_and_tmpfiles_apply_to_a_scratch_root() {
     assert!(ok, "{out}");
     let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(group.lines().any(|l| l.starts_with("vigil:")), "{group}");
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("vigil:") && l.ends_with(":/usr/sbin/nologin")),
+        "the unit's User=vigil, with no login: {passwd}"
+    );
     let (ok, out) = run(Command::new("systemd-tmpfiles")
         .arg(format!("--root={}", root.path().display()))
         .arg("--create")
         .arg(repo().join("systemd/vigil.tmpfiles")));
     assert!(ok, "{out}");
-    assert!(root.path().join("var/lib/vigil/baselines").is_dir());
+    let baselines = root.path().join("var/lib/vigil/baselines");
+    assert!(baselines.is_dir());
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&baselines).unwrap());
+    let vigil_uid: u32 = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil:x:"))
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap();
+    assert_eq!(owner, vigil_uid, "baselines belong to the daemon's user");
 }
 
 #[test]

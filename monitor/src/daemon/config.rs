@@ -367,11 +367,8 @@ impl Settings {
                 ));
             }
         };
-        let host = raw.host.unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "unknown".into())
-        });
+        let host =
+            raw.host.unwrap_or_else(|| crate::sys::hostname().unwrap_or_else(|| "unknown".into()));
         Ok(Self {
             connect: over
                 .connect

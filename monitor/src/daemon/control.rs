@@ -11,7 +11,7 @@
 //! Only root and members of the group are served: the kernel's peer
 //! credentials decide, not anything the caller says.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,8 +93,13 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, ControlError> {
         .map_err(|e| err("setting mode 0660", e))?;
     let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
     if let Some((gid, _)) = group_entry(&groups, group) {
-        std::os::unix::fs::chown(path, Some(0), Some(gid))
-            .map_err(|e| err("setting its group", e))?;
+        // Running as the unit's user vigil, the socket already has the group;
+        // a chown then would need a system call the unit's filter denies.
+        let current = std::fs::metadata(path).map_err(|e| err("reading its owner", e))?.gid();
+        if current != gid {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(|e| err("setting its group", e))?;
+        }
     } else {
         warn_line!(
             "vigil: warning: group {group:?} does not exist: only root can use the control socket {}",

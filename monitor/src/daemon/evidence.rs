@@ -368,15 +368,49 @@ fn dump_memory(
         let _ = fs::remove_file(&path);
         return Some(format!("libvirt could not dump the memory: {}", error_chain(&e)));
     }
-    if let Err(e) = fs::set_permissions(&path, fs::Permissions::from_mode(0o600)) {
-        return Some(format!("the dump was written but cannot be made private: {e}"));
+    make_private(&path).err()
+}
+
+/// Leaves a file libvirt wrote readable by its owner only. libvirt writes the
+/// dump as itself (root), so the daemon, running as user vigil, may not chmod
+/// it; a file already closed to group and others is private as it is.
+fn make_private(path: &Path) -> Result<(), String> {
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("the dump was written but cannot be inspected: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
     }
-    None
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| {
+        format!("the dump was written (mode {:o}) but cannot be made private: {e}", mode & 0o7777)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dump_open_to_others_is_closed_and_a_private_one_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open.core");
+        fs::write(&open, b"x").unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o644)).unwrap();
+        make_private(&open).unwrap();
+        assert_eq!(fs::metadata(&open).unwrap().permissions().mode() & 0o777, 0o600);
+        let private = dir.path().join("private.core");
+        fs::write(&private, b"x").unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o400)).unwrap();
+        make_private(&private).unwrap();
+        assert_eq!(
+            fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+            0o400,
+            "left as it was"
+        );
+        let err = make_private(&dir.path().join("missing")).unwrap_err();
+        assert!(err.contains("cannot be inspected"), "{err}");
+    }
 
     fn bundle(root: &Path, uuid: &str, stamp: &str, bytes: usize) -> PathBuf {
         let dir = root.join(uuid).join(stamp);

@@ -1,17 +1,58 @@
 //! What the lab tests of `vigil daemon` share: a daemon of the test's own in a
 //! temporary state directory, and lab guests to watch.
+//!
+//! Every daemon runs as the shipped unit runs it: as user vigil, with only
+//! the unit's capabilities and under its system-call filter
+//! (`vigil_lab::confine`), so the whole lab suite passes under them.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vigil_lab::confine::{Confinement, UnitSettings};
 use vigil_lab::{Guest, Lab, Memory, Shape};
 
 pub const HOT: Duration = Duration::from_secs(1);
 pub const FULL: Duration = Duration::from_secs(3);
+
+/// The shipped unit file.
+pub fn unit_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/vigil.service")
+}
+
+/// The shipped unit's settings.
+pub fn unit_settings() -> UnitSettings {
+    let text = std::fs::read_to_string(unit_path()).unwrap();
+    UnitSettings::parse(&text).unwrap_or_else(|e| panic!("systemd/vigil.service: {e}"))
+}
+
+/// The shipped unit's confinement, worked out once.
+pub fn shipped_confinement() -> Arc<Confinement> {
+    static SHIPPED: OnceLock<Arc<Confinement>> = OnceLock::new();
+    SHIPPED
+        .get_or_init(|| {
+            Arc::new(Confinement::from_unit(&unit_path()).unwrap_or_else(|e| {
+                panic!("confining the daemon as systemd/vigil.service does: {e} (run lab/setup.sh as root)")
+            }))
+        })
+        .clone()
+}
+
+/// Gives `dir` and everything in it to the unit's user, as systemd does to a
+/// `StateDirectory=`.
+fn give_to(dir: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", dir.display()));
+    if dir.is_dir() && !dir.is_symlink() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            give_to(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -24,6 +65,8 @@ pub struct Daemon {
     pub port: u16,
     pub extra_env: Vec<(String, String)>,
     pub config: String,
+    /// How the daemon is confined: the shipped unit's, unless a test changes it.
+    pub confinement: Arc<Confinement>,
 }
 
 impl Daemon {
@@ -83,6 +126,7 @@ impl Daemon {
             port: free_port(),
             extra_env: vec![],
             config: Self::config_text(domain) + extra_config,
+            confinement: shipped_confinement(),
         }
     }
 
@@ -98,6 +142,7 @@ impl Daemon {
             port: free_port(),
             extra_env,
             config,
+            confinement: shipped_confinement(),
         };
         d.spawn();
         d
@@ -124,7 +169,11 @@ impl Daemon {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("starting vigil daemon"));
+        give_to(self.dir.path(), self.confinement.uid, self.confinement.gid);
+        self.confinement.apply(&mut cmd);
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| {
+            panic!("starting vigil daemon confined ({}): {e}", self.confinement.summary)
+        }));
         self.wait_for("the control socket", Duration::from_secs(20), |d| {
             d.path("control.sock").exists()
         });
