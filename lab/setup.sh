@@ -13,7 +13,7 @@ LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
           cpio gzip make gcc systemd prometheus prometheus-alertmanager util-linux procps
-          chromium linux-libc-dev)
+          chromium linux-libc-dev e2fsprogs)
 
 say() { printf 'lab/setup: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }

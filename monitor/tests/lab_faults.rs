@@ -4,7 +4,11 @@
 //! an error that says so, never a panic or a verdict on bytes not read, and
 //! the next check after the fault clears is whole again.
 //!
-//! The daemon's side: QEMU killed under one of two watched guests.
+//! The daemon's side, each with a real fault: QEMU killed under one of two
+//! watched guests; a guest paused; a guest saved and restored (a new QEMU
+//! process, as a migration gives); the webhook unreachable across a daemon
+//! restart; the state directory full (tmpfs) or read-only (ext4 forced
+//! read-only by an error). libvirtd restarting is in lab_daemon.rs.
 //!
 //! Needs the lab prepared and libvirtd running (`lab/test.sh` does both).
 
@@ -259,7 +263,8 @@ fn wait_for_violation(rx: &std::sync::mpsc::Receiver<serde_json::Value>, region:
 fn lab_faults_a_full_state_directory_loses_no_alert() {
     state_directory_fault(
         "full",
-        |dir| {
+        StateFs::Tmpfs,
+        &|dir| {
             let filler = format!("of={}", dir.join("filler").display());
             let _ =
                 std::process::Command::new("dd").args(["if=/dev/zero", &filler, "bs=1M"]).output();
@@ -269,28 +274,88 @@ fn lab_faults_a_full_state_directory_loses_no_alert() {
                 std::fs::OpenOptions::new().append(true).open(dir.join("alerts.jsonl")).unwrap();
             while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
         },
-        |dir| std::fs::remove_file(dir.join("filler")).unwrap(),
+        Some(&|dir| std::fs::remove_file(dir.join("filler")).unwrap()),
     );
 }
 
-/// A daemon whose state directory is a tmpfs of its own, broken by `fault`
-/// while an attack is caught and mended by `mend` before another: neither
-/// alert is lost (the first reaches the webhook though the log could not
-/// take it), the log's failure is counted, checking goes on, and no line of
-/// the log is torn.
-fn state_directory_fault(suffix: &str, fault: impl Fn(&Path), mend: impl Fn(&Path)) {
+/// The state directory's filesystem turned read-only under the running
+/// daemon, as ext4 does on an I/O error with `errors=remount-ro` (forced
+/// through ext4's `trigger_fs_error`): the alert log, open for appending,
+/// fails with EROFS from then on. Both attacks after it reach the webhook,
+/// the failures are counted, and checking goes on. ext4 will not go back to
+/// read-write without being unmounted, so nothing is mended.
+#[test]
+fn lab_faults_a_read_only_state_directory_loses_no_alert() {
+    state_directory_fault(
+        "ro",
+        StateFs::Ext4,
+        &|dir| {
+            let out = std::process::Command::new("findmnt")
+                .args(["-n", "-o", "SOURCE", "--mountpoint"])
+                .arg(dir)
+                .output()
+                .expect("findmnt (util-linux)");
+            let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let name = dev.rsplit('/').next().unwrap();
+            let trigger = format!("/sys/fs/ext4/{name}/trigger_fs_error");
+            std::fs::write(&trigger, "vigil lab: state directory made read-only")
+                .unwrap_or_else(|e| panic!("{trigger}: {e}"));
+            let probe = std::fs::write(dir.join("probe"), b"x").unwrap_err();
+            assert_eq!(probe.raw_os_error(), Some(30), "EROFS after the error: {probe}");
+        },
+        None,
+    );
+}
+
+/// What the state directory of [`state_directory_fault`] is.
+enum StateFs {
+    /// A 48 MiB tmpfs: room for the baseline and its original pages (about
+    /// 16 MiB), not much more.
+    Tmpfs,
+    /// A 64 MiB ext4 on a loop device, mounted `errors=remount-ro`.
+    Ext4,
+}
+
+/// A daemon whose state directory is a filesystem of its own, broken by
+/// `fault` while an attack is caught and, if `mend` is given, mended before
+/// another: no alert is lost (the first reaches the webhook though the log
+/// could not take it), the log's failure is counted, checking goes on, and
+/// no line of the log is torn.
+fn state_directory_fault(
+    suffix: &str,
+    fs: StateFs,
+    fault: &dyn Fn(&Path),
+    mend: Option<&dyn Fn(&Path)>,
+) {
     let port = common::free_port();
     let mut d = Daemon::unstarted(
         &format!("vigil-lab-flt-{suffix}"),
         &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
     );
     let dir = d.path("");
-    // Room for the baseline and its original pages (about 16 MiB), not more.
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs", dir.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mounting a tmpfs (needs root)");
+    let image = tempfile::tempdir().unwrap();
+    let mount = match fs {
+        StateFs::Tmpfs => {
+            vec!["-t".to_owned(), "tmpfs".into(), "-o".into(), "size=48m".into(), "tmpfs".into()]
+        }
+        StateFs::Ext4 => {
+            let img = image.path().join("state.ext4");
+            std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+            let made = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .status()
+                .expect("mkfs.ext4 (apt-get install e2fsprogs)");
+            assert!(made.success(), "mkfs.ext4 {}", img.display());
+            vec!["-o".to_owned(), "loop,errors=remount-ro".into(), img.display().to_string()]
+        }
+    };
+    let ok = std::process::Command::new("mount").args(&mount).arg(&dir).status().unwrap();
+    assert!(
+        ok.success(),
+        "mount {mount:?} {} (needs root, and loop devices for ext4)",
+        dir.display()
+    );
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -309,11 +374,21 @@ fn state_directory_fault(suffix: &str, fault: impl Fn(&Path), mend: impl Fn(&Pat
         d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0) >= 1.0
     });
     assert!(d.status(&g.name).is_some_and(|s| s["state"] == "watching"), "{:?}", d.status(&g.name));
-    mend(&dir);
-    g.run("attack syscall").unwrap();
-    d.wait_for("the next alert in the log", 2 * FULL + Duration::from_secs(10), |d| {
-        !common::violations(d, &g, "kernel-rodata").is_empty()
-    });
+    match mend {
+        Some(mend) => {
+            mend(&dir);
+            g.run("attack syscall").unwrap();
+            d.wait_for("the next alert in the log", 2 * FULL + Duration::from_secs(10), |d| {
+                !common::violations(d, &g, "kernel-rodata").is_empty()
+            });
+        }
+        None => {
+            g.run("attack syscall").unwrap();
+            wait_for_violation(&rx, "kernel-rodata");
+            let failures = d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0);
+            assert!(failures >= 2.0, "both alerts' log failures counted, got {failures}");
+        }
+    }
     let log = std::fs::read_to_string(d.path("alerts.jsonl")).unwrap();
     for l in log.lines().filter(|l| !l.trim().is_empty()) {
         serde_json::from_str::<serde_json::Value>(l)
