@@ -431,3 +431,30 @@ fn lab_faults_a_guest_saved_and_restored_is_taken_up_again() {
     std::thread::sleep(2 * FULL);
     assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
 }
+
+/// A check over its time limit (`schedule.check_timeout`, here 1 ms, which
+/// every full check of the lab kernel exceeds): reported as an error event,
+/// counted as `limit_check_time`, its end noted, and checking goes on, with
+/// attacks still caught.
+#[test]
+fn lab_faults_a_check_over_its_time_limit_is_reported_and_checking_goes_on() {
+    let d = Daemon::start_with("vigil-lab-flt-slow", "check_timeout = \"1ms\"\n", vec![]);
+    let mut g = boot("flt-slow");
+    d.wait_watching(&g);
+    d.wait_for("an overlong check reported", Duration::from_secs(20), |d| {
+        d.metric("vigil_errors_total", "kind=\"limit_check_time\"").unwrap_or(0.0) >= 1.0
+            && d.events("error", &g.name).iter().any(|a| {
+                a["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("longer than schedule.check_timeout (1ms)")
+            })
+            && d.events("notice", &g.name).iter().any(|a| {
+                a["detail"].as_str().unwrap_or("").starts_with("the overlong full check of")
+            })
+    });
+    g.run("attack inline").unwrap();
+    d.wait_for("the attack caught", 2 * FULL + Duration::from_secs(5), |d| {
+        !common::violations(d, &g, "kernel-text").is_empty()
+    });
+}

@@ -98,7 +98,27 @@ fn example_config_is_valid_and_says_the_defaults() {
     let s = vigil::daemon::config::Settings::load(Some(&path), &Default::default()).unwrap();
     let d = vigil::daemon::config::Settings::load(None, &Default::default()).unwrap();
     assert_eq!(
-        format!("{:?}", (s.hot_interval, s.full_interval, s.cpu_budget, s.settle, &s.state_dir)),
-        format!("{:?}", (d.hot_interval, d.full_interval, d.cpu_budget, d.settle, &d.state_dir))
+        format!(
+            "{:?}",
+            (
+                s.hot_interval,
+                s.full_interval,
+                s.cpu_budget,
+                s.settle,
+                s.check_timeout,
+                &s.state_dir
+            )
+        ),
+        format!(
+            "{:?}",
+            (
+                d.hot_interval,
+                d.full_interval,
+                d.cpu_budget,
+                d.settle,
+                d.check_timeout,
+                &d.state_dir
+            )
+        )
     );
 }

@@ -66,6 +66,7 @@ pub struct RawSchedule {
     pub cpu_budget: Option<f64>,
     pub attach_retry: Option<String>,
     pub settle: Option<String>,
+    pub check_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -123,6 +124,9 @@ pub struct Settings {
     pub attach_retry: Duration,
     /// How long a new baseline stays provisional while a boot settles.
     pub settle: Duration,
+    /// A check running longer than this is reported (it cannot be cut short:
+    /// it runs on a blocking thread), and the domain's next check waits.
+    pub check_timeout: Duration,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub alertmanager: Option<HttpEndpoint>,
@@ -300,6 +304,8 @@ impl Settings {
         let attach_retry =
             dur("schedule.attach_retry", &raw.schedule.attach_retry, Duration::from_secs(2))?;
         let settle = dur("schedule.settle", &raw.schedule.settle, Duration::from_secs(5))?;
+        let check_timeout =
+            dur("schedule.check_timeout", &raw.schedule.check_timeout, Duration::from_secs(30))?;
         let include = raw.domains.include.unwrap_or_else(|| vec!["*".into()]);
         let exclude = raw.domains.exclude.unwrap_or_default();
         for (key, list) in [("domains.include", &include), ("domains.exclude", &exclude)] {
@@ -395,6 +401,7 @@ impl Settings {
             cpu_budget,
             attach_retry,
             settle,
+            check_timeout,
             include,
             exclude,
             alertmanager: endpoint("alertmanager.url", raw.alertmanager)?,

@@ -276,6 +276,43 @@ fn seed_of(text: &str) -> u64 {
 }
 
 /// Runs one blocking step of a watched domain on the blocking pool.
+/// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
+/// error event, `limit_check_time` in `vigil_errors_total`, and a notice
+/// when it ends. It is then waited for, since a blocking thread reading guest
+/// memory cannot be stopped; the domain's next check starts after it.
+async fn time_limited<T>(
+    shared: &Shared,
+    subject: &Subject,
+    name: &str,
+    scope: &str,
+    job: impl std::future::Future<Output = (Watched, T)>,
+) -> (Watched, T) {
+    let limit = shared.settings.check_timeout;
+    let started = Instant::now();
+    tokio::pin!(job);
+    match tokio::time::timeout(limit, &mut job).await {
+        Ok(done) => done,
+        Err(_) => {
+            shared.sink.error("limit_check_time");
+            shared.sink.emit(subject.event(
+                EventKind::Error,
+                "warning",
+                format!(
+                    "a {scope} check of {name} has run longer than schedule.check_timeout ({limit:?}); \
+                     the domain's next check waits for it"
+                ),
+            ));
+            let done = job.await;
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "info",
+                format!("the overlong {scope} check of {name} ended after {:?}", started.elapsed()),
+            ));
+            done
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     w: Watched,
     f: impl FnOnce(&mut Watched) -> T + Send + 'static,
@@ -488,7 +525,10 @@ async fn domain_task(
             }
             let started = Instant::now();
             let sh = shared.clone();
-            let (back, result) = blocking(w, move |w| w.check(scope, &sh.profiles)).await;
+            let job = blocking(w, move |w| w.check(scope, &sh.profiles));
+            let (back, result) =
+                time_limited(&shared, &subject, &name, if full { "full" } else { "hot" }, job)
+                    .await;
             w = back;
             let took = started.elapsed();
             estimate[usize::from(full)] = took;

@@ -288,6 +288,36 @@ mod tests {
     use crate::memory::RawDump;
     use crate::x86::builder::{Builder, Flags};
 
+    /// Why the walk budget is not an operator's setting: the two ranges vigil
+    /// walks (the image mapping, 1 GiB, and the module area, 1008 MiB) fit
+    /// in the default budget even when every entry of every table is present
+    /// and 4 KiB-mapped, with every table aliased so the walk visits each
+    /// entry's subtree again (515 tables, 262,144 leaves at most). So
+    /// `limit_walk_*` can only be a bug's symptom, never a real guest's.
+    #[test]
+    fn the_default_walk_budget_holds_the_worst_page_tables_of_the_ranges_walked() {
+        let mut mem = vec![0u8; 6 * 4096];
+        for (table, next) in [(1u64, 2u64), (2, 3), (3, 4), (4, 5)] {
+            for i in 0..512 {
+                let at = usize::try_from(table * 4096).unwrap() + i * 8;
+                mem[at..at + 8].copy_from_slice(&(next * 4096 | 0x3).to_le_bytes());
+            }
+        }
+        let dump = RawDump::from_bytes(mem);
+        let walker = Walker::new(&dump, PagingMode::FOUR_LEVEL, 0x1000, true);
+        for (start, end) in [
+            (IMAGE_START, IMAGE_END),
+            (
+                GuestVirtAddr(super::super::semantic::MODULES.start),
+                GuestVirtAddr(super::super::semantic::MODULES.end),
+            ),
+        ] {
+            let set = walker.mappings(start, end).unwrap_or_else(|e| panic!("{start}..{end}: {e}"));
+            let pages = (end.raw() - start.raw()) / 4096;
+            assert_eq!(set.mappings.iter().map(|m| m.size / 4096).sum::<u64>(), pages);
+        }
+    }
+
     const KTEXT: u64 = 0xffff_ffff_9a00_0000;
     const CEA_IDT: u64 = 0xffff_fe00_0000_0000;
     const CEA_GDT: u64 = 0xffff_fe00_0000_1000;
