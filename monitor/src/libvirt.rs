@@ -227,21 +227,26 @@ impl GuestDomain {
                 domain: self.name.clone(),
                 state: self.state_text(),
             }),
-            Err(source) => Err(LibvirtError::Monitor {
-                domain: self.name.clone(),
-                command: "is-active".into(),
-                source,
-            }),
+            Err(source) => Err(self.call_error("is-active", source)),
         }
+    }
+
+    /// A failed call on the domain. A transient domain saved or destroyed
+    /// under the call is gone, not broken (libvirt's VIR_ERR_NO_DOMAIN): the
+    /// daemon then retires it without an error event.
+    fn call_error(&self, command: &str, source: virt::error::Error) -> LibvirtError {
+        let code = Result::<virt::error::ErrorNumber, _>::from(source.code());
+        if matches!(code, Ok(virt::error::ErrorNumber::NoDomain)) {
+            return LibvirtError::NoDomain(self.name.clone());
+        }
+        LibvirtError::Monitor { domain: self.name.clone(), command: command.into(), source }
     }
 
     fn monitor(&self, command: &str, hmp: bool) -> Result<String, LibvirtError> {
         let flags = if hmp { sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP } else { 0 };
-        self.dom.qemu_monitor_command(command, flags).map_err(|source| LibvirtError::Monitor {
-            domain: self.name.clone(),
-            command: command.into(),
-            source,
-        })
+        self.dom
+            .qemu_monitor_command(command, flags)
+            .map_err(|source| self.call_error(command, source))
     }
 
     fn parse<T>(&self, command: &str, r: Result<T, ParseError>) -> Result<T, LibvirtError> {
@@ -316,11 +321,7 @@ impl GuestDomain {
 
     /// The guest's memory size in bytes, as libvirt reports it.
     pub fn memory_bytes(&self) -> Result<u64, LibvirtError> {
-        let info = self.dom.info().map_err(|source| LibvirtError::Monitor {
-            domain: self.name.clone(),
-            command: "dominfo".into(),
-            source,
-        })?;
+        let info = self.dom.info().map_err(|source| self.call_error("dominfo", source))?;
         Ok(info.max_mem.saturating_mul(1024))
     }
 
@@ -336,11 +337,7 @@ impl GuestDomain {
                 sys::VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
                 sys::VIR_DUMP_MEMORY_ONLY,
             )
-            .map_err(|source| LibvirtError::Monitor {
-                domain: self.name.clone(),
-                command: "dump --memory-only".into(),
-                source,
-            })
+            .map_err(|source| self.call_error("dump --memory-only", source))
     }
 
     /// Opens the guest's memory with the source `choice` asks for.
