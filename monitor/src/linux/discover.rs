@@ -300,7 +300,7 @@ mod tests {
         for (table, next) in [(1u64, 2u64), (2, 3), (3, 4), (4, 5)] {
             for i in 0..512 {
                 let at = usize::try_from(table * 4096).unwrap() + i * 8;
-                mem[at..at + 8].copy_from_slice(&(next * 4096 | 0x3).to_le_bytes());
+                mem[at..at + 8].copy_from_slice(&((next * 4096) | 0x3).to_le_bytes());
             }
         }
         let dump = RawDump::from_bytes(mem);
