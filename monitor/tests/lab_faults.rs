@@ -240,17 +240,30 @@ fn webhook(port: u16) -> std::sync::mpsc::Receiver<serde_json::Value> {
 
 /// Waits up to a minute for a violation of `region` at the webhook.
 fn wait_for_violation(rx: &std::sync::mpsc::Receiver<serde_json::Value>, region: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut got = Vec::new();
+    wait_at_webhook(rx, &mut got, &format!("a {region} violation"), |a| {
+        a["event"] == "violation" && a["region"] == region
+    });
+}
+
+/// Waits up to a minute for an alert that `want` accepts at the webhook,
+/// keeping in `got` everything that arrived.
+fn wait_at_webhook(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    got: &mut Vec<serde_json::Value>,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
+        if got.iter().any(&want) {
+            return;
+        }
         if let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
             got.push(v);
         }
-        if got.iter().any(|a| a["event"] == "violation" && a["region"] == region) {
-            return;
-        }
     }
-    panic!("no {region} violation reached the webhook; it got: {got:#?}");
+    panic!("{what} did not reach the webhook; it got: {got:#?}");
 }
 
 /// The state directory full (a small tmpfs filled up, the alert log's last
@@ -369,7 +382,15 @@ fn state_directory_fault(
     d.wait_watching(&g);
     fault(&dir);
     g.run("attack inline").unwrap();
-    wait_for_violation(&rx, "kernel-text");
+    let mut got = Vec::new();
+    wait_at_webhook(&rx, &mut got, "the kernel-text violation", |a| {
+        a["event"] == "violation" && a["region"] == "kernel-text"
+    });
+    // The fault itself: an event (where the log cannot take it) and a metric.
+    wait_at_webhook(&rx, &mut got, "the alert log's failure as an event", |a| {
+        a["event"] == "error"
+            && a["detail"].as_str().unwrap_or("").starts_with("the alert log cannot take alerts")
+    });
     d.wait_for("the alert log's failure counted", Duration::from_secs(10), |d| {
         d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0) >= 1.0
     });
@@ -381,6 +402,10 @@ fn state_directory_fault(
             d.wait_for("the next alert in the log", 2 * FULL + Duration::from_secs(10), |d| {
                 !common::violations(d, &g, "kernel-rodata").is_empty()
             });
+            assert!(
+                d.alerts().iter().any(|a| a["detail"] == "the alert log takes alerts again"),
+                "the log's recovery is said"
+            );
         }
         None => {
             g.run("attack syscall").unwrap();

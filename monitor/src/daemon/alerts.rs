@@ -176,7 +176,7 @@ pub fn groups(findings: &[Finding]) -> Vec<Group<'_>> {
 }
 
 /// Context shared by every alert about one domain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Subject {
     pub host: String,
     pub domain: String,

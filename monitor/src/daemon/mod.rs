@@ -85,17 +85,35 @@ pub struct Sink {
     reported: Mutex<Reported>,
     pub metrics: Arc<Metrics>,
     pushers: Vec<(bool, mpsc::Sender<push::Wake>)>,
+    /// The alert log's last append failed (full or read-only state
+    /// directory): said once as an event when it starts and when it ends.
+    log_failing: std::sync::atomic::AtomicBool,
 }
 
 impl Sink {
     /// Records an alert: alert log first (fsynced), then stdout, metrics and
     /// the push queues. Returns whether the log took it.
     pub fn emit(&self, alert: Alert) -> bool {
-        let logged = match self.log.lock().expect("alert log lock").append(&alert) {
-            Ok(()) => true,
+        use std::sync::atomic::Ordering;
+        let appended = self.log.lock().expect("alert log lock").append(&alert);
+        let logged = match appended {
+            Ok(()) => {
+                if self.log_failing.swap(false, Ordering::SeqCst) {
+                    let host = Subject { host: alert.host.clone(), ..Subject::default() };
+                    self.emit(host.event(
+                        EventKind::Notice,
+                        "info",
+                        "the alert log takes alerts again".into(),
+                    ));
+                }
+                true
+            }
             Err(e) => {
                 warn_line!("vigil: error: {}", error_chain(&e));
                 self.metrics.errors.get_or_create(&KindLabels { kind: "alert_log".into() }).inc();
+                if !self.log_failing.swap(true, Ordering::SeqCst) {
+                    self.announce_unlogged(&alert, &e);
+                }
                 false
             }
         };
@@ -144,6 +162,27 @@ impl Sink {
             }
         }
         logged
+    }
+
+    /// The alert log failing, as an event to stdout and the push sinks (the
+    /// log itself cannot take it); alerts go on to them regardless.
+    fn announce_unlogged(&self, alert: &Alert, e: &alerts::AlertLogError) {
+        let host = Subject { host: alert.host.clone(), ..Subject::default() };
+        let failure = host.event(
+            EventKind::Error,
+            "warning",
+            format!(
+                "the alert log cannot take alerts ({}); they go to stdout and the push sinks only until it can",
+                error_chain(e)
+            ),
+        );
+        out_line!("{}", serde_json::to_string(&failure).expect("alerts serialise"));
+        self.metrics.events.get_or_create(&KindLabels { kind: "error".into() }).inc();
+        for (is_am, q) in &self.pushers {
+            if !*is_am || push::for_alertmanager(&failure) {
+                let _ = q.try_send(push::Wake::Unlogged(Box::new(failure.clone())));
+            }
+        }
     }
 
     fn reported_for(&self, uuid: &str, boot: &str) -> HashMap<String, String> {
@@ -960,7 +999,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     let shared = Arc::new(Shared {
         budget: Budget::new(settings.cpu_budget),
-        sink: Sink { log: Mutex::new(log), reported: Mutex::new(reported), metrics, pushers },
+        sink: Sink {
+            log: Mutex::new(log),
+            reported: Mutex::new(reported),
+            metrics,
+            pushers,
+            log_failing: false.into(),
+        },
         status: Mutex::new(HashMap::new()),
         profiles,
         hv: RwLock::new(None),
