@@ -315,6 +315,19 @@ fn seed_of(text: &str) -> u64 {
 }
 
 /// Runs one blocking step of a watched domain on the blocking pool.
+/// Waits for a task to end; its panic message if it panicked.
+async fn panicked(task: tokio::task::JoinHandle<()>) -> Option<String> {
+    let e = task.await.err().filter(tokio::task::JoinError::is_panic)?;
+    let payload = e.into_panic();
+    Some(
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into()),
+    )
+}
+
 /// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
 /// error event, `limit_check_time` in `vigil_errors_total`, and a notice
 /// when it ends. It is then waited for, since a blocking thread reading guest
@@ -900,7 +913,7 @@ impl Shared {
         let id = NEXT_TASK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tasks.insert(uuid.to_owned(), Task { id, cancel, reboot: reboot.clone(), commands });
         self.sink.metrics.attached.set(gauge(tasks.len()));
-        tokio::spawn(domain_task(
+        let task = tokio::spawn(domain_task(
             self.clone(),
             id,
             uuid.to_owned(),
@@ -909,6 +922,21 @@ impl Shared {
             reboot,
             commands_rx,
         ));
+        // A panic in a domain's task (a parser bug on hostile guest memory)
+        // must not leave the domain silently unwatched: report it and retire
+        // the task, so that the next resync (every 5 s) starts a new one.
+        let (me, uuid, name) = (self.clone(), uuid.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            if let Some(why) = panicked(task).await {
+                me.sink.error("task_panicked");
+                me.sink.emit(me.subject(&name, &uuid, "").event(
+                    EventKind::Error,
+                    "warning",
+                    format!("the task checking {name} panicked ({why}); a new one takes over"),
+                ));
+                me.retire(&uuid, Some(id), &name, "its task panicked");
+            }
+        });
     }
 
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
@@ -1080,4 +1108,23 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&shared.settings.control_socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panicked;
+
+    /// What the task supervisor in `start_task` relies on: a panic is told
+    /// from an end or a cancellation, with its message.
+    #[tokio::test]
+    async fn a_panicking_task_is_told_from_one_that_ends() {
+        assert_eq!(panicked(tokio::spawn(async {})).await, None);
+        let boom = tokio::spawn(async { panic!("walk bug at table {}", 7) });
+        assert_eq!(panicked(boom).await.as_deref(), Some("walk bug at table 7"));
+        let boom = tokio::spawn(async { panic!("plain") });
+        assert_eq!(panicked(boom).await.as_deref(), Some("plain"));
+        let cancelled = tokio::spawn(std::future::pending::<()>());
+        cancelled.abort();
+        assert_eq!(panicked(cancelled).await, None);
+    }
 }
