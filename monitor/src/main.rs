@@ -37,8 +37,9 @@ Typical use:
   vigil check web1                   compare with it: exit 0 intact, 1 changed, 2 error
   vigil check web1 --format json     the same, for tools
 
-Run as root (reading another process's memory needs CAP_SYS_PTRACE, and shared RAM
-mappings need CAP_SYS_ADMIN)."
+Run as root, or as the daemon's unit does: a user in group libvirt with
+CAP_SYS_PTRACE (reading QEMU's memory), CAP_DAC_READ_SEARCH and
+CAP_CHECKPOINT_RESTORE (mapping shared guest RAM through /proc/PID/map_files)."
 )]
 struct Cli {
     /// libvirt connection URI.
