@@ -485,3 +485,41 @@ fn lab_faults_a_check_over_its_time_limit_is_reported_and_checking_goes_on() {
         !common::violations(d, &g, "kernel-text").is_empty()
     });
 }
+
+/// The state directory read-only from the start: the daemon cannot keep the
+/// alert log, so it refuses to start, naming the file and the reason, with
+/// exit status 2 (systemd's Restart= retries it; no alert can be lost
+/// before it runs).
+#[test]
+fn daemon_refuses_to_start_on_a_read_only_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,ro", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a read-only tmpfs (needs root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let socket = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--control-socket")
+        .arg(socket.path().join("control.sock"))
+        .args(["daemon", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{}", dir.path().join("alerts.jsonl").display()))
+            && err.contains("Read-only file system"),
+        "{err}"
+    );
+}
