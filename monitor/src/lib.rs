@@ -21,3 +21,12 @@ pub mod qemu;
 #[allow(unsafe_code)]
 mod sys;
 pub mod x86;
+
+/// The text of a caught panic (`catch_unwind`, or a task's `JoinError`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

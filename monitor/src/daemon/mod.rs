@@ -314,18 +314,10 @@ fn seed_of(text: &str) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
 }
 
-/// Runs one blocking step of a watched domain on the blocking pool.
 /// Waits for a task to end; its panic message if it panicked.
 async fn panicked(task: tokio::task::JoinHandle<()>) -> Option<String> {
     let e = task.await.err().filter(tokio::task::JoinError::is_panic)?;
-    let payload = e.into_panic();
-    Some(
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into()),
-    )
+    Some(crate::panic_message(&*e.into_panic()))
 }
 
 /// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
@@ -365,6 +357,7 @@ async fn time_limited<T>(
     }
 }
 
+/// Runs one blocking step of a watched domain on the blocking pool.
 async fn blocking<T: Send + 'static>(
     w: Watched,
     f: impl FnOnce(&mut Watched) -> T + Send + 'static,

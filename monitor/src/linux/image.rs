@@ -128,11 +128,7 @@ fn contained<T>(
     decode: impl FnOnce() -> Result<T, ImageError>,
 ) -> Result<T, ImageError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into());
+        let what = crate::panic_message(&*panic);
         Err(ImageError::Corrupt { method, reason: format!("the decoder panicked ({what})") })
     })
 }
