@@ -121,13 +121,23 @@ fn confined_filter_denies_what_the_unit_denies() {
     let c = shipped_confinement();
     std::os::unix::fs::chown(dir.path(), Some(c.uid), Some(c.gid)).unwrap();
     std::os::unix::fs::chown(&file, Some(c.uid), Some(c.gid)).unwrap();
-    let mut cmd = Command::new("chgrp");
-    cmd.arg("libvirt").arg(&file);
-    c.apply(&mut cmd);
-    let out = cmd.output().unwrap();
+    let chgrp = |confinement: &Arc<Confinement>| {
+        let mut cmd = Command::new("chgrp");
+        cmd.arg("libvirt").arg(&file);
+        confinement.apply(&mut cmd);
+        cmd.output().unwrap()
+    };
+    let out = chgrp(&c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Operation not permitted"), "{err}");
+    // The same user and capabilities with only the unit's allow-list (no
+    // denials): the kernel lets it, so the refusal above is the filter's.
+    let mut allow_only = unit_settings();
+    allow_only.syscall_filter.truncate(1);
+    let out = chgrp(&Arc::new(Confinement::new(&allow_only).unwrap()));
     assert!(
-        !out.status.success(),
-        "chgrp under the filter: {}",
+        out.status.success(),
+        "chgrp without the denials: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
