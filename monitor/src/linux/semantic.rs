@@ -18,6 +18,11 @@ pub const REGIONS: &[&str] =
 const MAX_MODULES: usize = 4096;
 /// Pages of a BPF program pack (`BPF_PROG_PACK_SIZE`, 2 MiB).
 const BPF_PACK_PAGES: u64 = 512;
+/// Walks of the module list tried before its failure is believed. The
+/// guest loads and unloads modules while vigil walks the list, so a walk can
+/// reach a module that is freed (its pages unmapped) between two reads; a
+/// walk from the head again no longer meets it.
+const MODULE_WALKS: usize = 3;
 /// `MODULE_NAME_LEN` on 64-bit.
 const MODULE_NAME_LEN: usize = 56;
 
@@ -186,6 +191,24 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
         next = read_u64(mem, space, next).ok_or("the module list breaks off")?;
     }
     Ok(out)
+}
+
+/// [`walk_modules`], walked again from the head when a walk fails, up to
+/// [`MODULE_WALKS`] times: a failure is believed only when it repeats, so a
+/// module unloaded under the walk is not taken for a broken list.
+pub fn walk_modules_settled<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> Result<Vec<Module>, String> {
+    let mut failure = String::new();
+    for _ in 0..MODULE_WALKS {
+        match walk_modules(m, mem, space) {
+            Ok(list) => return Ok(list),
+            Err(e) => failure = e,
+        }
+    }
+    Err(format!("{failure} (in each of {MODULE_WALKS} walks)"))
 }
 
 /// Executable pages of the module area that belong to no listed module, as
@@ -437,7 +460,7 @@ pub fn check<M: GuestMemory + ?Sized>(
     }
 
     // The module list first, so that addresses in modules get names.
-    match walk_modules(m, mem, space) {
+    match walk_modules_settled(m, mem, space) {
         Ok(list) => {
             for (start, pages, gpa) in
                 unlisted_runs(space, &list, known_exec, recognized.unwrap_or(&[]))
@@ -732,6 +755,123 @@ mod tests {
         for n in 0..linux_gdt().len() {
             let _ = gdt_problems(&linux_gdt()[..n]);
         }
+    }
+
+    /// The lab kernel's profile, for its offsets of `struct module`.
+    fn lab_profile() -> Profile {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
+        Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// Where the test's four pages of RAM are mapped.
+    const W: u64 = 0xffff_8880_0100_0000;
+
+    /// Guest RAM whose module list loses module B, and B's second page its
+    /// mapping, the moment B's name is read: an unload under the walk.
+    struct Unloading {
+        before: crate::memory::RawDump,
+        after: crate::memory::RawDump,
+        b_name: GuestPhysAddr,
+        unloaded: std::cell::Cell<bool>,
+    }
+
+    impl GuestMemory for Unloading {
+        fn read(
+            &self,
+            start: GuestPhysAddr,
+            buf: &mut [u8],
+        ) -> Result<(), crate::memory::MemoryError> {
+            let now = if self.unloaded.get() { &self.after } else { &self.before };
+            now.read(start, buf)?;
+            if start == self.b_name {
+                self.unloaded.set(true);
+            }
+            Ok(())
+        }
+        fn layout(&self) -> &crate::memory::RamLayout {
+            self.before.layout()
+        }
+        fn kind(&self) -> &'static str {
+            "raw-dump"
+        }
+    }
+
+    impl AddressSpace for Unloading {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, crate::x86::Perms)> {
+            let page = gva.raw().checked_sub(W)? / PAGE_SIZE;
+            let mapped = if self.unloaded.get() { 3 } else { 4 };
+            (page < mapped).then(|| {
+                (
+                    GuestPhysAddr(page * PAGE_SIZE),
+                    crate::x86::Perms { writable: true, user: false, executable: false },
+                )
+            })
+        }
+    }
+
+    #[test]
+    fn a_module_unloaded_under_the_walk_is_not_a_broken_list() {
+        let profile = lab_profile();
+        let off = |k: &str| profile.offset(k).unwrap();
+        let head_sym = profile.symbol("modules").unwrap().addr;
+        let m = Matched {
+            profile: &profile,
+            modules: Vec::new(),
+            slide: W.wrapping_sub(head_sym & !0xfff),
+            idt_slide: None,
+        };
+        let head = m.expect("modules").unwrap();
+        // A in page 1; B straddles pages 2 and 3: its name in 2, its layout in 3.
+        let a = W + 0x1000;
+        let b = W + 0x3000 - off("module.name") - MODULE_NAME_LEN as u64;
+        assert!(b + off("module.core_layout.base") >= W + 0x3000, "B's layout is not in page 3");
+        let mut ram = vec![0u8; 4 * 4096];
+        let put = |ram: &mut Vec<u8>, gva: u64, bytes: &[u8]| {
+            let at = usize::try_from(gva - W).unwrap();
+            ram[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        put(&mut ram, head, &(a + off("module.list")).to_le_bytes());
+        for (md, name, next) in [(a, "a_mod", b + off("module.list")), (b, "b_mod", head)] {
+            put(&mut ram, md + off("module.name"), name.as_bytes());
+            put(&mut ram, md + off("module.list"), &next.to_le_bytes());
+            put(
+                &mut ram,
+                md + off("module.core_layout.base"),
+                &0xffff_ffff_c000_0000u64.to_le_bytes(),
+            );
+            put(&mut ram, md + off("module.core_layout.size"), &0x1000u32.to_le_bytes());
+        }
+        let before = ram.clone();
+        // Unloaded: A leads back to the head.
+        put(&mut ram, a + off("module.list"), &head.to_le_bytes());
+        let ram_after = ram;
+        let fresh = || Unloading {
+            before: crate::memory::RawDump::from_bytes(before.clone()),
+            after: crate::memory::RawDump::from_bytes(ram_after.clone()),
+            b_name: GuestPhysAddr(b - W + off("module.name")),
+            unloaded: std::cell::Cell::new(false),
+        };
+
+        let g = fresh();
+        let once = walk_modules(&m, &g, &g).unwrap_err();
+        assert!(once.contains("base is not readable"), "{once}");
+        let g = fresh();
+        let names: Vec<String> =
+            walk_modules_settled(&m, &g, &g).unwrap().into_iter().map(|md| md.name).collect();
+        assert_eq!(names, ["a_mod"]);
+
+        // A list that stays broken is reported after the last walk.
+        let g = fresh();
+        g.unloaded.set(true);
+        let mut broken = ram_after.clone();
+        put(&mut broken, a + off("module.list"), &(W + 0x3000 + off("module.list")).to_le_bytes());
+        let g = Unloading { after: crate::memory::RawDump::from_bytes(broken), ..g };
+        let e = walk_modules_settled(&m, &g, &g).unwrap_err();
+        assert!(e.contains(&format!("in each of {MODULE_WALKS} walks")), "{e}");
     }
 
     #[test]
