@@ -407,13 +407,8 @@ impl Watched {
                     r.profile = self.profile.clone();
                     r.add_findings(found);
                     r.add_findings(unread.into_iter().map(unreadable_records).collect());
-                    let module_findings = protect_modules(
-                        &mut self.modules,
-                        &mut self.module_events,
-                        &m.modules,
-                        mem,
-                        &view,
-                    );
+                    let module_findings =
+                        protect_modules(&mut self.modules, &mut self.module_events, &m, mem, &view);
                     r.add_findings(module_findings);
                     let mut scratch;
                     let state = if diffing {
@@ -557,15 +552,23 @@ fn unreadable_records(what: String) -> Finding {
 
 /// Hashes the text of live modules first seen now, compares the text of
 /// those seen before, and notes loads and unloads in `events`.
+///
+/// The guest loads and unloads modules while this runs: each module's text
+/// is believed only if the module is live just before it is read and still
+/// is just after ([`semantic::still_live`]). Otherwise it is left for the
+/// next check, so that a module unloaded after the list was walked, and
+/// another instance loaded at its base and not yet relocated, is not taken
+/// for the module's text changed.
 fn protect_modules(
     known: &mut HashMap<(String, u64), ModuleText>,
     events: &mut Vec<ModuleEvent>,
-    list: &[semantic::Module],
+    m: &semantic::Matched<'_>,
     mem: &(dyn GuestMemory + Send + Sync),
     space: &dyn AddressSpace,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     events.clear();
+    let list = &m.modules;
     let live: Vec<&semantic::Module> =
         list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
     let gone: Vec<(String, u64)> = known
@@ -577,13 +580,16 @@ fn protect_modules(
         let pages = known.remove(&key).map_or(0, |t| t.hashes.len() as u64);
         events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
     }
-    for m in live {
-        let pages = m.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
+    for md in live {
+        if !semantic::still_live(m, mem, space, md) {
+            continue;
+        }
+        let pages = md.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
         let mut hashes = Vec::with_capacity(pages as usize);
         let mut places = Vec::with_capacity(pages as usize);
         let mut bytes = Vec::new();
         for i in 0..pages {
-            let va = m.base + i * PAGE_SIZE;
+            let va = md.base + i * PAGE_SIZE;
             match semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES) {
                 Some((page, gpa)) => {
                     hashes.push(*blake3::hash(&page).as_bytes());
@@ -593,13 +599,16 @@ fn protect_modules(
                 None => break,
             }
         }
-        let key = (m.name.clone(), m.base);
+        if !semantic::still_live(m, mem, space, md) {
+            continue;
+        }
+        let key = (md.name.clone(), md.base);
         match known.get(&key) {
             None => {
                 events.push(ModuleEvent {
                     loaded: true,
-                    name: m.name.clone(),
-                    base: m.base,
+                    name: md.name.clone(),
+                    base: md.base,
                     text_pages: hashes.len() as u64,
                 });
                 known.insert(key, ModuleText { hashes, bytes });
@@ -607,7 +616,7 @@ fn protect_modules(
             Some(old) => {
                 for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
                     if old.hashes.get(i) != Some(h) {
-                        let region = format!("module:{}", m.name);
+                        let region = format!("module:{}", md.name);
                         let mut f = Finding::new(
                             &region,
                             FindingKind::Content,
@@ -618,7 +627,7 @@ fn protect_modules(
                         .saying(
                             format!(
                                 "page {i} of the text of module {} changed after it was loaded",
-                                m.name
+                                md.name
                             ),
                             old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
                             to_hex(h),
@@ -657,6 +666,7 @@ impl Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::PAGE_BYTES;
     use crate::x86::WalkError;
 
     /// Bounds hit are counted apart from a kernel that is simply not there.
@@ -668,6 +678,111 @@ mod tests {
         assert_eq!(
             WatchError::Discover(DiscoverError::NoText { cr3: 0 }).kind(),
             "kernel_not_found"
+        );
+    }
+
+    /// Where the test's RAM is mapped: page 0 a `struct module`, page 1 its text.
+    const W: u64 = 0xffff_ffff_c000_0000;
+
+    /// Guest RAM holding one module, which is unloaded and loaded again at
+    /// the same base (not yet live, its text not yet relocated) the moment
+    /// its text is read, when `reload` is set.
+    struct Reloading {
+        now: std::sync::Mutex<crate::memory::RawDump>,
+        again: Vec<u8>,
+        reload: std::sync::atomic::AtomicBool,
+    }
+
+    impl GuestMemory for Reloading {
+        fn read(
+            &self,
+            start: GuestPhysAddr,
+            buf: &mut [u8],
+        ) -> Result<(), crate::memory::MemoryError> {
+            let mut now = self.now.lock().unwrap();
+            if start.raw() == PAGE_SIZE
+                && self.reload.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                *now = crate::memory::RawDump::from_bytes(self.again.clone());
+            }
+            now.read(start, buf)
+        }
+        fn layout(&self) -> &crate::memory::RamLayout {
+            // Both images have the same layout; the first one's stays put.
+            static LAYOUT: std::sync::OnceLock<crate::memory::RamLayout> =
+                std::sync::OnceLock::new();
+            LAYOUT
+                .get_or_init(|| crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap())
+        }
+        fn kind(&self) -> &'static str {
+            "raw-dump"
+        }
+    }
+
+    struct Window;
+
+    impl AddressSpace for Window {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+            let page = gva.raw().checked_sub(W)? / PAGE_SIZE;
+            (page < 2).then(|| {
+                (
+                    GuestPhysAddr(page * PAGE_SIZE),
+                    Perms { writable: false, user: false, executable: true },
+                )
+            })
+        }
+    }
+
+    #[test]
+    fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
+        let profile = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
+        let image = |state: u32, text: u8| {
+            let mut ram = vec![text; 2 * PAGE_BYTES];
+            ram[..PAGE_BYTES].fill(0);
+            ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
+            ram[off("module.name")..][..5].copy_from_slice(b"churn");
+            ram[off("module.core_layout.base")..][..8]
+                .copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
+            ram
+        };
+        let md = semantic::Module {
+            name: "churn".into(),
+            addr: W,
+            base: W + PAGE_SIZE,
+            size: PAGE_SIZE,
+            text_size: PAGE_SIZE,
+            state: semantic::MODULE_LIVE,
+        };
+        let m =
+            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
+        let mem = Reloading {
+            now: std::sync::Mutex::new(crate::memory::RawDump::from_bytes(image(0, 0xcc))),
+            // Coming (1), and its text as it is before relocation.
+            again: image(1, 0x90),
+            reload: false.into(),
+        };
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        assert!(found.is_empty() && events.len() == 1 && events[0].loaded, "{found:?} {events:?}");
+
+        mem.reload.store(true, std::sync::atomic::Ordering::SeqCst);
+        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        assert!(found.is_empty(), "a reload under the read taken for a change: {found:?}");
+        assert!(events.is_empty(), "{events:?}");
+
+        // Once live with other text at the same base, it is a change.
+        *mem.now.lock().unwrap() = crate::memory::RawDump::from_bytes(image(0, 0x90));
+        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].detail.contains("page 0 of the text of module churn changed"),
+            "{found:?}"
         );
     }
 }

@@ -211,6 +211,34 @@ pub fn walk_modules_settled<M: GuestMemory + ?Sized>(
     Err(format!("{failure} (in each of {MODULE_WALKS} walks)"))
 }
 
+/// Whether `md` is still, now, the live module the list walk found: its
+/// `struct module` read again says the same name and base, and live. A
+/// module unloaded since the walk is not (its state changes before its
+/// memory is freed), nor one loaded again at the same base and not yet live.
+pub fn still_live<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    md: &Module,
+) -> bool {
+    let p = m.profile;
+    let (Some(name), Some(base)) = (p.offset("module.name"), p.offset("module.core_layout.base"))
+    else {
+        return false;
+    };
+    let live = match p.offset("module.state") {
+        Some(o) => read_u32(mem, space, md.addr.wrapping_add(o)) == Some(MODULE_LIVE),
+        None => true,
+    };
+    let named = read_virt(mem, space, md.addr.wrapping_add(name), MODULE_NAME_LEN).is_some_and(
+        |(raw, _)| {
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            raw[..end] == *md.name.as_bytes()
+        },
+    );
+    live && named && read_u64(mem, space, md.addr.wrapping_add(base)) == Some(md.base)
+}
+
 /// Executable pages of the module area that belong to no listed module, as
 /// runs `(start, pages)`.
 fn unlisted_runs(
@@ -872,6 +900,57 @@ mod tests {
         let g = Unloading { after: crate::memory::RawDump::from_bytes(broken), ..g };
         let e = walk_modules_settled(&m, &g, &g).unwrap_err();
         assert!(e.contains(&format!("in each of {MODULE_WALKS} walks")), "{e}");
+    }
+
+    #[test]
+    fn a_module_is_still_live_only_while_its_struct_says_so() {
+        let profile = lab_profile();
+        let off = |k: &str| profile.offset(k).unwrap();
+        let m = Matched {
+            profile: &profile,
+            modules: Vec::new(),
+            slide: W.wrapping_sub(profile.symbol("modules").unwrap().addr & !0xfff),
+            idt_slide: None,
+        };
+        let md = Module {
+            name: "a_mod".into(),
+            addr: W + 0x1000,
+            base: 0xffff_ffff_c000_0000,
+            size: 0x1000,
+            text_size: 0x1000,
+            state: MODULE_LIVE,
+        };
+        let with = |state: u32, name: &str, base: u64| {
+            let mut ram = vec![0u8; 4 * 4096];
+            let mut put = |at: u64, b: &[u8]| {
+                let i = usize::try_from(md.addr - W + at).unwrap();
+                ram[i..i + b.len()].copy_from_slice(b);
+            };
+            put(off("module.state"), &state.to_le_bytes());
+            put(off("module.name"), name.as_bytes());
+            put(off("module.core_layout.base"), &base.to_le_bytes());
+            let g = Unloading {
+                before: crate::memory::RawDump::from_bytes(ram.clone()),
+                after: crate::memory::RawDump::from_bytes(ram),
+                b_name: GuestPhysAddr(u64::MAX),
+                unloaded: std::cell::Cell::new(false),
+            };
+            still_live(&m, &g, &g, &md)
+        };
+        assert!(with(MODULE_LIVE, "a_mod", md.base));
+        assert!(!with(2, "a_mod", md.base), "going");
+        assert!(!with(1, "a_mod", md.base), "coming: loaded again, not yet live");
+        assert!(!with(MODULE_LIVE, "b_mod", md.base), "another module");
+        assert!(!with(MODULE_LIVE, "a_mod_x", md.base), "a longer name");
+        assert!(!with(MODULE_LIVE, "a_mod", md.base + 0x1000), "another base");
+        let gone = Module { addr: W + 0x5000, ..md.clone() };
+        let g = Unloading {
+            before: crate::memory::RawDump::from_bytes(vec![0; 4 * 4096]),
+            after: crate::memory::RawDump::from_bytes(vec![0; 4 * 4096]),
+            b_name: GuestPhysAddr(u64::MAX),
+            unloaded: std::cell::Cell::new(false),
+        };
+        assert!(!still_live(&m, &g, &g, &gone), "freed: its struct unmapped");
     }
 
     #[test]
