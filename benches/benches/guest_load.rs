@@ -1,8 +1,10 @@
 //! What the daemon costs the guest it watches: a CPU- and memory-bound
 //! workload inside a real lab guest (libvirt, QEMU), timed with the daemon
-//! checking that guest in full every second and with no daemon running, in
-//! alternating rounds so that drift hits both alike. (The daemon is started
-//! for each checked round, against its stored baseline, and stopped after.)
+//! checking that guest in full every second and with the daemon stopped, in
+//! alternating rounds so that drift hits both alike. One daemon runs
+//! throughout; for the unchecked rounds it is frozen with SIGSTOP (it
+//! checks nothing, holds no lock), and thawed with SIGCONT for the checked
+//! ones, which start once it has checked again.
 //!
 //!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8]
 //!
@@ -11,7 +13,8 @@
 //! SHA-256 over 64 MiB streamed through a pipe (memory), about 5 s a round
 //! under TCG, timed by the guest's clock. Reported: each round's time both
 //! ways, the slowdown per pair of rounds, and its mean, median and spread,
-//! with a 95 % confidence interval of the mean.
+//! with a 95 % confidence interval of the mean (also every 25 pairs, so
+//! that a long run shows where it stands).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -61,6 +64,13 @@ fn full_checks(port: u16, domain: &str) -> f64 {
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
     assert!(ok.success());
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T`...), from /proc.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the state follows its closing parenthesis.
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -147,6 +157,30 @@ fn main() {
         assert_eq!(times.len(), 2, "no timing in the guest's answer {out:?}");
         times[1] - times[0]
     };
+    let daemon = start_daemon();
+    let pid = daemon.id();
+    let freeze = || {
+        signal(&daemon, "-STOP");
+        // Stopped ('T') before the round starts, else the round is not unchecked.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_state(pid) != Some('T') {
+            assert!(Instant::now() < deadline, "the daemon did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let thaw = || {
+        // Metrics cannot be read from a frozen daemon: the count is taken
+        // after SIGCONT, and the round starts once it has grown.
+        signal(&daemon, "-CONT");
+        let before = full_checks(port, &name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while full_checks(port, &name) <= before {
+            assert!(Instant::now() < deadline, "the thawed daemon did not check {name}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    freeze();
+
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut checks_on = 0.0;
     println!(
@@ -161,11 +195,11 @@ fn main() {
             if which == 0 {
                 pair[0] = run(&mut g);
             } else {
-                let d = start_daemon();
-                let before = full_checks(port, &g.name);
+                thaw();
+                let before = full_checks(port, &name);
                 pair[1] = run(&mut g);
-                checks_on += full_checks(port, &g.name) - before;
-                stop_daemon(d);
+                checks_on += full_checks(port, &name) - before;
+                freeze();
             }
         }
         let slowdown = pair[1] / pair[0] - 1.0;
@@ -173,7 +207,20 @@ fn main() {
         off.push(pair[0]);
         on.push(pair[1]);
         ratios.push(slowdown);
+        if (i + 1) % 25 == 0 && i + 1 < rounds {
+            let (mr, sr) = mean_sd(&ratios);
+            let half = 1.96 * sr / (ratios.len() as f64).sqrt();
+            println!(
+                "  after {} pairs: mean {:.2} % (95 % interval {:.2} to {:.2} %)",
+                ratios.len(),
+                100.0 * mr,
+                100.0 * (mr - half),
+                100.0 * (mr + half)
+            );
+        }
     }
+    signal(&daemon, "-CONT");
+    stop_daemon(daemon);
     g.destroy();
     let (mo, so) = mean_sd(&off);
     let (mn, sn) = mean_sd(&on);
