@@ -42,15 +42,10 @@ CAP_SYS_PTRACE (reading QEMU's memory), CAP_DAC_READ_SEARCH and
 CAP_CHECKPOINT_RESTORE (mapping shared guest RAM through /proc/PID/map_files)."
 )]
 struct Cli {
-    /// libvirt connection URI.
-    #[arg(
-        long,
-        short = 'c',
-        global = true,
-        env = "VIGIL_CONNECT",
-        default_value = "qemu:///system"
-    )]
-    connect: String,
+    /// libvirt connection URI [default: qemu:///system; for `daemon`, its configuration's
+    /// `connect` first].
+    #[arg(long, short = 'c', global = true, env = "VIGIL_CONNECT")]
+    connect: Option<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -61,14 +56,11 @@ struct Cli {
     /// (repeat, or separate with ':') [default: /usr/share/vigil/guest-profiles].
     #[arg(long = "profiles", global = true, env = "VIGIL_PROFILES", value_delimiter = ':')]
     profiles: Vec<PathBuf>,
-    /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it).
-    #[arg(
-        long,
-        global = true,
-        env = "VIGIL_CONTROL_SOCKET",
-        default_value = "/run/vigil/control.sock"
-    )]
-    control_socket: PathBuf,
+    /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it)
+    /// [default: /run/vigil/control.sock; for `daemon`, its configuration's `control_socket`
+    /// first].
+    #[arg(long, global = true, env = "VIGIL_CONTROL_SOCKET")]
+    control_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -238,6 +230,19 @@ fn state_dir(cli: &Cli) -> PathBuf {
     cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/vigil"))
 }
 
+impl Cli {
+    /// The libvirt URI of the commands that connect themselves (the daemon
+    /// takes `--connect` only as an override of its configuration).
+    fn uri(&self) -> &str {
+        self.connect.as_deref().unwrap_or("qemu:///system")
+    }
+
+    /// The control socket the client commands ask.
+    fn control_socket(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| "/run/vigil/control.sock".into())
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<u8> {
     if cli.format == Format::Html && !matches!(cli.command, Command::Diff(_)) {
         bail!("--format html is for `vigil diff`; other commands print text or json");
@@ -245,11 +250,11 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Daemon { config, metrics_listen, alert_log, check_config } => {
             let over = vigil::daemon::config::Overrides {
-                connect: Some(cli.connect.clone()),
+                connect: cli.connect.clone(),
                 state_dir: cli.state_dir.clone(),
                 alert_log: alert_log.clone(),
                 metrics_listen: metrics_listen.clone(),
-                control_socket: Some(cli.control_socket.clone()),
+                control_socket: cli.control_socket.clone(),
                 profiles: (!cli.profiles.is_empty()).then(|| cli.profiles.clone()),
             };
             let settings = vigil::daemon::config::Settings::load(config.as_deref(), &over)?;
@@ -288,7 +293,7 @@ fn default_baseline_path(cli: &Cli, dom: &GuestDomain) -> PathBuf {
 }
 
 fn domains(cli: &Cli) -> anyhow::Result<u8> {
-    let hv = Hypervisor::connect(&cli.connect)?;
+    let hv = Hypervisor::connect(cli.uri())?;
     let list = hv.domains()?;
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
@@ -312,7 +317,7 @@ fn domains(cli: &Cli) -> anyhow::Result<u8> {
 }
 
 fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> anyhow::Result<u8> {
-    let hv = Hypervisor::connect(&cli.connect)?;
+    let hv = Hypervisor::connect(cli.uri())?;
     let dom = hv.domain(domain)?;
     dom.ensure_running()?;
     let mem = dom.open_memory(source.into())?;
@@ -413,7 +418,7 @@ fn check_domain(
     baseline: Option<&Path>,
     source: Source,
 ) -> anyhow::Result<u8> {
-    let hv = Hypervisor::connect(&cli.connect)?;
+    let hv = Hypervisor::connect(cli.uri())?;
     let dom = hv.domain(domain)?;
     dom.ensure_running()?;
     let (path, b) = domain_baseline(cli, &dom, baseline)?;
@@ -459,7 +464,7 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
 /// One request to the daemon; its answer when it said ok.
 fn control_request(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
     let mut answer =
-        vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
+        vigil::daemon::control::request(&cli.control_socket(), req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
         bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
     }
@@ -468,7 +473,7 @@ fn control_request(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<serde_j
 
 fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
     let answer =
-        vigil::daemon::control::request(&cli.control_socket, req).map_err(anyhow::Error::msg)?;
+        vigil::daemon::control::request(&cli.control_socket(), req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
         bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
     }
@@ -598,7 +603,7 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
             (b, path, mem, regs, source)
         }
         (None, Some(domain)) => {
-            let hv = Hypervisor::connect(&cli.connect)?;
+            let hv = Hypervisor::connect(cli.uri())?;
             let dom = hv.domain(domain)?;
             dom.ensure_running()?;
             let (path, b) = domain_baseline(cli, &dom, a.baseline.as_deref())?;
