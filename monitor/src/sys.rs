@@ -72,6 +72,37 @@ pub fn process_vm_read(
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::type_complexity)]
 mod tests {
+    #[test]
+    fn lifecycle_events_say_why() {
+        use virt::sys as v;
+        let ev = |e, d| super::lifecycle(e, d, "u".into(), "n".into());
+        let why = |e: Option<super::DomainEvent>| match e {
+            Some(
+                super::DomainEvent::Stopped { why, .. }
+                | super::DomainEvent::Paused { why, .. }
+                | super::DomainEvent::Resumed { why, .. },
+            ) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            ev(v::VIR_DOMAIN_EVENT_STARTED, 1),
+            Some(super::DomainEvent::Started { .. })
+        ));
+        assert_eq!(
+            why(ev(v::VIR_DOMAIN_EVENT_STOPPED, v::VIR_DOMAIN_EVENT_STOPPED_MIGRATED)),
+            "the domain migrated to another host"
+        );
+        assert_eq!(why(ev(v::VIR_DOMAIN_EVENT_STOPPED, 99)), "the domain stopped");
+        assert_eq!(why(ev(v::VIR_DOMAIN_EVENT_UNDEFINED, 0)), "the domain was undefined");
+        assert_eq!(
+            why(ev(v::VIR_DOMAIN_EVENT_SUSPENDED, v::VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED)),
+            "paused for the end of a migration"
+        );
+        assert_eq!(why(ev(v::VIR_DOMAIN_EVENT_RESUMED, 0)), "resumed");
+        assert_eq!(ev(v::VIR_DOMAIN_EVENT_DEFINED, 0), None);
+        assert_eq!(ev(v::VIR_DOMAIN_EVENT_CRASHED, 0), None);
+    }
+
     use super::*;
     use std::io::Write;
 
@@ -129,9 +160,84 @@ mod tests {
 /// A domain lifecycle change, as libvirt's event loop reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainEvent {
-    Started { uuid: String, name: String },
-    Stopped { uuid: String, name: String },
-    Rebooted { uuid: String, name: String },
+    Started {
+        uuid: String,
+        name: String,
+    },
+    /// Stopped or undefined; `why` says how, for the detached event.
+    Stopped {
+        uuid: String,
+        name: String,
+        why: &'static str,
+    },
+    Rebooted {
+        uuid: String,
+        name: String,
+    },
+    /// Paused (its vCPUs stop; its memory stays readable); `why` says by what.
+    Paused {
+        uuid: String,
+        name: String,
+        why: &'static str,
+    },
+    Resumed {
+        uuid: String,
+        name: String,
+        why: &'static str,
+    },
+}
+
+/// The lifecycle events the daemon acts on, from libvirt's event and
+/// detail numbers (`virDomainEventType` and its detail enums).
+pub fn lifecycle(event: u32, detail: u32, uuid: String, name: String) -> Option<DomainEvent> {
+    use virt::sys as v;
+    Some(match event {
+        v::VIR_DOMAIN_EVENT_STARTED => DomainEvent::Started { uuid, name },
+        v::VIR_DOMAIN_EVENT_STOPPED => {
+            let why = match detail {
+                v::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => "the domain shut down",
+                v::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => "the domain was destroyed",
+                v::VIR_DOMAIN_EVENT_STOPPED_CRASHED => "the domain crashed",
+                v::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => "the domain migrated to another host",
+                v::VIR_DOMAIN_EVENT_STOPPED_SAVED => "the domain was saved to a file",
+                v::VIR_DOMAIN_EVENT_STOPPED_FAILED => "the domain failed (its emulator ended)",
+                _ => "the domain stopped",
+            };
+            DomainEvent::Stopped { uuid, name, why }
+        }
+        v::VIR_DOMAIN_EVENT_UNDEFINED => {
+            DomainEvent::Stopped { uuid, name, why: "the domain was undefined" }
+        }
+        v::VIR_DOMAIN_EVENT_SUSPENDED => {
+            let why = match detail {
+                v::VIR_DOMAIN_EVENT_SUSPENDED_PAUSED => "paused by request",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED => "paused for the end of a migration",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_IOERROR => "paused on a disk I/O error",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_WATCHDOG => "paused by its watchdog",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_RESTORED => "paused after a restore",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_FROM_SNAPSHOT => "paused from a snapshot",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_API_ERROR => "paused on a libvirt error",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY => "paused for a post-copy migration",
+                v::VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED => {
+                    "paused: its post-copy migration failed"
+                }
+                _ => "paused",
+            };
+            DomainEvent::Paused { uuid, name, why }
+        }
+        v::VIR_DOMAIN_EVENT_RESUMED => {
+            let why = match detail {
+                v::VIR_DOMAIN_EVENT_RESUMED_MIGRATED => "resumed after a migration",
+                v::VIR_DOMAIN_EVENT_RESUMED_FROM_SNAPSHOT => "resumed from a snapshot",
+                v::VIR_DOMAIN_EVENT_RESUMED_POSTCOPY => {
+                    "resumed, its migration's post-copy running"
+                }
+                _ => "resumed",
+            };
+            DomainEvent::Resumed { uuid, name, why }
+        }
+        _ => return None,
+    })
 }
 
 type EventSender = tokio::sync::mpsc::UnboundedSender<DomainEvent>;
@@ -168,7 +274,7 @@ unsafe extern "C" fn lifecycle_cb(
     _conn: virt::sys::virConnectPtr,
     dom: virt::sys::virDomainPtr,
     event: libc::c_int,
-    _detail: libc::c_int,
+    detail: libc::c_int,
     opaque: *mut libc::c_void,
 ) -> libc::c_int {
     // SAFETY: libvirt passes a valid domain for the duration of the callback.
@@ -176,14 +282,8 @@ unsafe extern "C" fn lifecycle_cb(
     // SAFETY: `opaque` is the Box<EventSender> leaked at registration, alive
     // until libvirt calls `free_sender` after deregistration.
     let tx = unsafe { &*(opaque as *const EventSender) };
-    let msg = match u32::try_from(event) {
-        Ok(virt::sys::VIR_DOMAIN_EVENT_STARTED) => Some(DomainEvent::Started { uuid, name }),
-        Ok(virt::sys::VIR_DOMAIN_EVENT_STOPPED) | Ok(virt::sys::VIR_DOMAIN_EVENT_UNDEFINED) => {
-            Some(DomainEvent::Stopped { uuid, name })
-        }
-        _ => None,
-    };
-    if let Some(m) = msg {
+    let (Ok(event), Ok(detail)) = (u32::try_from(event), u32::try_from(detail)) else { return 0 };
+    if let Some(m) = lifecycle(event, detail, uuid, name) {
         let _ = tx.send(m);
     }
     0

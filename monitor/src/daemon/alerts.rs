@@ -33,6 +33,10 @@ pub enum EventKind {
     Waiting,
     /// A domain stopped or disappeared.
     Detached,
+    /// A watched domain was paused: its vCPUs stopped, its memory still checked.
+    Paused,
+    /// A paused domain runs again.
+    Resumed,
     /// A new boot of a domain got a new baseline.
     NewBoot,
     /// An operator accepted a domain's current state as its baseline.

@@ -932,6 +932,20 @@ impl Shared {
         });
     }
 
+    /// A watched domain paused or resumed: an info event. A paused guest's
+    /// memory is still there and is checked on as before.
+    fn note_run_state(&self, uuid: &str, name: &str, kind: EventKind, why: &str) {
+        if !self.tasks.lock().expect("tasks lock").contains_key(uuid) {
+            return;
+        }
+        let detail = if kind == EventKind::Paused {
+            format!("{name} {why}: its memory is still checked")
+        } else {
+            format!("{name} {why}")
+        };
+        self.sink.emit(self.subject(name, uuid, "").event(kind, "info", detail));
+    }
+
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
         self.retire(uuid, None, name, why);
     }
@@ -1086,7 +1100,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             }
             Some(ev) = ev_rx.recv() => match ev {
                 DomainEvent::Started { uuid, name } => shared.start_task(&uuid, &name),
-                DomainEvent::Stopped { uuid, name } => shared.stop_task(&uuid, &name, "the domain stopped"),
+                DomainEvent::Stopped { uuid, name, why } => shared.stop_task(&uuid, &name, why),
+                DomainEvent::Paused { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Paused, why),
+                DomainEvent::Resumed { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Resumed, why),
                 DomainEvent::Rebooted { uuid, .. } => {
                     if let Some(t) = shared.tasks.lock().expect("tasks lock").get(&uuid) {
                         t.reboot.notify_one();
