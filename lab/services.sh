@@ -16,13 +16,17 @@ else
     # lab/libvirtd.conf lets group libvirt (vigil's unit runs in it) use the
     # read-write socket. A libvirtd started without it is restarted; running
     # domains carry on.
+    # The system libvirtd is the one in /run/libvirtd.pid (the migration
+    # tests' second one, lab/second-libvirtd.sh, keeps its own pid file).
     sock=/run/libvirt/libvirt-sock
-    if pgrep -x libvirtd >/dev/null && [[ $(stat -c %G:%a "$sock" 2>/dev/null) != libvirt:770 ]]; then
+    system_libvirtd() { [[ -s /run/libvirtd.pid ]] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; }
+    if system_libvirtd && [[ $(stat -c %G:%a "$sock" 2>/dev/null) != libvirt:770 ]]; then
         say "restarting libvirtd with lab/libvirtd.conf"
-        pkill -x libvirtd
-        for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.2; done
+        pid=$(cat /run/libvirtd.pid)
+        kill "$pid"
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     fi
-    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d -f "$(cd "$(dirname "$0")" && pwd)/libvirtd.conf"; }
+    system_libvirtd || { say "starting libvirtd"; libvirtd -d -f "$(cd "$(dirname "$0")" && pwd)/libvirtd.conf"; }
 fi
 for _ in $(seq 1 60); do
     if virsh -c qemu:///system version >/dev/null 2>&1; then

@@ -470,6 +470,42 @@ impl Guest {
         Ok(())
     }
 
+    /// Migrates the guest live to the libvirt at `uri` (another host, or
+    /// the lab's second libvirtd: `lab/second-libvirtd.sh`), the migration
+    /// stream over the loopback, and follows it there. The command port
+    /// moves to a socket of its own: the old QEMU removes its socket's path
+    /// as it exits, after the new one has bound it.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), LabError> {
+        let dom =
+            self.dom.as_ref().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
+        let dest = Connect::open(Some(uri))
+            .map_err(|e| err(format!("cannot connect to the destination libvirt {uri}: {e}")))?;
+        let xml = dom
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_MIGRATABLE)
+            .map_err(|e| err(format!("{}: its XML: {e}", self.name)))?;
+        let old = self.socket.display().to_string();
+        let moved = PathBuf::from(format!("{old}.migrated{}", self.next_id));
+        if !xml.contains(&format!("'{old}'")) {
+            return Err(err(format!("{}: its XML names no command port {old}", self.name)));
+        }
+        let xml = xml.replace(&format!("'{old}'"), &format!("'{}'", moved.display()));
+        let there = dom
+            .migrate2(
+                &dest,
+                Some(&xml),
+                virt::sys::VIR_MIGRATE_LIVE,
+                None,
+                Some("tcp://127.0.0.1"),
+                0,
+            )
+            .map_err(|e| err(format!("migrating {} to {uri}: {e}", self.name)))?;
+        self.dom = Some(there);
+        self.socket = moved;
+        self.port = None;
+        self.next_id += 1;
+        self.connect(Duration::from_secs(30))
+    }
+
     /// Leaves the domain running when this handle is dropped.
     pub fn keep(mut self) {
         self.dom = None;

@@ -254,7 +254,9 @@ fn lab_daemon_survives_libvirtd_restarting_and_loses_no_alert_made_while_it_was_
     let d = Daemon::start("vigil-lab-dmn-libvirtd");
     let mut g = boot("dmn-libvirtd");
     d.wait_watching(&g);
-    assert!(Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap().success());
+    // The system libvirtd only (a second one may run for migration tests).
+    let pid = std::fs::read_to_string("/run/libvirtd.pid").expect("/run/libvirtd.pid");
+    assert!(Command::new("kill").arg(pid.trim()).status().unwrap().success());
     // The fault is reported, as an event and a metric.
     d.wait_for("libvirt's loss reported", Duration::from_secs(20), |d| {
         d.metric("vigil_errors_total", "kind=\"libvirt\"").unwrap_or(0.0) >= 1.0
@@ -318,6 +320,41 @@ fn daemon_refuses_an_invalid_config_naming_file_key_and_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("schedule.hot_interval"));
+}
+
+/// The configuration's `connect` and `control_socket` are the daemon's
+/// unless given on the command line (they were once always overridden by
+/// the command line's defaults).
+#[test]
+fn daemon_takes_connect_and_control_socket_from_its_config_unless_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vigil.toml");
+    std::fs::write(
+        &cfg,
+        "connect = \"qemu+unix:///system?socket=/run/elsewhere/libvirt-sock\"\ncontrol_socket = \"/run/elsewhere/control.sock\"\n",
+    )
+    .unwrap();
+    let check = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .env_remove("VIGIL_CONNECT")
+            .env_remove("VIGIL_CONTROL_SOCKET")
+            .args(args)
+            .args(["daemon", "--check-config", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let settings = check(&[]);
+    assert!(
+        settings.contains("connect: \"qemu+unix:///system?socket=/run/elsewhere/libvirt-sock\""),
+        "{settings}"
+    );
+    assert!(settings.contains("\"/run/elsewhere/control.sock\""), "{settings}");
+    let settings = check(&["--connect", "qemu:///session", "--control-socket", "/tmp/c.sock"]);
+    assert!(settings.contains("connect: \"qemu:///session\""), "{settings}");
+    assert!(settings.contains("\"/tmp/c.sock\""), "{settings}");
 }
 
 /// GETs `path` from 127.0.0.1:`port` and returns the body.

@@ -6,7 +6,7 @@
 //!
 //! The daemon's side, each with a real fault: QEMU killed under one of two
 //! watched guests; a guest paused; a guest saved and restored (a new QEMU
-//! process, as a migration gives); the webhook unreachable across a daemon
+//! process); a guest migrated live to a second libvirt host; the webhook unreachable across a daemon
 //! restart; the state directory full (tmpfs) or read-only (ext4 forced
 //! read-only by an error). libvirtd restarting is in lab_daemon.rs.
 //!
@@ -142,7 +142,8 @@ fn lab_faults_qemu_killed_under_one_guest_leaves_the_other_checked() {
 }
 
 /// A guest paused (`virsh suspend`, as during a snapshot or a migration's
-/// last phase) is still checked, finds nothing wrong, and runs on after.
+/// last phase) is said to be (a `paused` event, counted), is still checked,
+/// finds nothing wrong, and runs on after (a `resumed` event).
 #[test]
 fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
     let d = Daemon::start("vigil-lab-flt-pause");
@@ -161,6 +162,13 @@ fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
     };
     virsh("suspend");
     let before = full(&d);
+    // The pause is said (an info event, counted), and checking goes on.
+    d.wait_for("the pause reported", Duration::from_secs(10), |d| {
+        d.events("paused", &name)
+            .iter()
+            .any(|a| a["detail"].as_str().unwrap_or("").contains("paused by request"))
+    });
+    assert_eq!(d.metric("vigil_events_total", "kind=\"paused\""), Some(1.0), "{}", d.metrics());
     d.wait_for("checks of the paused guest", 4 * FULL + Duration::from_secs(5), |d| {
         full(d) >= before + 2.0
     });
@@ -168,6 +176,9 @@ fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
     assert!(d.events("error", &name).is_empty(), "{:#?}", d.alerts());
     virsh("resume");
     g.run("true").unwrap_or_else(|e| panic!("the guest after resume: {e}"));
+    d.wait_for("the resume reported", Duration::from_secs(10), |d| {
+        !d.events("resumed", &name).is_empty()
+    });
     let before = full(&d);
     d.wait_for("checks after resume", 4 * FULL + Duration::from_secs(5), |d| {
         full(d) >= before + 2.0
@@ -457,6 +468,122 @@ fn lab_faults_a_guest_saved_and_restored_is_taken_up_again() {
     assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
     // Saving is not a fault: a check caught in flight by it says nothing.
     assert!(d.events("error", &g.name).is_empty(), "{:#?}", d.events("error", &g.name));
+}
+
+/// A second libvirt host on this machine (`lab/second-libvirtd.sh`): its own
+/// libvirtd, directories and host UUID, stopped (its domains destroyed)
+/// when dropped.
+struct SecondHost {
+    root: std::path::PathBuf,
+    uri: String,
+}
+
+impl SecondHost {
+    fn start(name: &str) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/second-libvirtd.sh");
+        let root = std::path::PathBuf::from(format!("/run/{name}"));
+        let out = std::process::Command::new("bash").arg(script).arg("start").arg(&root).output();
+        let out = out.unwrap_or_else(|e| panic!("{script}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uri = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        SecondHost { root, uri }
+    }
+}
+
+impl Drop for SecondHost {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/second-libvirtd.sh");
+        let _ = std::process::Command::new("bash").arg(script).arg("stop").arg(&self.root).status();
+    }
+}
+
+/// A guest migrated live (`virsh migrate --live`, here to a second libvirt
+/// host on this machine, see `lab/second-libvirtd.sh`), attacked just
+/// before it leaves. The source daemon lets it go with an event and a
+/// metric and goes on checking the guest that stays (an attack on that one
+/// is caught after). The destination's daemon, given the baseline the
+/// source took (shared storage, or a copy made at migration), takes the
+/// guest up against it as the same boot, not as a new one to trust, and
+/// catches the attack made before the move: no alert is lost to it, even
+/// when the source had no check left to see it.
+#[test]
+fn lab_faults_a_guest_migrated_live_is_let_go_and_taken_up_on_the_other_host() {
+    let host_b = SecondHost::start("vigil-lab-flt-mig-b");
+    let a = Daemon::start("vigil-lab-flt-mig*");
+    let mut g = boot("flt-mig");
+    let mut stay = boot("flt-mig-stay");
+    a.wait_watching(&g);
+    a.wait_watching(&stay);
+    let boot_id = a.status(&g.name).unwrap()["boot"].clone();
+
+    // The destination's daemon, on host B's libvirt, with the baseline carried.
+    let mut b = Daemon::unstarted(&g.name, "");
+    b.config = format!("connect = \"{}\"\n{}", host_b.uri, b.config);
+    let carried = b.path("baselines");
+    std::fs::create_dir_all(&carried).unwrap();
+    for f in std::fs::read_dir(a.path("baselines")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name().to_string_lossy().starts_with(&g.uuid) {
+            std::fs::copy(f.path(), carried.join(f.file_name())).unwrap();
+        }
+    }
+    assert!(std::fs::read_dir(&carried).unwrap().count() > 0, "no baseline of {} to carry", g.uuid);
+    b.spawn();
+
+    g.run("attack inline").unwrap();
+    g.migrate(&host_b.uri).unwrap_or_else(|e| panic!("{e}"));
+    let out = g.run("cat /proc/sys/kernel/random/boot_id").unwrap();
+    assert!(!out.trim().is_empty(), "the guest answers on host B");
+
+    // The source: let go, with an event and a metric.
+    // (The detached event names the migration when libvirt's event comes
+    // before the domain's next check finds it gone.)
+    a.wait_for("the source letting go", Duration::from_secs(30), |d| {
+        !d.events("detached", &g.name).is_empty()
+    });
+    assert!(
+        a.events("paused", &g.name)
+            .iter()
+            .any(|a| a["detail"].as_str().unwrap_or("").contains("end of a migration")),
+        "{:#?}",
+        a.alerts()
+    );
+    assert!(
+        a.metric("vigil_events_total", "kind=\"detached\"").unwrap_or(0.0) >= 1.0,
+        "{}",
+        a.metrics()
+    );
+    // The destination: the same boot, against the carried baseline, and
+    // the attack made before the move is caught there.
+    b.wait_for("the destination taking it up", Duration::from_secs(60), |d| {
+        !d.events("attached", &g.name).is_empty()
+    });
+    assert!(b.events("new-boot", &g.name).is_empty(), "trusted anew: {:#?}", b.alerts());
+    b.wait_for("its status on host B", Duration::from_secs(20), |d| d.status(&g.name).is_some());
+    assert_eq!(b.status(&g.name).unwrap()["boot"], boot_id, "the same boot");
+    b.wait_for("the attack caught on host B", 4 * FULL + Duration::from_secs(10), |d| {
+        common::violations(d, &g, "kernel-text")
+            .iter()
+            .any(|v| format!("{} {}", v["detail"], v["symbol"]).contains("__x64_sys_getppid"))
+    });
+    for v in b.events("violation", &g.name) {
+        assert_eq!(v["region"], "kernel-text", "only the attack: {v:#}");
+    }
+    assert!(b.events("error", &g.name).is_empty(), "{:#?}", b.events("error", &g.name));
+
+    // The source goes on checking the guest that stayed.
+    stay.run("attack syscall").unwrap();
+    a.wait_for("the attack on the guest that stayed", 4 * FULL + Duration::from_secs(10), |d| {
+        !common::violations(d, &stay, "sys_call_table").is_empty()
+    });
+    assert!(a.events("error", &stay.name).is_empty(), "{:#?}", a.events("error", &stay.name));
+    drop(g);
+    drop(host_b);
 }
 
 /// A check over its time limit (`schedule.check_timeout`, here 1 ms, which
