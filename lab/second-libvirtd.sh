@@ -74,7 +74,10 @@ stop)
             sleep 0.2
         done
     fi
-    rm -rf "$root"
+    # Only a directory this script made (it holds its libvirtd.conf).
+    if [[ -f $root/libvirtd.conf ]]; then
+        rm -rf "$root"
+    fi
     ;;
 *)
     say "usage: $0 start|stop [ROOT]"
