@@ -691,6 +691,7 @@ mod tests {
         now: std::sync::Mutex<crate::memory::RawDump>,
         again: Vec<u8>,
         reload: std::sync::atomic::AtomicBool,
+        layout: crate::memory::RamLayout,
     }
 
     impl GuestMemory for Reloading {
@@ -708,11 +709,7 @@ mod tests {
             now.read(start, buf)
         }
         fn layout(&self) -> &crate::memory::RamLayout {
-            // Both images have the same layout; the first one's stays put.
-            static LAYOUT: std::sync::OnceLock<crate::memory::RamLayout> =
-                std::sync::OnceLock::new();
-            LAYOUT
-                .get_or_init(|| crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap())
+            &self.layout
         }
         fn kind(&self) -> &'static str {
             "raw-dump"
@@ -766,6 +763,7 @@ mod tests {
             // Coming (1), and its text as it is before relocation.
             again: image(1, 0x90),
             reload: false.into(),
+            layout: crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap(),
         };
         let (mut known, mut events) = (HashMap::new(), Vec::new());
         let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
