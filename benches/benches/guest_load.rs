@@ -12,9 +12,18 @@
 //! `vigil` binary. The workload: a busybox shell counting loop (CPU) and
 //! SHA-256 over 64 MiB streamed through a pipe (memory), about 5 s a round
 //! under TCG, timed by the guest's clock. Reported: each round's time both
-//! ways, the slowdown per pair of rounds, and its mean, median and spread,
-//! with a 95 % confidence interval of the mean (also every 25 pairs, so
-//! that a long run shows where it stands).
+//! ways, the slowdown per pair of rounds (checked over unchecked), and
+//! three estimates of it with 95 % intervals: the Hodges-Lehmann estimate
+//! (signed-rank interval) and the median (sign-test interval) of the
+//! pairs' log ratios, which rank the rare rounds a second slower instead of
+//! averaging them, and the mean (normal interval); every 25 pairs too, so
+//! that a long run shows where it stands. Also the host CPU each side
+//! spends per second of round: the daemon, libvirtd, QEMU's vCPU thread and
+//! its other threads.
+//!
+//! `--record FILE` appends each pair to FILE as it is measured and reports
+//! on every pair the file holds, so that one measurement can be taken in
+//! several runs (a file written by another method is refused).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +31,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vigil_bench::arg;
+use vigil_bench::paired::{self, Estimate};
+
+/// The first line of a `--record` file: pairs are pooled only with pairs
+/// measured the same way.
+const RECORD_HEADER: &str = "# guest_load pairs (stopped s, checking s): one daemon frozen and thawed, \
+                             rounds timed by the guest, workload v1";
 
 const WORKLOAD: &str = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; \
                         dd if=/dev/zero bs=64k count=1024 2>/dev/null | sha256sum >/dev/null";
@@ -80,11 +95,126 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// `--record FILE`'s pairs so far (none if it does not exist yet).
+fn recorded(path: &Path) -> Vec<(f64, f64)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("reading {}: {e}", path.display()),
+    };
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(RECORD_HEADER),
+        "{} was not written by this version of guest_load: its pairs cannot be pooled with these",
+        path.display()
+    );
+    lines
+        .enumerate()
+        .map(|(i, l)| {
+            let v: Vec<f64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            assert!(v.len() == 2, "{} line {}: not two times: {l:?}", path.display(), i + 2);
+            (v[0], v[1])
+        })
+        .collect()
+}
+
+/// A slowdown estimate of log ratios, as a percentage with its interval.
+fn percent(e: Option<Estimate>) -> String {
+    let p = |x: f64| 100.0 * x.exp_m1();
+    e.map_or_else(
+        || "(too few pairs)".to_string(),
+        |e| format!("{:+.2} % (95 % interval {:+.2} to {:+.2} %)", p(e.value), p(e.low), p(e.high)),
+    )
+}
+
+/// The three estimates of the slowdown over `pairs` (stopped, checking).
+fn slowdown(pairs: &[(f64, f64)]) -> String {
+    let logs: Vec<f64> = pairs.iter().map(|(off, on)| (on / off).ln()).collect();
+    let ratios: Vec<f64> = pairs.iter().map(|(off, on)| on / off - 1.0).collect();
+    let mean = paired::mean(&ratios).map_or_else(
+        || "(too few pairs)".to_string(),
+        |(e, sd)| {
+            format!(
+                "{:+.2} % (95 % interval {:+.2} to {:+.2} %), sd {:.2} %",
+                100.0 * e.value,
+                100.0 * e.low,
+                100.0 * e.high,
+                100.0 * sd
+            )
+        },
+    );
+    format!(
+        "Hodges-Lehmann {}\n  median {}\n  mean {mean}",
+        percent(paired::hodges_lehmann(&logs)),
+        percent(paired::median(&logs))
+    )
+}
+
+/// CPU time (user and system, in seconds) of a process or thread, from its
+/// /proc stat file; 0 if it is gone.
+fn cpu_seconds(stat_path: &str) -> f64 {
+    // SAFETY: sysconf only reads a constant.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::fs::read_to_string(stat_path)
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> = s
+                .rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            (f.len() == 2).then(|| (f[0] + f[1]) as f64 / tick)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Host CPU seconds so far of: the daemon, libvirtd, QEMU's vCPU threads,
+/// QEMU's other threads.
+fn host_cpu(daemon: u32, qemu: u32) -> [f64; 4] {
+    let libvirtd = std::fs::read_to_string("/run/libvirtd.pid").unwrap_or_default();
+    let mut out = [
+        cpu_seconds(&format!("/proc/{daemon}/stat")),
+        cpu_seconds(&format!("/proc/{}/stat", libvirtd.trim())),
+        0.0,
+        0.0,
+    ];
+    let tasks = std::fs::read_dir(format!("/proc/{qemu}/task")).into_iter().flatten().flatten();
+    for t in tasks {
+        let dir = t.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let used = cpu_seconds(&dir.join("stat").to_string_lossy());
+        out[if comm.starts_with("CPU ") { 2 } else { 3 }] += used;
+    }
+    out
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let rounds = usize::try_from(arg("--rounds", 8)).unwrap();
+    let args: Vec<String> = std::env::args().collect();
+    let record = args
+        .iter()
+        .position(|a| a == "--record")
+        .map(|i| PathBuf::from(args.get(i + 1).expect("--record needs a file name")));
+    let mut pairs = record.as_deref().map(recorded).unwrap_or_default();
+    let earlier = pairs.len();
+    let mut record_file = record.as_deref().map(|path| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        if earlier == 0 {
+            writeln!(f, "{RECORD_HEADER}").unwrap();
+        }
+        f
+    });
     let vigil = vigil_binary();
     let lab = vigil_lab::Lab::open().unwrap_or_else(|e| panic!("{e}"));
     let mut g =
@@ -159,6 +289,10 @@ fn main() {
     };
     let daemon = start_daemon();
     let pid = daemon.id();
+    let qemu: u32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", g.name))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("QEMU's pid file under /run/libvirt/qemu");
     let freeze = || {
         signal(&daemon, "-STOP");
         // Stopped ('T') before the round starts, else the round is not unchecked.
@@ -181,11 +315,14 @@ fn main() {
     };
     freeze();
 
-    let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut off, mut on) = (Vec::new(), Vec::new());
     let mut checks_on = 0.0;
+    // Host CPU seconds per side (stopped, checking), as `host_cpu` orders them.
+    let mut cpu = [[0.0f64; 4]; 2];
     println!(
-        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it in full every second",
-        g.name
+        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it in full every second{}",
+        g.name,
+        if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
     );
     println!("{:>6} {:>12} {:>12} {:>10}", "round", "stopped s", "checking s", "slowdown");
     for i in 0..rounds {
@@ -193,30 +330,31 @@ fn main() {
         let mut pair = [0.0f64; 2];
         for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
             if which == 0 {
+                let before = host_cpu(pid, qemu);
                 pair[0] = run(&mut g);
+                let after = host_cpu(pid, qemu);
+                (0..4).for_each(|k| cpu[0][k] += after[k] - before[k]);
             } else {
                 thaw();
                 let before = full_checks(port, &name);
+                let cpu_before = host_cpu(pid, qemu);
                 pair[1] = run(&mut g);
+                let cpu_after = host_cpu(pid, qemu);
+                (0..4).for_each(|k| cpu[1][k] += cpu_after[k] - cpu_before[k]);
                 checks_on += full_checks(port, &name) - before;
                 freeze();
             }
         }
-        let slowdown = pair[1] / pair[0] - 1.0;
-        println!("{:>6} {:>12.3} {:>12.3} {:>9.2}%", i + 1, pair[0], pair[1], 100.0 * slowdown);
+        let ratio = pair[1] / pair[0] - 1.0;
+        println!("{:>6} {:>12.3} {:>12.3} {:>9.2}%", i + 1, pair[0], pair[1], 100.0 * ratio);
         off.push(pair[0]);
         on.push(pair[1]);
-        ratios.push(slowdown);
+        pairs.push((pair[0], pair[1]));
+        if let Some(f) = record_file.as_mut() {
+            writeln!(f, "{} {}", pair[0], pair[1]).unwrap();
+        }
         if (i + 1) % 25 == 0 && i + 1 < rounds {
-            let (mr, sr) = mean_sd(&ratios);
-            let half = 1.96 * sr / (ratios.len() as f64).sqrt();
-            println!(
-                "  after {} pairs: mean {:.2} % (95 % interval {:.2} to {:.2} %)",
-                ratios.len(),
-                100.0 * mr,
-                100.0 * (mr - half),
-                100.0 * (mr + half)
-            );
+            println!("  after {} pairs: {}", pairs.len(), slowdown(&pairs).replace('\n', "\n   "));
         }
     }
     signal(&daemon, "-CONT");
@@ -224,24 +362,31 @@ fn main() {
     g.destroy();
     let (mo, so) = mean_sd(&off);
     let (mn, sn) = mean_sd(&on);
-    let (mr, sr) = mean_sd(&ratios);
+    println!("this run, {rounds} pairs:");
+    println!("  stopped:  mean {mo:.3} s, sd {so:.3} s");
+    println!(
+        "  checking: mean {mn:.3} s, sd {sn:.3} s ({checks_on:.0} full checks during those rounds)"
+    );
+    let per_second = |side: usize, k: usize, total: f64| 1000.0 * cpu[side][k] / total;
+    let (t_off, t_on) = (off.iter().sum::<f64>(), on.iter().sum::<f64>());
+    for (k, who) in
+        ["the daemon", "libvirtd", "QEMU's vCPU", "QEMU's other threads"].iter().enumerate()
+    {
+        println!(
+            "  host CPU of {who:<21} stopped {:7.1} ms/s, checking {:7.1} ms/s",
+            per_second(0, k, t_off),
+            per_second(1, k, t_on)
+        );
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(a, b)| b / a - 1.0).collect();
     let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let median = vigil_bench::percentile(&mut ratios.clone(), 0.5);
-    // Normal approximation: the mean's 95 % interval is 1.96 standard errors.
-    let half = 1.96 * sr / (rounds as f64).sqrt();
-    println!("stopped:  mean {mo:.3} s, sd {so:.3} s");
     println!(
-        "checking: mean {mn:.3} s, sd {sn:.3} s ({checks_on:.0} full checks during those rounds)"
-    );
-    println!(
-        "slowdown: mean {:.2} % (95 % interval {:.2} to {:.2} %), median {:.2} %, sd {:.2} %, min {:.2} %, max {:.2} % over {rounds} pairs (target <= 1 %)",
-        100.0 * mr,
-        100.0 * (mr - half),
-        100.0 * (mr + half),
-        100.0 * median,
-        100.0 * sr,
+        "slowdown over {} pairs{} (target <= 1 %; per pair min {:+.2} %, max {:+.2} %):\n  {}",
+        pairs.len(),
+        if earlier > 0 { format!(" ({earlier} recorded before this run)") } else { String::new() },
         100.0 * lo,
-        100.0 * hi
+        100.0 * hi,
+        slowdown(&pairs)
     );
 }

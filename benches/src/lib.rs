@@ -15,6 +15,8 @@ use vigil::libvirt::LibvirtError;
 use vigil::memory::{ElfCore, GuestMemory, MemoryError, RamLayout};
 use vigil::qemu::VcpuRegisters;
 
+pub mod paired;
+
 /// A lab guest as `lab/capture.sh` left it.
 pub struct Capture {
     pub dir: PathBuf,
