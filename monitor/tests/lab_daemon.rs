@@ -537,3 +537,50 @@ fn lab_daemon_catches_a_write_to_module_text_after_load() {
         "{v:#}"
     );
 }
+
+#[test]
+fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
+    // Two seconds after loading, each module writes its own state to
+    // "unloading" and rewrites a byte of its text. vigil_going says it is
+    // live again three seconds later; vigil_stuck stays "unloading".
+    let d = Daemon::start_with("vigil-lab-dmn-going", "module_grace = \"8s\"\n", vec![]);
+    let mut g = boot("dmn-going");
+    d.wait_watching(&g);
+    let loaded = Instant::now();
+    g.run("insmod /lib/vigil/vigil_going.ko after=2 back=3 && insmod /lib/vigil/vigil_stuck.ko after=2")
+        .unwrap();
+    d.wait_for("both module-loaded events", 2 * HOT + Duration::from_secs(3), |d| {
+        d.events("module-loaded", &g.name).len() >= 2
+    });
+    d.wait_for("the rewritten text of vigil_going", Duration::from_secs(30), |d| {
+        !violations(d, &g, "module:vigil_going").is_empty()
+    });
+    for v in violations(&d, &g, "module:vigil_going") {
+        assert_eq!(v["kind"], "content", "{v:#}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(detail.contains("text of module vigil_going changed after it was loaded"), "{v:#}");
+    }
+    d.wait_for("vigil_stuck reported", Duration::from_secs(40), |d| {
+        !violations(d, &g, "module:vigil_stuck").is_empty()
+    });
+    // Not before the grace: two seconds live, then eight unloading.
+    assert!(loaded.elapsed() >= Duration::from_secs(10), "{:?}", loaded.elapsed());
+    let v = &violations(&d, &g, "module:vigil_stuck")[0];
+    assert_eq!(v["kind"], "unlisted", "{v:#}");
+    assert!(
+        v["detail"].as_str().unwrap().starts_with("module vigil_stuck has been unloading for "),
+        "{v:#}"
+    );
+    // Both stay listed: no unload is reported, and nothing else is wrong.
+    assert!(
+        d.events("module-unloaded", &g.name).is_empty(),
+        "{:#?}",
+        d.events("module-unloaded", &g.name)
+    );
+    let others: Vec<serde_json::Value> = d
+        .events("violation", &g.name)
+        .into_iter()
+        .filter(|v| v["region"] != "module:vigil_going" && v["region"] != "module:vigil_stuck")
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+}

@@ -106,6 +106,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 s.cpu_budget,
                 s.settle,
                 s.check_timeout,
+                s.module_grace,
                 &s.state_dir
             )
         ),
@@ -117,6 +118,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 d.cpu_budget,
                 d.settle,
                 d.check_timeout,
+                d.module_grace,
                 &d.state_dir
             )
         )

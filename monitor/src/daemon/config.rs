@@ -67,6 +67,7 @@ pub struct RawSchedule {
     pub attach_retry: Option<String>,
     pub settle: Option<String>,
     pub check_timeout: Option<String>,
+    pub module_grace: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -124,6 +125,9 @@ pub struct Settings {
     pub attach_retry: Duration,
     /// How long a new baseline stays provisional while a boot settles.
     pub settle: Duration,
+    /// How long a module may stay loading or unloading (its text not
+    /// compared) before that is a violation.
+    pub module_grace: Duration,
     /// A check running longer than this is reported (it cannot be cut short:
     /// it runs on a blocking thread), and the domain's next check waits.
     pub check_timeout: Duration,
@@ -304,6 +308,11 @@ impl Settings {
         let attach_retry =
             dur("schedule.attach_retry", &raw.schedule.attach_retry, Duration::from_secs(2))?;
         let settle = dur("schedule.settle", &raw.schedule.settle, Duration::from_secs(5))?;
+        let module_grace = dur(
+            "schedule.module_grace",
+            &raw.schedule.module_grace,
+            crate::daemon::watch::MODULE_GRACE,
+        )?;
         let check_timeout =
             dur("schedule.check_timeout", &raw.schedule.check_timeout, Duration::from_secs(30))?;
         let include = raw.domains.include.unwrap_or_else(|| vec!["*".into()]);
@@ -401,6 +410,7 @@ impl Settings {
             cpu_budget,
             attach_retry,
             settle,
+            module_grace,
             check_timeout,
             include,
             exclude,
@@ -457,6 +467,11 @@ mod tests {
         assert_eq!(s.alertmanager.unwrap().path, "/");
         assert!(!load("").unwrap().originals_on_disk);
         assert!(load("originals = \"disk\"").unwrap().originals_on_disk);
+        assert_eq!(load("").unwrap().module_grace, Duration::from_secs(120));
+        let s = load("[schedule]\nmodule_grace = \"5m\"").unwrap();
+        assert_eq!(s.module_grace, Duration::from_secs(300));
+        let e = load("[schedule]\nmodule_grace = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("schedule.module_grace"), "{e}");
     }
 
     #[test]

@@ -391,7 +391,10 @@ async fn attach(
                 .await
                 .expect("attach panicked");
             match r {
-                Ok(ok) => return Some(ok),
+                Ok((mut w, attached)) => {
+                    w.set_module_grace(shared.settings.module_grace);
+                    return Some((w, attached));
+                }
                 Err(e) if e.domain_gone() => return None,
                 Err(e) => {
                     let reason = e.message();

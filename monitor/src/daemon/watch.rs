@@ -139,6 +139,8 @@ pub struct Watched {
     modules: HashMap<(String, u64), ModuleText>,
     /// Modules seen loaded or unloaded by the last check.
     pub module_events: Vec<ModuleEvent>,
+    /// Listed modules that are not live, and for how long.
+    modules_not_live: NotLive,
     /// Patch sites accepted by the last checks, and patch records seen lately.
     patch_state: PatchMemory,
     /// Executable pages of the module area that a kernel record (the module
@@ -161,6 +163,29 @@ pub struct Watched {
     tags: Option<PageTags>,
     /// Whether original pages stay in their file (`originals = "disk"`).
     originals_on_disk: bool,
+}
+
+/// Listed modules whose state is not live, since when, in which state.
+///
+/// The kernel leaves a module loading only while its init function runs,
+/// and unloading only while its exit function runs; meanwhile its text is
+/// not compared (the kernel still patches it). A module that stays so for
+/// longer than `grace` is reported: a rootkit that writes its own state
+/// would otherwise hide its text from the checks.
+struct NotLive {
+    since: HashMap<(String, u64), (u32, std::time::Instant)>,
+    grace: std::time::Duration,
+}
+
+/// How long a module may stay loading or unloading before it is reported,
+/// unless configured (`schedule.module_grace`): long enough for an init
+/// function waiting out the kernel's 60 s firmware timeout.
+pub const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Default for NotLive {
+    fn default() -> Self {
+        NotLive { since: HashMap::new(), grace: MODULE_GRACE }
+    }
 }
 
 /// A live module's text as first seen.
@@ -238,6 +263,7 @@ impl Watched {
             profile: None,
             modules: HashMap::new(),
             module_events: Vec::new(),
+            modules_not_live: NotLive::default(),
             patch_state: PatchMemory::default(),
             recognized: HashMap::new(),
             unlisted_seen: HashSet::new(),
@@ -300,6 +326,12 @@ impl Watched {
 
     pub fn boot(&self) -> String {
         self.baseline.kernel.boot_key()
+    }
+
+    /// How long a listed module may stay loading or unloading (its text
+    /// unchecked) before that is a violation.
+    pub fn set_module_grace(&mut self, grace: std::time::Duration) {
+        self.modules_not_live.grace = grace;
     }
 
     /// Compares the guest with the baseline over `scope`.
@@ -407,8 +439,14 @@ impl Watched {
                     r.profile = self.profile.clone();
                     r.add_findings(found);
                     r.add_findings(unread.into_iter().map(unreadable_records).collect());
-                    let module_findings =
-                        protect_modules(&mut self.modules, &mut self.module_events, &m, mem, &view);
+                    let module_findings = protect_modules(
+                        (&mut self.modules, &mut self.modules_not_live),
+                        &mut self.module_events,
+                        &m,
+                        mem,
+                        &view,
+                        now,
+                    );
                     r.add_findings(module_findings);
                     let mut scratch;
                     let state = if diffing {
@@ -551,7 +589,8 @@ fn unreadable_records(what: String) -> Finding {
 }
 
 /// Hashes the text of live modules first seen now, compares the text of
-/// those seen before, and notes loads and unloads in `events`.
+/// those seen before, notes loads and unloads in `events`, and reports
+/// modules that stay loading or unloading past the grace of `not_live`.
 ///
 /// The guest loads and unloads modules while this runs: each module's text
 /// is believed only if the module is live just before it is read and still
@@ -559,21 +598,62 @@ fn unreadable_records(what: String) -> Finding {
 /// next check, so that a module unloaded after the list was walked, and
 /// another instance loaded at its base and not yet relocated, is not taken
 /// for the module's text changed.
+///
+/// A known module that says it is unloading stays known until it leaves the
+/// list: if it turns live again, its text is compared with what it was, so
+/// that a module cannot rewrite itself while claiming to unload.
 fn protect_modules(
-    known: &mut HashMap<(String, u64), ModuleText>,
+    (known, not_live): (&mut HashMap<(String, u64), ModuleText>, &mut NotLive),
     events: &mut Vec<ModuleEvent>,
     m: &semantic::Matched<'_>,
     mem: &(dyn GuestMemory + Send + Sync),
     space: &dyn AddressSpace,
+    now: std::time::Instant,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
     events.clear();
     let list = &m.modules;
+    let listed = |n: &str, b: u64, state: Option<u32>| {
+        list.iter().any(|m| m.name == n && m.base == b && state.is_none_or(|s| m.state == s))
+    };
+    // Gone, or in another state: counted afresh.
+    not_live.since.retain(|(n, b), (state, _)| listed(n, *b, Some(*state)));
+    for md in list.iter().filter(|m| m.state != semantic::MODULE_LIVE) {
+        let (_, since) =
+            *not_live.since.entry((md.name.clone(), md.base)).or_insert((md.state, now));
+        let stayed = now.saturating_duration_since(since);
+        if stayed >= not_live.grace {
+            let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
+            out.push(
+                Finding::new(
+                    &format!("module:{}", md.name),
+                    FindingKind::Unlisted,
+                    Severity::Violation,
+                    GuestVirtAddr(md.base),
+                    gpa,
+                )
+                .saying(
+                    format!(
+                        "module {} has been {} for {} s: its text is not checked while it is not live, \
+                         and the kernel leaves a module so only while its init or exit function runs",
+                        md.name,
+                        semantic::module_state_name(md.state),
+                        stayed.as_secs()
+                    ),
+                    semantic::module_state_name(semantic::MODULE_LIVE).to_owned(),
+                    semantic::module_state_name(md.state).to_owned(),
+                ),
+            );
+        }
+    }
     let live: Vec<&semantic::Module> =
         list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
     let gone: Vec<(String, u64)> = known
         .keys()
-        .filter(|(n, b)| !live.iter().any(|m| &m.name == n && m.base == *b))
+        .filter(|(n, b)| {
+            !live.iter().any(|m| &m.name == n && m.base == *b)
+                && !listed(n, *b, Some(semantic::MODULE_GOING))
+        })
         .cloned()
         .collect();
     for key in gone {
@@ -668,6 +748,7 @@ mod tests {
     use super::*;
     use crate::addr::PAGE_BYTES;
     use crate::x86::WalkError;
+    use std::time::Duration;
 
     /// Bounds hit are counted apart from a kernel that is simply not there.
     #[test]
@@ -765,22 +846,117 @@ mod tests {
             reload: false.into(),
             layout: crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap(),
         };
-        let (mut known, mut events) = (HashMap::new(), Vec::new());
-        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let now = std::time::Instant::now();
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
         assert!(found.is_empty() && events.len() == 1 && events[0].loaded, "{found:?} {events:?}");
 
         mem.reload.store(true, std::sync::atomic::Ordering::SeqCst);
-        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
         assert!(found.is_empty(), "a reload under the read taken for a change: {found:?}");
         assert!(events.is_empty(), "{events:?}");
 
         // Once live with other text at the same base, it is a change.
         *mem.now.lock().unwrap() = crate::memory::RawDump::from_bytes(image(0, 0x90));
-        let found = protect_modules(&mut known, &mut events, &m, &mem, &Window);
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].detail.contains("page 0 of the text of module churn changed"),
             "{found:?}"
         );
+    }
+
+    /// A module that claims to be unloading: reported once it has stayed so
+    /// past the grace, and compared with its old text if it turns live again.
+    #[test]
+    fn a_module_that_stays_unloading_or_rewrites_itself_meanwhile_is_caught() {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
+        let profile = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
+        let image = |state: u32, text: u8| {
+            let mut ram = vec![text; 2 * PAGE_BYTES];
+            ram[..PAGE_BYTES].fill(0);
+            ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
+            ram[off("module.name")..][..4].copy_from_slice(b"sly\0");
+            ram[off("module.core_layout.base")..][..8]
+                .copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
+            crate::memory::RawDump::from_bytes(ram)
+        };
+        // `None`: not in the module list.
+        let matched = |state: Option<u32>| semantic::Matched {
+            profile: &profile,
+            modules: state
+                .map(|state| semantic::Module {
+                    name: "sly".into(),
+                    addr: W,
+                    base: W + PAGE_SIZE,
+                    size: PAGE_SIZE,
+                    text_size: PAGE_SIZE,
+                    state,
+                })
+                .into_iter()
+                .collect(),
+            slide: 0,
+            idt_slide: None,
+        };
+        let going = semantic::MODULE_GOING;
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let mut not_live = NotLive { since: HashMap::new(), grace: Duration::from_secs(60) };
+        // `u32::MAX` as the state: not listed.
+        let t0 = std::time::Instant::now();
+        let mut check = |state: u32, mem: &crate::memory::RawDump, at: u64| {
+            let m = matched((state != u32::MAX).then_some(state));
+            let now = t0 + Duration::from_secs(at);
+            let found =
+                protect_modules((&mut known, &mut not_live), &mut events, &m, mem, &Window, now);
+            (found, events.clone())
+        };
+
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 0);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
+        // Unloading, its text rewritten: not compared, and not yet reported.
+        let (found, ev) = check(going, &image(going, 0x90), 1);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(ev.is_empty(), "an unloading module still listed is not gone: {ev:?}");
+        let (found, _) = check(going, &image(going, 0x90), 59);
+        assert!(found.is_empty(), "reported within the grace: {found:?}");
+        // Live again with other text: the text it had is what it is held to.
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 60);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
+        assert!(ev.is_empty(), "{ev:?}");
+
+        // Unloading again, and staying so: reported once the grace is over,
+        // timed from when it last changed state.
+        let (found, _) = check(going, &image(going, 0x90), 100);
+        assert!(found.is_empty(), "{found:?}");
+        let (found, _) = check(going, &image(going, 0x90), 159);
+        assert!(found.is_empty(), "{found:?}");
+        let (found, _) = check(going, &image(going, 0x90), 161);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let f = &found[0];
+        assert_eq!((f.region.as_str(), f.severity), ("module:sly", Severity::Violation));
+        assert!(f.detail.contains("module sly has been unloading for 61 s"), "{}", f.detail);
+        assert_eq!((f.gva, f.gpa), (GuestVirtAddr(W + PAGE_SIZE), GuestPhysAddr(PAGE_SIZE)));
+        assert_eq!((f.before.as_str(), f.after.as_str()), ("live", "unloading"));
+
+        // Gone from the list: an unload, and nothing more to report.
+        let (found, ev) = check(u32::MAX, &image(going, 0x90), 200);
+        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        let (found, ev) = check(going, &image(going, 0x90), 201);
+        assert!(found.is_empty() && ev.is_empty(), "counted from before it left: {found:?}");
+
+        // Loading (a new instance at the same base) forgets the old text.
+        let (found, _) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 300);
+        assert!(found.is_empty());
+        let (found, ev) = check(1, &image(1, 0x90), 301);
+        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 302);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
     }
 }

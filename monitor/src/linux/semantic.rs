@@ -43,6 +43,19 @@ pub struct Module {
 
 /// `MODULE_STATE_LIVE`: loaded, initialised, its text final.
 pub const MODULE_LIVE: u32 = 0;
+/// `MODULE_STATE_GOING`: its exit function runs, or it failed to load.
+pub const MODULE_GOING: u32 = 2;
+
+/// A module state as `/proc/modules` would word it.
+pub fn module_state_name(state: u32) -> &'static str {
+    match state {
+        MODULE_LIVE => "live",
+        1 => "loading",
+        MODULE_GOING => "unloading",
+        3 => "unformed",
+        _ => "in an unknown state",
+    }
+}
 
 /// Where loadable modules live on x86-64 (MODULES_VADDR..MODULES_END).
 pub const MODULES: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
