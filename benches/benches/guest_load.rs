@@ -23,7 +23,9 @@
 //!
 //! `--record FILE` appends each pair to FILE as it is measured and reports
 //! on every pair the file holds, so that one measurement can be taken in
-//! several runs (a file written by another method is refused).
+//! several runs (a file written by another method is refused; a relative
+//! FILE is taken from the repository's root); with
+//! `--rounds 0` it only reports on them, with no guest.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -201,9 +203,17 @@ fn main() {
     let record = args
         .iter()
         .position(|a| a == "--record")
-        .map(|i| PathBuf::from(args.get(i + 1).expect("--record needs a file name")));
+        // cargo runs benchmarks in the package's directory: a relative
+        // name is taken from the repository's root instead.
+        .map(|i| repo().join(args.get(i + 1).expect("--record needs a file name")));
     let mut pairs = record.as_deref().map(recorded).unwrap_or_default();
     let earlier = pairs.len();
+    if rounds == 0 {
+        // Only the report on the pairs recorded.
+        assert!(!pairs.is_empty(), "--rounds 0 reports on a --record file's pairs; none given");
+        report(&pairs, pairs.len());
+        return;
+    }
     let mut record_file = record.as_deref().map(|path| {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -378,6 +388,11 @@ fn main() {
             per_second(1, k, t_on)
         );
     }
+    report(&pairs, earlier);
+}
+
+/// The slowdown over every pair, `earlier` of them from before this run.
+fn report(pairs: &[(f64, f64)], earlier: usize) {
     let ratios: Vec<f64> = pairs.iter().map(|(a, b)| b / a - 1.0).collect();
     let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -387,6 +402,6 @@ fn main() {
         if earlier > 0 { format!(" ({earlier} recorded before this run)") } else { String::new() },
         100.0 * lo,
         100.0 * hi,
-        slowdown(&pairs)
+        slowdown(pairs)
     );
 }
