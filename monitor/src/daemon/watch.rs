@@ -814,21 +814,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
+    fn lab_profile() -> Profile {
         let path =
             concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
-        let profile = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// Two pages seen through [`Window`]: a `struct module` named `name` in
+    /// state `state` at `W`, and its text, every byte `text`, at `W` + 4 KiB.
+    fn module_ram(profile: &Profile, name: &[u8], state: u32, text: u8) -> Vec<u8> {
         let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
-        let image = |state: u32, text: u8| {
-            let mut ram = vec![text; 2 * PAGE_BYTES];
-            ram[..PAGE_BYTES].fill(0);
-            ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
-            ram[off("module.name")..][..5].copy_from_slice(b"churn");
-            ram[off("module.core_layout.base")..][..8]
-                .copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
-            ram
-        };
+        let mut ram = vec![text; 2 * PAGE_BYTES];
+        ram[..PAGE_BYTES].fill(0);
+        ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
+        ram[off("module.name")..][..name.len()].copy_from_slice(name);
+        ram[off("module.core_layout.base")..][..8].copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
+        ram
+    }
+
+    #[test]
+    fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
+        let profile = lab_profile();
+        let image = |state: u32, text: u8| module_ram(&profile, b"churn", state, text);
         let md = semantic::Module {
             name: "churn".into(),
             addr: W,
@@ -874,18 +881,9 @@ mod tests {
     /// past the grace, and compared with its old text if it turns live again.
     #[test]
     fn a_module_that_stays_unloading_or_rewrites_itself_meanwhile_is_caught() {
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
-        let profile = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
+        let profile = lab_profile();
         let image = |state: u32, text: u8| {
-            let mut ram = vec![text; 2 * PAGE_BYTES];
-            ram[..PAGE_BYTES].fill(0);
-            ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
-            ram[off("module.name")..][..4].copy_from_slice(b"sly\0");
-            ram[off("module.core_layout.base")..][..8]
-                .copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
-            crate::memory::RawDump::from_bytes(ram)
+            crate::memory::RawDump::from_bytes(module_ram(&profile, b"sly\0", state, text))
         };
         // `None`: not in the module list.
         let matched = |state: Option<u32>| semantic::Matched {
