@@ -1,12 +1,13 @@
 //! What the daemon costs the guest it watches: a CPU- and memory-bound
 //! workload inside a real lab guest (libvirt, QEMU), timed with the daemon
-//! checking that guest in full every second and with the daemon stopped, in
+//! checking that guest every second (in full every `--full-interval`
+//! seconds, 1 unless given) and with the daemon stopped, in
 //! alternating rounds so that drift hits both alike. One daemon runs
 //! throughout; for the unchecked rounds it is frozen with SIGSTOP (it
 //! checks nothing, holds no lock), and thawed with SIGCONT for the checked
 //! ones, which start once it has checked again.
 //!
-//!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8]
+//!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1]
 //!
 //! Needs the lab (lab/setup.sh, libvirtd running) and builds the release
 //! `vigil` binary. The workload: a busybox shell counting loop (CPU) and
@@ -69,13 +70,30 @@ fn metrics(port: u16) -> String {
     out
 }
 
+/// Checks of `domain` so far, (hot, full).
+fn checks(port: u16, domain: &str) -> (f64, f64) {
+    let text = metrics(port);
+    let count = |scope: &str| {
+        let want = format!("vigil_checks_total{{domain=\"{domain}\",scope=\"{scope}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (count("hot"), count("full"))
+}
+
 fn full_checks(port: u16, domain: &str) -> f64 {
-    let want = format!("vigil_checks_total{{domain=\"{domain}\",scope=\"full\"}} ");
-    metrics(port)
-        .lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    checks(port, domain).1
+}
+
+/// The first line of a `--record` file for full checks every `full` s.
+fn record_header(full: u64) -> String {
+    if full == 1 {
+        RECORD_HEADER.to_string()
+    } else {
+        format!("{RECORD_HEADER}; full checks every {full} s")
+    }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -97,18 +115,19 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-/// `--record FILE`'s pairs so far (none if it does not exist yet).
-fn recorded(path: &Path) -> Vec<(f64, f64)> {
+/// `--record FILE`'s pairs so far (none if it does not exist yet), which
+/// must have been measured under `header`.
+fn recorded(path: &Path, header: &str) -> Vec<(f64, f64)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => panic!("reading {}: {e}", path.display()),
     };
     let mut lines = text.lines();
-    assert_eq!(
-        lines.next(),
-        Some(RECORD_HEADER),
-        "{} was not written by this version of guest_load: its pairs cannot be pooled with these",
+    let first = lines.next().unwrap_or("");
+    assert!(
+        first == header,
+        "{}: its first line is {first:?}, not {header:?}: pairs measured another way cannot be pooled with these",
         path.display()
     );
     lines
@@ -199,6 +218,10 @@ fn main() {
         return;
     }
     let rounds = usize::try_from(arg("--rounds", 8)).unwrap();
+    // Hot checks (registers, tables) run every second; full ones every
+    // `--full-interval` seconds (the shipped configuration says 10).
+    let full_every = arg("--full-interval", 1).max(1);
+    let header = record_header(full_every);
     let args: Vec<String> = std::env::args().collect();
     let record = args
         .iter()
@@ -206,7 +229,7 @@ fn main() {
         // cargo runs benchmarks in the package's directory: a relative
         // name is taken from the repository's root instead.
         .map(|i| repo().join(args.get(i + 1).expect("--record needs a file name")));
-    let mut pairs = record.as_deref().map(recorded).unwrap_or_default();
+    let mut pairs = record.as_deref().map(|p| recorded(p, &header)).unwrap_or_default();
     let earlier = pairs.len();
     if rounds == 0 {
         // Only the report on the pairs recorded.
@@ -221,7 +244,7 @@ fn main() {
             .open(path)
             .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
         if earlier == 0 {
-            writeln!(f, "{RECORD_HEADER}").unwrap();
+            writeln!(f, "{header}").unwrap();
         }
         f
     });
@@ -233,9 +256,10 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
-        "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"1s\"\nfull_interval = \"1s\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+        "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"1s\"\nfull_interval = \"{}s\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
         repo().display(),
-        g.name
+        g.name,
+        full_every
     );
     std::fs::write(dir.path().join("vigil.toml"), config).unwrap();
     let name = g.name.clone();
@@ -316,9 +340,13 @@ fn main() {
         // Metrics cannot be read from a frozen daemon: the count is taken
         // after SIGCONT, and the round starts once it has grown.
         signal(&daemon, "-CONT");
-        let before = full_checks(port, &name);
+        let total = || {
+            let (hot, full) = checks(port, &name);
+            hot + full
+        };
+        let before = total();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while full_checks(port, &name) <= before {
+        while total() <= before {
             assert!(Instant::now() < deadline, "the thawed daemon did not check {name}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -326,11 +354,11 @@ fn main() {
     freeze();
 
     let (mut off, mut on) = (Vec::new(), Vec::new());
-    let mut checks_on = 0.0;
+    let (mut hot_on, mut full_on) = (0.0, 0.0);
     // Host CPU seconds per side (stopped, checking), as `host_cpu` orders them.
     let mut cpu = [[0.0f64; 4]; 2];
     println!(
-        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it in full every second{}",
+        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it every second, in full every {full_every} s{}",
         g.name,
         if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
     );
@@ -346,12 +374,14 @@ fn main() {
                 (0..4).for_each(|k| cpu[0][k] += after[k] - before[k]);
             } else {
                 thaw();
-                let before = full_checks(port, &name);
+                let before = checks(port, &name);
                 let cpu_before = host_cpu(pid, qemu);
                 pair[1] = run(&mut g);
                 let cpu_after = host_cpu(pid, qemu);
                 (0..4).for_each(|k| cpu[1][k] += cpu_after[k] - cpu_before[k]);
-                checks_on += full_checks(port, &name) - before;
+                let after = checks(port, &name);
+                hot_on += after.0 - before.0;
+                full_on += after.1 - before.1;
                 freeze();
             }
         }
@@ -375,7 +405,7 @@ fn main() {
     println!("this run, {rounds} pairs:");
     println!("  stopped:  mean {mo:.3} s, sd {so:.3} s");
     println!(
-        "  checking: mean {mn:.3} s, sd {sn:.3} s ({checks_on:.0} full checks during those rounds)"
+        "  checking: mean {mn:.3} s, sd {sn:.3} s ({full_on:.0} full and {hot_on:.0} hot checks during those rounds)"
     );
     let per_second = |side: usize, k: usize, total: f64| 1000.0 * cpu[side][k] / total;
     let (t_off, t_on) = (off.iter().sum::<f64>(), on.iter().sum::<f64>());
