@@ -108,11 +108,9 @@ fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(") ")?.1.chars().next()
 }
 
+/// Mean and standard deviation (0 for a single value).
 fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (m, var.sqrt())
+    paired::mean(v).map_or((v.iter().sum::<f64>() / v.len() as f64, 0.0), |(e, sd)| (e.value, sd))
 }
 
 /// `--record FILE`'s pairs so far (none if it does not exist yet), which
