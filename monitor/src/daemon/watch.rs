@@ -613,11 +613,11 @@ fn protect_modules(
     let mut out = Vec::new();
     events.clear();
     let list = &m.modules;
-    let listed = |n: &str, b: u64, state: Option<u32>| {
-        list.iter().any(|m| m.name == n && m.base == b && state.is_none_or(|s| m.state == s))
+    let listed = |n: &str, b: u64, state: u32| {
+        list.iter().any(|m| m.name == n && m.base == b && m.state == state)
     };
     // Gone, or in another state: counted afresh.
-    not_live.since.retain(|(n, b), (state, _)| listed(n, *b, Some(*state)));
+    not_live.since.retain(|(n, b), (state, _)| listed(n, *b, *state));
     for md in list.iter().filter(|m| m.state != semantic::MODULE_LIVE) {
         let (_, since) =
             *not_live.since.entry((md.name.clone(), md.base)).or_insert((md.state, now));
@@ -652,7 +652,7 @@ fn protect_modules(
         .keys()
         .filter(|(n, b)| {
             !live.iter().any(|m| &m.name == n && m.base == *b)
-                && !listed(n, *b, Some(semantic::MODULE_GOING))
+                && !listed(n, *b, semantic::MODULE_GOING)
         })
         .cloned()
         .collect();
