@@ -107,6 +107,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 s.settle,
                 s.check_timeout,
                 s.module_grace,
+                s.alert_rotation,
                 &s.state_dir
             )
         ),
@@ -119,6 +120,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 d.settle,
                 d.check_timeout,
                 d.module_grace,
+                d.alert_rotation,
                 &d.state_dir
             )
         )

@@ -5,6 +5,11 @@
 //! The log is also the daemon's memory of what it has already said: on start
 //! it is read back, so a restarted daemon neither repeats an alert nor loses
 //! track of a change it reported before it died.
+//!
+//! It does not grow without end: past a size ([`Rotation`]) it is renamed
+//! `<log>.1` (the older ones shifting to `.2`, ... and the oldest dropped)
+//! and a new one begun. What was still reported then is first written to
+//! `<log>.state`, which is read back before the log itself.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -271,12 +276,58 @@ pub struct AlertLogError {
     pub source: std::io::Error,
 }
 
+/// When the alert log is rotated and how many rotated logs are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The log is rotated after the append that takes it past this size.
+    pub max_bytes: u64,
+    /// Rotated logs kept (`<log>.1` the newest), at least 1: a pusher that
+    /// is behind finishes the one it was reading.
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { max_bytes: 64 << 20, keep: 4 }
+    }
+}
+
+/// The `n`th rotated log beside `log`: `alerts.jsonl.1`, ...
+pub fn rotated_path(log: &Path, n: u32) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// What was reported when `log` was last rotated.
+pub fn state_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".state");
+    PathBuf::from(name)
+}
+
+/// One reported group in the state file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StateEntry {
+    uuid: String,
+    boot: String,
+    key: String,
+    digest: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    schema: u32,
+    reported: Vec<StateEntry>,
+}
+
 /// The append-only, fsynced alert log.
 pub struct AlertLog {
     path: PathBuf,
     file: File,
     /// An append failed, perhaps part-way: the next starts a line of its own.
     torn: bool,
+    rotation: Rotation,
 }
 
 /// What the log says is currently reported, per domain and boot: group key
@@ -285,6 +336,10 @@ pub type Reported = HashMap<(String, String), HashMap<String, String>>;
 
 impl AlertLog {
     pub fn open(path: &Path) -> Result<Self, AlertLogError> {
+        Self::open_rotating(path, Rotation::default())
+    }
+
+    pub fn open_rotating(path: &Path, rotation: Rotation) -> Result<Self, AlertLogError> {
         let err = |source| AlertLogError { path: path.to_owned(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
@@ -302,7 +357,7 @@ impl AlertLog {
                 file.write_all(b"\n").and_then(|()| file.sync_data()).map_err(err)?;
             }
         }
-        Ok(Self { path: path.to_owned(), file, torn: false })
+        Ok(Self { path: path.to_owned(), file, torn: false, rotation })
     }
 
     /// Appends one line and waits until it is on disk.
@@ -320,10 +375,52 @@ impl AlertLog {
         Ok(())
     }
 
-    /// Reads the log back and returns what is currently reported. Lines that
-    /// are not alerts (a torn last line after a crash, say) are skipped.
+    /// Rotates the log if it has grown past its size; whether it did. The
+    /// alerts already appended stay logged whatever this returns.
+    pub fn rotate_if_due(&mut self) -> Result<bool, AlertLogError> {
+        let err = |source| AlertLogError { path: self.path.clone(), source };
+        if self.file.metadata().map_err(err)?.len() <= self.rotation.max_bytes {
+            return Ok(false);
+        }
+        self.rotate()?;
+        Ok(true)
+    }
+
+    /// Keeps what is reported in the state file, shifts the rotated logs
+    /// (dropping the oldest), renames the log `<log>.1` and begins a new one.
+    /// A crash at any step loses nothing: the state and the log are read
+    /// back together, and reading a log twice over its state changes nothing.
+    pub fn rotate(&mut self) -> Result<(), AlertLogError> {
+        let outstanding = Self::reported(&self.path)?;
+        write_state(&state_path(&self.path), &outstanding)?;
+        let keep = self.rotation.keep.max(1);
+        for n in (1..keep).rev() {
+            let from = rotated_path(&self.path, n);
+            match std::fs::rename(&from, rotated_path(&self.path, n + 1)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(AlertLogError { path: from, source: e });
+                }
+                _ => {}
+            }
+        }
+        let err = |source| AlertLogError { path: self.path.clone(), source };
+        std::fs::rename(&self.path, rotated_path(&self.path, 1)).map_err(err)?;
+        sync_parent(&self.path).map_err(err)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&self.path)
+            .map_err(err)?;
+        self.torn = false;
+        Ok(())
+    }
+
+    /// Reads the log back, over the state kept at its last rotation, and
+    /// returns what is currently reported. Lines that are not alerts (a torn
+    /// last line after a crash, say) are skipped.
     pub fn reported(path: &Path) -> Result<Reported, AlertLogError> {
-        let mut out: Reported = HashMap::new();
+        let mut out = read_state(&state_path(path))?;
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -363,6 +460,62 @@ impl AlertLog {
     }
 }
 
+/// The state file's reported groups; none if there is no state file.
+fn read_state(path: &Path) -> Result<Reported, AlertLogError> {
+    let mut out: Reported = HashMap::new();
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(source) => return Err(AlertLogError { path: path.to_owned(), source }),
+    };
+    let state: State = serde_json::from_slice(&text).map_err(|e| AlertLogError {
+        path: path.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not an alert-log state file ({e}); move it away to start afresh (changes still present are then reported again)"
+            ),
+        ),
+    })?;
+    for e in state.reported {
+        out.entry((e.uuid, e.boot)).or_default().insert(e.key, e.digest);
+    }
+    Ok(out)
+}
+
+/// Writes the state file whole or not at all: a temporary file, synced,
+/// renamed over it.
+fn write_state(path: &Path, reported: &Reported) -> Result<(), AlertLogError> {
+    let mut entries: Vec<StateEntry> = reported
+        .iter()
+        .flat_map(|((uuid, boot), groups)| {
+            groups.iter().map(move |(key, digest)| StateEntry {
+                uuid: uuid.clone(),
+                boot: boot.clone(),
+                key: key.clone(),
+                digest: digest.clone(),
+            })
+        })
+        .collect();
+    entries.sort_by(|a, b| (&a.uuid, &a.boot, &a.key).cmp(&(&b.uuid, &b.boot, &b.key)));
+    let text = serde_json::to_vec(&State { schema: SCHEMA, reported: entries }).expect("json");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let err = |source| AlertLogError { path: path.to_owned(), source };
+    File::create(&tmp)
+        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+        .map_err(|source| AlertLogError { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    sync_parent(path).map_err(err)
+}
+
+/// Makes the renames in `path`'s directory durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 /// Decides which groups of a scan are news (not reported before, or
 /// reported with another digest) and which reported groups are gone.
 pub fn news<'a>(
@@ -380,6 +533,7 @@ pub fn news<'a>(
 mod tests {
     use super::*;
     use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+    use crate::libvirt::error_chain;
 
     fn finding(gva: u64, after: &str) -> Finding {
         Finding {
@@ -465,6 +619,49 @@ mod tests {
         log.append(&s.event(EventKind::Accepted, "info", "ok".into())).unwrap();
         let r = AlertLog::reported(&path).unwrap();
         assert!(r[&("u".to_string(), "b".to_string())].is_empty());
+    }
+
+    /// A change reported long ago is still known once its line has been
+    /// rotated away (and its file dropped); rotated logs beyond `keep` go.
+    #[test]
+    fn what_is_reported_outlives_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let rotation = Rotation { max_bytes: 1000, keep: 2 };
+        let mut log = AlertLog::open_rotating(&path, rotation).unwrap();
+        let s = subject();
+        let text = [finding(0x1000, "bb")];
+        let g = groups(&text);
+        log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
+        let mut rotations = 0;
+        for i in 0..20 {
+            log.append(&s.event(EventKind::Attached, "info", format!("filler {i}"))).unwrap();
+            rotations += u32::from(log.rotate_if_due().unwrap());
+        }
+        assert!(rotations > rotation.keep, "only {rotations} rotations");
+        assert!(rotated_path(&path, 2).exists() && !rotated_path(&path, 3).exists());
+        let all: String = [path.clone(), rotated_path(&path, 1), rotated_path(&path, 2)]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert!(!all.contains(&g[0].1), "the violation's line should be gone by now");
+        let key = ("u".to_string(), "b".to_string());
+        assert_eq!(AlertLog::reported(&path).unwrap()[&key][&g[0].0], g[0].1);
+        // Read twice over the state (a crash between writing the state and
+        // renaming the log): the same.
+        let before = AlertLog::reported(&path).unwrap();
+        write_state(&state_path(&path), &before).unwrap();
+        assert_eq!(AlertLog::reported(&path).unwrap(), before);
+        // The change reverted, then rotated away: gone from the state too.
+        let mut rev = s.event(EventKind::Reverted, "info", "gone".into());
+        rev.key = g[0].0.clone();
+        log.append(&rev).unwrap();
+        log.rotate().unwrap();
+        assert!(AlertLog::reported(&path).unwrap().get(&key).is_none_or(HashMap::is_empty));
+        // A state file that is not one is refused, by name.
+        std::fs::write(state_path(&path), "{").unwrap();
+        let e = error_chain(&AlertLog::reported(&path).unwrap_err());
+        assert!(e.contains("alerts.jsonl.state") && e.contains("move it away"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::alerts::Rotation;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,6 +30,8 @@ pub struct RawConfig {
     pub connect: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub alert_log: Option<PathBuf>,
+    pub alert_log_max_size: Option<String>,
+    pub alert_log_keep: Option<u32>,
     pub metrics_listen: Option<String>,
     pub control_socket: Option<PathBuf>,
     pub control_group: Option<String>,
@@ -111,6 +115,8 @@ pub struct Settings {
     pub connect: String,
     pub state_dir: PathBuf,
     pub alert_log: PathBuf,
+    /// When the alert log is rotated, and how many rotated logs are kept.
+    pub alert_rotation: Rotation,
     pub metrics_listen: SocketAddr,
     pub control_socket: PathBuf,
     pub control_group: String,
@@ -156,6 +162,9 @@ pub struct EvidenceSettings {
     /// At most one bundle per domain in this time.
     pub min_interval: Duration,
 }
+
+/// The smallest alert log rotated: an alert line may be 64 KiB long.
+const MIN_ALERT_LOG: u64 = 64 << 10;
 
 /// Parses a size: `"512MiB"`, `"4GiB"`, `"1TiB"`, `"64KiB"`, or plain bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -271,6 +280,28 @@ impl Settings {
             .clone()
             .or(raw.alert_log)
             .unwrap_or_else(|| state_dir.join("alerts.jsonl"));
+        let alert_rotation = {
+            let d = Rotation::default();
+            let max_bytes = match &raw.alert_log_max_size {
+                None => d.max_bytes,
+                Some(t) => parse_size(t).filter(|&b| b >= MIN_ALERT_LOG).ok_or_else(|| {
+                    bad(
+                        "alert_log_max_size",
+                        format!("{t:?} is not a size of at least \"64KiB\", like \"64MiB\""),
+                    )
+                })?,
+            };
+            let keep = raw.alert_log_keep.unwrap_or(d.keep);
+            if !(1..=1000).contains(&keep) {
+                return Err(bad(
+                    "alert_log_keep",
+                    format!(
+                        "{keep} is not between 1 and 1000 (a pusher that is behind finishes reading the newest rotated log)"
+                    ),
+                ));
+            }
+            Rotation { max_bytes, keep }
+        };
         let listen = over
             .metrics_listen
             .clone()
@@ -391,6 +422,7 @@ impl Settings {
                 .or(raw.connect)
                 .unwrap_or_else(|| "qemu:///system".into()),
             alert_log,
+            alert_rotation,
             metrics_listen,
             control_socket: over
                 .control_socket
@@ -472,6 +504,9 @@ mod tests {
         assert_eq!(s.module_grace, Duration::from_secs(300));
         let e = load("[schedule]\nmodule_grace = \"soon\"").unwrap_err().to_string();
         assert!(e.contains("schedule.module_grace"), "{e}");
+        assert_eq!(load("").unwrap().alert_rotation, Rotation { max_bytes: 64 << 20, keep: 4 });
+        let s = load("alert_log_max_size = \"1MiB\"\nalert_log_keep = 2").unwrap();
+        assert_eq!(s.alert_rotation, Rotation { max_bytes: 1 << 20, keep: 2 });
     }
 
     #[test]
@@ -506,6 +541,9 @@ mod tests {
             ("[evidence]\nmemory_dump = true", "evidence.enabled"),
             ("originals = \"ssd\"", "originals"),
             ("[evidence]\nenabled = true\nmin_interval = \"soon\"", "evidence.min_interval"),
+            ("alert_log_max_size = \"4KiB\"", "alert_log_max_size"),
+            ("alert_log_max_size = \"big\"", "alert_log_max_size"),
+            ("alert_log_keep = 0", "alert_log_keep"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.starts_with("vigil.toml: key ") && e.contains(key), "{text:?}: {e}");

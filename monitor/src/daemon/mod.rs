@@ -95,7 +95,20 @@ impl Sink {
     /// the push queues. Returns whether the log took it.
     pub fn emit(&self, alert: Alert) -> bool {
         use std::sync::atomic::Ordering;
-        let appended = self.log.lock().expect("alert log lock").append(&alert);
+        let appended = {
+            let mut log = self.log.lock().expect("alert log lock");
+            let appended = log.append(&alert);
+            // Rotating may fail (the directory read-only, say) after the
+            // alert is safely logged: said, counted, and tried again next time.
+            if appended.is_ok()
+                && let Err(e) = log.rotate_if_due()
+            {
+                warn_line!("vigil: warning: rotating the alert log: {}", error_chain(&e));
+                let kind = KindLabels { kind: "alert_log_rotate".into() };
+                self.metrics.errors.get_or_create(&kind).inc();
+            }
+            appended
+        };
         let logged = match appended {
             Ok(()) => {
                 if self.log_failing.swap(false, Ordering::SeqCst) {
@@ -1015,7 +1028,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     })?;
     let metrics = Metrics::new();
     let reported = AlertLog::reported(&settings.alert_log)?;
-    let log = AlertLog::open(&settings.alert_log)?;
+    let log = AlertLog::open_rotating(&settings.alert_log, settings.alert_rotation)?;
     let mut pushers = Vec::new();
     for (ep, is_am) in [(settings.alertmanager.clone(), true), (settings.webhook.clone(), false)] {
         if let Some(ep) = ep {
@@ -1124,7 +1137,49 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
 
 #[cfg(test)]
 mod tests {
-    use super::panicked;
+    use super::alerts::{
+        AlertLog, EventKind, Reported, Rotation, Subject, rotated_path, state_path,
+    };
+    use super::metrics::{KindLabels, Metrics};
+    use super::{Sink, panicked};
+
+    /// Rotation comes after the alert is on disk: when it fails, the alert
+    /// is still logged (and not pushed as unlogged), the failure counted, and
+    /// the next alert rotates once it can.
+    #[test]
+    fn an_alert_is_logged_though_the_rotation_after_it_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let rotation = Rotation { max_bytes: 2000, keep: 2 };
+        let sink = Sink {
+            log: std::sync::Mutex::new(AlertLog::open_rotating(&path, rotation).unwrap()),
+            reported: std::sync::Mutex::new(Reported::default()),
+            metrics: Metrics::new(),
+            pushers: Vec::new(),
+            log_failing: false.into(),
+        };
+        let s =
+            Subject { host: "h".into(), domain: "d".into(), uuid: "u".into(), boot: "b".into() };
+        let event = |i: usize| s.event(EventKind::Attached, "info", format!("event {i}"));
+        // A directory where the state file goes: the rotation cannot keep
+        // the state, so it does not happen.
+        std::fs::create_dir(state_path(&path)).unwrap();
+        for i in 0..10 {
+            assert!(sink.emit(event(i)), "event {i} not logged");
+        }
+        let failed = sink
+            .metrics
+            .errors
+            .get_or_create(&KindLabels { kind: "alert_log_rotate".into() })
+            .get();
+        assert!(failed > 0, "no failed rotation counted");
+        assert!(!rotated_path(&path, 1).exists());
+        let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!(lines(&path), 10);
+        std::fs::remove_dir(state_path(&path)).unwrap();
+        assert!(sink.emit(event(10)));
+        assert_eq!((lines(&rotated_path(&path, 1)), lines(&path)), (11, 0));
+    }
 
     /// What the task supervisor in `start_task` relies on: a panic is told
     /// from an end or a cancellation, with its message.

@@ -1,11 +1,14 @@
 //! Pushing alerts to an Alertmanager (v2 API) and to a webhook, off the
 //! check path. A pusher delivers from the durable alert log, in order, and
 //! keeps how far it got in a cursor file beside the other state
-//! (`push-alertmanager.offset`, `push-webhook.offset`): an alert is retried
-//! until its sink takes it, across restarts, and none is lost while a sink
-//! is unreachable. The checks only wake the pusher. An alert the log could
-//! not take (the disk full, say) is handed over whole and pushed with a few
-//! retries, the best that can be done for it.
+//! (`push-alertmanager.offset`, `push-webhook.offset`: the offset, and the
+//! inode of the log file it is in): an alert is retried until its sink takes
+//! it, across restarts, and none is lost while a sink is unreachable. When
+//! the log has been rotated under it, a pusher finishes the rotated file it
+//! was in (found by its inode) before it starts on the next. The checks only
+//! wake the pusher. An alert the log could not take (the disk full, say) is
+//! handed over whole and pushed with a few retries, the best that can be
+//! done for it.
 //!
 //! The HTTP client is the least that does: HTTP/1.1 POST over plain TCP to
 //! the configured host and port, success on a 2xx status.
@@ -104,21 +107,59 @@ const MAX_LINE: usize = 1 << 20;
 /// still undelivered, at the latest).
 const IDLE: Duration = Duration::from_secs(30);
 
-fn read_cursor(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+/// Rotated logs looked through for the one a cursor is in, at most.
+const MAX_ROTATED: u32 = 1000;
+
+/// A pusher's place in the alert log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    offset: u64,
+    /// The inode of the log file `offset` is in; `None` in a cursor written
+    /// before the log was rotated, taken as the current log's.
+    inode: Option<u64>,
 }
 
-fn write_cursor(path: &Path, offset: u64) -> std::io::Result<()> {
+fn read_cursor(path: &Path) -> Option<Cursor> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut words = text.split_whitespace();
+    let offset = words.next()?.parse().ok()?;
+    let inode = match words.next() {
+        None => None,
+        Some(w) => Some(w.parse().ok()?),
+    };
+    Some(Cursor { offset, inode })
+}
+
+fn write_cursor(path: &Path, c: Cursor) -> std::io::Result<()> {
     let tmp = path.with_extension("offset.tmp");
-    std::fs::write(&tmp, format!("{offset}\n"))?;
+    let text = match c.inode {
+        Some(i) => format!("{} {i}\n", c.offset),
+        None => format!("{}\n", c.offset),
+    };
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
 
-/// The complete alert lines of the log from `offset` on, with the offset
+/// The rotated log (`<log>.1`, `<log>.2`, ...) whose inode is `inode`, and
+/// the inode of the one rotated after it (`None`: the current log follows).
+fn rotated_with_inode(log: &Path, inode: u64) -> Option<(std::fs::File, Option<u64>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut newer = None;
+    for n in 1..=MAX_ROTATED {
+        let f = std::fs::File::open(super::alerts::rotated_path(log, n)).ok()?;
+        let ino = f.metadata().ok()?.ino();
+        if ino == inode {
+            return Some((f, newer));
+        }
+        newer = Some(ino);
+    }
+    None
+}
+
+/// The complete alert lines of `f` from `offset` on, with the offset
 /// after each (a torn or over-long line is skipped, not fatal).
-fn lines_from(log: &Path, offset: u64) -> std::io::Result<Vec<(u64, Option<Alert>)>> {
+fn lines_from(mut f: std::fs::File, offset: u64) -> std::io::Result<Vec<(u64, Option<Alert>)>> {
     use std::io::{BufRead, Read, Seek};
-    let mut f = std::fs::File::open(log)?;
     f.seek(std::io::SeekFrom::Start(offset))?;
     let mut reader = std::io::BufReader::new(f);
     let (mut out, mut at, mut buf) = (Vec::new(), offset, Vec::new());
@@ -185,22 +226,78 @@ pub async fn run(
         warn_line!("vigil: warning: pushing {what} to the {sink}: {e}");
         metrics.errors.get_or_create(&KindLabels { kind: format!("{sink}_push") }).inc();
     };
+    let save = |c: Cursor| {
+        if let Err(e) = write_cursor(&cursor, c) {
+            failed(&e.to_string(), &format!("its place ({})", cursor.display()));
+        }
+    };
+    // The current log, opened, with its inode and length.
+    let open_log = || -> std::io::Result<(std::fs::File, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open(&log)?;
+        let m = f.metadata()?;
+        Ok((f, m.ino(), m.len()))
+    };
     // First start: from the log's end (what came before was never queued
     // for this sink); afterwards, from where the last run got to.
-    let log_len = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    let mut offset = read_cursor(&cursor).unwrap_or_else(|| {
-        let end = log_len();
-        if let Err(e) = write_cursor(&cursor, end) {
-            failed(&e.to_string(), &format!("its start ({})", cursor.display()));
-        }
-        end
+    let mut at = read_cursor(&cursor).unwrap_or_else(|| {
+        let here = open_log().map_or(Cursor { offset: 0, inode: None }, |(_, ino, len)| Cursor {
+            offset: len,
+            inode: Some(ino),
+        });
+        save(here);
+        here
     });
     let mut delay = Duration::from_secs(1);
     loop {
         // Deliver everything the log holds past the cursor, in order; an
         // alert that will not go is retried, with backoff, before the next.
-        offset = offset.min(log_len());
-        let lines = lines_from(&log, offset).unwrap_or_else(|e| {
+        let current = open_log();
+        // Where to go once the file read now is done, if it is a rotated one.
+        let mut then = None;
+        let file = match current {
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    failed(&e.to_string(), &format!("from the alert log {}", log.display()));
+                }
+                None
+            }
+            Ok((f, ino, _)) => match at.inode {
+                Some(old) if old != ino => match rotated_with_inode(&log, old) {
+                    // Rotated since: the rest of the file the cursor is in first.
+                    Some((rotated, newer)) => {
+                        then = Some(Cursor { offset: 0, inode: newer.or(Some(ino)) });
+                        Some(rotated)
+                    }
+                    None => {
+                        failed(
+                            "it was rotated away before its alerts were all delivered",
+                            &format!(
+                                "the alerts after offset {} of an older alert log {}",
+                                at.offset,
+                                log.display()
+                            ),
+                        );
+                        at = Cursor { offset: 0, inode: Some(ino) };
+                        save(at);
+                        Some(f)
+                    }
+                },
+                _ => {
+                    at.inode = Some(ino);
+                    Some(f)
+                }
+            },
+        };
+        let lines = match file {
+            None => Ok(Vec::new()),
+            Some(f) => {
+                let len = f.metadata().map_or(0, |m| m.len());
+                at.offset = at.offset.min(len);
+                lines_from(f, at.offset)
+            }
+        };
+        let lines = lines.unwrap_or_else(|e| {
             failed(&e.to_string(), &format!("from the alert log {}", log.display()));
             Vec::new()
         });
@@ -213,10 +310,14 @@ pub async fn run(
                 stuck = true;
                 break;
             }
-            offset = next;
-            if let Err(e) = write_cursor(&cursor, offset) {
-                failed(&e.to_string(), &format!("its place ({})", cursor.display()));
-            }
+            at.offset = next;
+            save(at);
+        }
+        if let Some(next) = then.filter(|_| !stuck) {
+            // That rotated file is done: on to the start of the next.
+            at = next;
+            save(at);
+            continue;
         }
         if stuck {
             // Back off, then try again; alerts the log could not take that
@@ -398,13 +499,77 @@ mod tests {
         until("the alert logged meanwhile", || got.lock().unwrap().len() == 2).await;
         assert_eq!(got.lock().unwrap()[1], second);
         let end = std::fs::metadata(&log_path).unwrap().len();
-        until("the cursor at the end", || read_cursor(&cursor) == Some(end)).await;
+        until("the cursor at the end", || read_cursor(&cursor).map(|c| c.offset) == Some(end))
+            .await;
         drop(tx);
         pusher.await.unwrap();
         assert!(
             !got.lock().unwrap().contains(&old),
             "an alert from before the first start was sent"
         );
+    }
+
+    /// Alerts logged while the sink is down, over several rotations of the
+    /// log, reach it once it is up: every one, once, in order.
+    #[tokio::test]
+    async fn a_pusher_that_is_behind_follows_the_log_through_rotations() {
+        use crate::daemon::alerts::{AlertLog, Rotation};
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let rotation = Rotation { max_bytes: 1500, keep: 4 };
+        let mut log = AlertLog::open_rotating(&log_path, rotation).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics = Metrics::new();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(
+            endpoint(port, "/hook"),
+            false,
+            log_path.clone(),
+            cursor.clone(),
+            rx,
+            metrics.clone(),
+        ));
+        until("the pusher's cursor", || read_cursor(&cursor).is_some()).await;
+        let (mut sent, mut rotations) = (Vec::new(), 0);
+        for i in 0..12 {
+            let mut a = alert(EventKind::Violation);
+            a.detail = format!("alert {i}");
+            log.append(&a).unwrap();
+            rotations += u32::from(log.rotate_if_due().unwrap());
+            sent.push(a);
+            tx.send(Wake::Logged).await.unwrap();
+        }
+        assert!(
+            (2..=rotation.keep).contains(&rotations),
+            "{rotations} rotations: the test needs several, none dropped"
+        );
+        let failures =
+            |m: &Metrics| m.errors.get_or_create(&KindLabels { kind: "webhook_push".into() }).get();
+        until("a failed push", || failures(&metrics) > 0).await;
+        let got = collector(port).await;
+        until("every alert delivered", || got.lock().unwrap().len() >= sent.len()).await;
+        let end = std::fs::metadata(&log_path).unwrap().len();
+        until("the cursor at the current log's end", || {
+            read_cursor(&cursor).map(|c| c.offset) == Some(end)
+        })
+        .await;
+        assert_eq!(*got.lock().unwrap(), sent);
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
+    #[test]
+    fn cursors_old_and_new_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        std::fs::write(&path, "123\n").unwrap();
+        assert_eq!(read_cursor(&path), Some(Cursor { offset: 123, inode: None }));
+        write_cursor(&path, Cursor { offset: 5, inode: Some(77) }).unwrap();
+        assert_eq!(read_cursor(&path), Some(Cursor { offset: 5, inode: Some(77) }));
+        for bad in ["", "x", "1 y"] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(read_cursor(&path), None, "{bad:?}");
+        }
     }
 
     #[test]
