@@ -1,11 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Lab attack: a module that hides its own text from checks by writing its
- * module state. `after` seconds after loading it says it is unloading and
- * rewrites the first byte of one of its functions; with `back` set it says
- * it is live again `back` seconds later, as though nothing had happened. */
+ * module state. `after` seconds after loading it says it is unloading (or,
+ * built as vigil_coming, loading) and rewrites the first byte of one of its
+ * functions; with `back` set it says it is live again `back` seconds later,
+ * as though nothing had happened. */
 #include <linux/module.h>
 #include <linux/workqueue.h>
 #include "vigil_lab.h"
+
+#ifndef VIGIL_CLAIMED_STATE
+#define VIGIL_CLAIMED_STATE MODULE_STATE_GOING
+#endif
 
 static unsigned int after = 3;
 module_param(after, uint, 0400);
@@ -33,9 +38,10 @@ static void flip(struct work_struct *work)
 		return;
 	}
 	went = true;
-	THIS_MODULE->state = MODULE_STATE_GOING;
+	THIS_MODULE->state = VIGIL_CLAIMED_STATE;
 	LAB_WITH_WP_CLEARED(WRITE_ONCE(*text, *text ^ 0xff));
-	pr_info("vigil-lab: %s claims to unload, text at %px rewritten\n", THIS_MODULE->name, text);
+	pr_info("vigil-lab: %s claims state %d, text at %px rewritten\n", THIS_MODULE->name,
+		VIGIL_CLAIMED_STATE, text);
 	if (back)
 		schedule_delayed_work(&flip_work, back * HZ);
 }

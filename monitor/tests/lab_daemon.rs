@@ -541,24 +541,32 @@ fn lab_daemon_catches_a_write_to_module_text_after_load() {
 #[test]
 fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
     // Two seconds after loading, each module writes its own state to
-    // "unloading" and rewrites a byte of its text. vigil_going says it is
-    // live again three seconds later; vigil_stuck stays "unloading".
+    // "unloading" (vigil_coming: "loading") and rewrites a byte of its text.
+    // vigil_going and vigil_coming say they are live again three seconds
+    // later; vigil_stuck stays "unloading".
     let d = Daemon::start_with("vigil-lab-dmn-going", "module_grace = \"8s\"\n", vec![]);
     let mut g = boot("dmn-going");
     d.wait_watching(&g);
     let loaded = Instant::now();
-    g.run("insmod /lib/vigil/vigil_going.ko after=2 back=3 && insmod /lib/vigil/vigil_stuck.ko after=2")
-        .unwrap();
-    d.wait_for("both module-loaded events", 2 * HOT + Duration::from_secs(3), |d| {
-        d.events("module-loaded", &g.name).len() >= 2
+    g.run(
+        "insmod /lib/vigil/vigil_going.ko after=2 back=3 && insmod /lib/vigil/vigil_stuck.ko after=2 \
+         && insmod /lib/vigil/vigil_coming.ko after=2 back=3",
+    )
+    .unwrap();
+    d.wait_for("the three module-loaded events", 2 * HOT + Duration::from_secs(3), |d| {
+        d.events("module-loaded", &g.name).len() >= 3
     });
-    d.wait_for("the rewritten text of vigil_going", Duration::from_secs(30), |d| {
-        !violations(d, &g, "module:vigil_going").is_empty()
-    });
-    for v in violations(&d, &g, "module:vigil_going") {
-        assert_eq!(v["kind"], "content", "{v:#}");
-        let detail = v["detail"].as_str().unwrap();
-        assert!(detail.contains("text of module vigil_going changed after it was loaded"), "{v:#}");
+    for name in ["vigil_going", "vigil_coming"] {
+        let region = format!("module:{name}");
+        d.wait_for(&format!("the rewritten text of {name}"), Duration::from_secs(30), |d| {
+            !violations(d, &g, &region).is_empty()
+        });
+        for v in violations(&d, &g, &region) {
+            assert_eq!(v["kind"], "content", "{v:#}");
+            let detail = v["detail"].as_str().unwrap();
+            let says = format!("text of module {name} changed after it was loaded");
+            assert!(detail.contains(&says), "{v:#}");
+        }
     }
     d.wait_for("vigil_stuck reported", Duration::from_secs(40), |d| {
         !violations(d, &g, "module:vigil_stuck").is_empty()
@@ -571,7 +579,7 @@ fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
         v["detail"].as_str().unwrap().starts_with("module vigil_stuck has been unloading for "),
         "{v:#}"
     );
-    // Both stay listed: no unload is reported, and nothing else is wrong.
+    // All stay listed: no unload is reported, and nothing else is wrong.
     assert!(
         d.events("module-unloaded", &g.name).is_empty(),
         "{:#?}",
@@ -580,7 +588,10 @@ fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
     let others: Vec<serde_json::Value> = d
         .events("violation", &g.name)
         .into_iter()
-        .filter(|v| v["region"] != "module:vigil_going" && v["region"] != "module:vigil_stuck")
+        .filter(|v| {
+            !["module:vigil_going", "module:vigil_stuck", "module:vigil_coming"]
+                .contains(&v["region"].as_str().unwrap_or(""))
+        })
         .collect();
     assert!(others.is_empty(), "{others:#?}");
 }

@@ -599,9 +599,11 @@ fn unreadable_records(what: String) -> Finding {
 /// another instance loaded at its base and not yet relocated, is not taken
 /// for the module's text changed.
 ///
-/// A known module that says it is unloading stays known until it leaves the
-/// list: if it turns live again, its text is compared with what it was, so
-/// that a module cannot rewrite itself while claiming to unload.
+/// A known module that says it is unloading, or loading, stays known until
+/// it leaves the list: if it turns live again, its text is compared with what
+/// it was, so that a module cannot rewrite itself while claiming either. (A
+/// real reload at the same base between two checks is compared so too, as
+/// one that is live at both: a different build loaded there is reported.)
 fn protect_modules(
     (known, not_live): (&mut HashMap<(String, u64), ModuleText>, &mut NotLive),
     events: &mut Vec<ModuleEvent>,
@@ -648,12 +650,10 @@ fn protect_modules(
     }
     let live: Vec<&semantic::Module> =
         list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
+    // Known and no longer listed, in any state, at its base.
     let gone: Vec<(String, u64)> = known
         .keys()
-        .filter(|(n, b)| {
-            !live.iter().any(|m| &m.name == n && m.base == *b)
-                && !listed(n, *b, semantic::MODULE_GOING)
-        })
+        .filter(|(n, b)| !list.iter().any(|m| &m.name == n && m.base == *b))
         .cloned()
         .collect();
     for key in gone {
@@ -949,12 +949,23 @@ mod tests {
         let (found, ev) = check(going, &image(going, 0x90), 201);
         assert!(found.is_empty() && ev.is_empty(), "counted from before it left: {found:?}");
 
-        // Loading (a new instance at the same base) forgets the old text.
-        let (found, _) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 300);
-        assert!(found.is_empty());
-        let (found, ev) = check(1, &image(1, 0x90), 301);
-        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        // Claiming to be loading (a new instance at the same base, for all
+        // the list says) does not wipe the slate either: live again with
+        // other text, it is a change, and no unload or load was seen.
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 300);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
+        let coming = semantic::MODULE_COMING;
+        let (found, ev) = check(coming, &image(coming, 0x90), 301);
+        assert!(found.is_empty() && ev.is_empty(), "{found:?} {ev:?}");
         let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 302);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
+        assert!(ev.is_empty(), "{ev:?}");
+        // Gone from the list for one check, then back with other text: a
+        // real unload and load, and the new text is the new reference.
+        let (found, ev) = check(u32::MAX, &image(0, 0x90), 400);
+        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 401);
         assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
     }
 }

@@ -43,6 +43,8 @@ pub struct Module {
 
 /// `MODULE_STATE_LIVE`: loaded, initialised, its text final.
 pub const MODULE_LIVE: u32 = 0;
+/// `MODULE_STATE_COMING`: its init function runs.
+pub const MODULE_COMING: u32 = 1;
 /// `MODULE_STATE_GOING`: its exit function runs, or it failed to load.
 pub const MODULE_GOING: u32 = 2;
 
@@ -50,7 +52,7 @@ pub const MODULE_GOING: u32 = 2;
 pub fn module_state_name(state: u32) -> &'static str {
     match state {
         MODULE_LIVE => "live",
-        1 => "loading",
+        MODULE_COMING => "loading",
         MODULE_GOING => "unloading",
         3 => "unformed",
         _ => "in an unknown state",
