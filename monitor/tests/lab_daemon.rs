@@ -585,6 +585,22 @@ fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
         "{:#?}",
         d.events("module-unloaded", &g.name)
     );
+    // Accepted: the modules' text as it is now is what they are held to,
+    // each live one taken up anew (vigil_stuck is not live), and their
+    // changes are not reported again.
+    let before = d.alerts().len();
+    let out = d.vigil(&["accept", &g.name, "--reason", "lab: rewritten modules approved"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d.wait_for("the modules taken up anew", 2 * HOT + Duration::from_secs(3), |d| {
+        d.events("module-loaded", &g.name).len() >= 5
+    });
+    std::thread::sleep(2 * FULL);
+    let since: Vec<serde_json::Value> = d.alerts()[before..]
+        .iter()
+        .filter(|a| a["event"] == "violation" && a["region"] != "module:vigil_stuck")
+        .cloned()
+        .collect();
+    assert!(since.is_empty(), "reported again after the accept: {since:#?}");
     let others: Vec<serde_json::Value> = d
         .events("violation", &g.name)
         .into_iter()

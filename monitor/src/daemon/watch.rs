@@ -735,6 +735,10 @@ impl Watched {
         self.originals = originals;
         self.patch_state = PatchMemory::default();
         self.tags = None;
+        // Modules too: each live one is taken up anew at the next check, its
+        // text as it is then its reference (a module-loaded event each).
+        self.modules.clear();
+        self.modules_not_live.since.clear();
         Ok(())
     }
 
