@@ -2,7 +2,8 @@
 //! QEMU), read through a fault-injecting wrapper (`memory::faults`). A read
 //! error, a short read or a RAM mapping that is gone makes a check fail with
 //! an error that says so, never a panic or a verdict on bytes not read, and
-//! the next check after the fault clears is whole again.
+//! the next check after the fault clears is whole again. Register snapshots
+//! that lead to no whole kernel (a vCPU caught mid-switch) are taken again.
 //!
 //! The daemon's side, each with a real fault: QEMU killed under one of two
 //! watched guests; a guest paused; a guest saved and restored (a new QEMU
@@ -13,6 +14,8 @@
 //! Needs the lab prepared and libvirtd running (`lab/test.sh` does both).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 use vigil::addr::PAGE_SIZE;
 use vigil::daemon::watch::{Guest, Watched};
@@ -26,11 +29,17 @@ use common::{Daemon, FULL, boot};
 
 use std::time::Duration;
 
-/// A libvirt domain whose memory is read through a [`Faulty`] wrapper.
+/// A libvirt domain whose memory is read through a [`Faulty`] wrapper, and
+/// whose next `glitches` register snapshots have the IDT where nothing is
+/// mapped, as one of a vCPU caught in an address space without it would.
 struct FaultyGuest {
     dom: GuestDomain,
     plan: FaultPlan,
+    glitches: Arc<AtomicU32>,
 }
+
+/// In the guard hole of x86-64's kernel half: never mapped.
+const UNMAPPED: u64 = 0xffff_8000_0000_1000;
 
 impl Guest for FaultyGuest {
     fn name(&self) -> &str {
@@ -43,7 +52,12 @@ impl Guest for FaultyGuest {
         Guest::ensure_running(&self.dom)
     }
     fn registers(&self) -> Result<Vec<vigil::qemu::VcpuRegisters>, LibvirtError> {
-        Guest::registers(&self.dom)
+        let mut regs = Guest::registers(&self.dom)?;
+        let glitch = self.glitches.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
+        if glitch {
+            regs.iter_mut().for_each(|r| r.idtr_base = UNMAPPED);
+        }
+        Ok(regs)
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         Ok(Box::new(Faulty::new(Guest::open_memory(&self.dom)?, self.plan.clone())))
@@ -61,7 +75,12 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     let g = boot("faults");
     let hv = vigil::libvirt::Hypervisor::connect("qemu:///system").unwrap();
     let plan = FaultPlan::default();
-    let guest = FaultyGuest { dom: hv.domain(&g.name).unwrap(), plan: plan.clone() };
+    let glitches = Arc::new(AtomicU32::new(0));
+    let guest = FaultyGuest {
+        dom: hv.domain(&g.name).unwrap(),
+        plan: plan.clone(),
+        glitches: glitches.clone(),
+    };
     let state = tempfile::tempdir().unwrap();
     let (mut w, _) = Watched::attach_guest(Box::new(guest), state.path(), false).unwrap();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
@@ -94,6 +113,19 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
             r.violations
         );
     }
+
+    // Register snapshots that lead to no whole kernel are taken again: two
+    // such in a row pass unnoticed, three fail the check, naming the table.
+    glitches.store(2, SeqCst);
+    let r = check(&mut w).unwrap_or_else(|e| panic!("two bad snapshots, then a good one: {e}"));
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    assert_eq!(glitches.load(SeqCst), 0);
+    glitches.store(3, SeqCst);
+    let e = check(&mut w).map(|r| r.intact).expect_err("three bad snapshots in a row");
+    let says = vigil::libvirt::error_chain(&e);
+    assert!(says.contains(&format!("IDT of vCPU 0 at {UNMAPPED:#x} is not mapped")), "{says}");
+    assert_eq!(e.kind(), "kernel_not_found");
+    check(&mut w).unwrap_or_else(|e| panic!("after the bad snapshots, the next check: {e}"));
 }
 
 /// QEMU killed under a watched guest (its RAM mapping and monitor gone at

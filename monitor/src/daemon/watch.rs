@@ -18,7 +18,7 @@ use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::linux::diff::{self, Change, Diff};
 use crate::linux::patch::{self, PatchMemory, Patched};
 use crate::linux::profile::Profile;
-use crate::linux::{DiscoverError, discover, semantic};
+use crate::linux::{DiscoverError, KernelView, discover, semantic};
 use crate::memory::GuestMemory;
 use crate::x86::{Mapping, Perms};
 
@@ -213,12 +213,40 @@ pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
     state_dir.join("baselines").join(format!("{uuid}.json"))
 }
 
-fn take_baseline(
+/// Register snapshots a check may take when one finds no whole kernel.
+const REGISTER_ATTEMPTS: u32 = 3;
+
+/// Guest memory as a watch reads it.
+type Memory = dyn GuestMemory + Send + Sync;
+
+/// The vCPUs' registers and the kernel they lead to. The registers are a
+/// snapshot of running vCPUs, which may catch one in an address space being
+/// torn down, or in the kernel's own short-lived one for patching its text,
+/// where the image or a descriptor table is not all mapped. Such a snapshot
+/// is taken again, `REGISTER_ATTEMPTS` times in all, before the failure
+/// counts. Memory that cannot be read, and a walk past its bounds, are not
+/// tried again.
+fn registers_and_kernel<'m>(
     dom: &dyn Guest,
-    mem: &(dyn GuestMemory + Send + Sync),
-) -> Result<(Baseline, Originals), WatchError> {
-    let regs = dom.registers()?;
-    let view = discover(mem, &regs)?;
+    mem: &'m Memory,
+) -> Result<(Vec<crate::qemu::VcpuRegisters>, KernelView<'m, Memory>), WatchError> {
+    let mut attempt = 1;
+    loop {
+        let regs = dom.registers()?;
+        match discover(mem, &regs) {
+            Ok(view) => return Ok((regs, view)),
+            Err(
+                DiscoverError::NoText { .. }
+                | DiscoverError::TableUnmapped { .. }
+                | DiscoverError::TableLimit { .. },
+            ) if attempt < REGISTER_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn take_baseline(dom: &dyn Guest, mem: &Memory) -> Result<(Baseline, Originals), WatchError> {
+    let (regs, view) = registers_and_kernel(dom, mem)?;
     let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
     Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
 }
@@ -294,8 +322,7 @@ impl Watched {
     ) -> Result<(Self, Attached), WatchError> {
         dom.ensure_running()?;
         let mem = dom.open_memory()?;
-        let regs = dom.registers()?;
-        let view = discover(&*mem, &regs)?;
+        let (_, view) = registers_and_kernel(&*dom, &*mem)?;
         let boot = view.identification.boot_key();
         let path = baseline_path(state_dir, dom.uuid());
         if let Ok(stored) = Baseline::load(&path)
@@ -378,8 +405,7 @@ impl Watched {
             self.mem = Some(self.dom.open_memory()?);
         }
         let mem = self.mem.as_deref().expect("opened above");
-        let regs = self.dom.registers()?;
-        let view = discover(mem, &regs)?;
+        let (regs, view) = registers_and_kernel(&*self.dom, mem)?;
         if self.tags.is_none()
             && let Ok(key) = crate::integrity::nh::Key::random()
         {
