@@ -451,6 +451,20 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
+    /// A webhook pusher of `log` to port `port`, and its wake-up sender.
+    fn webhook_pusher(
+        port: u16,
+        log: &Path,
+        cursor: &Path,
+        metrics: &std::sync::Arc<Metrics>,
+    ) -> (mpsc::Sender<Wake>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let ep = endpoint(port, "/hook");
+        let pusher =
+            tokio::spawn(run(ep, false, log.to_owned(), cursor.to_owned(), rx, metrics.clone()));
+        (tx, pusher)
+    }
+
     /// An alert logged while the sink is down is delivered once it is up, and
     /// one logged while no pusher runs is delivered by the next, from the log.
     #[tokio::test]
@@ -464,18 +478,8 @@ mod tests {
         log.append(&old).unwrap(); // before any pusher: not this sink's
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let metrics = Metrics::new();
-        let start = |rx| {
-            tokio::spawn(run(
-                endpoint(port, "/hook"),
-                false,
-                log_path.clone(),
-                cursor.clone(),
-                rx,
-                metrics.clone(),
-            ))
-        };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let pusher = start(rx);
+        let start = || webhook_pusher(port, &log_path, &cursor, &metrics);
+        let (tx, pusher) = start();
         until("the cursor at the log's end", || read_cursor(&cursor).is_some()).await;
         let mut first = alert(EventKind::Violation);
         first.detail = "while the sink is down".into();
@@ -494,8 +498,7 @@ mod tests {
         let mut second = alert(EventKind::Error);
         second.detail = "while the daemon was down".into();
         log.append(&second).unwrap();
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let pusher = start(rx);
+        let (tx, pusher) = start();
         until("the alert logged meanwhile", || got.lock().unwrap().len() == 2).await;
         assert_eq!(got.lock().unwrap()[1], second);
         let end = std::fs::metadata(&log_path).unwrap().len();
@@ -520,15 +523,7 @@ mod tests {
         let mut log = AlertLog::open_rotating(&log_path, rotation).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let metrics = Metrics::new();
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let pusher = tokio::spawn(run(
-            endpoint(port, "/hook"),
-            false,
-            log_path.clone(),
-            cursor.clone(),
-            rx,
-            metrics.clone(),
-        ));
+        let (tx, pusher) = webhook_pusher(port, &log_path, &cursor, &metrics);
         until("the pusher's cursor", || read_cursor(&cursor).is_some()).await;
         let (mut sent, mut rotations) = (Vec::new(), 0);
         for i in 0..12 {
