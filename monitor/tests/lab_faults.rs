@@ -15,7 +15,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 
 use vigil::addr::PAGE_SIZE;
 use vigil::daemon::watch::{Guest, Watched};
@@ -32,10 +32,14 @@ use std::time::Duration;
 /// A libvirt domain whose memory is read through a [`Faulty`] wrapper, and
 /// whose next `glitches` register snapshots have the IDT where nothing is
 /// mapped, as one of a vCPU caught in an address space without it would.
+/// `asked` counts the questions whether the domain runs; while `refuse`
+/// is set, register snapshots fail.
 struct FaultyGuest {
     dom: GuestDomain,
     plan: FaultPlan,
     glitches: Arc<AtomicU32>,
+    asked: Arc<AtomicU32>,
+    refuse: Arc<AtomicBool>,
 }
 
 /// In the guard hole of x86-64's kernel half: never mapped.
@@ -49,9 +53,16 @@ impl Guest for FaultyGuest {
         Guest::uuid(&self.dom)
     }
     fn ensure_running(&self) -> Result<(), LibvirtError> {
+        self.asked.fetch_add(1, SeqCst);
         Guest::ensure_running(&self.dom)
     }
     fn registers(&self) -> Result<Vec<vigil::qemu::VcpuRegisters>, LibvirtError> {
+        if self.refuse.load(SeqCst) {
+            return Err(LibvirtError::Memory {
+                domain: Guest::name(&self.dom).to_owned(),
+                reason: "registers refused by the test".into(),
+            });
+        }
         let mut regs = Guest::registers(&self.dom)?;
         let glitch = self.glitches.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
         if glitch {
@@ -76,10 +87,14 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     let hv = vigil::libvirt::Hypervisor::connect("qemu:///system").unwrap();
     let plan = FaultPlan::default();
     let glitches = Arc::new(AtomicU32::new(0));
+    let asked = Arc::new(AtomicU32::new(0));
+    let refuse = Arc::new(AtomicBool::new(false));
     let guest = FaultyGuest {
         dom: hv.domain(&g.name).unwrap(),
         plan: plan.clone(),
         glitches: glitches.clone(),
+        asked: asked.clone(),
+        refuse: refuse.clone(),
     };
     let state = tempfile::tempdir().unwrap();
     let (mut w, _) = Watched::attach_guest(Box::new(guest), state.path(), false).unwrap();
@@ -88,6 +103,13 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     assert!(bad.is_empty(), "{bad:?}");
     let check = |w: &mut Watched| w.check(Scope::Full, &profiles);
     check(&mut w).unwrap_or_else(|e| panic!("the first check: {e}"));
+    // Checks in steady state do not ask libvirt whether the domain runs
+    // (a round trip each, at the host's cost): only a failure does.
+    let before = asked.load(SeqCst);
+    for _ in 0..3 {
+        check(&mut w).unwrap_or_else(|e| panic!("a check in steady state: {e}"));
+    }
+    assert_eq!(asked.load(SeqCst), before, "steady-state checks asked whether the domain runs");
 
     let text = w.baseline.regions.iter().find(|r| r.name == "kernel-text").unwrap();
     let page = text.pages[text.pages.len() / 2].gpa;
@@ -126,6 +148,19 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     assert!(says.contains(&format!("IDT of vCPU 0 at {UNMAPPED:#x} is not mapped")), "{says}");
     assert_eq!(e.kind(), "kernel_not_found");
     check(&mut w).unwrap_or_else(|e| panic!("after the bad snapshots, the next check: {e}"));
+
+    // A check that fails on a running domain fails as what failed; on a
+    // domain gone since the check before, as the domain's going (which the
+    // daemon takes quietly), whatever failed first.
+    refuse.store(true, SeqCst);
+    let e = check(&mut w).map(|r| r.intact).expect_err("registers refused");
+    assert_eq!(e.kind(), "memory_unreadable", "{}", vigil::libvirt::error_chain(&e));
+    refuse.store(false, SeqCst);
+    check(&mut w).unwrap_or_else(|e| panic!("after the refused registers, the next check: {e}"));
+    g.destroy();
+    refuse.store(true, SeqCst);
+    let e = check(&mut w).map(|r| r.intact).expect_err("a check of a destroyed domain");
+    assert_eq!(e.kind(), "domain_lost", "{}", vigil::libvirt::error_chain(&e));
 }
 
 /// QEMU killed under a watched guest (its RAM mapping and monitor gone at

@@ -393,15 +393,37 @@ impl Watched {
         Ok(d)
     }
 
+    /// Whether the domain still runs is asked of libvirt only when its
+    /// memory is opened and when a check fails, not at every check: each
+    /// such round trip costs libvirtd and the daemon host CPU next to the
+    /// guest's own (benches/README.md, `guest_load`). A check that fails
+    /// on a domain gone meanwhile fails as the domain's going.
     fn check_inner(
         &mut self,
         scope: Scope,
         profiles: &[Profile],
         changes: Option<&mut Vec<Change>>,
     ) -> Result<Report, WatchError> {
+        match self.check_open(scope, profiles, changes) {
+            Err(e) if !e.domain_gone() => match self.dom.ensure_running() {
+                Err(gone @ (LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_))) => {
+                    Err(gone.into())
+                }
+                _ => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    fn check_open(
+        &mut self,
+        scope: Scope,
+        profiles: &[Profile],
+        changes: Option<&mut Vec<Change>>,
+    ) -> Result<Report, WatchError> {
         let diffing = changes.is_some();
-        self.dom.ensure_running()?;
         if self.mem.is_none() {
+            self.dom.ensure_running()?;
             self.mem = Some(self.dom.open_memory()?);
         }
         let mem = self.mem.as_deref().expect("opened above");
