@@ -62,6 +62,10 @@ pub struct Profile {
     /// `_text` and `_etext`, looked up once: `symbolize` runs for every
     /// table entry of every check.
     text_span: Option<(u64, u64)>,
+    /// The link-time address of each syscall's handler, in the order of
+    /// `syscalls64` and `syscalls32`, looked up once: every check compares
+    /// each table entry with it.
+    syscall_addrs: [Vec<Option<u64>>; 2],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -164,6 +168,7 @@ impl Profile {
             symbols.iter().enumerate().rev().map(|(i, s)| (s.name.clone(), i)).collect();
         let at = |n: &str| by_name.get(n).map(|&i| symbols[i].addr);
         let text_span = at("_text").zip(at("_etext"));
+        let syscall_addrs = [&s64, &s32].map(|l| l.iter().map(|(_, n)| at(n)).collect());
         Self {
             release,
             banner,
@@ -176,6 +181,7 @@ impl Profile {
             fentry: Vec::new(),
             by_name,
             text_span,
+            syscall_addrs,
         }
     }
 
@@ -495,6 +501,16 @@ impl Profile {
     /// Digest of patch table `name`: entry count and hex digest.
     pub fn table(&self, name: &str) -> Option<(u64, &str)> {
         self.tables.iter().find(|(n, _, _)| n == name).map(|(_, c, d)| (*c, d.as_str()))
+    }
+
+    /// Each syscall table (its symbol), its entries (number, handler) and
+    /// each handler's link-time address.
+    #[allow(clippy::type_complexity)]
+    pub fn syscall_tables(&self) -> [(&'static str, &[(u32, String)], &[Option<u64>]); 2] {
+        [
+            ("sys_call_table", &self.syscalls64, &self.syscall_addrs[0]),
+            ("ia32_sys_call_table", &self.syscalls32, &self.syscall_addrs[1]),
+        ]
     }
 
     pub fn symbol(&self, name: &str) -> Option<&ProfileSymbol> {

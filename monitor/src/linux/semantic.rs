@@ -548,8 +548,7 @@ pub fn check<M: GuestMemory + ?Sized>(
     }
 
     // Syscall tables.
-    for (table, list) in [("sys_call_table", &p.syscalls64), ("ia32_sys_call_table", &p.syscalls32)]
-    {
+    for (table, list, addrs) in p.syscall_tables() {
         let (Some(base), false) = (m.expect(table), list.is_empty()) else { continue };
         let Some((bytes, _)) = read_virt(mem, space, base, list.len() * 8) else {
             out.push(pointer(
@@ -562,9 +561,9 @@ pub fn check<M: GuestMemory + ?Sized>(
             ));
             continue;
         };
-        for ((nr, name), c) in list.iter().zip(bytes.chunks_exact(8)) {
+        for (((nr, name), c), addr) in list.iter().zip(bytes.chunks_exact(8)).zip(addrs) {
             let found = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            let Some(expected) = m.expect(name) else { continue };
+            let Some(expected) = addr.map(|a| a.wrapping_add(m.slide)) else { continue };
             if found != expected {
                 let entry = base + u64::from(*nr) * 8;
                 let gpa = space
