@@ -1,13 +1,14 @@
 //! What the daemon costs the guest it watches: a CPU- and memory-bound
 //! workload inside a real lab guest (libvirt, QEMU), timed with the daemon
 //! checking that guest every second (in full every `--full-interval`
-//! seconds, 1 unless given) and with the daemon stopped, in
+//! seconds, 1 unless given; `--per-second N` divides both intervals by N)
+//! and with the daemon stopped, in
 //! alternating rounds so that drift hits both alike. One daemon runs
 //! throughout; for the unchecked rounds it is frozen with SIGSTOP (it
 //! checks nothing, holds no lock), and thawed with SIGCONT for the checked
 //! ones, which start once it has checked again.
 //!
-//!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1]
+//!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1 --per-second 1]
 //!
 //! Needs the lab (lab/setup.sh, libvirtd running) and builds the release
 //! `vigil` binary. The workload: a busybox shell counting loop (CPU) and
@@ -87,13 +88,17 @@ fn full_checks(port: u16, domain: &str) -> f64 {
     checks(port, domain).1
 }
 
-/// The first line of a `--record` file for full checks every `full` s.
-fn record_header(full: u64) -> String {
-    if full == 1 {
-        RECORD_HEADER.to_string()
-    } else {
-        format!("{RECORD_HEADER}; full checks every {full} s")
+/// The first line of a `--record` file for full checks every `full`
+/// check intervals, `rate` intervals a second.
+fn record_header(full: u64, rate: u64) -> String {
+    let mut h = RECORD_HEADER.to_string();
+    if full != 1 {
+        h += &format!("; full checks every {full} s");
     }
+    if rate != 1 {
+        h += &format!("; time compressed {rate} times");
+    }
+    h
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -219,7 +224,12 @@ fn main() {
     // Hot checks (registers, tables) run every second; full ones every
     // `--full-interval` seconds (the shipped configuration says 10).
     let full_every = arg("--full-interval", 1).max(1);
-    let header = record_header(full_every);
+    // `--per-second N` divides both intervals by N: ten checks a second
+    // cost the guest about ten times what one does, which a few dozen
+    // pairs can tell from the noise where one check a second needs
+    // hundreds (attribution, not the target's measurement).
+    let rate = arg("--per-second", 1).clamp(1, 100);
+    let header = record_header(full_every, rate);
     let args: Vec<String> = std::env::args().collect();
     let record = args
         .iter()
@@ -254,10 +264,11 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
-        "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"1s\"\nfull_interval = \"{}s\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+        "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
         repo().display(),
         g.name,
-        full_every
+        1000 / rate,
+        1000 * full_every / rate
     );
     std::fs::write(dir.path().join("vigil.toml"), config).unwrap();
     let name = g.name.clone();
@@ -356,7 +367,7 @@ fn main() {
     // Host CPU seconds per side (stopped, checking), as `host_cpu` orders them.
     let mut cpu = [[0.0f64; 4]; 2];
     println!(
-        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it every second, in full every {full_every} s{}",
+        "guest_load: {rounds} rounds in {} (TCG), the daemon checking it {rate} times a second, in full every {full_every} of those{}",
         g.name,
         if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
     );
