@@ -313,6 +313,49 @@ fn gauge(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
+/// When a domain's next hot and full checks are due.
+struct Timetable {
+    next_hot: Instant,
+    next_full: Instant,
+}
+
+impl Timetable {
+    /// Both checks due at once (a full one, which covers the hot one).
+    fn starting(now: Instant) -> Self {
+        Self { next_hot: now, next_full: now }
+    }
+
+    fn due(&self) -> Instant {
+        self.next_hot.min(self.next_full)
+    }
+
+    /// Whether the check due at `now` is a full one: its time has come, or
+    /// it comes in less than half a hot interval. A hot check then would
+    /// be followed at once by the full one, which covers it: with both
+    /// intervals 1 s and jitter, half the full checks came a moment after
+    /// a hot check, each check paying for its register snapshot (a libvirt
+    /// and QEMU round trip) on the host the guest shares.
+    fn full_at(&self, now: Instant, hot_interval: Duration) -> bool {
+        self.next_full.saturating_duration_since(now) < hot_interval / 2
+    }
+
+    /// Sets the next times after a check (full or hot) ending at `now`,
+    /// from the hot and full intervals and the jitter.
+    fn checked(
+        &mut self,
+        full: bool,
+        now: Instant,
+        every: (Duration, Duration, f64),
+        seed: &mut u64,
+    ) {
+        let (hot, full_interval, jitter) = every;
+        if full {
+            self.next_full = now + jittered(full_interval, jitter, seed);
+        }
+        self.next_hot = now + jittered(hot, jitter, seed);
+    }
+}
+
 /// A little randomness for jitter, without a dependency.
 fn jittered(base: Duration, jitter: f64, seed: &mut u64) -> Duration {
     *seed ^= *seed << 13;
@@ -516,13 +559,12 @@ async fn domain_task(
             st.detail = String::new();
             st.boot = boot.clone();
         });
-        let mut next_hot = Instant::now();
-        let mut next_full = Instant::now();
+        let mut times = Timetable::starting(Instant::now());
         let mut last_error = String::new();
         let mut profile_said = false;
         let mut last_evidence: Option<Instant> = None;
         loop {
-            let due = next_hot.min(next_full);
+            let due = times.due();
             let mut forced: Option<Command> = None;
             tokio::select! {
                 _ = tokio::time::sleep_until(due.into()) => {}
@@ -571,7 +613,9 @@ async fn domain_task(
             let now = Instant::now();
             // While a new baseline is provisional every check is full, so a
             // settling boot is seen settling as soon as it does.
-            let full = forced.is_some() || now >= next_full || provisional_until.is_some();
+            let full = forced.is_some()
+                || times.full_at(now, s.hot_interval)
+                || provisional_until.is_some();
             let scope = if full { Scope::Full } else { Scope::Hot };
             let est = estimate[usize::from(full)];
             let wait = shared.budget.reserve(est);
@@ -597,10 +641,12 @@ async fn domain_task(
             let m = &shared.sink.metrics;
             m.budget_used.set(ratio);
             let scope_name = if full { "full" } else { "hot" };
-            if full {
-                next_full = Instant::now() + jittered(s.full_interval, s.jitter, &mut seed);
-            }
-            next_hot = Instant::now() + jittered(s.hot_interval, s.jitter, &mut seed);
+            times.checked(
+                full,
+                Instant::now(),
+                (s.hot_interval, s.full_interval, s.jitter),
+                &mut seed,
+            );
             let reply = match forced {
                 Some(Command::CheckNow(reply)) => Some(reply),
                 _ => None,
@@ -1141,7 +1187,43 @@ mod tests {
         AlertLog, EventKind, Reported, Rotation, Subject, rotated_path, state_path,
     };
     use super::metrics::{KindLabels, Metrics};
-    use super::{Sink, panicked};
+    use super::{Sink, Timetable, panicked};
+    use std::time::{Duration, Instant};
+
+    /// Checks over `secs` simulated seconds (each taking 30 ms), as (hot, full).
+    fn checks_over(hot: Duration, full: Duration, jitter: f64, secs: u64) -> (u32, u32) {
+        let start = Instant::now();
+        let mut t = Timetable::starting(start);
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let mut counts = (0, 0);
+        while t.due() < start + Duration::from_secs(secs) {
+            let now = t.due();
+            let is_full = t.full_at(now, hot);
+            if is_full {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
+            }
+            t.checked(is_full, now + Duration::from_millis(30), (hot, full, jitter), &mut seed);
+        }
+        counts
+    }
+
+    /// A full check due within half a hot interval is not preceded by a hot
+    /// one: with both intervals 1 s, every check is a full one, one a
+    /// second; with the shipped 1 s and 10 s, a tenth of them are.
+    #[test]
+    fn a_full_check_about_due_takes_the_hot_checks_place() {
+        let s = Duration::from_secs(1);
+        let (hot, full) = checks_over(s, s, 0.1, 1000);
+        assert_eq!(hot, 0);
+        assert!((950..=1050).contains(&full), "{full} full checks in 1000 s");
+        let (hot, full) = checks_over(s, 10 * s, 0.1, 1000);
+        assert!((92..=105).contains(&full), "{full} full checks in 1000 s");
+        assert!((880..=930).contains(&hot), "{hot} hot checks in 1000 s");
+        // No jitter, the full interval a whole number of hot ones: the same.
+        assert_eq!(checks_over(s, 5 * s, 0.0, 100).1, 20);
+    }
 
     /// Rotation comes after the alert is on disk: when it fails, the alert
     /// is still logged (and not pushed as unlogged), the failure counted, and
