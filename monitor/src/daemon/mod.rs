@@ -336,7 +336,7 @@ impl Timetable {
     /// a hot check, each check paying for its register snapshot (a libvirt
     /// and QEMU round trip) on the host the guest shares.
     fn full_at(&self, now: Instant, hot_interval: Duration) -> bool {
-        self.next_full.saturating_duration_since(now) < hot_interval / 2
+        now >= self.next_full || self.next_full - now < hot_interval / 2
     }
 
     /// Sets the next times after a check (full or hot) ending at `now`,
@@ -1223,6 +1223,9 @@ mod tests {
         assert!((880..=930).contains(&hot), "{hot} hot checks in 1000 s");
         // No jitter, the full interval a whole number of hot ones: the same.
         assert_eq!(checks_over(s, 5 * s, 0.0, 100).1, 20);
+        // A hot interval too short to halve still lets full checks come.
+        let (_, full) = checks_over(Duration::from_nanos(1), s, 0.0, 10);
+        assert!((9..=10).contains(&full), "{full} full checks in 10 s");
     }
 
     /// Rotation comes after the alert is on disk: when it fails, the alert
