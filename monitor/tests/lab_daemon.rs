@@ -85,6 +85,20 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
     assert!(m.contains(&line), "{line} not in:\n{m}");
     assert!(m.contains("vigil_domains_attached 1"), "{m}");
     assert!(m.contains("vigil_checks_total{domain="), "{m}");
+    // Every check takes a register snapshot, and the attach one before the
+    // first check; all of them are counted (the count is read after the
+    // checks', and grows first).
+    let dom = format!("domain=\"{}\"", g.name);
+    let checks: f64 = ["hot", "full"]
+        .iter()
+        .filter_map(|s| d.metric("vigil_checks_total", &format!("{dom},scope=\"{s}\"")))
+        .sum();
+    let snapshots = d.metric("vigil_register_snapshots_total", &dom);
+    assert!(
+        snapshots.is_some_and(|n| n > checks),
+        "{checks} checks, register snapshots {snapshots:?}:\n{}",
+        d.metrics()
+    );
 }
 
 #[test]

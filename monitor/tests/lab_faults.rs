@@ -138,16 +138,22 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
 
     // Register snapshots that lead to no whole kernel are taken again: two
     // such in a row pass unnoticed, three fail the check, naming the table.
+    // Each snapshot is counted (vigil_register_snapshots_total), so that
+    // snapshots taken again show.
+    w.take_register_snapshots();
     glitches.store(2, SeqCst);
     let r = check(&mut w).unwrap_or_else(|e| panic!("two bad snapshots, then a good one: {e}"));
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     assert_eq!(glitches.load(SeqCst), 0);
+    assert_eq!(w.take_register_snapshots(), 3, "two bad snapshots, then a good one");
     glitches.store(3, SeqCst);
     let e = check(&mut w).map(|r| r.intact).expect_err("three bad snapshots in a row");
     let says = vigil::libvirt::error_chain(&e);
     assert!(says.contains(&format!("IDT of vCPU 0 at {UNMAPPED:#x} is not mapped")), "{says}");
     assert_eq!(e.kind(), "kernel_not_found");
+    assert_eq!(w.take_register_snapshots(), 3, "three bad snapshots");
     check(&mut w).unwrap_or_else(|e| panic!("after the bad snapshots, the next check: {e}"));
+    assert_eq!(w.take_register_snapshots(), 1, "a check in steady state");
 
     // A check that fails on a running domain fails as what failed; on a
     // domain gone since the check before, as the domain's going (which the

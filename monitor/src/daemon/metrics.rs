@@ -71,6 +71,7 @@ pub struct Metrics {
     pub budget_overruns: Counter,
     pub evidence_saved: Family<DomainLabels, Counter>,
     pub evidence_bytes: Gauge,
+    pub register_snapshots: Family<DomainLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -97,6 +98,7 @@ impl Metrics {
             budget_overruns: Counter::default(),
             evidence_saved: Family::default(),
             evidence_bytes: Gauge::default(),
+            register_snapshots: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -131,6 +133,11 @@ impl Metrics {
                 m.patched_sites.clone(),
             );
             r.register("domains_attached", "Domains being checked", m.attached.clone());
+            r.register(
+                "register_snapshots",
+                "vCPU register snapshots asked of libvirt and QEMU (more than checks: snapshots taken again)",
+                m.register_snapshots.clone(),
+            );
             r.register(
                 "budget_used_ratio",
                 "Share of the CPU budget used over the last second",

@@ -640,6 +640,11 @@ async fn domain_task(
             let ratio = shared.budget.settle(est, took);
             let m = &shared.sink.metrics;
             m.budget_used.set(ratio);
+            // Those of the attach and of re-taken baselines too, which come
+            // before a check.
+            m.register_snapshots
+                .get_or_create(&DomainLabels { domain: name.clone() })
+                .inc_by(w.take_register_snapshots());
             let scope_name = if full { "full" } else { "hot" };
             times.checked(
                 full,

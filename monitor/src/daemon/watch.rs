@@ -163,6 +163,10 @@ pub struct Watched {
     tags: Option<PageTags>,
     /// Whether original pages stay in their file (`originals = "disk"`).
     originals_on_disk: bool,
+    /// vCPU register snapshots asked of the hypervisor since the last
+    /// [`Watched::take_register_snapshots`]: one per check, more when one
+    /// led to no whole kernel and was taken again.
+    register_snapshots: u64,
 }
 
 /// Listed modules whose state is not live, since when, in which state.
@@ -225,13 +229,15 @@ type Memory = dyn GuestMemory + Send + Sync;
 /// where the image or a descriptor table is not all mapped. Such a snapshot
 /// is taken again, `REGISTER_ATTEMPTS` times in all, before the failure
 /// counts. Memory that cannot be read, and a walk past its bounds, are not
-/// tried again.
+/// tried again. Each snapshot asked for is counted in `snapshots`.
 fn registers_and_kernel<'m>(
     dom: &dyn Guest,
     mem: &'m Memory,
+    snapshots: &mut u64,
 ) -> Result<(Vec<crate::qemu::VcpuRegisters>, KernelView<'m, Memory>), WatchError> {
     let mut attempt = 1;
     loop {
+        *snapshots += 1;
         let regs = dom.registers()?;
         match discover(mem, &regs) {
             Ok(view) => return Ok((regs, view)),
@@ -245,8 +251,12 @@ fn registers_and_kernel<'m>(
     }
 }
 
-fn take_baseline(dom: &dyn Guest, mem: &Memory) -> Result<(Baseline, Originals), WatchError> {
-    let (regs, view) = registers_and_kernel(dom, mem)?;
+fn take_baseline(
+    dom: &dyn Guest,
+    mem: &Memory,
+    snapshots: &mut u64,
+) -> Result<(Baseline, Originals), WatchError> {
+    let (regs, view) = registers_and_kernel(dom, mem, snapshots)?;
     let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
     Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
 }
@@ -298,6 +308,7 @@ impl Watched {
             guest_symbols: None,
             tags: None,
             originals_on_disk: false,
+            register_snapshots: 0,
         }
     }
 
@@ -322,7 +333,8 @@ impl Watched {
     ) -> Result<(Self, Attached), WatchError> {
         dom.ensure_running()?;
         let mem = dom.open_memory()?;
-        let (_, view) = registers_and_kernel(&*dom, &*mem)?;
+        let mut snapshots = 0;
+        let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
         let boot = view.identification.boot_key();
         let path = baseline_path(state_dir, dom.uuid());
         if let Ok(stored) = Baseline::load(&path)
@@ -341,13 +353,15 @@ impl Watched {
             .unwrap_or_default();
             let mut w = Self::new(dom, mem, stored, path, originals);
             w.originals_on_disk = originals_on_disk;
+            w.register_snapshots = snapshots;
             return Ok((w, Attached::Stored));
         }
         drop(view);
-        let (baseline, originals) = take_baseline(&*dom, &*mem)?;
+        let (baseline, originals) = take_baseline(&*dom, &*mem, &mut snapshots)?;
         let originals = store(&path, &baseline, originals, originals_on_disk)?;
         let mut w = Self::new(dom, mem, baseline, path, originals);
         w.originals_on_disk = originals_on_disk;
+        w.register_snapshots = snapshots;
         Ok((w, Attached::New))
     }
 
@@ -359,6 +373,13 @@ impl Watched {
     /// unchecked) before that is a violation.
     pub fn set_module_grace(&mut self, grace: std::time::Duration) {
         self.modules_not_live.grace = grace;
+    }
+
+    /// vCPU register snapshots asked for since the last call (checks,
+    /// baselines, failures alike): each is a libvirt and QEMU round trip,
+    /// and more of them than checks means snapshots taken again.
+    pub fn take_register_snapshots(&mut self) -> u64 {
+        std::mem::take(&mut self.register_snapshots)
     }
 
     /// Compares the guest with the baseline over `scope`.
@@ -427,7 +448,7 @@ impl Watched {
             self.mem = Some(self.dom.open_memory()?);
         }
         let mem = self.mem.as_deref().expect("opened above");
-        let (regs, view) = registers_and_kernel(&*self.dom, mem)?;
+        let (regs, view) = registers_and_kernel(&*self.dom, mem, &mut self.register_snapshots)?;
         if self.tags.is_none()
             && let Ok(key) = crate::integrity::nh::Key::random()
         {
@@ -776,8 +797,11 @@ impl Watched {
         if self.mem.is_none() {
             self.mem = Some(self.dom.open_memory()?);
         }
-        let (baseline, originals) =
-            take_baseline(&*self.dom, self.mem.as_deref().expect("opened above"))?;
+        let (baseline, originals) = take_baseline(
+            &*self.dom,
+            self.mem.as_deref().expect("opened above"),
+            &mut self.register_snapshots,
+        )?;
         let originals = store(&self.path, &baseline, originals, self.originals_on_disk)?;
         self.baseline = baseline;
         self.originals = originals;
