@@ -203,7 +203,7 @@ fn main() {
         vigil::linux::semantic::read_virt(&cap.core, &view, table & !0xfff, 2 * PAGE_BYTES)
             .expect("the syscall table's pages");
     let first = usize::try_from(table & 0xfff).unwrap();
-    for i in 0..m.profile.syscalls64.len() {
+    for i in 0..m.profile.syscall_tables()[0].1.len() {
         let at = first + 8 * i;
         let e = u64::from_le_bytes(sct[at..at + 8].try_into().unwrap());
         sct[at..at + 8].copy_from_slice(&moved(e).to_le_bytes());

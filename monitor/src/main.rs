@@ -454,9 +454,9 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
         "profile of {} written to {}: {} symbols, {} + {} syscall table entries",
         p.release,
         path.display(),
-        p.symbols.len(),
-        p.syscalls64.len(),
-        p.syscalls32.len()
+        p.symbols().len(),
+        p.syscall_tables()[0].1.len(),
+        p.syscall_tables()[1].1.len()
     );
     Ok(EXIT_OK)
 }

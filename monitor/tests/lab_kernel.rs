@@ -104,6 +104,7 @@ fn committed_lab_profile_is_what_profile_build_makes() {
     // The banner is what the running guest printed in /proc/version.
     let version = include_str!("data/version-6.1.0-56-cloud-amd64.txt");
     assert_eq!(p.banner, version.trim_end());
-    assert_eq!(p.syscalls64[110].1, "__x64_sys_getppid");
-    assert_eq!(p.syscalls64.len(), 451);
+    let syscalls64 = p.syscall_tables()[0].1;
+    assert_eq!(syscalls64[110].1, "__x64_sys_getppid");
+    assert_eq!(syscalls64.len(), 451);
 }

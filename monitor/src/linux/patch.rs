@@ -610,7 +610,7 @@ impl SiteMap {
             }
         }
         // Static call trampolines, named `__SCT__x` with key `__SCK__x`.
-        for s in m.profile.symbols.iter().filter(|s| s.name.starts_with("__SCT__")) {
+        for s in m.profile.symbols().iter().filter(|s| s.name.starts_with("__SCT__")) {
             let key = m.expect(&format!("__SCK__{}", &s.name["__SCT__".len()..]));
             t.sites.insert(s.addr.wrapping_add(slide), Site::StaticTramp { key });
             keys.extend(key);

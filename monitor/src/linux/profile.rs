@@ -45,10 +45,12 @@ pub struct Profile {
     pub release: String,
     pub banner: String,
     pub source: String,
-    /// Sorted by address.
-    pub symbols: Vec<ProfileSymbol>,
-    pub syscalls64: Vec<(u32, String)>,
-    pub syscalls32: Vec<(u32, String)>,
+    /// Sorted by address. Private, as are the syscall lists: the lookups
+    /// below are built from them once ([`Profile::symbols`] and
+    /// [`Profile::syscall_tables`] read them).
+    symbols: Vec<ProfileSymbol>,
+    syscalls64: Vec<(u32, String)>,
+    syscalls32: Vec<(u32, String)>,
     /// Structure member offsets from the kernel's BTF, as `struct.member.path`
     /// (and sizes, as `struct.#size`).
     pub offsets: Vec<(String, u64)>,
@@ -511,6 +513,11 @@ impl Profile {
             ("sys_call_table", &self.syscalls64, &self.syscall_addrs[0]),
             ("ia32_sys_call_table", &self.syscalls32, &self.syscall_addrs[1]),
         ]
+    }
+
+    /// Every symbol the profile keeps, sorted by address.
+    pub fn symbols(&self) -> &[ProfileSymbol] {
+        &self.symbols
     }
 
     pub fn symbol(&self, name: &str) -> Option<&ProfileSymbol> {
