@@ -444,6 +444,11 @@ impl AlertLog {
                 continue;
             }
             let Ok(a) = serde_json::from_slice::<Alert>(&buf) else { continue };
+            if matches!(a.event, EventKind::NewBoot) {
+                // A domain's earlier boots are over, and what was reported
+                // of them with them: the state file does not carry them on.
+                out.retain(|(uuid, boot), _| *uuid != a.uuid || *boot == a.boot);
+            }
             let slot = out.entry((a.uuid.clone(), a.boot.clone())).or_default();
             match a.event {
                 EventKind::Violation | EventKind::Notice => {
@@ -662,6 +667,34 @@ mod tests {
         std::fs::write(state_path(&path), "{").unwrap();
         let e = error_chain(&AlertLog::reported(&path).unwrap_err());
         assert!(e.contains("alerts.jsonl.state") && e.contains("move it away"), "{e}");
+    }
+
+    /// A new boot ends what was reported of the domain's earlier boots, in
+    /// the state file too; other domains' groups stay.
+    #[test]
+    fn a_new_boot_drops_the_earlier_boots_from_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let mut log = AlertLog::open(&path).unwrap();
+        let text = [finding(0x1000, "bb")];
+        let g = groups(&text);
+        let web = |boot: &str| Subject { boot: boot.into(), ..subject() };
+        let db = Subject { domain: "db".into(), uuid: "v".into(), ..subject() };
+        for s in [web("b1"), db.clone()] {
+            log.append(&s.event(EventKind::NewBoot, "info", "first sight".into())).unwrap();
+            log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
+        }
+        let key = |uuid: &str, boot: &str| (uuid.to_string(), boot.to_string());
+        let before = AlertLog::reported(&path).unwrap();
+        assert_eq!(before[&key("u", "b1")].len(), 1);
+        assert_eq!(before[&key("v", "b")].len(), 1);
+        log.append(&web("b2").event(EventKind::NewBoot, "info", "rebooted".into())).unwrap();
+        log.rotate().unwrap();
+        let after = AlertLog::reported(&path).unwrap();
+        assert!(!after.contains_key(&key("u", "b1")), "{after:?}");
+        assert_eq!(after[&key("v", "b")][&g[0].0], g[0].1);
+        let state = std::fs::read_to_string(state_path(&path)).unwrap();
+        assert!(!state.contains("\"b1\""), "{state}");
     }
 
     #[test]
