@@ -2,10 +2,11 @@
 //! check path. A pusher delivers from the durable alert log, in order, and
 //! keeps how far it got in a cursor file beside the other state
 //! (`push-alertmanager.offset`, `push-webhook.offset`: the offset, and the
-//! inode of the log file it is in): an alert is retried until its sink takes
-//! it, across restarts, and none is lost while a sink is unreachable. When
-//! the log has been rotated under it, a pusher finishes the rotated file it
-//! was in (found by its inode) before it starts on the next. The checks only
+//! inode and birth time of the log file it is in): an alert is retried
+//! until its sink takes it, across restarts, and none is lost while a sink
+//! is unreachable. When the log has been rotated under it, a pusher
+//! finishes the rotated file it was in (found by its inode and birth time)
+//! before it starts on the next. The checks only
 //! wake the pusher. An alert the log could not take (the disk full, say) is
 //! handed over whole and pushed with a few retries, the best that can be
 //! done for it.
@@ -110,48 +111,85 @@ const IDLE: Duration = Duration::from_secs(30);
 /// Rotated logs looked through for the one a cursor is in, at most.
 const MAX_ROTATED: u32 = 1000;
 
+/// Which log file a cursor is in: its inode and, where the file system
+/// keeps one, its birth time. The inode alone is not enough: the oldest
+/// rotated log is dropped just before a new log is made, which may get the
+/// same inode number, and a pusher still in the dropped file would take
+/// the new one for it (and skip its start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogFile {
+    inode: u64,
+    /// Nanoseconds since the epoch; `None` if the file system keeps no
+    /// birth time, or in a cursor written before cursors kept it.
+    born: Option<u64>,
+}
+
+impl LogFile {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let born = m
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
+        LogFile { inode: m.ino(), born }
+    }
+
+    /// Whether this (a cursor's) is file `f`: the same inode, born at the
+    /// same time where both times are known.
+    fn is(&self, f: &LogFile) -> bool {
+        self.inode == f.inode && (self.born.is_none() || f.born.is_none() || self.born == f.born)
+    }
+}
+
 /// A pusher's place in the alert log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Cursor {
     offset: u64,
-    /// The inode of the log file `offset` is in; `None` in a cursor written
-    /// before the log was rotated, taken as the current log's.
-    inode: Option<u64>,
+    /// The log file `offset` is in; `None` in a cursor written before the
+    /// log was rotated, taken as the current log's.
+    file: Option<LogFile>,
 }
 
 fn read_cursor(path: &Path) -> Option<Cursor> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut words = text.split_whitespace();
     let offset = words.next()?.parse().ok()?;
-    let inode = match words.next() {
+    let file = match words.next() {
         None => None,
-        Some(w) => Some(w.parse().ok()?),
+        Some(w) => {
+            let born = match words.next() {
+                None => None,
+                Some(b) => Some(b.parse().ok()?),
+            };
+            Some(LogFile { inode: w.parse().ok()?, born })
+        }
     };
-    Some(Cursor { offset, inode })
+    Some(Cursor { offset, file })
 }
 
 fn write_cursor(path: &Path, c: Cursor) -> std::io::Result<()> {
     let tmp = path.with_extension("offset.tmp");
-    let text = match c.inode {
-        Some(i) => format!("{} {i}\n", c.offset),
+    let text = match c.file {
+        Some(LogFile { inode, born: Some(b) }) => format!("{} {inode} {b}\n", c.offset),
+        Some(LogFile { inode, born: None }) => format!("{} {inode}\n", c.offset),
         None => format!("{}\n", c.offset),
     };
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
 
-/// The rotated log (`<log>.1`, `<log>.2`, ...) whose inode is `inode`, and
-/// the inode of the one rotated after it (`None`: the current log follows).
-fn rotated_with_inode(log: &Path, inode: u64) -> Option<(std::fs::File, Option<u64>)> {
-    use std::os::unix::fs::MetadataExt;
+/// The rotated log (`<log>.1`, `<log>.2`, ...) that is `file`, and the
+/// one rotated after it (`None`: the current log follows).
+fn rotated_file(log: &Path, file: &LogFile) -> Option<(std::fs::File, Option<LogFile>)> {
     let mut newer = None;
     for n in 1..=MAX_ROTATED {
         let f = std::fs::File::open(super::alerts::rotated_path(log, n)).ok()?;
-        let ino = f.metadata().ok()?.ino();
-        if ino == inode {
+        let this = LogFile::of(&f.metadata().ok()?);
+        if file.is(&this) {
             return Some((f, newer));
         }
-        newer = Some(ino);
+        newer = Some(this);
     }
     None
 }
@@ -231,19 +269,18 @@ pub async fn run(
             failed(&e.to_string(), &format!("its place ({})", cursor.display()));
         }
     };
-    // The current log, opened, with its inode and length.
-    let open_log = || -> std::io::Result<(std::fs::File, u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
+    // The current log, opened, with which file it is and its length.
+    let open_log = || -> std::io::Result<(std::fs::File, LogFile, u64)> {
         let f = std::fs::File::open(&log)?;
         let m = f.metadata()?;
-        Ok((f, m.ino(), m.len()))
+        Ok((f, LogFile::of(&m), m.len()))
     };
     // First start: from the log's end (what came before was never queued
     // for this sink); afterwards, from where the last run got to.
     let mut at = read_cursor(&cursor).unwrap_or_else(|| {
-        let here = open_log().map_or(Cursor { offset: 0, inode: None }, |(_, ino, len)| Cursor {
+        let here = open_log().map_or(Cursor { offset: 0, file: None }, |(_, file, len)| Cursor {
             offset: len,
-            inode: Some(ino),
+            file: Some(file),
         });
         save(here);
         here
@@ -262,11 +299,11 @@ pub async fn run(
                 }
                 None
             }
-            Ok((f, ino, _)) => match at.inode {
-                Some(old) if old != ino => match rotated_with_inode(&log, old) {
+            Ok((f, now, _)) => match at.file {
+                Some(old) if !old.is(&now) => match rotated_file(&log, &old) {
                     // Rotated since: the rest of the file the cursor is in first.
                     Some((rotated, newer)) => {
-                        then = Some(Cursor { offset: 0, inode: newer.or(Some(ino)) });
+                        then = Some(Cursor { offset: 0, file: newer.or(Some(now)) });
                         Some(rotated)
                     }
                     None => {
@@ -278,13 +315,13 @@ pub async fn run(
                                 log.display()
                             ),
                         );
-                        at = Cursor { offset: 0, inode: Some(ino) };
+                        at = Cursor { offset: 0, file: Some(now) };
                         save(at);
                         Some(f)
                     }
                 },
                 _ => {
-                    at.inode = Some(ino);
+                    at.file = Some(now);
                     Some(f)
                 }
             },
@@ -553,15 +590,64 @@ mod tests {
         pusher.await.unwrap();
     }
 
+    /// A cursor left in a rotated log that was dropped, whose inode number
+    /// the new log got (file systems reuse a freed number at once): the new
+    /// log is pushed from its start, and what was lost is said.
+    #[tokio::test]
+    async fn a_new_log_on_a_dropped_ones_inode_is_pushed_from_its_start() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let mut sent = Vec::new();
+        for i in 0..3 {
+            let mut a = alert(EventKind::Violation);
+            a.detail = format!("alert {i}");
+            log.append(&a).unwrap();
+            sent.push(a);
+        }
+        let meta = std::fs::metadata(&log_path).unwrap();
+        let new = LogFile::of(&meta);
+        let born = new.born.unwrap_or_else(|| {
+            panic!(
+                "the file system of {} keeps no birth time (statx): run the tests on ext4, xfs or btrfs",
+                dir.path().display()
+            )
+        });
+        // The dropped file was born earlier, and the pusher was further on
+        // in it than the new log is long.
+        let dropped = LogFile { inode: new.inode, born: Some(born - 1) };
+        write_cursor(&cursor, Cursor { offset: meta.len() + 100, file: Some(dropped) }).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let got = collector(port).await;
+        let metrics = Metrics::new();
+        let (tx, pusher) = webhook_pusher(port, &log_path, &cursor, &metrics);
+        until("the new log's alerts delivered", || got.lock().unwrap().len() >= sent.len()).await;
+        assert_eq!(*got.lock().unwrap(), sent);
+        let failures =
+            metrics.errors.get_or_create(&KindLabels { kind: "webhook_push".into() }).get();
+        assert_eq!(failures, 1, "the alerts lost with the dropped log are one failure");
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
     #[test]
     fn cursors_old_and_new_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
         std::fs::write(&path, "123\n").unwrap();
-        assert_eq!(read_cursor(&path), Some(Cursor { offset: 123, inode: None }));
-        write_cursor(&path, Cursor { offset: 5, inode: Some(77) }).unwrap();
-        assert_eq!(read_cursor(&path), Some(Cursor { offset: 5, inode: Some(77) }));
-        for bad in ["", "x", "1 y"] {
+        assert_eq!(read_cursor(&path), Some(Cursor { offset: 123, file: None }));
+        std::fs::write(&path, "5 77\n").unwrap();
+        let old = LogFile { inode: 77, born: None };
+        assert_eq!(read_cursor(&path), Some(Cursor { offset: 5, file: Some(old) }));
+        let new = LogFile { inode: 77, born: Some(1_764_000_000_123_456_789) };
+        write_cursor(&path, Cursor { offset: 5, file: Some(new) }).unwrap();
+        assert_eq!(read_cursor(&path), Some(Cursor { offset: 5, file: Some(new) }));
+        // A cursor without a birth time goes by the inode; one with goes by both.
+        assert!(old.is(&new) && new.is(&old));
+        assert!(!new.is(&LogFile { born: Some(1), ..new }));
+        assert!(!new.is(&LogFile { inode: 78, ..new }));
+        for bad in ["", "x", "1 y", "1 2 z"] {
             std::fs::write(&path, bad).unwrap();
             assert_eq!(read_cursor(&path), None, "{bad:?}");
         }
