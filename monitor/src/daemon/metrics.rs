@@ -135,7 +135,7 @@ impl Metrics {
             r.register("domains_attached", "Domains being checked", m.attached.clone());
             r.register(
                 "register_snapshots",
-                "vCPU register snapshots asked of libvirt and QEMU (more than checks: snapshots taken again)",
+                "vCPU register snapshots asked of libvirt and QEMU (one per check, attach and baseline; more: snapshots taken again)",
                 m.register_snapshots.clone(),
             );
             r.register(

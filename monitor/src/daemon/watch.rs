@@ -377,7 +377,8 @@ impl Watched {
 
     /// vCPU register snapshots asked for since the last call (checks,
     /// baselines, failures alike): each is a libvirt and QEMU round trip,
-    /// and more of them than checks means snapshots taken again.
+    /// and more than one per check, attach and baseline means snapshots
+    /// taken again.
     pub fn take_register_snapshots(&mut self) -> u64 {
         std::mem::take(&mut self.register_snapshots)
     }
