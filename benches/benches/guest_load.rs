@@ -8,7 +8,9 @@
 //! checks nothing, holds no lock), and thawed with SIGCONT for the checked
 //! ones, which start once it has checked again (between two unchecked
 //! rounds in a row it is thawed for one check too, so that libvirtd keeps
-//! its connection).
+//! its connection). Every round starts the same idle gap after the last
+//! one ended (1.5 s, divided by `--per-second`), checked or not: a guest
+//! that rested longer runs its next round slower.
 //!
 //!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1 --per-second 1]
 //!
@@ -42,7 +44,24 @@ use vigil_bench::paired::{self, Estimate};
 /// The first line of a `--record` file: pairs are pooled only with pairs
 /// measured the same way.
 const RECORD_HEADER: &str = "# guest_load pairs (stopped s, checking s): one daemon frozen and thawed, \
-                             rounds timed by the guest, workload v1";
+                             rounds timed by the guest after equal idle gaps, workload v1";
+
+/// The first line of files recorded before every round began after the
+/// same idle gap (until 2026-12-02): reported with `--rounds 0`, never
+/// added to. A checked round then began as soon as the thawed daemon had
+/// checked, which took up to a check interval when its check was not yet
+/// due, while an unchecked one began at once; a guest left idle longer
+/// ran its next round slower (benches/README.md), which counted against
+/// checking.
+const UNEQUAL_GAPS_HEADER: &str = "# guest_load pairs (stopped s, checking s): one daemon frozen and thawed, \
+                                   rounds timed by the guest, workload v1";
+
+/// How long the guest idles between one round's end and the next one's
+/// start, checked or not: longer than the wait for a thawed daemon's
+/// check, so that every round begins after the same rest.
+fn idle_gap(rate: u64) -> Duration {
+    Duration::from_millis(1500 / rate).max(Duration::from_millis(500))
+}
 
 const WORKLOAD: &str = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; \
                         dd if=/dev/zero bs=64k count=1024 2>/dev/null | sha256sum >/dev/null";
@@ -92,8 +111,8 @@ fn full_checks(port: u16, domain: &str) -> f64 {
 
 /// The first line of a `--record` file for full checks every `full`
 /// check intervals, `rate` intervals a second.
-fn record_header(full: u64, rate: u64) -> String {
-    let mut h = RECORD_HEADER.to_string();
+fn record_header(method: &str, full: u64, rate: u64) -> String {
+    let mut h = method.to_string();
     if full != 1 {
         h += &format!("; full checks every {full} s");
     }
@@ -121,8 +140,8 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 /// `--record FILE`'s pairs so far (none if it does not exist yet), which
-/// must have been measured under `header`.
-fn recorded(path: &Path, header: &str) -> Vec<(f64, f64)> {
+/// must have been measured under one of `headers`.
+fn recorded(path: &Path, headers: &[&String]) -> Vec<(f64, f64)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -131,9 +150,10 @@ fn recorded(path: &Path, header: &str) -> Vec<(f64, f64)> {
     let mut lines = text.lines();
     let first = lines.next().unwrap_or("");
     assert!(
-        first == header,
-        "{}: its first line is {first:?}, not {header:?}: pairs measured another way cannot be pooled with these",
-        path.display()
+        headers.iter().any(|h| first == h.as_str()),
+        "{}: its first line is {first:?}, not {:?}: pairs measured another way cannot be pooled with these",
+        path.display(),
+        headers[0]
     );
     lines
         .enumerate()
@@ -231,7 +251,7 @@ fn main() {
     // pairs can tell from the noise where one check a second needs
     // hundreds (attribution, not the target's measurement).
     let rate = arg("--per-second", 1).clamp(1, 100);
-    let header = record_header(full_every, rate);
+    let header = record_header(RECORD_HEADER, full_every, rate);
     let args: Vec<String> = std::env::args().collect();
     let record = args
         .iter()
@@ -239,7 +259,10 @@ fn main() {
         // cargo runs benchmarks in the package's directory: a relative
         // name is taken from the repository's root instead.
         .map(|i| repo().join(args.get(i + 1).expect("--record needs a file name")));
-    let mut pairs = record.as_deref().map(|p| recorded(p, &header)).unwrap_or_default();
+    let unequal = record_header(UNEQUAL_GAPS_HEADER, full_every, rate);
+    // Files of the earlier method can be reported on, not added to.
+    let accepted = if rounds == 0 { vec![&header, &unequal] } else { vec![&header] };
+    let mut pairs = record.as_deref().map(|p| recorded(p, &accepted)).unwrap_or_default();
     let earlier = pairs.len();
     if rounds == 0 {
         // Only the report on the pairs recorded.
@@ -379,6 +402,23 @@ fn main() {
     println!("{:>6} {:>12} {:>12} {:>10}", "round", "stopped s", "checking s", "slowdown");
     // Whether the round before was unchecked (the daemon still frozen).
     let mut frozen_a_round = false;
+    // Every round starts `gap` after the last one ended, whatever was done
+    // meanwhile (freezing at once, or waiting for a thawed daemon's check):
+    // how long the guest idled before a round changes how fast it runs.
+    let gap = idle_gap(rate);
+    let mut last_end = Instant::now();
+    // Rounds that began later than `gap` (a slow check or metrics read),
+    // and the longest rest before one.
+    let (mut late, mut longest) = (0usize, Duration::ZERO);
+    let mut rest = |last_end: Instant| {
+        let idle = last_end.elapsed();
+        if idle < gap {
+            std::thread::sleep(gap - idle);
+        } else {
+            late += 1;
+            longest = longest.max(idle);
+        }
+    };
     for i in 0..rounds {
         // Alternate which goes first, so that a trend cancels out.
         let mut pair = [0.0f64; 2];
@@ -393,16 +433,20 @@ fn main() {
                     freeze();
                 }
                 frozen_a_round = true;
+                rest(last_end);
                 let before = host_cpu(pid, qemu);
                 pair[0] = run(&mut g);
+                last_end = Instant::now();
                 let after = host_cpu(pid, qemu);
                 (0..4).for_each(|k| cpu[0][k] += after[k] - before[k]);
             } else {
                 frozen_a_round = false;
                 thaw();
+                rest(last_end);
                 let before = checks(port, &name);
                 let cpu_before = host_cpu(pid, qemu);
                 pair[1] = run(&mut g);
+                last_end = Instant::now();
                 let cpu_after = host_cpu(pid, qemu);
                 (0..4).for_each(|k| cpu[1][k] += cpu_after[k] - cpu_before[k]);
                 let after = checks(port, &name);
@@ -429,6 +473,15 @@ fn main() {
     let (mo, so) = mean_sd(&off);
     let (mn, sn) = mean_sd(&on);
     println!("this run, {rounds} pairs:");
+    println!(
+        "  every round began {} ms after the last one ended{}",
+        gap.as_millis(),
+        if late > 0 {
+            format!(" but {late}, which waited longer (at most {} ms)", longest.as_millis())
+        } else {
+            String::new()
+        }
+    );
     println!("  stopped:  mean {mo:.3} s, sd {so:.3} s");
     println!(
         "  checking: mean {mn:.3} s, sd {sn:.3} s ({full_on:.0} full and {hot_on:.0} hot checks during those rounds)"
