@@ -10,7 +10,7 @@
 //! rounds in a row it is thawed for one check too, so that libvirtd keeps
 //! its connection). Every round starts the same idle gap after the last
 //! one ended (1.5 s, divided by `--per-second`), checked or not: a guest
-//! that rested longer runs its next round slower.
+//! that rested longer seemed to run its next round slower.
 //!
 //!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1 --per-second 1]
 //!
@@ -51,8 +51,8 @@ const RECORD_HEADER: &str = "# guest_load pairs (stopped s, checking s): one dae
 /// added to. A checked round then began as soon as the thawed daemon had
 /// checked, which took up to a check interval when its check was not yet
 /// due, while an unchecked one began at once; a guest left idle longer
-/// ran its next round slower (benches/README.md), which counted against
-/// checking.
+/// seemed to run its next round slower (benches/README.md), which would
+/// count against checking.
 const UNEQUAL_GAPS_HEADER: &str = "# guest_load pairs (stopped s, checking s): one daemon frozen and thawed, \
                                    rounds timed by the guest, workload v1";
 
@@ -404,7 +404,7 @@ fn main() {
     let mut frozen_a_round = false;
     // Every round starts `gap` after the last one ended, whatever was done
     // meanwhile (freezing at once, or waiting for a thawed daemon's check):
-    // how long the guest idled before a round changes how fast it runs.
+    // how long the guest idled before a round may change how fast it runs.
     let gap = idle_gap(rate);
     let mut last_end = Instant::now();
     // Rounds that began later than `gap` (a slow check or metrics read),
