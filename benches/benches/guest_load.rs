@@ -9,8 +9,8 @@
 //! ones, which start once it has checked again (between two unchecked
 //! rounds in a row it is thawed for one check too, so that libvirtd keeps
 //! its connection). Every round starts the same idle gap after the last
-//! one ended (1.5 s, divided by `--per-second`), checked or not: a guest
-//! that rested longer seemed to run its next round slower.
+//! one ended (1.5 s divided by `--per-second`, at least 0.5 s), checked
+//! or not: a guest that rested longer seemed to run its next round slower.
 //!
 //!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1 --per-second 1]
 //!
