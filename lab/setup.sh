@@ -12,7 +12,7 @@ PINNED_ABI=6.1.0-56
 LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
-          cpio gzip make gcc systemd prometheus prometheus-alertmanager util-linux procps
+          cpio gzip make gcc libc6-dev systemd prometheus prometheus-alertmanager util-linux procps
           chromium linux-libc-dev e2fsprogs)
 
 say() { printf 'lab/setup: %s\n' "$*" >&2; }
@@ -75,6 +75,8 @@ cp /bin/busybox "$root/bin/busybox"
 cp "$HERE/initramfs/init" "$root/init"
 cp "$HERE/initramfs/attack" "$root/bin/attack"
 cp "$HERE/initramfs/storm" "$root/bin/storm"
+gcc -O2 -static -o "$root/bin/grind" "$HERE/initramfs/grind.c" \
+    || die "building grind failed: apt-get install gcc libc6-dev"
 cp modules-build/*.ko "$root/lib/vigil/"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > initramfs.cpio.gz.new
 mv initramfs.cpio.gz.new initramfs.cpio.gz

@@ -15,9 +15,16 @@
 //!   cargo bench -p vigil-bench --bench guest_load [-- --rounds 8 --full-interval 1 --per-second 1]
 //!
 //! Needs the lab (lab/setup.sh, libvirtd running) and builds the release
-//! `vigil` binary. The workload: a busybox shell counting loop (CPU) and
-//! SHA-256 over 64 MiB streamed through a pipe (memory), about 5 s a round
-//! under TCG, timed by the guest's clock. Reported: each round's time both
+//! `vigil` binary. The workload (`--workload`): `grind` (the default), the
+//! lab's own program (lab/initramfs/grind.c) streaming through 64 MiB,
+//! reading it at random and mixing integers, the same work every round,
+//! about 4 s under TCG and timed by itself; or `shell`, the first
+//! workload, a busybox shell counting loop (CPU) and SHA-256 over 64 MiB
+//! streamed through a pipe (memory), about 5 s, timed by the guest's
+//! /proc/uptime. A round's time is the guest's (the lab guest's clock is
+//! its timer ticks, 4 ms apart); grind's rounds are timed by the host too,
+//! around the console's round trip, and reported both ways, so that a
+//! guest clock slowed by late ticks would show. Reported: each round's time both
 //! ways, the slowdown per pair of rounds (checked over unchecked), and
 //! three estimates of it with 95 % intervals: the Hodges-Lehmann estimate
 //! (signed-rank interval) and the median (sign-test interval) of the
@@ -46,6 +53,11 @@ use vigil_bench::paired::{self, Estimate};
 const RECORD_HEADER: &str = "# guest_load pairs (stopped s, checking s): one daemon frozen and thawed, \
                              rounds timed by the guest after equal idle gaps, workload v1";
 
+/// The first line of a `--record` file of grind's rounds, whose lines
+/// hold the host's times of the pair after the guest's.
+const GRIND_HEADER: &str = "# guest_load pairs (stopped s, checking s by the guest; stopped s, checking s by the host): \
+                            one daemon frozen and thawed, rounds after equal idle gaps, workload grind 10 v1";
+
 /// The first line of files recorded before every round began after the
 /// same idle gap (until 2026-12-02): reported with `--rounds 0`, never
 /// added to. A checked round then began as soon as the thawed daemon had
@@ -65,6 +77,88 @@ fn idle_gap(rate: u64) -> Duration {
 
 const WORKLOAD: &str = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; \
                         dd if=/dev/zero bs=64k count=1024 2>/dev/null | sha256sum >/dev/null";
+
+/// grind's passes a round: about 4 s under TCG here.
+const GRIND: &str = "grind 10";
+
+/// The first line of a `--record` file of `--blocks`: each line holds the
+/// host's milliseconds per thousand units of grind's work in a block with
+/// the daemon stopped and in the one beside it with the daemon checking.
+const BLOCKS_HEADER: &str = "# guest_load blocks (stopped, checking: host ms per 1000 units of work): \
+                             one daemon frozen and thawed in alternate blocks, grind -f running throughout \
+                             and read in guest memory by the host, workload grind-stream v1";
+
+/// A measured pair (stopped, checking): as the record's header says, the
+/// guest's times of two rounds (and for grind the host's too), or the
+/// host's time per unit of work in two blocks.
+#[derive(Clone, Copy)]
+struct Pair {
+    times: (f64, f64),
+    host: Option<(f64, f64)>,
+}
+
+/// `grind -f`'s progress page in the guest's RAM, found by its nonce and
+/// read through QEMU's /proc/PID/mem (a page can move: the guest kernel
+/// may migrate it, and then it is found again).
+struct Progress {
+    mem: std::fs::File,
+    /// QEMU's mapping of the guest's RAM: start and length.
+    ram: (u64, u64),
+    nonce: u64,
+    at: Option<u64>,
+}
+
+impl Progress {
+    fn open(qemu: u32, nonce: u64) -> Self {
+        let maps = std::fs::read_to_string(format!("/proc/{qemu}/maps")).unwrap();
+        // The guest's RAM: QEMU's largest shared memfd mapping.
+        let ram = maps
+            .lines()
+            .filter(|l| {
+                l.contains("memfd:")
+                    && l.split_whitespace().nth(1).is_some_and(|p| p.ends_with('s'))
+            })
+            .filter_map(|l| {
+                let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+                let a = u64::from_str_radix(a, 16).ok()?;
+                Some((a, u64::from_str_radix(b, 16).ok()? - a))
+            })
+            .max_by_key(|r| r.1)
+            .expect("no shared memfd mapping in QEMU: is the lab guest's memory shared?");
+        let mem = std::fs::File::open(format!("/proc/{qemu}/mem")).unwrap();
+        Self { mem, ram, nonce, at: None }
+    }
+
+    /// The page's three words at `at`, if it starts with the nonce.
+    fn read(&self, at: u64) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut w = [0u8; 24];
+        self.mem.read_exact_at(&mut w, at).ok()?;
+        let word = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
+        (word(0) == self.nonce && word(1) == !self.nonce).then(|| word(2))
+    }
+
+    /// Units of work done so far, looking for the page if it moved.
+    fn units(&mut self) -> Option<u64> {
+        if let Some(u) = self.at.and_then(|at| self.read(at)) {
+            return Some(u);
+        }
+        use std::os::unix::fs::FileExt;
+        let mut chunk = vec![0u8; 1 << 20];
+        let (start, len) = self.ram;
+        self.at = (0..len).step_by(chunk.len()).find_map(|off| {
+            self.mem.read_exact_at(&mut chunk, start + off).ok()?;
+            chunk
+                .chunks_exact(4096)
+                .position(|page| {
+                    page[..8] == self.nonce.to_le_bytes()
+                        && page[8..16] == (!self.nonce).to_le_bytes()
+                })
+                .map(|p| start + off + 4096 * p as u64)
+        });
+        self.read(self.at?)
+    }
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -140,8 +234,9 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 /// `--record FILE`'s pairs so far (none if it does not exist yet), which
-/// must have been measured under one of `headers`.
-fn recorded(path: &Path, headers: &[&String]) -> Vec<(f64, f64)> {
+/// must have been measured under one of `headers`. A line holds the
+/// guest's two times, then for grind the host's two.
+fn recorded(path: &Path, headers: &[&String]) -> Vec<Pair> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -159,8 +254,13 @@ fn recorded(path: &Path, headers: &[&String]) -> Vec<(f64, f64)> {
         .enumerate()
         .map(|(i, l)| {
             let v: Vec<f64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-            assert!(v.len() == 2, "{} line {}: not two times: {l:?}", path.display(), i + 2);
-            (v[0], v[1])
+            assert!(
+                v.len() == 2 || v.len() == 4,
+                "{} line {}: not two or four times: {l:?}",
+                path.display(),
+                i + 2
+            );
+            Pair { times: (v[0], v[1]), host: (v.len() == 4).then(|| (v[2], v[3])) }
         })
         .collect()
 }
@@ -251,8 +351,23 @@ fn main() {
     // pairs can tell from the noise where one check a second needs
     // hundreds (attribution, not the target's measurement).
     let rate = arg("--per-second", 1).clamp(1, 100);
-    let header = record_header(RECORD_HEADER, full_every, rate);
     let args: Vec<String> = std::env::args().collect();
+    let grind = match args.iter().position(|a| a == "--workload").map(|i| args.get(i + 1)) {
+        None => true,
+        Some(Some(w)) if w == "grind" => true,
+        Some(Some(w)) if w == "shell" => false,
+        Some(w) => panic!("--workload {}: give grind or shell", w.map_or("", String::as_str)),
+    };
+    // `--blocks S`: grind -f runs throughout and the daemon is frozen and
+    // thawed in blocks of S seconds.
+    let block_s = arg("--blocks", 0).min(10);
+    let blocks =
+        record_header(BLOCKS_HEADER, full_every, rate) + &format!("; blocks of {block_s} s");
+    let header = if block_s > 0 {
+        blocks.clone()
+    } else {
+        record_header(if grind { GRIND_HEADER } else { RECORD_HEADER }, full_every, rate)
+    };
     let record = args
         .iter()
         .position(|a| a == "--record")
@@ -260,8 +375,12 @@ fn main() {
         // name is taken from the repository's root instead.
         .map(|i| repo().join(args.get(i + 1).expect("--record needs a file name")));
     let unequal = record_header(UNEQUAL_GAPS_HEADER, full_every, rate);
-    // Files of the earlier method can be reported on, not added to.
-    let accepted = if rounds == 0 { vec![&header, &unequal] } else { vec![&header] };
+    let shell = record_header(RECORD_HEADER, full_every, rate);
+    let grinds = record_header(GRIND_HEADER, full_every, rate);
+    // Any file can be reported on; files of the earlier method are not
+    // added to.
+    let accepted =
+        if rounds == 0 { vec![&blocks, &grinds, &shell, &unequal] } else { vec![&header] };
     let mut pairs = record.as_deref().map(|p| recorded(p, &accepted)).unwrap_or_default();
     let earlier = pairs.len();
     if rounds == 0 {
@@ -338,14 +457,26 @@ fn main() {
     let first = start_daemon();
     std::thread::sleep(Duration::from_secs(8));
     stop_daemon(first);
-    g.run(WORKLOAD).unwrap(); // warm up the guest's caches
+    g.run(if grind { GRIND } else { WORKLOAD }).unwrap(); // warm up the guest's caches
 
     // Timed by the guest's own clock, so that the serial console's round
     // trip is not part of it.
     let timed = format!(
         "a=$(cut -d' ' -f1 /proc/uptime); {WORKLOAD}; b=$(cut -d' ' -f1 /proc/uptime); echo \"took $a $b\""
     );
-    let run = |g: &mut vigil_lab::Guest| {
+    // The guest's time of a round, and for grind the host's.
+    let run = |g: &mut vigil_lab::Guest| -> (f64, Option<f64>) {
+        if grind {
+            let start = Instant::now();
+            let out = g.run(GRIND).unwrap();
+            let host = start.elapsed().as_secs_f64();
+            let ns: u64 = out
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no timing in grind's answer {out:?}"));
+            return (ns as f64 / 1e9, Some(host));
+        }
         let out = g.run(&timed).unwrap();
         let times: Vec<f64> = out
             .lines()
@@ -353,7 +484,7 @@ fn main() {
             .map(|t| t.split_whitespace().filter_map(|v| v.parse().ok()).collect())
             .unwrap_or_default();
         assert_eq!(times.len(), 2, "no timing in the guest's answer {out:?}");
-        times[1] - times[0]
+        (times[1] - times[0], None)
     };
     let daemon = start_daemon();
     let pid = daemon.id();
@@ -389,6 +520,126 @@ fn main() {
         }
     };
     freeze();
+    if block_s > 0 {
+        // A nonce no page holds by chance: the time, odd.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let nonce = (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) | 1;
+        g.run(&format!("grind -f {nonce} </dev/null >/dev/null 2>&1 &")).unwrap();
+        let mut progress = Progress::open(qemu, nonce);
+        // The units done and when; None if the page is lost for 5 s.
+        let mut sample = || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(u) = progress.units() {
+                    return Some((Instant::now(), u));
+                }
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let found = Instant::now() + Duration::from_secs(30);
+        while sample().is_none_or(|(_, u)| u == 0) {
+            assert!(
+                Instant::now() < found,
+                "grind -f's progress page not found in {}'s RAM",
+                g.name
+            );
+        }
+        std::thread::sleep(Duration::from_secs(3)); // grind past its start
+        let block = Duration::from_secs(block_s);
+        println!(
+            "guest_load: {rounds} pairs of {block_s} s blocks in {} (TCG), grind -f running throughout; the daemon checking it {rate} times a second, in full every {full_every} of those{}",
+            g.name,
+            if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
+        );
+        println!("{:>6} {:>12} {:>12} {:>10}", "pair", "stopped", "checking", "slowdown");
+        println!("{:>6} {:>25}", "", "(ms per 1000 units)");
+        let mut cpu = [[0.0f64; 4]; 2];
+        let mut seconds = [0.0f64; 2];
+        let (mut lost, mut thawed) = (0usize, false);
+        // Checks counted at each freeze (a frozen daemon answers nothing,
+        // and a request inside a block would be part of it), over the
+        // checking blocks' seconds since the first count.
+        let (mut checks_on, mut counted_s, mut last_count) = (0.0, 0.0, None);
+        for i in 0..rounds {
+            // off on, on off, off on...: a trend cancels, and each block
+            // has the other kind beside it.
+            let mut pair = [0.0f64; 2];
+            let mut whole = true;
+            for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+                if which == 1 && !thawed {
+                    signal(&daemon, "-CONT");
+                    thawed = true;
+                } else if which == 0 && thawed {
+                    let (hot, full) = checks(port, &name);
+                    if let Some(last) = last_count {
+                        checks_on += hot + full - last;
+                    }
+                    last_count = Some(hot + full);
+                    freeze();
+                    thawed = false;
+                }
+                let cpu_before = host_cpu(pid, qemu);
+                let start = sample();
+                std::thread::sleep(block);
+                let (Some((t0, u0)), Some((t1, u1))) = (start, sample()) else {
+                    whole = false;
+                    continue;
+                };
+                let cpu_after = host_cpu(pid, qemu);
+                let took = (t1 - t0).as_secs_f64();
+                (0..4).for_each(|k| cpu[which][k] += cpu_after[k] - cpu_before[k]);
+                seconds[which] += took;
+                if which == 1 && last_count.is_some() {
+                    counted_s += took;
+                }
+                pair[which] = 1e6 * took / (u1 - u0).max(1) as f64;
+            }
+            if !whole {
+                lost += 1;
+                continue;
+            }
+            let ratio = pair[1] / pair[0] - 1.0;
+            println!("{:>6} {:>12.2} {:>12.2} {:>9.2}%", i + 1, pair[0], pair[1], 100.0 * ratio);
+            pairs.push(Pair { times: (pair[0], pair[1]), host: None });
+            if let Some(f) = record_file.as_mut() {
+                writeln!(f, "{} {}", pair[0], pair[1]).unwrap();
+            }
+            if (i + 1) % 25 == 0 && i + 1 < rounds {
+                let times: Vec<_> = pairs.iter().map(|p| p.times).collect();
+                println!(
+                    "  after {} pairs: {}",
+                    pairs.len(),
+                    slowdown(&times).replace('\n', "\n   ")
+                );
+            }
+        }
+        if let (true, Some(last)) = (thawed, last_count) {
+            let (hot, full) = checks(port, &name);
+            checks_on += hot + full - last;
+        }
+        signal(&daemon, "-CONT");
+        stop_daemon(daemon);
+        g.destroy();
+        println!("this run, {} pairs ({lost} not counted):", rounds - lost);
+        println!(
+            "  {checks_on:.0} checks in {counted_s:.0} s of checking blocks (all but the first): {:.2} a second",
+            checks_on / counted_s
+        );
+        for (k, who) in
+            ["the daemon", "libvirtd", "QEMU's vCPU", "QEMU's other threads"].iter().enumerate()
+        {
+            println!(
+                "  host CPU of {who:<21} stopped {:7.1} ms/s, checking {:7.1} ms/s",
+                1000.0 * cpu[0][k] / seconds[0],
+                1000.0 * cpu[1][k] / seconds[1]
+            );
+        }
+        report(&pairs, earlier);
+        return;
+    }
 
     let (mut off, mut on) = (Vec::new(), Vec::new());
     let (mut hot_on, mut full_on) = (0.0, 0.0);
@@ -399,7 +650,14 @@ fn main() {
         g.name,
         if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
     );
-    println!("{:>6} {:>12} {:>12} {:>10}", "round", "stopped s", "checking s", "slowdown");
+    println!(
+        "{:>6} {:>12} {:>12} {:>10}{}",
+        "round",
+        "stopped s",
+        "checking s",
+        "slowdown",
+        if grind { "  (then the same timed by the host)" } else { "" }
+    );
     // Whether the round before was unchecked (the daemon still frozen).
     let mut frozen_a_round = false;
     // Every round starts `gap` after the last one ended, whatever was done
@@ -422,6 +680,7 @@ fn main() {
     for i in 0..rounds {
         // Alternate which goes first, so that a trend cancels out.
         let mut pair = [0.0f64; 2];
+        let mut host = [None; 2];
         for which in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
             if which == 0 {
                 if frozen_a_round {
@@ -435,7 +694,7 @@ fn main() {
                 frozen_a_round = true;
                 rest(last_end);
                 let before = host_cpu(pid, qemu);
-                pair[0] = run(&mut g);
+                (pair[0], host[0]) = run(&mut g);
                 last_end = Instant::now();
                 let after = host_cpu(pid, qemu);
                 (0..4).for_each(|k| cpu[0][k] += after[k] - before[k]);
@@ -445,7 +704,7 @@ fn main() {
                 rest(last_end);
                 let before = checks(port, &name);
                 let cpu_before = host_cpu(pid, qemu);
-                pair[1] = run(&mut g);
+                (pair[1], host[1]) = run(&mut g);
                 last_end = Instant::now();
                 let cpu_after = host_cpu(pid, qemu);
                 (0..4).for_each(|k| cpu[1][k] += cpu_after[k] - cpu_before[k]);
@@ -456,15 +715,30 @@ fn main() {
             }
         }
         let ratio = pair[1] / pair[0] - 1.0;
-        println!("{:>6} {:>12.3} {:>12.3} {:>9.2}%", i + 1, pair[0], pair[1], 100.0 * ratio);
+        let host = host[0].zip(host[1]);
+        let by_host = host.map_or(String::new(), |(a, b)| {
+            format!(" {a:>12.3} {b:>12.3} {:>9.2}%", 100.0 * (b / a - 1.0))
+        });
+        println!(
+            "{:>6} {:>12.3} {:>12.3} {:>9.2}%{by_host}",
+            i + 1,
+            pair[0],
+            pair[1],
+            100.0 * ratio
+        );
         off.push(pair[0]);
         on.push(pair[1]);
-        pairs.push((pair[0], pair[1]));
+        pairs.push(Pair { times: (pair[0], pair[1]), host });
         if let Some(f) = record_file.as_mut() {
-            writeln!(f, "{} {}", pair[0], pair[1]).unwrap();
+            match host {
+                Some((a, b)) => writeln!(f, "{} {} {a} {b}", pair[0], pair[1]),
+                None => writeln!(f, "{} {}", pair[0], pair[1]),
+            }
+            .unwrap();
         }
         if (i + 1) % 25 == 0 && i + 1 < rounds {
-            println!("  after {} pairs: {}", pairs.len(), slowdown(&pairs).replace('\n', "\n   "));
+            let times: Vec<_> = pairs.iter().map(|p| p.times).collect();
+            println!("  after {} pairs: {}", pairs.len(), slowdown(&times).replace('\n', "\n   "));
         }
     }
     signal(&daemon, "-CONT");
@@ -501,7 +775,8 @@ fn main() {
 }
 
 /// The slowdown over every pair, `earlier` of them from before this run.
-fn report(pairs: &[(f64, f64)], earlier: usize) {
+fn report(all: &[Pair], earlier: usize) {
+    let pairs: Vec<(f64, f64)> = all.iter().map(|p| p.times).collect();
     let ratios: Vec<f64> = pairs.iter().map(|(a, b)| b / a - 1.0).collect();
     let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -511,6 +786,13 @@ fn report(pairs: &[(f64, f64)], earlier: usize) {
         if earlier > 0 { format!(" ({earlier} recorded before this run)") } else { String::new() },
         100.0 * lo,
         100.0 * hi,
-        slowdown(pairs)
+        slowdown(&pairs)
     );
+    let host: Option<Vec<(f64, f64)>> = all.iter().map(|p| p.host).collect();
+    if let Some(host) = host {
+        println!(
+            "the same rounds timed by the host (the console's round trip and grind's start included):"
+        );
+        println!("  {}", slowdown(&host));
+    }
 }
