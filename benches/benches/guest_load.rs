@@ -29,10 +29,27 @@
 //! three estimates of it with 95 % intervals: the Hodges-Lehmann estimate
 //! (signed-rank interval) and the median (sign-test interval) of the
 //! pairs' log ratios, which rank the rare rounds a second slower instead of
-//! averaging them, and the mean (normal interval); every 25 pairs too, so
+//! averaging them, and the slowdown of the total time, checked over
+//! unchecked (normal interval; until 2026-12-02 the mean of the pairs'
+//! ratios, which noise alone raises by about the square of each time's
+//! spread: see `paired::ratio_of_totals`); every 25 pairs too, so
 //! that a long run shows where it stands. Also the host CPU each side
 //! spends per second of round: the daemon, libvirtd, QEMU's vCPU thread and
 //! its other threads.
+//!
+//! `--blocks S` (1 to 10) measures with less noise: `grind -f` runs in the
+//! guest throughout, never idle, counting its units of work in a page the
+//! host finds in the guest's RAM (through QEMU's /proc/PID/mem) and reads
+//! at the edges of blocks of S seconds, the daemon frozen in one block and
+//! thawed in the other of each pair (off on, on off, ...: the thawed
+//! daemon checks as it is due, a check it missed while frozen at once).
+//! A pair is then the host's milliseconds per thousand units in each; a
+//! pair takes about 2S s, and `--rounds` counts pairs. With `--workload
+//! shell` the shell workload runs instead, cut into units of a 128th and
+//! looping, each unit counted in a tmpfs file whose page the host finds
+//! the same way. The checks a
+//! second the checking blocks saw are reported: more than the schedule's,
+//! for the missed checks caught up.
 //!
 //! `--record FILE` appends each pair to FILE as it is measured and reports
 //! on every pair the file holds, so that one measurement can be taken in
@@ -88,6 +105,23 @@ const BLOCKS_HEADER: &str = "# guest_load blocks (stopped, checking: host ms per
                              one daemon frozen and thawed in alternate blocks, grind -f running throughout \
                              and read in guest memory by the host, workload grind-stream v1";
 
+/// The same for `--workload shell --blocks S`: the first workload in small
+/// units, run for ever, counting them in a tmpfs file's page.
+const SHELL_BLOCKS_HEADER: &str = "# guest_load blocks (stopped, checking: host ms per 1000 units of work): \
+                                   one daemon frozen and thawed in alternate blocks, a shell loop running \
+                                   throughout and counting in a tmpfs page read in guest memory by the host, \
+                                   workload shell-stream v1";
+
+/// The first workload cut into units of a 128th (a counting loop of 780,
+/// SHA-256 over 512 KiB through a pipe), for ever: after each the count
+/// is written in decimal, after the nonce's two words, at the start of
+/// /tmp/progress, a page of the guest's page cache. `{N}` and `{M}` are
+/// the nonce and its complement as printf escapes.
+const SHELL_STREAM: &str = "(n=0; while :; do i=0; while [ $i -lt 780 ]; do i=$((i+1)); done; \
+                            dd if=/dev/zero bs=64k count=8 2>/dev/null | sha256sum >/dev/null; \
+                            n=$((n+1)); printf '{N}{M}%020d' $n 1<>/tmp/progress; done) \
+                            </dev/null >/dev/null 2>&1 &";
+
 /// A measured pair (stopped, checking): as the record's header says, the
 /// guest's times of two rounds (and for grind the host's too), or the
 /// host's time per unit of work in two blocks.
@@ -97,19 +131,44 @@ struct Pair {
     host: Option<(f64, f64)>,
 }
 
-/// `grind -f`'s progress page in the guest's RAM, found by its nonce and
-/// read through QEMU's /proc/PID/mem (a page can move: the guest kernel
-/// may migrate it, and then it is found again).
+/// A workload's progress page in the guest's RAM (`grind -f`'s, or the
+/// shell loop's file), found by its nonce and read through QEMU's
+/// /proc/PID/mem (a page can move: the guest kernel may migrate it, and
+/// then it is found again).
 struct Progress {
     mem: std::fs::File,
     /// QEMU's mapping of the guest's RAM: start and length.
     ram: (u64, u64),
     nonce: u64,
+    /// The count is 20 decimal digits (the shell's), not a word.
+    decimal: bool,
     at: Option<u64>,
 }
 
+/// A nonce that no page holds by chance (from the time), whose bytes and
+/// their complements are neither 0 nor printf's `%` or a backslash.
+fn nonce() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mut x = (now.as_secs() << 30) ^ u64::from(now.subsec_nanos());
+    let mut bytes = [0u8; 8];
+    for b in &mut bytes {
+        // 0x30 to 0x7a, less the backslash; complements 0x85 to 0xcf.
+        *b = 0x30 + (x % 0x4a) as u8;
+        if *b == b'\\' {
+            *b = b'a';
+        }
+        x = x / 0x4a + 0x9e37_79b9;
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// `v`'s bytes in memory order as printf's octal escapes.
+fn printf_escapes(v: u64) -> String {
+    v.to_le_bytes().iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
 impl Progress {
-    fn open(qemu: u32, nonce: u64) -> Self {
+    fn open(qemu: u32, nonce: u64, decimal: bool) -> Self {
         let maps = std::fs::read_to_string(format!("/proc/{qemu}/maps")).unwrap();
         // The guest's RAM: QEMU's largest shared memfd mapping.
         let ram = maps
@@ -126,16 +185,23 @@ impl Progress {
             .max_by_key(|r| r.1)
             .expect("no shared memfd mapping in QEMU: is the lab guest's memory shared?");
         let mem = std::fs::File::open(format!("/proc/{qemu}/mem")).unwrap();
-        Self { mem, ram, nonce, at: None }
+        Self { mem, ram, nonce, decimal, at: None }
     }
 
-    /// The page's three words at `at`, if it starts with the nonce.
+    /// The count in the page at `at`, if it starts with the nonce.
     fn read(&self, at: u64) -> Option<u64> {
         use std::os::unix::fs::FileExt;
-        let mut w = [0u8; 24];
+        let mut w = [0u8; 36];
         self.mem.read_exact_at(&mut w, at).ok()?;
         let word = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
-        (word(0) == self.nonce && word(1) == !self.nonce).then(|| word(2))
+        if word(0) != self.nonce || word(1) != !self.nonce {
+            return None;
+        }
+        if self.decimal {
+            std::str::from_utf8(&w[16..36]).ok()?.parse().ok()
+        } else {
+            Some(word(2))
+        }
     }
 
     /// Units of work done so far, looking for the page if it moved.
@@ -278,22 +344,23 @@ fn percent(e: Option<Estimate>) -> String {
 fn slowdown(pairs: &[(f64, f64)]) -> String {
     let logs: Vec<f64> = pairs.iter().map(|(off, on)| (on / off).ln()).collect();
     let ratios: Vec<f64> = pairs.iter().map(|(off, on)| on / off - 1.0).collect();
-    let mean = paired::mean(&ratios).map_or_else(
+    let total = paired::ratio_of_totals(pairs).map_or_else(
         || "(too few pairs)".to_string(),
-        |(e, sd)| {
+        |e| {
             format!(
-                "{:+.2} % (95 % interval {:+.2} to {:+.2} %), sd {:.2} %",
+                "{:+.2} % (95 % interval {:+.2} to {:+.2} %)",
                 100.0 * e.value,
                 100.0 * e.low,
-                100.0 * e.high,
-                100.0 * sd
+                100.0 * e.high
             )
         },
     );
+    let sd = paired::mean(&ratios).map_or(0.0, |(_, sd)| sd);
     format!(
-        "Hodges-Lehmann {}\n  median {}\n  mean {mean}",
+        "Hodges-Lehmann {}\n  median {}\n  total time {total}, sd per pair {:.2} %",
         percent(paired::hodges_lehmann(&logs)),
-        percent(paired::median(&logs))
+        percent(paired::median(&logs)),
+        100.0 * sd
     )
 }
 
@@ -358,11 +425,12 @@ fn main() {
         Some(Some(w)) if w == "shell" => false,
         Some(w) => panic!("--workload {}: give grind or shell", w.map_or("", String::as_str)),
     };
-    // `--blocks S`: grind -f runs throughout and the daemon is frozen and
-    // thawed in blocks of S seconds.
+    // `--blocks S`: the workload runs throughout and the daemon is frozen
+    // and thawed in blocks of S seconds.
     let block_s = arg("--blocks", 0).min(10);
     let blocks =
-        record_header(BLOCKS_HEADER, full_every, rate) + &format!("; blocks of {block_s} s");
+        record_header(if grind { BLOCKS_HEADER } else { SHELL_BLOCKS_HEADER }, full_every, rate)
+            + &format!("; blocks of {block_s} s");
     let header = if block_s > 0 {
         blocks.clone()
     } else {
@@ -521,11 +589,16 @@ fn main() {
     };
     freeze();
     if block_s > 0 {
-        // A nonce no page holds by chance: the time, odd.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-        let nonce = (now.as_secs() << 30) ^ u64::from(now.subsec_nanos()) | 1;
-        g.run(&format!("grind -f {nonce} </dev/null >/dev/null 2>&1 &")).unwrap();
-        let mut progress = Progress::open(qemu, nonce);
+        let nonce = nonce();
+        let workload = if grind {
+            format!("grind -f {nonce} </dev/null >/dev/null 2>&1 &")
+        } else {
+            SHELL_STREAM
+                .replace("{N}", &printf_escapes(nonce))
+                .replace("{M}", &printf_escapes(!nonce))
+        };
+        g.run(&workload).unwrap();
+        let mut progress = Progress::open(qemu, nonce, !grind);
         // The units done and when; None if the page is lost for 5 s.
         let mut sample = || {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -543,15 +616,16 @@ fn main() {
         while sample().is_none_or(|(_, u)| u == 0) {
             assert!(
                 Instant::now() < found,
-                "grind -f's progress page not found in {}'s RAM",
+                "the workload's progress page not found in {}'s RAM",
                 g.name
             );
         }
-        std::thread::sleep(Duration::from_secs(3)); // grind past its start
+        std::thread::sleep(Duration::from_secs(3)); // the workload past its start
         let block = Duration::from_secs(block_s);
         println!(
-            "guest_load: {rounds} pairs of {block_s} s blocks in {} (TCG), grind -f running throughout; the daemon checking it {rate} times a second, in full every {full_every} of those{}",
+            "guest_load: {rounds} pairs of {block_s} s blocks in {} (TCG), {} running throughout; the daemon checking it {rate} times a second, in full every {full_every} of those{}",
             g.name,
+            if grind { "grind -f" } else { "the shell loop" },
             if earlier > 0 { format!("; {earlier} pairs recorded before") } else { String::new() }
         );
         println!("{:>6} {:>12} {:>12} {:>10}", "pair", "stopped", "checking", "slowdown");
