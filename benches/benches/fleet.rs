@@ -4,7 +4,7 @@
 //! until a check reports it.
 //!
 //!   lab/capture.sh && cargo bench -p vigil-bench --bench fleet \
-//!       [-- --guests 100 --seconds 30 --writes-per-minute 60 --originals memory|disk]
+//!       [-- --guests 100 --seconds 30 --writes-per-minute 60 --originals memory|disk --workers 2]
 //!
 //! Each guest is a copy-on-write copy of the captured lab guest's memory,
 //! watched by vigil's own `Watched` (profile match, semantic checks, patch
@@ -12,7 +12,10 @@
 //! the tokio plumbing around it are left out. Reported: the CPU that
 //! thread used as a share of one core, detection latency percentiles, and
 //! the daemon-side resident memory each guest adds (anonymous memory: the
-//! guests' RAM copies are not the daemon's).
+//! guests' RAM copies are not the daemon's). `--originals disk` keeps the
+//! baselines' original pages in their files, as the daemon's setting of
+//! that name does; `--workers N` runs the checks on N threads (the daemon's
+//! blocking pool has at least two).
 
 // Random picks and percentiles are float arithmetic on small counts.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -57,8 +60,9 @@ enum Event {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo bench -- --list` (criterion's protocol): nothing to list
+    let flags = ["--guests", "--seconds", "--writes-per-minute", "--workers", "--originals"];
+    if !vigil_bench::start(include_str!("fleet.rs"), &flags) {
+        return;
     }
     let guests = usize::try_from(arg("--guests", 100)).unwrap();
     let seconds = arg("--seconds", 30);
@@ -67,10 +71,13 @@ fn main() {
     // Threads running checks: the daemon's blocking pool has at least two.
     let workers = usize::try_from(arg("--workers", 2)).unwrap().max(1);
     // `--originals disk`: the baselines' original pages stay in their files.
-    let on_disk = std::env::args()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .any(|w| w[0] == "--originals" && w[1] == "disk");
+    let args: Vec<String> = std::env::args().collect();
+    let on_disk = match args.iter().position(|a| a == "--originals").map(|i| args.get(i + 1)) {
+        None => false,
+        Some(Some(o)) if o == "memory" => false,
+        Some(Some(o)) if o == "disk" => true,
+        Some(o) => panic!("--originals {}: give memory or disk", o.map_or("", String::as_str)),
+    };
     let cap = Capture::load();
     let (profiles, _) = vigil::linux::profile::load_dir(&[concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -406,7 +406,9 @@ fn host_cpu(daemon: u32, qemu: u32) -> [f64; 4] {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let flags =
+        ["--rounds", "--full-interval", "--per-second", "--workload", "--blocks", "--record"];
+    if !vigil_bench::start(include_str!("guest_load.rs"), &flags) {
         return;
     }
     let rounds = usize::try_from(arg("--rounds", 8)).unwrap();

@@ -205,14 +205,54 @@ impl Guest for FleetGuest {
     }
 }
 
-/// The number after `name` on the command line, or `default`.
+/// The number after `name` on the command line, or `default` when `name`
+/// is not given. A value missing or not a whole number stops the
+/// benchmark: an hour's run on a default nobody asked for is an hour lost.
 pub fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    number_after(&args, name, default).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn number_after(args: &[String], name: &str, default: u64) -> Result<u64, String> {
+    let Some(i) = args.iter().position(|a| a == name) else { return Ok(default) };
+    match args.get(i + 1) {
+        Some(v) => v.parse().map_err(|_| format!("{name} {v}: give a whole number")),
+        None => Err(format!("{name} needs a whole number after it")),
+    }
+}
+
+/// What a benchmark run by hand does before it reads its flags. `--list`
+/// (criterion's protocol, which `cargo bench` uses to enumerate) and
+/// `--help` (`-h`) end the run: the latter prints `source`'s leading `//!`
+/// lines, the benchmark's own description. A flag not in `known` stops the
+/// run, so that a misspelt `--round 400` does not run the default 8.
+/// Returns whether to go on.
+pub fn start(source: &str, known: &[&str]) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return false;
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", description(source));
+        return false;
+    }
+    if let Some(unknown) = unknown_flag(&args, known) {
+        panic!("{unknown}: not a flag of this benchmark (--help lists them)");
+    }
+    true
+}
+
+fn description(source: &str) -> String {
+    let lines = source.lines().take_while(|l| l.starts_with("//!"));
+    let text: Vec<&str> = lines.map(|l| l.trim_start_matches("//!")).collect();
+    text.iter().map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n")
+}
+
+/// The first argument that looks like a flag and is neither in `known` nor
+/// `--bench`, which cargo adds.
+fn unknown_flag(args: &[String], known: &[&str]) -> Option<String> {
+    let mut flags = args.iter().skip(1).filter(|a| a.starts_with("--"));
+    flags.find(|a| *a != "--bench" && !known.contains(&a.as_str())).cloned()
 }
 
 /// Median and other percentiles of `v` (sorted in place).
@@ -224,4 +264,44 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     let i = ((v.len() - 1) as f64 * p).round() as usize;
     v[i.min(v.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_flag_takes_its_number_or_the_default_when_absent() {
+        let a = args("bench --bench --rounds 400 --blocks 2");
+        assert_eq!(number_after(&a, "--rounds", 8), Ok(400));
+        assert_eq!(number_after(&a, "--blocks", 0), Ok(2));
+        assert_eq!(number_after(&a, "--per-second", 1), Ok(1));
+    }
+
+    #[test]
+    fn a_bad_or_missing_number_is_refused_by_name() {
+        let e = number_after(&args("bench --rounds four"), "--rounds", 8).unwrap_err();
+        assert!(e.contains("--rounds four"), "{e}");
+        let e = number_after(&args("bench --rounds"), "--rounds", 8).unwrap_err();
+        assert!(e.contains("--rounds needs"), "{e}");
+        assert!(number_after(&args("bench --rounds -3"), "--rounds", 8).is_err());
+    }
+
+    #[test]
+    fn an_unknown_flag_is_named_and_cargo_s_own_passes() {
+        let known = ["--rounds", "--record"];
+        assert_eq!(unknown_flag(&args("bench --bench --rounds 4 --record f"), &known), None);
+        let a = args("bench --bench --round 400");
+        assert_eq!(unknown_flag(&a, &known).as_deref(), Some("--round"));
+    }
+
+    #[test]
+    fn the_description_is_the_leading_doc_comment() {
+        let src = "//! First line.\n//!\n//!   indented\nuse x;\n//! not this\n";
+        assert_eq!(description(src), "First line.\n\n  indented");
+    }
 }
