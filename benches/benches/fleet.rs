@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use vigil::addr::GuestPhysAddr;
 use vigil::daemon::watch::Watched;
 use vigil::integrity::check::Scope;
-use vigil_bench::{Capture, FleetGuest, RamFiles, arg, percentile};
+use vigil_bench::{Capture, FleetGuest, RamFiles, arg, choice, percentile};
 
 /// RssAnon from /proc/self/status, in bytes.
 fn rss_anon() -> u64 {
@@ -71,13 +71,7 @@ fn main() {
     // Threads running checks: the daemon's blocking pool has at least two.
     let workers = usize::try_from(arg("--workers", 2)).unwrap().max(1);
     // `--originals disk`: the baselines' original pages stay in their files.
-    let args: Vec<String> = std::env::args().collect();
-    let on_disk = match args.iter().position(|a| a == "--originals").map(|i| args.get(i + 1)) {
-        None => false,
-        Some(Some(o)) if o == "memory" => false,
-        Some(Some(o)) if o == "disk" => true,
-        Some(o) => panic!("--originals {}: give memory or disk", o.map_or("", String::as_str)),
-    };
+    let on_disk = choice("--originals", &["memory", "disk"]) == "disk";
     let cap = Capture::load();
     let (profiles, _) = vigil::linux::profile::load_dir(&[concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -62,8 +62,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vigil_bench::arg;
 use vigil_bench::paired::{self, Estimate};
+use vigil_bench::{arg, choice};
 
 /// The first line of a `--record` file: pairs are pooled only with pairs
 /// measured the same way.
@@ -420,13 +420,7 @@ fn main() {
     // pairs can tell from the noise where one check a second needs
     // hundreds (attribution, not the target's measurement).
     let rate = arg("--per-second", 1).clamp(1, 100);
-    let args: Vec<String> = std::env::args().collect();
-    let grind = match args.iter().position(|a| a == "--workload").map(|i| args.get(i + 1)) {
-        None => true,
-        Some(Some(w)) if w == "grind" => true,
-        Some(Some(w)) if w == "shell" => false,
-        Some(w) => panic!("--workload {}: give grind or shell", w.map_or("", String::as_str)),
-    };
+    let grind = choice("--workload", &["grind", "shell"]) == "grind";
     // `--blocks S`: the workload runs throughout and the daemon is frozen
     // and thawed in blocks of S seconds.
     let block_s = arg("--blocks", 0).min(10);
@@ -438,6 +432,7 @@ fn main() {
     } else {
         record_header(if grind { GRIND_HEADER } else { RECORD_HEADER }, full_every, rate)
     };
+    let args: Vec<String> = std::env::args().collect();
     let record = args
         .iter()
         .position(|a| a == "--record")

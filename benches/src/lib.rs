@@ -221,6 +221,24 @@ fn number_after(args: &[String], name: &str, default: u64) -> Result<u64, String
     }
 }
 
+/// The word after `name` on the command line, one of `choices`; the first
+/// of them when `name` is not given. Any other word stops the benchmark.
+pub fn choice(name: &str, choices: &[&'static str]) -> &'static str {
+    let args: Vec<String> = std::env::args().collect();
+    word_after(&args, name, choices).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn word_after(
+    args: &[String],
+    name: &str,
+    choices: &[&'static str],
+) -> Result<&'static str, String> {
+    let Some(i) = args.iter().position(|a| a == name) else { return Ok(choices[0]) };
+    let given = args.get(i + 1).map_or("", String::as_str);
+    let known = choices.iter().find(|c| **c == given).copied();
+    known.ok_or_else(|| format!("{name} {given}: give one of {}", choices.join(", ")))
+}
+
 /// What a benchmark run by hand does before it reads its flags. `--list`
 /// (criterion's protocol, which `cargo bench` uses to enumerate) and
 /// `--help` (`-h`) end the run: the latter prints `source`'s leading `//!`
@@ -289,6 +307,19 @@ mod tests {
         let e = number_after(&args("bench --rounds"), "--rounds", 8).unwrap_err();
         assert!(e.contains("--rounds needs"), "{e}");
         assert!(number_after(&args("bench --rounds -3"), "--rounds", 8).is_err());
+    }
+
+    #[test]
+    fn a_word_flag_takes_one_of_its_choices() {
+        let choices = ["grind", "shell"];
+        assert_eq!(word_after(&args("bench --blocks 2"), "--workload", &choices), Ok("grind"));
+        assert_eq!(
+            word_after(&args("bench --workload shell"), "--workload", &choices),
+            Ok("shell")
+        );
+        let e = word_after(&args("bench --workload sh"), "--workload", &choices).unwrap_err();
+        assert_eq!(e, "--workload sh: give one of grind, shell");
+        assert!(word_after(&args("bench --workload"), "--workload", &choices).is_err());
     }
 
     #[test]
