@@ -261,9 +261,8 @@ pub fn start(source: &str, known: &[&str]) -> bool {
 }
 
 fn description(source: &str) -> String {
-    let lines = source.lines().take_while(|l| l.starts_with("//!"));
-    let text: Vec<&str> = lines.map(|l| l.trim_start_matches("//!")).collect();
-    text.iter().map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n")
+    let doc = source.lines().map_while(|l| l.strip_prefix("//!"));
+    doc.map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n")
 }
 
 /// The first argument that looks like a flag and is neither in `known` nor
