@@ -45,17 +45,28 @@ fi
 # The daemon's own user, as the package makes it (lab tests run the daemon as
 # it, under the unit's capabilities and system-call filter).
 systemd-sysusers "$HERE/../systemd/vigil.sysusers" || die "systemd-sysusers could not create user vigil"
+# An operator: not root, a listed member of group vigil (lab tests use the
+# control socket as it, as a host's operators do).
+systemd-sysusers --inline 'u vigil-lab-operator - "vigil lab operator, in group vigil"' \
+    'm vigil-lab-operator vigil' || die "systemd-sysusers could not create user vigil-lab-operator"
 
 mkdir -p "$LAB_DIR"
 chmod 0755 "$LAB_DIR"
 cd "$LAB_DIR"
 
-if [[ ! -s vmlinuz || $(cat kernel-release 2>/dev/null) != "$flavour" ]]; then
+# The kernel, and the two modules an ACPI lab guest needs to hear its power
+# button (what `virsh reboot` presses): the ACPI button driver and evdev.
+if [[ ! -s vmlinuz || ! -s kmods/button.ko || $(cat kernel-release 2>/dev/null) != "$flavour" ]]; then
     say "fetching linux-image-$flavour"
-    rm -rf kernel-unpacked ./*.deb
+    rm -rf kernel-unpacked ./*.deb kmods
     apt-get download "linux-image-$flavour" 2>/dev/null || die "apt-get download linux-image-$flavour failed"
     dpkg-deb -x linux-image-"$flavour"_*.deb kernel-unpacked
     cp "kernel-unpacked/boot/vmlinuz-$flavour" vmlinuz
+    mkdir kmods
+    for m in drivers/acpi/button.ko drivers/input/evdev.ko; do
+        cp "kernel-unpacked/lib/modules/$flavour/kernel/$m" kmods/ \
+            || die "$m is not in linux-image-$flavour"
+    done
     echo "$flavour" > kernel-release
     rm -rf kernel-unpacked ./*.deb
 fi
@@ -78,6 +89,11 @@ cp "$HERE/initramfs/storm" "$root/bin/storm"
 gcc -O2 -static -o "$root/bin/grind" "$HERE/initramfs/grind.c" \
     || die "building grind failed: apt-get install gcc libc6-dev"
 cp modules-build/*.ko "$root/lib/vigil/"
+mkdir -p "$root/lib/kmods" "$root/etc/acpi/PWRF"
+cp kmods/*.ko "$root/lib/kmods/"
+# busybox acpid runs CONFDIR/PWRF/00000080 for the power button.
+printf '#!/bin/sh\npoweroff -f\n' > "$root/etc/acpi/PWRF/00000080"
+chmod 0755 "$root/etc/acpi/PWRF/00000080"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > initramfs.cpio.gz.new
 mv initramfs.cpio.gz.new initramfs.cpio.gz
 chmod 0644 vmlinuz initramfs.cpio.gz

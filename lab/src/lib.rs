@@ -55,11 +55,15 @@ pub struct Shape {
     /// RAM in MiB; above 3 GiB QEMU splits it below and above 4 GiB.
     pub mib: u32,
     pub vcpus: u32,
+    /// ACPI on, with the power button powering the guest off (its init
+    /// loads the button driver): what `virsh shutdown` and `virsh reboot`
+    /// ask of a guest.
+    pub acpi: bool,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Self { memory: Memory::Shared, mib: 384, vcpus: 1 }
+        Self { memory: Memory::Shared, mib: 384, vcpus: 1, acpi: false }
     }
 }
 
@@ -102,12 +106,13 @@ impl Lab {
 
     /// The domain XML of a lab guest.
     pub fn domain_xml(&self, name: &str, memory: Memory, mib: u32) -> String {
-        self.domain_xml_with(name, &Shape { memory, mib, vcpus: 1 })
+        self.domain_xml_with(name, &Shape { memory, mib, ..Shape::default() })
     }
 
     /// The domain XML of a lab guest of any shape.
     pub fn domain_xml_with(&self, name: &str, shape: &Shape) -> String {
         let (memory, mib, vcpus) = (shape.memory, shape.mib, shape.vcpus);
+        let features = if shape.acpi { "<features><acpi/></features>" } else { "" };
         let backing = match memory {
             Memory::Shared => {
                 "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
@@ -126,6 +131,7 @@ impl Lab {
     <initrd>{initrd}</initrd>
     <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
   </os>
+  {features}
   <cpu mode='maximum'/>
   <on_reboot>restart</on_reboot>
   <devices>
@@ -468,6 +474,69 @@ impl Guest {
             )));
         }
         Ok(())
+    }
+
+    /// Resets the guest through libvirt, as `virsh reset` does (a reset
+    /// button: no guest involvement), and waits until init answers again in
+    /// a new boot.
+    pub fn reset(&mut self) -> Result<(), LabError> {
+        self.restart_from_host("virsh reset", |d| d.reset())
+    }
+
+    /// Destroys the domain and starts it again from the same definition,
+    /// UUID included: a new QEMU process runs the same domain, as after a
+    /// shutdown and start. Waits until init answers.
+    pub fn restart_process(&mut self) -> Result<(), LabError> {
+        let dom = self.dom.take().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
+        let xml = dom
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| err(format!("{}: its definition: {e}", self.name)))?;
+        dom.destroy().map_err(|e| err(format!("{}: destroy: {e}", self.name)))?;
+        self.port = None;
+        let conn = Connect::open(Some(URI)).map_err(|e| err(format!("libvirt at {URI}: {e}")))?;
+        let new = conn
+            .create_domain_xml(&xml, 0)
+            .map_err(|e| err(format!("starting {} again: {e}", self.name)))?;
+        self.dom = Some(new);
+        self.wait_ready(Duration::from_secs(120))
+    }
+
+    fn restart_from_host(
+        &mut self,
+        what: &str,
+        how: impl FnOnce(&Domain) -> Result<(), virt::error::Error>,
+    ) -> Result<(), LabError> {
+        let before = self.run("cat /proc/sys/kernel/random/boot_id")?;
+        let dom =
+            self.dom.as_ref().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
+        how(dom).map_err(|e| err(format!("{}: {what}: {e}", self.name)))?;
+        // The old boot may answer a while yet (a power button is handled by
+        // the guest in its own time): wait for another boot to answer.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            self.wait_ready(Duration::from_secs(120))?;
+            if self.run("cat /proc/sys/kernel/random/boot_id")? != before {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(err(format!(
+                    "{}: still the same boot ({}) two minutes after {what}",
+                    self.name,
+                    before.trim()
+                )));
+            }
+        }
+    }
+
+    /// Reboots the guest through libvirt, as `virsh reboot` does: libvirt
+    /// presses the ACPI power button, the guest powers off, and libvirt
+    /// resets it instead of letting QEMU end. Needs a guest of an ACPI
+    /// [`Shape`]. Waits until init answers again in a new boot.
+    pub fn reboot_by_libvirt(&mut self) -> Result<(), LabError> {
+        self.restart_from_host("virsh reboot", |d| {
+            d.reboot(virt::sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+        })
     }
 
     /// Migrates the guest live to the libvirt at `uri` (another host, or

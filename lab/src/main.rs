@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use vigil_lab::{Lab, Memory};
 
 const USAGE: &str = "usage:
-  vigil-lab start NAME [--private]   boot lab guest vigil-lab-NAME (shared memfd RAM unless --private)
+  vigil-lab start NAME [--private] [--acpi]
+                                     boot lab guest vigil-lab-NAME (shared memfd RAM unless
+                                     --private; with ACPI and its power button heard: --acpi)
   vigil-lab exec NAME COMMAND...     run a shell command in it (e.g. 'attack inline')
   vigil-lab stop NAME                destroy it
   vigil-lab confine UNIT -- PROGRAM [ARGS...]
@@ -13,7 +15,7 @@ const USAGE: &str = "usage:
                                      its user, groups, capabilities and system-call filter
                                      (for hosts where systemd is not PID 1; see lab/src/confine.rs)
 
-Attacks available in the guest: attack syscall | inline | idt | wp.
+Attacks available in the guest: attack syscall | inline | idt | wp | remap ... (lab/initramfs/attack).
 The lab must be prepared first with lab/setup.sh.";
 
 fn main() -> ExitCode {
@@ -35,7 +37,9 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 Memory::Shared
             };
-            let g = Lab::open()?.start(name, memory)?;
+            let acpi = rest.iter().any(|a| a == "--acpi");
+            let shape = vigil_lab::Shape { memory, acpi, ..vigil_lab::Shape::default() };
+            let g = Lab::open()?.start_with(name, &shape)?;
             println!("{}", g.name);
             g.keep();
             Ok(())
