@@ -109,7 +109,13 @@ fn main() {
             ram: ram.copy(),
         };
         let copy = g.ram.clone();
-        let (mut w, _) = Watched::attach_guest(Box::new(g), state.path(), on_disk).unwrap();
+        let settings = vigil::daemon::watch::AttachSettings {
+            originals_on_disk: on_disk,
+            provisional_window: Duration::from_secs(60),
+        };
+        let known = vigil::daemon::watch::Knowledge::default();
+        let (mut w, _) =
+            Watched::attach_guest(Box::new(g), state.path(), &known, settings).unwrap();
         let r = w.check(Scope::Full, &profiles).unwrap();
         assert!(r.intact, "guest {i} is not intact at start: {:?}", r.violations.first());
         fleet.push((w, copy));

@@ -220,7 +220,6 @@ fn main() {
     let in_process: Vec<&[u8; PAGE]> =
         cap.image.chunks_exact(PAGE).map(|p| p.try_into().unwrap()).collect();
     let regs = cap.baseline.registers.clone();
-    let base = cap.baseline.kernel.image_base;
     let none = vigil::integrity::Originals::default();
     let view = vigil::linux::discover(&ram.shared, &regs).unwrap();
     let (page_tags, from) = vigil::integrity::tags::PageTags::build(
@@ -275,8 +274,7 @@ fn main() {
     });
     let engine = |t: Option<&vigil::integrity::tags::PageTags>| {
         let view = vigil::linux::discover(&ram.shared, &regs).unwrap();
-        let r =
-            check_tagged(&cap.baseline, &ram.shared, &view, &regs, base, Scope::Full, t).unwrap();
+        let r = check_tagged(&cap.baseline, &ram.shared, &view, &regs, Scope::Full, t).unwrap();
         assert!(r.intact, "{:?}", r.violations.first());
     };
     measure(&mut c, "verify", "engine-full-check-blake3", bytes, || engine(None));

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use vigil::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES};
 use vigil::daemon::watch::Guest;
 use vigil::integrity::Baseline;
+use vigil::integrity::baseline::Run;
 use vigil::libvirt::LibvirtError;
 use vigil::memory::{ElfCore, GuestMemory, MemoryError, RamLayout};
 use vigil::qemu::VcpuRegisters;
@@ -193,6 +194,11 @@ impl Guest for FleetGuest {
     }
     fn registers(&self) -> Result<Vec<VcpuRegisters>, LibvirtError> {
         Ok(self.registers.clone())
+    }
+    /// The benchmark's own process runs every bench guest, for as long as
+    /// it lives: one run each, never reset.
+    fn run(&self) -> Result<Run, LibvirtError> {
+        Ok(Run { host_booted: 0, pid: i32::try_from(std::process::id()).unwrap_or(0), started: 0 })
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         Ok(Box::new(self.ram.clone()))

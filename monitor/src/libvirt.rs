@@ -8,6 +8,7 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 use virt::sys;
 
+use crate::integrity::baseline::Run;
 use crate::memory::{BlockMapping, GuestMemory, ProcessRam, RamLayout, SharedRam};
 use crate::qemu::{self, ParseError, VcpuRegisters};
 
@@ -286,6 +287,22 @@ impl GuestDomain {
             .ok_or_else(|| self.memory_error(format!("no Tgid in /proc/{}/status", tids[0])))
     }
 
+    /// The run of the guest as this host knows it: its QEMU process, with
+    /// that process's start time and the host's boot. Asked of QEMU and the
+    /// host's `/proc`, nothing of the guest's.
+    pub fn run(&self) -> Result<Run, LibvirtError> {
+        let pid = self.qemu_pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
+            self.memory_error(format!("QEMU process {pid} is not visible in /proc: {e}"))
+        })?;
+        let started = process_start_ticks(&stat).ok_or_else(|| {
+            self.memory_error(format!("/proc/{pid}/stat has no start time: {stat:?}"))
+        })?;
+        let host_booted = host_booted()
+            .ok_or_else(|| self.memory_error("the host's clocks cannot be read".into()))?;
+        Ok(Run { host_booted, pid, started })
+    }
+
     /// The RAM layout and where each RAM block is in the QEMU process.
     pub fn memory_blocks(&self) -> Result<(i32, RamLayout, Vec<BlockMapping>), LibvirtError> {
         let pid = self.qemu_pid()?;
@@ -369,6 +386,33 @@ impl GuestDomain {
     }
 }
 
+/// When the host booted, in seconds of the Unix epoch: the wall clock less
+/// the time since boot.
+pub fn host_booted() -> Option<u64> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some(now.checked_sub(crate::sys::since_boot()?)?.as_secs())
+}
+
+/// How long ago `run`'s process started, by this host's clocks; `None` for
+/// another host boot's.
+pub fn run_age(run: &Run) -> Option<std::time::Duration> {
+    if host_booted()?.abs_diff(run.host_booted) > 5 {
+        return None;
+    }
+    let started = std::time::Duration::from_millis(
+        run.started.checked_mul(1000)? / crate::sys::clock_ticks()?,
+    );
+    crate::sys::since_boot()?.checked_sub(started)
+}
+
+/// A process's start time, in clock ticks after the host's boot: field 22 of
+/// `/proc/PID/stat`, counted after the command name's closing parenthesis
+/// (the name itself may hold spaces and parentheses).
+pub fn process_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// An error and its causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -379,4 +423,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_start_ticks;
+
+    #[test]
+    fn a_process_start_time_is_read_past_an_awkward_name() {
+        let tail = "S 1 2 3 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(process_start_ticks(&format!("4242 (qemu-system-x86) {tail}")), Some(987654));
+        assert_eq!(process_start_ticks(&format!("4242 (a ) b (c) {tail}")), Some(987654));
+        assert_eq!(process_start_ticks("4242 (qemu) S 1 2"), None);
+        assert_eq!(process_start_ticks("no parenthesis"), None);
+    }
 }

@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
-use vigil::integrity::check::CheckError;
 use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
@@ -112,7 +111,14 @@ enum Command {
     ///
     /// Exit status: 0 when intact, 1 when anything was changed in a way that
     /// is a violation, 2 on error (domain not running, memory not readable,
-    /// kernel not found, baseline of another domain or another boot).
+    /// kernel not found, baseline of another domain or of another run of it).
+    ///
+    /// Whether the guest booted again is libvirt's to say: a baseline taken
+    /// under another QEMU process than the one running the domain now (it
+    /// was started, restored or migrated since) is refused. Under the same
+    /// process a kernel found elsewhere is reported page by page as `remap`
+    /// violations, since a guest can move its own kernel; after a `virsh
+    /// reboot` or `virsh reset`, which keep the process, take a new baseline.
     Check {
         /// Domain name or UUID.
         domain: String,
@@ -163,14 +169,32 @@ enum Command {
     /// Guest profiles: what vigil knows of one kernel build (see guest-profiles/README.md).
     #[command(subcommand)]
     Profile(ProfileCommand),
-    /// Make a watched domain's current state its baseline (after a sanctioned
-    /// change), recorded in the alert log with the reason.
+    /// Make a watched domain's current state its baseline, recording who, why and which diff
+    ///
+    /// After a sanctioned change, review first, then accept what you reviewed:
+    ///
+    ///   vigil diff web1 --daemon          the daemon's diff; note its "diff digest"
+    ///   vigil accept web1 --diff-digest D --reason "CHG-4711: livepatch for CVE-..."
+    ///
+    /// With --diff-digest the daemon diffs the guest again and refuses (exit
+    /// status 2, nothing accepted) if the diff is not the one reviewed: the
+    /// guest changed since. Without it, whatever is there now is accepted,
+    /// and the digest of that diff is recorded. The daemon records an
+    /// `accepted` warning in the alert log (and pushes it to its
+    /// Alertmanager) with your uid, user name and process id, as the kernel
+    /// tells them, the reason and the digest.
+    #[command(verbatim_doc_comment)]
     Accept {
         /// Domain name or UUID.
         domain: String,
-        /// Why: who approved which change (kept in the alert log).
+        /// Why: who approved which change (kept in the alert log; one line, at
+        /// most 1024 bytes).
         #[arg(long)]
         reason: String,
+        /// The "diff digest" of the diff you reviewed (`vigil diff DOMAIN
+        /// --daemon`): accept only if the guest's diff is still that one.
+        #[arg(long, value_name = "DIGEST")]
+        diff_digest: Option<String>,
     },
 }
 
@@ -186,6 +210,7 @@ struct DiffArgs {
     #[arg(long)]
     dump: Option<PathBuf>,
     /// Only changes in this region (kernel-text, kernel-rodata, sys_call_table, idt-vectors, ...).
+    /// The diff digest still covers every region: an accept takes them all.
     #[arg(long)]
     region: Option<String>,
     /// Ask the running daemon (through its control socket) for the diff of a
@@ -273,10 +298,14 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
             profile_build(vmlinuz, output.as_deref())
         }
-        Command::Accept { domain, reason } => control(
-            cli,
-            &serde_json::json!({ "command": "accept", "domain": domain, "reason": reason }),
-        ),
+        Command::Accept { domain, reason, diff_digest } => {
+            let mut req =
+                serde_json::json!({ "command": "accept", "domain": domain, "reason": reason });
+            if let Some(d) = diff_digest {
+                req["diff_digest"] = d.as_str().into();
+            }
+            control(cli, &req)
+        }
         Command::Domains => domains(cli),
         Command::Baseline { domain, output, source } => {
             baseline(cli, domain, output.as_deref(), *source)
@@ -324,9 +353,10 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
     let regs = dom.registers()?;
     let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
     let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
-    let (b, originals) =
+    let (mut b, originals) =
         Baseline::build_keeping(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
             .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
+    b.run = Some(dom.run()?);
     let path = output.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -408,6 +438,23 @@ fn domain_baseline(
             dom.name,
             dom.uuid
         );
+    }
+    // Whether the guest booted again is the hypervisor's to say: another
+    // QEMU process than the baseline's is a new start (or restore, or
+    // migration) of the domain. The same process with the kernel moved is
+    // judged page by page (remap violations), since a reset cannot be told
+    // from the guest moving its own kernel after the fact.
+    if let Some(then) = &b.run {
+        let now = dom.run()?;
+        if !then.same_as(&now) {
+            bail!(
+                "the baseline {} is from another run of domain {}: it was taken under {then}, and libvirt \
+                 has started the domain since ({now} runs it now); take a new baseline with `vigil baseline {}`",
+                path.display(),
+                dom.name,
+                dom.name
+            );
+        }
     }
     Ok((path, b))
 }
@@ -540,9 +587,6 @@ fn examined(
                 eprintln!("vigil: warning: {name}: {w}");
             }
             Ok(e)
-        }
-        Err(ExamineError::Check(e @ CheckError::DifferentBoot { .. })) => {
-            bail!("{}", error_chain(&e))
         }
         Err(e) => Err(e).with_context(|| format!("domain {name}")),
     }

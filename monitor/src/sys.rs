@@ -8,6 +8,25 @@ use memmap2::{Mmap, MmapOptions};
 /// Most iovecs one `process_vm_readv` call takes (Linux's `UIO_MAXIOV`).
 pub const MAX_IOVECS: usize = 1024;
 
+/// Time since the host booted, time suspended included (`CLOCK_BOOTTIME`):
+/// the clock that start times in `/proc/PID/stat` count in. Asked of the
+/// kernel directly, as a confined daemon may not read `/proc/uptime`.
+pub fn since_boot() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+    (r == 0).then(|| std::time::Duration::new(secs, nanos))
+}
+
+/// Clock ticks a second in `/proc` (`USER_HZ`).
+pub fn clock_ticks() -> Option<u64> {
+    // SAFETY: sysconf only reads a constant of the C library.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(n).ok().filter(|&n| n > 0)
+}
+
 /// Maps `len` bytes of `file` at `offset` read-only and shared.
 ///
 /// The caller must accept that if the file is truncated under the mapping,

@@ -70,6 +70,9 @@ impl Guest for FaultyGuest {
         }
         Ok(regs)
     }
+    fn run(&self) -> Result<vigil::integrity::baseline::Run, LibvirtError> {
+        Guest::run(&self.dom)
+    }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         Ok(Box::new(Faulty::new(Guest::open_memory(&self.dom)?, self.plan.clone())))
     }
@@ -97,7 +100,13 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
         refuse: refuse.clone(),
     };
     let state = tempfile::tempdir().unwrap();
-    let (mut w, _) = Watched::attach_guest(Box::new(guest), state.path(), false).unwrap();
+    let settings = vigil::daemon::watch::AttachSettings {
+        originals_on_disk: false,
+        provisional_window: Duration::from_secs(60),
+    };
+    let known = vigil::daemon::watch::Knowledge::default();
+    let (mut w, _) =
+        Watched::attach_guest(Box::new(guest), state.path(), &known, settings).unwrap();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
     let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
     assert!(bad.is_empty(), "{bad:?}");

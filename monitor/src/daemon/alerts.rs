@@ -59,6 +59,9 @@ pub enum EventKind {
     KernelPatched,
     /// Evidence of a violation was saved (or could only be saved in part).
     EvidenceSaved,
+    /// Stored state (a baseline, its original pages) exists but cannot be
+    /// used: kept aside, and what can no longer be checked is said.
+    StateUnreadable,
 }
 
 /// One line of the alert log.
@@ -116,6 +119,38 @@ pub struct Alert {
     /// (`[evidence]`); its `manifest.json` appears when the saving is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
+    /// Who asked (`accepted`, and an accept refused): the control socket
+    /// peer's credentials, as the kernel gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<Operator>,
+    /// `accepted`: the digest of the diff accepted (`vigil diff`); an
+    /// accept refused: the digest of the diff the operator had reviewed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_digest: Option<String>,
+}
+
+/// Someone on the control socket, by the kernel's peer credentials
+/// (`SO_PEERCRED`), not by anything they said.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Operator {
+    pub uid: u32,
+    pub gid: u32,
+    /// The uid's name in `/etc/passwd`; `null` when it has none.
+    pub user: Option<String>,
+    /// The process that connected; `null` when the kernel did not say.
+    pub pid: Option<i32>,
+}
+
+impl std::fmt::Display for Operator {
+    /// `alice (uid 1001, pid 4242)`, or `uid 1001 (pid 4242)` for a uid
+    /// with no name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pid = self.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        match &self.user {
+            Some(u) => write!(f, "{u} (uid {}{pid})", self.uid),
+            None => write!(f, "uid {} (no user name{pid})", self.uid),
+        }
+    }
 }
 
 fn kind_text(k: FindingKind) -> &'static str {
@@ -219,6 +254,8 @@ impl Subject {
             digest: String::new(),
             symbol: None,
             evidence: None,
+            by: None,
+            diff_digest: None,
         }
     }
 
@@ -230,8 +267,21 @@ impl Subject {
             Severity::Violation => (EventKind::Violation, "critical"),
             Severity::Info => (EventKind::Notice, "info"),
         };
+        let moved = |f: &&Finding| f.kind == FindingKind::Remap && f.after != "unmapped";
         let detail = if fs.len() == 1 {
             f.detail.clone()
+        } else if f.severity == Severity::Violation && fs.iter().all(moved) {
+            // The kernel's own page tables repointed at other frames: one
+            // alert that says so, not a page list to decode.
+            format!(
+                "kernel image remapped: {} pages of {} now map other memory, and the hypervisor reported no \
+                 reboot (first at {:#x}: {}, was {})",
+                fs.len(),
+                f.region,
+                f.gva.raw(),
+                f.after,
+                f.before
+            )
         } else {
             let shown: Vec<String> =
                 fs.iter().take(4).map(|f| format!("{:#x}", f.gva.raw())).collect();
@@ -587,6 +637,43 @@ mod tests {
         assert_eq!((fresh.len(), gone), (0, vec![g1[0].0.clone()]));
     }
 
+    /// A kernel whose page tables were repointed at copies: one alert per
+    /// region that says the image was remapped, with the first page's old
+    /// and new frame.
+    #[test]
+    fn a_remapped_image_is_one_alert_that_says_so() {
+        let remap = |gva: u64, to: u64| Finding {
+            kind: FindingKind::Remap,
+            before: format!("{:#x} r-x", gva - 0xffff_ffff_8000_0000),
+            after: format!("{to:#x} r-x"),
+            ..finding(gva, "")
+        };
+        let scan: Vec<Finding> = (0..300u64)
+            .map(|i| remap(0xffff_ffff_8100_0000 + i * 4096, 0x7000_0000 + i * 4096))
+            .collect();
+        let g = groups(&scan);
+        assert_eq!(g.len(), 1);
+        let a = subject().group(&g[0].0, &g[0].1, &g[0].2);
+        assert_eq!(
+            (a.event, a.severity.as_str(), a.pages),
+            (EventKind::Violation, "critical", 300)
+        );
+        assert!(
+            a.detail.starts_with(
+                "kernel image remapped: 300 pages of kernel-text now map other memory"
+            ),
+            "{}",
+            a.detail
+        );
+        assert!(a.detail.contains("0x70000000 r-x, was 0x1000000 r-x"), "{}", a.detail);
+        // Pages that are gone rather than moved are listed as before.
+        let mut gone = scan.clone();
+        gone[1].after = "unmapped".into();
+        let g = groups(&gone);
+        let a = subject().group(&g[0].0, &g[0].1, &g[0].2);
+        assert!(a.detail.starts_with("300 pages of kernel-text (remap)"), "{}", a.detail);
+    }
+
     #[test]
     fn the_log_remembers_across_restarts_and_survives_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -695,6 +782,29 @@ mod tests {
         assert_eq!(after[&key("v", "b")][&g[0].0], g[0].1);
         let state = std::fs::read_to_string(state_path(&path)).unwrap();
         assert!(!state.contains("\"b1\""), "{state}");
+    }
+
+    #[test]
+    fn accept_audit_fields_are_written_only_when_present() {
+        let plain =
+            serde_json::to_value(subject().event(EventKind::Attached, "info", "x".into())).unwrap();
+        assert!(plain.get("by").is_none() && plain.get("diff_digest").is_none(), "{plain}");
+        let alice = Operator { uid: 1001, gid: 1001, user: Some("alice".into()), pid: Some(4242) };
+        assert_eq!(alice.to_string(), "alice (uid 1001, pid 4242)");
+        let mut a = subject().event(EventKind::Accepted, "warning", "accepted".into());
+        a.by = Some(alice);
+        a.diff_digest = Some("ab".repeat(32));
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(
+            v["by"],
+            serde_json::json!({ "uid": 1001, "gid": 1001, "user": "alice", "pid": 4242 })
+        );
+        assert_eq!(v["diff_digest"], "ab".repeat(32));
+        assert_eq!(serde_json::from_value::<Alert>(v).unwrap(), a, "read back as written");
+        // A uid without a name is said so, as null, not left out.
+        let nameless = Operator { uid: 1002, gid: 1002, user: None, pid: None };
+        assert_eq!(serde_json::to_value(&nameless).unwrap()["user"], serde_json::Value::Null);
+        assert_eq!(nameless.to_string(), "uid 1002 (no user name)");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! {"command":"check","domain":"web1"}
 //! {"command":"diff","domain":"web1"}
 //! {"command":"accept","domain":"web1","reason":"kernel livepatch 2026-11-28"}
+//! {"command":"accept","domain":"web1","reason":"CHG-4711","diff_digest":"<64 hex digits>"}
 //! ```
 //!
 //! Only root and members of the group are served: the kernel's peer
-//! credentials decide, not anything the caller says.
+//! credentials decide, not anything the caller says. They are also who an
+//! accept is recorded as ([`Operator`]).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -19,10 +21,17 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::accept::Accept;
+use super::alerts::Operator;
 use super::{Command, Shared};
 
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest reason an accept takes, in bytes. It is written into the alert
+/// line (twice: `key` and `detail`) and pushed as an Alertmanager label; a
+/// longer one is refused, not cut, so that what is recorded is what the
+/// operator wrote. A ticket number and a sentence fit.
+pub const MAX_REASON: usize = 1024;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +125,8 @@ struct RawRequest {
     domain: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    diff_digest: Option<String>,
 }
 
 /// A control request, checked: one line of JSON such as
@@ -131,10 +142,44 @@ pub enum Request {
         domain: String,
     },
     /// Accept the domain's current state; the reason goes to the alert log.
+    /// With a digest, only if the domain's diff still has that digest (the
+    /// diff the operator reviewed).
     Accept {
         domain: String,
         reason: String,
+        diff_digest: Option<String>,
     },
+}
+
+/// Checks an accept's reason: present, one line, at most [`MAX_REASON`] bytes.
+fn check_reason(reason: Option<String>) -> Result<String, String> {
+    let Some(reason) = reason.filter(|r| !r.trim().is_empty()) else {
+        return Err("accept needs a \"reason\": it is recorded in the alert log".into());
+    };
+    if reason.len() > MAX_REASON {
+        return Err(format!(
+            "the reason is {} bytes; at most {MAX_REASON} are taken (name the ticket that holds the rest)",
+            reason.len()
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("the reason must be one line of text, without control characters".into());
+    }
+    Ok(reason)
+}
+
+/// Checks a diff digest: the 64 hex digits `vigil diff` shows (either case).
+fn check_digest(digest: Option<String>) -> Result<Option<String>, String> {
+    match digest {
+        None => Ok(None),
+        Some(d) if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(d.to_ascii_lowercase()))
+        }
+        Some(_) => {
+            Err("\"diff_digest\" must be the 64 hex digits `vigil diff DOMAIN --daemon` shows"
+                .into())
+        }
+    }
 }
 
 /// Parses and checks one request line (the caller bounds its length).
@@ -156,13 +201,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "status" | "domains" => Ok(Request::Status),
         "check" => Ok(Request::Check { domain: domain()? }),
         "diff" => Ok(Request::Diff { domain: domain()? }),
-        "accept" => {
-            let domain = domain()?;
-            match req.reason.filter(|r| !r.trim().is_empty()) {
-                Some(reason) => Ok(Request::Accept { domain, reason }),
-                None => Err("accept needs a \"reason\": it is recorded in the alert log".into()),
-            }
-        }
+        "accept" => Ok(Request::Accept {
+            domain: domain()?,
+            reason: check_reason(req.reason)?,
+            diff_digest: check_digest(req.diff_digest)?,
+        }),
         other => Err(format!(
             "unknown command {} (status, domains, check, diff, accept)",
             short(format!("{other:?}"))
@@ -174,7 +217,7 @@ fn reply_err(msg: impl Into<String>) -> serde_json::Value {
     serde_json::json!({ "ok": false, "error": msg.into() })
 }
 
-async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
+async fn answer(shared: &Arc<Shared>, line: &str, by: Operator) -> serde_json::Value {
     let req = match parse_request(line) {
         Ok(r) => r,
         Err(e) => return reply_err(e),
@@ -189,7 +232,9 @@ async fn answer(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
         }
         Request::Check { domain } => (domain, Command::CheckNow(tx)),
         Request::Diff { domain } => (domain, Command::Diff(tx)),
-        Request::Accept { domain, reason } => (domain, Command::Accept { reason, reply: tx }),
+        Request::Accept { domain, reason, diff_digest } => {
+            (domain, Command::Accept(Accept { reason, by, diff_digest, reply: tx }))
+        }
     };
     if let Err(e) = shared.command(&domain, cmd) {
         return reply_err(e);
@@ -210,21 +255,31 @@ async fn client(shared: Arc<Shared>, stream: UnixStream) {
     // Read the request (bounded) before answering, even a refusal, so that
     // the caller is not cut off in mid-write and sees the reason.
     let got = matches!(tokio::time::timeout(TIMEOUT, lines.read_line(&mut line)).await, Ok(Ok(n)) if n > 0);
-    let ok = cred.as_ref().is_ok_and(|c| allowed(c.uid(), c.gid(), &shared.settings.control_group));
-    let v = if !ok {
-        let who = cred
-            .map(|c| format!("uid {} gid {}", c.uid(), c.gid()))
-            .unwrap_or_else(|_| "an unknown peer".into());
-        reply_err(format!(
-            "permission denied: {who} is neither root nor in group {}",
+    let v = match cred {
+        Ok(c) if allowed(c.uid(), c.gid(), &shared.settings.control_group) => {
+            if !got {
+                return;
+            }
+            answer(&shared, line.trim(), operator(c)).await
+        }
+        Ok(c) => reply_err(format!(
+            "permission denied: uid {} gid {} is neither root nor in group {}",
+            c.uid(),
+            c.gid(),
             shared.settings.control_group
-        ))
-    } else if got {
-        answer(&shared, line.trim()).await
-    } else {
-        return;
+        )),
+        Err(_) => reply_err(format!(
+            "permission denied: an unknown peer is neither root nor in group {}",
+            shared.settings.control_group
+        )),
     };
     let _ = w.write_all(format!("{v}\n").as_bytes()).await;
+}
+
+/// Who a peer is: its credentials, and its uid's name.
+fn operator(c: tokio::net::unix::UCred) -> Operator {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    Operator { uid: c.uid(), gid: c.gid(), user: user_name(&passwd, c.uid()), pid: c.pid() }
 }
 
 /// Serves the socket until the listener fails.
@@ -270,8 +325,36 @@ mod tests {
         assert_eq!(ok(r#"{"command":"diff","domain":"a"}"#), Request::Diff { domain: "a".into() });
         assert_eq!(
             ok(r#"{"command":"accept","domain":"a","reason":"update"}"#),
-            Request::Accept { domain: "a".into(), reason: "update".into() }
+            Request::Accept { domain: "a".into(), reason: "update".into(), diff_digest: None }
         );
+        let digest = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            ok(&format!(
+                r#"{{"command":"accept","domain":"a","reason":"CHG-1","diff_digest":"{}"}}"#,
+                digest.to_uppercase()
+            )),
+            Request::Accept {
+                domain: "a".into(),
+                reason: "CHG-1".into(),
+                diff_digest: Some(digest)
+            }
+        );
+        for bad in ["", "abc", &"g".repeat(64), &"a".repeat(65)] {
+            let line = format!(
+                r#"{{"command":"accept","domain":"a","reason":"r","diff_digest":"{bad}"}}"#
+            );
+            assert!(err(&line).contains("64 hex digits"), "{bad:?}");
+        }
+        // A reason is bounded and one line: refused whole, not cut.
+        let at_most = "r".repeat(MAX_REASON);
+        let line = format!(r#"{{"command":"accept","domain":"a","reason":"{at_most}"}}"#);
+        assert!(matches!(ok(&line), Request::Accept { reason, .. } if reason == at_most));
+        let line = format!(r#"{{"command":"accept","domain":"a","reason":"{at_most}r"}}"#);
+        let e = err(&line);
+        assert!(e.contains("1025 bytes") && e.contains("at most 1024"), "{e}");
+        assert!(e.len() < 300, "the reason is not echoed: {e}");
+        let e = err(r#"{"command":"accept","domain":"a","reason":"ok\n\u001b[2Jfake line"}"#);
+        assert!(e.contains("one line"), "{e}");
         assert!(err(r#"{"command":"check"}"#).contains("needs a \"domain\""));
         assert!(err(r#"{"command":"check","domain":""}"#).contains("needs a \"domain\""));
         assert!(err(r#"{"command":"accept","domain":"a","reason":"  "}"#).contains("reason"));

@@ -30,7 +30,9 @@ macro_rules! out_line {
     }};
 }
 
+pub mod accept;
 pub mod alerts;
+pub mod boot;
 pub mod budget;
 pub mod config;
 pub mod control;
@@ -52,7 +54,7 @@ use self::metrics::{
     CheckLabels, DomainLabels, KindLabels, Metrics, PatchLabels, RegionLabels, ScopeLabels,
     ViolationLabels,
 };
-use self::watch::{Attached, WatchError, Watched};
+use self::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
 
@@ -217,10 +219,8 @@ pub enum Command {
     CheckNow(oneshot::Sender<Result<serde_json::Value, String>>),
     /// A diff of the domain now (`vigil diff` through the daemon).
     Diff(oneshot::Sender<Result<serde_json::Value, String>>),
-    Accept {
-        reason: String,
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
-    },
+    /// Make the domain's current state its baseline, audited ([`accept`]).
+    Accept(accept::Accept),
 }
 
 /// A domain's state as `vigil status` shows it.
@@ -253,6 +253,9 @@ pub struct Shared {
     pub profiles: Vec<crate::linux::profile::Profile>,
     hv: RwLock<Option<Arc<Hypervisor>>>,
     tasks: Mutex<HashMap<String, Task>>,
+    /// What libvirt told of each domain's runs and resets, by UUID, kept
+    /// across its tasks (see [`boot`]).
+    knowledge: Mutex<HashMap<String, Knowledge>>,
     /// When the last budget-exceeded event was sent (one a minute at most).
     budget_event: Mutex<Option<Instant>>,
 }
@@ -274,6 +277,43 @@ impl Shared {
             "warning",
             detail,
         ));
+    }
+
+    /// What libvirt told of a domain so far.
+    fn knowledge(&self, uuid: &str) -> Knowledge {
+        self.knowledge.lock().expect("knowledge lock").get(uuid).cloned().unwrap_or_default()
+    }
+
+    /// An attach succeeded on `run` with what was `known`: the daemon
+    /// listens to libvirt about this run from now on, and the reset that
+    /// led to it (if any) is answered. A reset reported during the attach
+    /// stays for the next one.
+    fn attached(
+        &self,
+        uuid: &str,
+        known: &Knowledge,
+        run: Option<crate::integrity::baseline::Run>,
+    ) {
+        let mut all = self.knowledge.lock().expect("knowledge lock");
+        let k = all.entry(uuid.to_owned()).or_default();
+        if k.reset_reported == known.reset_reported {
+            k.reset_reported = None;
+        }
+        k.listened = run;
+    }
+
+    /// libvirt reported a reset of a domain's guest.
+    fn reset_reported(&self, uuid: &str) {
+        let mut all = self.knowledge.lock().expect("knowledge lock");
+        all.entry(uuid.to_owned()).or_default().reset_reported = Some(Instant::now());
+    }
+
+    /// Events may have been missed (libvirt was unreachable): no run counts
+    /// as listened to until it is attached again.
+    fn listening_gap(&self) {
+        for k in self.knowledge.lock().expect("knowledge lock").values_mut() {
+            k.listened = None;
+        }
     }
 
     fn hypervisor(&self) -> Option<Arc<Hypervisor>> {
@@ -442,13 +482,21 @@ async fn attach(
         }
         if let Some(hv) = shared.hypervisor() {
             let (u, dir) = (uuid.to_owned(), shared.settings.state_dir.clone());
-            let on_disk = shared.settings.originals_on_disk;
-            let r = tokio::task::spawn_blocking(move || Watched::attach(&hv, &u, &dir, on_disk))
-                .await
-                .expect("attach panicked");
+            let settings = AttachSettings {
+                originals_on_disk: shared.settings.originals_on_disk,
+                provisional_window: provisional_window(&shared.settings),
+            };
+            let known = shared.knowledge(uuid);
+            let given = known.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                Watched::attach(&hv, &u, &dir, &given, settings)
+            })
+            .await
+            .expect("attach panicked");
             match r {
                 Ok((mut w, attached)) => {
                     w.set_module_grace(shared.settings.module_grace);
+                    shared.attached(uuid, &known, w.run.clone());
                     return Some((w, attached));
                 }
                 Err(e) if e.domain_gone() => return None,
@@ -499,31 +547,31 @@ async fn domain_task(
         let boot = w.boot();
         let subject = shared.subject(&name, &uuid, &boot);
         let mut reported = shared.sink.reported_for(&uuid, &boot);
-        let mut provisional_until = match how {
-            Attached::Stored => {
-                shared.sink.emit(subject.event(
-                    EventKind::Attached,
-                    "info",
-                    format!(
-                        "attached {name}: checking against the stored baseline of this boot ({})",
-                        w.path.display()
-                    ),
-                ));
-                None
-            }
-            Attached::New => {
-                shared.sink.emit(subject.event(
-                    EventKind::NewBoot,
-                    "info",
-                    format!(
-                        "attached {name}: new baseline of boot {boot} taken ({})",
-                        w.path.display()
-                    ),
-                ));
-                reported.clear();
-                Some(Instant::now() + s.settle)
-            }
+        for problem in std::mem::take(&mut w.problems) {
+            shared.sink.error("baseline_file");
+            let mut e = subject.event(
+                EventKind::StateUnreadable,
+                "critical",
+                format!("{}: {}", problem.file, problem.detail),
+            );
+            e.key = problem.file;
+            shared.sink.emit(e);
+        }
+        let (severity, detail) = attached_event(&name, &w, &how, s);
+        let kind = match how {
+            Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
+            _ => EventKind::NewBoot,
         };
+        shared.sink.emit(subject.event(kind, severity, detail));
+        if kind == EventKind::NewBoot {
+            reported.clear();
+        }
+        // Bounded from the attach: a boot still patching itself is absorbed
+        // for this long at most, each absorbed change logged.
+        // (when the window closes, when the kernel has been quiet long enough)
+        let mut provisional_until = how
+            .provisional()
+            .then(|| (Instant::now() + provisional_window(s), Instant::now() + s.settle));
         for (region, pages) in w.pages() {
             shared
                 .sink
@@ -586,27 +634,11 @@ async fn domain_task(
                 );
                 continue;
             }
-            if let Some(Command::Accept { reason, reply }) = forced {
-                let (back, r) = blocking(w, |w| w.rebaseline()).await;
+            if let Some(Command::Accept(req)) = forced {
+                let (back, accepted) = accept::run(&shared, w, &name, &uuid, req).await;
                 w = back;
-                match r {
-                    Ok(()) => {
-                        let boot = w.boot();
-                        let mut a = shared.subject(&name, &uuid, &boot).event(
-                            EventKind::Accepted,
-                            "info",
-                            format!("operator accepted the current state of {name} as its baseline: {reason}"),
-                        );
-                        a.key = reason;
-                        shared.sink.emit(a);
-                        reported.clear();
-                        let _ = reply.send(Ok(
-                            serde_json::json!({ "domain": name, "baseline": w.path, "boot": boot }),
-                        ));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.message()));
-                    }
+                if accepted {
+                    reported.clear();
                 }
                 continue;
             }
@@ -700,31 +732,46 @@ async fn domain_task(
                         .unwrap_or(0.0);
                     m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
                     // While a new boot settles, the kernel may still be patching
-                    // itself: take such changes into the baseline, as info.
-                    if let Some(until) = provisional_until {
-                        let changed = !report.violations.is_empty() || !report.info.is_empty();
-                        if changed && Instant::now() < until + s.settle * 11 {
+                    // itself: such changes are taken into the baseline, each
+                    // listed with its digest in an info event, until the
+                    // window the attach opened closes.
+                    if let Some((until, quiet)) = provisional_until {
+                        let all: Vec<_> =
+                            report.violations.iter().chain(&report.info).cloned().collect();
+                        if !all.is_empty() && Instant::now() < until {
+                            let absorbed: Vec<String> = alerts::groups(&all)
+                                .iter()
+                                .map(|(key, digest, fs)| {
+                                    format!("{key} ({} finding(s), digest {digest})", fs.len())
+                                })
+                                .collect();
+                            let digest =
+                                blake3::hash(absorbed.join("\n").as_bytes()).to_hex().to_string();
                             let (back, r) = blocking(w, |w| w.rebaseline()).await;
                             w = back;
                             let detail = match r {
                                 Ok(()) => format!(
-                                    "{name} was still changing while its new boot settled ({} finding(s)); baseline re-taken",
-                                    report.violations.len() + report.info.len()
+                                    "{name} was still changing while its new boot settled; absorbed into a re-taken baseline: {}",
+                                    absorbed.join("; ")
                                 ),
                                 Err(e) => format!(
-                                    "re-taking the baseline of {name} failed: {}",
+                                    "{name} was still changing while its new boot settled ({}); re-taking the baseline failed: {}",
+                                    absorbed.join("; "),
                                     e.message()
                                 ),
                             };
-                            shared.sink.emit(subject.event(EventKind::Notice, "info", detail));
-                            provisional_until = Some(Instant::now() + s.settle);
+                            let mut a = subject.event(EventKind::Notice, "info", detail);
+                            a.digest = digest;
+                            shared.sink.emit(a);
+                            provisional_until = Some((until, Instant::now() + s.settle));
                             if let Some(r) = reply {
                                 let _ =
                                     r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
                             }
                             continue;
                         }
-                        if full && Instant::now() >= until {
+                        let now = Instant::now();
+                        if full && (now >= quiet || now >= until) {
                             provisional_until = None;
                             shared.set_status(&uuid, |st| st.state = "watching".into());
                         }
@@ -826,16 +873,6 @@ async fn domain_task(
                         let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
                     }
                 }
-                Err(WatchError::DifferentBoot(msg)) => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(msg.clone()));
-                    }
-                    shared.set_status(&uuid, |st| {
-                        st.state = "waiting".into();
-                        st.detail = msg;
-                    });
-                    continue 'attach;
-                }
                 Err(e) if e.domain_gone() => {
                     if let Some(r) = reply {
                         let _ = r.send(Err(e.message()));
@@ -884,6 +921,71 @@ async fn domain_task(
         shared.status.lock().expect("status lock").remove(&uuid);
     }
     shared.sink.metrics.attached.set(gauge(tasks.len()));
+}
+
+/// How long after the hypervisor reported a start or reset a new baseline
+/// stays provisional at most: twelve settle periods (a minute by default).
+fn provisional_window(s: &Settings) -> Duration {
+    s.settle * 12
+}
+
+/// The event an attach ends with: its severity and sentence.
+fn attached_event(name: &str, w: &Watched, how: &Attached, s: &Settings) -> (&'static str, String) {
+    let path = w.path.display();
+    let boot = w.boot();
+    let settling = |provisional: bool| {
+        if provisional {
+            format!(
+                "; provisional for up to {:?} while the new kernel patches itself (changes then are absorbed and listed)",
+                provisional_window(s)
+            )
+        } else {
+            String::new()
+        }
+    };
+    match how {
+        Attached::Stored => (
+            "info",
+            format!("attached {name}: checking against the stored baseline of this boot ({path})"),
+        ),
+        Attached::Remapped { then, now } => (
+            "warning",
+            format!(
+                "attached {name}: its kernel image sits at {now}, not at {then} as in the stored baseline, and the \
+                 hypervisor reported no reboot: checking against the stored baseline ({path}), so every moved page \
+                 is a remap violation"
+            ),
+        ),
+        Attached::NewBoot { why, provisional } => (
+            "info",
+            format!(
+                "attached {name}: new baseline of boot {boot} taken ({path}): {why}{}",
+                settling(*provisional)
+            ),
+        ),
+        Attached::FirstSight { provisional } => (
+            "info",
+            format!(
+                "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{}",
+                settling(*provisional)
+            ),
+        ),
+        Attached::Unconfirmed { then, now, why, kept } => (
+            "warning",
+            format!(
+                "attached {name}: its kernel image moved from {then} to {now}, a new boot that the hypervisor \
+                 cannot confirm: {why}. New baseline of boot {boot} taken ({path}); the earlier one: {kept}. \
+                 If nobody restarted the guest while vigil was not watching, treat it as compromised"
+            ),
+        ),
+        Attached::Replaced => (
+            "warning",
+            format!(
+                "attached {name}: new baseline of boot {boot} taken ({path}) in place of a stored one that \
+                 could not be used; trusted on first use"
+            ),
+        ),
+    }
 }
 
 /// Says what an evidence bundle holds, as an event and in the metrics.
@@ -1112,6 +1214,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         profiles,
         hv: RwLock::new(None),
         tasks: Mutex::new(HashMap::new()),
+        knowledge: Mutex::new(HashMap::new()),
         budget_event: Mutex::new(None),
         settings,
     });
@@ -1138,6 +1241,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                     match tokio::task::spawn_blocking(move || Hypervisor::connect_with_events(&uri, tx)).await.expect("connect panicked") {
                         Ok(hv) => {
                             let was_down = libvirt_down_since.take().is_some() || shared.hypervisor().is_some();
+                            // Events sent while there was no connection are lost.
+                            shared.listening_gap();
                             *shared.hv.write().expect("hv lock") = Some(Arc::new(hv));
                             if was_down {
                                 shared.sink.emit(host_subject.event(EventKind::Notice, "info", format!("reconnected to libvirt at {}", shared.settings.connect)));
@@ -1171,6 +1276,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 DomainEvent::Paused { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Paused, why),
                 DomainEvent::Resumed { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Resumed, why),
                 DomainEvent::Rebooted { uuid, .. } => {
+                    shared.reset_reported(&uuid);
                     if let Some(t) = shared.tasks.lock().expect("tasks lock").get(&uuid) {
                         t.reboot.notify_one();
                     }

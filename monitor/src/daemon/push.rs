@@ -56,8 +56,16 @@ pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(),
 }
 
 /// The Alertmanager v2 body for one alert.
+///
+/// It has `startsAt` and no `endsAt`: the Alertmanager holds it firing for
+/// its `resolve_timeout` (5 minutes by default), long enough to notify, and
+/// resolves it then. An `endsAt` at or before now would arrive resolved.
+/// Labels are what makes two alerts one for the Alertmanager: an accept's
+/// also carry who accepted which diff, so that a second accept (by someone
+/// else, or of another diff) is not folded into the first one's
+/// notification.
 pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
-    let v = serde_json::json!([{
+    let mut v = serde_json::json!([{
         "labels": {
             "alertname": "VigilKernelIntegrity",
             "severity": a.severity,
@@ -80,12 +88,34 @@ pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
         },
         "startsAt": a.time,
     }]);
+    if let Some(by) = &a.by {
+        let who = by.user.clone().unwrap_or_else(|| format!("uid {}", by.uid));
+        v[0]["labels"]["user"] = who.into();
+        v[0]["annotations"]["by"] = by.to_string().into();
+    }
+    if let Some(d) = &a.diff_digest {
+        v[0]["labels"]["diff_digest"] = d.as_str().into();
+        v[0]["annotations"]["diff_digest"] = d.as_str().into();
+    }
     serde_json::to_vec(&v).expect("json")
 }
 
-/// Which alerts an Alertmanager gets: what someone should act on.
+/// Which alerts an Alertmanager gets: what someone should act on, and
+/// accepts, which someone should know of (an accept ends the reports of a
+/// domain's violations, so it may not pass unseen where they were seen).
+/// Stored state that could not be used is acted on; so is a new baseline
+/// the hypervisor did not confirm, and an attach that found the kernel
+/// moved (both warnings, where the usual new boot and attach are info).
 pub fn for_alertmanager(a: &Alert) -> bool {
-    matches!(a.event, EventKind::Violation | EventKind::Error | EventKind::BudgetExceeded)
+    match a.event {
+        EventKind::Violation
+        | EventKind::Error
+        | EventKind::BudgetExceeded
+        | EventKind::Accepted
+        | EventKind::StateUnreadable => true,
+        EventKind::NewBoot | EventKind::Attached => a.severity != "info",
+        _ => false,
+    }
 }
 
 /// What wakes a pusher.
@@ -661,6 +691,79 @@ mod tests {
         assert_eq!(v[0]["labels"]["domain"], "web1");
         assert_eq!(v[0]["startsAt"], a.time.as_str());
         assert!(for_alertmanager(&a));
-        assert!(!for_alertmanager(&alert(EventKind::Attached)));
+        let mut attached = alert(EventKind::Attached);
+        attached.severity = "info".into();
+        assert!(!for_alertmanager(&attached));
+        assert!(v[0]["labels"].get("user").is_none() && v[0].get("endsAt").is_none());
+    }
+
+    /// Which events go to the Alertmanager: violations, the monitor's
+    /// failures and accepts; not the lifecycle and information events.
+    #[test]
+    fn the_alertmanager_gets_violations_failures_and_accepts() {
+        use EventKind::*;
+        let sent = [Violation, Error, BudgetExceeded, Accepted, StateUnreadable];
+        let kept = [
+            Reverted,
+            Notice,
+            Attached,
+            Waiting,
+            Detached,
+            Paused,
+            Resumed,
+            NewBoot,
+            ModuleLoaded,
+            ModuleUnloaded,
+            KernelPatched,
+            EvidenceSaved,
+        ];
+        for k in sent {
+            assert!(for_alertmanager(&alert(k)), "{k:?} not sent");
+        }
+        for k in kept {
+            let mut a = alert(k);
+            a.severity = "info".into();
+            assert!(!for_alertmanager(&a), "{k:?} sent");
+        }
+        // A new baseline the hypervisor did not confirm, or an attach that
+        // found the kernel moved: warnings, sent.
+        for k in [NewBoot, Attached] {
+            let mut a = alert(k);
+            a.severity = "warning".into();
+            assert!(for_alertmanager(&a), "{k:?} warning not sent");
+        }
+    }
+
+    /// An accept goes as a firing warning, not a resolved alert, and two
+    /// accepts by different people or of different diffs stay two alerts.
+    #[test]
+    fn an_accept_reaches_the_alertmanager_as_a_firing_warning_saying_who() {
+        use crate::daemon::alerts::Operator;
+        let s =
+            Subject { host: "h".into(), domain: "web1".into(), uuid: "u".into(), boot: "b".into() };
+        let mut a = s.event(
+            EventKind::Accepted,
+            "warning",
+            "alice (uid 1001, pid 4242) accepted the reviewed diff ... of web1".into(),
+        );
+        a.key = "CHG-4711".into();
+        a.by = Some(Operator { uid: 1001, gid: 1001, user: Some("alice".into()), pid: Some(4242) });
+        a.diff_digest = Some("ab".repeat(32));
+        assert!(for_alertmanager(&a));
+        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a)).unwrap();
+        let labels = &v[0]["labels"];
+        assert_eq!(labels["severity"], "warning");
+        assert_eq!(labels["event"], "accepted");
+        assert_eq!(labels["user"], "alice");
+        assert_eq!(labels["diff_digest"], "ab".repeat(32));
+        assert_eq!(v[0]["annotations"]["by"], "alice (uid 1001, pid 4242)");
+        assert!(v[0]["annotations"]["summary"].as_str().unwrap().starts_with("accepted on web1: "));
+        assert_eq!(v[0]["startsAt"], a.time.as_str());
+        assert!(v[0].get("endsAt").is_none(), "an endsAt would make it arrive resolved: {v}");
+        let mut other = a.clone();
+        other.by = Some(Operator { uid: 1002, gid: 1002, user: None, pid: Some(1) });
+        let w: serde_json::Value = serde_json::from_slice(&alertmanager_body(&other)).unwrap();
+        assert_eq!(w[0]["labels"]["user"], "uid 1002");
+        assert_ne!(w[0]["labels"], v[0]["labels"]);
     }
 }

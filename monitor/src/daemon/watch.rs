@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::integrity::baseline::DomainId;
+use crate::integrity::baseline::{DomainId, Run};
 use crate::integrity::check::{CheckError, Report, Scope, check_tagged};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{Baseline, BaselineError};
@@ -31,8 +31,6 @@ pub enum WatchError {
     Discover(#[from] DiscoverError),
     #[error(transparent)]
     Baseline(#[from] BaselineError),
-    #[error("{0}")]
-    DifferentBoot(String),
 }
 
 impl WatchError {
@@ -58,7 +56,6 @@ impl WatchError {
             WatchError::Discover(_) => "kernel_not_found",
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
             WatchError::Baseline(_) => "baseline_file",
-            WatchError::DifferentBoot(_) => "different_boot",
         }
     }
 
@@ -74,13 +71,68 @@ impl WatchError {
     }
 }
 
-/// How an attach found its baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an attach found its baseline, as [`super::boot::decide`] chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attached {
     /// The stored baseline is of this very boot: checked against, not replaced.
     Stored,
-    /// A new baseline was taken (first sight, or a new boot).
-    New,
+    /// The kernel sits elsewhere than the stored baseline has it and the
+    /// hypervisor reported no reboot: checked against the stored baseline,
+    /// which reports every moved page. `then` and `now` are the image's
+    /// placements (virtual-physical).
+    Remapped { then: String, now: String },
+    /// A new baseline of a new boot the hypervisor reported; `why` says by
+    /// what.
+    NewBoot { why: String, provisional: bool },
+    /// No baseline was stored: the first one, trust on first use.
+    FirstSight { provisional: bool },
+    /// The kernel moved, virtually too, while vigil could not have heard of
+    /// a reset (`why`): a new baseline, the old one kept at `kept`.
+    Unconfirmed { then: String, now: String, why: String, kept: String },
+    /// The stored baseline could not be used: a new baseline, the unusable
+    /// file kept aside ([`Watched::problems`] says why and where).
+    Replaced,
+}
+
+impl Attached {
+    /// Whether the baseline is new and provisional: a boot the hypervisor
+    /// reported lately, whose kernel may still be patching itself.
+    pub fn provisional(&self) -> bool {
+        matches!(
+            self,
+            Attached::NewBoot { provisional: true, .. }
+                | Attached::FirstSight { provisional: true }
+        )
+    }
+}
+
+/// What the daemon knows of a domain from the hypervisor, across attaches
+/// (see [`super::boot`]).
+#[derive(Debug, Clone, Default)]
+pub struct Knowledge {
+    /// libvirt reported a reset of the guest since the baseline was taken.
+    pub reset_reported: Option<std::time::Instant>,
+    /// The QEMU process the daemon has listened to libvirt about without a
+    /// gap since it last attached to it.
+    pub listened: Option<Run>,
+}
+
+/// How an attach treats the domain.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachSettings {
+    /// The baseline's original pages stay in their file (`originals = "disk"`).
+    pub originals_on_disk: bool,
+    /// How long after a start or reset the hypervisor reported a new
+    /// baseline may be provisional.
+    pub provisional_window: std::time::Duration,
+}
+
+/// A problem with the stored state that the attach worked around, to be
+/// reported as a critical event: what cannot be checked now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateProblem {
+    pub file: String,
+    pub detail: String,
 }
 
 /// What a watch needs of a running guest: libvirt's domains
@@ -91,6 +143,8 @@ pub trait Guest: Send {
     /// `Ok` while the guest runs (or is paused).
     fn ensure_running(&self) -> Result<(), LibvirtError>;
     fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError>;
+    /// The hypervisor's run of the guest (its emulator process).
+    fn run(&self) -> Result<Run, LibvirtError>;
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError>;
     /// The guest's memory size, for evidence limits.
     fn memory_bytes(&self) -> Result<u64, LibvirtError>;
@@ -110,6 +164,9 @@ impl Guest for GuestDomain {
     }
     fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError> {
         GuestDomain::registers(self)
+    }
+    fn run(&self) -> Result<Run, LibvirtError> {
+        GuestDomain::run(self)
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         GuestDomain::open_memory(self, SourceChoice::Auto)
@@ -167,6 +224,10 @@ pub struct Watched {
     /// [`Watched::take_register_snapshots`]: one per check, more when one
     /// led to no whole kernel and was taken again.
     register_snapshots: u64,
+    /// Problems with the stored state met by the attach, to be reported.
+    pub problems: Vec<StateProblem>,
+    /// The hypervisor's run of the guest when it was attached.
+    pub run: Option<Run>,
 }
 
 /// Listed modules whose state is not live, since when, in which state.
@@ -217,6 +278,49 @@ pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
     state_dir.join("baselines").join(format!("{uuid}.json"))
 }
 
+/// The stored baseline of a domain: `None` when there is no file, the
+/// reason when one exists and cannot be used (unreadable, too large,
+/// corrupt or invalid, another domain's).
+fn load_stored(path: &Path, name: &str, uuid: &str) -> Result<Option<Baseline>, String> {
+    match Baseline::load(path) {
+        Ok(b) if b.domain.uuid == uuid => Ok(Some(b)),
+        Ok(b) => Err(format!(
+            "it is the baseline of domain {} ({}), not of {name} ({uuid})",
+            b.domain.name, b.domain.uuid
+        )),
+        Err(BaselineError::Open { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(error_chain(&e)),
+    }
+}
+
+/// Moves a stored file out of the way, never overwriting or deleting it:
+/// renamed with a suffix saying why and when. Says where it went, or why it
+/// could not be moved.
+fn keep_aside(path: &Path) -> String {
+    let stamp = crate::integrity::baseline::now_rfc3339().replace(':', "");
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".set-aside-{stamp}"));
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => format!("the file is kept as {}", aside.display()),
+        Err(e) => format!("it could not be kept aside as {}: {e}", aside.display()),
+    }
+}
+
+/// Keeps a baseline and its original pages aside (see [`keep_aside`]).
+fn keep_baseline_aside(path: &Path) -> String {
+    let kept = keep_aside(path);
+    let pages = Originals::path_for(path);
+    if pages.exists() {
+        return format!("{kept}; its original pages: {}", keep_aside(&pages));
+    }
+    kept
+}
+
 /// Register snapshots a check may take when one finds no whole kernel.
 const REGISTER_ATTEMPTS: u32 = 3;
 
@@ -258,7 +362,12 @@ fn take_baseline(
 ) -> Result<(Baseline, Originals), WatchError> {
     let (regs, view) = registers_and_kernel(dom, mem, snapshots)?;
     let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
-    Ok(Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?)
+    let (mut baseline, originals) =
+        Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?;
+    // The run it is of, from the hypervisor: what later tells a reset or a
+    // new process from the guest moving its own kernel.
+    baseline.run = Some(dom.run()?);
+    Ok((baseline, originals))
 }
 
 /// Stores a baseline and its original pages; returns the originals as the
@@ -309,60 +418,145 @@ impl Watched {
             tags: None,
             originals_on_disk: false,
             register_snapshots: 0,
+            problems: Vec::new(),
+            run: None,
         }
     }
 
-    /// Finds the kernel of a running domain and loads its stored baseline if
-    /// it is of the current boot, or takes and stores a new one.
-    /// With `originals_on_disk`, the baseline's original pages stay in their
-    /// file and are read when a page changes (`originals = "disk"`).
+    /// Finds the kernel of a running domain and decides, from what the
+    /// hypervisor says (`known`, and the domain's QEMU process now) and where
+    /// the kernel sits, whether to check against its stored baseline or take
+    /// a new one ([`super::boot::decide`]). Problems with the stored state
+    /// are in [`Watched::problems`] afterwards.
     pub fn attach(
         hv: &Hypervisor,
         uuid: &str,
         state_dir: &Path,
-        originals_on_disk: bool,
+        known: &Knowledge,
+        settings: AttachSettings,
     ) -> Result<(Self, Attached), WatchError> {
-        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir, originals_on_disk)
+        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir, known, settings)
     }
 
     /// [`Watched::attach`] for any [`Guest`].
     pub fn attach_guest(
         dom: Box<dyn Guest>,
         state_dir: &Path,
-        originals_on_disk: bool,
+        known: &Knowledge,
+        settings: AttachSettings,
     ) -> Result<(Self, Attached), WatchError> {
+        use super::boot::{Action, Placement, Signal, Stored, decide};
         dom.ensure_running()?;
+        let run = dom.run()?;
         let mem = dom.open_memory()?;
         let mut snapshots = 0;
         let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
-        let boot = view.identification.boot_key();
+        let id = &view.identification;
+        let now_at = (id.image_base.raw(), id.image_base_gpa.raw());
+        let now = id.boot_key();
+        drop(view);
         let path = baseline_path(state_dir, dom.uuid());
-        if let Ok(stored) = Baseline::load(&path)
-            && stored.domain.uuid == dom.uuid()
-            && stored.kernel.boot_key() == boot
-        {
-            drop(view);
+        let mut problems = Vec::new();
+        let (stored, found) = match load_stored(&path, dom.name(), dom.uuid()) {
+            Ok(None) => (Stored::Missing, None),
+            Ok(Some(b)) => {
+                let then = (b.kernel.image_base.raw(), b.kernel.image_base_gpa.raw());
+                (Stored::Found(Placement::of(now_at, then)), Some(b))
+            }
+            Err(reason) => {
+                let kept = keep_baseline_aside(&path);
+                problems.push(StateProblem {
+                    file: path.display().to_string(),
+                    detail: format!(
+                        "the stored baseline of {} cannot be used: {reason}; {kept}. A new baseline is \
+                         taken of the kernel as it is now, trusted on first use: a change made before now \
+                         cannot be detected",
+                        dom.name(),
+                    ),
+                });
+                (Stored::Unreadable, None)
+            }
+        };
+        let same_run = found.as_ref().and_then(|b| b.run.as_ref()).map(|r| r.same_as(&run));
+        let listened = known.listened.as_ref().is_some_and(|l| l.same_as(&run));
+        let signal = Signal::from_knowledge(known.reset_reported.is_some(), same_run, listened);
+        let recent = known
+            .reset_reported
+            .is_some_and(|t| t.elapsed() < settings.provisional_window)
+            || crate::libvirt::run_age(&run).is_some_and(|age| age < settings.provisional_window);
+        let action = decide(signal, stored, recent);
+        let then = found.as_ref().map(|b| b.kernel.boot_key()).unwrap_or_default();
+        let attached = match action {
+            Action::UseStored => Attached::Stored,
+            Action::Remapped => Attached::Remapped { then, now: now.clone() },
+            Action::NewBoot { provisional } => Attached::NewBoot {
+                why: match signal {
+                    Signal::Reset => "libvirt reported a reset of the guest".into(),
+                    _ => match found.as_ref().and_then(|b| b.run.as_ref()) {
+                        Some(old) => format!("a new QEMU process runs it ({run}, not {old})"),
+                        None => format!("a new QEMU process runs it ({run})"),
+                    },
+                },
+                provisional,
+            },
+            Action::FirstSight { provisional } => Attached::FirstSight { provisional },
+            Action::Unconfirmed => Attached::Unconfirmed {
+                then,
+                now: now.clone(),
+                why: format!(
+                    "the same {run} has run the guest since its baseline was taken, and vigil may have \
+                     missed a reset (it was not running, libvirtd was unreachable, or the baseline does \
+                     not record its QEMU process)"
+                ),
+                kept: keep_baseline_aside(&path),
+            },
+            Action::Replace => Attached::Replaced,
+        };
+        if let (Attached::Stored | Attached::Remapped { .. }, Some(stored)) = (&attached, found) {
             // Without its original pages the stored baseline still protects,
-            // but cannot tell the kernel's patches from an attack.
+            // but cannot tell the kernel's patches from an attack: said, and
+            // a file that exists but cannot be used is kept aside.
             let pages = Originals::path_for(&path);
-            let originals = if originals_on_disk {
+            let loaded = if settings.originals_on_disk {
                 Originals::load_indexed(&pages, &stored)
             } else {
                 Originals::load(&pages, &stored)
-            }
-            .unwrap_or_default();
+            };
+            let originals = match loaded {
+                Ok(o) => o,
+                Err(e) => {
+                    let missing = matches!(&e, BaselineError::Open { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound);
+                    let kept =
+                        if missing { "the file is missing".into() } else { keep_aside(&pages) };
+                    problems.push(StateProblem {
+                        file: pages.display().to_string(),
+                        detail: format!(
+                            "the original pages of {}'s baseline cannot be used: {}; {kept}. Until the \
+                             next baseline, the kernel's own patches cannot be told from attacks: every \
+                             change to its text is reported as a violation",
+                            dom.name(),
+                            error_chain(&e)
+                        ),
+                    });
+                    Originals::default()
+                }
+            };
             let mut w = Self::new(dom, mem, stored, path, originals);
-            w.originals_on_disk = originals_on_disk;
+            w.originals_on_disk = settings.originals_on_disk;
             w.register_snapshots = snapshots;
-            return Ok((w, Attached::Stored));
+            w.problems = problems;
+            w.run = Some(run);
+            return Ok((w, attached));
         }
-        drop(view);
         let (baseline, originals) = take_baseline(&*dom, &*mem, &mut snapshots)?;
-        let originals = store(&path, &baseline, originals, originals_on_disk)?;
+        let originals = store(&path, &baseline, originals, settings.originals_on_disk)?;
         let mut w = Self::new(dom, mem, baseline, path, originals);
-        w.originals_on_disk = originals_on_disk;
+        w.originals_on_disk = settings.originals_on_disk;
         w.register_snapshots = snapshots;
-        Ok((w, Attached::New))
+        w.problems = problems;
+        w.run = Some(run);
+        Ok((w, attached))
     }
 
     pub fn boot(&self) -> String {
@@ -456,8 +650,7 @@ impl Watched {
             let (tags, _) = PageTags::build(key, &self.baseline, mem, &view, &self.originals);
             self.tags = Some(tags);
         }
-        let base = view.identification.image_base;
-        match check_tagged(&self.baseline, mem, &view, &regs, base, scope, self.tags.as_ref()) {
+        match check_tagged(&self.baseline, mem, &view, &regs, scope, self.tags.as_ref()) {
             Ok(mut r) => {
                 // Syscall tables and IDT gates are small: both scopes check them.
                 self.profile = None;
@@ -582,9 +775,6 @@ impl Watched {
                     }
                 }
                 Ok(r)
-            }
-            Err(e @ CheckError::DifferentBoot { .. }) => {
-                Err(WatchError::DifferentBoot(e.to_string()))
             }
             Err(CheckError::Read(e)) => Err(WatchError::Baseline(e)),
         }

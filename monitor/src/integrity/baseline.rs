@@ -79,6 +79,46 @@ pub struct Baseline {
     #[serde(default)]
     pub exec_outside_image: Vec<MappingRun>,
     pub regions: Vec<RegionRecord>,
+    /// The hypervisor's run of the guest the baseline was taken in (absent
+    /// in baselines of earlier versions, and of dumps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Run>,
+}
+
+/// One run of a guest as the hypervisor host knows it, never the guest: the
+/// emulator process that runs it, told apart from any other by its start
+/// time. A start, a restore or an incoming migration is a new run; a reset
+/// of the guest is not (the same process resets it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    /// When the host booted, in seconds of the Unix epoch (to a second or
+    /// two: worked out from two clocks).
+    pub host_booted: u64,
+    /// The emulator process.
+    pub pid: i32,
+    /// When it started, in clock ticks after the host booted.
+    pub started: u64,
+}
+
+impl Run {
+    /// Whether `other` is the same process: the same pid started at the same
+    /// tick, in the same host boot (the boot times, each worked out from
+    /// the wall clock, may differ by a little).
+    pub fn same_as(&self, other: &Run) -> bool {
+        self.pid == other.pid
+            && self.started == other.started
+            && self.host_booted.abs_diff(other.host_booted) <= 5
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QEMU process {} (started at clock tick {} of the host boot at Unix time {})",
+            self.pid, self.started, self.host_booted
+        )
+    }
 }
 
 /// Why a baseline could not be made, read or written.
@@ -294,6 +334,7 @@ impl Baseline {
             image_mapping: mapping_runs(space.image_pages()),
             exec_outside_image: mapping_runs(&space.exec_outside_image()),
             regions: records,
+            run: None,
         };
         Ok((baseline, originals))
     }

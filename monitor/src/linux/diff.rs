@@ -101,6 +101,12 @@ pub struct Diff {
     pub profile: Option<String>,
     pub intact: bool,
     pub violations: usize,
+    /// BLAKE3 of what changed (see [`digest`]): the same for two diffs of
+    /// a guest that did not change meanwhile, whenever and however read;
+    /// what `vigil accept --diff-digest` is checked against. Empty in a
+    /// diff from a vigil that did not make one.
+    #[serde(default)]
+    pub digest: String,
     pub changes: Vec<Change>,
     /// The baseline's code and read-only data regions, page by page (for
     /// the HTML page map): region name and page addresses. In JSON, runs
@@ -198,6 +204,7 @@ impl Diff {
             profile: report.profile.clone(),
             intact: report.intact,
             violations: report.violations.len(),
+            digest: digest(report),
             changes,
             map: baseline
                 .regions
@@ -207,6 +214,71 @@ impl Diff {
                 .collect(),
         }
     }
+}
+
+/// What the digest hashes first: a new canonical form gives new digests.
+const DIGEST_FORM: &[u8] = b"vigil-diff-digest 1\n";
+
+/// One finding as the digest sees it: what changed, where, from what to
+/// what, and the verdict. Not its sentence (`rule`), which may say how long
+/// something has lasted, nor its symbol, a name looked up for people.
+#[derive(serde::Serialize)]
+struct Canonical<'a> {
+    severity: Severity,
+    region: &'a str,
+    kind: FindingKind,
+    gva: u64,
+    gpa: u64,
+    page: Option<u64>,
+    vcpu: Option<u32>,
+    register: Option<&'a str>,
+    before: &'a str,
+    after: &'a str,
+    /// Pointer tables: the entry, and where it should and does point.
+    entry: Option<(&'a str, u64, u64, u64)>,
+}
+
+/// The digest of a diff: BLAKE3 (hex) over the domain's UUID and every
+/// violation and information finding of `report` in a canonical form, one
+/// JSON line each, sorted. A finding's `before` and `after` are the bytes of
+/// a judged run, or the hashes of a whole page, mapping, permissions or
+/// register value, so any byte that changes again changes the digest; the
+/// time, the memory source, the baseline's path and the rules' wording do
+/// not. Patches the kernel's own records allow are left out: the kernel
+/// makes them as it runs, and an accept does not decide on them (each is
+/// judged against the records again afterwards). Every finding counts,
+/// whichever regions a diff then shows: an accept takes them all.
+pub fn digest(report: &Report) -> String {
+    let mut lines: Vec<String> = report
+        .violations
+        .iter()
+        .chain(&report.info)
+        .map(|f| {
+            let c = Canonical {
+                severity: f.severity,
+                region: &f.region,
+                kind: f.kind,
+                gva: f.gva.raw(),
+                gpa: f.gpa.raw(),
+                page: f.page,
+                vcpu: f.vcpu,
+                register: f.register.as_deref(),
+                before: &f.before,
+                after: &f.after,
+                entry: f.entry.as_ref().map(|e| (e.table.as_str(), e.index, e.expected, e.found)),
+            };
+            serde_json::to_string(&c).expect("a finding serialises")
+        })
+        .collect();
+    lines.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    h.update(DIGEST_FORM);
+    h.update(serde_json::to_string(&report.uuid).expect("a string serialises").as_bytes());
+    for l in &lines {
+        h.update(b"\n");
+        h.update(l.as_bytes());
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// What names addresses for a diff: `locate` says where an address lies,
@@ -508,6 +580,17 @@ pub fn render_text(d: &Diff, colour: Colour, max_accepted: usize) -> String {
     if let Some(p) = &d.profile {
         let _ = writeln!(s, "guest profile {p}");
     }
+    if !d.digest.is_empty() {
+        // What an operator copies to accept exactly this state and no other.
+        let _ = writeln!(s, "diff digest {}", d.digest);
+        if d.source.starts_with("live") {
+            let _ = writeln!(
+                s,
+                "  to accept this state after review: vigil accept {} --diff-digest {} --reason \"...\"",
+                d.domain, d.digest
+            );
+        }
+    }
     for want in [Verdict::Violation, Verdict::Info] {
         for c in d.changes.iter().filter(|c| c.verdict == want) {
             let (tag, code) = match want {
@@ -642,14 +725,15 @@ pub fn render_html(d: &Diff) -> String {
     let _ = writeln!(s, "{verdict}");
     let _ = writeln!(
         s,
-        "<table><tr><td>domain</td><td>{} ({})</td></tr><tr><td>baseline</td><td>{} of {}</td></tr><tr><td>read</td><td>{} through {}</td></tr><tr><td>guest profile</td><td>{}</td></tr></table>",
+        "<table><tr><td>domain</td><td>{} ({})</td></tr><tr><td>baseline</td><td>{} of {}</td></tr><tr><td>read</td><td>{} through {}</td></tr><tr><td>guest profile</td><td>{}</td></tr><tr><td>diff digest</td><td class=\"m\" id=\"digest\">{}</td></tr></table>",
         esc(&d.domain),
         esc(&d.uuid),
         esc(&d.baseline),
         esc(&d.baseline_created),
         esc(&d.checked),
         esc(&d.source),
-        esc(d.profile.as_deref().unwrap_or("none"))
+        esc(d.profile.as_deref().unwrap_or("none")),
+        esc(&d.digest)
     );
 
     // The page map: each page's worst verdict, leading to its first change.
@@ -792,6 +876,7 @@ mod tests {
             profile: None,
             intact: false,
             violations: 1,
+            digest: "d1".repeat(32),
             changes: vec![c],
             map: vec![("kernel-text".into(), vec![0xffff_ffff_8100_0000, 0xffff_ffff_8100_1000])],
         };
@@ -800,6 +885,131 @@ mod tests {
         assert!(h.contains("evil&quot;name"));
         assert!(h.contains("<i></i><a class=\"violation\" href=\"#c0\""), "{h}");
         assert!(h.contains("<article id=\"c0\" class=\"violation\">"));
+        assert!(h.contains(&format!("id=\"digest\">{}</td>", "d1".repeat(32))), "{h}");
+        let saved = Diff { source: "ELF core web1.core".into(), ..d.clone() };
+        let t = render_text(&saved, Colour::No, 20);
+        assert!(t.contains(&format!("\ndiff digest {}\n", "d1".repeat(32))), "{t}");
+        assert!(!t.contains("vigil accept"), "a saved diff is not accepted: {t}");
+        let t = render_text(&d, Colour::No, 20);
+        let line = format!("vigil accept web1 --diff-digest {} --reason", "d1".repeat(32));
+        assert!(t.contains(&line), "{t}");
+    }
+
+    /// A report of a check at `checked`, read through `source`, with these
+    /// findings.
+    fn report(checked: &str, source: &str, violations: Vec<Finding>, info: Vec<Finding>) -> Report {
+        Report {
+            domain: "web1".into(),
+            uuid: "0f6c1a52-7d38-4bd5-9a51-0d2b3f6c9e11".into(),
+            baseline_created: "2026-01-01T00:00:00Z".into(),
+            checked: checked.into(),
+            source: source.into(),
+            intact: violations.is_empty(),
+            violations,
+            info,
+            regions: vec![],
+            scope: crate::integrity::check::Scope::Full,
+            bytes_verified: 0,
+            profile: None,
+            modules: vec![],
+            patches: Default::default(),
+            patched_sites: 0,
+        }
+    }
+
+    fn finding(region: &str, gva: u64, before: &str, after: &str, detail: &str) -> Finding {
+        Finding {
+            region: region.into(),
+            kind: FindingKind::Content,
+            severity: Severity::Violation,
+            gva: GuestVirtAddr(gva),
+            gpa: crate::addr::GuestPhysAddr(gva & 0xff_ffff),
+            page: Some(3),
+            vcpu: None,
+            register: None,
+            detail: detail.into(),
+            before: before.into(),
+            after: after.into(),
+            symbol: None,
+            entry: None,
+        }
+    }
+
+    #[test]
+    fn the_digest_follows_what_changed_and_nothing_else() {
+        let hook = |after: &str| {
+            finding(
+                "kernel-text",
+                0xffff_ffff_8100_3004,
+                "0f1f440000",
+                after,
+                "a jmp where a nop was",
+            )
+        };
+        let stuck = |secs: u32| Finding {
+            region: "module:vigil_stuck".into(),
+            kind: FindingKind::Unlisted,
+            page: None,
+            detail: format!("module vigil_stuck has been coming for {secs} s"),
+            ..finding("module:vigil_stuck", 0xffff_ffff_c000_0000, "live", "coming", "")
+        };
+        let tightened = Finding {
+            kind: FindingKind::Permission,
+            severity: Severity::Info,
+            ..finding("kernel-rodata", 0xffff_ffff_8200_0000, "rw-", "r--", "made read-only")
+        };
+        let first = report(
+            "2026-01-01T10:00:00Z",
+            "live shared RAM",
+            vec![hook("e9fbffffff"), stuck(12)],
+            vec![tightened.clone()],
+        );
+        let d = digest(&first);
+        assert_eq!(d.len(), 64);
+        assert!(d.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{d}");
+        // Read again later, another way, the findings listed in another
+        // order and worded for their time: the same state, the same digest.
+        let mut symbolised = hook("e9fbffffff");
+        symbolised.symbol = Some("do_sys_open+0x4".into());
+        let later = report(
+            "2026-01-01T10:05:00Z",
+            "ELF core /tmp/web1.core",
+            vec![stuck(312), symbolised],
+            vec![tightened.clone()],
+        );
+        assert_eq!(digest(&later), d);
+        // One byte more changed: another digest.
+        let rewritten = report(
+            "2026-01-01T10:00:00Z",
+            "live shared RAM",
+            vec![hook("e9fcffffff"), stuck(12)],
+            vec![tightened.clone()],
+        );
+        assert_ne!(digest(&rewritten), d);
+        // As do a finding more or less, another verdict, another domain.
+        let fewer = report(
+            "2026-01-01T10:00:00Z",
+            "live shared RAM",
+            vec![hook("e9fbffffff")],
+            vec![tightened.clone()],
+        );
+        assert_ne!(digest(&fewer), d);
+        let judged = Finding { severity: Severity::Violation, ..tightened.clone() };
+        let mut other = report(
+            "2026-01-01T10:00:00Z",
+            "live shared RAM",
+            vec![hook("e9fbffffff"), stuck(12)],
+            vec![judged],
+        );
+        assert_ne!(digest(&other), d);
+        other.info = vec![tightened];
+        assert_eq!(digest(&other), d);
+        other.uuid = "another".into();
+        assert_ne!(digest(&other), d);
+        // An intact guest has a digest too (what accepting it accepts).
+        let intact = report("t", "s", vec![], vec![]);
+        assert_eq!(digest(&intact), digest(&report("u", "v", vec![], vec![])));
+        assert_ne!(digest(&intact), d);
     }
 
     #[test]
@@ -836,6 +1046,7 @@ mod tests {
             profile: None,
             intact: true,
             violations: 0,
+            digest: String::new(),
             changes: vec![],
             map: vec![("kernel-text".into(), text), ("kernel-rodata".into(), vec![])],
         };

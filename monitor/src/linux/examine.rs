@@ -41,7 +41,7 @@ pub fn examine<M: GuestMemory + ?Sized>(
     with_changes: bool,
 ) -> Result<Examined, ExamineError> {
     let view = discover(mem, regs)?;
-    let mut report = check(baseline, mem, &view, regs, view.identification.image_base)?;
+    let mut report = check(baseline, mem, &view, regs)?;
     let mut warnings = Vec::new();
     let code: Vec<&str> = baseline
         .regions
