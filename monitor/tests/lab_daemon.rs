@@ -308,19 +308,7 @@ fn reviewed_digest(d: &Daemon, g: &vigil_lab::Guest) -> String {
 fn lab_daemon_accept_by_a_group_member_records_who_and_refuses_a_changed_guest() {
     let (uid, gid) = operator();
     let dir = tempfile::tempdir().unwrap();
-    let am_port = free_port();
-    let am_cfg = dir.path().join("am.yml");
-    std::fs::write(&am_cfg, "route:\n  receiver: keep\nreceivers:\n  - name: keep\n").unwrap();
-    let _am = server(
-        "prometheus-alertmanager",
-        &[
-            format!("--config.file={}", am_cfg.display()),
-            format!("--storage.path={}", dir.path().join("am-data").display()),
-            format!("--web.listen-address=127.0.0.1:{am_port}"),
-            "--cluster.listen-address=".into(),
-        ],
-        &dir.path().join("am.log"),
-    );
+    let (_am, am_port) = alertmanager(dir.path(), "");
     let am_url = format!("[alertmanager]\nurl = \"http://127.0.0.1:{am_port}\"\n");
     let d = Daemon::start_with("vigil-lab-dmn-acc", &am_url, vec![]);
     // The group reaches the socket through its directory, as /run/vigil.
@@ -560,6 +548,26 @@ fn server(bin: &'static str, args: &[String], log: &std::path::Path) -> Server {
     Server(child)
 }
 
+/// A real Alertmanager in `dir` with one receiver that keeps the alerts
+/// for its API (`route` adds lines to its route), and its port.
+fn alertmanager(dir: &std::path::Path, route: &str) -> (Server, u16) {
+    let port = free_port();
+    let cfg = dir.join("am.yml");
+    std::fs::write(&cfg, format!("route:\n  receiver: keep\n{route}receivers:\n  - name: keep\n"))
+        .unwrap();
+    let am = server(
+        "prometheus-alertmanager",
+        &[
+            format!("--config.file={}", cfg.display()),
+            format!("--storage.path={}", dir.join("am-data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--cluster.listen-address=".into(),
+        ],
+        &dir.join("am.log"),
+    );
+    (am, port)
+}
+
 #[test]
 fn shipped_prometheus_rules_pass_promtool() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/vigil-rules.yml");
@@ -578,20 +586,8 @@ fn shipped_prometheus_rules_pass_promtool() {
 #[test]
 fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
     let dir = tempfile::tempdir().unwrap();
-    let (am_port, prom_port) = (free_port(), free_port());
-    // Alertmanager: one receiver that keeps the alerts for its API.
-    let am_cfg = dir.path().join("am.yml");
-    std::fs::write(&am_cfg, "route:\n  receiver: keep\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: keep\n").unwrap();
-    let _am = server(
-        "prometheus-alertmanager",
-        &[
-            format!("--config.file={}", am_cfg.display()),
-            format!("--storage.path={}", dir.path().join("am-data").display()),
-            format!("--web.listen-address=127.0.0.1:{am_port}"),
-            "--cluster.listen-address=".into(),
-        ],
-        &dir.path().join("am.log"),
-    );
+    let prom_port = free_port();
+    let (_am, am_port) = alertmanager(dir.path(), "  group_wait: 1s\n  group_interval: 1s\n");
     // The daemon pushes to the Alertmanager itself too.
     let am_url = format!("[alertmanager]\nurl = \"http://127.0.0.1:{am_port}\"\n");
     let d = Daemon::start_with("vigil-lab-dmn-prom", &am_url, vec![]);
