@@ -501,6 +501,42 @@ impl Guest {
         self.wait_ready(Duration::from_secs(120))
     }
 
+    /// Saves the guest to a file and restores it (`virsh save`, `virsh
+    /// restore`): a new QEMU process, started with `-incoming`, takes the
+    /// guest's memory back. Waits until init answers again, in the same boot.
+    pub fn save_and_restore(&mut self) -> Result<(), LabError> {
+        let file = self.socket.with_extension("save");
+        let virsh = |args: &[&str]| -> Result<(), LabError> {
+            let out = std::process::Command::new("virsh")
+                .args(["-c", URI])
+                .args(args)
+                .output()
+                .map_err(|e| err(format!("virsh (libvirt-clients): {e}")))?;
+            if !out.status.success() {
+                return Err(err(format!(
+                    "virsh {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            Ok(())
+        };
+        let path = file.to_string_lossy().into_owned();
+        let _ = std::fs::remove_file(&file);
+        virsh(&["save", &self.name, &path])?;
+        self.port = None;
+        self.dom = None;
+        let restored = virsh(&["restore", &path]);
+        let _ = std::fs::remove_file(&file);
+        restored?;
+        let conn = Connect::open(Some(URI)).map_err(|e| err(format!("libvirt at {URI}: {e}")))?;
+        let dom = conn
+            .lookup_domain_by_name(&self.name)
+            .map_err(|e| err(format!("{} after restore: {e}", self.name)))?;
+        self.dom = Some(dom);
+        self.wait_ready(Duration::from_secs(120))
+    }
+
     fn restart_from_host(
         &mut self,
         what: &str,
