@@ -198,7 +198,13 @@ impl Guest for FleetGuest {
     /// The benchmark's own process runs every bench guest, for as long as
     /// it lives: one run each, never reset.
     fn run(&self) -> Result<Run, LibvirtError> {
-        Ok(Run { host_booted: 0, pid: i32::try_from(std::process::id()).unwrap_or(0), started: 0 })
+        Ok(Run {
+            host_booted: 0,
+            incoming: false,
+            ticks_per_second: 100,
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            started: 0,
+        })
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         Ok(Box::new(self.ram.clone()))

@@ -300,7 +300,12 @@ impl GuestDomain {
         })?;
         let host_booted = host_booted()
             .ok_or_else(|| self.memory_error("the host's clocks cannot be read".into()))?;
-        Ok(Run { host_booted, pid, started })
+        let ticks_per_second = crate::sys::clock_ticks()
+            .ok_or_else(|| self.memory_error("the host's clock tick rate is unknown".into()))?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map_err(|e| self.memory_error(format!("QEMU process {pid}'s command line: {e}")))?;
+        let incoming = cmdline.split(|&b| b == 0).any(|arg| arg == b"-incoming");
+        Ok(Run { host_booted, pid, started, incoming, ticks_per_second })
     }
 
     /// The RAM layout and where each RAM block is in the QEMU process.
@@ -396,11 +401,13 @@ pub fn host_booted() -> Option<u64> {
 /// How long ago `run`'s process started, by this host's clocks; `None` for
 /// another host boot's.
 pub fn run_age(run: &Run) -> Option<std::time::Duration> {
-    if host_booted()?.abs_diff(run.host_booted) > 5 {
+    let mut now = run.clone();
+    now.host_booted = host_booted()?;
+    if !now.same_as(run) {
         return None;
     }
     let started = std::time::Duration::from_millis(
-        run.started.checked_mul(1000)? / crate::sys::clock_ticks()?,
+        run.started.checked_mul(1000)? / run.ticks_per_second.max(1),
     );
     crate::sys::since_boot()?.checked_sub(started)
 }

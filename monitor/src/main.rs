@@ -114,8 +114,10 @@ enum Command {
     /// kernel not found, baseline of another domain or of another run of it).
     ///
     /// Whether the guest booted again is libvirt's to say: a baseline taken
-    /// under another QEMU process than the one running the domain now (it
-    /// was started, restored or migrated since) is refused. Under the same
+    /// under another QEMU process than the one running the domain now, one
+    /// that booted it (the domain was started since), is refused; a process
+    /// that received the guest's memory (a restore, a migration) is checked
+    /// against it. Under the same
     /// process a kernel found elsewhere is reported page by page as `remap`
     /// violations, since a guest can move its own kernel; after a `virsh
     /// reboot` or `virsh reset`, which keep the process, take a new baseline.
@@ -446,7 +448,13 @@ fn domain_baseline(
     // from the guest moving its own kernel after the fact.
     if let Some(then) = &b.run {
         let now = dom.run()?;
-        if !then.same_as(&now) {
+        if !then.same_as(&now) && now.incoming {
+            // A restore or an incoming migration holds the same boot: checked.
+            eprintln!(
+                "vigil: warning: {} was restored or migrated in since the baseline ({now}): checking against it",
+                dom.name
+            );
+        } else if !then.same_as(&now) {
             bail!(
                 "the baseline {} is from another run of domain {}: it was taken under {then}, and libvirt \
                  has started the domain since ({now} runs it now); take a new baseline with `vigil baseline {}`",

@@ -2,9 +2,10 @@
 //!
 //! A new baseline is what a rootkit wants most: from then on vigil protects
 //! its code. So whether the guest rebooted is decided by the hypervisor, never
-//! by the guest. The guest's own state (where its kernel sits now, virtually
-//! and physically) is evidence that is weighed against the hypervisor's word,
-//! and decides only how a move the hypervisor did not announce is reported.
+//! by the guest. The guest's own state (whether its kernel's code still sits
+//! at the baseline's addresses and frames) is evidence weighed against the
+//! hypervisor's word: it tells a restored guest from another save, and words
+//! a move the hypervisor did not announce.
 //!
 //! The hypervisor's word, strongest first:
 //!
@@ -12,43 +13,48 @@
 //!  reset     libvirt's reboot event for this domain since the baseline was
 //!            taken (a reboot from inside, `virsh reboot`, `virsh reset`);
 //!            the daemon was listening when it came
-//!  new run   another QEMU process runs the guest than the one the baseline
-//!            was taken under (pid and start time, host boot id): the guest
-//!            was started, restored or migrated in since
+//!  booted    another QEMU process runs the guest than the one the baseline
+//!            was taken under, and it booted the guest from its firmware
+//!  incoming  another QEMU process, which received the guest's memory
+//!            (`-incoming`: a restore or an incoming migration)
 //!  watched   the same QEMU process, and the daemon has listened to libvirt
-//!            since it last saw the kernel where the baseline has it: had the
-//!            guest been reset, the daemon would know
+//!            since it last attached it: had the guest been reset, the
+//!            daemon would know
 //!  unknown   the same QEMU process, but the daemon may have missed events:
-//!            it was not running, libvirtd was unreachable, or the baseline
-//!            predates vigil recording its QEMU process
+//!            it was not running, or libvirtd was unreachable
 //! ```
 //!
 //! Nothing in this module reads anything: it is the table, tested alone.
 
+use crate::integrity::check::CodePlacement;
+
 /// What the hypervisor says of the guest since its stored baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// libvirt reported a reset of the guest's QEMU process since.
+    /// libvirt reported a reset of the guest since.
     Reset,
-    /// Another QEMU process (or host boot) runs the guest now.
-    NewRun,
+    /// A new QEMU process booted the guest from its firmware.
+    Booted,
+    /// A new QEMU process received the guest's memory (restore, migration).
+    Incoming,
     /// The same QEMU process, listened to without a gap since.
     Watched,
-    /// The same QEMU process, or no record of it, and a gap in listening.
+    /// The same QEMU process, with a gap in listening since.
     Unknown,
 }
 
-/// Where the guest's kernel sits now, against the stored baseline.
+/// Where the guest's kernel code sits now, against the stored baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
-    /// The image at the same virtual and physical addresses.
+    /// Every code page at its address, on its frame.
     Same,
-    /// At the same virtual address, backed by other guest-physical memory:
-    /// what a kernel's own page tables repointed at copies look like. A
-    /// reboot moves the virtual placement too, but for one chance in about
-    /// 500 (the KASLR slots of the image).
+    /// Most code pages still hold the baseline's bytes at their addresses,
+    /// some or all on other frames: the same kernel, pages of it moved (what
+    /// a kernel's own page tables repointed at copies look like).
     PhysicalMoved,
-    /// At another virtual address as well.
+    /// Most of the baseline's code is gone from its addresses: another
+    /// kernel, or one at another virtual address. A running kernel cannot do
+    /// this to itself; a new boot (or a kexec) does.
     Moved,
 }
 
@@ -68,7 +74,7 @@ pub enum Stored {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Check against the stored baseline: the same boot, whatever the guest
-    /// changed since (a moved kernel shows as `remap` findings).
+    /// changed since.
     UseStored,
     /// The hypervisor confirms a new boot: a new baseline, with a `new-boot`
     /// event; `provisional` when the boot is recent enough to still be
@@ -76,13 +82,13 @@ pub enum Action {
     NewBoot { provisional: bool },
     /// No baseline yet: trust on first use, said as such.
     FirstSight { provisional: bool },
-    /// The kernel moved and the hypervisor reported no reboot: kept against
-    /// the stored baseline, so every moved page is a `remap` finding and the
-    /// new frames' bytes are compared with it.
+    /// The kernel moved pages and the hypervisor reported no reboot: kept
+    /// against the stored baseline, so every moved page is a `remap`
+    /// finding and the new frames' bytes are compared with it.
     Remapped,
-    /// The kernel moved, virtually too, while vigil could not have heard of a
-    /// reset: a new baseline (the old one kept aside), with a warning that
-    /// the reboot is not confirmed and when it must have happened.
+    /// Another kernel, while vigil could not have heard of a reset: a new
+    /// baseline (the old one kept aside), with a warning that the reboot is
+    /// not confirmed.
     Unconfirmed,
     /// The stored baseline cannot be used: a critical event, the file kept
     /// aside, and a new baseline of what is there now, said to be trust on
@@ -95,55 +101,68 @@ pub enum Action {
 /// hypervisor's own account (libvirt's reset event, the QEMU process's start
 /// time): a provisional baseline is only ever for such a boot.
 pub fn decide(signal: Signal, stored: Stored, recent: bool) -> Action {
-    let fresh = recent && matches!(signal, Signal::Reset | Signal::NewRun);
+    use Placement::*;
+    let fresh = recent && matches!(signal, Signal::Reset | Signal::Booted);
     match (stored, signal) {
         // A guest seen for the first time just after its QEMU process
         // started is booting: its first baseline settles too.
-        (Stored::Missing, _) => Action::FirstSight { provisional: recent },
+        (Stored::Missing, _) => Action::FirstSight { provisional: fresh },
         (Stored::Unreadable, _) => Action::Replace,
-        // A reset is a reboot, wherever the new kernel chose to sit (a
-        // `nokaslr` guest sits where it sat before).
-        (Stored::Found(_), Signal::Reset) => Action::NewBoot { provisional: fresh },
-        // A new QEMU process holding the very kernel of the baseline was
-        // restored or migrated in: the same boot, writes made meanwhile
-        // included.
-        (Stored::Found(Placement::Same), Signal::NewRun) => Action::UseStored,
-        (Stored::Found(_), Signal::NewRun) => Action::NewBoot { provisional: fresh },
-        (Stored::Found(Placement::Same), Signal::Watched | Signal::Unknown) => Action::UseStored,
-        (Stored::Found(Placement::PhysicalMoved), Signal::Watched | Signal::Unknown) => {
-            Action::Remapped
+        // A reset or a boot from firmware is a new kernel, wherever it chose
+        // to sit (a `nokaslr` guest sits where it sat before).
+        (Stored::Found(_), Signal::Reset | Signal::Booted) => {
+            Action::NewBoot { provisional: fresh }
         }
-        (Stored::Found(Placement::Moved), Signal::Watched) => Action::Remapped,
-        // A running kernel cannot move its own virtual placement; only a
-        // new kernel (a reboot vigil did not hear of, or a kexec) can. With
-        // a gap in listening vigil cannot tell them apart: it says so.
-        (Stored::Found(Placement::Moved), Signal::Unknown) => Action::Unconfirmed,
+        // Memory received from a save or another host: the baseline's own
+        // kernel is the same boot (writes made meanwhile are caught); another
+        // kernel came from another save.
+        (Stored::Found(Same), Signal::Incoming) => Action::UseStored,
+        (Stored::Found(PhysicalMoved), Signal::Incoming) => Action::Remapped,
+        (Stored::Found(Moved), Signal::Incoming) => Action::NewBoot { provisional: false },
+        (Stored::Found(Same), Signal::Watched | Signal::Unknown) => Action::UseStored,
+        (Stored::Found(PhysicalMoved), Signal::Watched | Signal::Unknown) => Action::Remapped,
+        (Stored::Found(Moved), Signal::Watched) => Action::Remapped,
+        // Only a new kernel moves all the code; with a gap in listening
+        // vigil cannot tell a reboot it did not hear of from a kexec: it
+        // says so.
+        (Stored::Found(Moved), Signal::Unknown) => Action::Unconfirmed,
     }
 }
 
 impl Signal {
     /// The hypervisor's word, from what the daemon knows: whether a reset
     /// was reported since the baseline, whether the QEMU process is the
-    /// baseline's, and whether the daemon listened without a gap since it
-    /// last saw this process.
-    pub fn from_knowledge(reset_reported: bool, same_run: Option<bool>, listened: bool) -> Self {
+    /// baseline's (unknown for a baseline that does not record it) and if
+    /// not whether it received the guest's memory, and whether the daemon
+    /// has listened to libvirt without a gap since it last attached this
+    /// very process.
+    pub fn from_knowledge(
+        reset_reported: bool,
+        same_run: Option<bool>,
+        incoming: bool,
+        listened: bool,
+    ) -> Self {
         match same_run {
-            Some(false) => Signal::NewRun,
+            Some(false) if incoming => Signal::Incoming,
+            Some(false) => Signal::Booted,
             _ if reset_reported => Signal::Reset,
-            Some(true) if listened => Signal::Watched,
+            _ if listened => Signal::Watched,
             _ => Signal::Unknown,
         }
     }
 }
 
 impl Placement {
-    /// Compares where the image sits now with the baseline, as (virtual,
-    /// physical) of its first page.
-    pub fn of(now: (u64, u64), then: (u64, u64)) -> Self {
-        match (now.0 == then.0, now.1 == then.1) {
-            (true, true) => Placement::Same,
-            (true, false) => Placement::PhysicalMoved,
-            (false, _) => Placement::Moved,
+    /// Judges the evidence: all code on its frames is the same; most of it
+    /// holding its bytes at its addresses is the same kernel, moved in part
+    /// or whole to other frames; anything less is another kernel.
+    pub fn of(code: CodePlacement) -> Self {
+        if code.same_frames == code.pages && code.same_bytes == code.pages {
+            Placement::Same
+        } else if code.same_bytes.saturating_mul(2) > code.pages {
+            Placement::PhysicalMoved
+        } else {
+            Placement::Moved
         }
     }
 }
@@ -152,7 +171,8 @@ impl Placement {
 mod tests {
     use super::*;
 
-    const SIGNALS: [Signal; 4] = [Signal::Reset, Signal::NewRun, Signal::Watched, Signal::Unknown];
+    const SIGNALS: [Signal; 5] =
+        [Signal::Reset, Signal::Booted, Signal::Incoming, Signal::Watched, Signal::Unknown];
     const PLACEMENTS: [Placement; 3] =
         [Placement::Same, Placement::PhysicalMoved, Placement::Moved];
 
@@ -161,10 +181,11 @@ mod tests {
     fn the_decision_table() {
         use Action::*;
         use Placement::*;
-        let expected = |s: Signal, p: Placement| match (s, p) {
-            (Signal::Reset, _) => NewBoot { provisional: true },
-            (Signal::NewRun, Same) => UseStored,
-            (Signal::NewRun, _) => NewBoot { provisional: true },
+        let expected = |s: Signal, p: Placement, recent: bool| match (s, p) {
+            (Signal::Reset | Signal::Booted, _) => NewBoot { provisional: recent },
+            (Signal::Incoming, Same) => UseStored,
+            (Signal::Incoming, PhysicalMoved) => Remapped,
+            (Signal::Incoming, Moved) => NewBoot { provisional: false },
             (Signal::Watched, Same) => UseStored,
             (Signal::Watched, _) => Remapped,
             (Signal::Unknown, Same) => UseStored,
@@ -173,30 +194,46 @@ mod tests {
         };
         for s in SIGNALS {
             for p in PLACEMENTS {
-                assert_eq!(decide(s, Stored::Found(p), true), expected(s, p), "{s:?} x {p:?}");
+                for recent in [false, true] {
+                    assert_eq!(
+                        decide(s, Stored::Found(p), recent),
+                        expected(s, p, recent),
+                        "{s:?} x {p:?}, recent {recent}"
+                    );
+                }
             }
         }
     }
 
-    /// Guest evidence alone never buys a new baseline: without a reset or a
-    /// new QEMU process, a moved kernel is reported, and only a gap in
-    /// listening together with a virtual move gives the warned-of new one.
+    /// Guest evidence alone never buys a new baseline while vigil listens:
+    /// in the same QEMU process without a reported reset, whatever the
+    /// kernel did, it is checked against the stored baseline. Only a gap in
+    /// listening with all the code gone from its addresses gives the
+    /// warned-of new one.
     #[test]
     fn no_new_baseline_without_the_hypervisors_word() {
         for p in PLACEMENTS {
             for recent in [false, true] {
                 let a = decide(Signal::Watched, Stored::Found(p), recent);
                 assert!(matches!(a, Action::UseStored | Action::Remapped), "{p:?}: {a:?}");
+                let a = decide(Signal::Unknown, Stored::Found(p), recent);
+                let expected =
+                    if p == Placement::Moved { Action::Unconfirmed } else { Action::UseStored };
+                assert!(a == expected || a == Action::Remapped, "{p:?}: {a:?}");
+                // A restore or migration keeps the stored baseline unless all
+                // the code is another kernel's.
+                let a = decide(Signal::Incoming, Stored::Found(p), recent);
+                assert_eq!(
+                    matches!(a, Action::NewBoot { .. }),
+                    p == Placement::Moved,
+                    "{p:?}: {a:?}"
+                );
             }
         }
-        assert_eq!(
-            decide(Signal::Unknown, Stored::Found(Placement::PhysicalMoved), true),
-            Action::Remapped
-        );
     }
 
-    /// Provisional only for a boot the hypervisor reported, and only while
-    /// it is recent.
+    /// Provisional only for a reset or a boot the hypervisor reported, and
+    /// only while it is recent.
     #[test]
     fn provisional_only_for_a_recent_boot_the_hypervisor_reported() {
         let provisional = |a: Action| {
@@ -206,22 +243,18 @@ mod tests {
             )
         };
         for s in SIGNALS {
-            for p in PLACEMENTS {
-                let stored = Stored::Found(p);
-                assert!(!provisional(decide(s, stored, false)), "{s:?} {p:?} not recent");
+            let booted = matches!(s, Signal::Reset | Signal::Booted);
+            for stored in [
+                Stored::Missing,
+                Stored::Unreadable,
+                Stored::Found(Placement::Same),
+                Stored::Found(Placement::Moved),
+            ] {
+                assert!(!provisional(decide(s, stored, false)), "{s:?} {stored:?} not recent");
                 let a = decide(s, stored, true);
-                let reported =
-                    matches!(s, Signal::Reset) || (s == Signal::NewRun && p != Placement::Same);
-                assert_eq!(provisional(a), reported, "{s:?} {p:?}: {a:?}");
+                let expected = booted && stored != Stored::Unreadable;
+                assert_eq!(provisional(a), expected, "{s:?} {stored:?}: {a:?}");
             }
-            // First sight: provisional while the process's start is recent.
-            for recent in [false, true] {
-                assert_eq!(
-                    decide(s, Stored::Missing, recent),
-                    Action::FirstSight { provisional: recent }
-                );
-            }
-            assert!(!provisional(decide(s, Stored::Unreadable, true)));
         }
     }
 
@@ -237,24 +270,38 @@ mod tests {
 
     #[test]
     fn the_signal_from_what_the_daemon_knows() {
-        // Another QEMU process outweighs everything.
-        assert_eq!(Signal::from_knowledge(true, Some(false), true), Signal::NewRun);
-        assert_eq!(Signal::from_knowledge(false, Some(false), false), Signal::NewRun);
+        let k = Signal::from_knowledge;
+        // Another QEMU process outweighs everything; how it got the guest
+        // says which.
+        assert_eq!(k(true, Some(false), false, true), Signal::Booted);
+        assert_eq!(k(false, Some(false), true, false), Signal::Incoming);
         // A reported reset, in the same process or with no record of it.
-        assert_eq!(Signal::from_knowledge(true, Some(true), true), Signal::Reset);
-        assert_eq!(Signal::from_knowledge(true, None, false), Signal::Reset);
-        // The same process, listened to all along.
-        assert_eq!(Signal::from_knowledge(false, Some(true), true), Signal::Watched);
-        // A gap, or a baseline without its process recorded.
-        assert_eq!(Signal::from_knowledge(false, Some(true), false), Signal::Unknown);
-        assert_eq!(Signal::from_knowledge(false, None, true), Signal::Unknown);
+        assert_eq!(k(true, Some(true), false, true), Signal::Reset);
+        assert_eq!(k(true, None, false, false), Signal::Reset);
+        // The same process (or a baseline without one recorded), listened
+        // to all along.
+        assert_eq!(k(false, Some(true), false, true), Signal::Watched);
+        assert_eq!(k(false, None, false, true), Signal::Watched);
+        // A gap.
+        assert_eq!(k(false, Some(true), false, false), Signal::Unknown);
+        assert_eq!(k(false, None, true, false), Signal::Unknown);
     }
 
     #[test]
-    fn placement_compares_both_addresses() {
-        assert_eq!(Placement::of((1, 2), (1, 2)), Placement::Same);
-        assert_eq!(Placement::of((1, 3), (1, 2)), Placement::PhysicalMoved);
-        assert_eq!(Placement::of((5, 2), (1, 2)), Placement::Moved);
-        assert_eq!(Placement::of((5, 3), (1, 2)), Placement::Moved);
+    fn placement_weighs_frames_and_bytes_of_all_the_code() {
+        let at = |same_frames, same_bytes| {
+            Placement::of(CodePlacement { pages: 100, same_frames, same_bytes })
+        };
+        assert_eq!(at(100, 100), Placement::Same);
+        // One page on a copy, or one page's bytes changed in place.
+        assert_eq!(at(99, 100), Placement::PhysicalMoved);
+        assert_eq!(at(100, 99), Placement::PhysicalMoved);
+        // Every page on a copy: the same kernel, moved.
+        assert_eq!(at(0, 100), Placement::PhysicalMoved);
+        assert_eq!(at(0, 51), Placement::PhysicalMoved);
+        // Most of the code gone from its addresses: another kernel.
+        assert_eq!(at(0, 50), Placement::Moved);
+        assert_eq!(at(0, 0), Placement::Moved);
+        assert_eq!(at(30, 10), Placement::Moved);
     }
 }

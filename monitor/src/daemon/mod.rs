@@ -569,9 +569,8 @@ async fn domain_task(
         // Bounded from the attach: a boot still patching itself is absorbed
         // for this long at most, each absorbed change logged.
         // (when the window closes, when the kernel has been quiet long enough)
-        let mut provisional_until = how
-            .provisional()
-            .then(|| (Instant::now() + provisional_window(s), Instant::now() + s.settle));
+        let mut provisional_until =
+            w.provisional_left.map(|left| (Instant::now() + left, Instant::now() + s.settle));
         for (region, pages) in w.pages() {
             shared
                 .sink
@@ -618,6 +617,11 @@ async fn domain_task(
                 _ = tokio::time::sleep_until(due.into()) => {}
                 _ = cancel.changed() => break 'attach,
                 _ = reboot.notified() => {
+                    // A wake-up left over from a reset the last attach
+                    // already answered is no reset.
+                    if shared.knowledge(&uuid).reset_reported.is_none() {
+                        continue;
+                    }
                     shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = "guest rebooted".into(); });
                     tokio::time::sleep(s.attach_retry).await;
                     continue 'attach;
@@ -667,6 +671,16 @@ async fn domain_task(
                 time_limited(&shared, &subject, &name, if full { "full" } else { "hot" }, job)
                     .await;
             w = back;
+            // A check that ran across a reset libvirt reported read the old
+            // kernel going and the new one coming: not a finding. Attach
+            // again, as the reset asks.
+            if shared.knowledge(&uuid).reset_reported.is_some_and(|t| t >= started) {
+                if let Some(Command::CheckNow(reply)) = forced {
+                    let _ = reply.send(Err(format!("{name} was reset during the check")));
+                }
+                tokio::time::sleep(s.attach_retry).await;
+                continue 'attach;
+            }
             let took = started.elapsed();
             estimate[usize::from(full)] = took;
             let ratio = shared.budget.settle(est, took);
@@ -1270,7 +1284,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 }
                 resync.reset_after(Duration::from_secs(5));
             }
-            Some(ev) = ev_rx.recv() => match ev {
+            Some(ev) = ev_rx.recv() => {
+                match ev {
                 DomainEvent::Started { uuid, name } => shared.start_task(&uuid, &name),
                 DomainEvent::Stopped { uuid, name, why } => shared.stop_task(&uuid, &name, why),
                 DomainEvent::Paused { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Paused, why),
@@ -1281,7 +1296,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                         t.reboot.notify_one();
                     }
                 }
-            },
+            }},
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -31,6 +31,8 @@ pub enum WatchError {
     Discover(#[from] DiscoverError),
     #[error(transparent)]
     Baseline(#[from] BaselineError),
+    #[error("{0}")]
+    StoredState(String),
 }
 
 impl WatchError {
@@ -55,7 +57,7 @@ impl WatchError {
             WatchError::Discover(DiscoverError::Unreadable { .. }) => "memory_unreadable",
             WatchError::Discover(_) => "kernel_not_found",
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
-            WatchError::Baseline(_) => "baseline_file",
+            WatchError::Baseline(_) | WatchError::StoredState(_) => "baseline_file",
         }
     }
 
@@ -228,6 +230,9 @@ pub struct Watched {
     pub problems: Vec<StateProblem>,
     /// The hypervisor's run of the guest when it was attached.
     pub run: Option<Run>,
+    /// For a provisional new baseline: how long it may stay so, counted
+    /// from the hypervisor's reset or start of the guest.
+    pub provisional_left: Option<std::time::Duration>,
 }
 
 /// Listed modules whose state is not live, since when, in which state.
@@ -298,27 +303,39 @@ fn load_stored(path: &Path, name: &str, uuid: &str) -> Result<Option<Baseline>, 
 }
 
 /// Moves a stored file out of the way, never overwriting or deleting it:
-/// renamed with a suffix saying why and when. Says where it went, or why it
-/// could not be moved.
-fn keep_aside(path: &Path) -> String {
+/// renamed with a suffix saying when. A file that cannot be moved is an
+/// error: nothing is then stored in its place.
+fn keep_aside(path: &Path) -> Result<PathBuf, WatchError> {
     let stamp = crate::integrity::baseline::now_rfc3339().replace(':', "");
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".set-aside-{stamp}"));
     let aside = PathBuf::from(aside);
-    match std::fs::rename(path, &aside) {
-        Ok(()) => format!("the file is kept as {}", aside.display()),
-        Err(e) => format!("it could not be kept aside as {}: {e}", aside.display()),
+    if aside.exists() {
+        return Err(WatchError::StoredState(format!(
+            "{} cannot be kept aside: {} exists",
+            path.display(),
+            aside.display()
+        )));
     }
+    std::fs::rename(path, &aside).map_err(|e| {
+        WatchError::StoredState(format!(
+            "{} cannot be kept aside as {}: {e}; nothing is stored in its place",
+            path.display(),
+            aside.display()
+        ))
+    })?;
+    Ok(aside)
 }
 
-/// Keeps a baseline and its original pages aside (see [`keep_aside`]).
-fn keep_baseline_aside(path: &Path) -> String {
-    let kept = keep_aside(path);
+/// Keeps a baseline and its original pages aside (see [`keep_aside`]), and
+/// says where they went.
+fn keep_baseline_aside(path: &Path) -> Result<String, WatchError> {
+    let kept = format!("the file is kept as {}", keep_aside(path)?.display());
     let pages = Originals::path_for(path);
     if pages.exists() {
-        return format!("{kept}; its original pages: {}", keep_aside(&pages));
+        return Ok(format!("{kept}; its original pages as {}", keep_aside(&pages)?.display()));
     }
-    kept
+    Ok(kept)
 }
 
 /// Register snapshots a check may take when one finds no whole kernel.
@@ -420,6 +437,7 @@ impl Watched {
             register_snapshots: 0,
             problems: Vec::new(),
             run: None,
+            provisional_left: None,
         }
     }
 
@@ -451,50 +469,52 @@ impl Watched {
         let mem = dom.open_memory()?;
         let mut snapshots = 0;
         let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
-        let id = &view.identification;
-        let now_at = (id.image_base.raw(), id.image_base_gpa.raw());
-        let now = id.boot_key();
-        drop(view);
+        let now = view.identification.boot_key();
         let path = baseline_path(state_dir, dom.uuid());
-        let mut problems = Vec::new();
-        let (stored, found) = match load_stored(&path, dom.name(), dom.uuid()) {
-            Ok(None) => (Stored::Missing, None),
+        let (stored, found, unusable) = match load_stored(&path, dom.name(), dom.uuid()) {
+            Ok(None) => (Stored::Missing, None, None),
             Ok(Some(b)) => {
-                let then = (b.kernel.image_base.raw(), b.kernel.image_base_gpa.raw());
-                (Stored::Found(Placement::of(now_at, then)), Some(b))
+                let code = crate::integrity::check::code_placement(&b, &*mem, &view);
+                (Stored::Found(Placement::of(code)), Some(b), None)
             }
-            Err(reason) => {
-                let kept = keep_baseline_aside(&path);
-                problems.push(StateProblem {
-                    file: path.display().to_string(),
-                    detail: format!(
-                        "the stored baseline of {} cannot be used: {reason}; {kept}. A new baseline is \
-                         taken of the kernel as it is now, trusted on first use: a change made before now \
-                         cannot be detected",
-                        dom.name(),
-                    ),
-                });
-                (Stored::Unreadable, None)
-            }
+            Err(reason) => (Stored::Unreadable, None, Some(reason)),
         };
-        let same_run = found.as_ref().and_then(|b| b.run.as_ref()).map(|r| r.same_as(&run));
+        drop(view);
+        // No baseline: the process is new to vigil, booted or received.
+        let same_run = match &found {
+            None => Some(false),
+            Some(b) => b.run.as_ref().map(|r| r.same_as(&run)),
+        };
         let listened = known.listened.as_ref().is_some_and(|l| l.same_as(&run));
-        let signal = Signal::from_knowledge(known.reset_reported.is_some(), same_run, listened);
-        let recent = known
-            .reset_reported
-            .is_some_and(|t| t.elapsed() < settings.provisional_window)
-            || crate::libvirt::run_age(&run).is_some_and(|age| age < settings.provisional_window);
-        let action = decide(signal, stored, recent);
+        let signal = Signal::from_knowledge(
+            known.reset_reported.is_some(),
+            same_run,
+            run.incoming,
+            listened,
+        );
+        // How much of the provisional window is left, from when the
+        // hypervisor reset or started the guest.
+        let since_signal = match signal {
+            Signal::Reset => known.reset_reported.map(|t| t.elapsed()),
+            _ => crate::libvirt::run_age(&run),
+        };
+        let window_left = since_signal.and_then(|t| settings.provisional_window.checked_sub(t));
+        let action = decide(signal, stored, window_left.is_some());
         let then = found.as_ref().map(|b| b.kernel.boot_key()).unwrap_or_default();
+        let mut problems = Vec::new();
         let attached = match action {
             Action::UseStored => Attached::Stored,
-            Action::Remapped => Attached::Remapped { then, now: now.clone() },
+            Action::Remapped => Attached::Remapped { then, now },
             Action::NewBoot { provisional } => Attached::NewBoot {
                 why: match signal {
                     Signal::Reset => "libvirt reported a reset of the guest".into(),
+                    Signal::Incoming => format!(
+                        "a new {run} received the guest's memory holding another kernel than the baseline's \
+                         (restored or migrated from another save)"
+                    ),
                     _ => match found.as_ref().and_then(|b| b.run.as_ref()) {
-                        Some(old) => format!("a new QEMU process runs it ({run}, not {old})"),
-                        None => format!("a new QEMU process runs it ({run})"),
+                        Some(old) => format!("a new {run} booted it (the baseline's was {old})"),
+                        None => format!("a new {run} booted it"),
                     },
                 },
                 provisional,
@@ -502,17 +522,25 @@ impl Watched {
             Action::FirstSight { provisional } => Attached::FirstSight { provisional },
             Action::Unconfirmed => Attached::Unconfirmed {
                 then,
-                now: now.clone(),
+                now,
                 why: format!(
                     "the same {run} has run the guest since its baseline was taken, and vigil may have \
-                     missed a reset (it was not running, libvirtd was unreachable, or the baseline does \
-                     not record its QEMU process)"
+                     missed a reset (it was not running, or libvirtd was unreachable)"
                 ),
-                kept: keep_baseline_aside(&path),
+                kept: String::new(),
             },
             Action::Replace => Attached::Replaced,
         };
-        if let (Attached::Stored | Attached::Remapped { .. }, Some(stored)) = (&attached, found) {
+        if let (Attached::Stored | Attached::Remapped { .. }, Some(mut stored)) = (&attached, found)
+        {
+            // The baseline goes on under this run: record it, so that the
+            // next attach compares with the process the guest is in now
+            // (after a restore or migration; or a baseline of an earlier
+            // vigil, which did not record one).
+            if !stored.run.as_ref().is_some_and(|r| r.same_as(&run)) {
+                stored.run = Some(run.clone());
+                stored.save(&path)?;
+            }
             // Without its original pages the stored baseline still protects,
             // but cannot tell the kernel's patches from an attack: said, and
             // a file that exists but cannot be used is kept aside.
@@ -527,8 +555,11 @@ impl Watched {
                 Err(e) => {
                     let missing = matches!(&e, BaselineError::Open { source, .. }
                         if source.kind() == std::io::ErrorKind::NotFound);
-                    let kept =
-                        if missing { "the file is missing".into() } else { keep_aside(&pages) };
+                    let kept = if missing {
+                        "the file is missing".into()
+                    } else {
+                        format!("the file is kept as {}", keep_aside(&pages)?.display())
+                    };
                     problems.push(StateProblem {
                         file: pages.display().to_string(),
                         detail: format!(
@@ -549,13 +580,32 @@ impl Watched {
             w.run = Some(run);
             return Ok((w, attached));
         }
+        // The new baseline is read before anything stored is moved: should
+        // the read fail, the next attach finds the same files and decides
+        // (and says) the same.
         let (baseline, originals) = take_baseline(&*dom, &*mem, &mut snapshots)?;
+        let mut attached = attached;
+        match (&mut attached, unusable) {
+            (Attached::Unconfirmed { kept, .. }, _) => *kept = keep_baseline_aside(&path)?,
+            (Attached::Replaced, Some(reason)) => problems.push(StateProblem {
+                file: path.display().to_string(),
+                detail: format!(
+                    "the stored baseline of {} cannot be used: {reason}; {}. A new baseline is \
+                     taken of the kernel as it is now, trusted on first use: a change made before now \
+                     cannot be detected",
+                    dom.name(),
+                    keep_baseline_aside(&path)?
+                ),
+            }),
+            _ => {}
+        }
         let originals = store(&path, &baseline, originals, settings.originals_on_disk)?;
         let mut w = Self::new(dom, mem, baseline, path, originals);
         w.originals_on_disk = settings.originals_on_disk;
         w.register_snapshots = snapshots;
         w.problems = problems;
         w.run = Some(run);
+        w.provisional_left = window_left.filter(|_| attached.provisional());
         Ok((w, attached))
     }
 

@@ -98,16 +98,32 @@ pub struct Run {
     pub pid: i32,
     /// When it started, in clock ticks after the host booted.
     pub started: u64,
+    /// Whether it was started to receive the guest's memory (QEMU's
+    /// `-incoming`: a restore or an incoming migration) rather than to boot
+    /// the guest from its firmware.
+    #[serde(default)]
+    pub incoming: bool,
+    /// Clock ticks a second, for `started`.
+    #[serde(default = "user_hz")]
+    pub ticks_per_second: u64,
+}
+
+fn user_hz() -> u64 {
+    100
 }
 
 impl Run {
     /// Whether `other` is the same process: the same pid started at the same
-    /// tick, in the same host boot (the boot times, each worked out from
-    /// the wall clock, may differ by a little).
+    /// tick, in the same host boot. The boot times are worked out from the
+    /// wall clock, which may have been stepped since (NTP): they may differ
+    /// by up to two minutes, and by less than half the time the process
+    /// started after its boot. Two boots whose processes share pid and tick
+    /// lie at least that far apart (the first boot ran that long).
     pub fn same_as(&self, other: &Run) -> bool {
+        let after_boot = self.started / self.ticks_per_second.max(1);
         self.pid == other.pid
             && self.started == other.started
-            && self.host_booted.abs_diff(other.host_booted) <= 5
+            && self.host_booted.abs_diff(other.host_booted) <= (after_boot / 2).min(120)
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages_at, to_hex};
 use super::{AddressSpace, tree};
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::qemu::VcpuRegisters;
 use crate::x86::Perms;
@@ -283,6 +283,49 @@ impl Scope {
     fn covers(self, kind: super::RegionKind) -> bool {
         self == Scope::Full || kind == super::RegionKind::DescriptorTable
     }
+}
+
+/// Where a baseline's code sits in a fresh reading, page by page: how many
+/// of its pages still map their baseline frames, and how many hold their
+/// baseline bytes at their addresses, on whatever frames. Evidence for the
+/// caller's judgement of a move, never a decision of the engine's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CodePlacement {
+    /// Pages of code regions in the baseline.
+    pub pages: u64,
+    /// Of those, mapped to the very frames the baseline has.
+    pub same_frames: u64,
+    /// Of those, holding the baseline's bytes at their virtual addresses.
+    pub same_bytes: u64,
+}
+
+/// Reads every code page of `baseline` where `space` maps its address now
+/// and compares it with the baseline's value. A page that is not mapped or
+/// cannot be read holds other bytes.
+pub fn code_placement<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> CodePlacement {
+    let mut out = CodePlacement::default();
+    let mut page = vec![0u8; PAGE_BYTES];
+    for r in baseline.regions.iter().filter(|r| r.kind == super::RegionKind::Code) {
+        for (i, p) in r.pages.iter().enumerate() {
+            out.pages += 1;
+            let Some((gpa, _)) = space.translate(p.gva) else { continue };
+            if gpa == p.gpa {
+                out.same_frames += 1;
+            }
+            let len = usize::try_from((r.bytes - i as u64 * PAGE_SIZE).min(PAGE_SIZE))
+                .expect("a page's length");
+            if mem.read(gpa, &mut page[..len]).is_ok()
+                && super::tree::page_value(i as u64, &page[..len], r.bytes) == p.value
+            {
+                out.same_bytes += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Compares a fresh reading with `baseline`, in full.
@@ -942,6 +985,28 @@ mod tests {
         let full = run(&f, &b, &Fake::registers());
         assert_eq!(full.bytes_verified, 6 * 4096);
         assert!(!full.intact);
+    }
+
+    /// The evidence of a move: frames and bytes, page by page.
+    #[test]
+    fn code_placement_tells_frames_from_bytes() {
+        let mut f = Fake::new();
+        let b = f.baseline();
+        let all = code_placement(&b, &f.mem, &f);
+        assert_eq!(all, CodePlacement { pages: 4, same_frames: 4, same_bytes: 4 });
+        // One text page's bytes changed in place.
+        poke(&mut f, 0x2000 + 7, 0xcc);
+        assert_eq!(code_placement(&b, &f.mem, &f).same_bytes, 3);
+        // Two text pages pointed at other frames holding the same bytes
+        // (copies: the fake's memory repeats every 2 KiB), one unmapped.
+        f.pages[1].gpa = GuestPhysAddr(0xa000);
+        f.pages[2].gpa = GuestPhysAddr(0xb000);
+        f.pages.remove(3);
+        let p = code_placement(&b, &f.mem, &f);
+        assert_eq!((p.pages, p.same_frames, p.same_bytes), (4, 1, 2));
+        // A copy that differs holds other bytes.
+        poke(&mut f, 0xb000 + 9, 0xcc);
+        assert_eq!(code_placement(&b, &f.mem, &f).same_bytes, 1);
     }
 
     #[test]
