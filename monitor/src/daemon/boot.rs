@@ -48,13 +48,14 @@ pub enum Signal {
 pub enum Placement {
     /// Every code page at its address, on its frame.
     Same,
-    /// Most code pages still hold the baseline's bytes at their addresses,
-    /// some or all on other frames: the same kernel, pages of it moved (what
-    /// a kernel's own page tables repointed at copies look like).
+    /// The same kernel, changed: most code pages still hold the baseline's
+    /// bytes at their addresses (some or all on other frames: what a
+    /// kernel's own page tables repointed at copies look like), or most
+    /// still map their baseline frames (bytes written in place).
     PhysicalMoved,
-    /// Most of the baseline's code is gone from its addresses: another
-    /// kernel, or one at another virtual address. A running kernel cannot do
-    /// this to itself; a new boot (or a kexec) does.
+    /// Most of the baseline's code is gone from its addresses, bytes and
+    /// frames both: another kernel, or one at another virtual address. A
+    /// running kernel cannot do this to itself; a new boot (or a kexec) does.
     Moved,
 }
 
@@ -153,13 +154,16 @@ impl Signal {
 }
 
 impl Placement {
-    /// Judges the evidence: all code on its frames is the same; most of it
-    /// holding its bytes at its addresses is the same kernel, moved in part
-    /// or whole to other frames; anything less is another kernel.
+    /// Judges the evidence: all code on its frames with its bytes is the
+    /// same; most of it holding its bytes at its addresses, or most of it on
+    /// its frames, is the same kernel changed (a guest that wants "another
+    /// kernel" must take both its bytes and its frames away from more than
+    /// half its own running code); anything less is another kernel.
     pub fn of(code: CodePlacement) -> Self {
+        let most = |n: u64| n.saturating_mul(2) > code.pages;
         if code.same_frames == code.pages && code.same_bytes == code.pages {
             Placement::Same
-        } else if code.same_bytes.saturating_mul(2) > code.pages {
+        } else if most(code.same_bytes) || most(code.same_frames) {
             Placement::PhysicalMoved
         } else {
             Placement::Moved
@@ -299,9 +303,14 @@ mod tests {
         // Every page on a copy: the same kernel, moved.
         assert_eq!(at(0, 100), Placement::PhysicalMoved);
         assert_eq!(at(0, 51), Placement::PhysicalMoved);
+        // Bytes written in place on most pages (padding between functions,
+        // say): still on its frames, the same kernel changed.
+        assert_eq!(at(100, 10), Placement::PhysicalMoved);
+        assert_eq!(at(51, 0), Placement::PhysicalMoved);
         // Most of the code gone from its addresses: another kernel.
         assert_eq!(at(0, 50), Placement::Moved);
         assert_eq!(at(0, 0), Placement::Moved);
         assert_eq!(at(30, 10), Placement::Moved);
+        assert_eq!(at(50, 50), Placement::Moved);
     }
 }
