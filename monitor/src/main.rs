@@ -117,10 +117,10 @@ enum Command {
     /// under another QEMU process than the one running the domain now, one
     /// that booted it (the domain was started since), is refused; a process
     /// that received the guest's memory (a restore, a migration) is checked
-    /// against it. Under the same
-    /// process a kernel found elsewhere is reported page by page as `remap`
-    /// violations, since a guest can move its own kernel; after a `virsh
-    /// reboot` or `virsh reset`, which keep the process, take a new baseline.
+    /// against it. Under the same process a kernel found elsewhere is
+    /// reported page by page as `remap` violations, since a guest can move
+    /// its own kernel; after a `virsh reboot` or `virsh reset`, which keep
+    /// the process, take a new baseline.
     Check {
         /// Domain name or UUID.
         domain: String,

@@ -557,7 +557,7 @@ async fn domain_task(
             e.key = problem.file;
             shared.sink.emit(e);
         }
-        let (severity, detail) = attached_event(&name, &w, &how, s);
+        let (severity, detail) = attached_event(&name, &w, &how);
         let kind = match how {
             Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
             _ => EventKind::NewBoot,
@@ -566,9 +566,9 @@ async fn domain_task(
         if kind == EventKind::NewBoot {
             reported.clear();
         }
-        // Bounded from the attach: a boot still patching itself is absorbed
-        // for this long at most, each absorbed change logged.
-        // (when the window closes, when the kernel has been quiet long enough)
+        // A boot still patching itself is absorbed until the window the
+        // attach measured from the hypervisor's reset or start closes, or the
+        // kernel has been quiet for a settle period: (window end, quiet from).
         let mut provisional_until =
             w.provisional_left.map(|left| (Instant::now() + left, Instant::now() + s.settle));
         for (region, pages) in w.pages() {
@@ -944,18 +944,15 @@ fn provisional_window(s: &Settings) -> Duration {
 }
 
 /// The event an attach ends with: its severity and sentence.
-fn attached_event(name: &str, w: &Watched, how: &Attached, s: &Settings) -> (&'static str, String) {
+fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'static str, String) {
     let path = w.path.display();
     let boot = w.boot();
-    let settling = |provisional: bool| {
-        if provisional {
-            format!(
-                "; provisional for up to {:?} while the new kernel patches itself (changes then are absorbed and listed)",
-                provisional_window(s)
-            )
-        } else {
-            String::new()
-        }
+    let settling = match w.provisional_left {
+        Some(left) => format!(
+            "; provisional for up to {}s while the new kernel patches itself (changes then are absorbed and listed)",
+            left.as_secs()
+        ),
+        None => String::new(),
     };
     match how {
         Attached::Stored => (
@@ -965,23 +962,19 @@ fn attached_event(name: &str, w: &Watched, how: &Attached, s: &Settings) -> (&'s
         Attached::Remapped { then, now } => (
             "warning",
             format!(
-                "attached {name}: its kernel image sits at {now}, not at {then} as in the stored baseline, and the \
-                 hypervisor reported no reboot: checking against the stored baseline ({path}), so every moved page \
-                 is a remap violation"
+                "attached {name}: its kernel code is not all where the stored baseline has it (image at {now}; \
+                 {then} in the baseline), and the hypervisor reported no reboot: checking against the stored \
+                 baseline ({path}), so every moved page is a remap violation"
             ),
         ),
-        Attached::NewBoot { why, provisional } => (
+        Attached::NewBoot { why } => (
             "info",
-            format!(
-                "attached {name}: new baseline of boot {boot} taken ({path}): {why}{}",
-                settling(*provisional)
-            ),
+            format!("attached {name}: new baseline of boot {boot} taken ({path}): {why}{settling}"),
         ),
-        Attached::FirstSight { provisional } => (
+        Attached::FirstSight => (
             "info",
             format!(
-                "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{}",
-                settling(*provisional)
+                "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{settling}"
             ),
         ),
         Attached::Unconfirmed { then, now, why, kept } => (
@@ -1284,8 +1277,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 }
                 resync.reset_after(Duration::from_secs(5));
             }
-            Some(ev) = ev_rx.recv() => {
-                match ev {
+            Some(ev) = ev_rx.recv() => match ev {
                 DomainEvent::Started { uuid, name } => shared.start_task(&uuid, &name),
                 DomainEvent::Stopped { uuid, name, why } => shared.stop_task(&uuid, &name, why),
                 DomainEvent::Paused { uuid, name, why } => shared.note_run_state(&uuid, &name, EventKind::Paused, why),
@@ -1296,7 +1288,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                         t.reboot.notify_one();
                     }
                 }
-            }},
+            },
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

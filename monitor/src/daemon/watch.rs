@@ -78,34 +78,22 @@ impl WatchError {
 pub enum Attached {
     /// The stored baseline is of this very boot: checked against, not replaced.
     Stored,
-    /// The kernel sits elsewhere than the stored baseline has it and the
+    /// The kernel's code is not all where the stored baseline has it and the
     /// hypervisor reported no reboot: checked against the stored baseline,
     /// which reports every moved page. `then` and `now` are the image's
-    /// placements (virtual-physical).
+    /// placements (virtual-physical), which may be the same.
     Remapped { then: String, now: String },
     /// A new baseline of a new boot the hypervisor reported; `why` says by
-    /// what.
-    NewBoot { why: String, provisional: bool },
+    /// what. Provisional while [`Watched::provisional_left`] says so.
+    NewBoot { why: String },
     /// No baseline was stored: the first one, trust on first use.
-    FirstSight { provisional: bool },
+    FirstSight,
     /// The kernel moved, virtually too, while vigil could not have heard of
     /// a reset (`why`): a new baseline, the old one kept at `kept`.
     Unconfirmed { then: String, now: String, why: String, kept: String },
     /// The stored baseline could not be used: a new baseline, the unusable
     /// file kept aside ([`Watched::problems`] says why and where).
     Replaced,
-}
-
-impl Attached {
-    /// Whether the baseline is new and provisional: a boot the hypervisor
-    /// reported lately, whose kernel may still be patching itself.
-    pub fn provisional(&self) -> bool {
-        matches!(
-            self,
-            Attached::NewBoot { provisional: true, .. }
-                | Attached::FirstSight { provisional: true }
-        )
-    }
 }
 
 /// What the daemon knows of a domain from the hypervisor, across attaches
@@ -372,18 +360,20 @@ fn registers_and_kernel<'m>(
     }
 }
 
+/// A new baseline of the kernel as it is now, of the hypervisor's `run` of
+/// the guest: what later tells a reset or a new process from the guest
+/// moving its own kernel.
 fn take_baseline(
     dom: &dyn Guest,
     mem: &Memory,
+    run: Run,
     snapshots: &mut u64,
 ) -> Result<(Baseline, Originals), WatchError> {
     let (regs, view) = registers_and_kernel(dom, mem, snapshots)?;
     let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
     let (mut baseline, originals) =
         Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?;
-    // The run it is of, from the hypervisor: what later tells a reset or a
-    // new process from the guest moving its own kernel.
-    baseline.run = Some(dom.run()?);
+    baseline.run = Some(run);
     Ok((baseline, originals))
 }
 
@@ -505,7 +495,7 @@ impl Watched {
         let attached = match action {
             Action::UseStored => Attached::Stored,
             Action::Remapped => Attached::Remapped { then, now },
-            Action::NewBoot { provisional } => Attached::NewBoot {
+            Action::NewBoot { .. } => Attached::NewBoot {
                 why: match signal {
                     Signal::Reset => "libvirt reported a reset of the guest".into(),
                     Signal::Incoming => format!(
@@ -517,9 +507,8 @@ impl Watched {
                         None => format!("a new {run} booted it"),
                     },
                 },
-                provisional,
             },
-            Action::FirstSight { provisional } => Attached::FirstSight { provisional },
+            Action::FirstSight { .. } => Attached::FirstSight,
             Action::Unconfirmed => Attached::Unconfirmed {
                 then,
                 now,
@@ -583,7 +572,7 @@ impl Watched {
         // The new baseline is read before anything stored is moved: should
         // the read fail, the next attach finds the same files and decides
         // (and says) the same.
-        let (baseline, originals) = take_baseline(&*dom, &*mem, &mut snapshots)?;
+        let (baseline, originals) = take_baseline(&*dom, &*mem, run.clone(), &mut snapshots)?;
         let mut attached = attached;
         match (&mut attached, unusable) {
             (Attached::Unconfirmed { kept, .. }, _) => *kept = keep_baseline_aside(&path)?,
@@ -605,7 +594,11 @@ impl Watched {
         w.register_snapshots = snapshots;
         w.problems = problems;
         w.run = Some(run);
-        w.provisional_left = window_left.filter(|_| attached.provisional());
+        let provisional = matches!(
+            action,
+            Action::NewBoot { provisional: true } | Action::FirstSight { provisional: true }
+        );
+        w.provisional_left = window_left.filter(|_| provisional);
         Ok((w, attached))
     }
 
@@ -1038,11 +1031,14 @@ impl Watched {
         if self.mem.is_none() {
             self.mem = Some(self.dom.open_memory()?);
         }
+        let run = self.dom.run()?;
         let (baseline, originals) = take_baseline(
             &*self.dom,
             self.mem.as_deref().expect("opened above"),
+            run.clone(),
             &mut self.register_snapshots,
         )?;
+        self.run = Some(run);
         let originals = store(&self.path, &baseline, originals, self.originals_on_disk)?;
         self.baseline = baseline;
         self.originals = originals;
