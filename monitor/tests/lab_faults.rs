@@ -515,41 +515,45 @@ fn state_directory_fault(
 }
 
 /// A guest saved and restored (`virsh save`/`restore`: what a migration does
-/// to a host, a new QEMU process with the same guest memory): the daemon
-/// lets go of the old process, takes up the new one against the stored
-/// baseline (the same boot, so no new baseline), and finds nothing wrong.
+/// to a host, a new QEMU process, started with `-incoming`, with the same
+/// guest memory): the daemon lets go of the old process, takes up the new
+/// one against the stored baseline (the same boot, so no new baseline),
+/// finds nothing wrong, records the new process in the baseline, and
+/// catches a hook made after against it.
 #[test]
 fn lab_faults_a_guest_saved_and_restored_is_taken_up_again() {
     let d = Daemon::start("vigil-lab-flt-save");
-    let g = boot("flt-save");
+    let mut g = boot("flt-save");
     d.wait_watching(&g);
     let boot_before = d.status(&g.name).unwrap()["boot"].clone();
-    let saved = tempfile::tempdir().unwrap();
-    let file = saved.path().join("guest.save");
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh")
-            .arg("-c")
-            .arg("qemu:///system")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    virsh(&["save", &g.name, file.to_str().unwrap()]);
-    d.wait_for("the saved guest let go", Duration::from_secs(30), |d| {
-        !d.events("detached", &g.name).is_empty()
-    });
-    virsh(&["restore", file.to_str().unwrap()]);
+    let path = vigil::daemon::watch::baseline_path(d.dir.path(), &g.uuid);
+    let run_before = vigil::integrity::Baseline::load(&path).unwrap().run.unwrap();
+    g.save_and_restore().unwrap_or_else(|e| panic!("{e}"));
     d.wait_for("the restored guest watched again", Duration::from_secs(90), |d| {
         !d.events("attached", &g.name).is_empty()
             && d.status(&g.name).is_some_and(|s| s["state"] == "watching" && s["last_check"] != "")
     });
+    assert!(!d.events("detached", &g.name).is_empty(), "the saved guest let go: {:#?}", d.alerts());
+    let attached = d.events("attached", &g.name);
+    assert!(
+        attached[0]["detail"].as_str().unwrap().contains("stored baseline of this boot"),
+        "{:#}",
+        attached[0]
+    );
     assert_eq!(d.status(&g.name).unwrap()["boot"], boot_before, "the same boot");
     assert_eq!(d.events("new-boot", &g.name).len(), 1, "no new baseline: {:#?}", d.alerts());
+    let run_after = vigil::integrity::Baseline::load(&path).unwrap().run.unwrap();
+    assert_ne!(run_after.pid, run_before.pid, "the baseline names the restored process");
+    assert!(run_after.incoming, "{run_after:?}");
     std::thread::sleep(2 * FULL);
     assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
     // Saving is not a fault: a check caught in flight by it says nothing.
     assert!(d.events("error", &g.name).is_empty(), "{:#?}", d.events("error", &g.name));
+    g.run("attack inline").unwrap();
+    d.wait_for("the inline hook", 2 * FULL + Duration::from_secs(3), |d| {
+        d.events("violation", &g.name).iter().any(|a| a["region"] == "kernel-text")
+    });
+    assert_eq!(d.events("new-boot", &g.name).len(), 1, "{:#?}", d.alerts());
 }
 
 /// A second libvirt host on this machine (`lab/second-libvirtd.sh`): its own
