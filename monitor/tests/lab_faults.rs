@@ -628,17 +628,18 @@ fn lab_faults_a_guest_migrated_live_is_let_go_and_taken_up_on_the_other_host() {
 
     // The source: let go, with an event and a metric.
     // (The detached event names the migration when libvirt's event comes
-    // before the domain's next check finds it gone.)
+    // before the domain's next check finds it gone; when it comes after,
+    // a notice gives libvirt's reason.)
     a.wait_for("the source letting go", Duration::from_secs(30), |d| {
         !d.events("detached", &g.name).is_empty()
     });
-    assert!(
-        a.events("paused", &g.name)
+    // libvirt's pause event can come after a check found the domain gone:
+    // it is reported all the same.
+    a.wait_for("the source naming the migration", Duration::from_secs(30), |d| {
+        d.events("paused", &g.name)
             .iter()
-            .any(|a| a["detail"].as_str().unwrap_or("").contains("end of a migration")),
-        "{:#?}",
-        a.alerts()
-    );
+            .any(|a| a["detail"].as_str().unwrap_or("").contains("end of a migration"))
+    });
     assert!(
         a.metric("vigil_events_total", "kind=\"detached\"").unwrap_or(0.0) >= 1.0,
         "{}",

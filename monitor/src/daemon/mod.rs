@@ -258,6 +258,10 @@ pub struct Shared {
     knowledge: Mutex<HashMap<String, Knowledge>>,
     /// When the last budget-exceeded event was sent (one a minute at most).
     budget_event: Mutex<Option<Instant>>,
+    /// Domains let go, by UUID, and when: libvirt's events can come after a
+    /// check has found the domain gone (a migration's pause and stop), and
+    /// they still say why it went.
+    let_go: Mutex<HashMap<String, Instant>>,
 }
 
 impl Shared {
@@ -1081,6 +1085,7 @@ impl Shared {
         static NEXT_TASK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_TASK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tasks.insert(uuid.to_owned(), Task { id, cancel, reboot: reboot.clone(), commands });
+        self.let_go.lock().expect("let-go lock").remove(uuid);
         self.sink.metrics.attached.set(gauge(tasks.len()));
         let task = tokio::spawn(domain_task(
             self.clone(),
@@ -1111,7 +1116,7 @@ impl Shared {
     /// A watched domain paused or resumed: an info event. A paused guest's
     /// memory is still there and is checked on as before.
     fn note_run_state(&self, uuid: &str, name: &str, kind: EventKind, why: &str) {
-        if !self.tasks.lock().expect("tasks lock").contains_key(uuid) {
+        if !self.tasks.lock().expect("tasks lock").contains_key(uuid) && !self.just_let_go(uuid) {
             return;
         }
         let detail = if kind == EventKind::Paused {
@@ -1123,7 +1128,25 @@ impl Shared {
     }
 
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
+        let watched = self.tasks.lock().expect("tasks lock").contains_key(uuid);
+        if !watched && self.just_let_go(uuid) {
+            // Let go already, when a check found it gone: libvirt's word
+            // on why it went still belongs in the log.
+            self.sink.emit(self.subject(name, uuid, "").event(
+                EventKind::Notice,
+                "info",
+                format!("{name}, let go a moment ago, is gone because {why}"),
+            ));
+        }
         self.retire(uuid, None, name, why);
+    }
+
+    /// Whether a domain was let go in the last minute (and is not watched
+    /// again since). Older entries are forgotten here.
+    fn just_let_go(&self, uuid: &str) -> bool {
+        let mut let_go = self.let_go.lock().expect("let-go lock");
+        let_go.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        let_go.contains_key(uuid)
     }
 
     /// Removes a domain's task (only task `id`, when given) and emits one
@@ -1135,6 +1158,7 @@ impl Shared {
         }
         if let Some(t) = tasks.remove(uuid) {
             let _ = t.cancel.send(true);
+            self.let_go.lock().expect("let-go lock").insert(uuid.to_owned(), Instant::now());
             self.status.lock().expect("status lock").remove(uuid);
             self.sink.emit(self.subject(name, uuid, "").event(
                 EventKind::Detached,
@@ -1223,6 +1247,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         tasks: Mutex::new(HashMap::new()),
         knowledge: Mutex::new(HashMap::new()),
         budget_event: Mutex::new(None),
+        let_go: Mutex::new(HashMap::new()),
         settings,
     });
     tokio::spawn(control::serve(control_listener, shared.clone()));
@@ -1344,6 +1369,68 @@ mod tests {
         // A hot interval too short to halve still lets full checks come.
         let (_, full) = checks_over(Duration::from_nanos(1), s, 0.0, 10);
         assert!((9..=10).contains(&full), "{full} full checks in 10 s");
+    }
+
+    /// libvirt's pause and stop events for a domain that a check already
+    /// found gone (a migration's end) still reach the log with libvirt's
+    /// reason; those for a domain never watched do not.
+    #[test]
+    fn libvirt_events_after_a_domain_is_let_go_still_say_why() {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex, RwLock};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let settings = super::Settings::load(None, &super::config::Overrides::default()).unwrap();
+        let rotation = Rotation { max_bytes: 1 << 20, keep: 1 };
+        let shared = super::Shared {
+            budget: super::Budget::new(1.0),
+            sink: Sink {
+                log: Mutex::new(AlertLog::open_rotating(&path, rotation).unwrap()),
+                reported: Mutex::new(Reported::default()),
+                metrics: Metrics::new(),
+                pushers: Vec::new(),
+                log_failing: false.into(),
+            },
+            status: Mutex::new(HashMap::new()),
+            profiles: Vec::new(),
+            hv: RwLock::new(None),
+            tasks: Mutex::new(HashMap::new()),
+            knowledge: Mutex::new(HashMap::new()),
+            budget_event: Mutex::new(None),
+            let_go: Mutex::new(HashMap::new()),
+            settings,
+        };
+        let (cancel, _cancel_rx) = tokio::sync::watch::channel(false);
+        let (commands, _commands_rx) = tokio::sync::mpsc::channel(1);
+        let reboot = Arc::new(tokio::sync::Notify::new());
+        shared
+            .tasks
+            .lock()
+            .unwrap()
+            .insert("u1".into(), super::Task { id: 7, cancel, reboot, commands });
+        // The check finds it gone first; libvirt's events follow.
+        shared.retire("u1", Some(7), "g1", "domain lost: no such domain");
+        shared.note_run_state("u1", "g1", EventKind::Paused, "paused for the end of a migration");
+        shared.stop_task("u1", "g1", "the domain migrated to another host");
+        // A domain never watched: nothing.
+        shared.note_run_state("u2", "g2", EventKind::Paused, "paused by request");
+        shared.stop_task("u2", "g2", "the domain was destroyed");
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let said: Vec<(String, String)> = lines
+            .iter()
+            .map(|l| (l["event"].as_str().unwrap().into(), l["detail"].as_str().unwrap().into()))
+            .collect();
+        assert_eq!(said.len(), 3, "{said:#?}");
+        assert_eq!(said[0].0, "detached");
+        assert_eq!(said[1].0, "paused");
+        assert!(said[1].1.contains("end of a migration"), "{said:#?}");
+        assert_eq!(said[2].0, "notice");
+        assert!(said[2].1.contains("g1") && said[2].1.contains("migrated"), "{said:#?}");
+        assert!(lines.iter().all(|l| l["domain"] != "g2"), "{said:#?}");
     }
 
     /// Rotation comes after the alert is on disk: when it fails, the alert
