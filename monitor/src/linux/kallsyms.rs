@@ -9,9 +9,22 @@
 //!  kallsyms_num_syms       u32       N
 //!  kallsyms_names          N × [len, token bytes...]   (len > 0x7f takes two bytes)
 //!  kallsyms_markers        u32 × ceil(N / 256)          offset of every 256th name
+//!  kallsyms_seqs_of_names  3 bytes × N                  (6.2 on, and later 6.1 stables)
 //!  kallsyms_token_table    256 NUL-terminated tokens
 //!  kallsyms_token_index    u16 × 256                    offset of each token
 //! ```
+//!
+//! Later kernels (6.12 among them) keep the same tables and encoding but
+//! move the offsets and the relative base after the token index:
+//!
+//! ```text
+//!  kallsyms_num_syms, kallsyms_names, kallsyms_markers,
+//!  kallsyms_token_table, kallsyms_token_index,
+//!  kallsyms_offsets, kallsyms_relative_base, kallsyms_seqs_of_names
+//! ```
+//!
+//! Both are tried; the one whose base is a kernel address and whose
+//! addresses rise with the symbol order (the tables are sorted) is taken.
 //!
 //! The token table is found first: unused byte values stand for themselves,
 //! so the tokens for '0'..'9' are the strings "0".."9" in a row. Every other
@@ -154,8 +167,6 @@ fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
     let index_at = (end..end + 16)
         .find(|&p| (0..256).all(|i| u16_at(b, p + 2 * i).map(usize::from) == Some(offs[i])))
         .ok_or_else(|| bad("no token index matches the token table"))?;
-    let _ = index_at;
-
     // The markers come before the token table: right before it, or (from
     // 6.2, and in later 6.1 stable kernels) before kallsyms_seqs_of_names,
     // 3 bytes a symbol. Find a u32 run rising from 0 in plausible steps.
@@ -178,25 +189,24 @@ fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
         }
         for names in [q + 4, align_up(q + 4, 8)] {
             if let Some(t) = decode_all(b, names, n, &markers, markers_at, &tokens) {
-                let base_at =
-                    (q & !7).checked_sub(8).ok_or_else(|| bad("no room for the relative base"))?;
-                let relative_base = u64_at(b, base_at).ok_or_else(|| bad("no relative base"))?;
-                let offsets_at = base_at
-                    .checked_sub(align_up(n * 4, 8))
-                    .ok_or_else(|| bad("no room for offsets"))?;
-                let mut symbols = Vec::with_capacity(n);
-                for (i, (name, kind)) in t.into_iter().enumerate() {
-                    let off = u32_at(b, offsets_at + 4 * i)
-                        .ok_or_else(|| bad("offsets run off the image"))?;
-                    // Read as i32: >= 0 is an absolute (per-CPU) value, < 0 is
-                    // `relative_base - 1 - off`, which is `relative_base + !off`.
-                    let addr = if off & 0x8000_0000 == 0 {
-                        u64::from(off)
-                    } else {
-                        relative_base.wrapping_add(u64::from(!off))
-                    };
-                    symbols.push(Symbol { name, kind, addr });
-                }
+                // 6.1: offsets and base before the count. Later: after the
+                // token index.
+                let before = (q & !7).checked_sub(8).and_then(|base_at| {
+                    Some((base_at.checked_sub(align_up(n.checked_mul(4)?, 8))?, base_at))
+                });
+                let after = align_up(index_at + 512, 8);
+                let after = Some((after, align_up(after + 4 * n, 8)));
+                let addrs = [before, after]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|(offsets_at, base_at)| addresses(b, offsets_at, base_at, n))
+                    .ok_or_else(|| bad("no symbol addresses agree with the names"))?;
+                let (relative_base, addrs) = addrs;
+                let symbols = t
+                    .into_iter()
+                    .zip(addrs)
+                    .map(|((name, kind), addr)| Symbol { name, kind, addr })
+                    .collect();
                 return Ok(Tables { symbols, token_table: start, relative_base });
             }
         }
@@ -205,6 +215,35 @@ fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
         }
     }
     Err(bad("no symbol count and names agree with the markers"))
+}
+
+/// The relative base at `base_at` and the `n` addresses that the offsets
+/// at `offsets_at` give with it; `None` unless the base is a kernel address
+/// and the addresses never fall (the tables are sorted by address).
+fn addresses(b: &[u8], offsets_at: usize, base_at: usize, n: usize) -> Option<(u64, Vec<u64>)> {
+    let relative_base = u64_at(b, base_at)?;
+    if relative_base < 0xffff_8000_0000_0000 {
+        return None;
+    }
+    let raw = b.get(offsets_at..offsets_at.checked_add(n.checked_mul(4)?)?)?;
+    let mut out = Vec::with_capacity(n);
+    let mut last = 0u64;
+    for c in raw.chunks_exact(4) {
+        let off = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+        // Read as i32: >= 0 is an absolute (per-CPU) value, < 0 is
+        // `relative_base - 1 - off`, which is `relative_base + !off`.
+        let addr = if off & 0x8000_0000 == 0 {
+            u64::from(off)
+        } else {
+            relative_base.wrapping_add(u64::from(!off))
+        };
+        if addr < last {
+            return None;
+        }
+        last = addr;
+        out.push(addr);
+    }
+    Some((relative_base, out))
 }
 
 /// Looks back from the token table at `tokens` for the markers array.
@@ -291,11 +330,22 @@ pub fn by_name(symbols: &[Symbol]) -> HashMap<&str, &Symbol> {
 mod tests {
     use super::*;
 
+    /// Where scripts/kallsyms.c puts the tables.
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        /// 6.1: offsets and base first; no seqs_of_names.
+        Early,
+        /// 6.1 later stables and 6.2 on: the same, with seqs_of_names
+        /// between the markers and the tokens.
+        EarlySeqs,
+        /// 6.12: offsets, base and seqs_of_names after the token index.
+        Late,
+    }
+
     /// Lays out kallsyms tables the way scripts/kallsyms.c does, from a
     /// symbol list, with a token table in which every byte stands for itself
-    /// except a few that stand for common pairs, and optionally
-    /// kallsyms_seqs_of_names between the markers and the tokens.
-    fn build(symbols: &[(u64, char, String)], base: u64, seqs: bool) -> (Vec<u8>, usize) {
+    /// except a few that stand for common pairs.
+    fn build(symbols: &[(u64, char, String)], base: u64, layout: Layout) -> (Vec<u8>, usize) {
         let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         // Bytes below '0' never occur in names: let them stand for pairs.
         let pairs: [&[u8]; 6] = [b"_t", b"ex", b"sy", b"s_", b"in", b"__"];
@@ -322,15 +372,26 @@ mod tests {
                 v.push(0);
             }
         };
+        let offsets_and_base = |img: &mut Vec<u8>| {
+            for (addr, _, _) in symbols {
+                let off: i32 =
+                    if *addr < 0x10_0000 { *addr as i32 } else { -((addr - base) as i32) - 1 };
+                img.extend_from_slice(&off.to_le_bytes());
+            }
+            pad8(img);
+            img.extend_from_slice(&base.to_le_bytes());
+        };
+        let seqs_of_names = |img: &mut Vec<u8>| {
+            for i in 0..symbols.len() as u32 {
+                img.extend_from_slice(&i.to_be_bytes()[1..]);
+            }
+            pad8(img);
+        };
         let mut img = vec![0xeeu8; 40]; // unrelated bytes before
         pad8(&mut img);
-        for (addr, _, _) in symbols {
-            let off: i32 =
-                if *addr < 0x10_0000 { *addr as i32 } else { -((addr - base) as i32) - 1 };
-            img.extend_from_slice(&off.to_le_bytes());
+        if !matches!(layout, Layout::Late) {
+            offsets_and_base(&mut img);
         }
-        pad8(&mut img);
-        img.extend_from_slice(&base.to_le_bytes());
         img.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
         pad8(&mut img);
         let names_at = img.len();
@@ -354,11 +415,8 @@ mod tests {
             img.extend_from_slice(&m.to_le_bytes());
         }
         pad8(&mut img);
-        if seqs {
-            for i in 0..symbols.len() as u32 {
-                img.extend_from_slice(&i.to_be_bytes()[1..]);
-            }
-            pad8(&mut img);
+        if matches!(layout, Layout::EarlySeqs) {
+            seqs_of_names(&mut img);
         }
         let token_at = img.len();
         let mut offs = Vec::new();
@@ -370,6 +428,11 @@ mod tests {
         pad8(&mut img);
         for o in offs {
             img.extend_from_slice(&o.to_le_bytes());
+        }
+        if matches!(layout, Layout::Late) {
+            pad8(&mut img);
+            offsets_and_base(&mut img);
+            seqs_of_names(&mut img);
         }
         img.extend(vec![0xeeu8; 40]);
         (img, token_at)
@@ -391,11 +454,14 @@ mod tests {
     }
 
     #[test]
-    fn finds_generated_tables_with_and_without_seqs_of_names() {
-        for (n, seqs) in [(300, false), (1000, true), (5000, true)] {
+    fn finds_generated_tables_in_each_layout() {
+        use Layout::*;
+        for (n, layout) in
+            [(300, Early), (1000, EarlySeqs), (5000, EarlySeqs), (300, Late), (5000, Late)]
+        {
             let syms = symbols(n);
-            let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, seqs);
-            let t = find(&img).unwrap_or_else(|e| panic!("{n} symbols, seqs {seqs}: {e}"));
+            let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, layout);
+            let t = find(&img).unwrap_or_else(|e| panic!("{n} symbols, {layout:?}: {e}"));
             assert_eq!(t.token_table, token_at);
             let got: Vec<(u64, char, String)> =
                 t.symbols.into_iter().map(|s| (s.addr, s.kind, s.name)).collect();
@@ -406,7 +472,7 @@ mod tests {
     #[test]
     fn damaged_generated_tables_are_refused() {
         let syms = symbols(1000);
-        let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, true);
+        let (img, token_at) = build(&syms, 0xffff_ffff_8100_0000, Layout::EarlySeqs);
         // Token index wrong.
         let mut b = img.clone();
         let idx = b.len() - 40 - 2 * 200;
@@ -422,13 +488,28 @@ mod tests {
             let _ = find(&img[..cut]);
         }
         assert!(find(&img[..token_at]).is_err());
+        // Late layout: an offset that breaks the address order, or a base
+        // that is no kernel address, and the addresses are not believed.
+        let (img, _) = build(&syms, 0xffff_ffff_8100_0000, Layout::Late);
+        let base = 0xffff_ffff_8100_0000u64.to_le_bytes();
+        let base_at = img.windows(8).position(|w| w == base).unwrap();
+        let offsets_at = base_at - (4 * syms.len()).next_multiple_of(8);
+        let mut b = img.clone();
+        b[offsets_at + 4 * 500..offsets_at + 4 * 504].copy_from_slice(&[0xfd; 16]);
+        let e = find(&b).unwrap_err().to_string();
+        assert!(e.contains("addresses"), "{e}");
+        let mut b = img.clone();
+        b[base_at + 7] = 0;
+        let e = find(&b).unwrap_err().to_string();
+        assert!(e.contains("addresses"), "{e}");
+        assert!(find(&img).is_ok());
     }
 
     #[test]
     fn planted_look_alikes_are_bounded() {
         // Many copies of a real token table and index (as a hostile guest
         // could plant) end the search after a fixed number of tries.
-        let (img, token_at) = build(&symbols(300), 0xffff_ffff_8100_0000, false);
+        let (img, token_at) = build(&symbols(300), 0xffff_ffff_8100_0000, Layout::Early);
         let table = &img[token_at..img.len() - 40];
         let mut b = Vec::new();
         for _ in 0..100 {
