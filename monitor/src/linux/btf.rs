@@ -10,6 +10,7 @@
 //! Type ids start at 1, in the order the types appear.
 
 const MAGIC: u16 = 0xeb9f;
+const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 /// Most types believed.
@@ -158,7 +159,8 @@ impl<'a> Btf<'a> {
         Err(BtfError::NoMember { st: st.into(), member: member.into() })
     }
 
-    /// Byte offset of a member path such as `core_layout.base` in struct `st`.
+    /// Byte offset of a member path such as `core_layout.base` in struct `st`;
+    /// through an array member, its first element (`mem.base` is `mem[0].base`).
     pub fn offset_of(&self, st: &str, path: &str) -> Result<u64, BtfError> {
         let mut id = self.find_struct(st).ok_or_else(|| BtfError::NoStruct(st.into()))?;
         let mut total = 0;
@@ -176,11 +178,16 @@ impl<'a> Btf<'a> {
         Ok(u64::from(self.types[id].size_or_type))
     }
 
-    /// Follows typedefs and qualifiers to the type they name.
+    /// Follows typedefs and qualifiers to the type they name, and arrays to
+    /// their element type (a path through an array names its element 0).
     fn resolve(&self, mut id: usize) -> usize {
         for _ in 0..32 {
             match self.types.get(id) {
                 Some(t) if matches!(t.kind, 8..=11 | 18) => id = t.size_or_type as usize,
+                Some(t) if t.kind == KIND_ARRAY => match u32_at(self.data, t.extra) {
+                    Some(elem) => id = elem as usize,
+                    None => break,
+                },
                 _ => break,
             }
         }
@@ -193,9 +200,10 @@ impl<'a> Btf<'a> {
 mod tests {
     use super::*;
 
-    /// A BTF blob: int, struct inner { long a; long b; }, struct outer { int x; struct inner in; }.
+    /// A BTF blob: int, struct inner { long a; long b; },
+    /// struct outer { int x; struct inner in; struct inner arr[3]; }.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0".to_vec();
+        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0arr\0".to_vec();
         let s = |name: &str| {
             strings
                 .windows(name.len() + 2)
@@ -216,7 +224,8 @@ mod tests {
         };
         ty(s("int"), 1, 0, 8, &[64]); // id 1
         ty(s("inner"), 4, 2, 16, &[s("a"), 1, 0, s("b"), 1, 64]); // id 2
-        ty(s("outer"), 4, 2, 24, &[s("x"), 1, 0, s("in"), 2, 64]); // id 3
+        ty(s("outer"), 4, 3, 72, &[s("x"), 1, 0, s("in"), 2, 64, s("arr"), 4, 192]); // id 3
+        ty(0, 3, 0, 0, &[2, 1, 3]); // id 4: struct inner [3]
         let mut b = Vec::new();
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.extend_from_slice(&[1, 0]);
@@ -234,7 +243,10 @@ mod tests {
         let btf = Btf::parse(&b).unwrap();
         assert_eq!(btf.offset_of("outer", "x").unwrap(), 0);
         assert_eq!(btf.offset_of("outer", "in.b").unwrap(), 8 + 8);
-        assert_eq!((btf.size_of("outer").unwrap(), btf.size_of("inner").unwrap()), (24, 16));
+        assert_eq!((btf.size_of("outer").unwrap(), btf.size_of("inner").unwrap()), (72, 16));
+        // Through an array, its first element (as module.mem.base is mem[0].base).
+        assert_eq!(btf.offset_of("outer", "arr.b").unwrap(), 24 + 8);
+        assert!(btf.offset_of("outer", "arr.c").is_err());
         assert_eq!(btf.offset_of("inner", "b").unwrap(), 8);
         assert!(matches!(btf.offset_of("outer", "y"), Err(BtfError::NoMember { .. })));
         assert!(matches!(btf.offset_of("nope", "x"), Err(BtfError::NoStruct(_))));

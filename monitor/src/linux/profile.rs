@@ -84,7 +84,10 @@ pub enum ProfileError {
     TooLarge,
 }
 
-/// Members of `struct module` the module checks read (6.1 layout).
+/// Members of `struct module` the module checks read: up to 6.3 the core
+/// layout (text first, then read-only data and data, in one allocation);
+/// from 6.4 `mem[]`, one `struct module_memory` per kind, whose element 0
+/// (`MOD_TEXT`) is the text. A build has one or the other.
 pub const MODULE_FIELDS: &[&str] = &[
     "list",
     "name",
@@ -93,6 +96,8 @@ pub const MODULE_FIELDS: &[&str] = &[
     "core_layout.size",
     "core_layout.text_size",
     "core_layout.ro_size",
+    "mem.base",
+    "mem.size",
 ];
 
 /// Symbols a profile keeps besides all code: what the checks read.

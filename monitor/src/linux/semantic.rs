@@ -162,13 +162,8 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
     let need = |k: &str| {
         p.offset(k).ok_or_else(|| format!("the profile has no offset {k} (no BTF in the image?)"))
     };
-    let (list, name, base, size, text) = (
-        need("module.list")?,
-        need("module.name")?,
-        need("module.core_layout.base")?,
-        need("module.core_layout.size")?,
-        need("module.core_layout.text_size")?,
-    );
+    let (list, name) = (need("module.list")?, need("module.name")?);
+    let (base, size, text) = module_layout(p)?;
     let head = m.expect("modules").ok_or("the profile has no symbol modules")?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -208,6 +203,23 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
     Ok(out)
 }
 
+/// Where `struct module` keeps its code's base, the size the module's
+/// executable pages may span from it, and its text size. Up to 6.3 the
+/// core layout holds text, read-only data and data in one allocation; from
+/// 6.4 `mem[MOD_TEXT]` holds the text alone.
+fn module_layout(p: &super::profile::Profile) -> Result<(u64, u64, u64), String> {
+    let core = ["base", "size", "text_size"].map(|f| p.offset(&format!("module.core_layout.{f}")));
+    if let [Some(base), Some(size), Some(text)] = core {
+        return Ok((base, size, text));
+    }
+    match (p.offset("module.mem.base"), p.offset("module.mem.size")) {
+        (Some(base), Some(size)) => Ok((base, size, size)),
+        _ => Err("the profile has neither module.core_layout nor module.mem offsets \
+                  (no BTF in the image?)"
+            .into()),
+    }
+}
+
 /// [`walk_modules`], walked again from the head when a walk fails, up to
 /// [`MODULE_WALKS`] times: a failure is believed only when it repeats, so a
 /// module unloaded under the walk is not taken for a broken list.
@@ -237,8 +249,7 @@ pub fn still_live<M: GuestMemory + ?Sized>(
     md: &Module,
 ) -> bool {
     let p = m.profile;
-    let (Some(name), Some(base)) = (p.offset("module.name"), p.offset("module.core_layout.base"))
-    else {
+    let (Some(name), Ok((base, _, _))) = (p.offset("module.name"), module_layout(p)) else {
         return false;
     };
     let live = match p.offset("module.state") {
@@ -686,12 +697,18 @@ pub fn check<M: GuestMemory + ?Sized>(
     out
 }
 
+/// The image layout symbols kept of the guest's kallsyms.
+const LAYOUT_SYMBOLS: [&str; 4] = ["_text", "_etext", "__start_rodata", "__end_rodata"];
+
 /// Symbols read from the guest's own kallsyms tables (in its rodata), for
 /// naming addresses when no profile matches. Lower trust: the guest could
 /// have forged them.
 pub struct GuestSymbols {
     /// Code symbols at run-time addresses, sorted.
     code: Vec<(u64, String)>,
+    /// The image's layout symbols (`_text`, `_etext`, `__start_rodata`,
+    /// `__end_rodata`) that were found, at run-time addresses.
+    layout: Vec<(&'static str, u64)>,
 }
 
 impl GuestSymbols {
@@ -714,6 +731,10 @@ impl GuestSymbols {
             mem.read(p.gpa, &mut buf[off..off + crate::addr::PAGE_BYTES]).ok()?;
         }
         let t = super::kallsyms::find(&buf).ok()?;
+        let layout = LAYOUT_SYMBOLS
+            .iter()
+            .filter_map(|&n| t.symbols.iter().find(|s| s.name == n).map(|s| (n, s.addr)))
+            .collect();
         let mut code: Vec<(u64, String)> = t
             .symbols
             .into_iter()
@@ -721,7 +742,12 @@ impl GuestSymbols {
             .map(|s| (s.addr, s.name))
             .collect();
         code.sort();
-        Some(Self { code })
+        Some(Self { code, layout })
+    }
+
+    /// The run-time address of a layout symbol, as the guest's kallsyms say.
+    pub fn layout_symbol(&self, name: &str) -> Option<u64> {
+        self.layout.iter().find(|(n, _)| *n == name).map(|&(_, a)| a)
     }
 
     pub fn len(&self) -> usize {
