@@ -112,6 +112,7 @@ fn main() {
         let settings = vigil::daemon::watch::AttachSettings {
             originals_on_disk: on_disk,
             provisional_window: Duration::from_secs(60),
+            profiles: profiles.clone().into(),
         };
         let known = vigil::daemon::watch::Knowledge::default();
         let (mut w, _) =

@@ -353,7 +353,16 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
     dom.ensure_running()?;
     let mem = dom.open_memory(source.into())?;
     let regs = dom.registers()?;
-    let view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
+    let mut view = discover(&*mem, &regs).with_context(|| format!("domain {}", dom.name))?;
+    let bounds = vigil::linux::layout::bound_view(&load_profiles(cli), &*mem, &mut view);
+    if let Err(why) = &bounds {
+        eprintln!(
+            "vigil: warning: {}: kernel text and rodata are classed by page permission only ({why}): \
+             pages the kernel freed after boot may still be protected as content; add a profile of \
+             this kernel (vigil profile build) to bound them",
+            dom.name
+        );
+    }
     let id = DomainId { name: dom.name.clone(), uuid: dom.uuid.clone() };
     let (mut b, originals) =
         Baseline::build_keeping(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
@@ -394,6 +403,9 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
             b.kernel.vcpu,
             b.source
         )?;
+        if let Ok(bounds) = &bounds {
+            writeln!(out, "regions bounded by the kernel's layout: {bounds}")?;
+        }
         for r in &b.regions {
             writeln!(
                 out,

@@ -100,16 +100,17 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
         refuse: refuse.clone(),
     };
     let state = tempfile::tempdir().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
+    let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
+    assert!(bad.is_empty(), "{bad:?}");
     let settings = vigil::daemon::watch::AttachSettings {
         originals_on_disk: false,
         provisional_window: Duration::from_secs(60),
+        profiles: profiles.clone().into(),
     };
     let known = vigil::daemon::watch::Knowledge::default();
     let (mut w, _) =
         Watched::attach_guest(Box::new(guest), state.path(), &known, settings).unwrap();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
-    let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
-    assert!(bad.is_empty(), "{bad:?}");
     let check = |w: &mut Watched| w.check(Scope::Full, &profiles);
     check(&mut w).unwrap_or_else(|e| panic!("the first check: {e}"));
     // Checks in steady state do not ask libvirt whether the domain runs

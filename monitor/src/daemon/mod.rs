@@ -250,7 +250,7 @@ pub struct Shared {
     pub budget: Budget,
     pub status: Mutex<HashMap<String, DomainStatus>>,
     /// Guest profiles, loaded at start.
-    pub profiles: Vec<crate::linux::profile::Profile>,
+    pub profiles: Arc<[crate::linux::profile::Profile]>,
     hv: RwLock<Option<Arc<Hypervisor>>>,
     tasks: Mutex<HashMap<String, Task>>,
     /// What libvirt told of each domain's runs and resets, by UUID, kept
@@ -489,6 +489,7 @@ async fn attach(
             let settings = AttachSettings {
                 originals_on_disk: shared.settings.originals_on_disk,
                 provisional_window: provisional_window(&shared.settings),
+                profiles: shared.profiles.clone(),
             };
             let known = shared.knowledge(uuid);
             let given = known.clone();
@@ -561,12 +562,26 @@ async fn domain_task(
             e.key = problem.file;
             shared.sink.emit(e);
         }
-        let (severity, detail) = attached_event(&name, &w, &how);
+        let (severity, mut detail) = attached_event(&name, &w, &how);
         let kind = match how {
             Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
             _ => EventKind::NewBoot,
         };
+        if let Ok(bounds) = &w.bounds {
+            detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
+        }
         shared.sink.emit(subject.event(kind, severity, detail));
+        if let Err(why) = &w.bounds {
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "warning",
+                format!(
+                    "{name}: kernel text and rodata are classed by page permission only ({why}): pages \
+                     the kernel freed after boot may still be protected as content, and their reuse \
+                     reported. Add a profile of this kernel (vigil profile build) to bound them"
+                ),
+            ));
+        }
         if kind == EventKind::NewBoot {
             reported.clear();
         }
@@ -1242,7 +1257,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             log_failing: false.into(),
         },
         status: Mutex::new(HashMap::new()),
-        profiles,
+        profiles: profiles.into(),
         hv: RwLock::new(None),
         tasks: Mutex::new(HashMap::new()),
         knowledge: Mutex::new(HashMap::new()),
@@ -1392,7 +1407,7 @@ mod tests {
                 log_failing: false.into(),
             },
             status: Mutex::new(HashMap::new()),
-            profiles: Vec::new(),
+            profiles: Arc::from(Vec::new()),
             hv: RwLock::new(None),
             tasks: Mutex::new(HashMap::new()),
             knowledge: Mutex::new(HashMap::new()),

@@ -18,7 +18,7 @@ use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::linux::diff::{self, Change, Diff};
 use crate::linux::patch::{self, PatchMemory, Patched};
 use crate::linux::profile::Profile;
-use crate::linux::{DiscoverError, KernelView, discover, semantic};
+use crate::linux::{DiscoverError, KernelView, discover, layout, semantic};
 use crate::memory::GuestMemory;
 use crate::x86::{Mapping, Perms};
 
@@ -108,13 +108,16 @@ pub struct Knowledge {
 }
 
 /// How an attach treats the domain.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AttachSettings {
     /// The baseline's original pages stay in their file (`originals = "disk"`).
     pub originals_on_disk: bool,
     /// How long after a start or reset the hypervisor reported a new
     /// baseline may be provisional.
     pub provisional_window: std::time::Duration,
+    /// The guest profiles: new baselines bound their regions by the
+    /// kernel's layout as the matching one gives it.
+    pub profiles: std::sync::Arc<[Profile]>,
 }
 
 /// A problem with the stored state that the attach worked around, to be
@@ -221,6 +224,12 @@ pub struct Watched {
     /// For a provisional new baseline: how long it may stay so, counted
     /// from the hypervisor's reset or start of the guest.
     pub provisional_left: Option<std::time::Duration>,
+    /// The profiles the attach was given: a re-taken baseline is bounded
+    /// with them as the first was.
+    profiles: std::sync::Arc<[Profile]>,
+    /// How the baseline's regions are bounded (`Ok`: by what) or why they
+    /// are not (`Err`), to be reported.
+    pub bounds: Result<String, String>,
 }
 
 /// Listed modules whose state is not live, since when, in which state.
@@ -363,18 +372,55 @@ fn registers_and_kernel<'m>(
 /// A new baseline of the kernel as it is now, of the hypervisor's `run` of
 /// the guest: what later tells a reset or a new process from the guest
 /// moving its own kernel.
+///
+/// Its text and rodata end where the kernel's layout says (see
+/// [`layout`]); the third value says by what, or why not.
 fn take_baseline(
     dom: &dyn Guest,
     mem: &Memory,
     run: Run,
     snapshots: &mut u64,
-) -> Result<(Baseline, Originals), WatchError> {
-    let (regs, view) = registers_and_kernel(dom, mem, snapshots)?;
+    profiles: &[Profile],
+) -> Result<(Baseline, Originals, Result<String, String>), WatchError> {
+    let (regs, mut view) = registers_and_kernel(dom, mem, snapshots)?;
+    let said = layout::bound_view(profiles, mem, &mut view);
     let id = DomainId { name: dom.name().to_owned(), uuid: dom.uuid().to_owned() };
     let (mut baseline, originals) =
         Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?;
     baseline.run = Some(run);
-    Ok((baseline, originals))
+    Ok((baseline, originals, said))
+}
+
+/// Bounds a stored baseline taken before regions were bounded by the
+/// kernel's layout, when only the regions' tails go (see
+/// [`Baseline::keep_head`]); says what was done, or why it was not.
+fn bound_stored(
+    stored: &mut Baseline,
+    mem: &Memory,
+    view: &KernelView<'_, Memory>,
+    profiles: &[Profile],
+) -> Result<String, String> {
+    if !stored.kernel.bounds.is_empty() {
+        return Ok(stored.kernel.bounds.clone());
+    }
+    let b = layout::find(profiles, mem, view, view.identification.image_base, &view.regions)?;
+    let mut trial = stored.clone();
+    let text = trial.keep_head("kernel-text", |g| (b.text.0..b.text.1).contains(&g.raw()));
+    let rodata = trial.keep_head("kernel-rodata", |g| (b.rodata.0..b.rodata.1).contains(&g.raw()));
+    let (Some(text), Some(rodata)) = (text, rodata) else {
+        return Err(format!(
+            "the stored baseline predates layout bounds and its pages outside {} are not a tail \
+             of each region: they stay protected by content until the next baseline",
+            b.describe()
+        ));
+    };
+    trial.kernel.bounds = b.describe();
+    *stored = trial;
+    Ok(format!(
+        "{}; {text} text and {rodata} rodata page(s) of the stored baseline outside them (freed gaps) \
+         now checked for mapping only",
+        b.describe()
+    ))
 }
 
 /// Stores a baseline and its original pages; returns the originals as the
@@ -428,6 +474,8 @@ impl Watched {
             problems: Vec::new(),
             run: None,
             provisional_left: None,
+            profiles: std::sync::Arc::from(Vec::new()),
+            bounds: Err("not yet bounded".into()),
         }
     }
 
@@ -461,10 +509,12 @@ impl Watched {
         let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
         let now = view.identification.boot_key();
         let path = baseline_path(state_dir, dom.uuid());
+        let mut stored_bounds = Err(String::new());
         let (stored, found, unusable) = match load_stored(&path, dom.name(), dom.uuid()) {
             Ok(None) => (Stored::Missing, None, None),
-            Ok(Some(b)) => {
+            Ok(Some(mut b)) => {
                 let code = crate::integrity::check::code_placement(&b, &*mem, &view);
+                stored_bounds = bound_stored(&mut b, &*mem, &view, &settings.profiles);
                 (Stored::Found(Placement::of(code)), Some(b), None)
             }
             Err(reason) => (Stored::Unreadable, None, Some(reason)),
@@ -567,12 +617,15 @@ impl Watched {
             w.register_snapshots = snapshots;
             w.problems = problems;
             w.run = Some(run);
+            w.profiles = settings.profiles;
+            w.bounds = stored_bounds;
             return Ok((w, attached));
         }
         // The new baseline is read before anything stored is moved: should
         // the read fail, the next attach finds the same files and decides
         // (and says) the same.
-        let (baseline, originals) = take_baseline(&*dom, &*mem, run.clone(), &mut snapshots)?;
+        let (baseline, originals, bounds) =
+            take_baseline(&*dom, &*mem, run.clone(), &mut snapshots, &settings.profiles)?;
         let mut attached = attached;
         match (&mut attached, unusable) {
             (Attached::Unconfirmed { kept, .. }, _) => *kept = keep_baseline_aside(&path)?,
@@ -594,6 +647,8 @@ impl Watched {
         w.register_snapshots = snapshots;
         w.problems = problems;
         w.run = Some(run);
+        w.profiles = settings.profiles;
+        w.bounds = bounds;
         let provisional = matches!(
             action,
             Action::NewBoot { provisional: true } | Action::FirstSight { provisional: true }
@@ -695,6 +750,8 @@ impl Watched {
         }
         match check_tagged(&self.baseline, mem, &view, &regs, scope, self.tags.as_ref()) {
             Ok(mut r) => {
+                let originals = &self.originals;
+                semantic::review_gdt_pages(&mut r, mem, &regs, &|gva| originals.page(gva));
                 // Syscall tables and IDT gates are small: both scopes check them.
                 self.profile = None;
                 if let Some(mut m) =
@@ -1032,13 +1089,15 @@ impl Watched {
             self.mem = Some(self.dom.open_memory()?);
         }
         let run = self.dom.run()?;
-        let (baseline, originals) = take_baseline(
+        let (baseline, originals, bounds) = take_baseline(
             &*self.dom,
             self.mem.as_deref().expect("opened above"),
             run.clone(),
             &mut self.register_snapshots,
+            &self.profiles,
         )?;
         self.run = Some(run);
+        self.bounds = bounds;
         let originals = store(&self.path, &baseline, originals, self.originals_on_disk)?;
         self.baseline = baseline;
         self.originals = originals;

@@ -355,6 +355,29 @@ impl Baseline {
         Ok((baseline, originals))
     }
 
+    /// Keeps, of region `name`, the pages `keep` accepts, when they are the
+    /// region's first pages (at least two): a page's value depends on its
+    /// place in the region (and a lone page's is the root), so only a tail
+    /// can be dropped without the pages themselves. Returns how many were
+    /// dropped, or `None` (and changes nothing) when the kept pages are not
+    /// such a head. (A baseline taken before regions were bounded by the
+    /// kernel's layout is bounded so.)
+    pub fn keep_head(&mut self, name: &str, keep: impl Fn(GuestVirtAddr) -> bool) -> Option<usize> {
+        let r = self.regions.iter_mut().find(|r| r.name == name)?;
+        let kept = r.pages.iter().take_while(|p| keep(p.gva)).count();
+        if r.pages[kept..].iter().any(|p| keep(p.gva)) || (kept < 2 && kept < r.pages.len()) {
+            return None;
+        }
+        let dropped = r.pages.len() - kept;
+        if dropped > 0 {
+            r.pages.truncate(kept);
+            r.bytes = kept as u64 * PAGE_SIZE;
+            let values: Vec<PageValue> = r.pages.iter().map(|p| p.value).collect();
+            r.root = *tree::region_root(&values, r.bytes).expect("one value per page").as_bytes();
+        }
+        Some(dropped)
+    }
+
     /// Writes the baseline atomically: a temporary file beside `path`,
     /// synced, then renamed over it.
     pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
@@ -560,6 +583,7 @@ pub(crate) mod tests {
                 image_base_gpa: self.pages[0].gpa,
                 text_pages: 4,
                 rodata_pages: 2,
+                bounds: String::new(),
             }
         }
 

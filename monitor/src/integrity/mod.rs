@@ -101,6 +101,10 @@ pub struct Identification {
     pub image_base_gpa: GuestPhysAddr,
     pub text_pages: u64,
     pub rodata_pages: u64,
+    /// What bounded the code and read-only regions (the kernel's own layout,
+    /// and from where); empty when only page permissions classed them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bounds: String,
 }
 
 impl Identification {

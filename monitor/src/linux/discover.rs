@@ -217,6 +217,7 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         image_base_gpa: first.gpa,
         text_pages: text.len() as u64,
         rodata_pages: rodata.len() as u64,
+        bounds: String::new(),
     };
     let mut regions = vec![
         RegionLayout { name: "kernel-text".into(), kind: RegionKind::Code, pages: text },

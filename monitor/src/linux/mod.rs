@@ -10,6 +10,7 @@ mod discover;
 pub mod examine;
 pub mod image;
 pub mod kallsyms;
+pub mod layout;
 pub mod patch;
 pub mod profile;
 pub mod semantic;

@@ -399,6 +399,86 @@ pub fn gdt_problems(gdt: &[u8]) -> Vec<(usize, String)> {
     out
 }
 
+/// The GDT entries of 32-bit thread-local storage (`GDT_ENTRY_TLS_MIN` to
+/// `_MAX` on x86-64): the kernel writes the running task's
+/// `set_thread_area` descriptors there at every task switch.
+const GDT_TLS: std::ops::RangeInclusive<usize> = 12..=14;
+
+/// Whether descriptor `d` is one `set_thread_area` can install: empty, or a
+/// ring-3 code or data segment (never a system descriptor or a gate).
+fn user_tls_descriptor(d: u64) -> bool {
+    let access = ((d >> 40) & 0xff) as u8;
+    d == 0 || (access & 0x10 != 0 && (access >> 5) & 3 == 3)
+}
+
+/// Takes the content findings of GDT pages (regions `gdt-cpuN`) whose only
+/// change is in the TLS entries, each now empty or a ring-3 segment, and
+/// reports them as info: a task with 32-bit TLS was switched to. Any other
+/// change of a GDT page stays a violation. `regs` give each GDT's base
+/// within its page; `original` the page as the baseline kept it.
+pub fn review_gdt_pages<M: GuestMemory + ?Sized>(
+    report: &mut crate::integrity::Report,
+    mem: &M,
+    regs: &[crate::qemu::VcpuRegisters],
+    original: &dyn Fn(u64) -> Option<Vec<u8>>,
+) {
+    let taken = report.take_violations(|f| {
+        f.kind == FindingKind::Content && f.region.starts_with("gdt-cpu") && f.page.is_some()
+    });
+    let mut keep = Vec::new();
+    let mut info = Vec::new();
+    for f in taken {
+        let base = f
+            .region
+            .strip_prefix("gdt-cpu")
+            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(|n| regs.iter().find(|r| r.index == n))
+            .map(|r| r.gdtr_base);
+        let page = f.gva.raw() & !(PAGE_SIZE - 1);
+        let mut cur = vec![0u8; crate::addr::PAGE_BYTES];
+        let tls_only = base.is_some_and(|base| {
+            let gpa = GuestPhysAddr(f.gpa.raw() & !(PAGE_SIZE - 1));
+            let Some(orig) = original(page).filter(|o| o.len() == cur.len()) else { return false };
+            if mem.read(gpa, &mut cur).is_err() {
+                return false;
+            }
+            // Where the TLS entries lie in this page (the table may start
+            // in an earlier page of the region).
+            let first = i128::from(base) + 8 * *GDT_TLS.start() as i128 - i128::from(page);
+            let last = first + 8 * GDT_TLS.clone().count() as i128;
+            let changed = orig.iter().zip(&cur).enumerate().filter(|(_, (a, b))| a != b);
+            let mut any = false;
+            for (i, _) in changed {
+                any = true;
+                if !(first..last).contains(&(i as i128)) {
+                    return false;
+                }
+            }
+            any && (first..last).step_by(8).all(|at| {
+                usize::try_from(at)
+                    .ok()
+                    .and_then(|at| cur.get(at..at + 8))
+                    .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+                    .is_some_and(user_tls_descriptor)
+            })
+        });
+        if tls_only {
+            let mut i = f.clone();
+            i.severity = Severity::Info;
+            i.detail = format!(
+                "{}: only its 32-bit TLS entries (12-14) changed, to ring-3 segments: a task that \
+                 called set_thread_area runs on this CPU",
+                f.region
+            );
+            info.push(i);
+        } else {
+            keep.push(f);
+        }
+    }
+    report.add_findings(keep);
+    report.add_findings(info);
+}
+
 /// Reads `len` bytes at `gva` through the guest's page tables.
 pub fn read_virt(
     mem: &(impl GuestMemory + ?Sized),
@@ -795,6 +875,84 @@ mod tests {
             0x0040_f500_0000_0000, // CPUNODE
         ];
         entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+    }
+
+    /// A GDT page whose TLS entries a task switch rewrote is info; any
+    /// other change, or a TLS entry that is no ring-3 segment, a violation.
+    #[test]
+    fn tls_entries_of_a_gdt_page_may_change_and_nothing_else() {
+        use crate::integrity::baseline::{Baseline, DomainId};
+        use crate::integrity::{Identification, PageSpec, RegionKind, RegionLayout};
+        use crate::x86::Perms;
+        const GDT_VA: u64 = 0xffff_fe00_0000_1000;
+        const GDT_PA: u64 = 0x3000;
+        let mut ram = vec![0u8; 4 * 4096];
+        ram[GDT_PA as usize..][..128].copy_from_slice(&linux_gdt());
+        let page = Mapping {
+            gva: GuestVirtAddr(GDT_VA),
+            gpa: GuestPhysAddr(GDT_PA),
+            size: 4096,
+            perms: Perms { writable: true, user: false, executable: false },
+        };
+        struct Space(Vec<Mapping>);
+        impl AddressSpace for Space {
+            fn image_pages(&self) -> &[Mapping] {
+                &[]
+            }
+            fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, crate::x86::Perms)> {
+                self.0.iter().find(|m| m.gva == gva).map(|m| (m.gpa, m.perms))
+            }
+        }
+        let space = Space(vec![page]);
+        let regs = vec![VcpuRegisters {
+            index: 0,
+            cr0: 0x8005_0033,
+            cr3: 0x1000,
+            cr4: 0x0075_1eb0,
+            efer: 0xd01,
+            idtr_base: 0,
+            idtr_limit: 0xfff,
+            gdtr_base: GDT_VA,
+            gdtr_limit: 0x7f,
+        }];
+        let regions = vec![RegionLayout {
+            name: "gdt-cpu0".into(),
+            kind: RegionKind::DescriptorTable,
+            pages: vec![PageSpec { gva: page.gva, gpa: page.gpa, perms: page.perms }],
+        }];
+        let id = Identification {
+            method: "test".into(),
+            vcpu: 0,
+            cr3: 0x1000,
+            paging: "4-level".into(),
+            image_base: GuestVirtAddr(GDT_VA),
+            image_base_gpa: GuestPhysAddr(GDT_PA),
+            text_pages: 0,
+            rodata_pages: 0,
+            bounds: String::new(),
+        };
+        let dom = DomainId { name: "g".into(), uuid: "u".into() };
+        let mem = crate::memory::RawDump::from_bytes(ram.clone());
+        let (b, originals) =
+            Baseline::build_keeping(&mem, dom, id, regs.clone(), &space, &regions).unwrap();
+        let judge = |entries: &[(usize, u64)]| {
+            let mut now = ram.clone();
+            for &(i, v) in entries {
+                now[GDT_PA as usize + 8 * i..][..8].copy_from_slice(&v.to_le_bytes());
+            }
+            let mem = crate::memory::RawDump::from_bytes(now);
+            let mut r = crate::integrity::check::check(&b, &mem, &space, &regs).unwrap();
+            review_gdt_pages(&mut r, &mem, &regs, &|gva| originals.page(gva));
+            (r.violations.len(), r.info.len())
+        };
+        let user_data = 0x00cf_f300_0000_ffffu64; // ring-3 data, as set_thread_area makes
+        assert_eq!(judge(&[]), (0, 0));
+        assert_eq!(judge(&[(12, user_data)]), (0, 1));
+        assert_eq!(judge(&[(12, user_data), (13, user_data ^ 0x1234), (14, user_data)]), (0, 1));
+        assert_eq!(judge(&[(12, 0x00cf_9300_0000_ffff)]), (1, 0), "a ring-0 segment in TLS");
+        assert_eq!(judge(&[(13, 0x0000_8c00_0010_0000)]), (1, 0), "a call gate in TLS");
+        assert_eq!(judge(&[(12, user_data), (6, 0)]), (1, 0), "and the user code segment");
+        assert_eq!(judge(&[(15, user_data)]), (1, 0), "CPUNODE is no TLS entry");
     }
 
     #[test]
