@@ -524,6 +524,33 @@ pub fn match_profile<'p, M: GuestMemory + ?Sized>(
     })
 }
 
+/// The size of each interrupt entry stub (8 bytes, 16 with IBT's ENDBR
+/// in 6.2 on) and the first system vector, from the profile:
+/// `irq_entries_start` holds a stub for each external vector from 32 up to
+/// the first system vector, `spurious_entries_start` one for each from
+/// there to 255, and the symbol after it ends them.
+fn entry_stubs(p: &Profile) -> (u64, u8) {
+    let (Some(irq), Some(spurious)) =
+        (p.symbol("irq_entries_start"), p.symbol("spurious_entries_start"))
+    else {
+        return (8, 0xec);
+    };
+    let syms = p.symbols();
+    let after = syms.partition_point(|s| s.addr <= spurious.addr);
+    let end = syms.get(after).map_or(0, |s| s.addr);
+    let total = end.wrapping_sub(irq.addr);
+    for stride in [8u64, 16, 32] {
+        let before = spurious.addr.wrapping_sub(irq.addr);
+        if total == 224 * stride && before % stride == 0 {
+            let first = 32 + before / stride;
+            if let Ok(first) = u8::try_from(first) {
+                return (stride, first);
+            }
+        }
+    }
+    (8, 0xec)
+}
+
 fn gate_target(g: &[u8]) -> Option<u64> {
     // 16-byte gate: offset 0..15 at 0, 16..31 at 6, 32..63 at 8; present bit 47.
     let present = g[5] & 0x80 != 0;
@@ -713,6 +740,7 @@ pub fn check<M: GuestMemory + ?Sized>(
     let in_image = |t: u64| matches!(image, (Some(a), Some(b)) if (a..b).contains(&t));
     let irq = p.symbol("irq_entries_start").map(|s| s.addr.wrapping_add(m.slide));
     let spurious = p.symbol("spurious_entries_start").map(|s| s.addr.wrapping_add(m.slide));
+    let (stride, first_system) = entry_stubs(p);
     let mut seen = Vec::new();
     for cpu in regs.iter().filter(|r| r.in_long_mode()) {
         if seen.contains(&cpu.idtr_base) {
@@ -729,9 +757,11 @@ pub fn check<M: GuestMemory + ?Sized>(
             let ok = match expected {
                 Some(e) => target == e,
                 None if vector >= 32 => {
-                    let slot = u64::from(vector - 32) * 8;
-                    irq.is_some_and(|i| target == i + slot)
-                        || spurious.is_some_and(|s| target == s + slot)
+                    let stub = |first: u8, start: u64| {
+                        vector >= first && target == start + u64::from(vector - first) * stride
+                    };
+                    (vector < first_system && irq.is_some_and(|i| stub(32, i)))
+                        || spurious.is_some_and(|s| stub(first_system, s))
                         || m.profile.symbolize(target.wrapping_sub(m.slide)).is_some_and(
                             |(s, off)| {
                                 off == 0 && (s.starts_with("asm_") || s.starts_with("entry_"))
@@ -988,6 +1018,20 @@ mod tests {
         let path =
             concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
         Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// Interrupt entry stubs: 8 bytes apart on 6.1, 16 on the 6.12 build
+    /// (IBT puts an ENDBR in each); the first system vector follows from
+    /// where the spurious stubs start.
+    #[test]
+    fn entry_stub_size_and_first_system_vector_come_from_the_profile() {
+        assert_eq!(entry_stubs(&lab_profile()), (8, 0xec));
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../guest-profiles/6.12.111+deb12-cloud-amd64.profile"
+        );
+        let p612 = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(entry_stubs(&p612), (16, 0xeb));
     }
 
     /// Where the test's four pages of RAM are mapped.
