@@ -48,6 +48,41 @@ pub enum Memory {
     Private,
 }
 
+/// The kernel line a lab guest boots (both prepared by `lab/setup.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernel {
+    /// Debian 12's 6.1, the pinned build in the lab directory itself.
+    #[default]
+    V6_1,
+    /// The 6.12 of Debian 13 and bookworm-backports, in its `6.12`
+    /// subdirectory.
+    V6_12,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 2] = [Kernel::V6_1, Kernel::V6_12];
+
+    /// The line's name, as `vigil-lab start --kernel` takes it.
+    pub fn line(self) -> &'static str {
+        match self {
+            Kernel::V6_1 => "6.1",
+            Kernel::V6_12 => "6.12",
+        }
+    }
+
+    pub fn from_line(line: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.line() == line)
+    }
+
+    /// Where the line's vmlinuz, initramfs and kernel-release are.
+    pub fn dir(self, lab: &Path) -> PathBuf {
+        match self {
+            Kernel::V6_1 => lab.to_path_buf(),
+            Kernel::V6_12 => lab.join("6.12"),
+        }
+    }
+}
+
 /// The size and backing of a lab guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shape {
@@ -59,11 +94,12 @@ pub struct Shape {
     /// loads the button driver): what `virsh shutdown` and `virsh reboot`
     /// ask of a guest.
     pub acpi: bool,
+    pub kernel: Kernel,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Self { memory: Memory::Shared, mib: 384, vcpus: 1, acpi: false }
+        Self { memory: Memory::Shared, mib: 384, vcpus: 1, acpi: false, kernel: Kernel::V6_1 }
     }
 }
 
@@ -80,12 +116,16 @@ impl Lab {
         let dir = PathBuf::from(
             std::env::var("VIGIL_LAB_DIR").unwrap_or_else(|_| "/var/lib/vigil-lab".into()),
         );
-        for f in ["vmlinuz", "initramfs.cpio.gz"] {
-            if !dir.join(f).is_file() {
-                return Err(err(format!(
-                    "the lab is not set up: {} is missing; run `lab/setup.sh --install` (as root) first",
-                    dir.join(f).display()
-                )));
+        for k in Kernel::ALL {
+            for f in ["vmlinuz", "initramfs.cpio.gz"] {
+                let path = k.dir(&dir).join(f);
+                if !path.is_file() {
+                    return Err(err(format!(
+                        "the lab is not set up: {} (kernel {}) is missing; run `lab/setup.sh --install` (as root) first",
+                        path.display(),
+                        k.line()
+                    )));
+                }
             }
         }
         let run = dir.join("run");
@@ -140,8 +180,8 @@ impl Lab {
     <memballoon model='none'/>
   </devices>
 </domain>",
-            kernel = self.dir.join("vmlinuz").display(),
-            initrd = self.dir.join("initramfs.cpio.gz").display(),
+            kernel = shape.kernel.dir(&self.dir).join("vmlinuz").display(),
+            initrd = shape.kernel.dir(&self.dir).join("initramfs.cpio.gz").display(),
             console = self.console_path(name).display(),
             socket = self.socket_path(name).display(),
         )

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use vigil_lab::{Lab, Memory};
 
 const USAGE: &str = "usage:
-  vigil-lab start NAME [--private] [--acpi]
+  vigil-lab start NAME [--private] [--acpi] [--kernel 6.1|6.12]
                                      boot lab guest vigil-lab-NAME (shared memfd RAM unless
-                                     --private; with ACPI and its power button heard: --acpi)
+                                     --private; with ACPI and its power button heard: --acpi;
+                                     the kernel line, 6.1 unless --kernel says)
   vigil-lab exec NAME COMMAND...     run a shell command in it (e.g. 'attack inline')
   vigil-lab stop NAME                destroy it
   vigil-lab confine UNIT -- PROGRAM [ARGS...]
@@ -38,7 +39,15 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 Memory::Shared
             };
             let acpi = rest.iter().any(|a| a == "--acpi");
-            let shape = vigil_lab::Shape { memory, acpi, ..vigil_lab::Shape::default() };
+            let kernel = match rest.iter().position(|a| a == "--kernel") {
+                None => vigil_lab::Kernel::default(),
+                Some(i) => {
+                    let line = rest.get(i + 1).map_or("", String::as_str);
+                    vigil_lab::Kernel::from_line(line)
+                        .ok_or_else(|| format!("--kernel takes 6.1 or 6.12, not {line:?}"))?
+                }
+            };
+            let shape = vigil_lab::Shape { memory, acpi, kernel, ..vigil_lab::Shape::default() };
             let g = Lab::open()?.start_with(name, &shape)?;
             println!("{}", g.name);
             g.keep();

@@ -277,9 +277,25 @@ pub fn vigil_in(state: &std::path::Path, args: &[&str]) -> std::process::Output 
 }
 
 pub fn boot(suffix: &str) -> Guest {
+    boot_kernel(suffix, vigil_lab::Kernel::V6_1)
+}
+
+/// A lab guest of the given kernel line.
+pub fn boot_kernel(suffix: &str, kernel: vigil_lab::Kernel) -> Guest {
     let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
-    lab.start_with(suffix, &Shape { memory: Memory::Shared, ..Shape::default() })
+    lab.start_with(suffix, &Shape { memory: Memory::Shared, kernel, ..Shape::default() })
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The committed profile of a lab kernel line.
+pub fn lab_profile(kernel: vigil_lab::Kernel) -> vigil::linux::profile::Profile {
+    let release = match kernel {
+        vigil_lab::Kernel::V6_1 => "6.1.0-56-cloud-amd64",
+        vigil_lab::Kernel::V6_12 => "6.12.111+deb12-cloud-amd64",
+    };
+    let path = format!("{}/../guest-profiles/{release}.profile", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    vigil::linux::profile::Profile::parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 pub fn violations(d: &Daemon, g: &Guest, region: &str) -> Vec<Value> {
