@@ -164,21 +164,27 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
 
     // Walk the CR3 as given and, in case it is PTI's user half, its kernel twin;
     // keep whichever maps more kernel code.
-    let mut best: Option<(u64, Vec<Mapping>, Unreadable)> = None;
+    // Each walker reads its root table once (see `Walker::pinned`): the CR3
+    // may be that of a process freed under the check.
+    let mut best: Option<(u64, Vec<Mapping>, Unreadable, Walker<'m, M>)> = None;
     let mut last_err = None;
     let table = cpu.cr3 & CR3_TABLE;
     for cr3 in [table, table & !PTI_USER_PGD_BIT] {
         if best.as_ref().is_some_and(|b| b.0 == cr3) {
             continue;
         }
-        match walk_image(&Walker::new(mem, mode, cr3, nxe), cr3) {
-            Ok((pages, bad)) => {
+        let walked = Walker::new(mem, mode, cr3, nxe)
+            .pinned()
+            .map_err(|source| DiscoverError::Walk { cr3, source })
+            .and_then(|w| walk_image(&w, cr3).map(|r| (r, w)));
+        match walked {
+            Ok(((pages, bad), walker)) => {
                 let text = pages.iter().filter(|p| is_text(&p.perms)).count();
                 if best
                     .as_ref()
                     .is_none_or(|b| b.1.iter().filter(|p| is_text(&p.perms)).count() < text)
                 {
-                    best = Some((cr3, pages, bad));
+                    best = Some((cr3, pages, bad, walker));
                 }
             }
             Err(e) => last_err = Some(e),
@@ -192,14 +198,13 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
             .err()
             .map(|source| DiscoverError::Unreadable { cr3: table, source })
     };
-    let Some((cr3, mut image_pages, unreadable_tables)) = best else {
+    let Some((cr3, mut image_pages, unreadable_tables, walker)) = best else {
         return Err(root_unreadable()
             .or(last_err)
             .unwrap_or(DiscoverError::NoText { cr3: cpu.cr3 }));
     };
     // The walk yields address order already; `translate` relies on it.
     image_pages.sort_by_key(|m| m.gva.raw());
-    let walker = Walker::new(mem, mode, cr3, nxe);
     let spec = |m: &Mapping| PageSpec { gva: m.gva, gpa: m.gpa, perms: m.perms };
     let text: Vec<PageSpec> = image_pages.iter().filter(|m| is_text(&m.perms)).map(spec).collect();
     let rodata: Vec<PageSpec> =

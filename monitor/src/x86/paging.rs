@@ -202,6 +202,8 @@ pub struct Walker<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
     mode: PagingMode,
     root: GuestPhysAddr,
+    /// The root table as read once, when pinned ([`Walker::pinned`]).
+    pinned: Option<Box<[u64; ENTRIES]>>,
     nxe: bool,
     budget: WalkBudget,
 }
@@ -210,7 +212,25 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
     /// `cr3` may carry PCID or flag bits; only the table address is used.
     /// `nxe` is EFER.NXE: without it bit 63 is not a permission.
     pub fn new(mem: &'m M, mode: PagingMode, cr3: u64, nxe: bool) -> Self {
-        Self { mem, mode, root: GuestPhysAddr(cr3 & PTE_ADDR), nxe, budget: WalkBudget::default() }
+        Self {
+            mem,
+            mode,
+            root: GuestPhysAddr(cr3 & PTE_ADDR),
+            pinned: None,
+            nxe,
+            budget: WalkBudget::default(),
+        }
+    }
+
+    /// Reads the root table once and walks from that copy from now on. A
+    /// vCPU's CR3 may be the page table of a process that exits a moment
+    /// later: its root page is then freed and reused while lower tables of
+    /// the kernel half (shared by every process, never freed) stay. Walked
+    /// from the copy, kernel addresses still translate as they did.
+    pub fn pinned(mut self) -> Result<Self, WalkError> {
+        let root = self.read_table(self.root, 0)?;
+        self.pinned = Some(root);
+        Ok(self)
     }
 
     pub fn with_budget(mut self, budget: WalkBudget) -> Self {
@@ -219,6 +239,11 @@ impl<'m, M: GuestMemory + ?Sized> Walker<'m, M> {
     }
 
     fn read_table(&self, table: GuestPhysAddr, va: u64) -> Result<Box<[u64; ENTRIES]>, WalkError> {
+        if table == self.root
+            && let Some(root) = &self.pinned
+        {
+            return Ok(root.clone());
+        }
         let mut bytes = [0u8; crate::addr::PAGE_BYTES];
         self.mem.read(table, &mut bytes).map_err(|source| WalkError::TableUnreadable {
             va: GuestVirtAddr(va),
@@ -465,6 +490,49 @@ mod tests {
         let rw = Perms { writable: true, ..ro };
         assert!(ro.loosened_by(&rw));
         assert!(!rw.loosened_by(&ro), "tightening is not loosening");
+    }
+
+    /// A pinned walker translates kernel addresses from its copy of the
+    /// root table after the root page is freed and reused; an unpinned one
+    /// reads the reused page.
+    #[test]
+    fn a_pinned_root_outlives_its_page() {
+        struct Reused<'a> {
+            mem: &'a RawDump,
+            root: u64,
+            gone: std::cell::Cell<bool>,
+        }
+        impl GuestMemory for Reused<'_> {
+            fn read(&self, start: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+                self.mem.read(start, buf)?;
+                if self.gone.get() && start.raw() == self.root {
+                    buf.fill(0); // handed out again, cleared
+                }
+                Ok(())
+            }
+            fn layout(&self) -> &crate::memory::RamLayout {
+                self.mem.layout()
+            }
+            fn kind(&self) -> &'static str {
+                "reused"
+            }
+        }
+        let mut b = Builder::new(4, 16 << 20);
+        b.map(KTEXT, 0x20_0000, 4096, Flags::TEXT);
+        let dump = RawDump::from_bytes(b.memory().to_vec());
+        let mem = Reused { mem: &dump, root: b.root(), gone: false.into() };
+        let pinned = Walker::new(&mem, PagingMode::FOUR_LEVEL, b.root(), true).pinned().unwrap();
+        let plain = Walker::new(&mem, PagingMode::FOUR_LEVEL, b.root(), true);
+        mem.gone.set(true);
+        let t = pinned.translate(GuestVirtAddr(KTEXT + 8)).unwrap();
+        assert_eq!(t.gpa, GuestPhysAddr(0x20_0008));
+        assert!(
+            plain.translate(GuestVirtAddr(KTEXT + 8)).is_err(),
+            "the unpinned walk reads zeros"
+        );
+        // Pinning reads the root as it is then: a root already gone pins nothing useful.
+        let late = Walker::new(&mem, PagingMode::FOUR_LEVEL, b.root(), true).pinned().unwrap();
+        assert!(late.translate(GuestVirtAddr(KTEXT)).is_err());
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! Lab tests run on both kernel lines the lab boots (Debian 12's 6.1 and the
+//! 6.12 of Debian 13 and bookworm): the regions end where the kernel's
+//! layout says on every boot, a freed gap page made executable is caught,
+//! attacks are caught and named, and five-minute storms of the kernel's own
+//! patching, with memory pressure and a benign hooking module, raise no
+//! violation.
+//!
+//! Needs the lab prepared (both lines) and libvirtd running (`lab/test.sh`
+//! does both).
+
+use std::time::{Duration, Instant};
+
+use vigil_lab::Kernel;
+
+mod common;
+use common::{Daemon, FULL, boot_kernel, lab_profile, vigil_in, violations};
+
+fn suffix(what: &str, kernel: Kernel) -> String {
+    format!("{what}-{}", kernel.line().replace('.', "-"))
+}
+
+/// Pages of text (`_text` to `_etext`) and rodata (`__start_rodata` to
+/// `__end_rodata`) in the profile, whole pages.
+fn spans(kernel: Kernel) -> (u64, u64) {
+    let p = lab_profile(kernel);
+    let at = |n: &str| p.symbol(n).unwrap_or_else(|| panic!("no {n} in the profile")).addr;
+    let pages = |a: u64, b: u64| (b.next_multiple_of(4096) - (a & !4095)) / 4096;
+    (pages(at("_text"), at("_etext")), pages(at("__start_rodata"), at("__end_rodata")))
+}
+
+fn region_pages(d: &Daemon, uuid: &str) -> (u64, u64, String) {
+    let path = d.path("baselines").join(format!("{uuid}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let b: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let count = |name: &str| {
+        b["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["pages"].as_array())
+            .map_or(0, |p| p.len() as u64)
+    };
+    (
+        count("kernel-text"),
+        count("kernel-rodata"),
+        b["kernel"]["bounds"].as_str().unwrap_or("").into(),
+    )
+}
+
+fn bounds_and_gap(kernel: Kernel) {
+    let s = suffix("bounds", kernel);
+    let d = Daemon::start(&format!("vigil-lab-{s}"));
+    let mut g = boot_kernel(&s, kernel);
+    let (text, rodata) = spans(kernel);
+    for boot in 1..=2 {
+        d.wait_for(&format!("baseline {boot} of {}", g.name), Duration::from_secs(90), |d| {
+            d.events("new-boot", &g.name).len() >= boot
+                && d.status(&g.name).is_some_and(|s| s["state"] == "watching")
+        });
+        let (t, r, bounds) = region_pages(&d, &g.uuid);
+        eprintln!("{} boot {boot}: {t} text and {r} rodata pages; {bounds}", kernel.line());
+        assert_eq!((t, r), (text, rodata), "boot {boot} of {}: {bounds}", kernel.line());
+        assert!(bounds.contains("from the profile of"), "{bounds}");
+        let attached = &d.events("new-boot", &g.name)[boot - 1];
+        assert!(
+            attached["detail"].as_str().unwrap_or("").contains("bounded by the kernel's layout"),
+            "{attached:#}"
+        );
+        if boot == 1 {
+            g.reset().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // The reset's boot is past its provisional window (the state says
+    // watching): a freed gap page made executable.
+    let before = d.events("violation", &g.name).len();
+    assert_eq!(before, 0, "{:#?}", d.events("violation", &g.name));
+    g.run("attack gapx").unwrap();
+    d.wait_for("the gap page made executable", 4 * FULL + Duration::from_secs(10), |d| {
+        violations(d, &g, "kernel-image").iter().any(|v| {
+            let detail = v["detail"].as_str().unwrap_or("");
+            v["kind"] == "permission" && detail.contains("loosened")
+        })
+    });
+    for v in d.events("violation", &g.name) {
+        assert_eq!(v["region"], "kernel-image", "only the gap page: {v:#}");
+    }
+}
+
+#[test]
+fn lab_lines_6_1_regions_end_at_the_layout_and_a_gap_page_made_executable_is_caught() {
+    bounds_and_gap(Kernel::V6_1);
+}
+
+#[test]
+fn lab_lines_6_12_regions_end_at_the_layout_and_a_gap_page_made_executable_is_caught() {
+    bounds_and_gap(Kernel::V6_12);
+}
+
+/// `vigil check` names an inline hook by symbol, a syscall table hook by
+/// its entry, and finds a hidden module; loading and unloading a module is
+/// no violation.
+fn attacks_named(kernel: Kernel) {
+    let s = suffix("named", kernel);
+    let mut g = boot_kernel(&s, kernel);
+    let state = tempfile::tempdir().unwrap();
+    let out = vigil_in(state.path(), &["baseline", &g.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("regions bounded by the kernel's layout"), "{said}");
+    g.run("attack benign").unwrap();
+    let out = vigil_in(state.path(), &["check", &g.name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "a module loaded and unloaded: {text}");
+    assert!(text.contains("INTACT"), "{text}");
+    g.run("attack inline").unwrap();
+    g.run("attack syscall").unwrap();
+    g.run("attack hide").unwrap();
+    let out = vigil_in(state.path(), &["check", &g.name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in [
+        "at __x64_sys_getppid",
+        "sys_call_table[110] (getppid)",
+        "belong to no listed module (a hidden module?)",
+    ] {
+        assert!(text.contains(needle), "{}: no {needle:?} in\n{text}", kernel.line());
+    }
+    assert!(!text.contains("no guest profile matches"), "{text}");
+}
+
+#[test]
+fn lab_lines_6_1_attacks_are_caught_and_named() {
+    attacks_named(Kernel::V6_1);
+}
+
+#[test]
+fn lab_lines_6_12_attacks_are_caught_and_named() {
+    attacks_named(Kernel::V6_12);
+}
+
+const LONG_STORM: Duration = Duration::from_secs(5 * 60);
+
+/// Five minutes of the kernel patching itself (the function tracer on every
+/// function every other round, tracepoints, kprobes, module loads), with
+/// memory filled and freed in a loop and vigil_count's kprobe and ftrace
+/// callback in place, checked in full every second: no violation. Then an
+/// inline hook is caught.
+fn long_storm(kernel: Kernel) {
+    let s = suffix("longstorm", kernel);
+    let d = Daemon::every_second(&format!("vigil-lab-{s}"));
+    let mut g = boot_kernel(&s, kernel);
+    d.wait_watching(&g);
+    // (Watching: past the boot's provisional window, so the storm is
+    // judged, not absorbed.)
+    let out = g.run("storm start full pressure hooks").unwrap();
+    assert!(out.contains("storm: started") && out.contains("vigil_count loaded"), "{out}");
+    let start = Instant::now();
+    while start.elapsed() < LONG_STORM {
+        std::thread::sleep(Duration::from_secs(10));
+        let v: Vec<String> = d
+            .events("violation", &g.name)
+            .iter()
+            .map(|a| format!("{} {} {}", a["region"], a["symbol"], a["detail"]))
+            .collect();
+        assert!(
+            v.is_empty(),
+            "{}: violations after {:?} of the storm: {v:#?}",
+            kernel.line(),
+            start.elapsed()
+        );
+    }
+    let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
+    eprintln!("{}: full checks during the storm: {checks:?}", kernel.line());
+    assert!(checks.unwrap_or(0.0) >= 100.0, "too few full checks: {checks:?}");
+    let out = g.run("storm stop").unwrap();
+    eprintln!("{out}");
+    assert!(out.contains("counted"), "{out}");
+    g.run("attack inline").unwrap();
+    d.wait_for("the inline hook after the storm", Duration::from_secs(30), |d| {
+        violations(d, &g, "kernel-text")
+            .iter()
+            .any(|v| format!("{} {}", v["detail"], v["symbol"]).contains("__x64_sys_getppid"))
+    });
+}
+
+#[test]
+fn lab_lines_6_1_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
+    long_storm(Kernel::V6_1);
+}
+
+#[test]
+fn lab_lines_6_12_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
+    long_storm(Kernel::V6_12);
+}
