@@ -791,9 +791,7 @@ impl Watched {
                         let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
                         let recorded =
                             ranges.iter().any(|x| x.start & !(PAGE_SIZE - 1) <= s && s < x.end)
-                                || m.modules
-                                    .iter()
-                                    .any(|md| md.base <= s && e <= md.base.saturating_add(md.size));
+                                || m.modules.iter().any(|md| md.holds(s, e));
                         if recorded {
                             self.recognized.insert((s, mp.gpa.raw()), now);
                         }
@@ -1215,6 +1213,7 @@ mod tests {
             size: PAGE_SIZE,
             text_size: PAGE_SIZE,
             state: semantic::MODULE_LIVE,
+            init: (0, 0),
         };
         let m =
             semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
@@ -1268,6 +1267,7 @@ mod tests {
                     size: PAGE_SIZE,
                     text_size: PAGE_SIZE,
                     state,
+                    init: (0, 0),
                 })
                 .into_iter()
                 .collect(),

@@ -98,6 +98,8 @@ pub const MODULE_FIELDS: &[&str] = &[
     "core_layout.ro_size",
     "mem.base",
     "mem.size",
+    "init_layout.base",
+    "init_layout.size",
 ];
 
 /// Symbols a profile keeps besides all code: what the checks read.
@@ -159,7 +161,7 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ("bpf_ksym", &["start", "end", "lnode"]),
     ("static_call_key", &["func"]),
 ];
-pub const PATCH_SIZES: &[&str] = &["dyn_ftrace"];
+pub const PATCH_SIZES: &[&str] = &["dyn_ftrace", "module_memory"];
 
 impl Profile {
     fn new(

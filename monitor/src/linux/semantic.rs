@@ -39,6 +39,21 @@ pub struct Module {
     pub text_size: u64,
     /// `enum module_state`: 0 live, 1 coming, 2 going, 3 unformed.
     pub state: u32,
+    /// Its init text (base, size): executable while its init function runs,
+    /// freed after (the kernel clears these first). (0, 0) when none.
+    #[serde(skip)]
+    pub init: (u64, u64),
+}
+
+/// Init text larger than this is not believed.
+const MAX_INIT_TEXT: u64 = 64 << 20;
+
+impl Module {
+    /// Whether `start..end` lies in its core allocation or its init text.
+    pub fn holds(&self, start: u64, end: u64) -> bool {
+        let within = |base: u64, size: u64| base <= start && end <= base.saturating_add(size);
+        within(self.base, self.size) || (self.init.1 > 0 && within(self.init.0, self.init.1))
+    }
 }
 
 /// `MODULE_STATE_LIVE`: loaded, initialised, its text final.
@@ -164,6 +179,7 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
     };
     let (list, name) = (need("module.list")?, need("module.name")?);
     let (base, size, text) = module_layout(p)?;
+    let init_at = module_init_layout(p);
     let head = m.expect("modules").ok_or("the profile has no symbol modules")?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -197,6 +213,14 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
                 .offset("module.state")
                 .and_then(|o| read_u32(mem, space, md.wrapping_add(o)))
                 .unwrap_or(MODULE_LIVE),
+            init: init_at
+                .and_then(|(b, s)| {
+                    let base = read_u64(mem, space, md.wrapping_add(b))?;
+                    let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
+                    Some((base, size))
+                })
+                .filter(|&(_, size)| size <= MAX_INIT_TEXT)
+                .unwrap_or((0, 0)),
         });
         next = read_u64(mem, space, next).ok_or("the module list breaks off")?;
     }
@@ -218,6 +242,21 @@ fn module_layout(p: &super::profile::Profile) -> Result<(u64, u64, u64), String>
                   (no BTF in the image?)"
             .into()),
     }
+}
+
+/// Where `struct module` keeps its init text's base and size: up to 6.3
+/// `init_layout` (text first), from 6.4 `mem[MOD_INIT_TEXT]`, the fifth
+/// `struct module_memory`.
+fn module_init_layout(p: &super::profile::Profile) -> Option<(u64, u64)> {
+    if let (Some(b), Some(s)) =
+        (p.offset("module.init_layout.base"), p.offset("module.init_layout.size"))
+    {
+        return Some((b, s));
+    }
+    const MOD_INIT_TEXT: u64 = 4;
+    let stride = p.offset("module_memory.#size")?;
+    let skip = MOD_INIT_TEXT.checked_mul(stride)?;
+    Some((p.offset("module.mem.base")? + skip, p.offset("module.mem.size")? + skip))
 }
 
 /// [`walk_modules`], walked again from the head when a walk fails, up to
@@ -278,7 +317,7 @@ fn unlisted_runs(
         known.iter().map(|k| (k.gva.raw(), k.gpa.raw())).collect();
     for mp in space.exec_outside_image() {
         let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
-        if modules.iter().any(|md| md.base <= s && e <= md.base.saturating_add(md.size))
+        if modules.iter().any(|md| md.holds(s, e))
             || known.contains(&(s, mp.gpa.raw()))
             || recognized.iter().any(|r| {
                 r.start & !(PAGE_SIZE - 1) <= s
@@ -1034,6 +1073,35 @@ mod tests {
         assert_eq!(entry_stubs(&p612), (16, 0xeb));
     }
 
+    /// A module's init text is its own while it loads: found through
+    /// `init_layout` on 6.1 and `mem[MOD_INIT_TEXT]` on 6.12.
+    #[test]
+    fn module_init_text_is_found_in_either_layout_and_held_by_its_module() {
+        assert_eq!(module_init_layout(&lab_profile()), Some((400, 408)));
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../guest-profiles/6.12.111+deb12-cloud-amd64.profile"
+        );
+        let p612 = Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let (base, size) =
+            (p612.offset("module.mem.base").unwrap(), p612.offset("module.mem.size").unwrap());
+        assert_eq!(module_init_layout(&p612), Some((base + 4 * 72, size + 4 * 72)));
+        let md = Module {
+            name: "m".into(),
+            addr: 0,
+            base: 0xffff_ffff_c000_0000,
+            size: 0x3000,
+            text_size: 0x1000,
+            state: MODULE_COMING,
+            init: (0xffff_ffff_c000_8000, 0x1000),
+        };
+        assert!(md.holds(0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000));
+        assert!(md.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000));
+        assert!(!md.holds(0xffff_ffff_c000_9000, 0xffff_ffff_c000_a000));
+        let done = Module { init: (0, 0), ..md };
+        assert!(!done.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000), "init freed");
+    }
+
     /// Where the test's four pages of RAM are mapped.
     const W: u64 = 0xffff_8880_0100_0000;
 
@@ -1161,6 +1229,7 @@ mod tests {
             size: 0x1000,
             text_size: 0x1000,
             state: MODULE_LIVE,
+            init: (0, 0),
         };
         let with = |state: u32, name: &str, base: u64| {
             let mut ram = vec![0u8; 4 * 4096];
