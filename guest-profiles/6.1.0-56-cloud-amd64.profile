@@ -462,7 +462,7 @@ offset module.core_layout.size 328
 offset module.core_layout.text_size 332
 offset module.core_layout.ro_size 336
 offset module.init_layout.base 400
-offset module.init_layout.size 408
+offset module.init_layout.text_size 412
 offset module.jump_entries 696
 offset module.num_jump_entries 704
 offset module.static_call_sites 792

@@ -75,11 +75,15 @@ fn bounds_and_gap(kernel: Kernel) {
     // watching): a freed gap page made executable.
     let before = d.events("violation", &g.name).len();
     assert_eq!(before, 0, "{:#?}", d.events("violation", &g.name));
+    let gap = g.symbol("__end_rodata").unwrap().next_multiple_of(4096);
     g.run("attack gapx").unwrap();
     d.wait_for("the gap page made executable", 4 * FULL + Duration::from_secs(10), |d| {
         violations(d, &g, "kernel-image").iter().any(|v| {
             let detail = v["detail"].as_str().unwrap_or("");
-            v["kind"] == "permission" && detail.contains("loosened")
+            let at = v["gva"]
+                .as_str()
+                .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+            v["kind"] == "permission" && detail.contains("loosened") && at == Some(gap)
         })
     });
     for v in d.events("violation", &g.name) {
@@ -108,6 +112,23 @@ fn attacks_named(kernel: Kernel) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("regions bounded by the kernel's layout"), "{said}");
+    // And one without profiles: bounds and names from the guest's kallsyms.
+    let bare = tempfile::tempdir().unwrap();
+    let no_profiles = tempfile::tempdir().unwrap();
+    let bare_vigil = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("--state-dir")
+            .arg(bare.path())
+            .arg("--profiles")
+            .arg(no_profiles.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = bare_vigil(&["baseline", &g.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("from the guest's own kallsyms (lower trust)"), "{said}");
     g.run("attack benign").unwrap();
     let out = vigil_in(state.path(), &["check", &g.name]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -127,6 +148,17 @@ fn attacks_named(kernel: Kernel) {
         assert!(text.contains(needle), "{}: no {needle:?} in\n{text}", kernel.line());
     }
     assert!(!text.contains("no guest profile matches"), "{text}");
+    // Without a profile the hooks are still caught, at page level, the
+    // page named from the guest's own kallsyms (by its first symbol: naming
+    // the changed bytes without a profile is issue 28's).
+    let out = bare_vigil(&["check", &g.name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("kernel-text") && text.contains("named from guest memory: lower trust"),
+        "{}: without a profile: {text}",
+        kernel.line()
+    );
 }
 
 #[test]
@@ -141,6 +173,30 @@ fn lab_lines_6_12_attacks_are_caught_and_named() {
 
 const LONG_STORM: Duration = Duration::from_secs(5 * 60);
 
+/// BLAKE3 of each page of the rodata/data gap (from `__end_rodata` to the
+/// next 2 MiB) that the kernel image still maps, read from the host.
+fn gap_pages(domain: &str, kernel: Kernel) -> Vec<(u64, [u8; 32])> {
+    use vigil::integrity::AddressSpace;
+    use vigil::memory::GuestMemory;
+    let hv = vigil::libvirt::Hypervisor::connect("qemu:///system").unwrap();
+    let dom = hv.domain(domain).unwrap();
+    let mem = dom.open_memory(vigil::libvirt::SourceChoice::Auto).unwrap();
+    let regs = dom.registers().unwrap();
+    let view = vigil::linux::discover(&*mem, &regs).unwrap();
+    let p = lab_profile(kernel);
+    let slide = view.identification.image_base.raw().wrapping_sub(p.symbol("_text").unwrap().addr);
+    let end = p.symbol("__end_rodata").unwrap().addr.wrapping_add(slide).next_multiple_of(4096);
+    let mut out = Vec::new();
+    for gva in (end..end.next_multiple_of(2 << 20)).step_by(4096) {
+        if let Some((gpa, _)) = view.translate(vigil::addr::GuestVirtAddr(gva)) {
+            let mut page = vec![0u8; 4096];
+            mem.read(gpa, &mut page).unwrap();
+            out.push((gva, *blake3::hash(&page).as_bytes()));
+        }
+    }
+    out
+}
+
 /// Five minutes of the kernel patching itself (the function tracer on every
 /// function every other round, tracepoints, kprobes, module loads), with
 /// memory filled and freed in a loop and vigil_count's kprobe and ftrace
@@ -153,6 +209,8 @@ fn long_storm(kernel: Kernel) {
     d.wait_watching(&g);
     // (Watching: past the boot's provisional window, so the storm is
     // judged, not absorbed.)
+    let gap_before = gap_pages(&g.name, kernel);
+    assert!(!gap_before.is_empty(), "{}: no gap page mapped after __end_rodata", kernel.line());
     let out = g.run("storm start full pressure hooks").unwrap();
     assert!(out.contains("storm: started") && out.contains("vigil_count loaded"), "{out}");
     let start = Instant::now();
@@ -173,6 +231,16 @@ fn long_storm(kernel: Kernel) {
     let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
     eprintln!("{}: full checks during the storm: {checks:?}", kernel.line());
     assert!(checks.unwrap_or(0.0) >= 100.0, "too few full checks: {checks:?}");
+    // The pressure reused gap pages: a check that protected them as
+    // rodata would have alarmed.
+    let gap_after = gap_pages(&g.name, kernel);
+    let reused = gap_before.iter().filter(|(a, h)| !gap_after.contains(&(*a, *h))).count();
+    eprintln!(
+        "{}: {reused} of {} mapped gap pages changed during the storm",
+        kernel.line(),
+        gap_before.len()
+    );
+    assert!(reused > 0, "{}: the memory pressure reused no freed gap page", kernel.line());
     let out = g.run("storm stop").unwrap();
     eprintln!("{out}");
     assert!(out.contains("counted"), "{out}");

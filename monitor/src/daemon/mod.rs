@@ -571,6 +571,17 @@ async fn domain_task(
             detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
         }
         shared.sink.emit(subject.event(kind, severity, detail));
+        if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "warning",
+                format!(
+                    "{name}: no profile matches its kernel, so its text and rodata are bounded by the \
+                     guest's own kallsyms, which a rootkit can rewrite; add a profile of this kernel \
+                     (vigil profile build) to bound them by the vendor's image"
+                ),
+            ));
+        }
         if let Err(why) = &w.bounds {
             shared.sink.emit(subject.event(
                 EventKind::Notice,
@@ -700,7 +711,7 @@ async fn domain_task(
                 tokio::time::sleep(s.attach_retry).await;
                 continue 'attach;
             }
-            let took = started.elapsed();
+            let took = started.elapsed().saturating_sub(w.take_waited());
             estimate[usize::from(full)] = took;
             let ratio = shared.budget.settle(est, took);
             let m = &shared.sink.metrics;

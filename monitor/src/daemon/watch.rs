@@ -392,8 +392,11 @@ fn take_baseline(
 }
 
 /// Bounds a stored baseline taken before regions were bounded by the
-/// kernel's layout, when only the regions' tails go (see
-/// [`Baseline::keep_head`]); says what was done, or why it was not.
+/// kernel's layout: only by a profile's bounds (the live guest's own
+/// kallsyms may have been rewritten since the baseline was taken), and
+/// only when just the rodata region's tail goes (see
+/// [`Baseline::keep_head`]). Done in memory, after the baseline and its
+/// original pages are loaded as stored; says what was done, or why not.
 fn bound_stored(
     stored: &mut Baseline,
     mem: &Memory,
@@ -403,22 +406,19 @@ fn bound_stored(
     if !stored.kernel.bounds.is_empty() {
         return Ok(stored.kernel.bounds.clone());
     }
-    let b = layout::find(profiles, mem, view, view.identification.image_base, &view.regions)?;
-    let mut trial = stored.clone();
-    let text = trial.keep_head("kernel-text", |g| (b.text.0..b.text.1).contains(&g.raw()));
-    let rodata = trial.keep_head("kernel-rodata", |g| (b.rodata.0..b.rodata.1).contains(&g.raw()));
-    let (Some(text), Some(rodata)) = (text, rodata) else {
-        return Err(format!(
-            "the stored baseline predates layout bounds and its pages outside {} are not a tail \
-             of each region: they stay protected by content until the next baseline",
+    let b = layout::from_profile(profiles, mem, view, view.identification.image_base)
+        .map_err(|e| format!("the stored baseline predates layout bounds and {e}"))?;
+    let dropped = stored.keep_head("kernel-rodata", |g| !b.in_gap(g)).ok_or_else(|| {
+        format!(
+            "the stored baseline predates layout bounds and its rodata pages in the freed gaps \
+                 ({}) are not its tail: they stay protected by content until the next baseline",
             b.describe()
-        ));
-    };
-    trial.kernel.bounds = b.describe();
-    *stored = trial;
+        )
+    })?;
+    stored.kernel.bounds = b.describe();
+    stored.kernel.rodata_pages = stored.region("kernel-rodata").map_or(0, |r| r.pages.len() as u64);
     Ok(format!(
-        "{}; {text} text and {rodata} rodata page(s) of the stored baseline outside them (freed gaps) \
-         now checked for mapping only",
+        "{}; {dropped} rodata page(s) of the stored baseline in the freed gaps now checked for mapping only",
         b.describe()
     ))
 }
@@ -509,17 +509,14 @@ impl Watched {
         let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
         let now = view.identification.boot_key();
         let path = baseline_path(state_dir, dom.uuid());
-        let mut stored_bounds = Err(String::new());
         let (stored, found, unusable) = match load_stored(&path, dom.name(), dom.uuid()) {
             Ok(None) => (Stored::Missing, None, None),
-            Ok(Some(mut b)) => {
+            Ok(Some(b)) => {
                 let code = crate::integrity::check::code_placement(&b, &*mem, &view);
-                stored_bounds = bound_stored(&mut b, &*mem, &view, &settings.profiles);
                 (Stored::Found(Placement::of(code)), Some(b), None)
             }
             Err(reason) => (Stored::Unreadable, None, Some(reason)),
         };
-        drop(view);
         // No baseline: the process is new to vigil, booted or received.
         let same_run = match &found {
             None => Some(false),
@@ -612,15 +609,20 @@ impl Watched {
                     Originals::default()
                 }
             };
+            // Bounded after its files are read as stored (the pages file
+            // holds the pages the baseline had).
+            let bounds = bound_stored(&mut stored, &*mem, &view, &settings.profiles);
+            drop(view);
             let mut w = Self::new(dom, mem, stored, path, originals);
             w.originals_on_disk = settings.originals_on_disk;
             w.register_snapshots = snapshots;
             w.problems = problems;
             w.run = Some(run);
             w.profiles = settings.profiles;
-            w.bounds = stored_bounds;
+            w.bounds = bounds;
             return Ok((w, attached));
         }
+        drop(view);
         // The new baseline is read before anything stored is moved: should
         // the read fail, the next attach finds the same files and decides
         // (and says) the same.
@@ -673,6 +675,13 @@ impl Watched {
     /// taken again.
     pub fn take_register_snapshots(&mut self) -> u64 {
         std::mem::take(&mut self.register_snapshots)
+    }
+
+    /// Time the checks since the last call spent waiting for the kernel to
+    /// finish an update of its own text (a pause, not work: the CPU budget
+    /// does not count it).
+    pub fn take_waited(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.patch_state.waited)
     }
 
     /// Compares the guest with the baseline over `scope`.
@@ -751,7 +760,9 @@ impl Watched {
         match check_tagged(&self.baseline, mem, &view, &regs, scope, self.tags.as_ref()) {
             Ok(mut r) => {
                 let originals = &self.originals;
-                semantic::review_gdt_pages(&mut r, mem, &regs, &|gva| originals.page(gva));
+                semantic::review_gdt_pages(&mut r, mem, &self.baseline.registers, &|gva| {
+                    originals.page(gva)
+                });
                 // Syscall tables and IDT gates are small: both scopes check them.
                 self.profile = None;
                 if let Some(mut m) =

@@ -42,7 +42,7 @@ pub fn examine<M: GuestMemory + ?Sized>(
 ) -> Result<Examined, ExamineError> {
     let view = discover(mem, regs)?;
     let mut report = check(baseline, mem, &view, regs)?;
-    semantic::review_gdt_pages(&mut report, mem, regs, &|gva| originals.page(gva));
+    semantic::review_gdt_pages(&mut report, mem, &baseline.registers, &|gva| originals.page(gva));
     let mut warnings = Vec::new();
     let code: Vec<&str> = baseline
         .regions

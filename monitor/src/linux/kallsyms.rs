@@ -243,7 +243,10 @@ fn addresses(b: &[u8], offsets_at: usize, base_at: usize, n: usize) -> Option<(u
         last = addr;
         out.push(addr);
     }
-    Some((relative_base, out))
+    // Most symbols are kernel addresses at or above the base (the few
+    // below are per-CPU offsets): zeros read as offsets are not believed.
+    let above = out.iter().filter(|&&a| a >= relative_base).count();
+    (above * 2 > n).then_some((relative_base, out))
 }
 
 /// Looks back from the token table at `tokens` for the markers array.

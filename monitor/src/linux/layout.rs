@@ -101,19 +101,50 @@ impl Bounds {
         ((self.text.1 - self.text.0) / PAGE_SIZE, (self.rodata.1 - self.rodata.0) / PAGE_SIZE)
     }
 
-    /// Keeps, of `kernel-text` and `kernel-rodata`, the pages inside the
-    /// bounds.
+    /// Whether a `kernel-rodata` page (as permissions class it) is one of
+    /// the freed gaps, to be left out of content checks: between text's end
+    /// and `__start_rodata`, or from `__end_rodata` to the next 2 MiB. Only
+    /// those: pages inside the bounds, or outside the image's layout
+    /// altogether, stay (so bounds that lie can take at most the 2 MiB
+    /// around rodata's ends out of protection).
+    fn is_gap(&self, gva: u64) -> bool {
+        let data = self.rodata.1.next_multiple_of(2 << 20);
+        (self.text.1..self.rodata.0).contains(&gva) || (self.rodata.1..data).contains(&gva)
+    }
+
+    /// Keeps, of `kernel-rodata`, the pages inside the bounds when they
+    /// come from a profile (the vendor's image: pages the kernel made
+    /// read-only elsewhere, such as 6.12's `idt_table`, are protected by
+    /// their own regions); when they come from the guest, only the freed
+    /// gap pages go. Text is left whole: a read-only executable page past
+    /// `_etext` is executable memory, and its content stays protected (its
+    /// count is returned, for the event).
     pub fn apply(&self, regions: &mut [RegionLayout]) -> Dropped {
+        let trusted = matches!(self.source, Source::Profile(_));
         let mut dropped = Dropped::default();
         for r in regions {
-            let ((lo, hi), count) = match r.name.as_str() {
-                "kernel-text" => (self.text, &mut dropped.text),
-                "kernel-rodata" => (self.rodata, &mut dropped.rodata),
-                _ => continue,
-            };
-            let before = r.pages.len();
-            r.pages.retain(|p| (lo..hi).contains(&p.gva.raw()));
-            *count = before - r.pages.len();
+            match r.name.as_str() {
+                "kernel-text" => {
+                    dropped.text = r
+                        .pages
+                        .iter()
+                        .filter(|p| !(self.text.0..self.text.1).contains(&p.gva.raw()))
+                        .count();
+                }
+                "kernel-rodata" => {
+                    let before = r.pages.len();
+                    r.pages.retain(|p| {
+                        let gva = p.gva.raw();
+                        if trusted {
+                            (self.rodata.0..self.rodata.1).contains(&gva)
+                        } else {
+                            !self.is_gap(gva)
+                        }
+                    });
+                    dropped.rodata = before - r.pages.len();
+                }
+                _ => {}
+            }
         }
         dropped
     }
@@ -121,9 +152,7 @@ impl Bounds {
     /// Whether `gva` lies in one of the image's freed gaps: between text
     /// and rodata, or after rodata up to the next 2 MiB (where data starts).
     pub fn in_gap(&self, gva: GuestVirtAddr) -> bool {
-        let a = gva.raw();
-        let data = self.rodata.1.next_multiple_of(2 << 20);
-        (self.text.1..self.rodata.0).contains(&a) || (self.rodata.1..data).contains(&a)
+        self.is_gap(gva.raw())
     }
 
     /// One line for events and reports.
@@ -134,6 +163,21 @@ impl Bounds {
             self.text.0, self.text.1, self.rodata.0, self.rodata.1, self.source
         )
     }
+}
+
+/// The bounds of the kernel in `space` from the first profile whose banner
+/// the guest holds (the vendor's image: trusted), or why there are none.
+pub fn from_profile<M: crate::memory::GuestMemory + ?Sized>(
+    profiles: &[super::profile::Profile],
+    mem: &M,
+    space: &dyn crate::integrity::AddressSpace,
+    image_base: GuestVirtAddr,
+) -> Result<Bounds, String> {
+    let m = super::semantic::match_profile(profiles, mem, space, image_base)
+        .ok_or("no guest profile matches")?;
+    let at = |n: &str| m.profile.symbol(n).map(|s| s.addr.wrapping_add(m.slide));
+    Bounds::from_symbols(at, Source::Profile(m.profile.release.clone()))
+        .map_err(|e| format!("the profile of {}: {e}", m.profile.release))
 }
 
 /// The bounds of the kernel in `space`: from the first profile whose banner
@@ -147,14 +191,9 @@ pub fn find<M: crate::memory::GuestMemory + ?Sized>(
     regions: &[RegionLayout],
 ) -> Result<Bounds, String> {
     let mut why = Vec::new();
-    if let Some(m) = super::semantic::match_profile(profiles, mem, space, image_base) {
-        let at = |n: &str| m.profile.symbol(n).map(|s| s.addr.wrapping_add(m.slide));
-        match Bounds::from_symbols(at, Source::Profile(m.profile.release.clone())) {
-            Ok(b) => return Ok(b),
-            Err(e) => why.push(format!("the profile of {}: {e}", m.profile.release)),
-        }
-    } else {
-        why.push("no guest profile matches".to_owned());
+    match from_profile(profiles, mem, space, image_base) {
+        Ok(b) => return Ok(b),
+        Err(e) => why.push(e),
     }
     let rodata = regions.iter().find(|r| r.name == "kernel-rodata");
     match rodata.and_then(|r| super::semantic::GuestSymbols::read(mem, r)) {
@@ -183,10 +222,17 @@ pub fn bound_view<M: crate::memory::GuestMemory + ?Sized>(
     view.identification.text_pages = count("kernel-text");
     view.identification.rodata_pages = count("kernel-rodata");
     view.identification.bounds = b.describe();
+    let text_past = if dropped.text > 0 {
+        format!(
+            "; {} executable page(s) past _etext (freed, yet executable) stay protected",
+            dropped.text
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "{}; {} text and {} rodata page(s) outside them (freed gaps) checked for mapping only",
+        "{}; {} rodata page(s) in the freed gaps checked for mapping only{text_past}",
         b.describe(),
-        dropped.text,
         dropped.rodata
     ))
 }
@@ -248,17 +294,32 @@ mod tests {
                 0xffff_fe00_0000_1000,
             ),
         ];
+        let text_pages = regions[0].pages.len();
         let dropped = b.apply(&mut regions);
         assert_eq!(dropped, Dropped { text: 0xe, rodata: 0x1d9 });
-        assert_eq!(regions[0].pages.len() as u64, b.pages().0);
+        assert_eq!(regions[0].pages.len(), text_pages, "executable pages all stay");
         assert_eq!(regions[1].pages.len() as u64, b.pages().1);
+        // Bounds from the guest: rodata pages before the text's end (no
+        // gap) or past the 2 MiB after __end_rodata stay, whatever the
+        // bounds say.
+        let b = Bounds { source: Source::GuestKallsyms, ..b };
+        let mut odd = vec![region(
+            "kernel-rodata",
+            RegionKind::ReadOnlyData,
+            b.text.0,
+            0xffff_ffff_82c0_0000 + s,
+        )];
+        let all = odd[0].pages.len();
+        let dropped = b.apply(&mut odd);
+        assert_eq!(dropped.rodata, 0x1fe + 0x1d9, "the two gaps only");
+        assert_eq!(odd[0].pages.len(), all - 0x1fe - 0x1d9);
         assert_eq!(regions[2].pages.len(), 1, "other regions untouched");
         assert!(b.in_gap(GuestVirtAddr(0xffff_ffff_81e0_2000 + s)));
         assert!(b.in_gap(GuestVirtAddr(0xffff_ffff_8282_7000 + s)));
         assert!(b.in_gap(GuestVirtAddr(0xffff_ffff_829f_f000 + s)));
         assert!(!b.in_gap(GuestVirtAddr(0xffff_ffff_82a0_0000 + s)), "data");
         assert!(!b.in_gap(GuestVirtAddr(0xffff_ffff_81e0_1000 + s)), "the last text page");
-        assert!(b.describe().contains("profile of 6.1"), "{}", b.describe());
+        assert!(b.describe().contains("own kallsyms (lower trust)"), "{}", b.describe());
     }
 
     #[test]

@@ -998,7 +998,8 @@ pub struct Verdicts {
     /// well-formed call or jmp that the record does not name: what the
     /// kernel's own update looks like between writing the record and the
     /// last site, and what is judged again for longer before it is believed.
-    pub disagreements: usize,
+    /// As (site, bytes).
+    pub disagreements: Vec<(u64, Vec<u8>)>,
 }
 
 /// Where a relative branch of `b` (at `addr`) lands: `call`/`jmp rel32`, `jmp rel8`.
@@ -1395,7 +1396,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                             )
                         );
                         if by_record && matches!(c.first(), Some(&(CALL | JMP32))) {
-                            out.disagreements += 1;
+                            out.disagreements.push((a, c.clone()));
                         }
                         out.violations.push(violation(a, why, hex(&o), hex(&c)));
                     }
@@ -1472,6 +1473,14 @@ pub struct PatchMemory {
     optinsn: HashMap<(u64, u64), std::time::Instant>,
     /// The site map last made, kept while the tables read the same.
     site_memo: SiteMemo,
+    /// Record disagreements (site, bytes) already given the slow window,
+    /// and when: the same one again is judged at once, so that a guest can
+    /// neither make every check wait nor keep a hook that leaves for a
+    /// moment in every window.
+    slow_judged: HashMap<(u64, Vec<u8>), std::time::Instant>,
+    /// Time spent waiting in slow windows since last taken: a pause, not
+    /// work, for the CPU budget.
+    pub waited: std::time::Duration,
 }
 
 /// How long a patch record still counts after the kernel dropped it.
@@ -1522,6 +1531,10 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 /// takes seconds to patch a static call's sites); an attacker's call stays.
 const SLOW_WINDOW: std::time::Duration = std::time::Duration::from_secs(4);
 const SLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a disagreement given the slow window is remembered, and how
+/// many at most.
+const SLOW_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+const MAX_SLOW_JUDGED: usize = 4096;
 
 /// Region name for findings about the patch records themselves.
 pub const TABLES_REGION: &str = "patch-tables";
@@ -1583,6 +1596,7 @@ pub fn review<M: GuestMemory + ?Sized>(
         // the kernel's own update passes through are judged again for
         // longer, up to SLOW_WINDOW.
         let mut round = 0;
+        let mut slow = false;
         let started = std::time::Instant::now();
         let (tables, mut v) = loop {
             let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
@@ -1593,12 +1607,33 @@ pub fn review<M: GuestMemory + ?Sized>(
             let clean = violations.clone().count() == 0
                 && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
             let updating = !clean
-                && violations.count() == v.disagreements
+                && violations.count() == v.disagreements.len()
                 && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
-            if clean || (round >= RETRIES && !(updating && started.elapsed() < SLOW_WINDOW)) {
+            // The slow window opens once, for a disagreement not given it yet.
+            if round == RETRIES
+                && updating
+                && v.disagreements.iter().any(|d| !memory.slow_judged.contains_key(d))
+            {
+                slow = true;
+            }
+            if round >= RETRIES {
+                // Each disagreement seen in the slow window has had it.
+                let now = std::time::Instant::now();
+                memory.slow_judged.retain(|_, t| now.duration_since(*t) < SLOW_MEMORY);
+                for d in &v.disagreements {
+                    if memory.slow_judged.len() < MAX_SLOW_JUDGED {
+                        memory.slow_judged.entry(d.clone()).or_insert(now);
+                    }
+                }
+            }
+            if clean || (round >= RETRIES && !(slow && updating && started.elapsed() < SLOW_WINDOW))
+            {
                 break (tables, v);
             }
             round += 1;
+            if round > RETRIES {
+                memory.waited += SLOW_PAUSE;
+            }
             std::thread::sleep(if round <= RETRIES { RETRY_PAUSE * round } else { SLOW_PAUSE });
         };
         for f in &mut v.violations {
@@ -1766,7 +1801,10 @@ mod tests {
         let v = verify(&t, &f, &orig);
         assert_eq!(v.violations.len(), 1);
         assert!(v.violations[0].detail.contains("jump-label site"), "{}", v.violations[0].detail);
-        assert_eq!(v.disagreements, 0, "a jump label's target is fixed: no update explains it");
+        assert!(
+            v.disagreements.is_empty(),
+            "a jump label's target is fixed: no update explains it"
+        );
         assert_eq!(v.violations[0].gva, GuestVirtAddr(A));
         assert_eq!(v.violations[0].before, "0f1f440000");
     }
@@ -1821,9 +1859,12 @@ mod tests {
         assert!(v.violations[0].detail.contains("static call"));
         // A call the key does not name: a disagreement, judged again for
         // longer (the kernel writes the key before the sites).
-        assert_eq!(v.disagreements, 1);
+        assert_eq!(v.disagreements, [(A, rel(CALL, A, other))]);
         write(&mut f, A, &[0xcc, 0x90, 0x90, 0x90, 0x90]);
-        assert_eq!(verify(&t, &f, &orig).disagreements, 0, "no call: no update of the kernel's");
+        assert!(
+            verify(&t, &f, &orig).disagreements.is_empty(),
+            "no call: no update of the kernel's"
+        );
         // A trampoline returns when the key has no function.
         let mut t = tables(Site::StaticTramp { key: Some(key) });
         t.key_funcs.insert(key, 0);

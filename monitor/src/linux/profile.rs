@@ -99,7 +99,7 @@ pub const MODULE_FIELDS: &[&str] = &[
     "mem.base",
     "mem.size",
     "init_layout.base",
-    "init_layout.size",
+    "init_layout.text_size",
 ];
 
 /// Symbols a profile keeps besides all code: what the checks read.

@@ -49,10 +49,14 @@ pub struct Module {
 const MAX_INIT_TEXT: u64 = 64 << 20;
 
 impl Module {
-    /// Whether `start..end` lies in its core allocation or its init text.
+    /// Whether `start..end` lies in its core allocation, or, while it is
+    /// not yet live, its init text (a live module's init text is freed:
+    /// fields that still name some are not believed).
     pub fn holds(&self, start: u64, end: u64) -> bool {
         let within = |base: u64, size: u64| base <= start && end <= base.saturating_add(size);
-        within(self.base, self.size) || (self.init.1 > 0 && within(self.init.0, self.init.1))
+        let loading = matches!(self.state, MODULE_COMING | MODULE_UNFORMED);
+        within(self.base, self.size)
+            || (loading && self.init.1 > 0 && within(self.init.0, self.init.1))
     }
 }
 
@@ -62,6 +66,8 @@ pub const MODULE_LIVE: u32 = 0;
 pub const MODULE_COMING: u32 = 1;
 /// `MODULE_STATE_GOING`: its exit function runs, or it failed to load.
 pub const MODULE_GOING: u32 = 2;
+/// `MODULE_STATE_UNFORMED`: still being set up by the loader.
+pub const MODULE_UNFORMED: u32 = 3;
 
 /// A module state as `/proc/modules` would word it.
 pub fn module_state_name(state: u32) -> &'static str {
@@ -249,14 +255,17 @@ fn module_layout(p: &super::profile::Profile) -> Result<(u64, u64, u64), String>
 /// `struct module_memory`.
 fn module_init_layout(p: &super::profile::Profile) -> Option<(u64, u64)> {
     if let (Some(b), Some(s)) =
-        (p.offset("module.init_layout.base"), p.offset("module.init_layout.size"))
+        (p.offset("module.init_layout.base"), p.offset("module.init_layout.text_size"))
     {
         return Some((b, s));
     }
     const MOD_INIT_TEXT: u64 = 4;
     let stride = p.offset("module_memory.#size")?;
     let skip = MOD_INIT_TEXT.checked_mul(stride)?;
-    Some((p.offset("module.mem.base")? + skip, p.offset("module.mem.size")? + skip))
+    Some((
+        p.offset("module.mem.base")?.checked_add(skip)?,
+        p.offset("module.mem.size")?.checked_add(skip)?,
+    ))
 }
 
 /// [`walk_modules`], walked again from the head when a walk fails, up to
@@ -443,18 +452,22 @@ pub fn gdt_problems(gdt: &[u8]) -> Vec<(usize, String)> {
 /// `set_thread_area` descriptors there at every task switch.
 const GDT_TLS: std::ops::RangeInclusive<usize> = 12..=14;
 
-/// Whether descriptor `d` is one `set_thread_area` can install: empty, or a
-/// ring-3 code or data segment (never a system descriptor or a gate).
+/// Whether descriptor `d` is one `set_thread_area` can install (the
+/// kernel's `tls_desc_okay` and `fill_ldt`): empty, or a 32-bit ring-3 data
+/// segment (S set, DPL 3, not code, L clear, D/B set), present or not.
 fn user_tls_descriptor(d: u64) -> bool {
     let access = ((d >> 40) & 0xff) as u8;
-    d == 0 || (access & 0x10 != 0 && (access >> 5) & 3 == 3)
+    let (long, big) = ((d >> 53) & 1 == 1, (d >> 54) & 1 == 1);
+    d == 0 || (access & 0x10 != 0 && (access >> 5) & 3 == 3 && access & 0x08 == 0 && !long && big)
 }
 
 /// Takes the content findings of GDT pages (regions `gdt-cpuN`) whose only
 /// change is in the TLS entries, each now empty or a ring-3 segment, and
 /// reports them as info: a task with 32-bit TLS was switched to. Any other
-/// change of a GDT page stays a violation. `regs` give each GDT's base
-/// within its page; `original` the page as the baseline kept it.
+/// change of a GDT page stays a violation. `regs` (the baseline's) give each
+/// GDT's base within its page; `original` the page as the baseline kept it.
+/// The page is read again to be judged: only when it still hashes to what
+/// the check found (one-page regions) is the judgement of the same bytes.
 pub fn review_gdt_pages<M: GuestMemory + ?Sized>(
     report: &mut crate::integrity::Report,
     mem: &M,
@@ -464,6 +477,9 @@ pub fn review_gdt_pages<M: GuestMemory + ?Sized>(
     let taken = report.take_violations(|f| {
         f.kind == FindingKind::Content && f.region.starts_with("gdt-cpu") && f.page.is_some()
     });
+    let pages: Vec<(String, u64)> =
+        report.regions.iter().map(|r| (r.name.clone(), r.pages)).collect();
+    let one_page = |region: &str| pages.iter().any(|(n, p)| n == region && *p == 1);
     let mut keep = Vec::new();
     let mut info = Vec::new();
     for f in taken {
@@ -478,8 +494,11 @@ pub fn review_gdt_pages<M: GuestMemory + ?Sized>(
         let tls_only = base.is_some_and(|base| {
             let gpa = GuestPhysAddr(f.gpa.raw() & !(PAGE_SIZE - 1));
             let Some(orig) = original(page).filter(|o| o.len() == cur.len()) else { return false };
-            if mem.read(gpa, &mut cur).is_err() {
+            if mem.read(gpa, &mut cur).is_err() || !one_page(&f.region) {
                 return false;
+            }
+            if blake3::hash(&cur).to_hex().as_str() != f.after {
+                return false; // changed since the check: judged at the next
             }
             // Where the TLS entries lie in this page (the table may start
             // in an earlier page of the region).
@@ -1011,7 +1030,7 @@ mod tests {
             }
             let mem = crate::memory::RawDump::from_bytes(now);
             let mut r = crate::integrity::check::check(&b, &mem, &space, &regs).unwrap();
-            review_gdt_pages(&mut r, &mem, &regs, &|gva| originals.page(gva));
+            review_gdt_pages(&mut r, &mem, &b.registers, &|gva| originals.page(gva));
             (r.violations.len(), r.info.len())
         };
         let user_data = 0x00cf_f300_0000_ffffu64; // ring-3 data, as set_thread_area makes
@@ -1019,6 +1038,13 @@ mod tests {
         assert_eq!(judge(&[(12, user_data)]), (0, 1));
         assert_eq!(judge(&[(12, user_data), (13, user_data ^ 0x1234), (14, user_data)]), (0, 1));
         assert_eq!(judge(&[(12, 0x00cf_9300_0000_ffff)]), (1, 0), "a ring-0 segment in TLS");
+        assert_eq!(
+            judge(&[(12, 0x00cf_fb00_0000_ffff)]),
+            (1, 0),
+            "ring-3 code: never from set_thread_area"
+        );
+        assert_eq!(judge(&[(12, 0x00af_f300_0000_ffff)]), (1, 0), "a 64-bit (L) data segment");
+        assert_eq!(judge(&[(12, 0x004f_7300_0000_ffff)]), (0, 1), "not present: seg_not_present");
         assert_eq!(judge(&[(13, 0x0000_8c00_0010_0000)]), (1, 0), "a call gate in TLS");
         assert_eq!(judge(&[(12, user_data), (6, 0)]), (1, 0), "and the user code segment");
         assert_eq!(judge(&[(15, user_data)]), (1, 0), "CPUNODE is no TLS entry");
@@ -1077,7 +1103,9 @@ mod tests {
     /// `init_layout` on 6.1 and `mem[MOD_INIT_TEXT]` on 6.12.
     #[test]
     fn module_init_text_is_found_in_either_layout_and_held_by_its_module() {
-        assert_eq!(module_init_layout(&lab_profile()), Some((400, 408)));
+        let p61 = lab_profile();
+        let text_size = p61.offset("module.init_layout.text_size").unwrap();
+        assert_eq!(module_init_layout(&p61), Some((400, text_size)));
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../guest-profiles/6.12.111+deb12-cloud-amd64.profile"
@@ -1098,8 +1126,10 @@ mod tests {
         assert!(md.holds(0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000));
         assert!(md.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000));
         assert!(!md.holds(0xffff_ffff_c000_9000, 0xffff_ffff_c000_a000));
+        let live = Module { state: MODULE_LIVE, ..md.clone() };
+        assert!(!live.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000), "live: init is freed");
         let done = Module { init: (0, 0), ..md };
-        assert!(!done.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000), "init freed");
+        assert!(!done.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000), "init cleared");
     }
 
     /// Where the test's four pages of RAM are mapped.
