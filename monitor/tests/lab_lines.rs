@@ -253,11 +253,13 @@ fn long_storm(kernel: Kernel) {
 }
 
 #[test]
+#[ignore = "five minutes of storm; run with `lab/test.sh --run-ignored all` (see the README's lab section)"]
 fn lab_lines_6_1_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
     long_storm(Kernel::V6_1);
 }
 
 #[test]
+#[ignore = "five minutes of storm; run with `lab/test.sh --run-ignored all` (see the README's lab section)"]
 fn lab_lines_6_12_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
     long_storm(Kernel::V6_12);
 }

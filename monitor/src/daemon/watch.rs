@@ -9,7 +9,7 @@ use crate::integrity::check::{CheckError, Report, Scope, check_tagged};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::Originals;
@@ -200,10 +200,9 @@ pub struct Watched {
     /// apart), so such a page stays accounted for up to [`RECORD_GRACE`].
     recognized: HashMap<(u64, u64), std::time::Instant>,
     /// Unlisted executable runs seen by the last check, as (virtual,
-    /// physical) of their start: reported when seen a second time in a row,
-    /// since the kernel maps some memory executable a moment before it
-    /// records it (a kprobe slot page, an ftrace trampoline).
-    unlisted_seen: HashSet<(u64, u64)>,
+    /// physical) of their start, with when first seen in a row: reported
+    /// once seen for [`UNLISTED_PERSIST`].
+    unlisted_seen: HashMap<(u64, u64), std::time::Instant>,
     /// Names from the guest's own kallsyms, read once when no profile
     /// matches and something needs naming (lower trust).
     guest_symbols: Option<Option<semantic::GuestSymbols>>,
@@ -231,6 +230,14 @@ pub struct Watched {
     /// are not (`Err`), to be reported.
     pub bounds: Result<String, String>,
 }
+
+/// How long executable module-area memory that no record accounts for must
+/// stay so, seen at every check meanwhile, before it is reported. The kernel
+/// maps some memory executable a moment before it records it (a kprobe slot
+/// page, an ftrace trampoline) and frees some a while after it drops the
+/// record (a module's init text goes after an RCU grace period, from a
+/// workqueue): seconds, in a slow guest.
+const UNLISTED_PERSIST: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Listed modules whose state is not live, since when, in which state.
 ///
@@ -466,7 +473,7 @@ impl Watched {
             modules_not_live: NotLive::default(),
             patch_state: PatchMemory::default(),
             recognized: HashMap::new(),
-            unlisted_seen: HashSet::new(),
+            unlisted_seen: HashMap::new(),
             guest_symbols: None,
             tags: None,
             originals_on_disk: false,
@@ -795,8 +802,9 @@ impl Watched {
                             return true;
                         }
                         let key = (f.gva.raw(), f.gpa.raw());
-                        self.unlisted_seen.insert(key);
-                        before.contains(&key)
+                        let first = before.get(&key).copied().unwrap_or(now);
+                        self.unlisted_seen.insert(key, first);
+                        now.duration_since(first) >= UNLISTED_PERSIST
                     });
                     for mp in view.exec_outside_image() {
                         let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
