@@ -204,7 +204,11 @@ fn gap_pages(domain: &str, kernel: Kernel) -> Vec<(u64, [u8; 32])> {
 /// inline hook is caught.
 fn long_storm(kernel: Kernel) {
     let s = suffix("longstorm", kernel);
-    let d = Daemon::every_second(&format!("vigil-lab-{s}"));
+    // Evidence bundles: a violation's rule and bytes for the failure message.
+    let d = Daemon::every_second_with(
+        &format!("vigil-lab-{s}"),
+        "[evidence]\nenabled = true\nmemory_dump = false\n",
+    );
     let mut g = boot_kernel(&s, kernel);
     d.wait_watching(&g);
     // (Watching: past the boot's provisional window, so the storm is
@@ -221,12 +225,15 @@ fn long_storm(kernel: Kernel) {
             .iter()
             .map(|a| format!("{} {} {}", a["region"], a["symbol"], a["detail"]))
             .collect();
-        assert!(
-            v.is_empty(),
-            "{}: violations after {:?} of the storm: {v:#?}",
-            kernel.line(),
-            start.elapsed()
-        );
+        if !v.is_empty() {
+            std::thread::sleep(Duration::from_secs(5)); // the bundle is written
+            panic!(
+                "{}: violations after {:?} of the storm: {v:#?}\nwhat the evidence says: {:#?}",
+                kernel.line(),
+                start.elapsed(),
+                d.evidence_changes()
+            );
+        }
     }
     let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
     eprintln!("{}: full checks during the storm: {checks:?}", kernel.line());

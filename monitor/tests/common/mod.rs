@@ -88,12 +88,46 @@ impl Daemon {
 
     /// A daemon that checks `domain` in full every second.
     pub fn every_second(domain: &str) -> Self {
+        Self::every_second_with(domain, "")
+    }
+
+    /// [`Daemon::every_second`] with more configuration after `[schedule]`.
+    pub fn every_second_with(domain: &str, extra_config: &str) -> Self {
         let config = Self::config_text(domain).replace(
             &format!("full_interval = \"{}ms\"", FULL.as_millis()),
             "full_interval = \"1s\"",
         );
         assert!(config.contains("full_interval = \"1s\""), "{config}");
-        Self::spawned(config, vec![])
+        Self::spawned(format!("{config}{extra_config}"), vec![])
+    }
+
+    /// What the evidence bundles saved so far say of each violation: the
+    /// rule it broke, where, and the bytes (for a failing test's message).
+    pub fn evidence_changes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.path("evidence")];
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.file_name().is_some_and(|n| n == "diff.json") {
+                    let v: Value = std::fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or_default();
+                    for c in v["changes"].as_array().into_iter().flatten() {
+                        if c["verdict"] == "violation" {
+                            out.push(format!(
+                                "{} {} {}: {} ({})",
+                                c["region"], c["gva"], c["symbol"], c["rule"], c["bytes"]
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// One request on the control socket, and its answer.
