@@ -243,10 +243,11 @@ fn addresses(b: &[u8], offsets_at: usize, base_at: usize, n: usize) -> Option<(u
         last = addr;
         out.push(addr);
     }
-    // Most symbols are kernel addresses at or above the base (the few
-    // below are per-CPU offsets): zeros read as offsets are not believed.
-    let above = out.iter().filter(|&&a| a >= relative_base).count();
-    (above * 2 > n).then_some((relative_base, out))
+    // Symbols below the base are per-CPU offsets, which come first (a few
+    // hundred of them); some must lie at or above it: zeros read as
+    // offsets are not believed.
+    let above = out.iter().any(|&a| a >= relative_base);
+    above.then_some((relative_base, out))
 }
 
 /// Looks back from the token table at `tokens` for the markers array.
@@ -503,6 +504,11 @@ mod tests {
         assert!(e.contains("addresses"), "{e}");
         let mut b = img.clone();
         b[base_at + 7] = 0;
+        let e = find(&b).unwrap_err().to_string();
+        assert!(e.contains("addresses"), "{e}");
+        // Zeros where the offsets are: sorted, yet no kernel address.
+        let mut b = img.clone();
+        b[offsets_at..offsets_at + 4 * syms.len()].fill(0);
         let e = find(&b).unwrap_err().to_string();
         assert!(e.contains("addresses"), "{e}");
         assert!(find(&img).is_ok());
