@@ -33,6 +33,11 @@ pub enum WatchError {
     Baseline(#[from] BaselineError),
     #[error("{0}")]
     StoredState(String),
+    #[error(
+        "{0} is paused, receiving its memory (a restore or an incoming migration): it is taken \
+         up once it runs"
+    )]
+    Receiving(String),
 }
 
 impl WatchError {
@@ -58,6 +63,7 @@ impl WatchError {
             WatchError::Discover(_) => "kernel_not_found",
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
             WatchError::Baseline(_) | WatchError::StoredState(_) => "baseline_file",
+            WatchError::Receiving(_) => "receiving",
         }
     }
 
@@ -138,6 +144,11 @@ pub trait Guest: Send {
     fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError>;
     /// The hypervisor's run of the guest (its emulator process).
     fn run(&self) -> Result<Run, LibvirtError>;
+    /// Whether the guest is paused (an emulator started `-incoming` is
+    /// paused until its memory has all arrived).
+    fn paused(&self) -> bool {
+        false
+    }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError>;
     /// The guest's memory size, for evidence limits.
     fn memory_bytes(&self) -> Result<u64, LibvirtError>;
@@ -160,6 +171,9 @@ impl Guest for GuestDomain {
     }
     fn run(&self) -> Result<Run, LibvirtError> {
         GuestDomain::run(self)
+    }
+    fn paused(&self) -> bool {
+        self.state_text() == "paused"
     }
     fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
         GuestDomain::open_memory(self, SourceChoice::Auto)
@@ -511,6 +525,11 @@ impl Watched {
         use super::boot::{Action, Placement, Signal, Stored, decide};
         dom.ensure_running()?;
         let run = dom.run()?;
+        // Memory that is still arriving is no evidence of where the kernel
+        // is: wait until the emulator runs the guest.
+        if run.incoming && dom.paused() {
+            return Err(WatchError::Receiving(dom.name().to_owned()));
+        }
         let mem = dom.open_memory()?;
         let mut snapshots = 0;
         let (_, view) = registers_and_kernel(&*dom, &*mem, &mut snapshots)?;
