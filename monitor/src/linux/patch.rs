@@ -1473,11 +1473,12 @@ pub struct PatchMemory {
     optinsn: HashMap<(u64, u64), std::time::Instant>,
     /// The site map last made, kept while the tables read the same.
     site_memo: SiteMemo,
-    /// Record disagreements (site, bytes) already given the slow window,
-    /// and when: the same one again is judged at once, so that a guest can
-    /// neither make every check wait nor keep a hook that leaves for a
-    /// moment in every window.
-    slow_judged: HashMap<(u64, Vec<u8>), std::time::Instant>,
+    /// Sites whose record disagreement was already given the slow window,
+    /// and when: a site is given it once in [`SLOW_MEMORY`] whatever bytes
+    /// it holds, so that a guest can neither make every check wait nor keep
+    /// a hook (with a new target each time) that leaves for a moment in
+    /// every window. Full, it gives no new window.
+    slow_judged: HashMap<u64, std::time::Instant>,
     /// Time spent waiting in slow windows since last taken: a pause, not
     /// work, for the CPU budget.
     pub waited: std::time::Duration,
@@ -1612,7 +1613,8 @@ pub fn review<M: GuestMemory + ?Sized>(
             // The slow window opens once, for a disagreement not given it yet.
             if round == RETRIES
                 && updating
-                && v.disagreements.iter().any(|d| !memory.slow_judged.contains_key(d))
+                && memory.slow_judged.len() < MAX_SLOW_JUDGED
+                && v.disagreements.iter().any(|(a, _)| !memory.slow_judged.contains_key(a))
             {
                 slow = true;
             }
@@ -1620,9 +1622,9 @@ pub fn review<M: GuestMemory + ?Sized>(
                 // Each disagreement seen in the slow window has had it.
                 let now = std::time::Instant::now();
                 memory.slow_judged.retain(|_, t| now.duration_since(*t) < SLOW_MEMORY);
-                for d in &v.disagreements {
+                for (a, _) in &v.disagreements {
                     if memory.slow_judged.len() < MAX_SLOW_JUDGED {
-                        memory.slow_judged.entry(d.clone()).or_insert(now);
+                        memory.slow_judged.entry(*a).or_insert(now);
                     }
                 }
             }
