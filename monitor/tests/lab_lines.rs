@@ -171,6 +171,68 @@ fn lab_lines_6_12_attacks_are_caught_and_named() {
     attacks_named(Kernel::V6_12);
 }
 
+/// A baseline stored by a vigil from before layout bounds: its rodata ran
+/// on into the freed rodata/data gap, and the gap pages have been reused
+/// since (values that no longer match). Attached again, it is bounded in
+/// memory by the profile: the gap pages are dropped from content checks
+/// (the attach event counts them), and no violation follows.
+fn earlier_baseline_bounded(kernel: Kernel) {
+    use vigil::integrity::baseline::{PageRecord, expand_runs};
+    let s = suffix("earlier", kernel);
+    let mut d = Daemon::start(&format!("vigil-lab-{s}"));
+    let g = boot_kernel(&s, kernel);
+    d.wait_watching(&g);
+    d.kill9();
+    let path = vigil::daemon::watch::baseline_path(d.dir.path(), &g.uuid);
+    let mut b = vigil::integrity::Baseline::load(&path).unwrap();
+    let p = lab_profile(kernel);
+    let slide = b.kernel.image_base.raw().wrapping_sub(p.symbol("_text").unwrap().addr);
+    let end = p.symbol("__end_rodata").unwrap().addr.wrapping_add(slide).next_multiple_of(4096);
+    let gap: Vec<PageRecord> = expand_runs(&b.image_mapping)
+        .unwrap()
+        .into_iter()
+        .filter(|m| (end..end.next_multiple_of(2 << 20)).contains(&m.gva.raw()))
+        .map(|m| PageRecord { gva: m.gva, gpa: m.gpa, perms: m.perms, value: [0xa5; 32] })
+        .collect();
+    assert!(!gap.is_empty(), "{}: no gap page in the image mapping", kernel.line());
+    let r = b.regions.iter_mut().find(|r| r.name == "kernel-rodata").unwrap();
+    assert_eq!(
+        r.pages.last().unwrap().gva.raw() + 4096,
+        end,
+        "the stored rodata ends at __end_rodata"
+    );
+    r.pages.extend(gap.iter().cloned());
+    r.bytes = r.pages.len() as u64 * 4096;
+    let values: Vec<_> = r.pages.iter().map(|p| p.value).collect();
+    r.root = *vigil::integrity::tree::region_root(&values, r.bytes).unwrap().as_bytes();
+    b.kernel.rodata_pages = r.pages.len() as u64;
+    b.kernel.bounds.clear();
+    b.save(&path).unwrap();
+    d.spawn();
+    d.wait_for("the stored baseline attached", Duration::from_secs(90), |d| {
+        !d.events("attached", &g.name).is_empty()
+            && d.status(&g.name).is_some_and(|s| s["state"] == "watching")
+    });
+    std::thread::sleep(2 * FULL);
+    assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
+    let attached = d.events("attached", &g.name).last().cloned().unwrap();
+    let said = attached["detail"].as_str().unwrap_or("");
+    assert!(
+        said.contains(&format!(
+            "{} rodata page(s) of the stored baseline in the freed gaps now checked for mapping only",
+            gap.len()
+        )),
+        "{}: {attached:#}",
+        kernel.line()
+    );
+    assert!(d.events("new-boot", &g.name).len() == 1, "no new baseline: {:#?}", d.alerts());
+}
+
+#[test]
+fn lab_lines_6_1_a_baseline_stored_before_layout_bounds_is_bounded_when_attached() {
+    earlier_baseline_bounded(Kernel::V6_1);
+}
+
 const LONG_STORM: Duration = Duration::from_secs(5 * 60);
 
 /// BLAKE3 of each page of the rodata/data gap (from `__end_rodata` to the

@@ -244,6 +244,10 @@ pub struct PatchTables {
     ftrace_funcs: HashSet<u64>,
     /// Function each static call key holds now.
     key_funcs: HashMap<u64, u64>,
+    /// (key, function) pairs read within [`RECORD_GRACE`]: the kernel
+    /// writes a key, then its sites one by one, so a site may still call
+    /// what its key held a moment ago.
+    recent_key_funcs: HashSet<(u64, u64)>,
     return_thunk: Option<u64>,
     /// Optimised kprobes' detour buffers.
     optinsn: Vec<(u64, u64)>,
@@ -1142,7 +1146,10 @@ impl PatchTables {
         name: &dyn Fn(u64) -> String,
     ) -> Result<bool, String> {
         let func = key.and_then(|k| self.key_funcs.get(&k).copied());
-        let ok = |t: u64| Some(t) == func || was(t) || (tail && Some(t) == self.return_thunk);
+        let lately = |t: u64| key.is_some_and(|k| self.recent_key_funcs.contains(&(k, t)));
+        let ok = |t: u64| {
+            Some(t) == func || lately(t) || was(t) || (tail && Some(t) == self.return_thunk)
+        };
         let (fixed, ops): (&[&[u8]], &[u8]) =
             if tail { (&[&RET5], &[JMP32]) } else { (&[&NOP5, &XOR5RAX], &[CALL]) };
         Forms { fixed, ops, target_ok: &ok }.admits(addr, cur, orig).map_err(|()| {
@@ -1471,6 +1478,7 @@ pub struct PatchMemory {
     funcs: HashMap<u64, std::time::Instant>,
     kprobes: HashMap<u64, (u32, std::time::Instant)>,
     optinsn: HashMap<(u64, u64), std::time::Instant>,
+    key_funcs: HashMap<(u64, u64), std::time::Instant>,
     /// The site map last made, kept while the tables read the same.
     site_memo: SiteMemo,
     /// Sites whose record disagreement was already given the slow window,
@@ -1479,9 +1487,40 @@ pub struct PatchMemory {
     /// a hook (with a new target each time) that leaves for a moment in
     /// every window. Full, it gives no new window.
     slow_judged: HashMap<u64, std::time::Instant>,
+    /// When a site was last given the slow window again within its
+    /// [`SLOW_MEMORY`] (the kernel updates the same static call or ftrace
+    /// site again and again on a busy guest): one such window in
+    /// [`REPEAT_SPACING`], whatever site, so that a guest cannot make every
+    /// check wait.
+    slow_repeated: Option<std::time::Instant>,
     /// Time spent waiting in slow windows since last taken: a pause, not
     /// work, for the CPU budget.
     pub waited: std::time::Duration,
+}
+
+impl PatchMemory {
+    /// Whether disagreements that outlasted the quick re-reads get the slow
+    /// window: one not given it within [`SLOW_MEMORY`] does; when all were,
+    /// one window in [`REPEAT_SPACING`] is given again (taken from the
+    /// spacing). None when the memory of sites is full.
+    fn opens_slow_window(
+        &mut self,
+        disagreements: &[(u64, Vec<u8>)],
+        now: std::time::Instant,
+    ) -> bool {
+        self.slow_judged.retain(|_, t| now.saturating_duration_since(*t) < SLOW_MEMORY);
+        if disagreements.is_empty() || self.slow_judged.len() >= MAX_SLOW_JUDGED {
+            return false;
+        }
+        if disagreements.iter().any(|(a, _)| !self.slow_judged.contains_key(a)) {
+            return true;
+        }
+        if self.slow_repeated.is_none_or(|t| now.saturating_duration_since(t) >= REPEAT_SPACING) {
+            self.slow_repeated = Some(now);
+            return true;
+        }
+        false
+    }
 }
 
 /// How long a patch record still counts after the kernel dropped it.
@@ -1496,6 +1535,7 @@ impl PatchTables {
         memory.funcs.retain(|_, t| fresh(t));
         memory.kprobes.retain(|_, (_, t)| fresh(t));
         memory.optinsn.retain(|_, t| fresh(t));
+        memory.key_funcs.retain(|_, t| fresh(t));
         for &c in &self.ftrace_callers {
             memory.callers.insert(c, now);
         }
@@ -1508,6 +1548,14 @@ impl PatchTables {
         for &r in &self.optinsn {
             memory.optinsn.insert(r, now);
         }
+        for (&k, &f) in &self.key_funcs {
+            if memory.key_funcs.len() < MAX_RECENT_KEY_FUNCS
+                || memory.key_funcs.contains_key(&(k, f))
+            {
+                memory.key_funcs.insert((k, f), now);
+            }
+        }
+        self.recent_key_funcs.extend(memory.key_funcs.keys());
         self.ftrace_callers.extend(memory.callers.keys());
         self.ftrace_funcs.extend(memory.funcs.keys());
         for (&a, &(flags, _)) in &memory.kprobes {
@@ -1520,6 +1568,10 @@ impl PatchTables {
         }
     }
 }
+
+/// At most this many (key, function) pairs are remembered: a guest that
+/// rewrites its keys faster than the kernel does gains nothing past it.
+const MAX_RECENT_KEY_FUNCS: usize = 1 << 16;
 
 /// Times a disagreement between records and text is judged again.
 const RETRIES: u32 = 3;
@@ -1536,6 +1588,9 @@ const SLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// many at most.
 const SLOW_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
 const MAX_SLOW_JUDGED: usize = 4096;
+/// A site already given the slow window within [`SLOW_MEMORY`] is given it
+/// again at most once in this long (over all sites of a guest).
+const REPEAT_SPACING: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Region name for findings about the patch records themselves.
 pub const TABLES_REGION: &str = "patch-tables";
@@ -1610,13 +1665,8 @@ pub fn review<M: GuestMemory + ?Sized>(
             let updating = !clean
                 && violations.count() == v.disagreements.len()
                 && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
-            // The slow window opens once, for a disagreement not given it yet.
-            if round == RETRIES
-                && updating
-                && memory.slow_judged.len() < MAX_SLOW_JUDGED
-                && v.disagreements.iter().any(|(a, _)| !memory.slow_judged.contains_key(a))
-            {
-                slow = true;
+            if round == RETRIES && updating {
+                slow = memory.opens_slow_window(&v.disagreements, std::time::Instant::now());
             }
             if round >= RETRIES {
                 // Each disagreement seen in the slow window has had it.
@@ -1872,6 +1922,63 @@ mod tests {
         t.key_funcs.insert(key, 0);
         write(&mut f, A, &RET5);
         assert!(verify(&t, &f, &orig).violations.is_empty());
+    }
+
+    #[test]
+    fn a_static_call_site_may_still_call_what_its_key_held_a_moment_ago() {
+        let (func, before, other, key) =
+            (TEXT_VA + 0x2000, TEXT_VA + 0x2100, TEXT_VA + 0x2200, 0x1234);
+        let mut memory = PatchMemory::default();
+        let t0 = std::time::Instant::now();
+        let read = |f: u64, memory: &mut PatchMemory, at: std::time::Instant| {
+            let mut t = tables(Site::StaticCall { key, tail: false });
+            t.key_funcs.insert(key, f);
+            t.merge_recent(memory, at);
+            t
+        };
+        // Read while the key held `before`; then the key moves to `func`
+        // and the site has not followed yet.
+        read(before, &mut memory, t0);
+        let t = read(func, &mut memory, t0 + std::time::Duration::from_secs(2));
+        let (mut f, orig) = guest();
+        write(&mut f, A, &rel(CALL, A, before));
+        let v = verify(&t, &f, &orig);
+        assert!(v.violations.is_empty(), "{:#?}", v.violations);
+        // Never the key's: refused.
+        write(&mut f, A, &rel(CALL, A, other));
+        assert_eq!(verify(&t, &f, &orig).violations.len(), 1);
+        // What the key held longer ago than the grace is forgotten.
+        let t = read(func, &mut memory, t0 + RECORD_GRACE + std::time::Duration::from_secs(1));
+        write(&mut f, A, &rel(CALL, A, before));
+        assert!(verify(&t, &f, &orig).violations[0].detail.contains("static call"));
+    }
+
+    #[test]
+    fn the_slow_window_is_once_per_site_and_then_spaced() {
+        let mut memory = PatchMemory::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let d = |a: u64| vec![(a, rel(CALL, a, TEXT_VA))];
+        assert!(!memory.opens_slow_window(&[], t0), "nothing disagrees");
+        // A site not given it: given, and marked as the review does.
+        assert!(memory.opens_slow_window(&d(A), t0));
+        memory.slow_judged.insert(A, t0);
+        // Given lately: once more, then not again within the spacing.
+        assert!(memory.opens_slow_window(&d(A), at(1)));
+        assert!(!memory.opens_slow_window(&d(A), at(2)));
+        // Another site not given it yet still is.
+        assert!(memory.opens_slow_window(&d(A + 16), at(3)));
+        memory.slow_judged.insert(A + 16, at(3));
+        assert!(!memory.opens_slow_window(&d(A + 16), at(30)));
+        assert!(memory.opens_slow_window(&d(A), at(1) + REPEAT_SPACING));
+        // Past SLOW_MEMORY a site counts as not given it.
+        assert!(memory.opens_slow_window(&d(A), at(2) + SLOW_MEMORY));
+        // A full memory gives none.
+        let mut full = PatchMemory::default();
+        for a in 0..MAX_SLOW_JUDGED as u64 {
+            full.slow_judged.insert(TEXT_VA + 0x10_0000 + a, t0);
+        }
+        assert!(!full.opens_slow_window(&d(A), t0));
     }
 
     #[test]
