@@ -985,8 +985,11 @@ pub struct Patched {
     pub addr: u64,
     pub kind: PatchKind,
     pub bytes: Vec<u8>,
-    /// Caught in the middle of the kernel's `int3`-guarded rewrite.
+    /// Caught in the middle of the kernel's `int3`-guarded rewrite, or (a
+    /// static call site) still calling what its key held a moment ago.
     pub in_flight: bool,
+    /// A static call site's key.
+    pub key: Option<u64>,
 }
 
 /// What [`verify_pages`] found.
@@ -1085,13 +1088,9 @@ impl PatchTables {
         site: Site,
         cur: &[u8],
         orig: &[u8],
-        previous: Option<&Patched>,
         name: &dyn Fn(u64) -> String,
     ) -> Result<bool, String> {
-        let was = |t: u64| {
-            rel_target(addr, orig) == Some(t)
-                || previous.is_some_and(|p| rel_target(addr, &p.bytes) == Some(t))
-        };
+        let was = |t: u64| rel_target(addr, orig) == Some(t);
         let now = describe(addr, cur, name);
         match site {
             Site::JumpLabel { target, .. } => {
@@ -1131,8 +1130,10 @@ impl PatchTables {
     }
 
     /// A static call site (or trampoline, always a tail call): a call (jmp)
-    /// to the key's function, to the function it held before (the key is
-    /// updated before its sites), or the forms for no function.
+    /// to the key's function or the baseline's, or the forms for no
+    /// function; in flight, a call to a function the key held when read in
+    /// the last [`RECORD_GRACE`] (the key is updated before its sites): a
+    /// site that lags longer is a violation.
     #[allow(clippy::too_many_arguments)]
     fn judge_static(
         &self,
@@ -1146,20 +1147,22 @@ impl PatchTables {
         name: &dyn Fn(u64) -> String,
     ) -> Result<bool, String> {
         let func = key.and_then(|k| self.key_funcs.get(&k).copied());
+        let settled = |t: u64| Some(t) == func || was(t) || (tail && Some(t) == self.return_thunk);
         let lately = |t: u64| key.is_some_and(|k| self.recent_key_funcs.contains(&(k, t)));
-        let ok = |t: u64| {
-            Some(t) == func || lately(t) || was(t) || (tail && Some(t) == self.return_thunk)
-        };
+        let ok = |t: u64| settled(t) || lately(t);
         let (fixed, ops): (&[&[u8]], &[u8]) =
             if tail { (&[&RET5], &[JMP32]) } else { (&[&NOP5, &XOR5RAX], &[CALL]) };
-        Forms { fixed, ops, target_ok: &ok }.admits(addr, cur, orig).map_err(|()| {
-            format!(
-                "a static call {} may {} only its key's function{}; it holds {now}",
-                if tail { "trampoline or tail call" } else { "site" },
-                if tail { "jump to" } else { "call" },
-                func.map(|f| format!(" {f:#x} ({})", name(f))).unwrap_or_default()
-            )
-        })
+        let in_flight =
+            Forms { fixed, ops, target_ok: &ok }.admits(addr, cur, orig).map_err(|()| {
+                format!(
+                    "a static call {} may {} only its key's function{}; it holds {now}",
+                    if tail { "trampoline or tail call" } else { "site" },
+                    if tail { "jump to" } else { "call" },
+                    func.map(|f| format!(" {f:#x} ({})", name(f))).unwrap_or_default()
+                )
+            })?;
+        let lagging = ops.contains(&cur[0]) && rel_target(addr, cur).is_some_and(|t| !settled(t));
+        Ok(in_flight || lagging)
     }
 
     /// Judges a registered kprobe's bytes: `int3` over the first byte, or
@@ -1257,15 +1260,13 @@ const MAX_RUNS_PER_PAGE: usize = 512;
 
 /// Compares each changed page with its original (from `original`, by page
 /// address) and accepts the difference only where the kernel's own patching
-/// explains every byte of it. `previous` holds what the last check accepted,
-/// by site; `name` names addresses in details.
+/// explains every byte of it. `name` names addresses in details.
 pub fn verify_pages<M: GuestMemory + ?Sized>(
     tables: &PatchTables,
     pages: &[ChangedPage],
     mem: &M,
     space: &dyn AddressSpace,
     original: &dyn Fn(u64) -> Option<Vec<u8>>,
-    previous: &HashMap<u64, Patched>,
     name: &dyn Fn(u64) -> String,
 ) -> Verdicts {
     let mut out = Verdicts::default();
@@ -1383,14 +1384,17 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                     continue;
                 }
                 let verdict = match site {
-                    Some(site) => tables
-                        .judge(a, site, &c, &o, previous.get(&a), name)
-                        .map(|f| (site.kind(), f)),
+                    Some(site) => tables.judge(a, site, &c, &o, name).map(|f| (site.kind(), f)),
                     None => tables.judge_kprobe(a, &c, &o, name).map(|f| (PatchKind::Kprobe, f)),
                 };
                 match verdict {
                     Ok((kind, in_flight)) => {
-                        out.accepted.push(Patched { addr: a, kind, bytes: c, in_flight })
+                        let key = match site {
+                            Some(Site::StaticCall { key, .. }) => Some(key),
+                            Some(Site::StaticTramp { key }) => key,
+                            _ => None,
+                        };
+                        out.accepted.push(Patched { addr: a, kind, bytes: c, in_flight, key })
                     }
                     Err(why) => {
                         let by_record = matches!(
@@ -1410,8 +1414,11 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                 }
             }
         }
-        // Pages with any finding (info too) are judged again at every check.
-        if out.violations.len() == violations_before {
+        // Pages with any finding (info too), or a site in flight, are judged
+        // again at every check.
+        if out.violations.len() == violations_before
+            && !out.accepted[accepted_before..].iter().any(|u| u.in_flight)
+        {
             let units = out.accepted[accepted_before..].to_vec();
             out.clean.push((p.gva, *blake3::hash(&cur).as_bytes(), units));
         }
@@ -1478,7 +1485,9 @@ pub struct PatchMemory {
     funcs: HashMap<u64, std::time::Instant>,
     kprobes: HashMap<u64, (u32, std::time::Instant)>,
     optinsn: HashMap<(u64, u64), std::time::Instant>,
-    key_funcs: HashMap<(u64, u64), std::time::Instant>,
+    /// Functions static call keys held when read lately (or their settled
+    /// sites called), by key, the latest [`KEY_FUNCS_KEPT`] of each.
+    key_funcs: HashMap<u64, Vec<(u64, std::time::Instant)>>,
     /// The site map last made, kept while the tables read the same.
     site_memo: SiteMemo,
     /// Sites whose record disagreement was already given the slow window,
@@ -1490,8 +1499,9 @@ pub struct PatchMemory {
     /// When a site was last given the slow window again within its
     /// [`SLOW_MEMORY`] (the kernel updates the same static call or ftrace
     /// site again and again on a busy guest): one such window in
-    /// [`REPEAT_SPACING`], whatever site, so that a guest cannot make every
-    /// check wait.
+    /// [`REPEAT_SPACING`], whatever site: sites given their window lately
+    /// make checks wait at most one window a minute. (A site not given one
+    /// yet is not spaced: up to [`MAX_SLOW_JUDGED`] in [`SLOW_MEMORY`].)
     slow_repeated: Option<std::time::Instant>,
     /// Time spent waiting in slow windows since last taken: a pause, not
     /// work, for the CPU budget.
@@ -1499,6 +1509,20 @@ pub struct PatchMemory {
 }
 
 impl PatchMemory {
+    /// Remembers that key `k` held (or a settled site of it called) `f` at
+    /// `now`.
+    fn remember_key_func(&mut self, k: u64, f: u64, now: std::time::Instant) {
+        if f == 0 || (self.key_funcs.len() >= MAX_RECENT_KEYS && !self.key_funcs.contains_key(&k)) {
+            return;
+        }
+        let fs = self.key_funcs.entry(k).or_default();
+        fs.retain(|&(g, _)| g != f);
+        fs.push((f, now));
+        if fs.len() > KEY_FUNCS_KEPT {
+            fs.remove(0);
+        }
+    }
+
     /// Whether disagreements that outlasted the quick re-reads get the slow
     /// window: one not given it within [`SLOW_MEMORY`] does; when all were,
     /// one window in [`REPEAT_SPACING`] is given again (taken from the
@@ -1535,7 +1559,10 @@ impl PatchTables {
         memory.funcs.retain(|_, t| fresh(t));
         memory.kprobes.retain(|_, (_, t)| fresh(t));
         memory.optinsn.retain(|_, t| fresh(t));
-        memory.key_funcs.retain(|_, t| fresh(t));
+        memory.key_funcs.retain(|_, fs| {
+            fs.retain(|(_, t)| fresh(t));
+            !fs.is_empty()
+        });
         for &c in &self.ftrace_callers {
             memory.callers.insert(c, now);
         }
@@ -1549,13 +1576,11 @@ impl PatchTables {
             memory.optinsn.insert(r, now);
         }
         for (&k, &f) in &self.key_funcs {
-            if memory.key_funcs.len() < MAX_RECENT_KEY_FUNCS
-                || memory.key_funcs.contains_key(&(k, f))
-            {
-                memory.key_funcs.insert((k, f), now);
-            }
+            memory.remember_key_func(k, f, now);
         }
-        self.recent_key_funcs.extend(memory.key_funcs.keys());
+        self.recent_key_funcs.extend(
+            memory.key_funcs.iter().flat_map(|(&k, fs)| fs.iter().map(move |&(f, _)| (k, f))),
+        );
         self.ftrace_callers.extend(memory.callers.keys());
         self.ftrace_funcs.extend(memory.funcs.keys());
         for (&a, &(flags, _)) in &memory.kprobes {
@@ -1569,9 +1594,11 @@ impl PatchTables {
     }
 }
 
-/// At most this many (key, function) pairs are remembered: a guest that
-/// rewrites its keys faster than the kernel does gains nothing past it.
-const MAX_RECENT_KEY_FUNCS: usize = 1 << 16;
+/// At most this many keys' recent functions are remembered, and this many
+/// functions of each: a guest that rewrites its keys faster than the kernel
+/// does only pushes out what it wrote before.
+const MAX_RECENT_KEYS: usize = 1 << 14;
+const KEY_FUNCS_KEPT: usize = 4;
 
 /// Times a disagreement between records and text is judged again.
 const RETRIES: u32 = 3;
@@ -1658,7 +1685,7 @@ pub fn review<M: GuestMemory + ?Sized>(
             let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
             tables.merge_recent(memory, std::time::Instant::now());
             let name = |a: u64| m.locate(a);
-            let v = verify_pages(&tables, &pages, mem, space, original, &memory.sites, &name);
+            let v = verify_pages(&tables, &pages, mem, space, original, &name);
             let violations = v.violations.iter().filter(|f| f.severity == Severity::Violation);
             let clean = violations.clone().count() == 0
                 && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
@@ -1668,10 +1695,9 @@ pub fn review<M: GuestMemory + ?Sized>(
             if round == RETRIES && updating {
                 slow = memory.opens_slow_window(&v.disagreements, std::time::Instant::now());
             }
-            if round >= RETRIES {
+            if slow {
                 // Each disagreement seen in the slow window has had it.
                 let now = std::time::Instant::now();
-                memory.slow_judged.retain(|_, t| now.duration_since(*t) < SLOW_MEMORY);
                 for (a, _) in &v.disagreements {
                     if memory.slow_judged.len() < MAX_SLOW_JUDGED {
                         memory.slow_judged.entry(*a).or_insert(now);
@@ -1718,6 +1744,15 @@ pub fn review<M: GuestMemory + ?Sized>(
         }
         for f in report.violations.iter().filter(|f| is_text(&f.region)) {
             memory.accepted_pages.remove(&(f.gva.raw() & !(PAGE_SIZE - 1)));
+        }
+    }
+    // A settled static call site calls what its key held: remembered as the
+    // key's (so that the site still counts while the kernel moves the key on
+    // and then the site), even when the key itself was not read again.
+    let now = std::time::Instant::now();
+    for u in accepted.iter().filter(|u| !u.in_flight) {
+        if let (Some(k), Some(t)) = (u.key, rel_target(u.addr, &u.bytes)) {
+            memory.remember_key_func(k, t, now);
         }
     }
     report.patched_sites = accepted.len() as u64;
@@ -1768,7 +1803,7 @@ mod tests {
             gpa: GuestPhysAddr(0x2000),
         };
         let original = |gva: u64| (gva == TEXT_VA).then(|| orig.to_vec());
-        verify_pages(t, &[page], &f.mem, f, &original, &HashMap::new(), &|a| format!("{a:#x}"))
+        verify_pages(t, &[page], &f.mem, f, &original, &|a| format!("{a:#x}"))
     }
 
     fn tables(site: Site) -> PatchTables {
@@ -1837,7 +1872,8 @@ mod tests {
                 addr: A,
                 kind: PatchKind::JumpLabel,
                 bytes: rel(JMP32, A, target),
-                in_flight: false
+                in_flight: false,
+                key: None
             }]
         );
 
@@ -1926,31 +1962,60 @@ mod tests {
 
     #[test]
     fn a_static_call_site_may_still_call_what_its_key_held_a_moment_ago() {
-        let (func, before, other, key) =
-            (TEXT_VA + 0x2000, TEXT_VA + 0x2100, TEXT_VA + 0x2200, 0x1234);
+        let (func, before, other, key, key_b) =
+            (TEXT_VA + 0x2000, TEXT_VA + 0x2100, TEXT_VA + 0x2200, 0x1234, 0x5678);
         let mut memory = PatchMemory::default();
         let t0 = std::time::Instant::now();
         let read = |f: u64, memory: &mut PatchMemory, at: std::time::Instant| {
             let mut t = tables(Site::StaticCall { key, tail: false });
             t.key_funcs.insert(key, f);
+            t.key_funcs.insert(key_b, other);
             t.merge_recent(memory, at);
             t
         };
         // Read while the key held `before`; then the key moves to `func`
-        // and the site has not followed yet.
+        // and the site has not followed yet: in flight.
         read(before, &mut memory, t0);
         let t = read(func, &mut memory, t0 + std::time::Duration::from_secs(2));
         let (mut f, orig) = guest();
         write(&mut f, A, &rel(CALL, A, before));
         let v = verify(&t, &f, &orig);
         assert!(v.violations.is_empty(), "{:#?}", v.violations);
-        // Never the key's: refused.
+        assert!(v.accepted[0].in_flight && v.accepted[0].key == Some(key), "{v:#?}");
+        assert!(v.clean.is_empty(), "a page with a site in flight is judged again");
+        // The key's function now: settled.
+        write(&mut f, A, &rel(CALL, A, func));
+        let v = verify(&t, &f, &orig);
+        assert!(v.violations.is_empty() && !v.accepted[0].in_flight, "{v:#?}");
+        // Another key's function, even one held lately: refused.
         write(&mut f, A, &rel(CALL, A, other));
         assert_eq!(verify(&t, &f, &orig).violations.len(), 1);
         // What the key held longer ago than the grace is forgotten.
         let t = read(func, &mut memory, t0 + RECORD_GRACE + std::time::Duration::from_secs(1));
         write(&mut f, A, &rel(CALL, A, before));
         assert!(verify(&t, &f, &orig).violations[0].detail.contains("static call"));
+    }
+
+    #[test]
+    fn recent_key_functions_are_bounded_per_key_and_in_all() {
+        let mut memory = PatchMemory::default();
+        let t0 = std::time::Instant::now();
+        for f in 1..=10u64 {
+            memory.remember_key_func(7, 0x1000 * f, t0);
+        }
+        let kept: Vec<u64> = memory.key_funcs[&7].iter().map(|&(f, _)| f).collect();
+        assert_eq!(kept, [0x7000, 0x8000, 0x9000, 0xa000], "the latest {KEY_FUNCS_KEPT}");
+        memory.remember_key_func(7, 0x8000, t0);
+        assert_eq!(memory.key_funcs[&7].last().unwrap().0, 0x8000, "seen again: the latest");
+        assert_eq!(memory.key_funcs[&7].len(), KEY_FUNCS_KEPT);
+        for k in 0..2 * MAX_RECENT_KEYS as u64 {
+            memory.remember_key_func(0x10_0000 + k, 0x1000, t0);
+        }
+        assert_eq!(memory.key_funcs.len(), MAX_RECENT_KEYS);
+        memory.remember_key_func(7, 0xb000, t0);
+        assert_eq!(memory.key_funcs[&7].last().unwrap().0, 0xb000, "a key kept still learns");
+        memory.remember_key_func(9, 0, t0);
+        assert!(!memory.key_funcs.contains_key(&9), "no function is no call target");
     }
 
     #[test]
@@ -1971,8 +2036,11 @@ mod tests {
         memory.slow_judged.insert(A + 16, at(3));
         assert!(!memory.opens_slow_window(&d(A + 16), at(30)));
         assert!(memory.opens_slow_window(&d(A), at(1) + REPEAT_SPACING));
-        // Past SLOW_MEMORY a site counts as not given it.
-        assert!(memory.opens_slow_window(&d(A), at(2) + SLOW_MEMORY));
+        // Past SLOW_MEMORY a site counts as not given it: a window though
+        // the spacing was just taken.
+        assert!(memory.opens_slow_window(&d(A + 16), at(598)));
+        assert!(!memory.opens_slow_window(&d(A + 16), at(599)), "the spacing is taken");
+        assert!(memory.opens_slow_window(&d(A), at(1) + SLOW_MEMORY));
         // A full memory gives none.
         let mut full = PatchMemory::default();
         for a in 0..MAX_SLOW_JUDGED as u64 {
@@ -2035,6 +2103,7 @@ mod tests {
             kind: PatchKind::JumpLabel,
             bytes: vec![b],
             in_flight,
+            key: None,
         };
         let mut prev = HashMap::new();
         let all = |_| Some(true);
