@@ -46,7 +46,9 @@ pub enum Signal {
 /// Where the guest's kernel code sits now, against the stored baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
-    /// Every code page at its address, on its frame.
+    /// Every code page at its address, on its frame, most with their bytes
+    /// (the kernel patches a few pages of its own text as it runs; the
+    /// checks judge those bytes as any other change).
     Same,
     /// The same kernel, changed: most code pages still hold the baseline's
     /// bytes at their addresses (some or all on other frames: what a
@@ -161,7 +163,7 @@ impl Placement {
     /// half its own running code); anything less is another kernel.
     pub fn of(code: CodePlacement) -> Self {
         let most = |n: u64| n.saturating_mul(2) > code.pages;
-        if code.same_frames == code.pages && code.same_bytes == code.pages {
+        if code.same_frames == code.pages && most(code.same_bytes) {
             Placement::Same
         } else if most(code.same_bytes) || most(code.same_frames) {
             Placement::PhysicalMoved
@@ -297,14 +299,18 @@ mod tests {
             Placement::of(CodePlacement { pages: 100, same_frames, same_bytes })
         };
         assert_eq!(at(100, 100), Placement::Same);
-        // One page on a copy, or one page's bytes changed in place.
+        // A few pages' bytes changed in place (the kernel's own patching, or
+        // a write the checks then judge): on its frames, the same.
+        assert_eq!(at(100, 99), Placement::Same);
+        assert_eq!(at(100, 51), Placement::Same);
+        // One page on a copy.
         assert_eq!(at(99, 100), Placement::PhysicalMoved);
-        assert_eq!(at(100, 99), Placement::PhysicalMoved);
         // Every page on a copy: the same kernel, moved.
         assert_eq!(at(0, 100), Placement::PhysicalMoved);
         assert_eq!(at(0, 51), Placement::PhysicalMoved);
         // Bytes written in place on most pages (padding between functions,
         // say): still on its frames, the same kernel changed.
+        assert_eq!(at(100, 50), Placement::PhysicalMoved);
         assert_eq!(at(100, 10), Placement::PhysicalMoved);
         assert_eq!(at(51, 0), Placement::PhysicalMoved);
         // Most of the code gone from its addresses: another kernel.
