@@ -1,0 +1,405 @@
+use super::*;
+use crate::integrity::baseline::tests::{Fake, TEXT_VA};
+use crate::memory::RawDump;
+
+const A: u64 = TEXT_VA + 0x100; // a site on text page 0
+const CALLER: u64 = TEXT_VA + 0x3000;
+
+fn rel(op: u8, at: u64, to: u64) -> Vec<u8> {
+    let mut b = vec![op];
+    b.extend_from_slice(&(to.wrapping_sub(at + 5) as i64 as i32).to_le_bytes());
+    b
+}
+
+/// A fake guest whose text page 0 holds NOP5 at A, and its originals.
+fn guest() -> (Fake, Vec<u8>) {
+    let mut f = Fake::new();
+    write(&mut f, A, &NOP5);
+    let mut orig = vec![0u8; 4096];
+    f.mem.read(GuestPhysAddr(0x2000), &mut orig).unwrap();
+    (f, orig)
+}
+
+fn write(f: &mut Fake, va: u64, bytes: &[u8]) {
+    let mut all = vec![0u8; f.mem.layout().total() as usize];
+    f.mem.read(GuestPhysAddr(0), &mut all).unwrap();
+    let at = 0x2000 + (va - TEXT_VA) as usize;
+    all[at..at + bytes.len()].copy_from_slice(bytes);
+    f.mem = RawDump::from_bytes(all);
+}
+
+fn verify(t: &PatchTables, f: &Fake, orig: &[u8]) -> Verdicts {
+    let page = ChangedPage {
+        region: "kernel-text".into(),
+        index: 0,
+        gva: TEXT_VA,
+        gpa: GuestPhysAddr(0x2000),
+    };
+    let original = |gva: u64| (gva == TEXT_VA).then(|| orig.to_vec());
+    verify_pages(t, &[page], &f.mem, f, &original, &|a| format!("{a:#x}"))
+}
+
+fn tables(site: Site) -> PatchTables {
+    let mut t = PatchTables::default();
+    t.sites.insert(A, site);
+    t.ftrace_callers.insert(CALLER);
+    t
+}
+
+/// The site map is made once for tables that read the same, and anew
+/// when any of them reads differently.
+#[test]
+fn the_site_map_is_kept_while_its_tables_read_the_same() {
+    let mut profile = crate::linux::profile::tests::sample();
+    let entry = 0xffff_ffff_8100_1000;
+    profile.fentry = vec![entry];
+    let m = Matched { profile: &profile, modules: Vec::new(), slide: 0x20_0000, idt_slide: None };
+    let inputs = |ips: Vec<u64>| SiteInputs {
+        kernel_jumps: Err("unreadable".into()),
+        kernel_calls: Err("unreadable".into()),
+        modules: Vec::new(),
+        ftrace: Ok(ips),
+    };
+    let mut memo = SiteMemo::default();
+    let first = memo.get(&m, &inputs(vec![entry + m.slide]));
+    assert!(first.sites.get(&(entry + m.slide)) == Some(&Site::Fentry));
+    assert!(std::sync::Arc::ptr_eq(&first, &memo.get(&m, &inputs(vec![entry + m.slide]))));
+    // A forged record: a new map, which says so.
+    let forged = memo.get(&m, &inputs(vec![entry + m.slide, 0xffff_ffff_8100_0007]));
+    assert!(!std::sync::Arc::ptr_eq(&first, &forged));
+    assert!(forged.problems.iter().any(|(s, p)| *s == Severity::Violation && p.contains("forged")));
+    // The same inputs under another slide, or with a table unreadable for
+    // another reason, are other inputs.
+    let other = Matched {
+        slide: 0x40_0000,
+        ..Matched { profile: &profile, modules: Vec::new(), slide: 0, idt_slide: None }
+    };
+    let a = inputs(vec![entry + m.slide]);
+    assert_ne!(a.digest(&m), a.digest(&other));
+    let mut b = inputs(vec![entry + m.slide]);
+    b.kernel_jumps = Err("unreadabl".into());
+    assert_ne!(a.digest(&m), b.digest(&m));
+    // Through the whole read: a memo gives the same tables as none.
+    let read = |memo: &mut SiteMemo| {
+        let t = PatchTables { sites: SiteSet(memo.get(&m, &a)), ..PatchTables::default() };
+        (t.site_count(), t.is_site(entry + m.slide, PatchKind::Ftrace))
+    };
+    assert_eq!(read(&mut SiteMemo::default()), (1, true));
+    assert_eq!(read(&mut memo), (1, true));
+}
+
+#[test]
+fn a_jump_label_may_jump_only_to_its_target() {
+    let target = TEXT_VA + 0x180;
+    let t = tables(Site::JumpLabel { target, key: 0 });
+    let (mut f, orig) = guest();
+    write(&mut f, A, &rel(JMP32, A, target));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty(), "{:#?}", v.violations);
+    assert_eq!(
+        v.accepted,
+        [Patched {
+            addr: A,
+            kind: PatchKind::JumpLabel,
+            bytes: rel(JMP32, A, target),
+            in_flight: false,
+            key: None
+        }]
+    );
+
+    // Mid-rewrite: int3, then the jmp's tail.
+    let mut poked = rel(JMP32, A, target);
+    poked[0] = INT3;
+    write(&mut f, A, &poked);
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty() && v.accepted[0].in_flight, "{v:#?}");
+
+    // Mimicry: a jmp elsewhere.
+    write(&mut f, A, &rel(JMP32, A, A + 5));
+    let v = verify(&t, &f, &orig);
+    assert_eq!(v.violations.len(), 1);
+    assert!(v.violations[0].detail.contains("jump-label site"), "{}", v.violations[0].detail);
+    assert!(v.disagreements.is_empty(), "a jump label's target is fixed: no update explains it");
+    assert_eq!(v.violations[0].gva, GuestVirtAddr(A));
+    assert_eq!(v.violations[0].before, "0f1f440000");
+}
+
+#[test]
+fn two_byte_jump_labels() {
+    let target = A + 0x20;
+    let t = tables(Site::JumpLabel { target, key: 0 });
+    let (mut f, _) = guest();
+    write(&mut f, A, &[0x66, 0x90, 0x90, 0x90, 0x90]);
+    let mut orig = vec![0u8; 4096];
+    f.mem.read(GuestPhysAddr(0x2000), &mut orig).unwrap();
+    write(&mut f, A, &[JMP8, 0x1e]);
+    assert!(verify(&t, &f, &orig).violations.is_empty());
+    write(&mut f, A, &[JMP8, 0x1f]);
+    assert_eq!(verify(&t, &f, &orig).violations.len(), 1);
+}
+
+#[test]
+fn a_function_entry_may_call_only_ftrace() {
+    let t = tables(Site::Fentry);
+    let (mut f, orig) = guest();
+    write(&mut f, A, &rel(CALL, A, CALLER));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty(), "{:#?}", v.violations);
+    assert_eq!(v.accepted[0].kind, PatchKind::Ftrace);
+    // The page is clean: remembered by the hash of exactly the bytes judged.
+    let mut now = vec![0u8; 4096];
+    f.mem.read(GuestPhysAddr(0x2000), &mut now).unwrap();
+    assert_eq!(v.clean, [(TEXT_VA, *blake3::hash(&now).as_bytes(), v.accepted.clone())]);
+    write(&mut f, A, &rel(CALL, A, CALLER + 16));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations[0].detail.contains("ftrace function entry"), "{:#?}", v.violations);
+    assert!(v.clean.is_empty());
+    // An inline hook's jmp over the entry is no ftrace form either.
+    write(&mut f, A, &rel(JMP32, A, CALLER));
+    assert_eq!(verify(&t, &f, &orig).violations.len(), 1);
+}
+
+#[test]
+fn static_calls_follow_their_key() {
+    let (func, other, key) = (TEXT_VA + 0x2000, TEXT_VA + 0x2100, 0x1234);
+    let mut t = tables(Site::StaticCall { key, tail: false });
+    t.key_funcs.insert(key, func);
+    let (mut f, orig) = guest();
+    write(&mut f, A, &rel(CALL, A, func));
+    assert!(verify(&t, &f, &orig).violations.is_empty());
+    write(&mut f, A, &XOR5RAX);
+    assert!(verify(&t, &f, &orig).violations.is_empty());
+    write(&mut f, A, &rel(CALL, A, other));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations[0].detail.contains("static call"));
+    // A call the key does not name: a disagreement, judged again for
+    // longer (the kernel writes the key before the sites).
+    assert_eq!(v.disagreements, [(A, rel(CALL, A, other))]);
+    write(&mut f, A, &[0xcc, 0x90, 0x90, 0x90, 0x90]);
+    assert!(verify(&t, &f, &orig).disagreements.is_empty(), "no call: no update of the kernel's");
+    // A trampoline returns when the key has no function.
+    let mut t = tables(Site::StaticTramp { key: Some(key) });
+    t.key_funcs.insert(key, 0);
+    write(&mut f, A, &RET5);
+    assert!(verify(&t, &f, &orig).violations.is_empty());
+}
+
+#[test]
+fn a_static_call_site_may_still_call_what_its_key_held_a_moment_ago() {
+    let (func, before, other, key, key_b) =
+        (TEXT_VA + 0x2000, TEXT_VA + 0x2100, TEXT_VA + 0x2200, 0x1234, 0x5678);
+    let mut memory = PatchMemory::default();
+    let t0 = std::time::Instant::now();
+    let read = |f: u64, memory: &mut PatchMemory, at: std::time::Instant| {
+        let mut t = tables(Site::StaticCall { key, tail: false });
+        t.key_funcs.insert(key, f);
+        t.key_funcs.insert(key_b, other);
+        t.merge_recent(memory, at);
+        t
+    };
+    // Read while the key held `before`; then the key moves to `func`
+    // and the site has not followed yet: in flight.
+    read(before, &mut memory, t0);
+    let t = read(func, &mut memory, t0 + std::time::Duration::from_secs(2));
+    let (mut f, orig) = guest();
+    write(&mut f, A, &rel(CALL, A, before));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty(), "{:#?}", v.violations);
+    assert!(v.accepted[0].in_flight && v.accepted[0].key == Some(key), "{v:#?}");
+    assert!(v.clean.is_empty(), "a page with a site in flight is judged again");
+    // The key's function now: settled.
+    write(&mut f, A, &rel(CALL, A, func));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty() && !v.accepted[0].in_flight, "{v:#?}");
+    // Another key's function, even one held lately: refused.
+    write(&mut f, A, &rel(CALL, A, other));
+    assert_eq!(verify(&t, &f, &orig).violations.len(), 1);
+    // What the key held longer ago than the grace is forgotten.
+    let t = read(func, &mut memory, t0 + RECORD_GRACE + std::time::Duration::from_secs(1));
+    write(&mut f, A, &rel(CALL, A, before));
+    assert!(verify(&t, &f, &orig).violations[0].detail.contains("static call"));
+}
+
+#[test]
+fn recent_key_functions_are_bounded_per_key_and_in_all() {
+    let mut memory = PatchMemory::default();
+    let t0 = std::time::Instant::now();
+    for f in 1..=10u64 {
+        memory.remember_key_func(7, 0x1000 * f, t0);
+    }
+    let kept: Vec<u64> = memory.key_funcs[&7].iter().map(|&(f, _)| f).collect();
+    assert_eq!(kept, [0x7000, 0x8000, 0x9000, 0xa000], "the latest {KEY_FUNCS_KEPT}");
+    memory.remember_key_func(7, 0x8000, t0);
+    assert_eq!(memory.key_funcs[&7].last().unwrap().0, 0x8000, "seen again: the latest");
+    assert_eq!(memory.key_funcs[&7].len(), KEY_FUNCS_KEPT);
+    for k in 0..2 * MAX_RECENT_KEYS as u64 {
+        memory.remember_key_func(0x10_0000 + k, 0x1000, t0);
+    }
+    assert_eq!(memory.key_funcs.len(), MAX_RECENT_KEYS);
+    memory.remember_key_func(7, 0xb000, t0);
+    assert_eq!(memory.key_funcs[&7].last().unwrap().0, 0xb000, "a key kept still learns");
+    memory.remember_key_func(9, 0, t0);
+    assert!(!memory.key_funcs.contains_key(&9), "no function is no call target");
+}
+
+#[test]
+fn the_slow_window_is_once_per_site_and_then_spaced() {
+    let mut memory = PatchMemory::default();
+    let t0 = std::time::Instant::now();
+    let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+    let d = |a: u64| vec![(a, rel(CALL, a, TEXT_VA))];
+    assert!(!memory.opens_slow_window(&[], t0), "nothing disagrees");
+    // A site not given it: given, and marked as the review does.
+    assert!(memory.opens_slow_window(&d(A), t0));
+    memory.slow_judged.insert(A, t0);
+    // Given lately: once more, then not again within the spacing.
+    assert!(memory.opens_slow_window(&d(A), at(1)));
+    assert!(!memory.opens_slow_window(&d(A), at(2)));
+    // Another site not given it yet still is.
+    assert!(memory.opens_slow_window(&d(A + 16), at(3)));
+    memory.slow_judged.insert(A + 16, at(3));
+    assert!(!memory.opens_slow_window(&d(A + 16), at(30)));
+    assert!(memory.opens_slow_window(&d(A), at(1) + REPEAT_SPACING));
+    // Past SLOW_MEMORY a site counts as not given it: a window though
+    // the spacing was just taken.
+    assert!(memory.opens_slow_window(&d(A + 16), at(598)));
+    assert!(!memory.opens_slow_window(&d(A + 16), at(599)), "the spacing is taken");
+    assert!(memory.opens_slow_window(&d(A), at(1) + SLOW_MEMORY));
+    // A full memory gives none.
+    let mut full = PatchMemory::default();
+    for a in 0..MAX_SLOW_JUDGED as u64 {
+        full.slow_judged.insert(TEXT_VA + 0x10_0000 + a, t0);
+    }
+    assert!(!full.opens_slow_window(&d(A), t0));
+}
+
+#[test]
+fn changes_off_every_site_are_violations() {
+    let t = tables(Site::Fentry);
+    let (mut f, orig) = guest();
+    write(&mut f, A + 0x40, &[INT3]);
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations[0].detail.contains("no kprobe is registered"), "{:#?}", v.violations);
+    write(&mut f, A + 0x80, &[0x90, 0x90]);
+    let v = verify(&t, &f, &orig);
+    assert_eq!(v.violations.len(), 2);
+    assert!(v.violations[1].detail.contains("patches nothing"));
+    // A site's change with a change beside it: the neighbour is caught.
+    let (mut f, orig) = guest();
+    write(&mut f, A, &rel(CALL, A, CALLER));
+    write(&mut f, A + 5, &[0xcc]);
+    let v = verify(&t, &f, &orig);
+    assert_eq!(v.violations.len(), 1, "{v:#?}");
+    assert_eq!(v.violations[0].gva, GuestVirtAddr(A + 5));
+}
+
+#[test]
+fn kprobes_place_int3_or_jump_to_a_detour_buffer() {
+    let mut t = PatchTables::default();
+    t.kprobes.insert(A, 0);
+    t.optinsn.push((TEXT_VA + 0x3000, TEXT_VA + 0x4000));
+    let (mut f, orig) = guest();
+    write(&mut f, A, &[INT3]);
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty() && v.accepted[0].kind == PatchKind::Kprobe, "{v:#?}");
+    write(&mut f, A, &rel(JMP32, A, TEXT_VA + 0x3040));
+    assert!(verify(&t, &f, &orig).violations.is_empty());
+    write(&mut f, A, &rel(JMP32, A, TEXT_VA + 0x1040));
+    assert!(verify(&t, &f, &orig).violations[0].detail.contains("optimised kprobe"));
+}
+
+#[test]
+fn a_page_rewritten_wholesale_is_refused_without_looking_further() {
+    let t = tables(Site::Fentry);
+    let (mut f, orig) = guest();
+    let noise: Vec<u8> =
+        (0..2048u32).map(|i| if i % 2 == 0 { 0xab } else { orig[i as usize] }).collect();
+    write(&mut f, TEXT_VA, &noise);
+    let v = verify(&t, &f, &orig);
+    assert_eq!(v.violations.len(), 1);
+    assert!(v.violations[0].detail.contains("places"), "{}", v.violations[0].detail);
+}
+
+#[test]
+fn accounting_counts_changes_and_restores_once() {
+    let p = |addr, b: u8, in_flight| Patched {
+        addr,
+        kind: PatchKind::JumpLabel,
+        bytes: vec![b],
+        in_flight,
+        key: None,
+    };
+    let mut prev = HashMap::new();
+    let all = |_| Some(true);
+    assert_eq!(
+        account(&mut prev, &[p(1, 1, false), p(2, 1, false)], &all)[&PatchKind::JumpLabel],
+        2
+    );
+    assert!(
+        account(&mut prev, &[p(1, 1, false), p(2, 1, false)], &all).is_empty(),
+        "nothing changed"
+    );
+    // Site 1 mid-rewrite (not counted), site 2 restored (counted).
+    assert_eq!(account(&mut prev, &[p(1, 2, true)], &all)[&PatchKind::JumpLabel], 1);
+    assert_eq!(prev[&1].bytes, [1], "an in-flight state keeps the last settled one");
+    // Not looked at: kept; gone with its module: dropped silently.
+    assert!(account(&mut prev, &[], &|_| Some(false)).is_empty());
+    assert!(prev.contains_key(&1));
+    assert!(account(&mut prev, &[], &|_| None).is_empty());
+    assert!(prev.is_empty());
+}
+
+#[test]
+fn tables_parse_to_absolute_addresses_and_digest_without_order() {
+    let base = 0xffff_ffff_8200_0000u64;
+    let mut b = Vec::new();
+    for (code, target, key) in
+        [(-0x100_0000i32, -0x0ff_ff00i32, 0x10_0001i64), (-0x100_0010, -0x100_0000, 0x10_0002)]
+    {
+        b.extend_from_slice(&code.to_le_bytes());
+        b.extend_from_slice(&target.to_le_bytes());
+        b.extend_from_slice(&key.to_le_bytes());
+    }
+    let e = parse_jump_entries(&b, base).unwrap();
+    assert_eq!(
+        e[0],
+        JumpEntry {
+            code: base - 0x100_0000,
+            target: base + 4 - 0x0ff_ff00,
+            key: base + 8 + 0x10_0000,
+            branch: true
+        }
+    );
+    assert!(!e[1].branch, "bit 1 (init) is no branch flag");
+    let mut swapped = e.clone();
+    swapped.reverse();
+    assert_eq!(jump_table_digest(&e, 0), jump_table_digest(&swapped, 0));
+    let slid: Vec<JumpEntry> = e
+        .iter()
+        .map(|x| JumpEntry {
+            code: x.code + 0x40_0000,
+            target: x.target + 0x40_0000,
+            key: x.key + 0x40_0000,
+            ..*x
+        })
+        .collect();
+    assert_eq!(jump_table_digest(&slid, 0x40_0000), jump_table_digest(&e, 0));
+    assert_ne!(jump_table_digest(&e[..1], 0), jump_table_digest(&e, 0));
+    assert!(parse_jump_entries(&b[..20], base).is_err());
+    let s = parse_static_call_sites(&[0x10, 0, 0, 0, 0x21, 0, 0, 0], base).unwrap();
+    assert_eq!(s[0], StaticCallSite { addr: base + 0x10, key: base + 4 + 0x20, tail: true });
+    assert!(parse_static_call_sites(&[0; 7], base).is_err());
+}
+
+proptest::proptest! {
+    #[test]
+    fn hostile_tables_and_text_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512), at in 0usize..4000) {
+        let _ = parse_jump_entries(&bytes, u64::MAX - 64);
+        let _ = parse_static_call_sites(&bytes, 0);
+        let t = tables(Site::JumpLabel { target: A + 7, key: 0 });
+        let (mut f, orig) = guest();
+        let n = bytes.len().min(4096 - at);
+        write(&mut f, TEXT_VA + at as u64, &bytes[..n]);
+        let _ = verify(&t, &f, &orig);
+    }
+}
