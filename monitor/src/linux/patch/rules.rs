@@ -35,8 +35,9 @@ pub struct Verdicts {
     /// bytes judged, and the sites accepted on them.
     pub clean: Vec<(u64, [u8; 32], Vec<Patched>)>,
     /// Of the violations, those where a site the kernel patches through a
-    /// record (a static call, an ftrace entry or ftrace's own call) holds a
-    /// well-formed call or jmp that the record does not name: what the
+    /// record (a static call, an ftrace entry or ftrace's own call) holds
+    /// the instruction the kernel writes there (a call; a static tail call's
+    /// jmp) to a target the record does not name: what the
     /// kernel's own update looks like between writing the record and the
     /// last site, and what is judged again for longer before it is believed.
     /// As (site, bytes).
@@ -431,16 +432,21 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                         out.accepted.push(Patched { addr: a, kind, bytes: c, in_flight, key })
                     }
                     Err(why) => {
-                        let by_record = matches!(
-                            site,
+                        // The instruction the kernel's update writes at a
+                        // site patched through a record: any other is no
+                        // update in flight.
+                        let op = match site {
                             Some(
-                                Site::StaticCall { .. }
-                                    | Site::StaticTramp { .. }
-                                    | Site::Fentry
-                                    | Site::FtraceCall
-                            )
-                        );
-                        if by_record && matches!(c.first(), Some(&(CALL | JMP32))) {
+                                Site::StaticCall { tail: false, .. }
+                                | Site::Fentry
+                                | Site::FtraceCall,
+                            ) => Some(CALL),
+                            Some(
+                                Site::StaticCall { tail: true, .. } | Site::StaticTramp { .. },
+                            ) => Some(JMP32),
+                            _ => None,
+                        };
+                        if op.is_some() && c.first() == op.as_ref() {
                             out.disagreements.push((a, c.clone()));
                         }
                         out.violations.push(violation(a, why, hex(&o), hex(&c)));
