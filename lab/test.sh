@@ -4,7 +4,8 @@
 # lab domains left over from an earlier run, builds and checks the Debian
 # package (install, verify, purge), runs every fuzz target for a short while
 # from its seeds, then runs every test (unit tests, and the lab tests that
-# boot real guests, Prometheus and Alertmanager) with nextest.
+# boot real guests, Prometheus and Alertmanager: the `lab` feature) with
+# nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -20,4 +21,4 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # are only built, so that they cannot rot.
 cargo build --quiet -p vigil-bench --benches --examples
 fuzz/run.sh smoke
-cargo nextest run --workspace --no-fail-fast "$@"
+cargo nextest run --workspace --features vigil/lab --no-fail-fast "$@"
