@@ -99,7 +99,7 @@ fn main() {
         let mut b = cap.baseline.clone();
         b.domain.name = format!("fleet-{i}");
         b.domain.uuid = uuid.clone();
-        let path = vigil::daemon::watch::baseline_path(state.path(), &uuid);
+        let path = vigil::paths::baseline_path(state.path(), &uuid);
         b.save(&path).unwrap();
         std::fs::hard_link(&pages_file, vigil::integrity::Originals::path_for(&path)).unwrap();
         let g = FleetGuest {

@@ -14,7 +14,7 @@ use vigil::integrity::Baseline;
 use vigil::integrity::baseline::Run;
 use vigil::libvirt::LibvirtError;
 use vigil::memory::{ElfCore, GuestMemory, MemoryError, RamLayout};
-use vigil::qemu::VcpuRegisters;
+use vigil::x86::VcpuRegisters;
 
 pub mod paired;
 

@@ -14,7 +14,7 @@ use vigil::integrity::AddressSpace;
 use vigil::linux::profile::Profile;
 use vigil::linux::semantic::{Matched, check};
 use vigil::memory::RawDump;
-use vigil::qemu::VcpuRegisters;
+use vigil::x86::VcpuRegisters;
 use vigil::x86::{Mapping, Perms};
 
 const PAGE: u64 = 4096;

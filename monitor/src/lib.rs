@@ -1,9 +1,12 @@
 //! vigil: a host-side integrity monitor for the kernels of KVM/QEMU guests.
 //!
-//! Modules follow the data flow: guest memory sources ([`memory`]), what the
-//! QEMU monitor says ([`qemu`]), x86-64 translation ([`x86`]), the Linux kernel
-//! model ([`linux`]), the integrity engine ([`integrity`]), and libvirt
-//! ([`libvirt`]) at the outer edge.
+//! Modules follow the data flow: guest memory sources ([`memory`]), x86-64
+//! translation and vCPU state ([`x86`]), what the QEMU monitor says
+//! ([`qemu`], parsed into `x86` types), the integrity engine ([`integrity`]),
+//! the Linux kernel model ([`linux`], whose [`linux::session`] runs one
+//! examination for the CLI and the daemon alike), libvirt ([`libvirt`]) at
+//! the outer edge, and the daemon ([`daemon`]) over all of them. [`paths`]
+//! says where state is kept by default.
 //!
 //! Everything that parses guest- or file-controlled bytes is safe Rust:
 //! `unsafe` is denied crate-wide and allowed in two modules only, the
@@ -17,6 +20,7 @@ pub mod integrity;
 pub mod libvirt;
 pub mod linux;
 pub mod memory;
+pub mod paths;
 pub mod qemu;
 #[allow(unsafe_code)]
 mod sys;

@@ -10,7 +10,8 @@ use virt::sys;
 
 use crate::integrity::baseline::Run;
 use crate::memory::{BlockMapping, GuestMemory, ProcessRam, RamLayout, SharedRam};
-use crate::qemu::{self, ParseError, VcpuRegisters};
+use crate::qemu::{self, ParseError};
+use crate::x86::VcpuRegisters;
 
 /// Why libvirt could not give what was asked.
 #[derive(Debug, thiserror::Error)]

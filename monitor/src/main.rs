@@ -11,7 +11,7 @@ use vigil::integrity::baseline::DomainId;
 use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::discover;
-use vigil::linux::examine::{ExamineError, examine};
+use vigil::linux::session::{ExamineError, examine_once};
 
 /// Exit status when a check finds the kernel intact, or a command succeeds.
 const EXIT_OK: u8 = 0;
@@ -247,14 +247,14 @@ fn main() -> ExitCode {
 
 fn profile_dirs(cli: &Cli) -> Vec<PathBuf> {
     if cli.profiles.is_empty() {
-        vec![PathBuf::from(vigil::daemon::config::DEFAULT_PROFILES)]
+        vec![PathBuf::from(vigil::paths::PROFILES_DIR)]
     } else {
         cli.profiles.clone()
     }
 }
 
 fn state_dir(cli: &Cli) -> PathBuf {
-    cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/vigil"))
+    cli.state_dir.clone().unwrap_or_else(|| PathBuf::from(vigil::paths::STATE_DIR))
 }
 
 impl Cli {
@@ -266,7 +266,7 @@ impl Cli {
 
     /// The control socket the client commands ask.
     fn control_socket(&self) -> PathBuf {
-        self.control_socket.clone().unwrap_or_else(|| "/run/vigil/control.sock".into())
+        self.control_socket.clone().unwrap_or_else(|| vigil::paths::CONTROL_SOCKET.into())
     }
 }
 
@@ -320,7 +320,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
 }
 
 fn default_baseline_path(cli: &Cli, dom: &GuestDomain) -> PathBuf {
-    vigil::daemon::watch::baseline_path(&state_dir(cli), &dom.uuid)
+    vigil::paths::baseline_path(&state_dir(cli), &dom.uuid)
 }
 
 fn domains(cli: &Cli) -> anyhow::Result<u8> {
@@ -494,7 +494,7 @@ fn check_domain(
     let originals = load_originals(&path, &b);
     let profiles = load_profiles(cli);
     let report =
-        examined(&dom.name, examine(&b, &originals, &*mem, &regs, &profiles, false))?.report;
+        examined(&dom.name, examine_once(&b, &originals, &*mem, &regs, &profiles, false))?.report;
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -599,8 +599,8 @@ fn load_profiles(cli: &Cli) -> Vec<vigil::linux::profile::Profile> {
 /// An examination's result, its warnings said on stderr, its errors worded.
 fn examined(
     name: &str,
-    r: Result<vigil::linux::examine::Examined, ExamineError>,
-) -> anyhow::Result<vigil::linux::examine::Examined> {
+    r: Result<vigil::linux::session::Examined, ExamineError>,
+) -> anyhow::Result<vigil::linux::session::Examined> {
     match r {
         Ok(e) => {
             for w in &e.warnings {
@@ -682,8 +682,10 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
     };
     let originals = load_originals(&path, &b);
     let profiles = load_profiles(cli);
-    let e =
-        examined(&b.domain.name.clone(), examine(&b, &originals, &*mem, &regs, &profiles, true))?;
+    let e = examined(
+        &b.domain.name.clone(),
+        examine_once(&b, &originals, &*mem, &regs, &profiles, true),
+    )?;
     let mut changes = e.changes;
     if let Some(r) = &a.region {
         changes.retain(|c| &c.region == r);

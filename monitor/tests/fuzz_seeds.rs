@@ -206,7 +206,7 @@ fn semantic_seed_holds_the_guests_tables_intact() {
     let mut map: Vec<(u64, u64)> = (0..8).map(|i| (LIST + i * 4096, i)).collect();
     map.extend([(table, 8), (table + 4096, 9), (IDT, 10)]);
     let space = Pages(map);
-    let regs = [vigil::qemu::VcpuRegisters {
+    let regs = [vigil::x86::VcpuRegisters {
         index: 0,
         cr0: 0x8005_0033,
         cr3: 0,

@@ -17,7 +17,7 @@ use common::{Daemon, FULL, boot, vigil_in, violations};
 
 /// The daemon's baseline of `g`, and its original pages.
 fn stored(d: &Daemon, g: &vigil_lab::Guest) -> (PathBuf, PathBuf) {
-    let b = vigil::daemon::watch::baseline_path(d.dir.path(), &g.uuid);
+    let b = vigil::paths::baseline_path(d.dir.path(), &g.uuid);
     let pages = vigil::integrity::Originals::path_for(&b);
     (b, pages)
 }

@@ -222,6 +222,59 @@ fn lab_diff_through_the_daemon_shows_module_text_it_protects() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-domain"));
 }
 
+/// The CLI and the daemon run one examination: for the same guest and
+/// baseline, `vigil diff` and `vigil diff --daemon` give the same changes,
+/// word for word (names of code and of data, verdicts, rules, bytes).
+#[test]
+fn lab_diff_the_cli_and_the_daemon_give_the_same_changes() {
+    let d = common::Daemon::start("vigil-lab-diff-same");
+    let mut g = boot("diff-same");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    g.run("attack syscall").unwrap();
+    d.wait_for("the hooks' alerts", std::time::Duration::from_secs(30), |d| {
+        !common::violations(d, &g, "kernel-text").is_empty()
+            && !common::violations(d, &g, "sys_call_table").is_empty()
+    });
+    let daemon = d.vigil(&["diff", &g.name, "--daemon", "--format", "json"]);
+    assert_eq!(daemon.status.code(), Some(1), "{}", String::from_utf8_lossy(&daemon.stderr));
+    // The CLI reads the daemon's own baseline and original pages.
+    let cli = vigil(d.dir.path(), &["diff", &g.name, "--format", "json"]);
+    assert_eq!(cli.status.code(), Some(1), "{}", String::from_utf8_lossy(&cli.stderr));
+    // The violations, in any order: what each is, where, by which rule, its
+    // name and bytes. (Accepted patches may differ: only the daemon has seen
+    // the records of the last seconds and holds modules' text.)
+    let violations = |d: &Value| -> BTreeSet<String> {
+        d["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["verdict"] == "violation")
+            .filter(|c| !c["region"].as_str().unwrap_or("").starts_with("module:"))
+            .map(|c| {
+                format!(
+                    "{} {} {} {} {} {} {}",
+                    c["region"],
+                    c["gva"],
+                    c["rule"],
+                    c["symbol"],
+                    c["bytes"]["before"],
+                    c["bytes"]["after"],
+                    c["entry"]
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (violations(&json(&daemon)), violations(&json(&cli)));
+    assert!(a.len() >= 2, "{a:#?}");
+    assert_eq!(a, b, "daemon:\n{a:#?}\nCLI:\n{b:#?}");
+    // Data named as data by both (the daemon named it nowhere before).
+    assert!(
+        a.iter().any(|v| v.contains("sys_call_table") && v.contains("(kernel data)")),
+        "{a:#?}"
+    );
+}
+
 /// The files of one evidence bundle, by name, with their manifest entries.
 fn manifest(dir: &Path) -> Value {
     let text = std::fs::read_to_string(dir.join("manifest.json"))

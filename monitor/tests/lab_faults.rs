@@ -56,7 +56,7 @@ impl Guest for FaultyGuest {
         self.asked.fetch_add(1, SeqCst);
         Guest::ensure_running(&self.dom)
     }
-    fn registers(&self) -> Result<Vec<vigil::qemu::VcpuRegisters>, LibvirtError> {
+    fn registers(&self) -> Result<Vec<vigil::x86::VcpuRegisters>, LibvirtError> {
         if self.refuse.load(SeqCst) {
             return Err(LibvirtError::Memory {
                 domain: Guest::name(&self.dom).to_owned(),
@@ -527,7 +527,7 @@ fn lab_faults_a_guest_saved_and_restored_is_taken_up_again() {
     let mut g = boot("flt-save");
     d.wait_watching(&g);
     let boot_before = d.status(&g.name).unwrap()["boot"].clone();
-    let path = vigil::daemon::watch::baseline_path(d.dir.path(), &g.uuid);
+    let path = vigil::paths::baseline_path(d.dir.path(), &g.uuid);
     let run_before = vigil::integrity::Baseline::load(&path).unwrap().run.unwrap();
     g.save_and_restore().unwrap_or_else(|e| panic!("{e}"));
     d.wait_for("the restored guest watched again", Duration::from_secs(90), |d| {

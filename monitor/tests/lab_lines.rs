@@ -185,7 +185,7 @@ fn earlier_baseline_bounded(kernel: Kernel) {
     let g = boot_kernel(&s, kernel);
     d.wait_watching(&g);
     d.kill9();
-    let path = vigil::daemon::watch::baseline_path(d.dir.path(), &g.uuid);
+    let path = vigil::paths::baseline_path(d.dir.path(), &g.uuid);
     let mut b = vigil::integrity::Baseline::load(&path).unwrap();
     let p = lab_profile(kernel);
     let slide = b.kernel.image_base.raw().wrapping_sub(p.symbol("_text").unwrap().addr);
@@ -235,6 +235,34 @@ fn lab_lines_6_1_a_baseline_stored_before_layout_bounds_is_bounded_when_attached
     earlier_baseline_bounded(Kernel::V6_1);
 }
 
+/// Fails, with each violation's rule and bytes from the evidence bundles,
+/// if the daemon raised any violation on `domain`; `when` says at what point.
+fn no_violation(d: &Daemon, domain: &str, kernel: Kernel, when: &str) {
+    let v: Vec<String> = d
+        .events("violation", domain)
+        .iter()
+        .map(|a| format!("{} {} {}", a["region"], a["symbol"], a["detail"]))
+        .collect();
+    if !v.is_empty() {
+        std::thread::sleep(Duration::from_secs(5)); // the bundle is written
+        panic!(
+            "{}: violations {when}: {v:#?}\nwhat the evidence says: {:#?}",
+            kernel.line(),
+            d.evidence_changes()
+        );
+    }
+}
+
+/// An inline hook of `__x64_sys_getppid`, caught by the daemon.
+fn inline_hook_caught(d: &Daemon, g: &mut vigil_lab::Guest, after: &str) {
+    g.run("attack inline").unwrap();
+    d.wait_for(&format!("the inline hook after {after}"), Duration::from_secs(30), |d| {
+        violations(d, g, "kernel-text")
+            .iter()
+            .any(|v| format!("{} {}", v["detail"], v["symbol"]).contains("__x64_sys_getppid"))
+    });
+}
+
 /// A module unloaded and loaded again at the same base faster than the
 /// checks (the daemon compares such a reload with the text it had), while
 /// the function tracer goes on and off over every function: its ftrace
@@ -259,22 +287,6 @@ fn module_reloaded_in_place(kernel: Kernel) {
          dd if=/dev/zero of=/dev/null bs=${kb}k count=2; done ) </dev/null >/dev/null 2>&1 &",
     )
     .unwrap();
-    let name = g.name.clone();
-    let no_violation = |d: &Daemon, when: &str, bases: &std::collections::BTreeMap<String, u32>| {
-        let v: Vec<String> = d
-            .events("violation", &name)
-            .iter()
-            .map(|a| format!("{} {} {}", a["region"], a["symbol"], a["detail"]))
-            .collect();
-        if !v.is_empty() {
-            std::thread::sleep(Duration::from_secs(5));
-            panic!(
-                "{}: violations {when} (loads by base {bases:?}): {v:#?}\nwhat the evidence says: {:#?}",
-                kernel.line(),
-                d.evidence_changes()
-            );
-        }
-    };
     // Each load lives 1.2 s and the next follows its unload at once: most
     // fall between two checks that both see the module live.
     let start = Instant::now();
@@ -295,10 +307,15 @@ fn module_reloaded_in_place(kernel: Kernel) {
                 *bases.entry(base.to_owned()).or_default() += 1;
             }
         }
-        no_violation(&d, &format!("after {round} rounds"), &bases);
+        no_violation(
+            &d,
+            &g.name,
+            kernel,
+            &format!("after {round} rounds (loads by base {bases:?})"),
+        );
     }
     std::thread::sleep(2 * FULL);
-    no_violation(&d, "after the last round", &bases);
+    no_violation(&d, &g.name, kernel, &format!("after the last round (loads by base {bases:?})"));
     let checks = d.metric("vigil_checks_total", &full).unwrap_or(0.0) - checks_before;
     // Loads the daemon saw as such; the others were reloads at the same base
     // between two checks that saw the module live, compared with its text.
@@ -315,12 +332,7 @@ fn module_reloaded_in_place(kernel: Kernel) {
         "most reloads should fall between two checks: {seen} of {loads} seen"
     );
     // And the daemon still catches a write.
-    g.run("attack inline").unwrap();
-    d.wait_for("the inline hook after the reloads", Duration::from_secs(30), |d| {
-        violations(d, &g, "kernel-text")
-            .iter()
-            .any(|v| format!("{} {}", v["detail"], v["symbol"]).contains("__x64_sys_getppid"))
-    });
+    inline_hook_caught(&d, &mut g, "the reloads");
 }
 
 #[test]
@@ -377,20 +389,7 @@ fn long_storm(kernel: Kernel) {
     let start = Instant::now();
     while start.elapsed() < LONG_STORM {
         std::thread::sleep(Duration::from_secs(10));
-        let v: Vec<String> = d
-            .events("violation", &g.name)
-            .iter()
-            .map(|a| format!("{} {} {}", a["region"], a["symbol"], a["detail"]))
-            .collect();
-        if !v.is_empty() {
-            std::thread::sleep(Duration::from_secs(5)); // the bundle is written
-            panic!(
-                "{}: violations after {:?} of the storm: {v:#?}\nwhat the evidence says: {:#?}",
-                kernel.line(),
-                start.elapsed(),
-                d.evidence_changes()
-            );
-        }
+        no_violation(&d, &g.name, kernel, &format!("after {:?} of the storm", start.elapsed()));
     }
     let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
     eprintln!("{}: full checks during the storm: {checks:?}", kernel.line());
@@ -408,12 +407,7 @@ fn long_storm(kernel: Kernel) {
     let out = g.run("storm stop").unwrap();
     eprintln!("{out}");
     assert!(out.contains("counted"), "{out}");
-    g.run("attack inline").unwrap();
-    d.wait_for("the inline hook after the storm", Duration::from_secs(30), |d| {
-        violations(d, &g, "kernel-text")
-            .iter()
-            .any(|v| format!("{} {}", v["detail"], v["symbol"]).contains("__x64_sys_getppid"))
-    });
+    inline_hook_caught(&d, &mut g, "the storm");
 }
 
 #[test]

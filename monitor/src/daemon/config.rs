@@ -99,7 +99,7 @@ pub struct Overrides {
 }
 
 /// Where guest profiles are looked for unless told otherwise.
-pub const DEFAULT_PROFILES: &str = "/usr/share/vigil/guest-profiles";
+pub const DEFAULT_PROFILES: &str = crate::paths::PROFILES_DIR;
 
 /// An `http://host:port/path` endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,8 +273,11 @@ impl Settings {
                 }),
             }
         };
-        let state_dir =
-            over.state_dir.clone().or(raw.state_dir).unwrap_or_else(|| "/var/lib/vigil".into());
+        let state_dir = over
+            .state_dir
+            .clone()
+            .or(raw.state_dir)
+            .unwrap_or_else(|| crate::paths::STATE_DIR.into());
         let alert_log = over
             .alert_log
             .clone()
@@ -342,7 +345,7 @@ impl Settings {
         let module_grace = dur(
             "schedule.module_grace",
             &raw.schedule.module_grace,
-            crate::daemon::watch::MODULE_GRACE,
+            crate::linux::modules::MODULE_GRACE,
         )?;
         let check_timeout =
             dur("schedule.check_timeout", &raw.schedule.check_timeout, Duration::from_secs(30))?;
@@ -428,7 +431,7 @@ impl Settings {
                 .control_socket
                 .clone()
                 .or(raw.control_socket)
-                .unwrap_or_else(|| "/run/vigil/control.sock".into()),
+                .unwrap_or_else(|| crate::paths::CONTROL_SOCKET.into()),
             control_group: raw.control_group.unwrap_or_else(|| "vigil".into()),
             host,
             profiles: over

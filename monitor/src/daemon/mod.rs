@@ -847,7 +847,7 @@ async fn domain_task(
                             .get_or_create(&DomainLabels { domain: name.clone() })
                             .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
                     }
-                    for ev in std::mem::take(&mut w.module_events) {
+                    for ev in std::mem::take(&mut w.session.module_events) {
                         let detail = if ev.loaded {
                             format!(
                                 "module {} loaded at {:#x}: {} page(s) of its text protected from now on",

@@ -5,22 +5,18 @@
 use std::path::{Path, PathBuf};
 
 use crate::integrity::baseline::{DomainId, Run};
-use crate::integrity::check::{CheckError, Report, Scope, check_tagged};
+use crate::integrity::check::{CheckError, Report, Scope};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
-use std::collections::HashMap;
 
-use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::Originals;
-use crate::integrity::baseline::to_hex;
-use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
-use crate::linux::diff::{self, Change, Diff};
-use crate::linux::patch::{self, PatchMemory, Patched};
+use crate::linux::diff::{Change, Diff};
+pub use crate::linux::modules::{MODULE_GRACE, ModuleEvent};
 use crate::linux::profile::Profile;
-use crate::linux::{DiscoverError, KernelView, discover, layout, semantic};
+use crate::linux::session::{How, KernelSession};
+use crate::linux::{DiscoverError, KernelView, discover, layout};
 use crate::memory::GuestMemory;
-use crate::x86::{Mapping, Perms};
 
 /// Why a domain could not be attached or checked.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +137,7 @@ pub trait Guest: Send {
     fn uuid(&self) -> &str;
     /// `Ok` while the guest runs (or is paused).
     fn ensure_running(&self) -> Result<(), LibvirtError>;
-    fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError>;
+    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, LibvirtError>;
     /// The hypervisor's run of the guest (its emulator process).
     fn run(&self) -> Result<Run, LibvirtError>;
     /// Whether the guest is paused (an emulator started `-incoming` is
@@ -166,7 +162,7 @@ impl Guest for GuestDomain {
     fn ensure_running(&self) -> Result<(), LibvirtError> {
         GuestDomain::ensure_running(self)
     }
-    fn registers(&self) -> Result<Vec<crate::qemu::VcpuRegisters>, LibvirtError> {
+    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, LibvirtError> {
         GuestDomain::registers(self)
     }
     fn run(&self) -> Result<Run, LibvirtError> {
@@ -197,29 +193,9 @@ pub struct Watched {
     originals: Originals,
     /// The guest profile the kernel matched at the last check, if any.
     pub profile: Option<String>,
-    /// Live modules' text, kept when first seen: (name, base) to page
-    /// hashes and bytes. Kept in memory: a restarted daemon protects modules
-    /// from when it sees them again.
-    modules: HashMap<(String, u64), ModuleText>,
-    /// Modules seen loaded or unloaded by the last check.
-    pub module_events: Vec<ModuleEvent>,
-    /// Listed modules that are not live, and for how long.
-    modules_not_live: NotLive,
-    /// Patch sites accepted by the last checks, and patch records seen lately.
-    patch_state: PatchMemory,
-    /// Executable pages of the module area that a kernel record (the module
-    /// list, an ftrace trampoline, a kprobe slot, a BPF image) accounted for,
-    /// as (virtual, physical), with when a record last did. The kernel drops
-    /// a record some time before it frees the memory (an RCU grace period
-    /// apart), so such a page stays accounted for up to [`RECORD_GRACE`].
-    recognized: HashMap<(u64, u64), std::time::Instant>,
-    /// Unlisted executable runs seen by the last check, as (virtual,
-    /// physical) of their start, with when first seen in a row: reported
-    /// once seen for [`UNLISTED_PERSIST`].
-    unlisted_seen: HashMap<(u64, u64), std::time::Instant>,
-    /// Names from the guest's own kallsyms, read once when no profile
-    /// matches and something needs naming (lower trust).
-    guest_symbols: Option<Option<semantic::GuestSymbols>>,
+    /// What one check leaves the next: patch sites accepted, records seen
+    /// lately, modules' text, unlisted memory seen before.
+    pub(crate) session: KernelSession,
     /// The baseline pages' NH tags under a key of this watch's own: checks
     /// hash with BLAKE3 only the pages whose tag differs. Made at the first
     /// check of a baseline.
@@ -245,61 +221,7 @@ pub struct Watched {
     pub bounds: Result<String, String>,
 }
 
-/// How long executable module-area memory that no record accounts for must
-/// stay so, seen at every check meanwhile, before it is reported. The kernel
-/// maps some memory executable a moment before it records it (a kprobe slot
-/// page, an ftrace trampoline) and frees some a while after it drops the
-/// record (a module's init text goes after an RCU grace period, from a
-/// workqueue): seconds, in a slow guest.
-const UNLISTED_PERSIST: std::time::Duration = std::time::Duration::from_secs(8);
-
-/// Listed modules whose state is not live, since when, in which state.
-///
-/// The kernel leaves a module loading only while its init function runs,
-/// and unloading only while its exit function runs; meanwhile its text is
-/// not compared (the kernel still patches it). A module that stays so for
-/// longer than `grace` is reported: a rootkit that writes its own state
-/// would otherwise hide its text from the checks.
-struct NotLive {
-    since: HashMap<(String, u64), (u32, std::time::Instant)>,
-    grace: std::time::Duration,
-}
-
-/// How long a module may stay loading or unloading before it is reported,
-/// unless configured (`schedule.module_grace`): long enough for an init
-/// function waiting out the kernel's 60 s firmware timeout.
-pub const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
-
-impl Default for NotLive {
-    fn default() -> Self {
-        NotLive { since: HashMap::new(), grace: MODULE_GRACE }
-    }
-}
-
-/// A live module's text as first seen.
-struct ModuleText {
-    hashes: Vec<[u8; 32]>,
-    bytes: Vec<u8>,
-}
-
-/// A module appearing in or leaving the module list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleEvent {
-    pub loaded: bool,
-    pub name: String,
-    pub base: u64,
-    pub text_pages: u64,
-}
-
-/// Most pages of module text protected per module.
-const MAX_MODULE_PAGES: u64 = 4096;
-
-use crate::linux::patch::RECORD_GRACE;
-
-/// Where a domain's baseline is kept (the same place `vigil baseline` uses).
-pub fn baseline_path(state_dir: &Path, uuid: &str) -> PathBuf {
-    state_dir.join("baselines").join(format!("{uuid}.json"))
-}
+use crate::paths::baseline_path;
 
 /// The stored baseline of a domain: `None` when there is no file, the
 /// reason when one exists and cannot be used (unreadable, too large,
@@ -373,7 +295,7 @@ fn registers_and_kernel<'m>(
     dom: &dyn Guest,
     mem: &'m Memory,
     snapshots: &mut u64,
-) -> Result<(Vec<crate::qemu::VcpuRegisters>, KernelView<'m, Memory>), WatchError> {
+) -> Result<(Vec<crate::x86::VcpuRegisters>, KernelView<'m, Memory>), WatchError> {
     let mut attempt = 1;
     loop {
         *snapshots += 1;
@@ -482,13 +404,7 @@ impl Watched {
             path,
             originals,
             profile: None,
-            modules: HashMap::new(),
-            module_events: Vec::new(),
-            modules_not_live: NotLive::default(),
-            patch_state: PatchMemory::default(),
-            recognized: HashMap::new(),
-            unlisted_seen: HashMap::new(),
-            guest_symbols: None,
+            session: KernelSession::across_checks(MODULE_GRACE),
             tags: None,
             originals_on_disk: false,
             register_snapshots: 0,
@@ -692,7 +608,7 @@ impl Watched {
     /// How long a listed module may stay loading or unloading (its text
     /// unchecked) before that is a violation.
     pub fn set_module_grace(&mut self, grace: std::time::Duration) {
-        self.modules_not_live.grace = grace;
+        self.session.set_module_grace(grace);
     }
 
     /// vCPU register snapshots asked for since the last call (checks,
@@ -707,7 +623,7 @@ impl Watched {
     /// finish an update of its own text (a pause, not work: the CPU budget
     /// does not count it).
     pub fn take_waited(&mut self) -> std::time::Duration {
-        std::mem::take(&mut self.patch_state.waited)
+        self.session.take_waited()
     }
 
     /// Compares the guest with the baseline over `scope`.
@@ -770,7 +686,6 @@ impl Watched {
         profiles: &[Profile],
         changes: Option<&mut Vec<Change>>,
     ) -> Result<Report, WatchError> {
-        let diffing = changes.is_some();
         if self.mem.is_none() {
             self.dom.ensure_running()?;
             self.mem = Some(self.dom.open_memory()?);
@@ -783,339 +698,17 @@ impl Watched {
             let (tags, _) = PageTags::build(key, &self.baseline, mem, &view, &self.originals);
             self.tags = Some(tags);
         }
-        match check_tagged(&self.baseline, mem, &view, &regs, scope, self.tags.as_ref()) {
-            Ok(mut r) => {
-                let originals = &self.originals;
-                semantic::review_gdt_pages(&mut r, mem, &self.baseline.registers, &|gva| {
-                    originals.page(gva)
-                });
-                // Syscall tables and IDT gates are small: both scopes check them.
-                self.profile = None;
-                if let Some(mut m) =
-                    semantic::match_profile(profiles, mem, &view, view.identification.image_base)
-                {
-                    let mut known =
-                        crate::integrity::baseline::expand_runs(&self.baseline.exec_outside_image)
-                            .unwrap_or_default();
-                    let now = std::time::Instant::now();
-                    self.recognized.retain(|_, seen| now.duration_since(*seen) < RECORD_GRACE);
-                    known.extend(self.recognized.keys().map(|&(gva, gpa)| Mapping {
-                        gva: GuestVirtAddr(gva),
-                        gpa: GuestPhysAddr(gpa),
-                        size: PAGE_SIZE,
-                        perms: Perms { writable: false, user: false, executable: true },
-                    }));
-                    let (ranges, unread) = patch::exec_ranges(&m, mem, &view);
-                    let mut found =
-                        semantic::check(&mut m, mem, &view, &regs, &known, Some(&ranges));
-                    let before = if diffing {
-                        self.unlisted_seen.clone()
-                    } else {
-                        std::mem::take(&mut self.unlisted_seen)
-                    };
-                    found.retain(|f| {
-                        if diffing {
-                            return true;
-                        }
-                        if f.kind != FindingKind::Unlisted || f.severity != Severity::Violation {
-                            return true;
-                        }
-                        let key = (f.gva.raw(), f.gpa.raw());
-                        let first = before.get(&key).copied().unwrap_or(now);
-                        self.unlisted_seen.insert(key, first);
-                        now.duration_since(first) >= UNLISTED_PERSIST
-                    });
-                    for mp in view.exec_outside_image() {
-                        let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
-                        let recorded =
-                            ranges.iter().any(|x| x.start & !(PAGE_SIZE - 1) <= s && s < x.end)
-                                || m.modules.iter().any(|md| md.holds(s, e));
-                        if recorded {
-                            self.recognized.insert((s, mp.gpa.raw()), now);
-                        }
-                    }
-                    self.profile = Some(m.profile.release.clone());
-                    r.profile = self.profile.clone();
-                    r.add_findings(found);
-                    r.add_findings(unread.into_iter().map(unreadable_records).collect());
-                    let module_findings = protect_modules(
-                        (&mut self.modules, &mut self.modules_not_live),
-                        &mut self.module_events,
-                        &m,
-                        mem,
-                        &view,
-                        now,
-                    );
-                    r.add_findings(module_findings);
-                    let mut scratch;
-                    let state = if diffing {
-                        scratch = self.patch_state.clone();
-                        &mut scratch
-                    } else {
-                        &mut self.patch_state
-                    };
-                    let accepted = review_patches(
-                        &self.baseline,
-                        &self.originals,
-                        &self.modules,
-                        state,
-                        (&mut r, &m),
-                        mem,
-                        &view,
-                        scope,
-                    );
-                    r.symbolize(|gva| m.symbol_of(gva));
-                    if let Some(out) = changes {
-                        let locate = |a: u64| m.locate(a);
-                        let start = |a: u64| {
-                            m.profile.symbolize(a.wrapping_sub(m.slide)).map(|(_, off)| a - off)
-                        };
-                        let namer = diff::Namer { locate: &locate, function_start: &start };
-                        let modules = &self.modules;
-                        let module_original = |a: u64, n: u64| {
-                            modules.iter().find_map(|((_, base), t)| {
-                                let off = usize::try_from(a.checked_sub(*base)?).ok()?;
-                                t.bytes
-                                    .get(off..off.checked_add(usize::try_from(n).ok()?)?)
-                                    .map(<[u8]>::to_vec)
-                            })
-                        };
-                        let code =
-                            |region: &str| region == "kernel-text" || region.starts_with("module:");
-                        *out = diff::changes(
-                            &r,
-                            &accepted,
-                            mem,
-                            &view,
-                            &self.originals,
-                            &module_original,
-                            &code,
-                            &namer,
-                        );
-                    }
-                    r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
-                    for region in semantic::REGIONS {
-                        r.cover(region);
-                    }
-                } else if !r.intact {
-                    // No profile: name places from the guest's own kallsyms
-                    // (read once), marked as lower trust.
-                    let syms = self.guest_symbols.get_or_insert_with(|| {
-                        view.regions
-                            .iter()
-                            .find(|g| g.kind == crate::integrity::RegionKind::ReadOnlyData)
-                            .and_then(|ro| semantic::GuestSymbols::read(mem, ro))
-                    });
-                    if let Some(syms) = syms {
-                        r.symbolize(|gva| syms.locate(gva));
-                    }
-                }
-                Ok(r)
-            }
-            Err(CheckError::Read(e)) => Err(WatchError::Baseline(e)),
+        let how = How { scope, tags: self.tags.as_ref(), changes: changes.is_some() };
+        let examined = self
+            .session
+            .examine((&self.baseline, &self.originals), mem, (&view, &regs), profiles, how)
+            .map_err(|CheckError::Read(e)| WatchError::Baseline(e))?;
+        self.profile = examined.report.profile.clone();
+        if let Some(out) = changes {
+            *out = examined.changes;
         }
+        Ok(examined.report)
     }
-}
-
-/// Judges text changes (kernel and module) against the kernel's patch
-/// records, and counts the accepted ones.
-#[allow(clippy::too_many_arguments)]
-fn review_patches(
-    baseline: &Baseline,
-    originals: &Originals,
-    modules: &HashMap<(String, u64), ModuleText>,
-    state: &mut PatchMemory,
-    (r, m): (&mut Report, &semantic::Matched<'_>),
-    mem: &(dyn GuestMemory + Send + Sync),
-    space: &dyn AddressSpace,
-    scope: Scope,
-) -> Vec<Patched> {
-    // Text pages, sorted (a binary search per look-up, no hashing).
-    let mut text: Vec<u64> = baseline
-        .regions
-        .iter()
-        .filter(|g| g.kind == crate::integrity::RegionKind::Code)
-        .flat_map(|g| g.pages.iter().map(|p| p.gva.raw()))
-        .collect();
-    text.sort_unstable();
-    let code_regions: Vec<String> = baseline
-        .regions
-        .iter()
-        .filter(|g| g.kind == crate::integrity::RegionKind::Code)
-        .map(|g| g.name.clone())
-        .collect();
-    let in_module = |a: u64| {
-        modules.iter().find_map(|((_, base), t)| {
-            let off = usize::try_from(a.checked_sub(*base)?).ok()?;
-            (off < t.bytes.len()).then_some((t, off))
-        })
-    };
-    let original = |gva: u64| {
-        originals.page(gva).or_else(|| {
-            let (t, off) = in_module(gva)?;
-            t.bytes.get(off..off + crate::addr::PAGE_BYTES).map(<[u8]>::to_vec)
-        })
-    };
-    let is_text =
-        |region: &str| region.starts_with("module:") || code_regions.iter().any(|c| c == region);
-    let full = scope == Scope::Full;
-    let covered = |a: u64| {
-        if text.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {
-            Some(full)
-        } else {
-            in_module(a).map(|_| true)
-        }
-    };
-    patch::review(r, m, mem, space, &original, state, &is_text, &covered)
-}
-
-fn unreadable_records(what: String) -> Finding {
-    Finding::new(
-        patch::TABLES_REGION,
-        FindingKind::Pointer,
-        Severity::Info,
-        GuestVirtAddr(0),
-        GuestPhysAddr(0),
-    )
-    .saying(
-        format!("kernel records of executable memory not read: {what}"),
-        String::new(),
-        String::new(),
-    )
-}
-
-/// Hashes the text of live modules first seen now, compares the text of
-/// those seen before, notes loads and unloads in `events`, and reports
-/// modules that stay loading or unloading past the grace of `not_live`.
-///
-/// The guest loads and unloads modules while this runs: each module's text
-/// is believed only if the module is live just before it is read and still
-/// is just after ([`semantic::still_live`]). Otherwise it is left for the
-/// next check, so that a module unloaded after the list was walked, and
-/// another instance loaded at its base and not yet relocated, is not taken
-/// for the module's text changed.
-///
-/// A known module that says it is unloading, or loading, stays known until
-/// it leaves the list: if it turns live again, its text is compared with what
-/// it was, so that a module cannot rewrite itself while claiming either. (A
-/// real reload at the same base between two checks is compared so too, as
-/// one that is live at both: a different build loaded there is reported.)
-fn protect_modules(
-    (known, not_live): (&mut HashMap<(String, u64), ModuleText>, &mut NotLive),
-    events: &mut Vec<ModuleEvent>,
-    m: &semantic::Matched<'_>,
-    mem: &(dyn GuestMemory + Send + Sync),
-    space: &dyn AddressSpace,
-    now: std::time::Instant,
-) -> Vec<Finding> {
-    let mut out = Vec::new();
-    events.clear();
-    let list = &m.modules;
-    let listed = |n: &str, b: u64, state: u32| {
-        list.iter().any(|m| m.name == n && m.base == b && m.state == state)
-    };
-    // Gone, or in another state: counted afresh.
-    not_live.since.retain(|(n, b), (state, _)| listed(n, *b, *state));
-    for md in list.iter().filter(|m| m.state != semantic::MODULE_LIVE) {
-        let (_, since) =
-            *not_live.since.entry((md.name.clone(), md.base)).or_insert((md.state, now));
-        let stayed = now.saturating_duration_since(since);
-        if stayed >= not_live.grace {
-            let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
-            out.push(
-                Finding::new(
-                    &format!("module:{}", md.name),
-                    FindingKind::Unlisted,
-                    Severity::Violation,
-                    GuestVirtAddr(md.base),
-                    gpa,
-                )
-                .saying(
-                    format!(
-                        "module {} has been {} for {} s: its text is not checked while it is not live, \
-                         and the kernel leaves a module so only while its init or exit function runs",
-                        md.name,
-                        semantic::module_state_name(md.state),
-                        stayed.as_secs()
-                    ),
-                    semantic::module_state_name(semantic::MODULE_LIVE).to_owned(),
-                    semantic::module_state_name(md.state).to_owned(),
-                ),
-            );
-        }
-    }
-    let live: Vec<&semantic::Module> =
-        list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
-    // Known and no longer listed, in any state, at its base.
-    let gone: Vec<(String, u64)> = known
-        .keys()
-        .filter(|(n, b)| !list.iter().any(|m| &m.name == n && m.base == *b))
-        .cloned()
-        .collect();
-    for key in gone {
-        let pages = known.remove(&key).map_or(0, |t| t.hashes.len() as u64);
-        events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
-    }
-    for md in live {
-        if !semantic::still_live(m, mem, space, md) {
-            continue;
-        }
-        let pages = md.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
-        let mut hashes = Vec::with_capacity(pages as usize);
-        let mut places = Vec::with_capacity(pages as usize);
-        let mut bytes = Vec::new();
-        for i in 0..pages {
-            let va = md.base + i * PAGE_SIZE;
-            match semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES) {
-                Some((page, gpa)) => {
-                    hashes.push(*blake3::hash(&page).as_bytes());
-                    places.push((va, gpa));
-                    bytes.extend_from_slice(&page);
-                }
-                None => break,
-            }
-        }
-        if !semantic::still_live(m, mem, space, md) {
-            continue;
-        }
-        let key = (md.name.clone(), md.base);
-        match known.get(&key) {
-            None => {
-                events.push(ModuleEvent {
-                    loaded: true,
-                    name: md.name.clone(),
-                    base: md.base,
-                    text_pages: hashes.len() as u64,
-                });
-                known.insert(key, ModuleText { hashes, bytes });
-            }
-            Some(old) => {
-                for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
-                    if old.hashes.get(i) != Some(h) {
-                        let region = format!("module:{}", md.name);
-                        let mut f = Finding::new(
-                            &region,
-                            FindingKind::Content,
-                            Severity::Violation,
-                            GuestVirtAddr(*va),
-                            *gpa,
-                        )
-                        .saying(
-                            format!(
-                                "page {i} of the text of module {} changed after it was loaded",
-                                md.name
-                            ),
-                            old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
-                            to_hex(h),
-                        );
-                        f.page = Some(i as u64);
-                        out.push(f);
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 impl Watched {
@@ -1137,12 +730,8 @@ impl Watched {
         let originals = store(&self.path, &baseline, originals, self.originals_on_disk)?;
         self.baseline = baseline;
         self.originals = originals;
-        self.patch_state = PatchMemory::default();
         self.tags = None;
-        // Modules too: each live one is taken up anew at the next check, its
-        // text as it is then its reference (a module-loaded event each).
-        self.modules.clear();
-        self.modules_not_live.since.clear();
+        self.session.new_baseline();
         Ok(())
     }
 
@@ -1154,9 +743,7 @@ impl Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addr::PAGE_BYTES;
     use crate::x86::WalkError;
-    use std::time::Duration;
 
     /// Bounds hit are counted apart from a kernel that is simply not there.
     #[test]
@@ -1168,214 +755,5 @@ mod tests {
             WatchError::Discover(DiscoverError::NoText { cr3: 0 }).kind(),
             "kernel_not_found"
         );
-    }
-
-    /// Where the test's RAM is mapped: page 0 a `struct module`, page 1 its text.
-    const W: u64 = 0xffff_ffff_c000_0000;
-
-    /// Guest RAM holding one module, which is unloaded and loaded again at
-    /// the same base (not yet live, its text not yet relocated) the moment
-    /// its text is read, when `reload` is set.
-    struct Reloading {
-        now: std::sync::Mutex<crate::memory::RawDump>,
-        again: Vec<u8>,
-        reload: std::sync::atomic::AtomicBool,
-        layout: crate::memory::RamLayout,
-    }
-
-    impl GuestMemory for Reloading {
-        fn read(
-            &self,
-            start: GuestPhysAddr,
-            buf: &mut [u8],
-        ) -> Result<(), crate::memory::MemoryError> {
-            let mut now = self.now.lock().unwrap();
-            if start.raw() == PAGE_SIZE
-                && self.reload.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                *now = crate::memory::RawDump::from_bytes(self.again.clone());
-            }
-            now.read(start, buf)
-        }
-        fn layout(&self) -> &crate::memory::RamLayout {
-            &self.layout
-        }
-        fn kind(&self) -> &'static str {
-            "raw-dump"
-        }
-    }
-
-    struct Window;
-
-    impl AddressSpace for Window {
-        fn image_pages(&self) -> &[Mapping] {
-            &[]
-        }
-        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
-            let page = gva.raw().checked_sub(W)? / PAGE_SIZE;
-            (page < 2).then(|| {
-                (
-                    GuestPhysAddr(page * PAGE_SIZE),
-                    Perms { writable: false, user: false, executable: true },
-                )
-            })
-        }
-    }
-
-    fn lab_profile() -> Profile {
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
-        Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-
-    /// Two pages seen through [`Window`]: a `struct module` named `name` in
-    /// state `state` at `W`, and its text, every byte `text`, at `W` + 4 KiB.
-    fn module_ram(profile: &Profile, name: &[u8], state: u32, text: u8) -> Vec<u8> {
-        let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
-        let mut ram = vec![text; 2 * PAGE_BYTES];
-        ram[..PAGE_BYTES].fill(0);
-        ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
-        ram[off("module.name")..][..name.len()].copy_from_slice(name);
-        ram[off("module.core_layout.base")..][..8].copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
-        ram
-    }
-
-    #[test]
-    fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
-        let profile = lab_profile();
-        let image = |state: u32, text: u8| module_ram(&profile, b"churn", state, text);
-        let md = semantic::Module {
-            name: "churn".into(),
-            addr: W,
-            base: W + PAGE_SIZE,
-            size: PAGE_SIZE,
-            text_size: PAGE_SIZE,
-            state: semantic::MODULE_LIVE,
-            init: (0, 0),
-        };
-        let m =
-            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
-        let mem = Reloading {
-            now: std::sync::Mutex::new(crate::memory::RawDump::from_bytes(image(0, 0xcc))),
-            // Coming (1), and its text as it is before relocation.
-            again: image(1, 0x90),
-            reload: false.into(),
-            layout: crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap(),
-        };
-        let (mut known, mut not_live, mut events) =
-            (HashMap::new(), NotLive::default(), Vec::new());
-        let now = std::time::Instant::now();
-        let found =
-            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
-        assert!(found.is_empty() && events.len() == 1 && events[0].loaded, "{found:?} {events:?}");
-
-        mem.reload.store(true, std::sync::atomic::Ordering::SeqCst);
-        let found =
-            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
-        assert!(found.is_empty(), "a reload under the read taken for a change: {found:?}");
-        assert!(events.is_empty(), "{events:?}");
-
-        // Once live with other text at the same base, it is a change.
-        *mem.now.lock().unwrap() = crate::memory::RawDump::from_bytes(image(0, 0x90));
-        let found =
-            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0].detail.contains("page 0 of the text of module churn changed"),
-            "{found:?}"
-        );
-    }
-
-    /// A module that claims to be unloading: reported once it has stayed so
-    /// past the grace, and compared with its old text if it turns live again.
-    #[test]
-    fn a_module_that_stays_unloading_or_rewrites_itself_meanwhile_is_caught() {
-        let profile = lab_profile();
-        let image = |state: u32, text: u8| {
-            crate::memory::RawDump::from_bytes(module_ram(&profile, b"sly\0", state, text))
-        };
-        // `None`: not in the module list.
-        let matched = |state: Option<u32>| semantic::Matched {
-            profile: &profile,
-            modules: state
-                .map(|state| semantic::Module {
-                    name: "sly".into(),
-                    addr: W,
-                    base: W + PAGE_SIZE,
-                    size: PAGE_SIZE,
-                    text_size: PAGE_SIZE,
-                    state,
-                    init: (0, 0),
-                })
-                .into_iter()
-                .collect(),
-            slide: 0,
-            idt_slide: None,
-        };
-        let going = semantic::MODULE_GOING;
-        let (mut known, mut events) = (HashMap::new(), Vec::new());
-        let mut not_live = NotLive { since: HashMap::new(), grace: Duration::from_secs(60) };
-        // `u32::MAX` as the state: not listed.
-        let t0 = std::time::Instant::now();
-        let mut check = |state: u32, mem: &crate::memory::RawDump, at: u64| {
-            let m = matched((state != u32::MAX).then_some(state));
-            let now = t0 + Duration::from_secs(at);
-            let found =
-                protect_modules((&mut known, &mut not_live), &mut events, &m, mem, &Window, now);
-            (found, events.clone())
-        };
-
-        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 0);
-        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
-        // Unloading, its text rewritten: not compared, and not yet reported.
-        let (found, ev) = check(going, &image(going, 0x90), 1);
-        assert!(found.is_empty(), "{found:?}");
-        assert!(ev.is_empty(), "an unloading module still listed is not gone: {ev:?}");
-        let (found, _) = check(going, &image(going, 0x90), 59);
-        assert!(found.is_empty(), "reported within the grace: {found:?}");
-        // Live again with other text: the text it had is what it is held to.
-        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 60);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
-        assert!(ev.is_empty(), "{ev:?}");
-
-        // Unloading again, and staying so: reported once the grace is over,
-        // timed from when it last changed state.
-        let (found, _) = check(going, &image(going, 0x90), 100);
-        assert!(found.is_empty(), "{found:?}");
-        let (found, _) = check(going, &image(going, 0x90), 159);
-        assert!(found.is_empty(), "{found:?}");
-        let (found, _) = check(going, &image(going, 0x90), 161);
-        assert_eq!(found.len(), 1, "{found:?}");
-        let f = &found[0];
-        assert_eq!((f.region.as_str(), f.severity), ("module:sly", Severity::Violation));
-        assert!(f.detail.contains("module sly has been unloading for 61 s"), "{}", f.detail);
-        assert_eq!((f.gva, f.gpa), (GuestVirtAddr(W + PAGE_SIZE), GuestPhysAddr(PAGE_SIZE)));
-        assert_eq!((f.before.as_str(), f.after.as_str()), ("live", "unloading"));
-
-        // Gone from the list: an unload, and nothing more to report.
-        let (found, ev) = check(u32::MAX, &image(going, 0x90), 200);
-        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
-        let (found, ev) = check(going, &image(going, 0x90), 201);
-        assert!(found.is_empty() && ev.is_empty(), "counted from before it left: {found:?}");
-
-        // Claiming to be loading (a new instance at the same base, for all
-        // the list says) does not wipe the slate either: live again with
-        // other text, it is a change, and no unload or load was seen.
-        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 300);
-        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
-        let coming = semantic::MODULE_COMING;
-        let (found, ev) = check(coming, &image(coming, 0x90), 301);
-        assert!(found.is_empty() && ev.is_empty(), "{found:?} {ev:?}");
-        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 302);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
-        assert!(ev.is_empty(), "{ev:?}");
-        // Gone from the list for one check, then back with other text: a
-        // real unload and load, and the new text is the new reference.
-        let (found, ev) = check(u32::MAX, &image(0, 0x90), 400);
-        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
-        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 401);
-        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
     }
 }

@@ -14,7 +14,7 @@ use super::tree::{self, PageValue};
 use super::{AddressSpace, Identification, RegionKind, RegionLayout};
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
 use crate::memory::{GuestMemory, MemoryError};
-use crate::qemu::VcpuRegisters;
+use crate::x86::VcpuRegisters;
 use crate::x86::{Mapping, Perms};
 
 pub const FORMAT: &str = "vigil-baseline";

@@ -12,13 +12,10 @@ use super::baseline::{Baseline, BaselineError, expand_runs, hash_pages_at, to_he
 use super::{AddressSpace, tree};
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES, PAGE_SIZE};
 use crate::memory::GuestMemory;
-use crate::qemu::VcpuRegisters;
 use crate::x86::Perms;
+use crate::x86::VcpuRegisters;
 
-const CR0_WP: u64 = 1 << 16;
-const CR4_SMEP: u64 = 1 << 20;
-const CR4_SMAP: u64 = 1 << 21;
-const EFER_NXE: u64 = 1 << 11;
+use crate::x86::{CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE};
 
 /// Region name for image pages that belong to no hashed region.
 pub const IMAGE_REGION: &str = "kernel-image";

@@ -11,7 +11,7 @@
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::{AddressSpace, Identification, PageSpec, RegionKind, RegionLayout};
 use crate::memory::GuestMemory;
-use crate::qemu::VcpuRegisters;
+use crate::x86::VcpuRegisters;
 use crate::x86::{Mapping, PagingMode, Perms, WalkError, Walker};
 
 /// Start of the kernel image mapping.
@@ -19,7 +19,7 @@ pub const IMAGE_START: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_8000_0000);
 /// End of the kernel image mapping (start of the module area).
 pub const IMAGE_END: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_c000_0000);
 
-const EFER_NXE: u64 = 1 << 11;
+use crate::x86::EFER_NXE;
 /// With page-table isolation the user half of a PGD pair is the kernel's plus
 /// one page; CR3 may hold either while a vCPU runs user code.
 const PTI_USER_PGD_BIT: u64 = 1 << 12;

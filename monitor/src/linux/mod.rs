@@ -7,12 +7,13 @@
 pub mod btf;
 pub mod diff;
 mod discover;
-pub mod examine;
 pub mod image;
 pub mod kallsyms;
 pub mod layout;
+pub mod modules;
 pub mod patch;
 pub mod profile;
 pub mod semantic;
+pub mod session;
 
 pub use discover::{DiscoverError, IMAGE_END, IMAGE_START, KernelView, discover};

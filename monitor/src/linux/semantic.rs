@@ -5,8 +5,8 @@
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::{AddressSpace, EntryRef, Finding, FindingKind, Severity};
 use crate::memory::GuestMemory;
-use crate::qemu::VcpuRegisters;
 use crate::x86::Mapping;
+use crate::x86::VcpuRegisters;
 
 use super::profile::Profile;
 
@@ -471,7 +471,7 @@ fn user_tls_descriptor(d: u64) -> bool {
 pub fn review_gdt_pages<M: GuestMemory + ?Sized>(
     report: &mut crate::integrity::Report,
     mem: &M,
-    regs: &[crate::qemu::VcpuRegisters],
+    regs: &[crate::x86::VcpuRegisters],
     original: &dyn Fn(u64) -> Option<Vec<u8>>,
 ) {
     let taken = report.take_violations(|f| {

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::{GuestMemory, MemoryError, RamLayout, RamRange, len_u64};
 use crate::addr::GuestPhysAddr;
-use crate::qemu::VcpuRegisters;
+use crate::x86::VcpuRegisters;
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;

@@ -12,7 +12,7 @@ mod registers;
 pub use layout::{
     RamBlockInfo, parse_gpa2hva, parse_mtree_ram, parse_query_cpus_thread_ids, parse_ramblocks,
 };
-pub use registers::{VcpuRegisters, parse_registers};
+pub use registers::parse_registers;
 
 /// Longest monitor reply any parser accepts.
 pub const MAX_REPLY: usize = 4 << 20;

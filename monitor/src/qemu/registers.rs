@@ -1,41 +1,10 @@
 //! `info registers -a`: the control and descriptor-table registers of every vCPU.
 
 use super::{ParseError, check_len, hex_u64};
+use crate::x86::VcpuRegisters;
 
 /// Most vCPUs accepted in one reply.
 const MAX_VCPUS: usize = 1024;
-
-/// The registers vigil baselines, for one vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VcpuRegisters {
-    pub index: u32,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub cr0: u64,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub cr3: u64,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub cr4: u64,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub efer: u64,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub idtr_base: u64,
-    pub idtr_limit: u32,
-    #[serde(with = "crate::addr::hex_addr")]
-    pub gdtr_base: u64,
-    pub gdtr_limit: u32,
-}
-
-pub const CR0_PG: u64 = 1 << 31;
-pub const EFER_LMA: u64 = 1 << 10;
-
-impl VcpuRegisters {
-    /// Whether the vCPU runs in 64-bit mode with paging: the state in which its
-    /// registers describe the running kernel. A vCPU not yet brought up (still
-    /// in real mode) does not.
-    pub fn in_long_mode(&self) -> bool {
-        self.cr0 & CR0_PG != 0 && self.efer & EFER_LMA != 0
-    }
-}
 
 #[derive(Default)]
 struct Partial {

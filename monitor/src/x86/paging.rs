@@ -35,7 +35,7 @@ impl PagingMode {
 
     /// The mode CR4 selects (LA57 is bit 12).
     pub fn from_cr4(cr4: u64) -> Self {
-        if cr4 & (1 << 12) != 0 { Self::FIVE_LEVEL } else { Self::FOUR_LEVEL }
+        if cr4 & super::CR4_LA57 != 0 { Self::FIVE_LEVEL } else { Self::FOUR_LEVEL }
     }
 
     /// Bits of virtual address translated.

@@ -1,0 +1,409 @@
+//! The guest's loadable modules as the checks follow them: a live
+//! module's text is taken when first seen and compared at every later
+//! check, loads and unloads are events, and a module that stays loading or
+//! unloading past a grace is reported.
+
+use std::collections::HashMap;
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::baseline::to_hex;
+use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
+use crate::memory::GuestMemory;
+
+use super::semantic;
+
+/// Listed modules whose state is not live, since when, in which state.
+///
+/// The kernel leaves a module loading only while its init function runs,
+/// and unloading only while its exit function runs; meanwhile its text is
+/// not compared (the kernel still patches it). A module that stays so for
+/// longer than `grace` is reported: a rootkit that writes its own state
+/// would otherwise hide its text from the checks.
+pub(crate) struct NotLive {
+    pub(crate) since: HashMap<(String, u64), (u32, std::time::Instant)>,
+    pub(crate) grace: std::time::Duration,
+}
+
+/// How long a module may stay loading or unloading before it is reported,
+/// unless configured (`schedule.module_grace`): long enough for an init
+/// function waiting out the kernel's 60 s firmware timeout.
+pub const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Default for NotLive {
+    fn default() -> Self {
+        NotLive { since: HashMap::new(), grace: MODULE_GRACE }
+    }
+}
+
+/// A live module's text as first seen.
+pub(crate) struct ModuleText {
+    pub(crate) hashes: Vec<[u8; 32]>,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Live modules' text as first seen, by (name, base).
+pub(crate) type KnownModules = HashMap<(String, u64), ModuleText>;
+
+/// A module appearing in or leaving the module list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEvent {
+    pub loaded: bool,
+    pub name: String,
+    pub base: u64,
+    pub text_pages: u64,
+}
+
+/// Most pages of module text protected per module.
+const MAX_MODULE_PAGES: u64 = 4096;
+
+/// Hashes the text of live modules first seen now, compares the text of
+/// those seen before, notes loads and unloads in `events`, and reports
+/// modules that stay loading or unloading past the grace of `not_live`.
+///
+/// The guest loads and unloads modules while this runs: each module's text
+/// is believed only if the module is live just before it is read and still
+/// is just after ([`semantic::still_live`]). Otherwise it is left for the
+/// next check, so that a module unloaded after the list was walked, and
+/// another instance loaded at its base and not yet relocated, is not taken
+/// for the module's text changed.
+///
+/// A known module that says it is unloading, or loading, stays known until
+/// it leaves the list: if it turns live again, its text is compared with what
+/// it was, so that a module cannot rewrite itself while claiming either. (A
+/// real reload at the same base between two checks is compared so too, as
+/// one that is live at both: a different build loaded there is reported.)
+pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
+    (known, not_live): (&mut KnownModules, &mut NotLive),
+    events: &mut Vec<ModuleEvent>,
+    m: &semantic::Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    now: std::time::Instant,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    events.clear();
+    let list = &m.modules;
+    let listed = |n: &str, b: u64, state: u32| {
+        list.iter().any(|m| m.name == n && m.base == b && m.state == state)
+    };
+    // Gone, or in another state: counted afresh.
+    not_live.since.retain(|(n, b), (state, _)| listed(n, *b, *state));
+    for md in list.iter().filter(|m| m.state != semantic::MODULE_LIVE) {
+        let (_, since) =
+            *not_live.since.entry((md.name.clone(), md.base)).or_insert((md.state, now));
+        let stayed = now.saturating_duration_since(since);
+        if stayed >= not_live.grace {
+            let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
+            out.push(
+                Finding::new(
+                    &format!("module:{}", md.name),
+                    FindingKind::Unlisted,
+                    Severity::Violation,
+                    GuestVirtAddr(md.base),
+                    gpa,
+                )
+                .saying(
+                    format!(
+                        "module {} has been {} for {} s: its text is not checked while it is not live, \
+                         and the kernel leaves a module so only while its init or exit function runs",
+                        md.name,
+                        semantic::module_state_name(md.state),
+                        stayed.as_secs()
+                    ),
+                    semantic::module_state_name(semantic::MODULE_LIVE).to_owned(),
+                    semantic::module_state_name(md.state).to_owned(),
+                ),
+            );
+        }
+    }
+    let live: Vec<&semantic::Module> =
+        list.iter().filter(|m| m.state == semantic::MODULE_LIVE).collect();
+    // Known and no longer listed, in any state, at its base.
+    let gone: Vec<(String, u64)> = known
+        .keys()
+        .filter(|(n, b)| !list.iter().any(|m| &m.name == n && m.base == *b))
+        .cloned()
+        .collect();
+    for key in gone {
+        let pages = known.remove(&key).map_or(0, |t| t.hashes.len() as u64);
+        events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
+    }
+    for md in live {
+        if !semantic::still_live(m, mem, space, md) {
+            continue;
+        }
+        let pages = md.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
+        let mut hashes = Vec::with_capacity(pages as usize);
+        let mut places = Vec::with_capacity(pages as usize);
+        let mut bytes = Vec::new();
+        for i in 0..pages {
+            let va = md.base + i * PAGE_SIZE;
+            match semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES) {
+                Some((page, gpa)) => {
+                    hashes.push(*blake3::hash(&page).as_bytes());
+                    places.push((va, gpa));
+                    bytes.extend_from_slice(&page);
+                }
+                None => break,
+            }
+        }
+        if !semantic::still_live(m, mem, space, md) {
+            continue;
+        }
+        let key = (md.name.clone(), md.base);
+        match known.get(&key) {
+            None => {
+                events.push(ModuleEvent {
+                    loaded: true,
+                    name: md.name.clone(),
+                    base: md.base,
+                    text_pages: hashes.len() as u64,
+                });
+                known.insert(key, ModuleText { hashes, bytes });
+            }
+            Some(old) => {
+                for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
+                    if old.hashes.get(i) != Some(h) {
+                        let region = format!("module:{}", md.name);
+                        let mut f = Finding::new(
+                            &region,
+                            FindingKind::Content,
+                            Severity::Violation,
+                            GuestVirtAddr(*va),
+                            *gpa,
+                        )
+                        .saying(
+                            format!(
+                                "page {i} of the text of module {} changed after it was loaded",
+                                md.name
+                            ),
+                            old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
+                            to_hex(h),
+                        );
+                        f.page = Some(i as u64);
+                        out.push(f);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PAGE_BYTES;
+    use crate::linux::profile::Profile;
+    use crate::x86::{Mapping, Perms};
+    use std::time::Duration;
+
+    /// Where the test's RAM is mapped: page 0 a `struct module`, page 1 its text.
+    const W: u64 = 0xffff_ffff_c000_0000;
+
+    /// Guest RAM holding one module, which is unloaded and loaded again at
+    /// the same base (not yet live, its text not yet relocated) the moment
+    /// its text is read, when `reload` is set.
+    struct Reloading {
+        now: std::sync::Mutex<crate::memory::RawDump>,
+        again: Vec<u8>,
+        reload: std::sync::atomic::AtomicBool,
+        layout: crate::memory::RamLayout,
+    }
+
+    impl GuestMemory for Reloading {
+        fn read(
+            &self,
+            start: GuestPhysAddr,
+            buf: &mut [u8],
+        ) -> Result<(), crate::memory::MemoryError> {
+            let mut now = self.now.lock().unwrap();
+            if start.raw() == PAGE_SIZE
+                && self.reload.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                *now = crate::memory::RawDump::from_bytes(self.again.clone());
+            }
+            now.read(start, buf)
+        }
+        fn layout(&self) -> &crate::memory::RamLayout {
+            &self.layout
+        }
+        fn kind(&self) -> &'static str {
+            "raw-dump"
+        }
+    }
+
+    struct Window;
+
+    impl AddressSpace for Window {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+            let page = gva.raw().checked_sub(W)? / PAGE_SIZE;
+            (page < 2).then(|| {
+                (
+                    GuestPhysAddr(page * PAGE_SIZE),
+                    Perms { writable: false, user: false, executable: true },
+                )
+            })
+        }
+    }
+
+    fn lab_profile() -> Profile {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
+        Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// Two pages seen through [`Window`]: a `struct module` named `name` in
+    /// state `state` at `W`, and its text, every byte `text`, at `W` + 4 KiB.
+    fn module_ram(profile: &Profile, name: &[u8], state: u32, text: u8) -> Vec<u8> {
+        let off = |k: &str| usize::try_from(profile.offset(k).unwrap()).unwrap();
+        let mut ram = vec![text; 2 * PAGE_BYTES];
+        ram[..PAGE_BYTES].fill(0);
+        ram[off("module.state")..][..4].copy_from_slice(&state.to_le_bytes());
+        ram[off("module.name")..][..name.len()].copy_from_slice(name);
+        ram[off("module.core_layout.base")..][..8].copy_from_slice(&(W + PAGE_SIZE).to_le_bytes());
+        ram
+    }
+
+    #[test]
+    fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
+        let profile = lab_profile();
+        let image = |state: u32, text: u8| module_ram(&profile, b"churn", state, text);
+        let md = semantic::Module {
+            name: "churn".into(),
+            addr: W,
+            base: W + PAGE_SIZE,
+            size: PAGE_SIZE,
+            text_size: PAGE_SIZE,
+            state: semantic::MODULE_LIVE,
+            init: (0, 0),
+        };
+        let m =
+            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
+        let mem = Reloading {
+            now: std::sync::Mutex::new(crate::memory::RawDump::from_bytes(image(0, 0xcc))),
+            // Coming (1), and its text as it is before relocation.
+            again: image(1, 0x90),
+            reload: false.into(),
+            layout: crate::memory::RamLayout::flat(2 * PAGE_SIZE, "raw-dump").unwrap(),
+        };
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let now = std::time::Instant::now();
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
+        assert!(found.is_empty() && events.len() == 1 && events[0].loaded, "{found:?} {events:?}");
+
+        mem.reload.store(true, std::sync::atomic::Ordering::SeqCst);
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
+        assert!(found.is_empty(), "a reload under the read taken for a change: {found:?}");
+        assert!(events.is_empty(), "{events:?}");
+
+        // Once live with other text at the same base, it is a change.
+        *mem.now.lock().unwrap() = crate::memory::RawDump::from_bytes(image(0, 0x90));
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &mem, &Window, now);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].detail.contains("page 0 of the text of module churn changed"),
+            "{found:?}"
+        );
+    }
+
+    /// A module that claims to be unloading: reported once it has stayed so
+    /// past the grace, and compared with its old text if it turns live again.
+    #[test]
+    fn a_module_that_stays_unloading_or_rewrites_itself_meanwhile_is_caught() {
+        let profile = lab_profile();
+        let image = |state: u32, text: u8| {
+            crate::memory::RawDump::from_bytes(module_ram(&profile, b"sly\0", state, text))
+        };
+        // `None`: not in the module list.
+        let matched = |state: Option<u32>| semantic::Matched {
+            profile: &profile,
+            modules: state
+                .map(|state| semantic::Module {
+                    name: "sly".into(),
+                    addr: W,
+                    base: W + PAGE_SIZE,
+                    size: PAGE_SIZE,
+                    text_size: PAGE_SIZE,
+                    state,
+                    init: (0, 0),
+                })
+                .into_iter()
+                .collect(),
+            slide: 0,
+            idt_slide: None,
+        };
+        let going = semantic::MODULE_GOING;
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let mut not_live = NotLive { since: HashMap::new(), grace: Duration::from_secs(60) };
+        // `u32::MAX` as the state: not listed.
+        let t0 = std::time::Instant::now();
+        let mut check = |state: u32, mem: &crate::memory::RawDump, at: u64| {
+            let m = matched((state != u32::MAX).then_some(state));
+            let now = t0 + Duration::from_secs(at);
+            let found =
+                protect_modules((&mut known, &mut not_live), &mut events, &m, mem, &Window, now);
+            (found, events.clone())
+        };
+
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 0);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
+        // Unloading, its text rewritten: not compared, and not yet reported.
+        let (found, ev) = check(going, &image(going, 0x90), 1);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(ev.is_empty(), "an unloading module still listed is not gone: {ev:?}");
+        let (found, _) = check(going, &image(going, 0x90), 59);
+        assert!(found.is_empty(), "reported within the grace: {found:?}");
+        // Live again with other text: the text it had is what it is held to.
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 60);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
+        assert!(ev.is_empty(), "{ev:?}");
+
+        // Unloading again, and staying so: reported once the grace is over,
+        // timed from when it last changed state.
+        let (found, _) = check(going, &image(going, 0x90), 100);
+        assert!(found.is_empty(), "{found:?}");
+        let (found, _) = check(going, &image(going, 0x90), 159);
+        assert!(found.is_empty(), "{found:?}");
+        let (found, _) = check(going, &image(going, 0x90), 161);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let f = &found[0];
+        assert_eq!((f.region.as_str(), f.severity), ("module:sly", Severity::Violation));
+        assert!(f.detail.contains("module sly has been unloading for 61 s"), "{}", f.detail);
+        assert_eq!((f.gva, f.gpa), (GuestVirtAddr(W + PAGE_SIZE), GuestPhysAddr(PAGE_SIZE)));
+        assert_eq!((f.before.as_str(), f.after.as_str()), ("live", "unloading"));
+
+        // Gone from the list: an unload, and nothing more to report.
+        let (found, ev) = check(u32::MAX, &image(going, 0x90), 200);
+        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        let (found, ev) = check(going, &image(going, 0x90), 201);
+        assert!(found.is_empty() && ev.is_empty(), "counted from before it left: {found:?}");
+
+        // Claiming to be loading (a new instance at the same base, for all
+        // the list says) does not wipe the slate either: live again with
+        // other text, it is a change, and no unload or load was seen.
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 300);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
+        let coming = semantic::MODULE_COMING;
+        let (found, ev) = check(coming, &image(coming, 0x90), 301);
+        assert!(found.is_empty() && ev.is_empty(), "{found:?} {ev:?}");
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0x90), 302);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].detail.contains("page 0 of the text of module sly changed"), "{found:?}");
+        assert!(ev.is_empty(), "{ev:?}");
+        // Gone from the list for one check, then back with other text: a
+        // real unload and load, and the new text is the new reference.
+        let (found, ev) = check(u32::MAX, &image(0, 0x90), 400);
+        assert!(found.is_empty() && ev.len() == 1 && !ev[0].loaded, "{found:?} {ev:?}");
+        let (found, ev) = check(semantic::MODULE_LIVE, &image(0, 0xcc), 401);
+        assert!(found.is_empty() && ev.len() == 1 && ev[0].loaded, "{found:?} {ev:?}");
+    }
+}

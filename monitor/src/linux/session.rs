@@ -1,0 +1,410 @@
+//! One examination of a guest's kernel against its baseline, the same for
+//! `vigil check` and `vigil diff` (a fresh session each time) and for the
+//! daemon (one session per watched domain, kept from check to check):
+//! pages, mappings and registers against the baseline; then, with a
+//! profile, the semantic checks, the module-area records, module text and
+//! the kernel's patch records, and names; without one, names from the
+//! guest's own kallsyms. The session keeps what one check leaves the next:
+//! patch sites accepted, records seen lately, modules' text, unlisted memory
+//! seen before.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
+use crate::integrity::check::{CheckError, Scope, check_tagged};
+use crate::integrity::tags::PageTags;
+use crate::integrity::{
+    AddressSpace, Baseline, Finding, FindingKind, Originals, RegionKind, Report, Severity,
+};
+use crate::memory::GuestMemory;
+use crate::x86::VcpuRegisters;
+use crate::x86::{Mapping, Perms};
+
+use super::diff::{self, Change, Namer};
+use super::modules::{KnownModules, ModuleEvent, NotLive, protect_modules};
+use super::patch::{self, PatchMemory, Patched, RECORD_GRACE};
+use super::profile::Profile;
+use super::{DiscoverError, KernelView, discover, semantic};
+
+/// How long executable module-area memory that no record accounts for must
+/// stay so, seen at every check meanwhile, before a session that lives
+/// across checks reports it. The kernel maps some memory executable a moment
+/// before it records it (a kprobe slot page, an ftrace trampoline) and frees
+/// some a while after it drops the record (a module's init text goes after
+/// an RCU grace period, from a workqueue): seconds, in a slow guest.
+const UNLISTED_PERSIST: Duration = Duration::from_secs(8);
+
+/// What one check leaves for the next, for one guest.
+#[derive(Default)]
+pub struct KernelSession {
+    /// Whether checks follow one another (the daemon): module text is
+    /// compared with what it was, and unlisted executable memory is reported
+    /// once it persisted. A one-shot session (the CLI) reports such memory at
+    /// once and has no module text to compare.
+    across_checks: bool,
+    /// Patch sites accepted by the last checks, and patch records seen lately.
+    patch: PatchMemory,
+    /// Live modules' text, kept when first seen. Kept in memory: a restarted
+    /// daemon protects modules from when it sees them again.
+    modules: KnownModules,
+    /// Modules seen loaded or unloaded by the last check.
+    pub module_events: Vec<ModuleEvent>,
+    /// Listed modules that are not live, and for how long.
+    modules_not_live: NotLive,
+    /// Executable pages of the module area that a kernel record (the module
+    /// list, an ftrace trampoline, a kprobe slot, a BPF image) accounted for,
+    /// as (virtual, physical), with when a record last did. The kernel drops
+    /// a record some time before it frees the memory (an RCU grace period
+    /// apart), so such a page stays accounted for up to [`RECORD_GRACE`].
+    recognized: HashMap<(u64, u64), Instant>,
+    /// Unlisted executable runs seen by the last check, as (virtual,
+    /// physical) of their start, with when first seen in a row: reported
+    /// once seen for [`UNLISTED_PERSIST`].
+    unlisted_seen: HashMap<(u64, u64), Instant>,
+    /// Names from the guest's own kallsyms, read once when no profile
+    /// matches and something needs naming (lower trust).
+    guest_symbols: Option<Option<semantic::GuestSymbols>>,
+}
+
+/// How to examine.
+#[derive(Clone, Copy)]
+pub struct How<'a> {
+    pub scope: Scope,
+    /// The baseline pages' NH tags (see [`check_tagged`]).
+    pub tags: Option<&'a PageTags>,
+    /// Whether to make every change's bytes and code, as `vigil diff` shows
+    /// them. Such an examination leaves the session as it was, but for the
+    /// records and modules it saw.
+    pub changes: bool,
+}
+
+/// What an examination found.
+pub struct Examined {
+    pub report: Report,
+    /// The changes, with their bytes (when asked for).
+    pub changes: Vec<Change>,
+    /// Said to the operator, not findings (no profile matched, ...).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExamineError {
+    #[error("kernel not found")]
+    Discover(#[from] DiscoverError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
+}
+
+/// Examines `mem` against `baseline` (and its `originals`) once, as
+/// `vigil check` and `vigil diff` do: a fresh session.
+pub fn examine_once<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    originals: &Originals,
+    mem: &M,
+    regs: &[VcpuRegisters],
+    profiles: &[Profile],
+    with_changes: bool,
+) -> Result<Examined, ExamineError> {
+    let view = discover(mem, regs)?;
+    let how = How { scope: Scope::Full, tags: None, changes: with_changes };
+    Ok(KernelSession::one_shot().examine(
+        (baseline, originals),
+        mem,
+        (&view, regs),
+        profiles,
+        how,
+    )?)
+}
+
+impl KernelSession {
+    /// A session for one examination.
+    pub fn one_shot() -> Self {
+        KernelSession::default()
+    }
+
+    /// A session that follows a guest from check to check; modules may stay
+    /// loading or unloading for `module_grace`.
+    pub fn across_checks(module_grace: Duration) -> Self {
+        let mut s = KernelSession { across_checks: true, ..KernelSession::default() };
+        s.modules_not_live.grace = module_grace;
+        s
+    }
+
+    /// How long a listed module may stay loading or unloading (its text
+    /// unchecked) before that is a violation.
+    pub fn set_module_grace(&mut self, grace: Duration) {
+        self.modules_not_live.grace = grace;
+    }
+
+    /// Time the examinations since the last call spent waiting for the
+    /// kernel to finish an update of its own text (a pause, not work).
+    pub fn take_waited(&mut self) -> Duration {
+        std::mem::take(&mut self.patch.waited)
+    }
+
+    /// Forgets what was accepted and known under an earlier baseline:
+    /// patch sites, and modules (each live one is taken up anew at the next
+    /// check, its text as it is then its reference, a module-loaded event
+    /// each).
+    pub fn new_baseline(&mut self) {
+        self.patch = PatchMemory::default();
+        self.modules.clear();
+        self.modules_not_live.since.clear();
+    }
+
+    /// Examines the guest (`mem`, its kernel `view` and vCPU registers)
+    /// against `baseline` and its `originals`.
+    pub fn examine<M: GuestMemory + ?Sized>(
+        &mut self,
+        (baseline, originals): (&Baseline, &Originals),
+        mem: &M,
+        (view, regs): (&KernelView<'_, M>, &[VcpuRegisters]),
+        profiles: &[Profile],
+        how: How<'_>,
+    ) -> Result<Examined, CheckError> {
+        let mut r = check_tagged(baseline, mem, view, regs, how.scope, how.tags)?;
+        semantic::review_gdt_pages(&mut r, mem, &baseline.registers, &|gva| originals.page(gva));
+        let code: Vec<&str> = baseline
+            .regions
+            .iter()
+            .filter(|g| g.kind == RegionKind::Code)
+            .map(|g| g.name.as_str())
+            .collect();
+        let is_code = |region: &str| code.contains(&region) || region.starts_with("module:");
+        let mut warnings = Vec::new();
+        let mut changes = Vec::new();
+        // Syscall tables and IDT gates are small: both scopes check them.
+        match semantic::match_profile(profiles, mem, view, view.identification.image_base) {
+            Some(mut m) => {
+                let (found, now) = self.records(&mut m, baseline, mem, view, regs, how.changes);
+                r.profile = Some(m.profile.release.clone());
+                r.add_findings(found);
+                if self.across_checks {
+                    let found = protect_modules(
+                        (&mut self.modules, &mut self.modules_not_live),
+                        &mut self.module_events,
+                        &m,
+                        mem,
+                        view,
+                        now,
+                    );
+                    r.add_findings(found);
+                }
+                if originals.is_empty() {
+                    warnings.push(
+                        "the baseline's original pages are missing: kernel patches cannot be told from attacks"
+                            .into(),
+                    );
+                }
+                let mut scratch;
+                let state = if how.changes {
+                    scratch = self.patch.clone();
+                    &mut scratch
+                } else {
+                    &mut self.patch
+                };
+                let accepted = review_patches(
+                    baseline,
+                    originals,
+                    &self.modules,
+                    state,
+                    (&mut r, &m),
+                    mem,
+                    view,
+                    how.scope,
+                );
+                r.symbolize(|gva| m.symbol_of(gva));
+                if how.changes {
+                    let locate = |a: u64| {
+                        let here = m.locate(a);
+                        match m.profile.nearest(a.wrapping_sub(m.slide)) {
+                            Some((name, off)) if here == "nowhere known" => {
+                                format!("{name}+{off:#x} (kernel data)")
+                            }
+                            _ => here,
+                        }
+                    };
+                    let start = |a: u64| {
+                        m.profile.symbolize(a.wrapping_sub(m.slide)).map(|(_, off)| a - off)
+                    };
+                    let namer = Namer { locate: &locate, function_start: &start };
+                    let modules = &self.modules;
+                    let module_original = |a: u64, n: u64| {
+                        modules.iter().find_map(|((_, base), t)| {
+                            let off = usize::try_from(a.checked_sub(*base)?).ok()?;
+                            t.bytes
+                                .get(off..off.checked_add(usize::try_from(n).ok()?)?)
+                                .map(<[u8]>::to_vec)
+                        })
+                    };
+                    changes = diff::changes(
+                        &r,
+                        &accepted,
+                        mem,
+                        view,
+                        originals,
+                        &module_original,
+                        &is_code,
+                        &namer,
+                    );
+                }
+                r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
+                for region in semantic::REGIONS {
+                    r.cover(region);
+                }
+            }
+            None => {
+                warnings.push(
+                    "no guest profile matches the kernel: page, mapping and register checks only"
+                        .into(),
+                );
+                // Names from the guest's own kallsyms (read once), marked
+                // as lower trust.
+                if !r.intact || how.changes {
+                    let syms = self.guest_symbols.get_or_insert_with(|| {
+                        view.regions
+                            .iter()
+                            .find(|g| g.kind == RegionKind::ReadOnlyData)
+                            .and_then(|ro| semantic::GuestSymbols::read(mem, ro))
+                    });
+                    if let Some(syms) = syms {
+                        r.symbolize(|gva| syms.locate(gva));
+                    }
+                }
+                if how.changes {
+                    let syms = self.guest_symbols.as_ref().and_then(Option::as_ref);
+                    let locate = |a: u64| {
+                        syms.and_then(|s| s.locate(a)).unwrap_or_else(|| format!("{a:#x}"))
+                    };
+                    let start = |_: u64| None;
+                    let namer = Namer { locate: &locate, function_start: &start };
+                    let no_module = |_: u64, _: u64| None;
+                    changes =
+                        diff::changes(&r, &[], mem, view, originals, &no_module, &is_code, &namer);
+                }
+            }
+        }
+        Ok(Examined { report: r, changes, warnings })
+    }
+
+    /// The semantic checks (syscall tables, IDT, module list) with what the
+    /// kernel's records say of executable memory in the module area: memory
+    /// a record accounts for now or did lately is known; a session across
+    /// checks reports unlisted memory once it persisted. Also returns when
+    /// the records were read.
+    fn records<M: GuestMemory + ?Sized>(
+        &mut self,
+        m: &mut semantic::Matched<'_>,
+        baseline: &Baseline,
+        mem: &M,
+        view: &KernelView<'_, M>,
+        regs: &[VcpuRegisters],
+        diffing: bool,
+    ) -> (Vec<Finding>, Instant) {
+        let mut known = crate::integrity::baseline::expand_runs(&baseline.exec_outside_image)
+            .unwrap_or_default();
+        let now = Instant::now();
+        self.recognized.retain(|_, seen| now.duration_since(*seen) < RECORD_GRACE);
+        known.extend(self.recognized.keys().map(|&(gva, gpa)| Mapping {
+            gva: GuestVirtAddr(gva),
+            gpa: GuestPhysAddr(gpa),
+            size: PAGE_SIZE,
+            perms: Perms { writable: false, user: false, executable: true },
+        }));
+        let (ranges, unread) = patch::exec_ranges(m, mem, view);
+        let mut found = semantic::check(m, mem, view, regs, &known, Some(&ranges));
+        if self.across_checks && !diffing {
+            let before = std::mem::take(&mut self.unlisted_seen);
+            found.retain(|f| {
+                if f.kind != FindingKind::Unlisted || f.severity != Severity::Violation {
+                    return true;
+                }
+                let key = (f.gva.raw(), f.gpa.raw());
+                let first = before.get(&key).copied().unwrap_or(now);
+                self.unlisted_seen.insert(key, first);
+                now.duration_since(first) >= UNLISTED_PERSIST
+            });
+        }
+        // What the records accounted for, for the next checks' `known`.
+        if self.across_checks {
+            for mp in view.exec_outside_image() {
+                let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
+                let recorded = ranges.iter().any(|x| x.start & !(PAGE_SIZE - 1) <= s && s < x.end)
+                    || m.modules.iter().any(|md| md.holds(s, e));
+                if recorded {
+                    self.recognized.insert((s, mp.gpa.raw()), now);
+                }
+            }
+        }
+        found.extend(unread.into_iter().map(unreadable_records));
+        (found, now)
+    }
+}
+
+/// Judges text changes (kernel and module) against the kernel's patch
+/// records, and counts the accepted ones.
+#[allow(clippy::too_many_arguments)]
+fn review_patches<M: GuestMemory + ?Sized>(
+    baseline: &Baseline,
+    originals: &Originals,
+    modules: &KnownModules,
+    state: &mut PatchMemory,
+    (r, m): (&mut Report, &semantic::Matched<'_>),
+    mem: &M,
+    space: &dyn AddressSpace,
+    scope: Scope,
+) -> Vec<Patched> {
+    // Text pages, sorted (a binary search per look-up, no hashing).
+    let mut text: Vec<u64> = baseline
+        .regions
+        .iter()
+        .filter(|g| g.kind == RegionKind::Code)
+        .flat_map(|g| g.pages.iter().map(|p| p.gva.raw()))
+        .collect();
+    text.sort_unstable();
+    let code_regions: Vec<String> = baseline
+        .regions
+        .iter()
+        .filter(|g| g.kind == RegionKind::Code)
+        .map(|g| g.name.clone())
+        .collect();
+    let in_module = |a: u64| {
+        modules.iter().find_map(|((_, base), t)| {
+            let off = usize::try_from(a.checked_sub(*base)?).ok()?;
+            (off < t.bytes.len()).then_some((t, off))
+        })
+    };
+    let original = |gva: u64| {
+        originals.page(gva).or_else(|| {
+            let (t, off) = in_module(gva)?;
+            t.bytes.get(off..off + crate::addr::PAGE_BYTES).map(<[u8]>::to_vec)
+        })
+    };
+    let is_text =
+        |region: &str| region.starts_with("module:") || code_regions.iter().any(|c| c == region);
+    let full = scope == Scope::Full;
+    let covered = |a: u64| {
+        if text.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {
+            Some(full)
+        } else {
+            in_module(a).map(|_| true)
+        }
+    };
+    patch::review(r, m, mem, space, &original, state, &is_text, &covered)
+}
+
+fn unreadable_records(what: String) -> Finding {
+    Finding::new(
+        patch::TABLES_REGION,
+        FindingKind::Pointer,
+        Severity::Info,
+        GuestVirtAddr(0),
+        GuestPhysAddr(0),
+    )
+    .saying(
+        format!("kernel records of executable memory not read: {what}"),
+        String::new(),
+        String::new(),
+    )
+}
