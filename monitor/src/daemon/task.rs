@@ -1,0 +1,735 @@
+//! One watched domain's task: attach, the schedule of hot and full checks,
+//! what each check's report becomes (metrics, events, evidence), re-attach
+//! and let go.
+
+use super::*;
+
+/// When a domain's next hot and full checks are due.
+pub(super) struct Timetable {
+    pub(super) next_hot: Instant,
+    pub(super) next_full: Instant,
+}
+
+impl Timetable {
+    /// Both checks due at once (a full one, which covers the hot one).
+    pub(super) fn starting(now: Instant) -> Self {
+        Self { next_hot: now, next_full: now }
+    }
+
+    pub(super) fn due(&self) -> Instant {
+        self.next_hot.min(self.next_full)
+    }
+
+    /// Whether the check due at `now` is a full one: its time has come, or
+    /// it comes in less than half a hot interval. A hot check then would
+    /// be followed at once by the full one, which covers it: with both
+    /// intervals 1 s and jitter, half the full checks came a moment after
+    /// a hot check, each check paying for its register snapshot (a libvirt
+    /// and QEMU round trip) on the host the guest shares.
+    pub(super) fn full_at(&self, now: Instant, hot_interval: Duration) -> bool {
+        now >= self.next_full || self.next_full - now < hot_interval / 2
+    }
+
+    /// Sets the next times after a check (full or hot) ending at `now`,
+    /// from the hot and full intervals and the jitter.
+    pub(super) fn checked(
+        &mut self,
+        full: bool,
+        now: Instant,
+        every: (Duration, Duration, f64),
+        seed: &mut u64,
+    ) {
+        let (hot, full_interval, jitter) = every;
+        if full {
+            self.next_full = now + jittered(full_interval, jitter, seed);
+        }
+        self.next_hot = now + jittered(hot, jitter, seed);
+    }
+}
+
+/// A little randomness for jitter, without a dependency.
+pub(super) fn jittered(base: Duration, jitter: f64, seed: &mut u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let unit = (*seed >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    base.mul_f64(1.0 + jitter * (2.0 * unit - 1.0))
+}
+
+pub(super) fn seed_of(text: &str) -> u64 {
+    let h = blake3::hash(format!("{text}{:?}", Instant::now()).as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// Waits for a task to end; its panic message if it panicked.
+pub(super) async fn panicked(task: tokio::task::JoinHandle<()>) -> Option<String> {
+    let e = task.await.err().filter(tokio::task::JoinError::is_panic)?;
+    Some(crate::panic_message(&*e.into_panic()))
+}
+
+/// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
+/// error event, `limit_check_time` in `vigil_errors_total`, and a notice
+/// when it ends. It is then waited for, since a blocking thread reading guest
+/// memory cannot be stopped; the domain's next check starts after it.
+pub(super) async fn time_limited<T>(
+    shared: &Shared,
+    subject: &Subject,
+    name: &str,
+    scope: &str,
+    job: impl std::future::Future<Output = (Watched, T)>,
+) -> (Watched, T) {
+    let limit = shared.settings.check_timeout;
+    let started = Instant::now();
+    tokio::pin!(job);
+    match tokio::time::timeout(limit, &mut job).await {
+        Ok(done) => done,
+        Err(_) => {
+            shared.sink.error("limit_check_time");
+            shared.sink.emit(subject.event(
+                EventKind::Error,
+                "warning",
+                format!(
+                    "a {scope} check of {name} has run longer than schedule.check_timeout ({limit:?}); \
+                     the domain's next check waits for it"
+                ),
+            ));
+            let done = job.await;
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "info",
+                format!("the overlong {scope} check of {name} ended after {:?}", started.elapsed()),
+            ));
+            done
+        }
+    }
+}
+
+/// Runs one blocking step of a watched domain on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    w: Watched,
+    f: impl FnOnce(&mut Watched) -> T + Send + 'static,
+) -> (Watched, T) {
+    tokio::task::spawn_blocking(move || {
+        let mut w = w;
+        let r = f(&mut w);
+        (w, r)
+    })
+    .await
+    .expect("a check panicked")
+}
+
+/// Attaches a domain, retrying until its kernel can be found, the task is
+/// cancelled, or the domain is gone. `None` when it should stop.
+pub(super) async fn attach(
+    shared: &Arc<Shared>,
+    uuid: &str,
+    name: &str,
+    cancel: &mut tokio_watch::Receiver<bool>,
+) -> Option<(Watched, Attached)> {
+    let mut last_reason = String::new();
+    loop {
+        if *cancel.borrow() {
+            return None;
+        }
+        if let Some(hv) = shared.hypervisor() {
+            let (u, dir) = (uuid.to_owned(), shared.settings.state_dir.clone());
+            let settings = AttachSettings {
+                originals_on_disk: shared.settings.originals_on_disk,
+                provisional_window: provisional_window(&shared.settings),
+                profiles: shared.profiles.clone(),
+            };
+            let known = shared.knowledge(uuid);
+            let given = known.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                Watched::attach(&hv, &u, &dir, &given, settings)
+            })
+            .await
+            .expect("attach panicked");
+            match r {
+                Ok((mut w, attached)) => {
+                    w.set_module_grace(shared.settings.module_grace);
+                    shared.attached(uuid, &known, w.run.clone());
+                    return Some((w, attached));
+                }
+                Err(e) if e.domain_gone() => return None,
+                Err(e) => {
+                    let reason = e.message();
+                    if reason != last_reason {
+                        let detail = format!(
+                            "waiting to attach {name}: {reason}; retrying every {:?}",
+                            shared.settings.attach_retry
+                        );
+                        shared.sink.emit(shared.subject(name, uuid, "").event(
+                            EventKind::Waiting,
+                            "info",
+                            detail.clone(),
+                        ));
+                        shared.set_status(uuid, |s| {
+                            s.state = "waiting".into();
+                            s.detail = detail;
+                        });
+                        last_reason = reason;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(shared.settings.attach_retry) => {}
+            _ = cancel.changed() => {}
+        }
+    }
+}
+
+/// A domain's life in the daemon: attach, check on schedule, re-attach on a
+/// new boot, stop when cancelled or the domain is gone.
+pub(super) async fn domain_task(
+    shared: Arc<Shared>,
+    task_id: u64,
+    uuid: String,
+    name: String,
+    mut cancel: tokio_watch::Receiver<bool>,
+    reboot: Arc<tokio::sync::Notify>,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let s = &shared.settings;
+    let mut seed = seed_of(&uuid);
+    let mut estimate = [Duration::from_millis(5), Duration::from_millis(50)];
+    'attach: loop {
+        let Some((mut w, how)) = attach(&shared, &uuid, &name, &mut cancel).await else { break };
+        let boot = w.boot();
+        let subject = shared.subject(&name, &uuid, &boot);
+        let mut reported = shared.sink.reported_for(&uuid, &boot);
+        for problem in std::mem::take(&mut w.problems) {
+            shared.sink.error("baseline_file");
+            let mut e = subject.event(
+                EventKind::StateUnreadable,
+                "critical",
+                format!("{}: {}", problem.file, problem.detail),
+            );
+            e.key = problem.file;
+            shared.sink.emit(e);
+        }
+        let (severity, mut detail) = attached_event(&name, &w, &how);
+        let kind = match how {
+            Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
+            _ => EventKind::NewBoot,
+        };
+        if let Ok(bounds) = &w.bounds {
+            detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
+        }
+        shared.sink.emit(subject.event(kind, severity, detail));
+        if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "warning",
+                format!(
+                    "{name}: no profile matches its kernel, so its text and rodata are bounded by the \
+                     guest's own kallsyms, which a rootkit can rewrite; add a profile of this kernel \
+                     (vigil profile build) to bound them by the vendor's image"
+                ),
+            ));
+        }
+        if let Err(why) = &w.bounds {
+            shared.sink.emit(subject.event(
+                EventKind::Notice,
+                "warning",
+                format!(
+                    "{name}: kernel text and rodata are classed by page permission only ({why}): pages \
+                     the kernel freed after boot may still be protected as content, and their reuse \
+                     reported. Add a profile of this kernel (vigil profile build) to bound them"
+                ),
+            ));
+        }
+        if kind == EventKind::NewBoot {
+            reported.clear();
+        }
+        // A boot still patching itself is absorbed until the window the
+        // attach measured from the hypervisor's reset or start closes, or the
+        // kernel has been quiet for a settle period: (window end, quiet from).
+        let mut provisional_until =
+            w.provisional_left.map(|left| (Instant::now() + left, Instant::now() + s.settle));
+        for (region, pages) in w.pages() {
+            shared
+                .sink
+                .metrics
+                .pages_protected
+                .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
+                .set(gauge(pages));
+        }
+        // Every violation series exists from the start, at 0, so that
+        // Prometheus sees the first violation as an increase.
+        let regions = w
+            .pages()
+            .map(|(r, _)| r.to_owned())
+            .chain([crate::integrity::check::IMAGE_REGION.to_owned()]);
+        for region in regions {
+            for kind in ["content", "remap", "permission"] {
+                let labels = ViolationLabels {
+                    domain: name.clone(),
+                    region: region.clone(),
+                    kind: kind.into(),
+                };
+                let _ = shared.sink.metrics.violations.get_or_create(&labels);
+            }
+        }
+        let labels = ViolationLabels {
+            domain: name.clone(),
+            region: crate::integrity::check::REGISTER_REGION.into(),
+            kind: "register".into(),
+        };
+        let _ = shared.sink.metrics.violations.get_or_create(&labels);
+        shared.set_status(&uuid, |st| {
+            st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
+            st.detail = String::new();
+            st.boot = boot.clone();
+        });
+        let mut times = Timetable::starting(Instant::now());
+        let mut last_error = String::new();
+        let mut profile_said = false;
+        let mut last_evidence: Option<Instant> = None;
+        loop {
+            let due = times.due();
+            let mut forced: Option<Command> = None;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = cancel.changed() => break 'attach,
+                _ = reboot.notified() => {
+                    // A wake-up left over from a reset the last attach
+                    // already answered is no reset.
+                    if shared.knowledge(&uuid).reset_reported.is_none() {
+                        continue;
+                    }
+                    shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = "guest rebooted".into(); });
+                    tokio::time::sleep(s.attach_retry).await;
+                    continue 'attach;
+                }
+                Some(cmd) = commands.recv() => forced = Some(cmd),
+            }
+            if let Some(Command::Diff(reply)) = forced {
+                let sh = shared.clone();
+                let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
+                w = back;
+                let _ = reply.send(
+                    r.map(|d| serde_json::to_value(&d).unwrap_or_default())
+                        .map_err(|e| e.message()),
+                );
+                continue;
+            }
+            if let Some(Command::Accept(req)) = forced {
+                let (back, accepted) = accept::run(&shared, w, &name, &uuid, req).await;
+                w = back;
+                if accepted {
+                    reported.clear();
+                }
+                continue;
+            }
+            let now = Instant::now();
+            // While a new baseline is provisional every check is full, so a
+            // settling boot is seen settling as soon as it does.
+            let full = forced.is_some()
+                || times.full_at(now, s.hot_interval)
+                || provisional_until.is_some();
+            let scope = if full { Scope::Full } else { Scope::Hot };
+            let est = estimate[usize::from(full)];
+            let wait = shared.budget.reserve(est);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                let late = Instant::now().duration_since(due);
+                let interval = if full { s.full_interval } else { s.hot_interval };
+                if late > interval / 2 {
+                    shared.sink.metrics.budget_overruns.inc();
+                    shared.budget_exceeded(&name, &uuid, late, interval);
+                }
+            }
+            let started = Instant::now();
+            let sh = shared.clone();
+            let job = blocking(w, move |w| w.check(scope, &sh.profiles));
+            let (back, result) =
+                time_limited(&shared, &subject, &name, if full { "full" } else { "hot" }, job)
+                    .await;
+            w = back;
+            // A check that ran across a reset libvirt reported read the old
+            // kernel going and the new one coming: not a finding. Attach
+            // again, as the reset asks.
+            if shared.knowledge(&uuid).reset_reported.is_some_and(|t| t >= started) {
+                if let Some(Command::CheckNow(reply)) = forced {
+                    let _ = reply.send(Err(format!("{name} was reset during the check")));
+                }
+                tokio::time::sleep(s.attach_retry).await;
+                continue 'attach;
+            }
+            let took = started.elapsed().saturating_sub(w.take_waited());
+            estimate[usize::from(full)] = took;
+            let ratio = shared.budget.settle(est, took);
+            let m = &shared.sink.metrics;
+            m.budget_used.set(ratio);
+            // Those of the attach and of re-taken baselines too, which come
+            // before a check.
+            m.register_snapshots
+                .get_or_create(&DomainLabels { domain: name.clone() })
+                .inc_by(w.take_register_snapshots());
+            let scope_name = if full { "full" } else { "hot" };
+            times.checked(
+                full,
+                Instant::now(),
+                (s.hot_interval, s.full_interval, s.jitter),
+                &mut seed,
+            );
+            let reply = match forced {
+                Some(Command::CheckNow(reply)) => Some(reply),
+                _ => None,
+            };
+            match result {
+                Ok(report) => {
+                    last_error.clear();
+                    if !profile_said {
+                        profile_said = true;
+                        let (sev, detail) = match &report.profile {
+                            Some(p) => (
+                                "info",
+                                format!(
+                                    "{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"
+                                ),
+                            ),
+                            None => (
+                                "warning",
+                                format!(
+                                    "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
+                                    s.profiles
+                                        .iter()
+                                        .map(|p| p.display().to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            ),
+                        };
+                        shared.sink.emit(subject.event(EventKind::Notice, sev, detail));
+                    }
+                    m.checks
+                        .get_or_create(&CheckLabels {
+                            domain: name.clone(),
+                            scope: scope_name.into(),
+                        })
+                        .inc();
+                    m.check_duration
+                        .get_or_create(&ScopeLabels { scope: scope_name.into() })
+                        .observe(took.as_secs_f64());
+                    m.bytes_verified
+                        .get_or_create(&DomainLabels { domain: name.clone() })
+                        .inc_by(report.bytes_verified);
+                    let unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0);
+                    m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
+                    // While a new boot settles, the kernel may still be patching
+                    // itself: such changes are taken into the baseline, each
+                    // listed with its digest in an info event, until the
+                    // window the attach opened closes.
+                    if let Some((until, quiet)) = provisional_until {
+                        let all: Vec<_> =
+                            report.violations.iter().chain(&report.info).cloned().collect();
+                        if !all.is_empty() && Instant::now() < until {
+                            let absorbed: Vec<String> = alerts::groups(&all)
+                                .iter()
+                                .map(|(key, digest, fs)| {
+                                    format!("{key} ({} finding(s), digest {digest})", fs.len())
+                                })
+                                .collect();
+                            let digest =
+                                blake3::hash(absorbed.join("\n").as_bytes()).to_hex().to_string();
+                            let (back, r) = blocking(w, |w| w.rebaseline()).await;
+                            w = back;
+                            let detail = match r {
+                                Ok(()) => format!(
+                                    "{name} was still changing while its new boot settled; absorbed into a re-taken baseline: {}",
+                                    absorbed.join("; ")
+                                ),
+                                Err(e) => format!(
+                                    "{name} was still changing while its new boot settled ({}); re-taking the baseline failed: {}",
+                                    absorbed.join("; "),
+                                    e.message()
+                                ),
+                            };
+                            let mut a = subject.event(EventKind::Notice, "info", detail);
+                            a.digest = digest;
+                            shared.sink.emit(a);
+                            provisional_until = Some((until, Instant::now() + s.settle));
+                            if let Some(r) = reply {
+                                let _ =
+                                    r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                            }
+                            continue;
+                        }
+                        let now = Instant::now();
+                        if full && (now >= quiet || now >= until) {
+                            provisional_until = None;
+                            shared.set_status(&uuid, |st| st.state = "watching".into());
+                        }
+                    }
+                    if !report.patches.is_empty() {
+                        let mut parts = Vec::new();
+                        for (kind, n) in &report.patches {
+                            m.patches
+                                .get_or_create(&PatchLabels {
+                                    domain: name.clone(),
+                                    kind: kind.clone(),
+                                })
+                                .inc_by(*n);
+                            parts.push(format!("{n} {kind}"));
+                        }
+                        shared.sink.emit(subject.event(
+                            EventKind::KernelPatched,
+                            "info",
+                            format!(
+                                "{name} patched its own text: {} site change(s) accepted ({}); {} site(s) differ from the baseline now",
+                                report.patches.values().sum::<u64>(),
+                                parts.join(", "),
+                                report.patched_sites
+                            ),
+                        ));
+                    }
+                    if full {
+                        m.patched_sites
+                            .get_or_create(&DomainLabels { domain: name.clone() })
+                            .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
+                    }
+                    for ev in std::mem::take(&mut w.session.module_events) {
+                        let detail = if ev.loaded {
+                            format!(
+                                "module {} loaded at {:#x}: {} page(s) of its text protected from now on",
+                                ev.name, ev.base, ev.text_pages
+                            )
+                        } else {
+                            format!("module {} unloaded from {:#x}", ev.name, ev.base)
+                        };
+                        let kind = if ev.loaded {
+                            EventKind::ModuleLoaded
+                        } else {
+                            EventKind::ModuleUnloaded
+                        };
+                        shared.sink.emit(subject.event(kind, "info", detail));
+                    }
+                    let all: Vec<_> =
+                        report.violations.iter().chain(&report.info).cloned().collect();
+                    let groups = alerts::groups(&all);
+                    let (fresh, gone) = alerts::news(&visible(&reported, &report), &groups);
+                    // Evidence of new violations, at most once per min_interval.
+                    let evidence = s.evidence.clone().filter(|e| {
+                        fresh.iter().any(|(_, _, fs)| {
+                            fs[0].severity == crate::integrity::Severity::Violation
+                        }) && last_evidence.is_none_or(|t| t.elapsed() >= e.min_interval)
+                    });
+                    let bundle =
+                        evidence.as_ref().map(|_| evidence::bundle_dir(&s.state_dir, &uuid));
+                    let mut for_evidence = Vec::new();
+                    for (key, digest, fs) in fresh {
+                        let mut a = subject.group(key, digest, fs);
+                        if a.event == EventKind::Violation
+                            && let Some(dir) = &bundle
+                        {
+                            a.evidence = Some(dir.display().to_string());
+                            for_evidence.push(a.key.clone());
+                        }
+                        reported.insert(a.key.clone(), a.digest.clone());
+                        shared.sink.emit(a);
+                    }
+                    if let (Some(cfg), Some(dir)) = (evidence, bundle) {
+                        last_evidence = Some(Instant::now());
+                        let sh = shared.clone();
+                        let (back, out) = blocking(w, move |w| {
+                            evidence::save(w, &sh.profiles, &cfg, &dir, for_evidence)
+                        })
+                        .await;
+                        w = back;
+                        report_evidence(&shared, &subject, &out);
+                    }
+                    for key in gone {
+                        let mut a = subject.event(
+                            EventKind::Reverted,
+                            "info",
+                            format!("{key} is as in the baseline again"),
+                        );
+                        a.key = key.clone();
+                        reported.remove(&key);
+                        shared.sink.emit(a);
+                    }
+                    let open = reported.len();
+                    let when = crate::integrity::baseline::now_rfc3339();
+                    shared.set_status(&uuid, |st| {
+                        st.last_check = when;
+                        st.open_violations = open;
+                    });
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                    }
+                }
+                Err(e) if e.domain_gone() => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e.message()));
+                    }
+                    // Lost without a stop event (or before it arrived): say so,
+                    // unless the stop event's handling already did.
+                    shared.retire(
+                        &uuid,
+                        Some(task_id),
+                        &name,
+                        &format!("domain lost: {}", e.message()),
+                    );
+                    break 'attach;
+                }
+                Err(e) => {
+                    shared.sink.error(e.kind());
+                    let msg = e.message();
+                    if msg != last_error {
+                        shared.sink.emit(subject.event(
+                            EventKind::Error,
+                            "warning",
+                            format!("checking {name} failed: {msg}"),
+                        ));
+                        last_error = msg.clone();
+                    }
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(msg));
+                    }
+                    if matches!(e, WatchError::Discover(_) | WatchError::Libvirt(_)) {
+                        // The kernel vanished from its page tables (a reset in
+                        // progress), or libvirt went away and came back on a new
+                        // connection: attach again, with the stored baseline.
+                        tokio::time::sleep(s.attach_retry).await;
+                        continue 'attach;
+                    }
+                }
+            }
+        }
+    }
+    // Ended by itself (the domain is gone) or cancelled: forget it, unless a
+    // newer task for the same domain has taken its place meanwhile, so that a
+    // resync can start it again if it does run.
+    let mut tasks = shared.tasks.lock().expect("tasks lock");
+    if tasks.get(&uuid).is_some_and(|t| t.id == task_id) {
+        tasks.remove(&uuid);
+        shared.status.lock().expect("status lock").remove(&uuid);
+    }
+    shared.sink.metrics.attached.set(gauge(tasks.len()));
+}
+
+/// How long after the hypervisor reported a start or reset a new baseline
+/// stays provisional at most: twelve settle periods (a minute by default).
+pub(super) fn provisional_window(s: &Settings) -> Duration {
+    s.settle * 12
+}
+
+/// The event an attach ends with: its severity and sentence.
+pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'static str, String) {
+    let path = w.path.display();
+    let boot = w.boot();
+    let settling = match w.provisional_left {
+        Some(left) => format!(
+            "; provisional for up to {}s while the new kernel patches itself (changes then are absorbed and listed)",
+            left.as_secs()
+        ),
+        None => String::new(),
+    };
+    match how {
+        Attached::Stored => (
+            "info",
+            format!("attached {name}: checking against the stored baseline of this boot ({path})"),
+        ),
+        Attached::Remapped { then, now } => (
+            "warning",
+            format!(
+                "attached {name}: its kernel code is not all where the stored baseline has it (image at {now}; \
+                 {then} in the baseline), and the hypervisor reported no reboot: checking against the stored \
+                 baseline ({path}), so every moved page is a remap violation"
+            ),
+        ),
+        Attached::NewBoot { why } => (
+            "info",
+            format!("attached {name}: new baseline of boot {boot} taken ({path}): {why}{settling}"),
+        ),
+        Attached::FirstSight => (
+            "info",
+            format!(
+                "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{settling}"
+            ),
+        ),
+        Attached::Unconfirmed { then, now, why, kept } => (
+            "warning",
+            format!(
+                "attached {name}: its kernel image moved from {then} to {now}, a new boot that the hypervisor \
+                 cannot confirm: {why}. New baseline of boot {boot} taken ({path}); the earlier one: {kept}. \
+                 If nobody restarted the guest while vigil was not watching, treat it as compromised"
+            ),
+        ),
+        Attached::Replaced => (
+            "warning",
+            format!(
+                "attached {name}: new baseline of boot {boot} taken ({path}) in place of a stored one that \
+                 could not be used; trusted on first use"
+            ),
+        ),
+    }
+}
+
+/// Says what an evidence bundle holds, as an event and in the metrics.
+pub(super) fn report_evidence(shared: &Shared, subject: &alerts::Subject, out: &evidence::Outcome) {
+    let m = &out.manifest;
+    let files: Vec<String> =
+        m.files.iter().map(|f| format!("{} ({} KiB)", f.name, f.bytes.div_ceil(1024))).collect();
+    let skipped: Vec<String> =
+        m.skipped.iter().map(|k| format!("{}: {}", k.what, k.reason)).collect();
+    let (severity, detail) = match &out.failed {
+        Some(why) => ("warning", format!("evidence of {} could not be saved: {why}", m.domain)),
+        None if skipped.is_empty() => (
+            "info",
+            format!(
+                "evidence of {} saved in {}: {}",
+                m.domain,
+                out.dir.display(),
+                files.join(", ")
+            ),
+        ),
+        None => (
+            "warning",
+            format!(
+                "evidence of {} saved in part: {}; not saved: {}",
+                m.domain,
+                if files.is_empty() { "nothing".into() } else { files.join(", ") },
+                skipped.join("; ")
+            ),
+        ),
+    };
+    if out.failed.is_some() || !skipped.is_empty() {
+        shared.sink.error("evidence");
+    }
+    if out.failed.is_none() {
+        shared
+            .sink
+            .metrics
+            .evidence_saved
+            .get_or_create(&DomainLabels { domain: m.domain.clone() })
+            .inc();
+        shared.sink.metrics.evidence_bytes.set(gauge(out.total_bytes));
+    }
+    let mut a = subject.event(EventKind::EvidenceSaved, severity, detail);
+    a.evidence = Some(out.dir.display().to_string());
+    shared.sink.emit(a);
+}
+
+/// The reported groups a check could see again: those of the regions it
+/// covered (a hot check does not look at text pages, so it must not call
+/// their changes reverted).
+pub(super) fn visible(
+    reported: &HashMap<String, String>,
+    report: &crate::integrity::Report,
+) -> HashMap<String, String> {
+    reported
+        .iter()
+        .filter(|(k, _)| {
+            let region = k.split('/').next().unwrap_or("");
+            report.regions.iter().any(|r| r.name == region)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
