@@ -411,13 +411,11 @@ fn long_storm(kernel: Kernel) {
 }
 
 #[test]
-#[ignore = "a known false alarm class, not fixed yet: a tracepoint's static call site that lags its key past the quick re-reads once the site's slow window is spent (seen on 6.1 and 6.12 under CI load); run with `lab/test.sh --run-ignored all`"]
 fn lab_lines_6_1_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
     long_storm(Kernel::V6_1);
 }
 
 #[test]
-#[ignore = "a known false alarm class, not fixed yet: a tracepoint's static call site that lags its key past the quick re-reads once the site's slow window is spent (seen on 6.1 and 6.12 under CI load); run with `lab/test.sh --run-ignored all`"]
 fn lab_lines_6_12_five_minute_storm_with_pressure_and_hooks_gives_no_violation() {
     long_storm(Kernel::V6_12);
 }

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub errors: Family<KindLabels, Counter>,
     pub patches: Family<PatchLabels, Counter>,
     pub patched_sites: Family<DomainLabels, Gauge>,
+    pub pending_sites: Family<DomainLabels, Gauge>,
     pub attached: Gauge,
     pub budget_used: Gauge<f64, AtomicU64>,
     pub budget_overruns: Counter,
@@ -93,6 +94,7 @@ impl Metrics {
             errors: Family::default(),
             patches: Family::default(),
             patched_sites: Family::default(),
+            pending_sites: Family::default(),
             attached: Gauge::default(),
             budget_used: Gauge::default(),
             budget_overruns: Counter::default(),
@@ -131,6 +133,11 @@ impl Metrics {
                 "patched_sites",
                 "Text patch sites that differ from the baseline now, all accepted",
                 m.patched_sites.clone(),
+            );
+            r.register(
+                "patch_sites_pending",
+                "Text patch sites whose bytes disagree with their kernel records, held (judged again at every full check) until reported or settled",
+                m.pending_sites.clone(),
             );
             r.register("domains_attached", "Domains being checked", m.attached.clone());
             r.register(

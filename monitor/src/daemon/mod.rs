@@ -521,6 +521,27 @@ mod tests {
         counts
     }
 
+    /// A held patch site's hold end brings the next full check forward,
+    /// never back, and a hold end already past changes nothing.
+    #[test]
+    fn a_hold_ending_brings_the_full_check_forward() {
+        let (hot, full) = (Duration::from_secs(1), Duration::from_secs(10));
+        let now = Instant::now();
+        let mut t = Timetable::starting(now);
+        let mut seed = 7;
+        t.checked(true, now, (hot, full, 0.0), &mut seed);
+        assert_eq!(t.next_full, now + full);
+        t.settle_by(Some(now + Duration::from_secs(4)), now);
+        assert_eq!(t.next_full, now + Duration::from_secs(4));
+        assert!(!t.full_at(now + Duration::from_secs(1), hot));
+        assert!(t.full_at(now + Duration::from_secs(4), hot));
+        t.settle_by(Some(now + Duration::from_secs(6)), now);
+        assert_eq!(t.next_full, now + Duration::from_secs(4), "never later");
+        t.settle_by(Some(now), now + Duration::from_secs(1));
+        t.settle_by(None, now);
+        assert_eq!(t.next_full, now + Duration::from_secs(4), "a past or no hold: as it was");
+    }
+
     /// A full check due within half a hot interval is not preceded by a hot
     /// one: with both intervals 1 s, every check is a full one, one a
     /// second; with the shipped 1 s and 10 s, a tenth of them are.

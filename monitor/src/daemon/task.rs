@@ -45,6 +45,15 @@ impl Timetable {
         }
         self.next_hot = now + jittered(hot, jitter, seed);
     }
+
+    /// Brings the next full check forward to `at` (when a held patch site's
+    /// hold ends: that check reports it if it still disagrees), if `at` is
+    /// still to come.
+    pub(super) fn settle_by(&mut self, at: Option<Instant>, now: Instant) {
+        if let Some(at) = at.filter(|&at| at > now) {
+            self.next_full = self.next_full.min(at);
+        }
+    }
 }
 
 /// A little randomness for jitter, without a dependency.
@@ -358,7 +367,7 @@ pub(super) async fn domain_task(
                 tokio::time::sleep(s.attach_retry).await;
                 continue 'attach;
             }
-            let took = started.elapsed().saturating_sub(w.take_waited());
+            let took = started.elapsed();
             estimate[usize::from(full)] = took;
             let ratio = shared.budget.settle(est, took);
             let m = &shared.sink.metrics;
@@ -375,6 +384,7 @@ pub(super) async fn domain_task(
                 (s.hot_interval, s.full_interval, s.jitter),
                 &mut seed,
             );
+            times.settle_by(w.patch_hold_ends(), Instant::now());
             let reply = match forced {
                 Some(Command::CheckNow(reply)) => Some(reply),
                 _ => None,
@@ -493,6 +503,9 @@ pub(super) async fn domain_task(
                         m.patched_sites
                             .get_or_create(&DomainLabels { domain: name.clone() })
                             .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
+                        m.pending_sites
+                            .get_or_create(&DomainLabels { domain: name.clone() })
+                            .set(i64::try_from(report.pending_sites).unwrap_or(i64::MAX));
                     }
                     for ev in std::mem::take(&mut w.session.module_events) {
                         let detail = if ev.loaded {

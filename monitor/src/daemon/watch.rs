@@ -619,11 +619,10 @@ impl Watched {
         std::mem::take(&mut self.register_snapshots)
     }
 
-    /// Time the checks since the last call spent waiting for the kernel to
-    /// finish an update of its own text (a pause, not work: the CPU budget
-    /// does not count it).
-    pub fn take_waited(&mut self) -> std::time::Duration {
-        self.session.take_waited()
+    /// When a patch site the last check held is judged for the last time
+    /// (see [`KernelSession::patch_hold_ends`]).
+    pub fn patch_hold_ends(&self) -> Option<std::time::Instant> {
+        self.session.patch_hold_ends()
     }
 
     /// Compares the guest with the baseline over `scope`.

@@ -137,6 +137,12 @@ pub struct Report {
     /// kernel makes.
     #[serde(skip_serializing_if = "is_zero")]
     pub patched_sites: u64,
+    /// Patch sites whose bytes disagree with their records, held for now:
+    /// the kernel may be between updating a record and its sites. Each is
+    /// judged again at every check and reported if it still disagrees when
+    /// its hold ends.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub pending_sites: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -518,6 +524,7 @@ pub fn check_tagged<M: GuestMemory + ?Sized>(
         modules: Vec::new(),
         patches: std::collections::BTreeMap::new(),
         patched_sites: 0,
+        pending_sites: 0,
     })
 }
 

@@ -126,7 +126,11 @@ impl KernelSession {
     /// A session that follows a guest from check to check; modules may stay
     /// loading or unloading for `module_grace`.
     pub fn across_checks(module_grace: Duration) -> Self {
-        let mut s = KernelSession { across_checks: true, ..KernelSession::default() };
+        let mut s = KernelSession {
+            across_checks: true,
+            patch: PatchMemory::holding(patch::PENDING_HOLD),
+            ..KernelSession::default()
+        };
         s.modules_not_live.grace = module_grace;
         s
     }
@@ -137,10 +141,11 @@ impl KernelSession {
         self.modules_not_live.grace = grace;
     }
 
-    /// Time the examinations since the last call spent waiting for the
-    /// kernel to finish an update of its own text (a pause, not work).
-    pub fn take_waited(&mut self) -> Duration {
-        std::mem::take(&mut self.patch.waited)
+    /// When a patch site held by the last examination (its bytes disagree
+    /// with its record, the kernel perhaps still updating it) is to be
+    /// judged for the last time: a full check is due then.
+    pub fn patch_hold_ends(&self) -> Option<Instant> {
+        self.patch.held_until
     }
 
     /// Forgets what was accepted and known under an earlier baseline:
@@ -148,7 +153,10 @@ impl KernelSession {
     /// check, its text as it is then its reference, a module-loaded event
     /// each).
     pub fn new_baseline(&mut self) {
-        self.patch = PatchMemory::default();
+        self.patch = match self.across_checks {
+            true => PatchMemory::holding(patch::PENDING_HOLD),
+            false => PatchMemory::default(),
+        };
         self.modules.clear();
         self.modules_not_live.since.clear();
     }
@@ -199,7 +207,8 @@ impl KernelSession {
                 }
                 let mut scratch;
                 let state = if how.changes {
-                    scratch = self.patch.clone();
+                    // A diff shows every change as it is: nothing held.
+                    scratch = self.patch.unheld();
                     &mut scratch
                 } else {
                     &mut self.patch

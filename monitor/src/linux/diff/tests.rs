@@ -63,6 +63,7 @@ fn report(checked: &str, source: &str, violations: Vec<Finding>, info: Vec<Findi
         modules: vec![],
         patches: Default::default(),
         patched_sites: 0,
+        pending_sites: 0,
     }
 }
 

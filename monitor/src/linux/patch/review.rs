@@ -7,20 +7,20 @@ use super::*;
 pub(super) const RETRIES: u32 = 3;
 /// Pause before the first new judgement (doubled, tripled after).
 pub(super) const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
-/// How long, all told, violations that are all record disagreements (see
-/// [`Verdicts::disagreements`]) are judged again, every [`SLOW_PAUSE`]:
-/// the kernel finishes its own update within this even when the guest runs
-/// slowly (a guest under TCG with the function tracer on every function
-/// takes seconds to patch a static call's sites); an attacker's call stays.
-pub(super) const SLOW_WINDOW: std::time::Duration = std::time::Duration::from_secs(4);
-pub(super) const SLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
-/// How long a disagreement given the slow window is remembered, and how
-/// many at most.
-pub(super) const SLOW_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
-pub(super) const MAX_SLOW_JUDGED: usize = 4096;
-/// A site already given the slow window within [`SLOW_MEMORY`] is given it
-/// again at most once in this long (over all sites of a guest).
-pub(super) const REPEAT_SPACING: std::time::Duration = std::time::Duration::from_secs(60);
+/// For an examination with no later check (`vigil check`, `vigil diff`):
+/// how long, all told, violations that are all record disagreements (see
+/// [`Verdicts::disagreements`]) are judged again, every [`WAIT_PAUSE`]. The
+/// kernel finishes its own update within this even when the guest runs
+/// slowly; an attacker's call stays. Checks that follow one another hold
+/// such sites for [`PENDING_HOLD`] instead, without waiting.
+pub(super) const WAIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(4);
+pub(super) const WAIT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long checks that follow one another hold a site whose bytes disagree
+/// with its record before reporting it (see
+/// [`PatchMemory::hold_disagreements`]). A tracepoint's static call key is
+/// set back to its iterator before its sites are patched; under TCG with
+/// the guest loaded, seconds pass in between.
+pub const PENDING_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Region name for findings about the patch records themselves.
 pub const TABLES_REGION: &str = "patch-tables";
@@ -42,6 +42,8 @@ pub fn review<M: GuestMemory + ?Sized>(
     is_text: &dyn Fn(&str) -> bool,
     covered: &dyn Fn(u64) -> Option<bool>,
 ) -> Vec<Patched> {
+    memory.held = 0;
+    memory.held_until = None;
     let taken = report.take_violations(|f| {
         f.kind == FindingKind::Content && f.page.is_some() && is_text(&f.region)
     });
@@ -78,45 +80,31 @@ pub fn review<M: GuestMemory + ?Sized>(
         // restored), and vigil reads them one after the other too: a
         // disagreement is judged again, records and text read anew, after a
         // pause. A write of an attacker's stays; the kernel's update ends.
-        // Violations that are all records and sites disagreeing in the way
-        // the kernel's own update passes through are judged again for
-        // longer, up to SLOW_WINDOW.
+        // What outlasts the quick re-reads and is all records and sites
+        // disagreeing in the way the kernel's own update passes through is
+        // held across checks, or, with no later check, waited for up to
+        // WAIT_WINDOW.
         let mut round = 0;
-        let mut slow = false;
         let started = std::time::Instant::now();
         let (tables, mut v) = loop {
             let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
             tables.merge_recent(memory, std::time::Instant::now());
             let name = |a: u64| m.locate(a);
             let v = verify_pages(&tables, &pages, mem, space, original, &name);
+            let forged = tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
             let violations = v.violations.iter().filter(|f| f.severity == Severity::Violation);
-            let clean = violations.clone().count() == 0
-                && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
-            let updating = !clean
-                && violations.count() == v.disagreements.len()
-                && !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
-            if round == RETRIES && updating {
-                slow = memory.opens_slow_window(&v.disagreements, std::time::Instant::now());
-            }
-            if slow {
-                // Each disagreement seen in the slow window has had it.
-                let now = std::time::Instant::now();
-                for (a, _) in &v.disagreements {
-                    if memory.slow_judged.len() < MAX_SLOW_JUDGED {
-                        memory.slow_judged.entry(*a).or_insert(now);
-                    }
-                }
-            }
-            if clean || (round >= RETRIES && !(slow && updating && started.elapsed() < SLOW_WINDOW))
-            {
+            let clean = violations.clone().count() == 0 && !forged;
+            let updating = !clean && violations.count() == v.disagreements.len() && !forged;
+            let waits = memory.hold.is_none() && updating && started.elapsed() < WAIT_WINDOW;
+            if clean || (round >= RETRIES && !waits) {
                 break (tables, v);
             }
             round += 1;
-            if round > RETRIES {
-                memory.waited += SLOW_PAUSE;
-            }
-            std::thread::sleep(if round <= RETRIES { RETRY_PAUSE * round } else { SLOW_PAUSE });
+            std::thread::sleep(if round <= RETRIES { RETRY_PAUSE * round } else { WAIT_PAUSE });
         };
+        if !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation) {
+            memory.hold_disagreements(&mut v, std::time::Instant::now());
+        }
         for f in &mut v.violations {
             if let Some(module) = f.region.strip_prefix("module:") {
                 f.detail = format!(
@@ -159,6 +147,7 @@ pub fn review<M: GuestMemory + ?Sized>(
         }
     }
     report.patched_sites = accepted.len() as u64;
+    report.pending_sites = memory.held;
     for (kind, n) in account(&mut memory.sites, &accepted, covered) {
         report.patches.insert(kind.as_str().to_owned(), n);
     }

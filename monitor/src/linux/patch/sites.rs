@@ -369,6 +369,15 @@ impl PatchTables {
         })
     }
 
+    /// Static call sites that are no tail calls, and their keys (for tests
+    /// and diagnostics).
+    pub fn static_calls(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.sites.iter().filter_map(|(&a, s)| match s {
+            Site::StaticCall { key, tail: false } => Some((a, *key)),
+            _ => None,
+        })
+    }
+
     /// Addresses of registered `int3` kprobes.
     pub fn kprobe_addrs(&self) -> impl Iterator<Item = u64> + '_ {
         self.kprobes.keys().copied()

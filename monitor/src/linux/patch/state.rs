@@ -1,5 +1,5 @@
 //! What a watcher keeps between checks: sites accepted, records seen
-//! lately, slow windows given.
+//! lately, sites whose records and bytes disagree for now.
 
 use super::*;
 
@@ -67,22 +67,24 @@ pub struct PatchMemory {
     pub(super) key_funcs: HashMap<u64, Vec<(u64, std::time::Instant)>>,
     /// The site map last made, kept while the tables read the same.
     pub(super) site_memo: SiteMemo,
-    /// Sites whose record disagreement was already given the slow window,
-    /// and when: a site is given it once in [`SLOW_MEMORY`] whatever bytes
-    /// it holds, so that a guest can neither make every check wait nor keep
-    /// a hook (with a new target each time) that leaves for a moment in
-    /// every window. Full, it gives no new window.
-    pub(super) slow_judged: HashMap<u64, std::time::Instant>,
-    /// When a site was last given the slow window again within its
-    /// [`SLOW_MEMORY`] (the kernel updates the same static call or ftrace
-    /// site again and again on a busy guest): one such window in
-    /// [`REPEAT_SPACING`], whatever site: sites given their window lately
-    /// make checks wait at most one window a minute. (A site not given one
-    /// yet is not spaced: up to [`MAX_SLOW_JUDGED`] in [`SLOW_MEMORY`].)
-    pub(super) slow_repeated: Option<std::time::Instant>,
-    /// Time spent waiting in slow windows since last taken: a pause, not
-    /// work, for the CPU budget.
-    pub waited: std::time::Duration,
+    /// How long a site whose bytes disagree with its record is held (not
+    /// reported, judged again at every later check) before it is believed
+    /// (see [`PatchMemory::hold_disagreements`]); `None` for an examination
+    /// with no later check, which waits instead.
+    pub(super) hold: Option<std::time::Duration>,
+    /// Sites seen disagreeing with their records: when first, when last.
+    pub(super) pending: HashMap<u64, Pending>,
+    /// Sites held by the last review.
+    pub held: u64,
+    /// When the earliest hold of the last review ends: a check then settles it.
+    pub held_until: Option<std::time::Instant>,
+}
+
+/// A site seen disagreeing with its record.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    pub(super) first: std::time::Instant,
+    pub(super) last: std::time::Instant,
 }
 
 impl PatchMemory {
@@ -100,29 +102,65 @@ impl PatchMemory {
         }
     }
 
-    /// Whether disagreements that outlasted the quick re-reads get the slow
-    /// window: one not given it within [`SLOW_MEMORY`] does; when all were,
-    /// one window in [`REPEAT_SPACING`] is given again (taken from the
-    /// spacing). None when the memory of sites is full.
-    pub(super) fn opens_slow_window(
-        &mut self,
-        disagreements: &[(u64, Vec<u8>)],
-        now: std::time::Instant,
-    ) -> bool {
-        self.slow_judged.retain(|_, t| now.saturating_duration_since(*t) < SLOW_MEMORY);
-        if disagreements.is_empty() || self.slow_judged.len() >= MAX_SLOW_JUDGED {
-            return false;
-        }
-        if disagreements.iter().any(|(a, _)| !self.slow_judged.contains_key(a)) {
-            return true;
-        }
-        if self.slow_repeated.is_none_or(|t| now.saturating_duration_since(t) >= REPEAT_SPACING) {
-            self.slow_repeated = Some(now);
-            return true;
-        }
-        false
+    /// A memory for checks that follow one another: disagreements are held
+    /// for `hold` instead of waited for.
+    pub fn holding(hold: std::time::Duration) -> Self {
+        PatchMemory { hold: Some(hold), ..PatchMemory::default() }
+    }
+
+    /// A copy that holds nothing: an examination that shows every change
+    /// as it is (a diff) waits for the kernel instead.
+    pub fn unheld(&self) -> Self {
+        PatchMemory { hold: None, ..self.clone() }
+    }
+
+    /// Holds back, of `v`'s violations, the record disagreements (see
+    /// [`Verdicts::disagreements`]) of sites first seen disagreeing less
+    /// than the hold ago: the kernel moves a record on and then rewrites
+    /// its sites, which a loaded guest takes seconds to do, and vigil must
+    /// neither alarm on that nor stall its checks waiting. A held site's
+    /// page is not taken as judged, so every later check judges it again;
+    /// the site is reported by the first check at or after the end of its
+    /// hold if it still disagrees. Its first sighting is kept until it has
+    /// agreed for [`PENDING_FORGET`], so a hook that comes and goes is
+    /// reported as one that stayed. A full memory holds no new site.
+    pub(super) fn hold_disagreements(&mut self, v: &mut Verdicts, now: std::time::Instant) {
+        self.held = 0;
+        self.held_until = None;
+        let Some(hold) = self.hold else { return };
+        self.pending.retain(|_, p| now.saturating_duration_since(p.last) < PENDING_FORGET);
+        let sites: HashSet<u64> = v.disagreements.iter().map(|(a, _)| *a).collect();
+        v.violations.retain_mut(|f| {
+            let a = f.gva.raw();
+            if f.severity != Severity::Violation || !sites.contains(&a) {
+                return true;
+            }
+            if !self.pending.contains_key(&a) && self.pending.len() >= MAX_PENDING {
+                return true;
+            }
+            let p = self.pending.entry(a).or_insert(Pending { first: now, last: now });
+            p.last = now;
+            let until = p.first + hold;
+            if now >= until {
+                f.detail = format!(
+                    "{} (so for {:.1} s: longer than the kernel takes to update its sites)",
+                    f.detail,
+                    now.saturating_duration_since(p.first).as_secs_f64()
+                );
+                return true;
+            }
+            self.held += 1;
+            self.held_until = Some(self.held_until.map_or(until, |u| u.min(until)));
+            false
+        });
     }
 }
+
+/// How long after it last disagreed a site's first disagreement is kept.
+pub(super) const PENDING_FORGET: std::time::Duration = std::time::Duration::from_secs(60);
+/// At most this many sites are remembered disagreeing; past it a new
+/// disagreement is reported at once.
+pub(super) const MAX_PENDING: usize = 4096;
 
 /// How long a patch record still counts after the kernel dropped it.
 pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);

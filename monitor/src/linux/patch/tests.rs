@@ -247,35 +247,102 @@ fn recent_key_functions_are_bounded_per_key_and_in_all() {
     assert!(!memory.key_funcs.contains_key(&9), "no function is no call target");
 }
 
+/// Verdicts with a violation at each of `sites`, of which `disagree` are
+/// record disagreements.
+fn verdicts(sites: &[u64], disagree: &[u64]) -> Verdicts {
+    let mut v = Verdicts::default();
+    for &a in sites {
+        let f = Finding::new(
+            "kernel-text",
+            FindingKind::Content,
+            Severity::Violation,
+            GuestVirtAddr(a),
+            GuestPhysAddr(0),
+        )
+        .saying(
+            "a static call site may call only its key's function".into(),
+            String::new(),
+            String::new(),
+        );
+        v.violations.push(f);
+        if disagree.contains(&a) {
+            v.disagreements.push((a, rel(CALL, a, TEXT_VA)));
+        }
+    }
+    v
+}
+
+fn reported(v: &Verdicts) -> Vec<u64> {
+    v.violations.iter().map(|f| f.gva.raw()).collect()
+}
+
 #[test]
-fn the_slow_window_is_once_per_site_and_then_spaced() {
-    let mut memory = PatchMemory::default();
+fn a_disagreeing_site_is_held_then_reported_and_its_first_sighting_kept() {
     let t0 = std::time::Instant::now();
     let at = |s: u64| t0 + std::time::Duration::from_secs(s);
-    let d = |a: u64| vec![(a, rel(CALL, a, TEXT_VA))];
-    assert!(!memory.opens_slow_window(&[], t0), "nothing disagrees");
-    // A site not given it: given, and marked as the review does.
-    assert!(memory.opens_slow_window(&d(A), t0));
-    memory.slow_judged.insert(A, t0);
-    // Given lately: once more, then not again within the spacing.
-    assert!(memory.opens_slow_window(&d(A), at(1)));
-    assert!(!memory.opens_slow_window(&d(A), at(2)));
-    // Another site not given it yet still is.
-    assert!(memory.opens_slow_window(&d(A + 16), at(3)));
-    memory.slow_judged.insert(A + 16, at(3));
-    assert!(!memory.opens_slow_window(&d(A + 16), at(30)));
-    assert!(memory.opens_slow_window(&d(A), at(1) + REPEAT_SPACING));
-    // Past SLOW_MEMORY a site counts as not given it: a window though
-    // the spacing was just taken.
-    assert!(memory.opens_slow_window(&d(A + 16), at(598)));
-    assert!(!memory.opens_slow_window(&d(A + 16), at(599)), "the spacing is taken");
-    assert!(memory.opens_slow_window(&d(A), at(1) + SLOW_MEMORY));
-    // A full memory gives none.
-    let mut full = PatchMemory::default();
-    for a in 0..MAX_SLOW_JUDGED as u64 {
-        full.slow_judged.insert(TEXT_VA + 0x10_0000 + a, t0);
-    }
-    assert!(!full.opens_slow_window(&d(A), t0));
+    let hold = PENDING_HOLD;
+    let mut memory = PatchMemory::holding(hold);
+    // A disagreement is held; a violation of another kind is not.
+    let mut v = verdicts(&[A, A + 0x40], &[A]);
+    memory.hold_disagreements(&mut v, t0);
+    assert_eq!(reported(&v), [A + 0x40]);
+    assert_eq!((memory.held, memory.held_until), (1, Some(t0 + hold)));
+    // Still disagreeing before the hold ends: still held.
+    let mut v = verdicts(&[A], &[A]);
+    memory.hold_disagreements(&mut v, at(9));
+    assert!(v.violations.is_empty());
+    // At its end: reported, saying for how long.
+    let mut v = verdicts(&[A], &[A]);
+    memory.hold_disagreements(&mut v, t0 + hold);
+    assert_eq!(reported(&v), [A]);
+    assert!(v.violations[0].detail.contains("so for 10.0 s"), "{}", v.violations[0].detail);
+    assert_eq!((memory.held, memory.held_until), (0, None));
+    // A hook that left for a while and came back is reported at once: its
+    // first sighting is kept while it was last seen within PENDING_FORGET.
+    let mut v = verdicts(&[A], &[A]);
+    memory
+        .hold_disagreements(&mut v, t0 + hold + PENDING_FORGET - std::time::Duration::from_secs(1));
+    assert_eq!(reported(&v), [A]);
+    // Once it has agreed for PENDING_FORGET it is held anew.
+    let later = t0 + hold + 3 * PENDING_FORGET;
+    let mut v = verdicts(&[A], &[A]);
+    memory.hold_disagreements(&mut v, later);
+    assert!(v.violations.is_empty());
+    assert_eq!(memory.held_until, Some(later + hold));
+    // An information finding is never held.
+    let mut v = verdicts(&[A + 0x80], &[A + 0x80]);
+    v.violations[0].severity = Severity::Info;
+    memory.hold_disagreements(&mut v, later);
+    assert_eq!(reported(&v), [A + 0x80]);
+}
+
+#[test]
+fn nothing_is_held_without_a_later_check_or_room_to_remember() {
+    let t0 = std::time::Instant::now();
+    let mut once = PatchMemory::default();
+    let mut v = verdicts(&[A], &[A]);
+    once.hold_disagreements(&mut v, t0);
+    assert_eq!(reported(&v), [A], "a one-shot examination waits instead");
+    assert_eq!(
+        reported(&{
+            let mut v = verdicts(&[A], &[A]);
+            PatchMemory::holding(PENDING_HOLD).unheld().hold_disagreements(&mut v, t0);
+            v
+        }),
+        [A],
+        "a diff holds nothing"
+    );
+    // A guest that makes more sites disagree than are remembered gets the
+    // new ones reported at once; those remembered stay held.
+    let mut full = PatchMemory::holding(PENDING_HOLD);
+    let many: Vec<u64> = (0..MAX_PENDING as u64).map(|i| TEXT_VA + 0x10_0000 + 16 * i).collect();
+    let mut v = verdicts(&many, &many);
+    full.hold_disagreements(&mut v, t0);
+    assert!(v.violations.is_empty());
+    assert_eq!(full.held, MAX_PENDING as u64);
+    let mut v = verdicts(&[A, many[7]], &[A, many[7]]);
+    full.hold_disagreements(&mut v, t0);
+    assert_eq!(reported(&v), [A]);
 }
 
 #[test]
