@@ -24,8 +24,8 @@ use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use vigil::addr::GuestPhysAddr;
-use vigil::daemon::watch::Watched;
 use vigil::integrity::check::Scope;
+use vigil::watch::Watched;
 use vigil_bench::{Capture, FleetGuest, RamFiles, arg, choice, percentile};
 
 /// RssAnon from /proc/self/status, in bytes.
@@ -109,12 +109,12 @@ fn main() {
             ram: ram.copy(),
         };
         let copy = g.ram.clone();
-        let settings = vigil::daemon::watch::AttachSettings {
+        let settings = vigil::watch::AttachSettings {
             originals_on_disk: on_disk,
             provisional_window: Duration::from_secs(60),
             profiles: profiles.clone().into(),
         };
-        let known = vigil::daemon::watch::Knowledge::default();
+        let known = vigil::watch::Knowledge::default();
         let (mut w, _) =
             Watched::attach_guest(Box::new(g), state.path(), &known, settings).unwrap();
         let r = w.check(Scope::Full, &profiles).unwrap();

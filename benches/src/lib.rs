@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vigil::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES};
-use vigil::daemon::watch::Guest;
 use vigil::integrity::Baseline;
 use vigil::integrity::baseline::Run;
 use vigil::libvirt::LibvirtError;
 use vigil::memory::{ElfCore, GuestMemory, MemoryError, RamLayout};
+use vigil::watch::Guest;
 use vigil::x86::VcpuRegisters;
 
 pub mod paired;

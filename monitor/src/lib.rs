@@ -5,13 +5,14 @@
 //! ([`qemu`], parsed into `x86` types), the integrity engine ([`integrity`]),
 //! the Linux kernel model ([`linux`], whose [`linux::session`] runs one
 //! examination for the CLI and the daemon alike), libvirt ([`libvirt`]) at
-//! the outer edge, and the daemon ([`daemon`]) over all of them. [`paths`]
-//! says where state is kept by default.
+//! the outer edge, one guest watched from check to check ([`watch`]: attach,
+//! baselines kept across boots, checks), and the daemon ([`daemon`]) over all
+//! of them. [`paths`] says where state is kept by default.
 //!
 //! Everything that parses guest- or file-controlled bytes is safe Rust:
 //! `unsafe` is denied crate-wide and allowed in two modules only, the
-//! system calls (`sys`) and the SIMD page tags (`integrity::nh`); a test
-//! keeps it that way.
+//! system calls and libvirt's C API, loaded at run time (`sys`), and the
+//! SIMD page tags (`integrity::nh`); a test keeps it that way.
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -24,6 +25,7 @@ pub mod paths;
 pub mod qemu;
 #[allow(unsafe_code)]
 mod sys;
+pub mod watch;
 pub mod x86;
 
 /// The text of a caught panic (`catch_unwind`, or a task's `JoinError`).

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 
 use vigil::addr::PAGE_SIZE;
-use vigil::daemon::watch::{Guest, Watched};
 use vigil::integrity::check::Scope;
 use vigil::libvirt::{GuestDomain, LibvirtError};
 use vigil::memory::GuestMemory;
 use vigil::memory::faults::{FaultPlan, Faults, Faulty};
+use vigil::watch::{Guest, Watched};
 
 mod common;
 use common::{Daemon, FULL, boot};
@@ -103,12 +103,12 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-profiles");
     let (profiles, bad) = vigil::linux::profile::load_dir(&[dir]);
     assert!(bad.is_empty(), "{bad:?}");
-    let settings = vigil::daemon::watch::AttachSettings {
+    let settings = vigil::watch::AttachSettings {
         originals_on_disk: false,
         provisional_window: Duration::from_secs(60),
         profiles: profiles.clone().into(),
     };
-    let known = vigil::daemon::watch::Knowledge::default();
+    let known = vigil::watch::Knowledge::default();
     let (mut w, _) =
         Watched::attach_guest(Box::new(guest), state.path(), &known, settings).unwrap();
     let check = |w: &mut Watched| w.check(Scope::Full, &profiles);

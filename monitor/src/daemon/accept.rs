@@ -15,8 +15,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::alerts::{EventKind, Operator};
-use super::watch::{WatchError, Watched};
 use super::{Shared, blocking};
+use crate::watch::{WatchError, Watched};
 
 /// An accept, as the control socket hands it to the domain's task.
 pub struct Accept {

@@ -22,9 +22,9 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::config::EvidenceSettings;
-use super::watch::Watched;
 use crate::libvirt::error_chain;
 use crate::linux::profile::Profile;
+use crate::watch::Watched;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: &str = "vigil-evidence";

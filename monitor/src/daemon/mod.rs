@@ -32,14 +32,12 @@ macro_rules! out_line {
 
 pub mod accept;
 pub mod alerts;
-pub mod boot;
 pub mod budget;
 pub mod config;
 pub mod control;
 pub mod evidence;
 pub mod metrics;
 pub mod push;
-pub mod watch;
 
 mod sink;
 mod task;
@@ -57,9 +55,9 @@ use self::metrics::{
     CheckLabels, DomainLabels, KindLabels, Metrics, PatchLabels, RegionLabels, ScopeLabels,
     ViolationLabels,
 };
-use self::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
+use crate::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 
 pub use self::sink::Sink;
 use self::task::*;

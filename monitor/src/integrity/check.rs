@@ -382,38 +382,7 @@ pub fn check_tagged<M: GuestMemory + ?Sized>(
     region_pages.dedup();
     let mut bytes_verified = 0u64;
     for (ri, r) in baseline.regions.iter().enumerate().filter(|(_, r)| scope.covers(r.kind)) {
-        // Pages to hash now: (index in region, gva, where it maps now).
-        let mut reads = Vec::with_capacity(r.pages.len());
-        for (i, p) in r.pages.iter().enumerate() {
-            let index = i as u64;
-            let Some((gpa, perms)) = space.translate(p.gva) else {
-                let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, p.gpa);
-                f.page = Some(index);
-                f.detail = "page is no longer mapped".into();
-                f.before = mapping_text(p.gpa, p.perms);
-                f.after = "unmapped".into();
-                findings.push(f);
-                continue;
-            };
-            if gpa != p.gpa {
-                let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, gpa);
-                f.page = Some(index);
-                f.detail = format!("page now maps guest-physical {gpa}, not {}", p.gpa);
-                f.before = mapping_text(p.gpa, p.perms);
-                f.after = mapping_text(gpa, perms);
-                if !mem.layout().contains(gpa, PAGE_SIZE) {
-                    // Hostile or broken tables: say so rather than fail the check.
-                    f.detail.push_str(", which is not guest RAM");
-                    findings.push(f);
-                    continue;
-                }
-                findings.push(f);
-            }
-            if perms != p.perms {
-                findings.push(permission_finding(&r.name, Some(index), p.gva, gpa, p.perms, perms));
-            }
-            reads.push((index, p.gva, gpa));
-        }
+        let reads = where_pages_map(r, mem, space, &mut findings);
         let slow = tags.and_then(|t| super::tags::untagged_or_changed(t, ri, &r.root, mem, &reads));
         // Without tags: the whole region first, at BLAKE3's full width, and
         // page by page only to find what changed.
@@ -526,6 +495,49 @@ pub fn check_tagged<M: GuestMemory + ?Sized>(
         patched_sites: 0,
         pending_sites: 0,
     })
+}
+
+/// Where each page of region `r` maps now, as (index in region, virtual,
+/// physical): the pages to hash. A page unmapped, mapped elsewhere or with
+/// other permissions is a finding; one mapped outside guest RAM is not read.
+fn where_pages_map<M: GuestMemory + ?Sized>(
+    r: &super::baseline::RegionRecord,
+    mem: &M,
+    space: &dyn AddressSpace,
+    findings: &mut Vec<Finding>,
+) -> Vec<(u64, GuestVirtAddr, GuestPhysAddr)> {
+    let mut reads = Vec::with_capacity(r.pages.len());
+    for (i, p) in r.pages.iter().enumerate() {
+        let index = i as u64;
+        let Some((gpa, perms)) = space.translate(p.gva) else {
+            let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, p.gpa);
+            f.page = Some(index);
+            f.detail = "page is no longer mapped".into();
+            f.before = mapping_text(p.gpa, p.perms);
+            f.after = "unmapped".into();
+            findings.push(f);
+            continue;
+        };
+        if gpa != p.gpa {
+            let mut f = finding(&r.name, FindingKind::Remap, Severity::Violation, p.gva, gpa);
+            f.page = Some(index);
+            f.detail = format!("page now maps guest-physical {gpa}, not {}", p.gpa);
+            f.before = mapping_text(p.gpa, p.perms);
+            f.after = mapping_text(gpa, perms);
+            if !mem.layout().contains(gpa, PAGE_SIZE) {
+                // Hostile or broken tables: say so rather than fail the check.
+                f.detail.push_str(", which is not guest RAM");
+                findings.push(f);
+                continue;
+            }
+            findings.push(f);
+        }
+        if perms != p.perms {
+            findings.push(permission_finding(&r.name, Some(index), p.gva, gpa, p.perms, perms));
+        }
+        reads.push((index, p.gva, gpa));
+    }
+    reads
 }
 
 /// BLAKE3 of the pages `reads` (the whole region, in order), hashed in

@@ -226,6 +226,49 @@ impl PatchTables {
     }
 }
 
+impl Site {
+    /// The instruction the kernel writes when it updates this site through
+    /// its record (a static call's key, an ftrace ops): a call, or a static
+    /// tail call's or trampoline's jmp. `None` for a jump label (its target
+    /// is fixed, no record update explains another).
+    fn update_op(self) -> Option<u8> {
+        match self {
+            Site::StaticCall { tail: false, .. } | Site::Fentry | Site::FtraceCall => Some(CALL),
+            Site::StaticCall { tail: true, .. } | Site::StaticTramp { .. } => Some(JMP32),
+            Site::JumpLabel { .. } => None,
+        }
+    }
+}
+
+impl PatchTables {
+    /// The units that could explain a run of changed bytes `[start, end)`:
+    /// the sites and registered kprobes that overlap it, as (address,
+    /// length, site; `None` for a kprobe).
+    fn units_over<M: GuestMemory + ?Sized>(
+        &self,
+        text: &Text<'_, M>,
+        start: u64,
+        end: u64,
+    ) -> Vec<(u64, usize, Option<Site>)> {
+        let mut units: Vec<(u64, usize, Option<Site>)> = Vec::new();
+        for (&a, &site) in self.sites.range(start.saturating_sub(MAX_SITE - 1)..end) {
+            let (Some(o), Some(c)) = (text.then(a, 5), text.now(a, 5)) else { continue };
+            let len = self.site_len(site, &o, &c);
+            if a + len as u64 > start {
+                units.push((a, len, Some(site)));
+            }
+        }
+        for a in start.saturating_sub(MAX_SITE - 1)..end {
+            if self.kprobes.contains_key(&a) && !units.iter().any(|u| u.0 == a) {
+                let (Some(o), Some(c)) = (text.then(a, 5), text.now(a, 5)) else { continue };
+                let len = if c[1..] == o[1..] { 1 } else { 5 };
+                units.push((a, len, None));
+            }
+        }
+        units
+    }
+}
+
 /// Bytes of guest text, now or as baselined, by virtual address.
 pub(super) struct Text<'a, M: GuestMemory + ?Sized> {
     pub(super) mem: &'a M,
@@ -353,22 +396,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
         }
         for (s, e) in runs {
             let (start, end) = (p.gva + s as u64, p.gva + e as u64);
-            // The units that could explain the run: sites and kprobes that overlap it.
-            let mut units: Vec<(u64, usize, Option<Site>)> = Vec::new();
-            for (&a, &site) in tables.sites.range(start.saturating_sub(MAX_SITE - 1)..end) {
-                let (Some(o), Some(c)) = (text.then(a, 5), text.now(a, 5)) else { continue };
-                let len = tables.site_len(site, &o, &c);
-                if a + len as u64 > start {
-                    units.push((a, len, Some(site)));
-                }
-            }
-            for a in start.saturating_sub(MAX_SITE - 1)..end {
-                if tables.kprobes.contains_key(&a) && !units.iter().any(|u| u.0 == a) {
-                    let (Some(o), Some(c)) = (text.then(a, 5), text.now(a, 5)) else { continue };
-                    let len = if c[1..] == o[1..] { 1 } else { 5 };
-                    units.push((a, len, None));
-                }
-            }
+            let units = tables.units_over(&text, start, end);
             let uncovered = (start..end)
                 .find(|b| !units.iter().any(|&(a, l, _)| (a..a + l as u64).contains(b)));
             let in_module = tables.module_text.iter().any(|&(a, b)| a <= start && end <= b);
@@ -435,17 +463,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                         // The instruction the kernel's update writes at a
                         // site patched through a record: any other is no
                         // update in flight.
-                        let op = match site {
-                            Some(
-                                Site::StaticCall { tail: false, .. }
-                                | Site::Fentry
-                                | Site::FtraceCall,
-                            ) => Some(CALL),
-                            Some(
-                                Site::StaticCall { tail: true, .. } | Site::StaticTramp { .. },
-                            ) => Some(JMP32),
-                            _ => None,
-                        };
+                        let op = site.and_then(Site::update_op);
                         if op.is_some() && c.first() == op.as_ref() {
                             out.disagreements.push((a, c.clone()));
                         }

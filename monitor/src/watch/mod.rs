@@ -1,6 +1,10 @@
-//! One watched domain's blocking work: attach (find the kernel, load or
-//! take its baseline), check, re-baseline. Runs on tokio's blocking pool; the
+//! One watched guest's blocking work: attach (find the kernel, load or
+//! take its baseline, decide from what is stored whether this is the boot it
+//! was taken of: [`boot`]), check, re-baseline. The daemon runs it on tokio's
+//! blocking pool, one per domain, and the fleet bench a hundred of them; the
 //! memory source stays open between checks.
+
+pub mod boot;
 
 use std::path::{Path, PathBuf};
 
@@ -75,7 +79,7 @@ impl WatchError {
     }
 }
 
-/// How an attach found its baseline, as [`super::boot::decide`] chose.
+/// How an attach found its baseline, as [`boot::decide`] chose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attached {
     /// The stored baseline is of this very boot: checked against, not replaced.
@@ -99,7 +103,7 @@ pub enum Attached {
 }
 
 /// What the daemon knows of a domain from the hypervisor, across attaches
-/// (see [`super::boot`]).
+/// (see [`boot`]).
 #[derive(Debug, Clone, Default)]
 pub struct Knowledge {
     /// libvirt reported a reset of the guest since the baseline was taken.
@@ -419,7 +423,7 @@ impl Watched {
     /// Finds the kernel of a running domain and decides, from what the
     /// hypervisor says (`known`, and the domain's QEMU process now) and where
     /// the kernel sits, whether to check against its stored baseline or take
-    /// a new one ([`super::boot::decide`]). Problems with the stored state
+    /// a new one ([`boot::decide`]). Problems with the stored state
     /// are in [`Watched::problems`] afterwards.
     pub fn attach(
         hv: &Hypervisor,
@@ -438,7 +442,7 @@ impl Watched {
         known: &Knowledge,
         settings: AttachSettings,
     ) -> Result<(Self, Attached), WatchError> {
-        use super::boot::{Action, Placement, Signal, Stored, decide};
+        use self::boot::{Action, Placement, Signal, Stored, decide};
         dom.ensure_running()?;
         let run = dom.run()?;
         // Memory that is still arriving is no evidence of where the kernel
