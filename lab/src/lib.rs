@@ -15,9 +15,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
-use virt::domain::Domain;
-
 /// The libvirt URI lab domains live at.
 pub const URI: &str = "qemu:///system";
 /// Prefix of every lab domain's name, so stale ones can be found and removed.
@@ -144,6 +141,13 @@ impl Lab {
         self.dir.join("run").join(format!("{name}.cmd"))
     }
 
+    /// Writes a domain's XML where virsh reads it from.
+    fn xml_file(&self, name: &str, xml: &str) -> Result<String, LabError> {
+        let file = self.dir.join("run").join(format!("{name}.xml"));
+        std::fs::write(&file, xml).map_err(|e| err(format!("writing {}: {e}", file.display())))?;
+        Ok(file.to_string_lossy().into_owned())
+    }
+
     /// The domain XML of a lab guest.
     pub fn domain_xml(&self, name: &str, memory: Memory, mib: u32) -> String {
         self.domain_xml_with(name, &Shape { memory, mib, ..Shape::default() })
@@ -198,17 +202,17 @@ impl Lab {
     pub fn start_with(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
         let lock = self.lock_shared()?;
-        let conn = connect_fresh(&name)?;
+        remove_stale(&name)?;
         let _ = std::fs::remove_file(self.console_path(&name));
         let xml = self.domain_xml_with(&name, shape);
-        let dom = conn
-            .create_domain_xml(&xml, 0)
+        let file = self.xml_file(&name, &xml)?;
+        virsh(URI, &["create", &file])
             .map_err(|e| err(format!("starting lab domain {name}: {e}")))?;
-        let uuid = dom.uuid_string().unwrap_or_default();
+        let uuid = virsh(URI, &["domuuid", &name]).unwrap_or_default().trim().to_owned();
         let mut guest = Guest {
             name,
             uuid,
-            dom: Some(dom),
+            uri: Some(URI.to_owned()),
             socket: self.socket_path(&format!("{NAME_PREFIX}{suffix}")),
             console: self.console_path(&format!("{NAME_PREFIX}{suffix}")),
             port: None,
@@ -223,18 +227,18 @@ impl Lab {
     /// in real mode and no kernel has run.
     pub fn start_paused(&self, suffix: &str) -> Result<Guest, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
-        let conn = connect_fresh(&name)?;
+        remove_stale(&name)?;
         let xml = self.domain_xml(&name, Memory::Shared, 384);
-        let dom = conn
-            .create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED)
+        let file = self.xml_file(&name, &xml)?;
+        virsh(URI, &["create", &file, "--paused"])
             .map_err(|e| err(format!("starting lab domain {name} paused: {e}")))?;
-        let uuid = dom.uuid_string().unwrap_or_default();
+        let uuid = virsh(URI, &["domuuid", &name]).unwrap_or_default().trim().to_owned();
         Ok(Guest {
             socket: self.socket_path(&name),
             console: self.console_path(&name),
             name,
             uuid,
-            dom: Some(dom),
+            uri: Some(URI.to_owned()),
             port: None,
             next_id: first_id(),
             _lock: None,
@@ -245,11 +249,11 @@ impl Lab {
     /// the returned handle is dropped: a domain that exists but is not running.
     pub fn define(&self, suffix: &str, memory: Memory) -> Result<Defined, LabError> {
         let name = format!("{NAME_PREFIX}{suffix}");
-        let conn = connect_fresh(&name)?;
-        let dom = conn
-            .define_domain_xml(&self.domain_xml(&name, memory, 384))
+        remove_stale(&name)?;
+        let file = self.xml_file(&name, &self.domain_xml(&name, memory, 384))?;
+        virsh(URI, &["define", &file])
             .map_err(|e| err(format!("defining lab domain {name}: {e}")))?;
-        Ok(Defined { name, dom })
+        Ok(Defined { name })
     }
 
     /// Attaches to a running lab guest started earlier (by `vigil-lab start`).
@@ -260,7 +264,7 @@ impl Lab {
             console: self.console_path(&name),
             name,
             uuid: String::new(),
-            dom: None,
+            uri: None,
             port: None,
             next_id: first_id(),
             _lock: None,
@@ -270,18 +274,44 @@ impl Lab {
     }
 }
 
-/// Connects to libvirt and removes a lab domain of that name left over from
-/// an earlier run (destroyed, and undefined if it was persistent).
-fn connect_fresh(name: &str) -> Result<Connect, LabError> {
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(URI)).map_err(|e| {
-        err(format!("cannot connect to libvirt at {URI}: {e} (is libvirtd running? `lab/services.sh` starts it)"))
-    })?;
-    if let Ok(old) = conn.lookup_domain_by_name(name) {
-        let _ = old.destroy();
-        let _ = old.undefine();
+/// Runs `virsh -c uri ARGS` (libvirt-clients); its output, or what it said
+/// on failure. The lab drives libvirt through virsh, as an operator would,
+/// so that it needs no libvirt library of its own.
+pub fn virsh(uri: &str, args: &[&str]) -> Result<String, LabError> {
+    let out = std::process::Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| err(format!("virsh (install libvirt-clients): {e}")))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
-    Ok(conn)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether libvirt at `uri` has a domain named `name`, running or not.
+fn exists(uri: &str, name: &str) -> Result<bool, LabError> {
+    let names = virsh(uri, &["list", "--all", "--name"]).map_err(|e| {
+        err(format!(
+            "cannot connect to libvirt at {uri}: {e} (is libvirtd running? `lab/services.sh` starts it)"
+        ))
+    })?;
+    Ok(names.lines().any(|l| l.trim() == name))
+}
+
+/// Removes a lab domain of that name left over from an earlier run
+/// (destroyed, and undefined if it was persistent).
+fn remove_stale(name: &str) -> Result<(), LabError> {
+    if exists(URI, name)? {
+        let _ = virsh(URI, &["destroy", name]);
+        let _ = virsh(URI, &["undefine", name]);
+    }
+    Ok(())
 }
 
 /// Set while this process holds the lab's exclusive lock.
@@ -351,7 +381,9 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), LabError> {
 pub struct Guest {
     pub name: String,
     pub uuid: String,
-    dom: Option<Domain>,
+    /// The libvirt its domain runs at, while this handle owns it (destroyed
+    /// on drop).
+    uri: Option<String>,
     socket: PathBuf,
     console: PathBuf,
     port: Option<BufReader<UnixStream>>,
@@ -520,24 +552,22 @@ impl Guest {
     /// button: no guest involvement), and waits until init answers again in
     /// a new boot.
     pub fn reset(&mut self) -> Result<(), LabError> {
-        self.restart_from_host("virsh reset", |d| d.reset())
+        self.restart_from_host("reset")
     }
 
     /// Destroys the domain and starts it again from the same definition,
     /// UUID included: a new QEMU process runs the same domain, as after a
     /// shutdown and start. Waits until init answers.
     pub fn restart_process(&mut self) -> Result<(), LabError> {
-        let dom = self.dom.take().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
-        let xml = dom
-            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        let uri = self.owned_uri()?;
+        let xml = virsh(&uri, &["dumpxml", "--inactive", &self.name])
             .map_err(|e| err(format!("{}: its definition: {e}", self.name)))?;
-        dom.destroy().map_err(|e| err(format!("{}: destroy: {e}", self.name)))?;
+        virsh(&uri, &["destroy", &self.name])
+            .map_err(|e| err(format!("{}: destroy: {e}", self.name)))?;
         self.port = None;
-        let conn = Connect::open(Some(URI)).map_err(|e| err(format!("libvirt at {URI}: {e}")))?;
-        let new = conn
-            .create_domain_xml(&xml, 0)
+        let file = self.write_beside(&xml, "xml")?;
+        virsh(&uri, &["create", &file])
             .map_err(|e| err(format!("starting {} again: {e}", self.name)))?;
-        self.dom = Some(new);
         self.wait_ready(Duration::from_secs(120))
     }
 
@@ -545,47 +575,39 @@ impl Guest {
     /// restore`): a new QEMU process, started with `-incoming`, takes the
     /// guest's memory back. Waits until init answers again, in the same boot.
     pub fn save_and_restore(&mut self) -> Result<(), LabError> {
+        let uri = self.owned_uri()?;
         let file = self.socket.with_extension("save");
-        let virsh = |args: &[&str]| -> Result<(), LabError> {
-            let out = std::process::Command::new("virsh")
-                .args(["-c", URI])
-                .args(args)
-                .output()
-                .map_err(|e| err(format!("virsh (libvirt-clients): {e}")))?;
-            if !out.status.success() {
-                return Err(err(format!(
-                    "virsh {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            Ok(())
-        };
         let path = file.to_string_lossy().into_owned();
         let _ = std::fs::remove_file(&file);
-        virsh(&["save", &self.name, &path])?;
+        virsh(&uri, &["save", &self.name, &path])?;
         self.port = None;
-        self.dom = None;
-        let restored = virsh(&["restore", &path]);
+        let restored = virsh(&uri, &["restore", &path]);
         let _ = std::fs::remove_file(&file);
         restored?;
-        let conn = Connect::open(Some(URI)).map_err(|e| err(format!("libvirt at {URI}: {e}")))?;
-        let dom = conn
-            .lookup_domain_by_name(&self.name)
-            .map_err(|e| err(format!("{} after restore: {e}", self.name)))?;
-        self.dom = Some(dom);
         self.wait_ready(Duration::from_secs(120))
     }
 
-    fn restart_from_host(
-        &mut self,
-        what: &str,
-        how: impl FnOnce(&Domain) -> Result<(), virt::error::Error>,
-    ) -> Result<(), LabError> {
+    /// The libvirt this handle's domain runs at.
+    fn owned_uri(&self) -> Result<String, LabError> {
+        self.uri.clone().ok_or_else(|| err(format!("{}: no domain handle", self.name)))
+    }
+
+    /// Writes `text` to a file beside the command port, with extension `ext`.
+    fn write_beside(&self, text: &str, ext: &str) -> Result<String, LabError> {
+        let file = self.socket.with_extension(ext);
+        std::fs::write(&file, text).map_err(|e| err(format!("writing {}: {e}", file.display())))?;
+        Ok(file.to_string_lossy().into_owned())
+    }
+
+    fn restart_from_host(&mut self, how: &str) -> Result<(), LabError> {
+        let what = format!("virsh {how}");
         let before = self.run("cat /proc/sys/kernel/random/boot_id")?;
-        let dom =
-            self.dom.as_ref().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
-        how(dom).map_err(|e| err(format!("{}: {what}: {e}", self.name)))?;
+        let uri = self.owned_uri()?;
+        let mut args = vec![how, self.name.as_str()];
+        if how == "reboot" {
+            args.extend(["--mode", "acpi"]);
+        }
+        virsh(&uri, &args).map_err(|e| err(format!("{}: {what}: {e}", self.name)))?;
         // The old boot may answer a while yet (a power button is handled by
         // the guest in its own time): wait for another boot to answer.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -610,9 +632,7 @@ impl Guest {
     /// resets it instead of letting QEMU end. Needs a guest of an ACPI
     /// [`Shape`]. Waits until init answers again in a new boot.
     pub fn reboot_by_libvirt(&mut self) -> Result<(), LabError> {
-        self.restart_from_host("virsh reboot", |d| {
-            d.reboot(virt::sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
-        })
+        self.restart_from_host("reboot")
     }
 
     /// Migrates the guest live to the libvirt at `uri` (another host, or
@@ -621,12 +641,8 @@ impl Guest {
     /// moves to a socket of its own: the old QEMU removes its socket's path
     /// as it exits, after the new one has bound it.
     pub fn migrate(&mut self, uri: &str) -> Result<(), LabError> {
-        let dom =
-            self.dom.as_ref().ok_or_else(|| err(format!("{}: no domain handle", self.name)))?;
-        let dest = Connect::open(Some(uri))
-            .map_err(|e| err(format!("cannot connect to the destination libvirt {uri}: {e}")))?;
-        let xml = dom
-            .xml_desc(virt::sys::VIR_DOMAIN_XML_MIGRATABLE)
+        let from = self.owned_uri()?;
+        let xml = virsh(&from, &["dumpxml", "--migratable", &self.name])
             .map_err(|e| err(format!("{}: its XML: {e}", self.name)))?;
         let old = self.socket.display().to_string();
         let moved = PathBuf::from(format!("{old}.migrated{}", self.next_id));
@@ -634,17 +650,22 @@ impl Guest {
             return Err(err(format!("{}: its XML names no command port {old}", self.name)));
         }
         let xml = xml.replace(&format!("'{old}'"), &format!("'{}'", moved.display()));
-        let there = dom
-            .migrate2(
-                &dest,
-                Some(&xml),
-                virt::sys::VIR_MIGRATE_LIVE,
-                None,
-                Some("tcp://127.0.0.1"),
-                0,
-            )
-            .map_err(|e| err(format!("migrating {} to {uri}: {e}", self.name)))?;
-        self.dom = Some(there);
+        let file = self.write_beside(&xml, "migrate.xml")?;
+        virsh(
+            &from,
+            &[
+                "migrate",
+                "--live",
+                &self.name,
+                uri,
+                "--migrateuri",
+                "tcp://127.0.0.1",
+                "--xml",
+                &file,
+            ],
+        )
+        .map_err(|e| err(format!("migrating {} to {uri}: {e}", self.name)))?;
+        self.uri = Some(uri.to_owned());
         self.socket = moved;
         self.port = None;
         self.next_id += 1;
@@ -653,7 +674,7 @@ impl Guest {
 
     /// Leaves the domain running when this handle is dropped.
     pub fn keep(mut self) {
-        self.dom = None;
+        self.uri = None;
     }
 
     /// Destroys the domain now.
@@ -662,15 +683,8 @@ impl Guest {
     }
 
     fn destroy_now(&mut self) {
-        if let Some(d) = self.dom.take()
-            && d.destroy().is_err()
-        {
-            // The handle's connection may be gone (libvirtd restarted): by name.
-            if let Ok(conn) = Connect::open(Some(URI))
-                && let Ok(d) = conn.lookup_domain_by_name(&self.name)
-            {
-                let _ = d.destroy();
-            }
+        if let Some(uri) = self.uri.take() {
+            let _ = virsh(&uri, &["destroy", &self.name]);
         }
     }
 }
@@ -684,23 +698,20 @@ impl Drop for Guest {
 /// A defined, stopped lab domain; undefined on drop.
 pub struct Defined {
     pub name: String,
-    dom: Domain,
 }
 
 impl Drop for Defined {
     fn drop(&mut self) {
-        let _ = self.dom.destroy();
-        let _ = self.dom.undefine();
+        let _ = virsh(URI, &["destroy", &self.name]);
+        let _ = virsh(URI, &["undefine", &self.name]);
     }
 }
 
 /// Destroys a lab domain by suffix, if it runs.
 pub fn destroy(suffix: &str) -> Result<bool, LabError> {
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(URI))
-        .map_err(|e| err(format!("cannot connect to libvirt at {URI}: {e}")))?;
-    match conn.lookup_domain_by_name(&format!("{NAME_PREFIX}{suffix}")) {
-        Ok(d) => d.destroy().map(|_| true).map_err(|e| err(e.to_string())),
-        Err(_) => Ok(false),
+    let name = format!("{NAME_PREFIX}{suffix}");
+    if !exists(URI, &name)? {
+        return Ok(false);
     }
+    virsh(URI, &["destroy", &name]).map(|_| true)
 }

@@ -3,10 +3,7 @@
 //!
 //! Everything QEMU says is parsed by `qemu`; this module only asks.
 
-use virt::connect::Connect;
-use virt::domain::{Domain, DomainState};
-use virt::enumutil::Enum;
-use virt::sys;
+use crate::sys::virt::{self as sys, Connection, Dom, VirError};
 
 use crate::integrity::baseline::Run;
 use crate::memory::{BlockMapping, GuestMemory, ProcessRam, RamLayout, SharedRam};
@@ -20,13 +17,13 @@ pub enum LibvirtError {
     Connect {
         uri: String,
         #[source]
-        source: virt::error::Error,
+        source: VirError,
     },
     #[error("listing domains at {uri}")]
     List {
         uri: String,
         #[source]
-        source: virt::error::Error,
+        source: VirError,
     },
     #[error("registering for domain events at {uri}: {reason}")]
     Events { uri: String, reason: String },
@@ -39,7 +36,7 @@ pub enum LibvirtError {
         domain: String,
         command: String,
         #[source]
-        source: virt::error::Error,
+        source: VirError,
     },
     #[error("domain {domain}: unexpected reply to {command:?}")]
     Parse {
@@ -65,7 +62,7 @@ pub enum SourceChoice {
 
 /// A connection to libvirt.
 pub struct Hypervisor {
-    conn: Connect,
+    conn: Connection,
     uri: String,
 }
 
@@ -82,8 +79,8 @@ pub struct DomainSummary {
 impl Hypervisor {
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         // Errors are returned and reported once; keep libvirt from printing them too.
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri))
+        sys::quiet_errors();
+        let conn = Connection::open(uri)
             .map_err(|source| LibvirtError::Connect { uri: uri.into(), source })?;
         Ok(Self { conn, uri: uri.into() })
     }
@@ -97,12 +94,12 @@ impl Hypervisor {
     ) -> Result<Self, LibvirtError> {
         static EVENT_LOOP: std::sync::Once = std::sync::Once::new();
         EVENT_LOOP.call_once(|| {
-            if virt::event::event_register_default_impl().is_ok() {
+            if sys::event_register_default_impl().is_ok() {
                 std::thread::Builder::new()
                     .name("libvirt-events".into())
                     .spawn(|| {
                         loop {
-                            if virt::event::event_run_default_impl().is_err() {
+                            if sys::event_run_default_impl().is_err() {
                                 std::thread::sleep(std::time::Duration::from_millis(100));
                             }
                         }
@@ -119,7 +116,7 @@ impl Hypervisor {
 
     /// Whether the connection still works.
     pub fn is_alive(&self) -> bool {
-        self.conn.is_alive().unwrap_or(false)
+        self.conn.is_alive()
     }
 
     pub fn uri(&self) -> &str {
@@ -153,10 +150,7 @@ impl Hypervisor {
         Ok(out)
     }
 
-    fn list(
-        &self,
-        flags: sys::virConnectListAllDomainsFlags,
-    ) -> Result<Vec<GuestDomain>, LibvirtError> {
+    fn list(&self, flags: u32) -> Result<Vec<GuestDomain>, LibvirtError> {
         let doms = self
             .conn
             .list_all_domains(flags)
@@ -177,8 +171,8 @@ impl Hypervisor {
     /// A domain by name or UUID.
     pub fn domain(&self, id: &str) -> Result<GuestDomain, LibvirtError> {
         self.conn
-            .lookup_domain_by_name(id)
-            .or_else(|_| self.conn.lookup_domain_by_uuid_string(id))
+            .lookup_by_name(id)
+            .or_else(|_| self.conn.lookup_by_uuid_string(id))
             .map(GuestDomain::new)
             .map_err(|_| LibvirtError::NoDomain(id.into()))
     }
@@ -186,33 +180,31 @@ impl Hypervisor {
 
 /// A libvirt domain and what vigil asks of it.
 pub struct GuestDomain {
-    dom: Domain,
+    dom: Dom,
     pub name: String,
     pub uuid: String,
 }
 
 impl GuestDomain {
-    fn new(dom: Domain) -> Self {
-        let name = dom.name().unwrap_or_else(|_| "?".into());
-        let uuid = dom.uuid_string().unwrap_or_else(|_| "?".into());
-        Self { dom, name, uuid }
+    fn new(dom: Dom) -> Self {
+        let (uuid, name) = dom.ids();
+        let known = |s: String| if s.is_empty() { "?".to_owned() } else { s };
+        Self { dom, name: known(name), uuid: known(uuid) }
     }
 
     pub fn state_text(&self) -> String {
-        match self.dom.state() {
-            Ok((Enum::Known(state), _)) => match state {
-                DomainState::Running => "running",
-                DomainState::Blocked => "blocked",
-                DomainState::Paused => "paused",
-                DomainState::Shutdown => "shutting down",
-                DomainState::Shutoff => "shut off",
-                DomainState::Crashed => "crashed",
-                DomainState::PMSuspended => "suspended",
-                DomainState::NoState => "in no state",
-            }
-            .into(),
-            Ok(_) | Err(_) => "in an unknown state".into(),
+        match self.dom.state().map(|(state, _)| state) {
+            Ok(sys::VIR_DOMAIN_RUNNING) => "running",
+            Ok(sys::VIR_DOMAIN_BLOCKED) => "blocked",
+            Ok(sys::VIR_DOMAIN_PAUSED) => "paused",
+            Ok(sys::VIR_DOMAIN_SHUTDOWN) => "shutting down",
+            Ok(sys::VIR_DOMAIN_SHUTOFF) => "shut off",
+            Ok(sys::VIR_DOMAIN_CRASHED) => "crashed",
+            Ok(sys::VIR_DOMAIN_PMSUSPENDED) => "suspended",
+            Ok(sys::VIR_DOMAIN_NOSTATE) => "in no state",
+            Ok(_) | Err(_) => "in an unknown state",
         }
+        .into()
     }
 
     /// Running or paused: QEMU is there and its memory can be read.
@@ -236,9 +228,8 @@ impl GuestDomain {
     /// A failed call on the domain. A transient domain saved or destroyed
     /// under the call is gone, not broken (libvirt's VIR_ERR_NO_DOMAIN): the
     /// daemon then retires it without an error event.
-    fn call_error(&self, command: &str, source: virt::error::Error) -> LibvirtError {
-        let code = Result::<virt::error::ErrorNumber, _>::from(source.code());
-        if matches!(code, Ok(virt::error::ErrorNumber::NoDomain)) {
+    fn call_error(&self, command: &str, source: VirError) -> LibvirtError {
+        if source.code == sys::ERR_NO_DOMAIN {
             return LibvirtError::NoDomain(self.name.clone());
         }
         LibvirtError::Monitor { domain: self.name.clone(), command: command.into(), source }
@@ -344,8 +335,8 @@ impl GuestDomain {
 
     /// The guest's memory size in bytes, as libvirt reports it.
     pub fn memory_bytes(&self) -> Result<u64, LibvirtError> {
-        let info = self.dom.info().map_err(|source| self.call_error("dominfo", source))?;
-        Ok(info.max_mem.saturating_mul(1024))
+        let kib = self.dom.max_memory_kib().map_err(|source| self.call_error("dominfo", source))?;
+        Ok(kib.saturating_mul(1024))
     }
 
     /// Writes the guest's memory to `path` as an ELF core, as `virsh dump

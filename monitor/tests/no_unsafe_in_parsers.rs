@@ -1,12 +1,13 @@
 //! `unsafe` lives in two modules of vigil's library only: the system calls
-//! (`sys.rs`) and the SIMD page tags (`integrity/nh.rs`). The crate denies
+//! (`sys/`, libvirt's C API among them) and the SIMD page tags
+//! (`integrity/nh.rs`). The crate denies
 //! `unsafe_code`; this test fails if another module allows it again or
 //! holds an `unsafe` block, so that every parser of guest- or
 //! file-controlled data stays safe Rust.
 
 use std::path::{Path, PathBuf};
 
-const ALLOWED: [&str; 2] = ["sys.rs", "integrity/nh.rs"];
+const ALLOWED: [&str; 3] = ["sys/mod.rs", "sys/virt.rs", "integrity/nh.rs"];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {

@@ -1,5 +1,7 @@
 //! Every call into libc or the kernel that needs `unsafe`, fenced in one place.
 
+pub mod virt;
+
 use std::fs::File;
 use std::io;
 
@@ -93,7 +95,7 @@ pub fn process_vm_read(
 mod tests {
     #[test]
     fn lifecycle_events_say_why() {
-        use virt::sys as v;
+        use super::virt as v;
         let ev = |e, d| super::lifecycle(e, d, "u".into(), "n".into());
         let why = |e: Option<super::DomainEvent>| match e {
             Some(
@@ -209,7 +211,7 @@ pub enum DomainEvent {
 /// The lifecycle events the daemon acts on, from libvirt's event and
 /// detail numbers (`virDomainEventType` and its detail enums).
 pub fn lifecycle(event: u32, detail: u32, uuid: String, name: String) -> Option<DomainEvent> {
-    use virt::sys as v;
+    use self::virt as v;
     Some(match event {
         v::VIR_DOMAIN_EVENT_STARTED => DomainEvent::Started { uuid, name },
         v::VIR_DOMAIN_EVENT_STOPPED => {
@@ -261,43 +263,15 @@ pub fn lifecycle(event: u32, detail: u32, uuid: String, name: String) -> Option<
 
 type EventSender = tokio::sync::mpsc::UnboundedSender<DomainEvent>;
 
-/// Name and UUID of a domain handed to a callback.
-///
-/// # Safety
-/// `dom` must be a valid domain pointer for the duration of the call, as
-/// libvirt guarantees inside an event callback.
-unsafe fn domain_ids(dom: virt::sys::virDomainPtr) -> (String, String) {
-    let mut buf = [0 as libc::c_char; 64];
-    // SAFETY: `dom` is valid (caller's contract); the buffer holds the 37
-    // bytes VIR_UUID_STRING_BUFLEN asks for.
-    let ok = unsafe { virt::sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0;
-    let uuid = if ok {
-        // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
-    } else {
-        String::new()
-    };
-    // SAFETY: `dom` is valid; the name it returns lives as long as `dom` and
-    // is copied out before returning.
-    let name_ptr = unsafe { virt::sys::virDomainGetName(dom) };
-    let name = if name_ptr.is_null() {
-        String::new()
-    } else {
-        // SAFETY: non-null, NUL-terminated, owned by `dom` (see above).
-        unsafe { std::ffi::CStr::from_ptr(name_ptr) }.to_string_lossy().into_owned()
-    };
-    (uuid, name)
-}
-
 unsafe extern "C" fn lifecycle_cb(
-    _conn: virt::sys::virConnectPtr,
-    dom: virt::sys::virDomainPtr,
+    _conn: *mut libc::c_void,
+    dom: *mut libc::c_void,
     event: libc::c_int,
     detail: libc::c_int,
     opaque: *mut libc::c_void,
 ) -> libc::c_int {
     // SAFETY: libvirt passes a valid domain for the duration of the callback.
-    let (uuid, name) = unsafe { domain_ids(dom) };
+    let (uuid, name) = unsafe { virt::lent_domain_ids(dom) };
     // SAFETY: `opaque` is the Box<EventSender> leaked at registration, alive
     // until libvirt calls `free_sender` after deregistration.
     let tx = unsafe { &*(opaque as *const EventSender) };
@@ -309,12 +283,12 @@ unsafe extern "C" fn lifecycle_cb(
 }
 
 unsafe extern "C" fn reboot_cb(
-    _conn: virt::sys::virConnectPtr,
-    dom: virt::sys::virDomainPtr,
+    _conn: *mut libc::c_void,
+    dom: *mut libc::c_void,
     opaque: *mut libc::c_void,
 ) {
     // SAFETY: as in `lifecycle_cb`.
-    let (uuid, name) = unsafe { domain_ids(dom) };
+    let (uuid, name) = unsafe { virt::lent_domain_ids(dom) };
     // SAFETY: as in `lifecycle_cb`.
     let tx = unsafe { &*(opaque as *const EventSender) };
     let _ = tx.send(DomainEvent::Rebooted { uuid, name });
@@ -330,46 +304,30 @@ unsafe extern "C" fn free_sender(opaque: *mut libc::c_void) {
 /// sending what they see to `tx`. Needs libvirt's default event loop
 /// registered before `conn` was opened and run on some thread. The
 /// registrations end when the connection closes.
-pub fn register_domain_events(
-    conn: &virt::connect::Connect,
-    tx: EventSender,
-) -> Result<(), String> {
+pub fn register_domain_events(conn: &virt::Connection, tx: EventSender) -> Result<(), String> {
     type Lifecycle = unsafe extern "C" fn(
-        virt::sys::virConnectPtr,
-        virt::sys::virDomainPtr,
+        *mut libc::c_void,
+        *mut libc::c_void,
         libc::c_int,
         libc::c_int,
         *mut libc::c_void,
     ) -> libc::c_int;
-    type Generic =
-        unsafe extern "C" fn(virt::sys::virConnectPtr, virt::sys::virDomainPtr, *mut libc::c_void);
     for (id, cb) in [
         // SAFETY: libvirt calls a callback registered for an event ID with that
         // ID's own signature; the generic type is only how the C API spells
         // the parameter (its VIR_DOMAIN_EVENT_CALLBACK macro casts the same way).
-        (virt::sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe {
-            std::mem::transmute::<Lifecycle, Generic>(lifecycle_cb)
+        (virt::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe {
+            std::mem::transmute::<Lifecycle, virt::GenericCallback>(lifecycle_cb)
         }),
-        (virt::sys::VIR_DOMAIN_EVENT_ID_REBOOT, reboot_cb as Generic),
+        (virt::VIR_DOMAIN_EVENT_ID_REBOOT, reboot_cb as virt::GenericCallback),
     ] {
         let opaque = Box::into_raw(Box::new(tx.clone())).cast::<libc::c_void>();
-        let event_id = libc::c_int::try_from(id).map_err(|_| "event id out of range".to_owned())?;
-        // SAFETY: `conn` is an open connection; a null domain means every
-        // domain; `opaque` stays valid until libvirt calls `free_sender`.
-        let rc = unsafe {
-            virt::sys::virConnectDomainEventRegisterAny(
-                conn.as_ptr(),
-                std::ptr::null_mut(),
-                event_id,
-                Some(cb),
-                opaque,
-                Some(free_sender),
-            )
-        };
-        if rc < 0 {
+        // SAFETY: the callbacks have the signatures of their event IDs (above);
+        // `opaque` stays valid until libvirt calls `free_sender`.
+        if let Err(e) = unsafe { conn.register_event(id, cb, opaque, free_sender) } {
             // SAFETY: registration failed, so libvirt will never free it.
             drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
-            return Err(virt::error::Error::last_error().to_string());
+            return Err(e.to_string());
         }
     }
     Ok(())

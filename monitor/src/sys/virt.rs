@@ -1,0 +1,518 @@
+//! libvirt's C API, loaded when first used (`libvirt.so.0`, and
+//! `libvirt-qemu.so.0` for the QEMU monitor passthrough) rather than linked:
+//! vigil builds, and its tests that need no hypervisor run, on a machine
+//! without libvirt; the daemon and the CLI need the library only once they
+//! talk to a hypervisor, and say so by name if it is missing.
+//!
+//! Only what vigil asks of libvirt is bound, with safe wrappers: open a
+//! connection, list and look up domains, their state, memory size, QEMU
+//! monitor commands, a memory dump, and lifecycle and reboot events.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_ulong, c_ushort, c_void};
+use std::sync::OnceLock;
+
+type ConnPtr = *mut c_void;
+type DomPtr = *mut c_void;
+
+/// libvirt's `virConnectDomainEventGenericCallback`.
+pub(super) type GenericCallback = unsafe extern "C" fn(ConnPtr, DomPtr, *mut c_void);
+/// libvirt's `virFreeCallback`.
+pub(super) type FreeCallback = unsafe extern "C" fn(*mut c_void);
+type ErrorFunc = unsafe extern "C" fn(*mut c_void, *mut RawError);
+
+/// The head of libvirt's `virError`: only these fields are read.
+#[repr(C)]
+struct RawError {
+    code: c_int,
+    _domain: c_int,
+    message: *mut c_char,
+}
+
+/// libvirt's `virDomainInfo`.
+#[repr(C)]
+#[derive(Default)]
+struct DomainInfo {
+    _state: u8,
+    max_mem: c_ulong,
+    _memory: c_ulong,
+    _nr_virt_cpu: c_ushort,
+    _cpu_time: u64,
+}
+
+pub const VIR_CONNECT_LIST_DOMAINS_ACTIVE: u32 = 1;
+pub const VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP: u32 = 1;
+pub const VIR_DOMAIN_CORE_DUMP_FORMAT_RAW: u32 = 0;
+pub const VIR_DUMP_MEMORY_ONLY: u32 = 16;
+pub const VIR_DOMAIN_EVENT_ID_LIFECYCLE: c_int = 0;
+pub const VIR_DOMAIN_EVENT_ID_REBOOT: c_int = 1;
+/// `VIR_ERR_NO_DOMAIN`.
+pub const ERR_NO_DOMAIN: i32 = 42;
+
+/// A domain's state (`virDomainState`).
+pub const VIR_DOMAIN_NOSTATE: i32 = 0;
+pub const VIR_DOMAIN_RUNNING: i32 = 1;
+pub const VIR_DOMAIN_BLOCKED: i32 = 2;
+pub const VIR_DOMAIN_PAUSED: i32 = 3;
+pub const VIR_DOMAIN_SHUTDOWN: i32 = 4;
+pub const VIR_DOMAIN_SHUTOFF: i32 = 5;
+pub const VIR_DOMAIN_CRASHED: i32 = 6;
+pub const VIR_DOMAIN_PMSUSPENDED: i32 = 7;
+
+/// Lifecycle events (`virDomainEventType`) and the details the daemon tells apart.
+#[cfg(test)]
+pub const VIR_DOMAIN_EVENT_DEFINED: u32 = 0;
+pub const VIR_DOMAIN_EVENT_UNDEFINED: u32 = 1;
+pub const VIR_DOMAIN_EVENT_STARTED: u32 = 2;
+pub const VIR_DOMAIN_EVENT_SUSPENDED: u32 = 3;
+pub const VIR_DOMAIN_EVENT_RESUMED: u32 = 4;
+pub const VIR_DOMAIN_EVENT_STOPPED: u32 = 5;
+#[cfg(test)]
+pub const VIR_DOMAIN_EVENT_CRASHED: u32 = 8;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_PAUSED: u32 = 0;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED: u32 = 1;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_IOERROR: u32 = 2;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_WATCHDOG: u32 = 3;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_RESTORED: u32 = 4;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_FROM_SNAPSHOT: u32 = 5;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_API_ERROR: u32 = 6;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY: u32 = 7;
+pub const VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED: u32 = 8;
+pub const VIR_DOMAIN_EVENT_RESUMED_MIGRATED: u32 = 1;
+pub const VIR_DOMAIN_EVENT_RESUMED_FROM_SNAPSHOT: u32 = 2;
+pub const VIR_DOMAIN_EVENT_RESUMED_POSTCOPY: u32 = 3;
+pub const VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: u32 = 0;
+pub const VIR_DOMAIN_EVENT_STOPPED_DESTROYED: u32 = 1;
+pub const VIR_DOMAIN_EVENT_STOPPED_CRASHED: u32 = 2;
+pub const VIR_DOMAIN_EVENT_STOPPED_MIGRATED: u32 = 3;
+pub const VIR_DOMAIN_EVENT_STOPPED_SAVED: u32 = 4;
+pub const VIR_DOMAIN_EVENT_STOPPED_FAILED: u32 = 5;
+
+/// The functions vigil calls, resolved from the loaded libraries.
+struct Api {
+    connect_open: unsafe extern "C" fn(*const c_char) -> ConnPtr,
+    connect_close: unsafe extern "C" fn(ConnPtr) -> c_int,
+    connect_set_keep_alive: unsafe extern "C" fn(ConnPtr, c_int, c_uint) -> c_int,
+    connect_is_alive: unsafe extern "C" fn(ConnPtr) -> c_int,
+    connect_list_all_domains: unsafe extern "C" fn(ConnPtr, *mut *mut DomPtr, c_uint) -> c_int,
+    connect_domain_event_register_any: unsafe extern "C" fn(
+        ConnPtr,
+        DomPtr,
+        c_int,
+        Option<GenericCallback>,
+        *mut c_void,
+        Option<FreeCallback>,
+    ) -> c_int,
+    domain_lookup_by_name: unsafe extern "C" fn(ConnPtr, *const c_char) -> DomPtr,
+    domain_lookup_by_uuid_string: unsafe extern "C" fn(ConnPtr, *const c_char) -> DomPtr,
+    domain_free: unsafe extern "C" fn(DomPtr) -> c_int,
+    domain_get_name: unsafe extern "C" fn(DomPtr) -> *const c_char,
+    domain_get_uuid_string: unsafe extern "C" fn(DomPtr, *mut c_char) -> c_int,
+    domain_get_state: unsafe extern "C" fn(DomPtr, *mut c_int, *mut c_int, c_uint) -> c_int,
+    domain_is_active: unsafe extern "C" fn(DomPtr) -> c_int,
+    domain_get_info: unsafe extern "C" fn(DomPtr, *mut DomainInfo) -> c_int,
+    domain_core_dump_with_format:
+        unsafe extern "C" fn(DomPtr, *const c_char, c_uint, c_uint) -> c_int,
+    domain_qemu_monitor_command:
+        unsafe extern "C" fn(DomPtr, *const c_char, *mut *mut c_char, c_uint) -> c_int,
+    event_register_default_impl: unsafe extern "C" fn() -> c_int,
+    event_run_default_impl: unsafe extern "C" fn() -> c_int,
+    set_error_func: unsafe extern "C" fn(*mut c_void, Option<ErrorFunc>),
+    get_last_error: unsafe extern "C" fn() -> *mut RawError,
+}
+
+/// The libraries, opened once; why not, if they could not be.
+fn api() -> Result<&'static Api, VirError> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(load).as_ref().map_err(|why| VirError { code: -1, message: why.clone() })
+}
+
+/// Opens `name` for good (the handle is never closed: the functions stay in use).
+fn open(name: &CStr) -> Result<*mut c_void, String> {
+    // SAFETY: dlopen with a NUL-terminated name; libvirt's initialisers
+    // are what any program linked against it runs too.
+    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if h.is_null() {
+        // SAFETY: dlerror returns a NUL-terminated string or null.
+        let why = unsafe { libc::dlerror() };
+        let why = if why.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-null, NUL-terminated (above); copied at once.
+            unsafe { CStr::from_ptr(why) }.to_string_lossy().into_owned()
+        };
+        return Err(format!(
+            "cannot load {} ({why}): install libvirt (Debian: libvirt0)",
+            name.to_string_lossy()
+        ));
+    }
+    Ok(h)
+}
+
+/// A symbol's address as the function pointer type `T`.
+///
+/// # Safety
+/// `T` must be an `extern "C"` function pointer type with the symbol's signature.
+unsafe fn as_fn<T: Copy>(p: *mut c_void) -> T {
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size (above); the type is the symbol's (caller's contract).
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+fn load() -> Result<Api, String> {
+    let lib = open(c"libvirt.so.0")?;
+    let qemu = open(c"libvirt-qemu.so.0")?;
+    macro_rules! sym {
+        ($h:expr, $name:literal) => {{
+            // SAFETY: a NUL-terminated symbol name looked up in a handle dlopen gave.
+            let p = unsafe { libc::dlsym($h, concat!($name, "\0").as_ptr().cast()) };
+            if p.is_null() {
+                return Err(format!("libvirt has no {}: too old a libvirt", $name));
+            }
+            // SAFETY: the symbol is libvirt's function of that name, whose C
+            // signature the field's type spells (libvirt's public headers).
+            unsafe { as_fn(p) }
+        }};
+    }
+    Ok(Api {
+        connect_open: sym!(lib, "virConnectOpen"),
+        connect_close: sym!(lib, "virConnectClose"),
+        connect_set_keep_alive: sym!(lib, "virConnectSetKeepAlive"),
+        connect_is_alive: sym!(lib, "virConnectIsAlive"),
+        connect_list_all_domains: sym!(lib, "virConnectListAllDomains"),
+        connect_domain_event_register_any: sym!(lib, "virConnectDomainEventRegisterAny"),
+        domain_lookup_by_name: sym!(lib, "virDomainLookupByName"),
+        domain_lookup_by_uuid_string: sym!(lib, "virDomainLookupByUUIDString"),
+        domain_free: sym!(lib, "virDomainFree"),
+        domain_get_name: sym!(lib, "virDomainGetName"),
+        domain_get_uuid_string: sym!(lib, "virDomainGetUUIDString"),
+        domain_get_state: sym!(lib, "virDomainGetState"),
+        domain_is_active: sym!(lib, "virDomainIsActive"),
+        domain_get_info: sym!(lib, "virDomainGetInfo"),
+        domain_core_dump_with_format: sym!(lib, "virDomainCoreDumpWithFormat"),
+        domain_qemu_monitor_command: sym!(qemu, "virDomainQemuMonitorCommand"),
+        event_register_default_impl: sym!(lib, "virEventRegisterDefaultImpl"),
+        event_run_default_impl: sym!(lib, "virEventRunDefaultImpl"),
+        set_error_func: sym!(lib, "virSetErrorFunc"),
+        get_last_error: sym!(lib, "virGetLastError"),
+    })
+}
+
+/// A failed libvirt call: libvirt's error number and message (the
+/// thread's last error), or why libvirt could not be loaded (code -1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for VirError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for VirError {}
+
+impl VirError {
+    /// The calling thread's last libvirt error.
+    fn last(api: &Api) -> Self {
+        // SAFETY: virGetLastError returns the thread's error or null; the
+        // fields read are copied before any other libvirt call.
+        let e = unsafe { (api.get_last_error)() };
+        if e.is_null() {
+            return VirError { code: 0, message: "libvirt failed and said nothing".into() };
+        }
+        // SAFETY: non-null: libvirt's thread-local error, valid until the next call.
+        let (code, message) = unsafe { ((*e).code, (*e).message) };
+        let message = if message.is_null() {
+            format!("libvirt error {code}")
+        } else {
+            // SAFETY: a NUL-terminated message owned by the error (above).
+            unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned()
+        };
+        VirError { code, message }
+    }
+}
+
+fn c_string(s: &str) -> Result<CString, VirError> {
+    CString::new(s).map_err(|_| VirError { code: -1, message: format!("{s:?} holds a NUL byte") })
+}
+
+/// Copies a libvirt-allocated string and frees it.
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string from libvirt's allocator (malloc).
+unsafe fn take_string(p: *mut c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and NUL-terminated (caller's contract).
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    // SAFETY: malloc'd by libvirt, not used again.
+    unsafe { libc::free(p.cast()) };
+    Some(s)
+}
+
+unsafe extern "C" fn quiet(_: *mut c_void, _: *mut RawError) {}
+
+/// Keeps libvirt from printing errors on stderr: vigil returns and reports
+/// them once. Does nothing if libvirt cannot be loaded (the first call
+/// that needs it says why).
+pub fn quiet_errors() {
+    if let Ok(api) = api() {
+        // SAFETY: a valid callback that ignores its arguments.
+        unsafe { (api.set_error_func)(std::ptr::null_mut(), Some(quiet)) };
+    }
+}
+
+/// Registers libvirt's default event loop (before opening the connections
+/// that deliver events).
+pub fn event_register_default_impl() -> Result<(), VirError> {
+    let api = api()?;
+    // SAFETY: no arguments; libvirt's own initialisation.
+    if unsafe { (api.event_register_default_impl)() } < 0 {
+        return Err(VirError::last(api));
+    }
+    Ok(())
+}
+
+/// Runs one iteration of the default event loop (blocks until an event).
+pub fn event_run_default_impl() -> Result<(), VirError> {
+    let api = api()?;
+    // SAFETY: no arguments; called on one thread only, after registration.
+    if unsafe { (api.event_run_default_impl)() } < 0 {
+        return Err(VirError::last(api));
+    }
+    Ok(())
+}
+
+/// An open connection to libvirt, closed when dropped.
+pub struct Connection {
+    api: &'static Api,
+    ptr: ConnPtr,
+}
+
+// SAFETY: libvirt connections may be used from any thread, concurrently
+// (libvirt's API is thread-safe per its documentation).
+unsafe impl Send for Connection {}
+// SAFETY: as above.
+unsafe impl Sync for Connection {}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` is the open connection this value owns.
+        unsafe { (self.api.connect_close)(self.ptr) };
+    }
+}
+
+impl Connection {
+    pub fn open(uri: &str) -> Result<Self, VirError> {
+        let api = api()?;
+        let uri = c_string(uri)?;
+        // SAFETY: a NUL-terminated URI.
+        let ptr = unsafe { (api.connect_open)(uri.as_ptr()) };
+        if ptr.is_null() {
+            return Err(VirError::last(api));
+        }
+        Ok(Self { api, ptr })
+    }
+
+    pub fn set_keep_alive(&self, interval: i32, count: u32) -> Result<(), VirError> {
+        // SAFETY: an open connection.
+        if unsafe { (self.api.connect_set_keep_alive)(self.ptr, interval, count) } < 0 {
+            return Err(VirError::last(self.api));
+        }
+        Ok(())
+    }
+
+    pub fn is_alive(&self) -> bool {
+        // SAFETY: an open connection.
+        unsafe { (self.api.connect_is_alive)(self.ptr) == 1 }
+    }
+
+    fn domain(&self, ptr: DomPtr) -> Result<Dom, VirError> {
+        if ptr.is_null() {
+            return Err(VirError::last(self.api));
+        }
+        Ok(Dom { api: self.api, ptr })
+    }
+
+    /// Every domain `flags` selects (`VIR_CONNECT_LIST_DOMAINS_*`).
+    pub fn list_all_domains(&self, flags: u32) -> Result<Vec<Dom>, VirError> {
+        let mut list: *mut DomPtr = std::ptr::null_mut();
+        // SAFETY: an open connection; libvirt allocates the array.
+        let n = unsafe { (self.api.connect_list_all_domains)(self.ptr, &mut list, flags) };
+        let Ok(n) = usize::try_from(n) else { return Err(VirError::last(self.api)) };
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: libvirt returned `n` domain pointers in `list`.
+            let d = unsafe { *list.add(i) };
+            out.push(Dom { api: self.api, ptr: d });
+        }
+        if !list.is_null() {
+            // SAFETY: the array was malloc'd by libvirt; its domains are owned by `out`.
+            unsafe { libc::free(list.cast()) };
+        }
+        Ok(out)
+    }
+
+    pub fn lookup_by_name(&self, name: &str) -> Result<Dom, VirError> {
+        let name = c_string(name)?;
+        // SAFETY: an open connection, a NUL-terminated name.
+        self.domain(unsafe { (self.api.domain_lookup_by_name)(self.ptr, name.as_ptr()) })
+    }
+
+    pub fn lookup_by_uuid_string(&self, uuid: &str) -> Result<Dom, VirError> {
+        let uuid = c_string(uuid)?;
+        // SAFETY: an open connection, a NUL-terminated UUID.
+        self.domain(unsafe { (self.api.domain_lookup_by_uuid_string)(self.ptr, uuid.as_ptr()) })
+    }
+
+    /// Registers `cb` for event `id` of every domain; libvirt calls `free`
+    /// on `opaque` when the registration ends.
+    ///
+    /// # Safety
+    /// `cb` must have the signature libvirt gives event `id`'s callbacks, and
+    /// `opaque` must stay valid for it until `free` is called.
+    pub(super) unsafe fn register_event(
+        &self,
+        id: c_int,
+        cb: GenericCallback,
+        opaque: *mut c_void,
+        free: FreeCallback,
+    ) -> Result<(), VirError> {
+        // SAFETY: an open connection; a null domain means every domain; the
+        // callback and `opaque` as the caller promises.
+        let rc = unsafe {
+            (self.api.connect_domain_event_register_any)(
+                self.ptr,
+                std::ptr::null_mut(),
+                id,
+                Some(cb),
+                opaque,
+                Some(free),
+            )
+        };
+        if rc < 0 {
+            return Err(VirError::last(self.api));
+        }
+        Ok(())
+    }
+}
+
+/// A domain handle, freed when dropped.
+pub struct Dom {
+    api: &'static Api,
+    ptr: DomPtr,
+}
+
+// SAFETY: as for `Connection`.
+unsafe impl Send for Dom {}
+// SAFETY: as for `Connection`.
+unsafe impl Sync for Dom {}
+
+impl Drop for Dom {
+    fn drop(&mut self) {
+        // SAFETY: the handle this value owns.
+        unsafe { (self.api.domain_free)(self.ptr) };
+    }
+}
+
+/// A domain's name and UUID, from a handle libvirt lends (an event's).
+///
+/// # Safety
+/// `dom` must be a valid domain pointer for the duration of the call.
+pub(super) unsafe fn lent_domain_ids(dom: DomPtr) -> (String, String) {
+    let Ok(api) = api() else { return (String::new(), String::new()) };
+    // SAFETY: valid for the call (caller's contract).
+    unsafe { ids(api, dom) }
+}
+
+/// # Safety
+/// `dom` must be a valid domain pointer for the duration of the call.
+unsafe fn ids(api: &Api, dom: DomPtr) -> (String, String) {
+    let mut buf = [0 as c_char; 64];
+    // SAFETY: `dom` is valid; the buffer holds the 37 bytes
+    // VIR_UUID_STRING_BUFLEN asks for.
+    let ok = unsafe { (api.domain_get_uuid_string)(dom, buf.as_mut_ptr()) } == 0;
+    let uuid = if ok {
+        // SAFETY: on success libvirt wrote a NUL-terminated string into `buf`.
+        unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    } else {
+        String::new()
+    };
+    // SAFETY: `dom` is valid; the name lives as long as `dom` and is copied.
+    let name = unsafe { (api.domain_get_name)(dom) };
+    let name = if name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null, NUL-terminated, owned by `dom`.
+        unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+    };
+    (uuid, name)
+}
+
+impl Dom {
+    /// The domain's UUID and name (empty when libvirt would not say).
+    pub fn ids(&self) -> (String, String) {
+        // SAFETY: the handle this value owns.
+        unsafe { ids(self.api, self.ptr) }
+    }
+
+    /// The domain's state (`VIR_DOMAIN_*`) and its reason.
+    pub fn state(&self) -> Result<(i32, i32), VirError> {
+        let (mut state, mut reason) = (0, 0);
+        // SAFETY: the handle this value owns; two ints to write.
+        if unsafe { (self.api.domain_get_state)(self.ptr, &mut state, &mut reason, 0) } < 0 {
+            return Err(VirError::last(self.api));
+        }
+        Ok((state, reason))
+    }
+
+    pub fn is_active(&self) -> Result<bool, VirError> {
+        // SAFETY: the handle this value owns.
+        match unsafe { (self.api.domain_is_active)(self.ptr) } {
+            n if n < 0 => Err(VirError::last(self.api)),
+            n => Ok(n == 1),
+        }
+    }
+
+    /// The most memory the domain may have, in KiB.
+    pub fn max_memory_kib(&self) -> Result<u64, VirError> {
+        let mut info = DomainInfo::default();
+        // SAFETY: the handle this value owns; a `virDomainInfo` to fill.
+        if unsafe { (self.api.domain_get_info)(self.ptr, &mut info) } < 0 {
+            return Err(VirError::last(self.api));
+        }
+        Ok(info.max_mem)
+    }
+
+    /// `virDomainCoreDumpWithFormat`.
+    pub fn core_dump_with_format(&self, to: &str, format: u32, flags: u32) -> Result<(), VirError> {
+        let to = c_string(to)?;
+        // SAFETY: the handle this value owns, a NUL-terminated path.
+        let rc = unsafe {
+            (self.api.domain_core_dump_with_format)(self.ptr, to.as_ptr(), format, flags)
+        };
+        if rc < 0 {
+            return Err(VirError::last(self.api));
+        }
+        Ok(())
+    }
+
+    /// A command to the domain's QEMU monitor, through libvirt; its reply.
+    pub fn qemu_monitor_command(&self, command: &str, flags: u32) -> Result<String, VirError> {
+        let command = c_string(command)?;
+        let mut reply: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the handle this value owns, a NUL-terminated command; libvirt
+        // allocates the reply.
+        let rc = unsafe {
+            (self.api.domain_qemu_monitor_command)(self.ptr, command.as_ptr(), &mut reply, flags)
+        };
+        if rc < 0 {
+            return Err(VirError::last(self.api));
+        }
+        // SAFETY: on success `reply` is a malloc'd NUL-terminated string.
+        Ok(unsafe { take_string(reply) }.unwrap_or_default())
+    }
+}
