@@ -15,7 +15,7 @@ PINNED_61=6.1.0-56
 PINNED_612=6.12.111+deb12
 LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
-PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-dev pkg-config busybox-static
+PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static
           cpio gzip xz-utils make gcc libc6-dev systemd prometheus prometheus-alertmanager util-linux procps
           chromium linux-libc-dev e2fsprogs)
 

@@ -13,6 +13,11 @@ use crate::x86::VcpuRegisters;
 /// Why libvirt could not give what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
+    #[error("libvirt cannot be used")]
+    Unavailable {
+        #[source]
+        source: VirError,
+    },
     #[error("cannot connect to libvirt at {uri} (is libvirtd running, and are you root?)")]
     Connect {
         uri: String,
@@ -80,8 +85,10 @@ impl Hypervisor {
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         // Errors are returned and reported once; keep libvirt from printing them too.
         sys::quiet_errors();
-        let conn = Connection::open(uri)
-            .map_err(|source| LibvirtError::Connect { uri: uri.into(), source })?;
+        let conn = Connection::open(uri).map_err(|source| match source.code {
+            sys::ERR_NOT_LOADED => LibvirtError::Unavailable { source },
+            _ => LibvirtError::Connect { uri: uri.into(), source },
+        })?;
         Ok(Self { conn, uri: uri.into() })
     }
 

@@ -47,6 +47,8 @@ pub const VIR_DOMAIN_EVENT_ID_LIFECYCLE: c_int = 0;
 pub const VIR_DOMAIN_EVENT_ID_REBOOT: c_int = 1;
 /// `VIR_ERR_NO_DOMAIN`.
 pub const ERR_NO_DOMAIN: i32 = 42;
+/// vigil's code for "the library could not be loaded" (libvirt's are >= 0).
+pub const ERR_NOT_LOADED: i32 = -1;
 
 /// A domain's state (`virDomainState`).
 pub const VIR_DOMAIN_NOSTATE: i32 = 0;
@@ -123,7 +125,9 @@ struct Api {
 /// The libraries, opened once; why not, if they could not be.
 fn api() -> Result<&'static Api, VirError> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(load).as_ref().map_err(|why| VirError { code: -1, message: why.clone() })
+    API.get_or_init(load)
+        .as_ref()
+        .map_err(|why| VirError { code: ERR_NOT_LOADED, message: why.clone() })
 }
 
 /// Opens `name` for good (the handle is never closed: the functions stay in use).
@@ -198,7 +202,8 @@ fn load() -> Result<Api, String> {
 }
 
 /// A failed libvirt call: libvirt's error number and message (the
-/// thread's last error), or why libvirt could not be loaded (code -1).
+/// thread's last error), or why libvirt could not be loaded
+/// ([`ERR_NOT_LOADED`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirError {
     pub code: i32,
