@@ -254,25 +254,9 @@ impl Settings {
     }
 
     pub fn validate(file: &str, raw: RawConfig, over: &Overrides) -> Result<Self, ConfigError> {
-        let bad = |key: &str, reason: String| ConfigError::Invalid {
-            file: file.into(),
-            key: key.into(),
-            reason,
-        };
-        let dur = |key: &str,
-                   v: &Option<String>,
-                   default: Duration|
-         -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) => parse_duration(s).ok_or_else(|| {
-                    bad(
-                        key,
-                        format!("{s:?} is not a positive duration like \"500ms\", \"1s\", \"2m\""),
-                    )
-                }),
-            }
-        };
+        let bad = |key: &str, reason: String| invalid(file, key, reason);
+        let dur =
+            |key: &str, v: &Option<String>, default: Duration| duration(file, key, v, default);
         let state_dir = over
             .state_dir
             .clone()
@@ -283,28 +267,7 @@ impl Settings {
             .clone()
             .or(raw.alert_log)
             .unwrap_or_else(|| state_dir.join("alerts.jsonl"));
-        let alert_rotation = {
-            let d = Rotation::default();
-            let max_bytes = match &raw.alert_log_max_size {
-                None => d.max_bytes,
-                Some(t) => parse_size(t).filter(|&b| b >= MIN_ALERT_LOG).ok_or_else(|| {
-                    bad(
-                        "alert_log_max_size",
-                        format!("{t:?} is not a size of at least \"64KiB\", like \"64MiB\""),
-                    )
-                })?,
-            };
-            let keep = raw.alert_log_keep.unwrap_or(d.keep);
-            if !(1..=1000).contains(&keep) {
-                return Err(bad(
-                    "alert_log_keep",
-                    format!(
-                        "{keep} is not between 1 and 1000 (a pusher that is behind finishes reading the newest rotated log)"
-                    ),
-                ));
-            }
-            Rotation { max_bytes, keep }
-        };
+        let alert_rotation = rotation(file, raw.alert_log_max_size.as_deref(), raw.alert_log_keep)?;
         let listen = over
             .metrics_listen
             .clone()
@@ -364,48 +327,7 @@ impl Settings {
                 .map(|u| parse_endpoint(&u).map_err(|r| bad(key, format!("{u:?} {r}"))))
                 .transpose()
         };
-        let e = raw.evidence;
-        let any_key = e.memory_dump.is_some()
-            || e.max_dump.is_some()
-            || e.max_total.is_some()
-            || e.keep.is_some()
-            || e.min_interval.is_some();
-        if e.enabled.is_none() && any_key {
-            return Err(bad(
-                "evidence.enabled",
-                "missing: [evidence] has settings but is not switched on; say enabled = true (or false)"
-                    .into(),
-            ));
-        }
-        let evidence = if e.enabled.unwrap_or(false) {
-            let size = |key: &str, v: &Option<String>, default: u64| match v {
-                None => Ok(default),
-                Some(t) => parse_size(t).ok_or_else(|| {
-                    bad(key, format!("{t:?} is not a size like \"512MiB\" or \"4GiB\""))
-                }),
-            };
-            let keep = e.keep.unwrap_or(5);
-            if keep == 0 {
-                return Err(bad(
-                    "evidence.keep",
-                    "0 would delete every bundle as it is saved; switch evidence off instead"
-                        .into(),
-                ));
-            }
-            Some(EvidenceSettings {
-                memory_dump: e.memory_dump.unwrap_or(true),
-                max_dump: size("evidence.max_dump", &e.max_dump, 4 << 30)?,
-                max_total: size("evidence.max_total", &e.max_total, 16 << 30)?,
-                keep: keep as usize,
-                min_interval: dur(
-                    "evidence.min_interval",
-                    &e.min_interval,
-                    Duration::from_secs(600),
-                )?,
-            })
-        } else {
-            None
-        };
+        let evidence = evidence(file, raw.evidence)?;
         let originals_on_disk = match raw.originals.as_deref() {
             None | Some("memory") => false,
             Some("disk") => true,
@@ -462,6 +384,104 @@ impl Settings {
         let hit = |pats: &[String]| pats.iter().any(|p| matches(p, name) || matches(p, uuid));
         hit(&self.include) && !hit(&self.exclude)
     }
+}
+
+fn invalid(file: &str, key: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid { file: file.into(), key: key.into(), reason }
+}
+
+/// A duration setting, or `default` when absent.
+fn duration(
+    file: &str,
+    key: &str,
+    v: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_duration(s).ok_or_else(|| {
+            invalid(
+                file,
+                key,
+                format!("{s:?} is not a positive duration like \"500ms\", \"1s\", \"2m\""),
+            )
+        }),
+    }
+}
+
+/// `alert_log_max_size` and `alert_log_keep`.
+fn rotation(
+    file: &str,
+    max_size: Option<&str>,
+    keep: Option<u32>,
+) -> Result<Rotation, ConfigError> {
+    let d = Rotation::default();
+    let max_bytes = match max_size {
+        None => d.max_bytes,
+        Some(t) => parse_size(t).filter(|&b| b >= MIN_ALERT_LOG).ok_or_else(|| {
+            invalid(
+                file,
+                "alert_log_max_size",
+                format!("{t:?} is not a size of at least \"64KiB\", like \"64MiB\""),
+            )
+        })?,
+    };
+    let keep = keep.unwrap_or(d.keep);
+    if !(1..=1000).contains(&keep) {
+        return Err(invalid(
+            file,
+            "alert_log_keep",
+            format!(
+                "{keep} is not between 1 and 1000 (a pusher that is behind finishes reading the newest rotated log)"
+            ),
+        ));
+    }
+    Ok(Rotation { max_bytes, keep })
+}
+
+/// The `[evidence]` table: `None` when switched off; settings without
+/// `enabled` are refused rather than guessed at.
+fn evidence(file: &str, e: RawEvidence) -> Result<Option<EvidenceSettings>, ConfigError> {
+    let bad = |key: &str, reason: String| invalid(file, key, reason);
+    let any_key = e.memory_dump.is_some()
+        || e.max_dump.is_some()
+        || e.max_total.is_some()
+        || e.keep.is_some()
+        || e.min_interval.is_some();
+    if e.enabled.is_none() && any_key {
+        return Err(bad(
+            "evidence.enabled",
+            "missing: [evidence] has settings but is not switched on; say enabled = true (or false)"
+                .into(),
+        ));
+    }
+    if !e.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let size = |key: &str, v: &Option<String>, default: u64| match v {
+        None => Ok(default),
+        Some(t) => parse_size(t)
+            .ok_or_else(|| bad(key, format!("{t:?} is not a size like \"512MiB\" or \"4GiB\""))),
+    };
+    let keep = e.keep.unwrap_or(5);
+    if keep == 0 {
+        return Err(bad(
+            "evidence.keep",
+            "0 would delete every bundle as it is saved; switch evidence off instead".into(),
+        ));
+    }
+    Ok(Some(EvidenceSettings {
+        memory_dump: e.memory_dump.unwrap_or(true),
+        max_dump: size("evidence.max_dump", &e.max_dump, 4 << 30)?,
+        max_total: size("evidence.max_total", &e.max_total, 16 << 30)?,
+        keep: keep as usize,
+        min_interval: duration(
+            file,
+            "evidence.min_interval",
+            &e.min_interval,
+            Duration::from_secs(600),
+        )?,
+    }))
 }
 
 #[cfg(test)]

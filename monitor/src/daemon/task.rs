@@ -3,6 +3,8 @@
 //! and let go.
 
 use super::*;
+use crate::integrity::check::Report;
+use crate::linux::modules::ModuleEvent;
 
 /// When a domain's next hot and full checks are due.
 pub(super) struct Timetable {
@@ -74,6 +76,183 @@ pub(super) fn seed_of(text: &str) -> u64 {
 pub(super) async fn panicked(task: tokio::task::JoinHandle<()>) -> Option<String> {
     let e = task.await.err().filter(tokio::task::JoinError::is_panic)?;
     Some(crate::panic_message(&*e.into_panic()))
+}
+
+/// Says once per attach which profile the kernel matched, or that none did.
+fn profile_notice(shared: &Shared, subject: &Subject, name: &str, report: &Report) {
+    let s = &shared.settings;
+    let (sev, detail) = match &report.profile {
+        Some(p) => (
+            "info",
+            format!("{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"),
+        ),
+        None => (
+            "warning",
+            format!(
+                "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
+                s.profiles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    };
+    shared.sink.emit(subject.event(EventKind::Notice, sev, detail));
+}
+
+/// Counts a check in the metrics: checks, duration, bytes, last time.
+fn count_check(m: &Metrics, name: &str, scope_name: &str, took: Duration, report: &Report) {
+    let name = name.to_owned();
+    m.checks.get_or_create(&CheckLabels { domain: name.clone(), scope: scope_name.into() }).inc();
+    m.check_duration
+        .get_or_create(&ScopeLabels { scope: scope_name.into() })
+        .observe(took.as_secs_f64());
+    m.bytes_verified
+        .get_or_create(&DomainLabels { domain: name.clone() })
+        .inc_by(report.bytes_verified);
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
+}
+
+/// The kernel's own accepted patches: counted, said in an info event; after
+/// a full check, the sites that differ from the baseline and those held.
+fn report_patches(shared: &Shared, subject: &Subject, name: &str, report: &Report, full: bool) {
+    let m = &shared.sink.metrics;
+    let name = name.to_owned();
+    if !report.patches.is_empty() {
+        let mut parts = Vec::new();
+        for (kind, n) in &report.patches {
+            m.patches
+                .get_or_create(&PatchLabels { domain: name.clone(), kind: kind.clone() })
+                .inc_by(*n);
+            parts.push(format!("{n} {kind}"));
+        }
+        shared.sink.emit(subject.event(
+            EventKind::KernelPatched,
+            "info",
+            format!(
+                "{name} patched its own text: {} site change(s) accepted ({}); {} site(s) differ from the baseline now",
+                report.patches.values().sum::<u64>(),
+                parts.join(", "),
+                report.patched_sites
+            ),
+        ));
+    }
+    if full {
+        m.patched_sites
+            .get_or_create(&DomainLabels { domain: name.clone() })
+            .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
+        m.pending_sites
+            .get_or_create(&DomainLabels { domain: name.clone() })
+            .set(i64::try_from(report.pending_sites).unwrap_or(i64::MAX));
+    }
+}
+
+/// Modules the last check saw loaded or unloaded, as info events.
+fn report_module_events(shared: &Shared, subject: &Subject, events: Vec<ModuleEvent>) {
+    for ev in events {
+        let detail = if ev.loaded {
+            format!(
+                "module {} loaded at {:#x}: {} page(s) of its text protected from now on",
+                ev.name, ev.base, ev.text_pages
+            )
+        } else {
+            format!("module {} unloaded from {:#x}", ev.name, ev.base)
+        };
+        let kind = if ev.loaded { EventKind::ModuleLoaded } else { EventKind::ModuleUnloaded };
+        shared.sink.emit(subject.event(kind, "info", detail));
+    }
+}
+
+/// Says how a domain was attached: problems with its stored state, the
+/// attach or new-boot event, and how its regions are bounded. A new boot
+/// starts with nothing reported.
+fn announce_attach(
+    shared: &Shared,
+    subject: &Subject,
+    name: &str,
+    w: &mut Watched,
+    how: &Attached,
+    reported: &mut HashMap<String, String>,
+) {
+    for problem in std::mem::take(&mut w.problems) {
+        shared.sink.error("baseline_file");
+        let mut e = subject.event(
+            EventKind::StateUnreadable,
+            "critical",
+            format!("{}: {}", problem.file, problem.detail),
+        );
+        e.key = problem.file;
+        shared.sink.emit(e);
+    }
+    let (severity, mut detail) = attached_event(name, w, how);
+    let kind = match how {
+        Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
+        _ => EventKind::NewBoot,
+    };
+    if let Ok(bounds) = &w.bounds {
+        detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
+    }
+    shared.sink.emit(subject.event(kind, severity, detail));
+    if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
+        shared.sink.emit(subject.event(
+            EventKind::Notice,
+            "warning",
+            format!(
+                "{name}: no profile matches its kernel, so its text and rodata are bounded by the \
+                 guest's own kallsyms, which a rootkit can rewrite; add a profile of this kernel \
+                 (vigil profile build) to bound them by the vendor's image"
+            ),
+        ));
+    }
+    if let Err(why) = &w.bounds {
+        shared.sink.emit(subject.event(
+            EventKind::Notice,
+            "warning",
+            format!(
+                "{name}: kernel text and rodata are classed by page permission only ({why}): pages \
+                 the kernel freed after boot may still be protected as content, and their reuse \
+                 reported. Add a profile of this kernel (vigil profile build) to bound them"
+            ),
+        ));
+    }
+    if kind == EventKind::NewBoot {
+        reported.clear();
+    }
+}
+
+/// Sets a newly attached domain's pages-protected gauges, and creates every
+/// violation series at 0, so that Prometheus sees the first violation as an
+/// increase.
+fn seed_series(shared: &Shared, name: &str, w: &Watched) {
+    let name = name.to_owned();
+    for (region, pages) in w.pages() {
+        shared
+            .sink
+            .metrics
+            .pages_protected
+            .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
+            .set(gauge(pages));
+    }
+    // Every violation series exists from the start, at 0, so that
+    // Prometheus sees the first violation as an increase.
+    let regions = w
+        .pages()
+        .map(|(r, _)| r.to_owned())
+        .chain([crate::integrity::check::IMAGE_REGION.to_owned()]);
+    for region in regions {
+        for kind in ["content", "remap", "permission"] {
+            let labels =
+                ViolationLabels { domain: name.clone(), region: region.clone(), kind: kind.into() };
+            let _ = shared.sink.metrics.violations.get_or_create(&labels);
+        }
+    }
+    let labels = ViolationLabels {
+        domain: name.clone(),
+        region: crate::integrity::check::REGISTER_REGION.into(),
+        kind: "register".into(),
+    };
+    let _ = shared.sink.metrics.violations.get_or_create(&labels);
 }
 
 /// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
@@ -208,85 +387,13 @@ pub(super) async fn domain_task(
         let boot = w.boot();
         let subject = shared.subject(&name, &uuid, &boot);
         let mut reported = shared.sink.reported_for(&uuid, &boot);
-        for problem in std::mem::take(&mut w.problems) {
-            shared.sink.error("baseline_file");
-            let mut e = subject.event(
-                EventKind::StateUnreadable,
-                "critical",
-                format!("{}: {}", problem.file, problem.detail),
-            );
-            e.key = problem.file;
-            shared.sink.emit(e);
-        }
-        let (severity, mut detail) = attached_event(&name, &w, &how);
-        let kind = match how {
-            Attached::Stored | Attached::Remapped { .. } => EventKind::Attached,
-            _ => EventKind::NewBoot,
-        };
-        if let Ok(bounds) = &w.bounds {
-            detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
-        }
-        shared.sink.emit(subject.event(kind, severity, detail));
-        if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
-            shared.sink.emit(subject.event(
-                EventKind::Notice,
-                "warning",
-                format!(
-                    "{name}: no profile matches its kernel, so its text and rodata are bounded by the \
-                     guest's own kallsyms, which a rootkit can rewrite; add a profile of this kernel \
-                     (vigil profile build) to bound them by the vendor's image"
-                ),
-            ));
-        }
-        if let Err(why) = &w.bounds {
-            shared.sink.emit(subject.event(
-                EventKind::Notice,
-                "warning",
-                format!(
-                    "{name}: kernel text and rodata are classed by page permission only ({why}): pages \
-                     the kernel freed after boot may still be protected as content, and their reuse \
-                     reported. Add a profile of this kernel (vigil profile build) to bound them"
-                ),
-            ));
-        }
-        if kind == EventKind::NewBoot {
-            reported.clear();
-        }
+        announce_attach(&shared, &subject, &name, &mut w, &how, &mut reported);
         // A boot still patching itself is absorbed until the window the
         // attach measured from the hypervisor's reset or start closes, or the
         // kernel has been quiet for a settle period: (window end, quiet from).
         let mut provisional_until =
             w.provisional_left.map(|left| (Instant::now() + left, Instant::now() + s.settle));
-        for (region, pages) in w.pages() {
-            shared
-                .sink
-                .metrics
-                .pages_protected
-                .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
-                .set(gauge(pages));
-        }
-        // Every violation series exists from the start, at 0, so that
-        // Prometheus sees the first violation as an increase.
-        let regions = w
-            .pages()
-            .map(|(r, _)| r.to_owned())
-            .chain([crate::integrity::check::IMAGE_REGION.to_owned()]);
-        for region in regions {
-            for kind in ["content", "remap", "permission"] {
-                let labels = ViolationLabels {
-                    domain: name.clone(),
-                    region: region.clone(),
-                    kind: kind.into(),
-                };
-                let _ = shared.sink.metrics.violations.get_or_create(&labels);
-            }
-        }
-        let labels = ViolationLabels {
-            domain: name.clone(),
-            region: crate::integrity::check::REGISTER_REGION.into(),
-            kind: "register".into(),
-        };
-        let _ = shared.sink.metrics.violations.get_or_create(&labels);
+        seed_series(&shared, &name, &w);
         shared.set_status(&uuid, |st| {
             st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
             st.detail = String::new();
@@ -394,44 +501,9 @@ pub(super) async fn domain_task(
                     last_error.clear();
                     if !profile_said {
                         profile_said = true;
-                        let (sev, detail) = match &report.profile {
-                            Some(p) => (
-                                "info",
-                                format!(
-                                    "{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"
-                                ),
-                            ),
-                            None => (
-                                "warning",
-                                format!(
-                                    "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
-                                    s.profiles
-                                        .iter()
-                                        .map(|p| p.display().to_string())
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                ),
-                            ),
-                        };
-                        shared.sink.emit(subject.event(EventKind::Notice, sev, detail));
+                        profile_notice(&shared, &subject, &name, &report);
                     }
-                    m.checks
-                        .get_or_create(&CheckLabels {
-                            domain: name.clone(),
-                            scope: scope_name.into(),
-                        })
-                        .inc();
-                    m.check_duration
-                        .get_or_create(&ScopeLabels { scope: scope_name.into() })
-                        .observe(took.as_secs_f64());
-                    m.bytes_verified
-                        .get_or_create(&DomainLabels { domain: name.clone() })
-                        .inc_by(report.bytes_verified);
-                    let unix = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0);
-                    m.last_check.get_or_create(&DomainLabels { domain: name.clone() }).set(unix);
+                    count_check(m, &name, scope_name, took, &report);
                     // While a new boot settles, the kernel may still be patching
                     // itself: such changes are taken into the baseline, each
                     // listed with its digest in an info event, until the
@@ -477,52 +549,12 @@ pub(super) async fn domain_task(
                             shared.set_status(&uuid, |st| st.state = "watching".into());
                         }
                     }
-                    if !report.patches.is_empty() {
-                        let mut parts = Vec::new();
-                        for (kind, n) in &report.patches {
-                            m.patches
-                                .get_or_create(&PatchLabels {
-                                    domain: name.clone(),
-                                    kind: kind.clone(),
-                                })
-                                .inc_by(*n);
-                            parts.push(format!("{n} {kind}"));
-                        }
-                        shared.sink.emit(subject.event(
-                            EventKind::KernelPatched,
-                            "info",
-                            format!(
-                                "{name} patched its own text: {} site change(s) accepted ({}); {} site(s) differ from the baseline now",
-                                report.patches.values().sum::<u64>(),
-                                parts.join(", "),
-                                report.patched_sites
-                            ),
-                        ));
-                    }
-                    if full {
-                        m.patched_sites
-                            .get_or_create(&DomainLabels { domain: name.clone() })
-                            .set(i64::try_from(report.patched_sites).unwrap_or(i64::MAX));
-                        m.pending_sites
-                            .get_or_create(&DomainLabels { domain: name.clone() })
-                            .set(i64::try_from(report.pending_sites).unwrap_or(i64::MAX));
-                    }
-                    for ev in std::mem::take(&mut w.session.module_events) {
-                        let detail = if ev.loaded {
-                            format!(
-                                "module {} loaded at {:#x}: {} page(s) of its text protected from now on",
-                                ev.name, ev.base, ev.text_pages
-                            )
-                        } else {
-                            format!("module {} unloaded from {:#x}", ev.name, ev.base)
-                        };
-                        let kind = if ev.loaded {
-                            EventKind::ModuleLoaded
-                        } else {
-                            EventKind::ModuleUnloaded
-                        };
-                        shared.sink.emit(subject.event(kind, "info", detail));
-                    }
+                    report_patches(&shared, &subject, &name, &report, full);
+                    report_module_events(
+                        &shared,
+                        &subject,
+                        std::mem::take(&mut w.session.module_events),
+                    );
                     let all: Vec<_> =
                         report.violations.iter().chain(&report.info).cloned().collect();
                     let groups = alerts::groups(&all);

@@ -485,34 +485,7 @@ impl Watched {
         let action = decide(signal, stored, window_left.is_some());
         let then = found.as_ref().map(|b| b.kernel.boot_key()).unwrap_or_default();
         let mut problems = Vec::new();
-        let attached = match action {
-            Action::UseStored => Attached::Stored,
-            Action::Remapped => Attached::Remapped { then, now },
-            Action::NewBoot { .. } => Attached::NewBoot {
-                why: match signal {
-                    Signal::Reset => "libvirt reported a reset of the guest".into(),
-                    Signal::Incoming => format!(
-                        "a new {run} received the guest's memory holding another kernel than the baseline's \
-                         (restored or migrated from another save)"
-                    ),
-                    _ => match found.as_ref().and_then(|b| b.run.as_ref()) {
-                        Some(old) => format!("a new {run} booted it (the baseline's was {old})"),
-                        None => format!("a new {run} booted it"),
-                    },
-                },
-            },
-            Action::FirstSight { .. } => Attached::FirstSight,
-            Action::Unconfirmed => Attached::Unconfirmed {
-                then,
-                now,
-                why: format!(
-                    "the same {run} has run the guest since its baseline was taken, and vigil may have \
-                     missed a reset (it was not running, or libvirtd was unreachable)"
-                ),
-                kept: String::new(),
-            },
-            Action::Replace => Attached::Replaced,
-        };
+        let attached = attached_as(action, signal, &run, found.as_ref(), (then, now));
         if let (Attached::Stored | Attached::Remapped { .. }, Some(mut stored)) = (&attached, found)
         {
             // The baseline goes on under this run: record it, so that the
@@ -526,35 +499,9 @@ impl Watched {
             // Without its original pages the stored baseline still protects,
             // but cannot tell the kernel's patches from an attack: said, and
             // a file that exists but cannot be used is kept aside.
-            let pages = Originals::path_for(&path);
-            let loaded = if settings.originals_on_disk {
-                Originals::load_indexed(&pages, &stored)
-            } else {
-                Originals::load(&pages, &stored)
-            };
-            let originals = match loaded {
-                Ok(o) => o,
-                Err(e) => {
-                    let missing = matches!(&e, BaselineError::Open { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound);
-                    let kept = if missing {
-                        "the file is missing".into()
-                    } else {
-                        format!("the file is kept as {}", keep_aside(&pages)?.display())
-                    };
-                    problems.push(StateProblem {
-                        file: pages.display().to_string(),
-                        detail: format!(
-                            "the original pages of {}'s baseline cannot be used: {}; {kept}. Until the \
-                             next baseline, the kernel's own patches cannot be told from attacks: every \
-                             change to its text is reported as a violation",
-                            dom.name(),
-                            error_chain(&e)
-                        ),
-                    });
-                    Originals::default()
-                }
-            };
+            let (originals, problem) =
+                stored_originals(&path, &stored, settings.originals_on_disk, dom.name())?;
+            problems.extend(problem);
             // Bounded after its files are read as stored (the pages file
             // holds the pages the baseline had).
             let bounds = bound_stored(&mut stored, &*mem, &view, &settings.profiles);
@@ -740,6 +687,87 @@ impl Watched {
 
     pub fn pages(&self) -> impl Iterator<Item = (&str, u64)> {
         self.baseline.regions.iter().map(|r| (r.name.as_str(), r.pages.len() as u64))
+    }
+}
+
+/// How an attach that `decide` gave `action` (on `signal`) found its
+/// baseline, said for the operator. `boots` is the stored baseline's boot
+/// and the guest's now.
+fn attached_as(
+    action: boot::Action,
+    signal: boot::Signal,
+    run: &Run,
+    found: Option<&Baseline>,
+    (then, now): (String, String),
+) -> Attached {
+    use self::boot::{Action, Signal};
+    match action {
+        Action::UseStored => Attached::Stored,
+        Action::Remapped => Attached::Remapped { then, now },
+        Action::NewBoot { .. } => Attached::NewBoot {
+            why: match signal {
+                Signal::Reset => "libvirt reported a reset of the guest".into(),
+                Signal::Incoming => format!(
+                    "a new {run} received the guest's memory holding another kernel than the baseline's \
+                     (restored or migrated from another save)"
+                ),
+                _ => match found.and_then(|b| b.run.as_ref()) {
+                    Some(old) => format!("a new {run} booted it (the baseline's was {old})"),
+                    None => format!("a new {run} booted it"),
+                },
+            },
+        },
+        Action::FirstSight { .. } => Attached::FirstSight,
+        Action::Unconfirmed => Attached::Unconfirmed {
+            then,
+            now,
+            why: format!(
+                "the same {run} has run the guest since its baseline was taken, and vigil may have \
+                 missed a reset (it was not running, or libvirtd was unreachable)"
+            ),
+            kept: String::new(),
+        },
+        Action::Replace => Attached::Replaced,
+    }
+}
+
+/// The original pages kept beside the stored baseline at `path`. Without
+/// them the baseline still protects but cannot tell the kernel's patches
+/// from an attack: that is a problem to report, and a file that exists but
+/// cannot be used is kept aside.
+fn stored_originals(
+    path: &Path,
+    stored: &Baseline,
+    on_disk: bool,
+    name: &str,
+) -> Result<(Originals, Option<StateProblem>), WatchError> {
+    let pages = Originals::path_for(path);
+    let loaded = if on_disk {
+        Originals::load_indexed(&pages, stored)
+    } else {
+        Originals::load(&pages, stored)
+    };
+    match loaded {
+        Ok(o) => Ok((o, None)),
+        Err(e) => {
+            let missing = matches!(&e, BaselineError::Open { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound);
+            let kept = if missing {
+                "the file is missing".into()
+            } else {
+                format!("the file is kept as {}", keep_aside(&pages)?.display())
+            };
+            let problem = StateProblem {
+                file: pages.display().to_string(),
+                detail: format!(
+                    "the original pages of {name}'s baseline cannot be used: {}; {kept}. Until the \
+                     next baseline, the kernel's own patches cannot be told from attacks: every \
+                     change to its text is reported as a violation",
+                    error_chain(&e)
+                ),
+            };
+            Ok((Originals::default(), Some(problem)))
+        }
     }
 }
 

@@ -217,8 +217,25 @@ pub fn check<M: GuestMemory + ?Sized>(
     recognized: Option<&[super::patch::ExecRange]>,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
-    let p = m.profile;
+    check_slide(m, mem, space, regs, &mut out);
+    // The module list first, so that addresses in modules get names.
+    check_module_area(m, mem, space, (known_exec, recognized), &mut out);
+    check_syscall_tables(m, mem, space, &mut out);
+    check_gdts(mem, space, regs, &mut out);
+    check_idts(m, mem, space, regs, &mut out);
+    out
+}
 
+/// The KASLR slide a second way, from IDT vector 0's handler: it must
+/// agree with the page tables'.
+fn check_slide<M: GuestMemory + ?Sized>(
+    m: &mut Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    regs: &[VcpuRegisters],
+    out: &mut Vec<Finding>,
+) {
+    let p = m.profile;
     // The slide a second way: vector 0's handler.
     let cpu = regs.iter().find(|r| r.in_long_mode());
     if let (Some(cpu), Some(de)) = (cpu, p.symbol("asm_exc_divide_error"))
@@ -243,8 +260,18 @@ pub fn check<M: GuestMemory + ?Sized>(
             ));
         }
     }
+}
 
-    // The module list first, so that addresses in modules get names.
+/// Executable module-area memory that no listed module (nor, with
+/// `recognized`, another kernel record) accounts for; walks the module list
+/// into `m.modules`.
+fn check_module_area<M: GuestMemory + ?Sized>(
+    m: &mut Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    (known_exec, recognized): (&[Mapping], Option<&[super::patch::ExecRange]>),
+    out: &mut Vec<Finding>,
+) {
     match walk_modules_settled(m, mem, space) {
         Ok(list) => {
             for (start, pages, gpa) in
@@ -288,8 +315,16 @@ pub fn check<M: GuestMemory + ?Sized>(
             String::new(),
         )),
     }
+}
 
-    // Syscall tables.
+/// Every syscall table entry against the profile's symbol for it.
+fn check_syscall_tables<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    out: &mut Vec<Finding>,
+) {
+    let p = m.profile;
     for (table, list, addrs) in p.syscall_tables() {
         let (Some(base), false) = (m.expect(table), list.is_empty()) else { continue };
         let Some((bytes, _)) = read_virt(mem, space, base, list.len() * 8) else {
@@ -336,8 +371,15 @@ pub fn check<M: GuestMemory + ?Sized>(
             }
         }
     }
+}
 
-    // GDT descriptors of every vCPU.
+/// GDT descriptors of every vCPU.
+fn check_gdts<M: GuestMemory + ?Sized>(
+    mem: &M,
+    space: &dyn AddressSpace,
+    regs: &[VcpuRegisters],
+    out: &mut Vec<Finding>,
+) {
     for cpu in regs.iter().filter(|r| r.in_long_mode()) {
         let len = (usize::try_from(cpu.gdtr_limit).unwrap_or(0) + 1).min(64 * 1024);
         let Some((gdt, gpa)) = read_virt(mem, space, cpu.gdtr_base, len) else { continue };
@@ -358,8 +400,18 @@ pub fn check<M: GuestMemory + ?Sized>(
             out.push(f);
         }
     }
+}
 
-    // IDT gates, once per distinct IDT.
+/// IDT gates, once per distinct IDT: exceptions to their handlers, other
+/// vectors to the entry stubs.
+fn check_idts<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    regs: &[VcpuRegisters],
+    out: &mut Vec<Finding>,
+) {
+    let p = m.profile;
     let image = (m.expect("_text"), m.expect("_end"));
     let in_image = |t: u64| matches!(image, (Some(a), Some(b)) if (a..b).contains(&t));
     let irq = p.symbol("irq_entries_start").map(|s| s.addr.wrapping_add(m.slide));
@@ -428,7 +480,6 @@ pub fn check<M: GuestMemory + ?Sized>(
             }
         }
     }
-    out
 }
 
 mod gdt;
