@@ -251,6 +251,10 @@ fn lab_faults_a_paused_guest_is_checked_without_false_alarms() {
             .iter()
             .any(|a| a["detail"].as_str().unwrap_or("").contains("paused by request"))
     });
+    // The counter moves just after the line is in the log (the log first).
+    d.wait_for("the pause counted", Duration::from_secs(5), |d| {
+        d.metric("vigil_events_total", "kind=\"paused\"").is_some()
+    });
     assert_eq!(d.metric("vigil_events_total", "kind=\"paused\""), Some(1.0), "{}", d.metrics());
     d.wait_for("checks of the paused guest", 4 * FULL + Duration::from_secs(5), |d| {
         full(d) >= before + 2.0
