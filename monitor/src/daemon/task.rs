@@ -369,294 +369,425 @@ pub(super) async fn attach(
 }
 
 /// A domain's life in the daemon: attach, check on schedule, re-attach on a
-/// new boot, stop when cancelled or the domain is gone.
+/// new boot, stop when cancelled or the domain is gone. A state machine over
+/// [`Phase`], one method of [`DomainTask`] per state.
 pub(super) async fn domain_task(
     shared: Arc<Shared>,
     task_id: u64,
     uuid: String,
     name: String,
-    mut cancel: tokio_watch::Receiver<bool>,
+    cancel: tokio_watch::Receiver<bool>,
     reboot: Arc<tokio::sync::Notify>,
-    mut commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Command>,
 ) {
-    let s = &shared.settings;
-    let mut seed = seed_of(&uuid);
-    let mut estimate = [Duration::from_millis(5), Duration::from_millis(50)];
-    'attach: loop {
-        let Some((mut w, how)) = attach(&shared, &uuid, &name, &mut cancel).await else { break };
+    let seed = seed_of(&uuid);
+    let mut task = DomainTask {
+        shared,
+        task_id,
+        uuid,
+        name,
+        cancel,
+        reboot,
+        commands,
+        seed,
+        estimate: [Duration::from_millis(5), Duration::from_millis(50)],
+    };
+    let mut phase = Phase::Attaching;
+    loop {
+        phase = match phase {
+            Phase::Attaching => task.attach().await,
+            Phase::Watching(w, watch) => task.watch(*w, watch).await,
+            Phase::Reattaching { why } => task.reattach(why).await,
+            Phase::Detached => break,
+        };
+    }
+    task.forget();
+}
+
+/// Where a domain's task is.
+enum Phase {
+    /// Finding the guest's kernel and deciding its baseline.
+    Attaching,
+    /// Checking on schedule (provisional while [`Watch::provisional_until`]
+    /// is set: a new boot still settling).
+    Watching(Box<Watched>, Box<Watch>),
+    /// The guest reset or its kernel vanished: attach again after a pause.
+    Reattaching { why: Option<&'static str> },
+    /// The domain is gone or the task was cancelled.
+    Detached,
+}
+
+/// What one domain's task keeps from start to end.
+struct DomainTask {
+    shared: Arc<Shared>,
+    task_id: u64,
+    uuid: String,
+    name: String,
+    cancel: tokio_watch::Receiver<bool>,
+    reboot: Arc<tokio::sync::Notify>,
+    commands: mpsc::Receiver<Command>,
+    seed: u64,
+    /// How long the last hot and full checks took: what the next reserves
+    /// of the CPU budget.
+    estimate: [Duration; 2],
+}
+
+/// What a task keeps while it watches one boot of its guest.
+struct Watch {
+    subject: Subject,
+    /// Keys and digests of what is reported and not reverted.
+    reported: HashMap<String, String>,
+    /// A boot still patching itself is absorbed until the window the
+    /// attach measured from the hypervisor's reset or start closes, or the
+    /// kernel has been quiet for a settle period: (window end, quiet from).
+    provisional_until: Option<(Instant, Instant)>,
+    times: Timetable,
+    last_error: String,
+    profile_said: bool,
+    last_evidence: Option<Instant>,
+}
+
+/// What the watching loop does after a step.
+enum Flow {
+    Continue,
+    Then(Phase),
+}
+
+impl DomainTask {
+    /// Attaching: waits for the guest's kernel and its baseline, says how
+    /// they were found, and starts watching.
+    async fn attach(&mut self) -> Phase {
+        let shared = self.shared.clone();
+        let Some((mut w, how)) = attach(&shared, &self.uuid, &self.name, &mut self.cancel).await
+        else {
+            return Phase::Detached;
+        };
         let boot = w.boot();
-        let subject = shared.subject(&name, &uuid, &boot);
-        let mut reported = shared.sink.reported_for(&uuid, &boot);
-        announce_attach(&shared, &subject, &name, &mut w, &how, &mut reported);
-        // A boot still patching itself is absorbed until the window the
-        // attach measured from the hypervisor's reset or start closes, or the
-        // kernel has been quiet for a settle period: (window end, quiet from).
-        let mut provisional_until =
-            w.provisional_left.map(|left| (Instant::now() + left, Instant::now() + s.settle));
-        seed_series(&shared, &name, &w);
-        shared.set_status(&uuid, |st| {
+        let subject = shared.subject(&self.name, &self.uuid, &boot);
+        let mut reported = shared.sink.reported_for(&self.uuid, &boot);
+        announce_attach(&shared, &subject, &self.name, &mut w, &how, &mut reported);
+        let provisional_until = w
+            .provisional_left
+            .map(|left| (Instant::now() + left, Instant::now() + shared.settings.settle));
+        seed_series(&shared, &self.name, &w);
+        shared.set_status(&self.uuid, |st| {
             st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
             st.detail = String::new();
             st.boot = boot.clone();
         });
-        let mut times = Timetable::starting(Instant::now());
-        let mut last_error = String::new();
-        let mut profile_said = false;
-        let mut last_evidence: Option<Instant> = None;
+        let watch = Watch {
+            subject,
+            reported,
+            provisional_until,
+            times: Timetable::starting(Instant::now()),
+            last_error: String::new(),
+            profile_said: false,
+            last_evidence: None,
+        };
+        Phase::Watching(Box::new(w), Box::new(watch))
+    }
+
+    /// Reattaching: says why (if the status should), waits, attaches again.
+    async fn reattach(&mut self, why: Option<&'static str>) -> Phase {
+        if let Some(why) = why {
+            self.shared.set_status(&self.uuid, |st| {
+                st.state = "waiting".into();
+                st.detail = why.into();
+            });
+        }
+        tokio::time::sleep(self.shared.settings.attach_retry).await;
+        Phase::Attaching
+    }
+
+    /// Watching: checks when due, answers commands, until a new boot, the
+    /// domain's end or cancellation.
+    async fn watch(&mut self, mut w: Watched, mut watch: Box<Watch>) -> Phase {
         loop {
-            let due = times.due();
+            let due = watch.times.due();
             let mut forced: Option<Command> = None;
             tokio::select! {
                 _ = tokio::time::sleep_until(due.into()) => {}
-                _ = cancel.changed() => break 'attach,
-                _ = reboot.notified() => {
+                _ = self.cancel.changed() => return Phase::Detached,
+                _ = self.reboot.notified() => {
                     // A wake-up left over from a reset the last attach
                     // already answered is no reset.
-                    if shared.knowledge(&uuid).reset_reported.is_none() {
+                    if self.shared.knowledge(&self.uuid).reset_reported.is_none() {
                         continue;
                     }
-                    shared.set_status(&uuid, |st| { st.state = "waiting".into(); st.detail = "guest rebooted".into(); });
-                    tokio::time::sleep(s.attach_retry).await;
-                    continue 'attach;
+                    return Phase::Reattaching { why: Some("guest rebooted") };
                 }
-                Some(cmd) = commands.recv() => forced = Some(cmd),
+                Some(cmd) = self.commands.recv() => forced = Some(cmd),
             }
-            if let Some(Command::Diff(reply)) = forced {
-                let sh = shared.clone();
-                let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
-                w = back;
-                let _ = reply.send(
-                    r.map(|d| serde_json::to_value(&d).unwrap_or_default())
-                        .map_err(|e| e.message()),
-                );
-                continue;
-            }
-            if let Some(Command::Accept(req)) = forced {
-                let (back, accepted) = accept::run(&shared, w, &name, &uuid, req).await;
-                w = back;
-                if accepted {
-                    reported.clear();
+            let flow;
+            (w, flow) = match forced {
+                Some(Command::Diff(reply)) => {
+                    let sh = self.shared.clone();
+                    let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
+                    let _ = reply.send(
+                        r.map(|d| serde_json::to_value(&d).unwrap_or_default())
+                            .map_err(|e| e.message()),
+                    );
+                    (back, Flow::Continue)
                 }
-                continue;
-            }
-            let now = Instant::now();
-            // While a new baseline is provisional every check is full, so a
-            // settling boot is seen settling as soon as it does.
-            let full = forced.is_some()
-                || times.full_at(now, s.hot_interval)
-                || provisional_until.is_some();
-            let scope = if full { Scope::Full } else { Scope::Hot };
-            let est = estimate[usize::from(full)];
-            let wait = shared.budget.reserve(est);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-                let late = Instant::now().duration_since(due);
-                let interval = if full { s.full_interval } else { s.hot_interval };
-                if late > interval / 2 {
-                    shared.sink.metrics.budget_overruns.inc();
-                    shared.budget_exceeded(&name, &uuid, late, interval);
+                Some(Command::Accept(req)) => {
+                    let (back, accepted) =
+                        accept::run(&self.shared, w, &self.name, &self.uuid, req).await;
+                    if accepted {
+                        watch.reported.clear();
+                    }
+                    (back, Flow::Continue)
                 }
-            }
-            let started = Instant::now();
-            let sh = shared.clone();
-            let job = blocking(w, move |w| w.check(scope, &sh.profiles));
-            let (back, result) =
-                time_limited(&shared, &subject, &name, if full { "full" } else { "hot" }, job)
-                    .await;
-            w = back;
-            // A check that ran across a reset libvirt reported read the old
-            // kernel going and the new one coming: not a finding. Attach
-            // again, as the reset asks.
-            if shared.knowledge(&uuid).reset_reported.is_some_and(|t| t >= started) {
-                if let Some(Command::CheckNow(reply)) = forced {
-                    let _ = reply.send(Err(format!("{name} was reset during the check")));
-                }
-                tokio::time::sleep(s.attach_retry).await;
-                continue 'attach;
-            }
-            let took = started.elapsed();
-            estimate[usize::from(full)] = took;
-            let ratio = shared.budget.settle(est, took);
-            let m = &shared.sink.metrics;
-            m.budget_used.set(ratio);
-            // Those of the attach and of re-taken baselines too, which come
-            // before a check.
-            m.register_snapshots
-                .get_or_create(&DomainLabels { domain: name.clone() })
-                .inc_by(w.take_register_snapshots());
-            let scope_name = if full { "full" } else { "hot" };
-            times.checked(
-                full,
-                Instant::now(),
-                (s.hot_interval, s.full_interval, s.jitter),
-                &mut seed,
-            );
-            times.settle_by(w.patch_hold_ends(), Instant::now());
-            let reply = match forced {
-                Some(Command::CheckNow(reply)) => Some(reply),
-                _ => None,
+                Some(Command::CheckNow(reply)) => self.check(w, &mut watch, due, Some(reply)).await,
+                None => self.check(w, &mut watch, due, None).await,
             };
-            match result {
-                Ok(report) => {
-                    last_error.clear();
-                    if !profile_said {
-                        profile_said = true;
-                        profile_notice(&shared, &subject, &name, &report);
-                    }
-                    count_check(m, &name, scope_name, took, &report);
-                    // While a new boot settles, the kernel may still be patching
-                    // itself: such changes are taken into the baseline, each
-                    // listed with its digest in an info event, until the
-                    // window the attach opened closes.
-                    if let Some((until, quiet)) = provisional_until {
-                        let all: Vec<_> =
-                            report.violations.iter().chain(&report.info).cloned().collect();
-                        if !all.is_empty() && Instant::now() < until {
-                            let absorbed: Vec<String> = alerts::groups(&all)
-                                .iter()
-                                .map(|(key, digest, fs)| {
-                                    format!("{key} ({} finding(s), digest {digest})", fs.len())
-                                })
-                                .collect();
-                            let digest =
-                                blake3::hash(absorbed.join("\n").as_bytes()).to_hex().to_string();
-                            let (back, r) = blocking(w, |w| w.rebaseline()).await;
-                            w = back;
-                            let detail = match r {
-                                Ok(()) => format!(
-                                    "{name} was still changing while its new boot settled; absorbed into a re-taken baseline: {}",
-                                    absorbed.join("; ")
-                                ),
-                                Err(e) => format!(
-                                    "{name} was still changing while its new boot settled ({}); re-taking the baseline failed: {}",
-                                    absorbed.join("; "),
-                                    e.message()
-                                ),
-                            };
-                            let mut a = subject.event(EventKind::Notice, "info", detail);
-                            a.digest = digest;
-                            shared.sink.emit(a);
-                            provisional_until = Some((until, Instant::now() + s.settle));
-                            if let Some(r) = reply {
-                                let _ =
-                                    r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
-                            }
-                            continue;
-                        }
-                        let now = Instant::now();
-                        if full && (now >= quiet || now >= until) {
-                            provisional_until = None;
-                            shared.set_status(&uuid, |st| st.state = "watching".into());
-                        }
-                    }
-                    report_patches(&shared, &subject, &name, &report, full);
-                    report_module_events(
-                        &shared,
-                        &subject,
-                        std::mem::take(&mut w.session.module_events),
-                    );
-                    let all: Vec<_> =
-                        report.violations.iter().chain(&report.info).cloned().collect();
-                    let groups = alerts::groups(&all);
-                    let (fresh, gone) = alerts::news(&visible(&reported, &report), &groups);
-                    // Evidence of new violations, at most once per min_interval.
-                    let evidence = s.evidence.clone().filter(|e| {
-                        fresh.iter().any(|(_, _, fs)| {
-                            fs[0].severity == crate::integrity::Severity::Violation
-                        }) && last_evidence.is_none_or(|t| t.elapsed() >= e.min_interval)
-                    });
-                    let bundle =
-                        evidence.as_ref().map(|_| evidence::bundle_dir(&s.state_dir, &uuid));
-                    let mut for_evidence = Vec::new();
-                    for (key, digest, fs) in fresh {
-                        let mut a = subject.group(key, digest, fs);
-                        if a.event == EventKind::Violation
-                            && let Some(dir) = &bundle
-                        {
-                            a.evidence = Some(dir.display().to_string());
-                            for_evidence.push(a.key.clone());
-                        }
-                        reported.insert(a.key.clone(), a.digest.clone());
-                        shared.sink.emit(a);
-                    }
-                    if let (Some(cfg), Some(dir)) = (evidence, bundle) {
-                        last_evidence = Some(Instant::now());
-                        let sh = shared.clone();
-                        let (back, out) = blocking(w, move |w| {
-                            evidence::save(w, &sh.profiles, &cfg, &dir, for_evidence)
-                        })
-                        .await;
-                        w = back;
-                        report_evidence(&shared, &subject, &out);
-                    }
-                    for key in gone {
-                        let mut a = subject.event(
-                            EventKind::Reverted,
-                            "info",
-                            format!("{key} is as in the baseline again"),
-                        );
-                        a.key = key.clone();
-                        reported.remove(&key);
-                        shared.sink.emit(a);
-                    }
-                    let open = reported.len();
-                    let when = crate::integrity::baseline::now_rfc3339();
-                    shared.set_status(&uuid, |st| {
-                        st.last_check = when;
-                        st.open_violations = open;
-                    });
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
-                    }
-                }
-                Err(e) if e.domain_gone() => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(e.message()));
-                    }
-                    // Lost without a stop event (or before it arrived): say so,
-                    // unless the stop event's handling already did.
-                    shared.retire(
-                        &uuid,
-                        Some(task_id),
-                        &name,
-                        &format!("domain lost: {}", e.message()),
-                    );
-                    break 'attach;
-                }
-                Err(e) => {
-                    shared.sink.error(e.kind());
-                    let msg = e.message();
-                    if msg != last_error {
-                        shared.sink.emit(subject.event(
-                            EventKind::Error,
-                            "warning",
-                            format!("checking {name} failed: {msg}"),
-                        ));
-                        last_error = msg.clone();
-                    }
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(msg));
-                    }
-                    if matches!(e, WatchError::Discover(_) | WatchError::Libvirt(_)) {
-                        // The kernel vanished from its page tables (a reset in
-                        // progress), or libvirt went away and came back on a new
-                        // connection: attach again, with the stored baseline.
-                        tokio::time::sleep(s.attach_retry).await;
-                        continue 'attach;
-                    }
-                }
+            if let Flow::Then(next) = flow {
+                return next;
             }
         }
     }
-    // Ended by itself (the domain is gone) or cancelled: forget it, unless a
-    // newer task for the same domain has taken its place meanwhile, so that a
-    // resync can start it again if it does run.
-    let mut tasks = shared.tasks.lock().expect("tasks lock");
-    if tasks.get(&uuid).is_some_and(|t| t.id == task_id) {
-        tasks.remove(&uuid);
-        shared.status.lock().expect("status lock").remove(&uuid);
+
+    /// One check (full when asked for, due, or while provisional), within
+    /// the CPU budget, and what its result becomes.
+    async fn check(
+        &mut self,
+        w: Watched,
+        watch: &mut Watch,
+        due: Instant,
+        reply: Option<Reply>,
+    ) -> (Watched, Flow) {
+        let shared = self.shared.clone();
+        let s = &shared.settings;
+        let now = Instant::now();
+        // While a new baseline is provisional every check is full, so a
+        // settling boot is seen settling as soon as it does.
+        let full = reply.is_some()
+            || watch.times.full_at(now, s.hot_interval)
+            || watch.provisional_until.is_some();
+        let scope = if full { Scope::Full } else { Scope::Hot };
+        let est = self.estimate[usize::from(full)];
+        let wait = shared.budget.reserve(est);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            let late = Instant::now().duration_since(due);
+            let interval = if full { s.full_interval } else { s.hot_interval };
+            if late > interval / 2 {
+                shared.sink.metrics.budget_overruns.inc();
+                shared.budget_exceeded(&self.name, &self.uuid, late, interval);
+            }
+        }
+        let started = Instant::now();
+        let sh = shared.clone();
+        let scope_name = if full { "full" } else { "hot" };
+        let job = blocking(w, move |w| w.check(scope, &sh.profiles));
+        let (mut w, result) =
+            time_limited(&shared, &watch.subject, &self.name, scope_name, job).await;
+        // A check that ran across a reset libvirt reported read the old
+        // kernel going and the new one coming: not a finding. Attach
+        // again, as the reset asks.
+        if shared.knowledge(&self.uuid).reset_reported.is_some_and(|t| t >= started) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(format!("{} was reset during the check", self.name)));
+            }
+            return (w, Flow::Then(Phase::Reattaching { why: None }));
+        }
+        let took = started.elapsed();
+        self.estimate[usize::from(full)] = took;
+        let m = &shared.sink.metrics;
+        m.budget_used.set(shared.budget.settle(est, took));
+        // Those of the attach and of re-taken baselines too, which come
+        // before a check.
+        m.register_snapshots
+            .get_or_create(&DomainLabels { domain: self.name.clone() })
+            .inc_by(w.take_register_snapshots());
+        let every = (s.hot_interval, s.full_interval, s.jitter);
+        watch.times.checked(full, Instant::now(), every, &mut self.seed);
+        watch.times.settle_by(w.patch_hold_ends(), Instant::now());
+        match result {
+            Ok(report) => {
+                count_check(m, &self.name, scope_name, took, &report);
+                let (w, flow) = self.on_report(w, watch, &report, full).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                }
+                (w, flow)
+            }
+            Err(e) => (w, self.on_error(watch, &e, reply)),
+        }
     }
-    shared.sink.metrics.attached.set(gauge(tasks.len()));
+
+    /// A check's report: while provisional, changes absorbed into a
+    /// re-taken baseline; else accepted patches and module events said,
+    /// findings grouped and reported once, evidence saved, reverts said.
+    async fn on_report(
+        &mut self,
+        w: Watched,
+        watch: &mut Watch,
+        report: &Report,
+        full: bool,
+    ) -> (Watched, Flow) {
+        let shared = self.shared.clone();
+        let (name, subject) = (&self.name, &watch.subject);
+        watch.last_error.clear();
+        if !watch.profile_said {
+            watch.profile_said = true;
+            profile_notice(&shared, subject, name, report);
+        }
+        // While a new boot settles, the kernel may still be patching
+        // itself: such changes are taken into the baseline, each
+        // listed with its digest in an info event, until the
+        // window the attach opened closes.
+        let mut w = w;
+        if let Some((until, quiet)) = watch.provisional_until {
+            let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+            if !all.is_empty() && Instant::now() < until {
+                let w = absorb(&shared, subject, name, w, &all).await;
+                watch.provisional_until = Some((until, Instant::now() + shared.settings.settle));
+                return (w, Flow::Continue);
+            }
+            let now = Instant::now();
+            if full && (now >= quiet || now >= until) {
+                watch.provisional_until = None;
+                shared.set_status(&self.uuid, |st| st.state = "watching".into());
+            }
+        }
+        report_patches(&shared, subject, name, report, full);
+        report_module_events(&shared, subject, std::mem::take(&mut w.session.module_events));
+        let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+        let groups = alerts::groups(&all);
+        let (fresh, gone) = alerts::news(&visible(&watch.reported, report), &groups);
+        // Evidence of new violations, at most once per min_interval.
+        let s = &shared.settings;
+        let evidence = s.evidence.clone().filter(|e| {
+            fresh.iter().any(|(_, _, fs)| fs[0].severity == crate::integrity::Severity::Violation)
+                && watch.last_evidence.is_none_or(|t| t.elapsed() >= e.min_interval)
+        });
+        let bundle = evidence.as_ref().map(|_| evidence::bundle_dir(&s.state_dir, &self.uuid));
+        let mut for_evidence = Vec::new();
+        for (key, digest, fs) in fresh {
+            let mut a = subject.group(key, digest, fs);
+            if a.event == EventKind::Violation
+                && let Some(dir) = &bundle
+            {
+                a.evidence = Some(dir.display().to_string());
+                for_evidence.push(a.key.clone());
+            }
+            watch.reported.insert(a.key.clone(), a.digest.clone());
+            shared.sink.emit(a);
+        }
+        if let (Some(cfg), Some(dir)) = (evidence, bundle) {
+            watch.last_evidence = Some(Instant::now());
+            let sh = shared.clone();
+            let (back, out) =
+                blocking(w, move |w| evidence::save(w, &sh.profiles, &cfg, &dir, for_evidence))
+                    .await;
+            w = back;
+            report_evidence(&shared, subject, &out);
+        }
+        for key in gone {
+            let mut a = subject.event(
+                EventKind::Reverted,
+                "info",
+                format!("{key} is as in the baseline again"),
+            );
+            a.key = key.clone();
+            watch.reported.remove(&key);
+            shared.sink.emit(a);
+        }
+        let open = watch.reported.len();
+        let when = crate::integrity::baseline::now_rfc3339();
+        shared.set_status(&self.uuid, |st| {
+            st.last_check = when;
+            st.open_violations = open;
+        });
+        (w, Flow::Continue)
+    }
+
+    /// A check that failed: the domain gone ends the task; a failure is
+    /// said once until it changes; a kernel that vanished from its page
+    /// tables (a reset in progress) or a libvirt that came back on a new
+    /// connection means attaching again, with the stored baseline.
+    fn on_error(&mut self, watch: &mut Watch, e: &WatchError, reply: Option<Reply>) -> Flow {
+        let shared = &self.shared;
+        if e.domain_gone() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(e.message()));
+            }
+            // Lost without a stop event (or before it arrived): say so,
+            // unless the stop event's handling already did.
+            shared.retire(
+                &self.uuid,
+                Some(self.task_id),
+                &self.name,
+                &format!("domain lost: {}", e.message()),
+            );
+            return Flow::Then(Phase::Detached);
+        }
+        shared.sink.error(e.kind());
+        let msg = e.message();
+        if msg != watch.last_error {
+            shared.sink.emit(watch.subject.event(
+                EventKind::Error,
+                "warning",
+                format!("checking {} failed: {msg}", self.name),
+            ));
+            watch.last_error = msg.clone();
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(msg));
+        }
+        if matches!(e, WatchError::Discover(_) | WatchError::Libvirt(_)) {
+            return Flow::Then(Phase::Reattaching { why: None });
+        }
+        Flow::Continue
+    }
+
+    /// Ended by itself (the domain is gone) or cancelled: forgets the
+    /// domain, unless a newer task for it has taken its place meanwhile, so
+    /// that a resync can start it again if it does run.
+    fn forget(&self) {
+        let shared = &self.shared;
+        let mut tasks = shared.tasks.lock().expect("tasks lock");
+        if tasks.get(&self.uuid).is_some_and(|t| t.id == self.task_id) {
+            tasks.remove(&self.uuid);
+            shared.status.lock().expect("status lock").remove(&self.uuid);
+        }
+        shared.sink.metrics.attached.set(gauge(tasks.len()));
+    }
+}
+
+/// Where a forced check's answer goes.
+type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
+
+/// Changes seen while a new boot settles: taken into a re-taken baseline
+/// and listed, with their digests, in an info event.
+async fn absorb(
+    shared: &Shared,
+    subject: &Subject,
+    name: &str,
+    w: Watched,
+    all: &[crate::integrity::Finding],
+) -> Watched {
+    let absorbed: Vec<String> = alerts::groups(all)
+        .iter()
+        .map(|(key, digest, fs)| format!("{key} ({} finding(s), digest {digest})", fs.len()))
+        .collect();
+    let digest = blake3::hash(absorbed.join("\n").as_bytes()).to_hex().to_string();
+    let (w, r) = blocking(w, |w| w.rebaseline()).await;
+    let detail = match r {
+        Ok(()) => format!(
+            "{name} was still changing while its new boot settled; absorbed into a re-taken baseline: {}",
+            absorbed.join("; ")
+        ),
+        Err(e) => format!(
+            "{name} was still changing while its new boot settled ({}); re-taking the baseline failed: {}",
+            absorbed.join("; "),
+            e.message()
+        ),
+    };
+    let mut a = subject.event(EventKind::Notice, "info", detail);
+    a.digest = digest;
+    shared.sink.emit(a);
+    w
 }
 
 /// How long after the hypervisor reported a start or reset a new baseline

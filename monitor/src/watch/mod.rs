@@ -485,58 +485,54 @@ impl Watched {
         let action = decide(signal, stored, window_left.is_some());
         let then = found.as_ref().map(|b| b.kernel.boot_key()).unwrap_or_default();
         let mut problems = Vec::new();
-        let attached = attached_as(action, signal, &run, found.as_ref(), (then, now));
-        if let (Attached::Stored | Attached::Remapped { .. }, Some(mut stored)) = (&attached, found)
-        {
-            // The baseline goes on under this run: record it, so that the
-            // next attach compares with the process the guest is in now
-            // (after a restore or migration; or a baseline of an earlier
-            // vigil, which did not record one).
-            if !stored.run.as_ref().is_some_and(|r| r.same_as(&run)) {
-                stored.run = Some(run.clone());
-                stored.save(&path)?;
+        let mut attached = attached_as(action, signal, &run, found.as_ref(), (then, now));
+        let (baseline, originals, bounds) = match (&attached, found) {
+            (Attached::Stored | Attached::Remapped { .. }, Some(mut stored)) => {
+                // The baseline goes on under this run: record it, so that the
+                // next attach compares with the process the guest is in now
+                // (after a restore or migration; or a baseline of an earlier
+                // vigil, which did not record one).
+                if !stored.run.as_ref().is_some_and(|r| r.same_as(&run)) {
+                    stored.run = Some(run.clone());
+                    stored.save(&path)?;
+                }
+                // Without its original pages the stored baseline still protects,
+                // but cannot tell the kernel's patches from an attack: said, and
+                // a file that exists but cannot be used is kept aside.
+                let (originals, problem) =
+                    stored_originals(&path, &stored, settings.originals_on_disk, dom.name())?;
+                problems.extend(problem);
+                // Bounded after its files are read as stored (the pages file
+                // holds the pages the baseline had).
+                let bounds = bound_stored(&mut stored, &*mem, &view, &settings.profiles);
+                drop(view);
+                (stored, originals, bounds)
             }
-            // Without its original pages the stored baseline still protects,
-            // but cannot tell the kernel's patches from an attack: said, and
-            // a file that exists but cannot be used is kept aside.
-            let (originals, problem) =
-                stored_originals(&path, &stored, settings.originals_on_disk, dom.name())?;
-            problems.extend(problem);
-            // Bounded after its files are read as stored (the pages file
-            // holds the pages the baseline had).
-            let bounds = bound_stored(&mut stored, &*mem, &view, &settings.profiles);
-            drop(view);
-            let mut w = Self::new(dom, mem, stored, path, originals);
-            w.originals_on_disk = settings.originals_on_disk;
-            w.register_snapshots = snapshots;
-            w.problems = problems;
-            w.run = Some(run);
-            w.profiles = settings.profiles;
-            w.bounds = bounds;
-            return Ok((w, attached));
-        }
-        drop(view);
-        // The new baseline is read before anything stored is moved: should
-        // the read fail, the next attach finds the same files and decides
-        // (and says) the same.
-        let (baseline, originals, bounds) =
-            take_baseline(&*dom, &*mem, run.clone(), &mut snapshots, &settings.profiles)?;
-        let mut attached = attached;
-        match (&mut attached, unusable) {
-            (Attached::Unconfirmed { kept, .. }, _) => *kept = keep_baseline_aside(&path)?,
-            (Attached::Replaced, Some(reason)) => problems.push(StateProblem {
-                file: path.display().to_string(),
-                detail: format!(
-                    "the stored baseline of {} cannot be used: {reason}; {}. A new baseline is \
-                     taken of the kernel as it is now, trusted on first use: a change made before now \
-                     cannot be detected",
-                    dom.name(),
-                    keep_baseline_aside(&path)?
-                ),
-            }),
-            _ => {}
-        }
-        let originals = store(&path, &baseline, originals, settings.originals_on_disk)?;
+            _ => {
+                drop(view);
+                // The new baseline is read before anything stored is moved:
+                // should the read fail, the next attach finds the same files
+                // and decides (and says) the same.
+                let (baseline, originals, bounds) =
+                    take_baseline(&*dom, &*mem, run.clone(), &mut snapshots, &settings.profiles)?;
+                match (&mut attached, unusable) {
+                    (Attached::Unconfirmed { kept, .. }, _) => *kept = keep_baseline_aside(&path)?,
+                    (Attached::Replaced, Some(reason)) => problems.push(StateProblem {
+                        file: path.display().to_string(),
+                        detail: format!(
+                            "the stored baseline of {} cannot be used: {reason}; {}. A new baseline is \
+                             taken of the kernel as it is now, trusted on first use: a change made before now \
+                             cannot be detected",
+                            dom.name(),
+                            keep_baseline_aside(&path)?
+                        ),
+                    }),
+                    _ => {}
+                }
+                let originals = store(&path, &baseline, originals, settings.originals_on_disk)?;
+                (baseline, originals, bounds)
+            }
+        };
         let mut w = Self::new(dom, mem, baseline, path, originals);
         w.originals_on_disk = settings.originals_on_disk;
         w.register_snapshots = snapshots;
@@ -544,6 +540,7 @@ impl Watched {
         w.run = Some(run);
         w.profiles = settings.profiles;
         w.bounds = bounds;
+        // Only a new baseline of a new boot or first sight is provisional.
         let provisional = matches!(
             action,
             Action::NewBoot { provisional: true } | Action::FirstSight { provisional: true }
