@@ -39,6 +39,7 @@ pub mod evidence;
 pub mod metrics;
 pub mod push;
 
+mod report;
 mod sink;
 mod task;
 
@@ -59,6 +60,7 @@ use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
 use crate::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 
+use self::report::*;
 pub use self::sink::Sink;
 use self::task::*;
 
