@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::alerts::{EventKind, Operator};
+use super::alerts::{AlertSeverity, EventKind, Operator};
 use super::{Shared, blocking};
 use crate::watch::{WatchError, Watched};
 
@@ -91,7 +91,7 @@ pub(super) async fn run(
             };
             let mut a = subject.event(
                 EventKind::Accepted,
-                "warning",
+                AlertSeverity::Warning,
                 format!("{by} accepted {what} as its new baseline: {reason}"),
             );
             a.key = reason;
@@ -112,7 +112,7 @@ pub(super) async fn run(
             let reviewed = diff_digest.unwrap_or_default();
             let mut a = subject.event(
                 EventKind::Notice,
-                "warning",
+                AlertSeverity::Warning,
                 format!(
                     "{by} asked to accept the state of {name} reviewed as diff {reviewed}, but its diff is {now} now: \
                      refused, nothing accepted (reason given: {reason})"

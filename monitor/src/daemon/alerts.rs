@@ -64,6 +64,34 @@ pub enum EventKind {
     StateUnreadable,
 }
 
+/// How much an alert asks of the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertSeverity {
+    /// Nothing to do: the kernel patched itself, a module loaded, ...
+    Info,
+    /// vigil cannot check everything it should (a failure, a missing profile).
+    Warning,
+    /// A violation, or state that vouched for the guest is lost.
+    Critical,
+}
+
+impl AlertSeverity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertSeverity::Info => "info",
+            AlertSeverity::Warning => "warning",
+            AlertSeverity::Critical => "critical",
+        }
+    }
+}
+
+impl std::fmt::Display for AlertSeverity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One line of the alert log.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Alert {
@@ -73,7 +101,7 @@ pub struct Alert {
     pub host: String,
     pub event: EventKind,
     /// `critical` (violations), `warning` (monitor failures), `info`.
-    pub severity: String,
+    pub severity: AlertSeverity,
     pub domain: String,
     pub uuid: String,
     /// The boot key: where KASLR placed the kernel in this boot.
@@ -229,13 +257,13 @@ pub struct Subject {
 }
 
 impl Subject {
-    pub fn event(&self, event: EventKind, severity: &str, detail: String) -> Alert {
+    pub fn event(&self, event: EventKind, severity: AlertSeverity, detail: String) -> Alert {
         Alert {
             schema: SCHEMA,
             time: crate::integrity::baseline::now_rfc3339(),
             host: self.host.clone(),
             event,
-            severity: severity.into(),
+            severity,
             domain: self.domain.clone(),
             uuid: self.uuid.clone(),
             boot: self.boot.clone(),
@@ -264,8 +292,8 @@ impl Subject {
     pub fn group(&self, key: &str, digest: &str, fs: &[&Finding]) -> Alert {
         let f = fs[0];
         let (event, severity) = match f.severity {
-            Severity::Violation => (EventKind::Violation, "critical"),
-            Severity::Info => (EventKind::Notice, "info"),
+            Severity::Violation => (EventKind::Violation, AlertSeverity::Critical),
+            Severity::Info => (EventKind::Notice, AlertSeverity::Info),
         };
         let moved = |f: &&Finding| f.kind == FindingKind::Remap && f.after != "unmapped";
         let detail = if fs.len() == 1 {
@@ -690,7 +718,7 @@ mod tests {
             let g = groups(scan);
             log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
         }
-        let mut rev = s.event(EventKind::Reverted, "info", "gone".into());
+        let mut rev = s.event(EventKind::Reverted, AlertSeverity::Info, "gone".into());
         rev.key = groups(&regs)[0].0.clone();
         log.append(&rev).unwrap();
         drop(log);
@@ -708,7 +736,7 @@ mod tests {
         assert_eq!(cur[&g[0].0], g[0].1);
         // Appending after the torn line still gives readable lines.
         let mut log = AlertLog::open(&path).unwrap();
-        log.append(&s.event(EventKind::Accepted, "info", "ok".into())).unwrap();
+        log.append(&s.event(EventKind::Accepted, AlertSeverity::Info, "ok".into())).unwrap();
         let r = AlertLog::reported(&path).unwrap();
         assert!(r[&("u".to_string(), "b".to_string())].is_empty());
     }
@@ -727,7 +755,8 @@ mod tests {
         log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
         let mut rotations = 0;
         for i in 0..20 {
-            log.append(&s.event(EventKind::Attached, "info", format!("filler {i}"))).unwrap();
+            log.append(&s.event(EventKind::Attached, AlertSeverity::Info, format!("filler {i}")))
+                .unwrap();
             rotations += u32::from(log.rotate_if_due().unwrap());
         }
         assert!(rotations > rotation.keep, "only {rotations} rotations");
@@ -745,7 +774,7 @@ mod tests {
         write_state(&state_path(&path), &before).unwrap();
         assert_eq!(AlertLog::reported(&path).unwrap(), before);
         // The change reverted, then rotated away: gone from the state too.
-        let mut rev = s.event(EventKind::Reverted, "info", "gone".into());
+        let mut rev = s.event(EventKind::Reverted, AlertSeverity::Info, "gone".into());
         rev.key = g[0].0.clone();
         log.append(&rev).unwrap();
         log.rotate().unwrap();
@@ -768,14 +797,16 @@ mod tests {
         let web = |boot: &str| Subject { boot: boot.into(), ..subject() };
         let db = Subject { domain: "db".into(), uuid: "v".into(), ..subject() };
         for s in [web("b1"), db.clone()] {
-            log.append(&s.event(EventKind::NewBoot, "info", "first sight".into())).unwrap();
+            log.append(&s.event(EventKind::NewBoot, AlertSeverity::Info, "first sight".into()))
+                .unwrap();
             log.append(&s.group(&g[0].0, &g[0].1, &g[0].2)).unwrap();
         }
         let key = |uuid: &str, boot: &str| (uuid.to_string(), boot.to_string());
         let before = AlertLog::reported(&path).unwrap();
         assert_eq!(before[&key("u", "b1")].len(), 1);
         assert_eq!(before[&key("v", "b")].len(), 1);
-        log.append(&web("b2").event(EventKind::NewBoot, "info", "rebooted".into())).unwrap();
+        log.append(&web("b2").event(EventKind::NewBoot, AlertSeverity::Info, "rebooted".into()))
+            .unwrap();
         log.rotate().unwrap();
         let after = AlertLog::reported(&path).unwrap();
         assert!(!after.contains_key(&key("u", "b1")), "{after:?}");
@@ -786,12 +817,16 @@ mod tests {
 
     #[test]
     fn accept_audit_fields_are_written_only_when_present() {
-        let plain =
-            serde_json::to_value(subject().event(EventKind::Attached, "info", "x".into())).unwrap();
+        let plain = serde_json::to_value(subject().event(
+            EventKind::Attached,
+            AlertSeverity::Info,
+            "x".into(),
+        ))
+        .unwrap();
         assert!(plain.get("by").is_none() && plain.get("diff_digest").is_none(), "{plain}");
         let alice = Operator { uid: 1001, gid: 1001, user: Some("alice".into()), pid: Some(4242) };
         assert_eq!(alice.to_string(), "alice (uid 1001, pid 4242)");
-        let mut a = subject().event(EventKind::Accepted, "warning", "accepted".into());
+        let mut a = subject().event(EventKind::Accepted, AlertSeverity::Warning, "accepted".into());
         a.by = Some(alice);
         a.diff_digest = Some("ab".repeat(32));
         let v = serde_json::to_value(&a).unwrap();

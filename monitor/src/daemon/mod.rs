@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 
-use self::alerts::{Alert, AlertLog, EventKind, Reported, Subject};
+use self::alerts::{Alert, AlertLog, AlertSeverity, EventKind, Reported, Subject};
 use self::budget::Budget;
 use self::config::Settings;
 use self::metrics::{
@@ -151,7 +151,7 @@ impl Shared {
         );
         self.sink.emit(self.subject(name, uuid, "").event(
             EventKind::BudgetExceeded,
-            "warning",
+            AlertSeverity::Warning,
             detail,
         ));
     }
@@ -274,7 +274,7 @@ impl Shared {
                 me.sink.error("task_panicked");
                 me.sink.emit(me.subject(&name, &uuid, "").event(
                     EventKind::Error,
-                    "warning",
+                    AlertSeverity::Warning,
                     format!("the task checking {name} panicked ({why}); a new one takes over"),
                 ));
                 me.retire(&uuid, Some(id), &name, "its task panicked");
@@ -293,7 +293,7 @@ impl Shared {
         } else {
             format!("{name} {why}")
         };
-        self.sink.emit(self.subject(name, uuid, "").event(kind, "info", detail));
+        self.sink.emit(self.subject(name, uuid, "").event(kind, AlertSeverity::Info, detail));
     }
 
     fn stop_task(&self, uuid: &str, name: &str, why: &str) {
@@ -303,7 +303,7 @@ impl Shared {
             // on why it went still belongs in the log.
             self.sink.emit(self.subject(name, uuid, "").event(
                 EventKind::Notice,
-                "info",
+                AlertSeverity::Info,
                 format!("{name}, let go a moment ago, is gone because {why}"),
             ));
         }
@@ -331,7 +331,7 @@ impl Shared {
             self.status.lock().expect("status lock").remove(uuid);
             self.sink.emit(self.subject(name, uuid, "").event(
                 EventKind::Detached,
-                "info",
+                AlertSeverity::Info,
                 format!("detached {name}: {why}"),
             ));
             for region in ["kernel-text", "kernel-rodata"] {
@@ -446,13 +446,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                             shared.listening_gap();
                             *shared.hv.write().expect("hv lock") = Some(Arc::new(hv));
                             if was_down {
-                                shared.sink.emit(host_subject.event(EventKind::Notice, "info", format!("reconnected to libvirt at {}", shared.settings.connect)));
+                                shared.sink.emit(host_subject.event(EventKind::Notice, AlertSeverity::Info, format!("reconnected to libvirt at {}", shared.settings.connect)));
                             }
                         }
                         Err(e) => {
                             if libvirt_down_since.is_none() {
                                 shared.sink.error("libvirt");
-                                shared.sink.emit(host_subject.event(EventKind::Error, "warning", format!("libvirt unreachable, retrying: {}", error_chain(&e))));
+                                shared.sink.emit(host_subject.event(EventKind::Error, AlertSeverity::Warning, format!("libvirt unreachable, retrying: {}", error_chain(&e))));
                                 libvirt_down_since = Some(Instant::now());
                             }
                             *shared.hv.write().expect("hv lock") = None;
@@ -496,7 +496,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::alerts::{
-        AlertLog, EventKind, Reported, Rotation, Subject, rotated_path, state_path,
+        AlertLog, AlertSeverity, EventKind, Reported, Rotation, Subject, rotated_path, state_path,
     };
     use super::metrics::{KindLabels, Metrics};
     use super::{Sink, Timetable, panicked};
@@ -640,7 +640,8 @@ mod tests {
         };
         let s =
             Subject { host: "h".into(), domain: "d".into(), uuid: "u".into(), boot: "b".into() };
-        let event = |i: usize| s.event(EventKind::Attached, "info", format!("event {i}"));
+        let event =
+            |i: usize| s.event(EventKind::Attached, AlertSeverity::Info, format!("event {i}"));
         // A directory where the state file goes: the rotation cannot keep
         // the state, so it does not happen.
         std::fs::create_dir(state_path(&path)).unwrap();

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::alerts::{Alert, EventKind};
+use super::alerts::{Alert, AlertSeverity, EventKind};
 use super::config::HttpEndpoint;
 use super::metrics::{KindLabels, Metrics};
 
@@ -113,7 +113,7 @@ pub fn for_alertmanager(a: &Alert) -> bool {
         | EventKind::BudgetExceeded
         | EventKind::Accepted
         | EventKind::StateUnreadable => true,
-        EventKind::NewBoot | EventKind::Attached => a.severity != "info",
+        EventKind::NewBoot | EventKind::Attached => a.severity != AlertSeverity::Info,
         _ => false,
     }
 }
@@ -418,7 +418,7 @@ mod tests {
     fn alert(event: EventKind) -> Alert {
         let s =
             Subject { host: "h".into(), domain: "web1".into(), uuid: "u".into(), boot: "b".into() };
-        s.event(event, "critical", "page 3 of kernel-text changed".into())
+        s.event(event, AlertSeverity::Critical, "page 3 of kernel-text changed".into())
     }
 
     /// Reads one HTTP request whole (head and a body of its Content-Length).
@@ -692,7 +692,7 @@ mod tests {
         assert_eq!(v[0]["startsAt"], a.time.as_str());
         assert!(for_alertmanager(&a));
         let mut attached = alert(EventKind::Attached);
-        attached.severity = "info".into();
+        attached.severity = AlertSeverity::Info;
         assert!(!for_alertmanager(&attached));
         assert!(v[0]["labels"].get("user").is_none() && v[0].get("endsAt").is_none());
     }
@@ -722,14 +722,14 @@ mod tests {
         }
         for k in kept {
             let mut a = alert(k);
-            a.severity = "info".into();
+            a.severity = AlertSeverity::Info;
             assert!(!for_alertmanager(&a), "{k:?} sent");
         }
         // A new baseline the hypervisor did not confirm, or an attach that
         // found the kernel moved: warnings, sent.
         for k in [NewBoot, Attached] {
             let mut a = alert(k);
-            a.severity = "warning".into();
+            a.severity = AlertSeverity::Warning;
             assert!(for_alertmanager(&a), "{k:?} warning not sent");
         }
     }
@@ -743,7 +743,7 @@ mod tests {
             Subject { host: "h".into(), domain: "web1".into(), uuid: "u".into(), boot: "b".into() };
         let mut a = s.event(
             EventKind::Accepted,
-            "warning",
+            AlertSeverity::Warning,
             "alice (uid 1001, pid 4242) accepted the reviewed diff ... of web1".into(),
         );
         a.key = "CHG-4711".into();

@@ -10,11 +10,11 @@ pub(super) fn profile_notice(shared: &Shared, subject: &Subject, name: &str, rep
     let s = &shared.settings;
     let (sev, detail) = match &report.profile {
         Some(p) => (
-            "info",
+            AlertSeverity::Info,
             format!("{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"),
         ),
         None => (
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
                 s.profiles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
@@ -68,7 +68,7 @@ pub(super) fn report_patches(
         }
         shared.sink.emit(subject.event(
             EventKind::KernelPatched,
-            "info",
+            AlertSeverity::Info,
             format!(
                 "{name} patched its own text: {} site change(s) accepted ({}); {} site(s) differ from the baseline now",
                 report.patches.values().sum::<u64>(),
@@ -99,7 +99,7 @@ pub(super) fn report_module_events(shared: &Shared, subject: &Subject, events: V
             format!("module {} unloaded from {:#x}", ev.name, ev.base)
         };
         let kind = if ev.loaded { EventKind::ModuleLoaded } else { EventKind::ModuleUnloaded };
-        shared.sink.emit(subject.event(kind, "info", detail));
+        shared.sink.emit(subject.event(kind, AlertSeverity::Info, detail));
     }
 }
 
@@ -118,7 +118,7 @@ pub(super) fn announce_attach(
         shared.sink.error("baseline_file");
         let mut e = subject.event(
             EventKind::StateUnreadable,
-            "critical",
+            AlertSeverity::Critical,
             format!("{}: {}", problem.file, problem.detail),
         );
         e.key = problem.file;
@@ -136,7 +136,7 @@ pub(super) fn announce_attach(
     if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
         shared.sink.emit(subject.event(
             EventKind::Notice,
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "{name}: no profile matches its kernel, so its text and rodata are bounded by the \
                  guest's own kallsyms, which a rootkit can rewrite; add a profile of this kernel \
@@ -147,7 +147,7 @@ pub(super) fn announce_attach(
     if let Err(why) = &w.bounds {
         shared.sink.emit(subject.event(
             EventKind::Notice,
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "{name}: kernel text and rodata are classed by page permission only ({why}): pages \
                  the kernel freed after boot may still be protected as content, and their reuse \
@@ -195,7 +195,7 @@ pub(super) fn seed_series(shared: &Shared, name: &str, w: &Watched) {
 }
 
 /// The event an attach ends with: its severity and sentence.
-pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'static str, String) {
+pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (AlertSeverity, String) {
     let path = w.path.display();
     let boot = w.boot();
     let settling = match w.provisional_left {
@@ -207,11 +207,11 @@ pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'stat
     };
     match how {
         Attached::Stored => (
-            "info",
+            AlertSeverity::Info,
             format!("attached {name}: checking against the stored baseline of this boot ({path})"),
         ),
         Attached::Remapped { then, now } => (
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "attached {name}: its kernel code is not all where the stored baseline has it (image at {now}; \
                  {then} in the baseline), and the hypervisor reported no reboot: checking against the stored \
@@ -219,17 +219,17 @@ pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'stat
             ),
         ),
         Attached::NewBoot { why } => (
-            "info",
+            AlertSeverity::Info,
             format!("attached {name}: new baseline of boot {boot} taken ({path}): {why}{settling}"),
         ),
         Attached::FirstSight => (
-            "info",
+            AlertSeverity::Info,
             format!(
                 "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{settling}"
             ),
         ),
         Attached::Unconfirmed { then, now, why, kept } => (
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "attached {name}: its kernel image moved from {then} to {now}, a new boot that the hypervisor \
                  cannot confirm: {why}. New baseline of boot {boot} taken ({path}); the earlier one: {kept}. \
@@ -237,7 +237,7 @@ pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (&'stat
             ),
         ),
         Attached::Replaced => (
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "attached {name}: new baseline of boot {boot} taken ({path}) in place of a stored one that \
                  could not be used; trusted on first use"
@@ -254,9 +254,11 @@ pub(super) fn report_evidence(shared: &Shared, subject: &alerts::Subject, out: &
     let skipped: Vec<String> =
         m.skipped.iter().map(|k| format!("{}: {}", k.what, k.reason)).collect();
     let (severity, detail) = match &out.failed {
-        Some(why) => ("warning", format!("evidence of {} could not be saved: {why}", m.domain)),
+        Some(why) => {
+            (AlertSeverity::Warning, format!("evidence of {} could not be saved: {why}", m.domain))
+        }
         None if skipped.is_empty() => (
-            "info",
+            AlertSeverity::Info,
             format!(
                 "evidence of {} saved in {}: {}",
                 m.domain,
@@ -265,7 +267,7 @@ pub(super) fn report_evidence(shared: &Shared, subject: &alerts::Subject, out: &
             ),
         ),
         None => (
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "evidence of {} saved in part: {}; not saved: {}",
                 m.domain,

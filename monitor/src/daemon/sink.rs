@@ -39,7 +39,7 @@ impl Sink {
                     let host = Subject { host: alert.host.clone(), ..Subject::default() };
                     self.emit(host.event(
                         EventKind::Notice,
-                        "info",
+                        AlertSeverity::Info,
                         "the alert log takes alerts again".into(),
                     ));
                 }
@@ -107,7 +107,7 @@ impl Sink {
         let host = Subject { host: alert.host.clone(), ..Subject::default() };
         let failure = host.event(
             EventKind::Error,
-            "warning",
+            AlertSeverity::Warning,
             format!(
                 "the alert log cannot take alerts ({}); they go to stdout and the push sinks only until it can",
                 error_chain(e)

@@ -97,7 +97,7 @@ pub(super) async fn time_limited<T>(
             shared.sink.error("limit_check_time");
             shared.sink.emit(subject.event(
                 EventKind::Error,
-                "warning",
+                AlertSeverity::Warning,
                 format!(
                     "a {scope} check of {name} has run longer than schedule.check_timeout ({limit:?}); \
                      the domain's next check waits for it"
@@ -106,7 +106,7 @@ pub(super) async fn time_limited<T>(
             let done = job.await;
             shared.sink.emit(subject.event(
                 EventKind::Notice,
-                "info",
+                AlertSeverity::Info,
                 format!("the overlong {scope} check of {name} ended after {:?}", started.elapsed()),
             ));
             done
@@ -171,7 +171,7 @@ pub(super) async fn attach(
                         );
                         shared.sink.emit(shared.subject(name, uuid, "").event(
                             EventKind::Waiting,
-                            "info",
+                            AlertSeverity::Info,
                             detail.clone(),
                         ));
                         shared.set_status(uuid, |s| {
@@ -508,7 +508,7 @@ impl DomainTask {
         for key in gone {
             let mut a = subject.event(
                 EventKind::Reverted,
-                "info",
+                AlertSeverity::Info,
                 format!("{key} is as in the baseline again"),
             );
             a.key = key.clone();
@@ -549,7 +549,7 @@ impl DomainTask {
         if msg != watch.last_error {
             shared.sink.emit(watch.subject.event(
                 EventKind::Error,
-                "warning",
+                AlertSeverity::Warning,
                 format!("checking {} failed: {msg}", self.name),
             ));
             watch.last_error = msg.clone();
@@ -606,7 +606,7 @@ async fn absorb(
             e.message()
         ),
     };
-    let mut a = subject.event(EventKind::Notice, "info", detail);
+    let mut a = subject.event(EventKind::Notice, AlertSeverity::Info, detail);
     a.digest = digest;
     shared.sink.emit(a);
     w
