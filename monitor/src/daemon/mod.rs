@@ -334,7 +334,7 @@ impl Shared {
                 AlertSeverity::Info,
                 format!("detached {name}: {why}"),
             ));
-            for region in ["kernel-text", "kernel-rodata"] {
+            for region in [crate::linux::region::TEXT, crate::linux::region::RODATA] {
                 self.sink
                     .metrics
                     .pages_protected

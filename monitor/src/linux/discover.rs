@@ -225,9 +225,9 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         bounds: String::new(),
     };
     let mut regions = vec![
-        RegionLayout { name: "kernel-text".into(), kind: RegionKind::Code, pages: text },
+        RegionLayout { name: super::region::TEXT.into(), kind: RegionKind::Code, pages: text },
         RegionLayout {
-            name: "kernel-rodata".into(),
+            name: super::region::RODATA.into(),
             kind: RegionKind::ReadOnlyData,
             pages: rodata,
         },

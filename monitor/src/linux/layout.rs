@@ -124,14 +124,14 @@ impl Bounds {
         let mut dropped = Dropped::default();
         for r in regions {
             match r.name.as_str() {
-                "kernel-text" => {
+                super::region::TEXT => {
                     dropped.text = r
                         .pages
                         .iter()
                         .filter(|p| !(self.text.0..self.text.1).contains(&p.gva.raw()))
                         .count();
                 }
-                "kernel-rodata" => {
+                super::region::RODATA => {
                     let before = r.pages.len();
                     r.pages.retain(|p| {
                         let gva = p.gva.raw();
@@ -195,7 +195,7 @@ pub fn find<M: crate::memory::GuestMemory + ?Sized>(
         Ok(b) => return Ok(b),
         Err(e) => why.push(e),
     }
-    let rodata = regions.iter().find(|r| r.name == "kernel-rodata");
+    let rodata = regions.iter().find(|r| r.name == super::region::RODATA);
     match rodata.and_then(|r| super::semantic::GuestSymbols::read(mem, r)) {
         Some(g) => match Bounds::from_symbols(|n| g.layout_symbol(n), Source::GuestKallsyms) {
             Ok(b) => return Ok(b),
@@ -219,8 +219,8 @@ pub fn bound_view<M: crate::memory::GuestMemory + ?Sized>(
     let count = |name: &str| {
         view.regions.iter().find(|r| r.name == name).map_or(0, |r| r.pages.len() as u64)
     };
-    view.identification.text_pages = count("kernel-text");
-    view.identification.rodata_pages = count("kernel-rodata");
+    view.identification.text_pages = count(super::region::TEXT);
+    view.identification.rodata_pages = count(super::region::RODATA);
     view.identification.bounds = b.describe();
     let text_past = if dropped.text > 0 {
         format!(

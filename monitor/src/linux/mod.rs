@@ -13,6 +13,7 @@ pub mod layout;
 pub mod modules;
 pub mod patch;
 pub mod profile;
+pub mod region;
 pub mod semantic;
 pub mod session;
 

@@ -96,7 +96,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
             let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
             out.push(
                 Finding::new(
-                    &format!("module:{}", md.name),
+                    &super::region::module(&md.name),
                     FindingKind::Unlisted,
                     Severity::Violation,
                     GuestVirtAddr(md.base),
@@ -164,7 +164,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
             Some(old) => {
                 for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
                     if old.hashes.get(i) != Some(h) {
-                        let region = format!("module:{}", md.name);
+                        let region = super::region::module(&md.name);
                         let mut f = Finding::new(
                             &region,
                             FindingKind::Content,

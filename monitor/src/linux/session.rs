@@ -179,7 +179,7 @@ impl KernelSession {
             .filter(|g| g.kind == RegionKind::Code)
             .map(|g| g.name.as_str())
             .collect();
-        let is_code = |region: &str| code.contains(&region) || region.starts_with("module:");
+        let is_code = |region: &str| code.contains(&region) || super::region::is_module(region);
         let mut warnings = Vec::new();
         let mut changes = Vec::new();
         // Syscall tables and IDT gates are small: both scopes check them.
@@ -391,7 +391,7 @@ fn review_patches<M: GuestMemory + ?Sized>(
         })
     };
     let is_text =
-        |region: &str| region.starts_with("module:") || code_regions.iter().any(|c| c == region);
+        |region: &str| super::region::is_module(region) || code_regions.iter().any(|c| c == region);
     let full = scope == Scope::Full;
     let covered = |a: u64| {
         if text.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {

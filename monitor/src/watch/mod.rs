@@ -355,15 +355,17 @@ fn bound_stored(
     }
     let b = layout::from_profile(profiles, mem, view, view.identification.image_base)
         .map_err(|e| format!("the stored baseline predates layout bounds and {e}"))?;
-    let dropped = stored.keep_head("kernel-rodata", |g| !b.in_gap(g)).ok_or_else(|| {
-        format!(
-            "the stored baseline predates layout bounds and its rodata pages in the freed gaps \
+    let dropped =
+        stored.keep_head(crate::linux::region::RODATA, |g| !b.in_gap(g)).ok_or_else(|| {
+            format!(
+                "the stored baseline predates layout bounds and its rodata pages in the freed gaps \
                  ({}) are not its tail: they stay protected by content until the next baseline",
-            b.describe()
-        )
-    })?;
+                b.describe()
+            )
+        })?;
     stored.kernel.bounds = b.describe();
-    stored.kernel.rodata_pages = stored.region("kernel-rodata").map_or(0, |r| r.pages.len() as u64);
+    stored.kernel.rodata_pages =
+        stored.region(crate::linux::region::RODATA).map_or(0, |r| r.pages.len() as u64);
     Ok(format!(
         "{}; {dropped} rodata page(s) of the stored baseline in the freed gaps now checked for mapping only",
         b.describe()

@@ -106,7 +106,7 @@ pub fn review<M: GuestMemory + ?Sized>(
             memory.hold_disagreements(&mut v, std::time::Instant::now());
         }
         for f in &mut v.violations {
-            if let Some(module) = f.region.strip_prefix("module:") {
+            if let Some(module) = crate::linux::region::module_name(&f.region) {
                 f.detail = format!(
                     "the text of module {module} changed after it was loaded: {}",
                     f.detail
