@@ -11,9 +11,8 @@ use std::sync::Arc;
 use vigil::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_BYTES};
 use vigil::integrity::Baseline;
 use vigil::integrity::baseline::Run;
-use vigil::libvirt::LibvirtError;
 use vigil::memory::{ElfCore, GuestMemory, MemoryError, RamLayout};
-use vigil::watch::Guest;
+use vigil::watch::{Guest, GuestError};
 use vigil::x86::VcpuRegisters;
 
 pub mod paired;
@@ -189,15 +188,15 @@ impl Guest for FleetGuest {
     fn uuid(&self) -> &str {
         &self.uuid
     }
-    fn ensure_running(&self) -> Result<(), LibvirtError> {
+    fn ensure_running(&self) -> Result<(), GuestError> {
         Ok(())
     }
-    fn registers(&self) -> Result<Vec<VcpuRegisters>, LibvirtError> {
+    fn registers(&self) -> Result<Vec<VcpuRegisters>, GuestError> {
         Ok(self.registers.clone())
     }
     /// The benchmark's own process runs every bench guest, for as long as
     /// it lives: one run each, never reset.
-    fn run(&self) -> Result<Run, LibvirtError> {
+    fn run(&self) -> Result<Run, GuestError> {
         Ok(Run {
             host_booted: 0,
             incoming: false,
@@ -206,14 +205,14 @@ impl Guest for FleetGuest {
             started: 0,
         })
     }
-    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, GuestError> {
         Ok(Box::new(self.ram.clone()))
     }
-    fn memory_bytes(&self) -> Result<u64, LibvirtError> {
+    fn memory_bytes(&self) -> Result<u64, GuestError> {
         Ok(self.ram.layout().total())
     }
-    fn dump_memory(&self, _: &Path) -> Result<(), LibvirtError> {
-        Err(LibvirtError::Memory { domain: self.name.clone(), reason: "a bench guest".into() })
+    fn dump_memory(&self, _: &Path) -> Result<(), GuestError> {
+        Err(GuestError::Memory(format!("{}: a bench guest has no memory dump", self.name).into()))
     }
 }
 

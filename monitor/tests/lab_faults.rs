@@ -22,7 +22,7 @@ use vigil::integrity::check::Scope;
 use vigil::libvirt::{GuestDomain, LibvirtError};
 use vigil::memory::GuestMemory;
 use vigil::memory::faults::{FaultPlan, Faults, Faulty};
-use vigil::watch::{Guest, Watched};
+use vigil::watch::{Guest, GuestError, Watched};
 
 mod common;
 use common::{Daemon, FULL, boot};
@@ -52,16 +52,17 @@ impl Guest for FaultyGuest {
     fn uuid(&self) -> &str {
         Guest::uuid(&self.dom)
     }
-    fn ensure_running(&self) -> Result<(), LibvirtError> {
+    fn ensure_running(&self) -> Result<(), GuestError> {
         self.asked.fetch_add(1, SeqCst);
         Guest::ensure_running(&self.dom)
     }
-    fn registers(&self) -> Result<Vec<vigil::x86::VcpuRegisters>, LibvirtError> {
+    fn registers(&self) -> Result<Vec<vigil::x86::VcpuRegisters>, GuestError> {
         if self.refuse.load(SeqCst) {
             return Err(LibvirtError::Memory {
                 domain: Guest::name(&self.dom).to_owned(),
                 reason: "registers refused by the test".into(),
-            });
+            }
+            .into());
         }
         let mut regs = Guest::registers(&self.dom)?;
         let glitch = self.glitches.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
@@ -70,16 +71,16 @@ impl Guest for FaultyGuest {
         }
         Ok(regs)
     }
-    fn run(&self) -> Result<vigil::integrity::baseline::Run, LibvirtError> {
+    fn run(&self) -> Result<vigil::integrity::baseline::Run, GuestError> {
         Guest::run(&self.dom)
     }
-    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, GuestError> {
         Ok(Box::new(Faulty::new(Guest::open_memory(&self.dom)?, self.plan.clone())))
     }
-    fn memory_bytes(&self) -> Result<u64, LibvirtError> {
+    fn memory_bytes(&self) -> Result<u64, GuestError> {
         Guest::memory_bytes(&self.dom)
     }
-    fn dump_memory(&self, path: &Path) -> Result<(), LibvirtError> {
+    fn dump_memory(&self, path: &Path) -> Result<(), GuestError> {
         Guest::dump_memory(&self.dom, path)
     }
 }

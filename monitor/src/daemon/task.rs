@@ -557,7 +557,7 @@ impl DomainTask {
         if let Some(reply) = reply {
             let _ = reply.send(Err(msg));
         }
-        if matches!(e, WatchError::Discover(_) | WatchError::Libvirt(_)) {
+        if matches!(e, WatchError::Discover(_) | WatchError::Guest(_)) {
             return Flow::Then(Phase::Reattaching { why: None });
         }
         Flow::Continue

@@ -26,7 +26,7 @@ use crate::memory::GuestMemory;
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error(transparent)]
-    Libvirt(#[from] LibvirtError),
+    Guest(#[from] GuestError),
     #[error("kernel not found")]
     Discover(#[from] DiscoverError),
     #[error(transparent)]
@@ -44,11 +44,9 @@ impl WatchError {
     /// A short, stable name for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_)) => {
-                "domain_lost"
-            }
-            WatchError::Libvirt(LibvirtError::Memory { .. }) => "memory_unreadable",
-            WatchError::Libvirt(_) => "libvirt",
+            WatchError::Guest(GuestError::Gone(_)) => "domain_lost",
+            WatchError::Guest(GuestError::Memory(_)) => "memory_unreadable",
+            WatchError::Guest(GuestError::Hypervisor(_)) => "libvirt",
             // A bound on the page-table walk was hit: hostile or broken
             // tables, counted apart from a kernel that is simply not there.
             WatchError::Discover(DiscoverError::Walk {
@@ -68,10 +66,7 @@ impl WatchError {
     }
 
     pub fn domain_gone(&self) -> bool {
-        matches!(
-            self,
-            WatchError::Libvirt(LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_))
-        )
+        matches!(self, WatchError::Guest(GuestError::Gone(_)))
     }
 
     pub fn message(&self) -> String {
@@ -140,20 +135,20 @@ pub trait Guest: Send {
     fn name(&self) -> &str;
     fn uuid(&self) -> &str;
     /// `Ok` while the guest runs (or is paused).
-    fn ensure_running(&self) -> Result<(), LibvirtError>;
-    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, LibvirtError>;
+    fn ensure_running(&self) -> Result<(), GuestError>;
+    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, GuestError>;
     /// The hypervisor's run of the guest (its emulator process).
-    fn run(&self) -> Result<Run, LibvirtError>;
+    fn run(&self) -> Result<Run, GuestError>;
     /// Whether the guest is paused (an emulator started `-incoming` is
     /// paused until its memory has all arrived).
     fn paused(&self) -> bool {
         false
     }
-    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError>;
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, GuestError>;
     /// The guest's memory size, for evidence limits.
-    fn memory_bytes(&self) -> Result<u64, LibvirtError>;
+    fn memory_bytes(&self) -> Result<u64, GuestError>;
     /// Writes the guest's memory to `path` as an ELF core (evidence).
-    fn dump_memory(&self, path: &Path) -> Result<(), LibvirtError>;
+    fn dump_memory(&self, path: &Path) -> Result<(), GuestError>;
 }
 
 impl Guest for GuestDomain {
@@ -163,26 +158,56 @@ impl Guest for GuestDomain {
     fn uuid(&self) -> &str {
         &self.uuid
     }
-    fn ensure_running(&self) -> Result<(), LibvirtError> {
-        GuestDomain::ensure_running(self)
+    fn ensure_running(&self) -> Result<(), GuestError> {
+        Ok(GuestDomain::ensure_running(self)?)
     }
-    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, LibvirtError> {
-        GuestDomain::registers(self)
+    fn registers(&self) -> Result<Vec<crate::x86::VcpuRegisters>, GuestError> {
+        Ok(GuestDomain::registers(self)?)
     }
-    fn run(&self) -> Result<Run, LibvirtError> {
-        GuestDomain::run(self)
+    fn run(&self) -> Result<Run, GuestError> {
+        Ok(GuestDomain::run(self)?)
     }
     fn paused(&self) -> bool {
         self.state_text() == "paused"
     }
-    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, LibvirtError> {
-        GuestDomain::open_memory(self, SourceChoice::Auto)
+    fn open_memory(&self) -> Result<Box<dyn GuestMemory + Send + Sync>, GuestError> {
+        Ok(GuestDomain::open_memory(self, SourceChoice::Auto)?)
     }
-    fn memory_bytes(&self) -> Result<u64, LibvirtError> {
-        GuestDomain::memory_bytes(self)
+    fn memory_bytes(&self) -> Result<u64, GuestError> {
+        Ok(GuestDomain::memory_bytes(self)?)
     }
-    fn dump_memory(&self, path: &Path) -> Result<(), LibvirtError> {
-        GuestDomain::dump_memory(self, path)
+    fn dump_memory(&self, path: &Path) -> Result<(), GuestError> {
+        Ok(GuestDomain::dump_memory(self, path)?)
+    }
+}
+
+/// Why a guest could not give what was asked, whatever the hypervisor
+/// (libvirt's errors, a bench's or a test's own), as the watch tells them
+/// apart; the message is the cause's own.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The guest no longer runs, or is no longer there.
+    #[error(transparent)]
+    Gone(BoxError),
+    /// Its memory cannot be read.
+    #[error(transparent)]
+    Memory(BoxError),
+    /// The hypervisor failed otherwise.
+    #[error(transparent)]
+    Hypervisor(BoxError),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl From<LibvirtError> for GuestError {
+    fn from(e: LibvirtError) -> Self {
+        match e {
+            LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_) => {
+                GuestError::Gone(Box::new(e))
+            }
+            LibvirtError::Memory { .. } => GuestError::Memory(Box::new(e)),
+            _ => GuestError::Hypervisor(Box::new(e)),
+        }
     }
 }
 
@@ -434,7 +459,8 @@ impl Watched {
         known: &Knowledge,
         settings: AttachSettings,
     ) -> Result<(Self, Attached), WatchError> {
-        Self::attach_guest(Box::new(hv.domain(uuid)?), state_dir, known, settings)
+        let dom = hv.domain(uuid).map_err(GuestError::from)?;
+        Self::attach_guest(Box::new(dom), state_dir, known, settings)
     }
 
     /// [`Watched::attach`] for any [`Guest`].
@@ -620,9 +646,7 @@ impl Watched {
     ) -> Result<Report, WatchError> {
         match self.check_open(scope, profiles, changes) {
             Err(e) if !e.domain_gone() => match self.dom.ensure_running() {
-                Err(gone @ (LibvirtError::NotRunning { .. } | LibvirtError::NoDomain(_))) => {
-                    Err(gone.into())
-                }
+                Err(gone @ GuestError::Gone(_)) => Err(gone.into()),
                 _ => Err(e),
             },
             r => r,
