@@ -522,7 +522,7 @@ mod tests {
     }
 
     /// A held patch site's hold end brings the next full check forward,
-    /// never back, and a hold end already past changes nothing.
+    /// never back; one already past brings it to now.
     #[test]
     fn a_hold_ending_brings_the_full_check_forward() {
         let (hot, full) = (Duration::from_secs(1), Duration::from_secs(10));
@@ -537,9 +537,11 @@ mod tests {
         assert!(t.full_at(now + Duration::from_secs(4), hot));
         t.settle_by(Some(now + Duration::from_secs(6)), now);
         assert_eq!(t.next_full, now + Duration::from_secs(4), "never later");
-        t.settle_by(Some(now), now + Duration::from_secs(1));
         t.settle_by(None, now);
-        assert_eq!(t.next_full, now + Duration::from_secs(4), "a past or no hold: as it was");
+        assert_eq!(t.next_full, now + Duration::from_secs(4), "no hold: as it was");
+        // A hold that ended while the check ran: the full check at once.
+        t.settle_by(Some(now), now + Duration::from_secs(1));
+        assert_eq!(t.next_full, now + Duration::from_secs(1));
     }
 
     /// A full check due within half a hot interval is not preceded by a hot

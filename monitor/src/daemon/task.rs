@@ -48,11 +48,11 @@ impl Timetable {
     }
 
     /// Brings the next full check forward to `at` (when a held patch site's
-    /// hold ends: that check reports it if it still disagrees), if `at` is
-    /// still to come.
+    /// hold ends: that check reports it if it still disagrees), or to `now`
+    /// if that has passed while the check ran.
     pub(super) fn settle_by(&mut self, at: Option<Instant>, now: Instant) {
-        if let Some(at) = at.filter(|&at| at > now) {
-            self.next_full = self.next_full.min(at);
+        if let Some(at) = at {
+            self.next_full = self.next_full.min(at.max(now));
         }
     }
 }
@@ -423,7 +423,7 @@ impl DomainTask {
             .inc_by(w.take_register_snapshots());
         let every = (s.hot_interval, s.full_interval, s.jitter);
         watch.times.checked(full, Instant::now(), every, &mut self.seed);
-        watch.times.settle_by(w.patch_hold_ends(), Instant::now());
+        watch.times.settle_by(w.take_patch_hold_end(), Instant::now());
         match result {
             Ok(report) => {
                 count_check(m, &self.name, scope_name, took, &report);

@@ -143,9 +143,10 @@ impl KernelSession {
 
     /// When a patch site held by the last examination (its bytes disagree
     /// with its record, the kernel perhaps still updating it) is to be
-    /// judged for the last time: a full check is due then.
-    pub fn patch_hold_ends(&self) -> Option<Instant> {
-        self.patch.held_until
+    /// judged for the last time: a full check is due then. Taken: each
+    /// examination's answer is given once.
+    pub fn take_patch_hold_end(&mut self) -> Option<Instant> {
+        self.patch.held_until.take()
     }
 
     /// Forgets what was accepted and known under an earlier baseline:

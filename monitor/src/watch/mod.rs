@@ -596,9 +596,9 @@ impl Watched {
     }
 
     /// When a patch site the last check held is judged for the last time
-    /// (see [`KernelSession::patch_hold_ends`]).
-    pub fn patch_hold_ends(&self) -> Option<std::time::Instant> {
-        self.session.patch_hold_ends()
+    /// (see [`KernelSession::take_patch_hold_end`]), once.
+    pub fn take_patch_hold_end(&mut self) -> Option<std::time::Instant> {
+        self.session.take_patch_hold_end()
     }
 
     /// Compares the guest with the baseline over `scope`.

@@ -133,8 +133,10 @@ pub fn review<M: GuestMemory + ?Sized>(
         for (gva, h, units) in v.clean {
             memory.accepted_pages.insert(gva, (h, units));
         }
+        // A site may cross into the next page: neither page stays judged.
         for f in report.violations.iter().filter(|f| is_text(&f.region)) {
             memory.accepted_pages.remove(&(f.gva.raw() & !(PAGE_SIZE - 1)));
+            memory.accepted_pages.remove(&((f.gva.raw() + MAX_SITE - 1) & !(PAGE_SIZE - 1)));
         }
     }
     // A settled static call site calls what its key held: remembered as the

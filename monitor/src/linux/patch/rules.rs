@@ -349,6 +349,10 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
 ) -> Verdicts {
     let mut out = Verdicts::default();
     let mut judged: HashSet<u64> = HashSet::new();
+    // Sites judged a violation or in flight, as [start, end): a site that
+    // crosses into the next page is judged once, with the first page, and
+    // the other page must not be taken as judged clean on its own.
+    let mut unsettled: Vec<(u64, u64)> = Vec::new();
     for p in pages {
         let violation = |at: u64, detail: String, before: String, after: String| {
             let gpa = GuestPhysAddr(p.gpa.raw().wrapping_add(at.wrapping_sub(p.gva)));
@@ -457,6 +461,9 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                             Some(Site::StaticTramp { key }) => key,
                             _ => None,
                         };
+                        if in_flight {
+                            unsettled.push((a, a + len as u64));
+                        }
                         out.accepted.push(Patched { addr: a, kind, bytes: c, in_flight, key })
                     }
                     Err(why) => {
@@ -467,6 +474,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                         if op.is_some() && c.first() == op.as_ref() {
                             out.disagreements.push((a, c.clone()));
                         }
+                        unsettled.push((a, a + len as u64));
                         out.violations.push(violation(a, why, hex(&o), hex(&c)));
                     }
                 }
@@ -481,5 +489,6 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             out.clean.push((p.gva, *blake3::hash(&cur).as_bytes(), units));
         }
     }
+    out.clean.retain(|(gva, ..)| !unsettled.iter().any(|&(a, e)| a < gva + PAGE_SIZE && *gva < e));
     out
 }

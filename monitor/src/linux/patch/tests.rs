@@ -475,3 +475,47 @@ proptest::proptest! {
         let _ = verify(&t, &f, &orig);
     }
 }
+
+/// A site that crosses into the next page is judged once, with its first
+/// page; neither page is taken as judged clean while it is a violation (or
+/// held), or the second page would be cached with the hook's bytes and
+/// never judged again once the first page is put back.
+#[test]
+fn a_site_across_two_pages_keeps_both_unjudged_clean() {
+    let site = TEXT_VA + 0x1000 - 2;
+    let mut t = PatchTables::default();
+    t.sites.insert(site, Site::Fentry);
+    t.ftrace_callers.insert(CALLER);
+    let mut f = Fake::new();
+    write(&mut f, site, &NOP5);
+    let mut orig = vec![0u8; 2 * 4096];
+    f.mem.read(GuestPhysAddr(0x2000), &mut orig).unwrap();
+    let pages: Vec<ChangedPage> = (0..2u64)
+        .map(|i| ChangedPage {
+            region: "kernel-text".into(),
+            index: i,
+            gva: TEXT_VA + i * 4096,
+            gpa: GuestPhysAddr(0x2000 + i * 4096),
+        })
+        .collect();
+    let original = |gva: u64| {
+        let i = usize::try_from(gva.checked_sub(TEXT_VA)?).ok()? / 4096;
+        orig.get(i * 4096..(i + 1) * 4096).map(<[u8]>::to_vec)
+    };
+    let judge = |f: &Fake| verify_pages(&t, &pages, &f.mem, f, &original, &|a| format!("{a:#x}"));
+    // The kernel's call to its caller: both pages clean.
+    write(&mut f, site, &rel(CALL, site, CALLER));
+    let v = judge(&f);
+    assert!(v.violations.is_empty(), "{:#?}", v.violations);
+    assert_eq!(v.clean.len(), 2);
+    // A call elsewhere: a violation (a disagreement), and neither page clean.
+    write(&mut f, site, &rel(CALL, site, TEXT_VA + 0x5000));
+    let v = judge(&f);
+    assert_eq!(v.violations.len(), 1, "{:#?}", v.violations);
+    assert_eq!(v.disagreements.len(), 1);
+    assert!(
+        v.clean.is_empty(),
+        "pages taken as judged: {:x?}",
+        v.clean.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+}
