@@ -34,6 +34,13 @@ pub enum LibvirtError {
     Events { uri: String, reason: String },
     #[error("no domain named or with UUID {0:?}")]
     NoDomain(String),
+    #[error("looking up domain {id:?} at {uri}")]
+    Lookup {
+        uri: String,
+        id: String,
+        #[source]
+        source: VirError,
+    },
     #[error("domain {domain} is not running (it is {state})")]
     NotRunning { domain: String, state: String },
     #[error("domain {domain}: QEMU monitor command {command:?} failed")]
@@ -177,11 +184,30 @@ impl Hypervisor {
 
     /// A domain by name or UUID.
     pub fn domain(&self, id: &str) -> Result<GuestDomain, LibvirtError> {
-        self.conn
-            .lookup_by_name(id)
-            .or_else(|_| self.conn.lookup_by_uuid_string(id))
-            .map(GuestDomain::new)
-            .map_err(|_| LibvirtError::NoDomain(id.into()))
+        // Only libvirt's "no such domain" (and, by UUID, "not a UUID") is
+        // that; a connection that failed meanwhile is said as such, not as
+        // a domain gone.
+        let by_name = match self.conn.lookup_by_name(id) {
+            Ok(d) => return Ok(GuestDomain::new(d)),
+            Err(e) => e,
+        };
+        match self.conn.lookup_by_uuid_string(id) {
+            Ok(d) => Ok(GuestDomain::new(d)),
+            Err(by_uuid) => {
+                let absent = |code| code == sys::ERR_NO_DOMAIN || code == sys::ERR_ARGUMENT;
+                if absent(by_name.code)
+                    && (absent(by_uuid.code) || by_uuid.code == sys::ERR_INVALID_ARG)
+                {
+                    Err(LibvirtError::NoDomain(id.into()))
+                } else {
+                    Err(LibvirtError::Lookup {
+                        uri: self.uri.clone(),
+                        id: id.into(),
+                        source: by_name,
+                    })
+                }
+            }
+        }
     }
 }
 

@@ -47,8 +47,12 @@ pub const VIR_DOMAIN_EVENT_ID_LIFECYCLE: c_int = 0;
 pub const VIR_DOMAIN_EVENT_ID_REBOOT: c_int = 1;
 /// `VIR_ERR_NO_DOMAIN`.
 pub const ERR_NO_DOMAIN: i32 = 42;
+/// `VIR_ERR_INVALID_ARG` (a UUID lookup of something not a UUID).
+pub const ERR_INVALID_ARG: i32 = 8;
 /// vigil's code for "the library could not be loaded" (libvirt's are >= 0).
 pub const ERR_NOT_LOADED: i32 = -1;
+/// vigil's code for an argument libvirt cannot be given (a NUL byte in it).
+pub const ERR_ARGUMENT: i32 = -2;
 
 /// A domain's state (`virDomainState`).
 pub const VIR_DOMAIN_NOSTATE: i32 = 0;
@@ -240,7 +244,8 @@ impl VirError {
 }
 
 fn c_string(s: &str) -> Result<CString, VirError> {
-    CString::new(s).map_err(|_| VirError { code: -1, message: format!("{s:?} holds a NUL byte") })
+    CString::new(s)
+        .map_err(|_| VirError { code: ERR_ARGUMENT, message: format!("{s:?} holds a NUL byte") })
 }
 
 /// Copies a libvirt-allocated string and frees it.
