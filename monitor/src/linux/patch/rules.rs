@@ -226,6 +226,43 @@ impl PatchTables {
     }
 }
 
+/// A run of changed bytes at `start` (`c`, as they are now) that no unit of
+/// `units` covers in full: a violation, or, between a module's functions
+/// (padding a module reloaded at the same base need not reproduce), an
+/// information finding. `None` when the units cover it.
+fn unexplained(
+    tables: &PatchTables,
+    units: &[(u64, usize, Option<Site>)],
+    start: u64,
+    c: &[u8],
+    name: &dyn Fn(u64) -> String,
+) -> Option<(Severity, String)> {
+    let end = start + c.len() as u64;
+    let first =
+        (start..end).find(|b| !units.iter().any(|&(a, l, _)| (a..a + l as u64).contains(b)))?;
+    let in_module = tables.module_text.iter().any(|&(a, b)| a <= start && end <= b);
+    let in_function = tables.module_functions.iter().any(|&(a, b)| a < end && start < b);
+    if in_module && !in_function {
+        return Some((
+            Severity::Info,
+            format!(
+                "{} byte(s) at {start:#x} changed between the module's functions (alignment the loader leaves as it found it; the module reloaded at the same address?)",
+                c.len()
+            ),
+        ));
+    }
+    let detail = if c.len() == 1 && c[0] == INT3 {
+        format!("an int3 at {first:#x} where no kprobe is registered")
+    } else {
+        format!(
+            "{} byte(s) at {start:#x} changed where the kernel patches nothing (no jump label, static call, ftrace entry or kprobe there); now {}",
+            c.len(),
+            describe(start, c, name)
+        )
+    };
+    Some((Severity::Violation, detail))
+}
+
 impl Site {
     /// The instruction the kernel writes when it updates this site through
     /// its record (a static call's key, an ftrace ops): a call, or a static
@@ -401,37 +438,11 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
         for (s, e) in runs {
             let (start, end) = (p.gva + s as u64, p.gva + e as u64);
             let units = tables.units_over(&text, start, end);
-            let uncovered = (start..end)
-                .find(|b| !units.iter().any(|&(a, l, _)| (a..a + l as u64).contains(b)));
-            let in_module = tables.module_text.iter().any(|&(a, b)| a <= start && end <= b);
-            let in_function = tables.module_functions.iter().any(|&(a, b)| a < end && start < b);
-            if uncovered.is_some() && in_module && !in_function {
-                let (o, c) = (&orig[s..e], &cur[s..e]);
-                let mut f = violation(
-                    start,
-                    format!(
-                        "{} byte(s) at {start:#x} changed between the module's functions (alignment the loader leaves as it found it; the module reloaded at the same address?)",
-                        e - s
-                    ),
-                    hex(o),
-                    hex(c),
-                );
-                f.severity = Severity::Info;
+            let (o, c) = (&orig[s..e], &cur[s..e]);
+            if let Some((severity, detail)) = unexplained(tables, &units, start, c, name) {
+                let mut f = violation(start, detail, hex(o), hex(c));
+                f.severity = severity;
                 out.violations.push(f);
-                continue;
-            }
-            if let Some(first) = uncovered {
-                let (o, c) = (&orig[s..e], &cur[s..e]);
-                let detail = if e - s == 1 && c[0] == INT3 {
-                    format!("an int3 at {first:#x} where no kprobe is registered")
-                } else {
-                    format!(
-                        "{} byte(s) at {start:#x} changed where the kernel patches nothing (no jump label, static call, ftrace entry or kprobe there); now {}",
-                        e - s,
-                        describe(start, c, name)
-                    )
-                };
-                out.violations.push(violation(start, detail, hex(o), hex(c)));
                 continue;
             }
             for (a, len, site) in units {
