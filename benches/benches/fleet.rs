@@ -118,7 +118,11 @@ fn main() {
         let (mut w, _) =
             Watched::attach_guest(Box::new(g), state.path(), &known, settings).unwrap();
         let r = w.check(Scope::Full, &profiles).unwrap();
-        assert!(r.intact, "guest {i} is not intact at start: {:?}", r.violations.first());
+        assert!(
+            r.check.intact,
+            "guest {i} is not intact at start: {:?}",
+            r.check.violations.first()
+        );
         fleet.push((w, copy));
     }
     let rss_after = rss_anon();
@@ -199,13 +203,18 @@ fn main() {
                     let took = t.elapsed().as_secs_f64();
                     let mut seen = None;
                     if let Some((poked, gpa, old)) = g.2 {
-                        if r.violations.iter().any(|f| f.region == "kernel-text") {
+                        if r.check.violations.iter().any(|f| f.region == vigil::linux::region::TEXT)
+                        {
                             seen = Some(poked.elapsed().as_secs_f64());
                             g.1.poke(gpa, old);
                             g.2 = None;
                         }
                     } else {
-                        assert!(r.intact, "guest {i}: unexpected {:?}", r.violations.first());
+                        assert!(
+                            r.check.intact,
+                            "guest {i}: unexpected {:?}",
+                            r.check.violations.first()
+                        );
                     }
                     drop(g);
                     let mut t = tally.lock().unwrap();

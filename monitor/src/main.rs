@@ -8,8 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use vigil::integrity::baseline::DomainId;
-use vigil::integrity::{Baseline, Finding, FindingKind, Originals, Report};
+use vigil::integrity::{Baseline, Finding, FindingKind, Originals};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
+use vigil::linux::KernelReport;
 use vigil::linux::discover;
 use vigil::linux::session::{ExamineError, examine_once};
 
@@ -502,7 +503,7 @@ fn check_domain(
     } else {
         print_report(&mut out, &report, &path)?;
     }
-    Ok(if report.intact { EXIT_OK } else { EXIT_VIOLATIONS })
+    Ok(if report.check.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }
 
 fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
@@ -715,7 +716,8 @@ fn print_diff(cli: &Cli, d: &vigil::linux::diff::Diff) -> anyhow::Result<u8> {
     Ok(if d.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }
 
-fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Result<()> {
+fn print_report(out: &mut impl Write, kr: &KernelReport, path: &Path) -> std::io::Result<()> {
+    let (r, k) = (&kr.check, &kr.kernel);
     let verdict = if r.intact { "INTACT" } else { "VIOLATIONS" };
     writeln!(
         out,
@@ -733,12 +735,12 @@ fn print_report(out: &mut impl Write, r: &Report, path: &Path) -> std::io::Resul
         r.checked,
         r.source
     )?;
-    if r.patched_sites > 0 {
-        let kinds: Vec<String> = r.patches.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    if k.patched_sites > 0 {
+        let kinds: Vec<String> = k.patches.iter().map(|(k, n)| format!("{n} {k}")).collect();
         writeln!(
             out,
             "kernel patches: {} site(s) differ from the baseline, each a patch the kernel's own records allow ({})",
-            r.patched_sites,
+            k.patched_sites,
             kinds.join(", ")
         )?;
     }

@@ -132,7 +132,11 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
         *plan.lock().unwrap() = faults;
         let e = match check(&mut w) {
             Ok(r) => {
-                panic!("{what}: the check passed: intact {} {:?}", r.intact, r.violations.first())
+                panic!(
+                    "{what}: the check passed: intact {} {:?}",
+                    r.check.intact,
+                    r.check.violations.first()
+                )
             }
             Err(e) => e,
         };
@@ -141,9 +145,9 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
         *plan.lock().unwrap() = Faults::default();
         let r = check(&mut w).unwrap_or_else(|e| panic!("after {what}, the next check: {e}"));
         assert!(
-            r.violations.iter().all(|v| v.region != "kernel-text"),
+            r.check.violations.iter().all(|v| v.region != "kernel-text"),
             "after {what}: {:?}",
-            r.violations
+            r.check.violations
         );
     }
 
@@ -154,11 +158,11 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     w.take_register_snapshots();
     glitches.store(2, SeqCst);
     let r = check(&mut w).unwrap_or_else(|e| panic!("two bad snapshots, then a good one: {e}"));
-    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    assert!(r.check.violations.is_empty(), "{:?}", r.check.violations);
     assert_eq!(glitches.load(SeqCst), 0);
     assert_eq!(w.take_register_snapshots(), 3, "two bad snapshots, then a good one");
     glitches.store(3, SeqCst);
-    let e = check(&mut w).map(|r| r.intact).expect_err("three bad snapshots in a row");
+    let e = check(&mut w).map(|r| r.check.intact).expect_err("three bad snapshots in a row");
     let says = vigil::libvirt::error_chain(&e);
     assert!(says.contains(&format!("IDT of vCPU 0 at {UNMAPPED:#x} is not mapped")), "{says}");
     assert_eq!(e.kind(), "kernel_not_found");
@@ -170,13 +174,13 @@ fn lab_faults_in_guest_memory_fail_a_check_and_it_recovers() {
     // domain gone since the check before, as the domain's going (which the
     // daemon takes quietly), whatever failed first.
     refuse.store(true, SeqCst);
-    let e = check(&mut w).map(|r| r.intact).expect_err("registers refused");
+    let e = check(&mut w).map(|r| r.check.intact).expect_err("registers refused");
     assert_eq!(e.kind(), "memory_unreadable", "{}", vigil::libvirt::error_chain(&e));
     refuse.store(false, SeqCst);
     check(&mut w).unwrap_or_else(|e| panic!("after the refused registers, the next check: {e}"));
     g.destroy();
     refuse.store(true, SeqCst);
-    let e = check(&mut w).map(|r| r.intact).expect_err("a check of a destroyed domain");
+    let e = check(&mut w).map(|r| r.check.intact).expect_err("a check of a destroyed domain");
     assert_eq!(e.kind(), "domain_lost", "{}", vigil::libvirt::error_chain(&e));
 }
 

@@ -3,12 +3,13 @@
 
 use super::*;
 use crate::integrity::check::Report;
+use crate::linux::KernelFacts;
 use crate::linux::modules::ModuleEvent;
 
 /// Says once per attach which profile the kernel matched, or that none did.
-pub(super) fn profile_notice(shared: &Shared, subject: &Subject, name: &str, report: &Report) {
+pub(super) fn profile_notice(shared: &Shared, subject: &Subject, name: &str, kernel: &KernelFacts) {
     let s = &shared.settings;
-    let (sev, detail) = match &report.profile {
+    let (sev, detail) = match &kernel.profile {
         Some(p) => (
             AlertSeverity::Info,
             format!("{name} runs kernel {p}: syscall tables and IDT gates are checked by symbol"),
@@ -53,7 +54,7 @@ pub(super) fn report_patches(
     shared: &Shared,
     subject: &Subject,
     name: &str,
-    report: &Report,
+    report: &KernelFacts,
     full: bool,
 ) {
     let m = &shared.sink.metrics;
@@ -298,7 +299,7 @@ pub(super) fn report_evidence(shared: &Shared, subject: &alerts::Subject, out: &
 /// their changes reverted).
 pub(super) fn visible(
     reported: &HashMap<String, String>,
-    report: &crate::integrity::Report,
+    report: &Report,
 ) -> HashMap<String, String> {
     reported
         .iter()

@@ -3,7 +3,7 @@
 //! and let go.
 
 use super::*;
-use crate::integrity::check::Report;
+use crate::linux::KernelReport;
 
 /// When a domain's next hot and full checks are due.
 pub(super) struct Timetable {
@@ -426,7 +426,7 @@ impl DomainTask {
         watch.times.settle_by(w.take_patch_hold_end(), Instant::now());
         match result {
             Ok(report) => {
-                count_check(m, &self.name, scope_name, took, &report);
+                count_check(m, &self.name, scope_name, took, &report.check);
                 let (w, flow) = self.on_report(w, watch, &report, full).await;
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
@@ -444,7 +444,7 @@ impl DomainTask {
         &mut self,
         w: Watched,
         watch: &mut Watch,
-        report: &Report,
+        report: &KernelReport,
         full: bool,
     ) -> (Watched, Flow) {
         let shared = self.shared.clone();
@@ -452,7 +452,7 @@ impl DomainTask {
         watch.last_error.clear();
         if !watch.profile_said {
             watch.profile_said = true;
-            profile_notice(&shared, subject, name, report);
+            profile_notice(&shared, subject, name, &report.kernel);
         }
         // While a new boot settles, the kernel may still be patching
         // itself: such changes are taken into the baseline, each
@@ -460,7 +460,8 @@ impl DomainTask {
         // window the attach opened closes.
         let mut w = w;
         if let Some((until, quiet)) = watch.provisional_until {
-            let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+            let all: Vec<_> =
+                report.check.violations.iter().chain(&report.check.info).cloned().collect();
             if !all.is_empty() && Instant::now() < until {
                 let w = absorb(&shared, subject, name, w, &all).await;
                 watch.provisional_until = Some((until, Instant::now() + shared.settings.settle));
@@ -472,11 +473,12 @@ impl DomainTask {
                 shared.set_status(&self.uuid, |st| st.state = "watching".into());
             }
         }
-        report_patches(&shared, subject, name, report, full);
+        report_patches(&shared, subject, name, &report.kernel, full);
         report_module_events(&shared, subject, std::mem::take(&mut w.session.module_events));
-        let all: Vec<_> = report.violations.iter().chain(&report.info).cloned().collect();
+        let all: Vec<_> =
+            report.check.violations.iter().chain(&report.check.info).cloned().collect();
         let groups = alerts::groups(&all);
-        let (fresh, gone) = alerts::news(&visible(&watch.reported, report), &groups);
+        let (fresh, gone) = alerts::news(&visible(&watch.reported, &report.check), &groups);
         // Evidence of new violations, at most once per min_interval.
         let s = &shared.settings;
         let evidence = s.evidence.clone().filter(|e| {

@@ -122,31 +122,6 @@ pub struct Report {
     pub scope: Scope,
     /// Bytes of guest memory read and hashed.
     pub bytes_verified: u64,
-    /// The guest profile the kernel matched, if any (semantic checks ran).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<String>,
-    /// Modules in the guest's module list, when a profile let vigil walk it.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub modules: Vec<String>,
-    /// Kernel patches accepted by this check, by kind (`jump_label`,
-    /// `static_call`, `ftrace`, `kprobe`): sites whose bytes changed since the
-    /// last check (or, without one, since the baseline).
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub patches: std::collections::BTreeMap<String, u64>,
-    /// Sites that differ from the baseline now, every one a patch the
-    /// kernel makes.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub patched_sites: u64,
-    /// Patch sites whose bytes disagree with their records, held for now:
-    /// the kernel may be between updating a record and its sites. Each is
-    /// judged again at every check and reported if it still disagrees when
-    /// its hold ends.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub pending_sites: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl Report {
@@ -489,11 +464,6 @@ pub fn check_tagged<M: GuestMemory + ?Sized>(
         regions,
         scope,
         bytes_verified,
-        profile: None,
-        modules: Vec::new(),
-        patches: std::collections::BTreeMap::new(),
-        patched_sites: 0,
-        pending_sites: 0,
     })
 }
 

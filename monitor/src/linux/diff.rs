@@ -185,13 +185,14 @@ impl Diff {
     /// A diff of `changes` found by `report` against `baseline` (kept at
     /// `baseline_path`), with the baseline's page map.
     pub fn of(
-        report: &Report,
+        report: &super::KernelReport,
         baseline: &crate::integrity::Baseline,
         baseline_path: &str,
         source: String,
         changes: Vec<Change>,
     ) -> Self {
         use crate::integrity::RegionKind;
+        let (report, profile) = (&report.check, report.kernel.profile.clone());
         Diff {
             format: SCHEMA.into(),
             version: VERSION,
@@ -201,7 +202,7 @@ impl Diff {
             baseline_created: baseline.created.clone(),
             checked: report.checked.clone(),
             source,
-            profile: report.profile.clone(),
+            profile,
             intact: report.intact,
             violations: report.violations.len(),
             digest: digest(report),

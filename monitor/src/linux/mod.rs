@@ -14,7 +14,9 @@ pub mod modules;
 pub mod patch;
 pub mod profile;
 pub mod region;
+pub mod report;
 pub mod semantic;
 pub mod session;
 
 pub use discover::{DiscoverError, IMAGE_END, IMAGE_START, KernelView, discover};
+pub use report::{KernelFacts, KernelReport};

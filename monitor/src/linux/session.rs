@@ -15,7 +15,7 @@ use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::check::{CheckError, Scope, check_tagged};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{
-    AddressSpace, Baseline, Finding, FindingKind, Originals, RegionKind, Report, Severity,
+    AddressSpace, Baseline, Finding, FindingKind, Originals, RegionKind, Severity,
 };
 use crate::memory::GuestMemory;
 use crate::x86::VcpuRegisters;
@@ -23,9 +23,9 @@ use crate::x86::{Mapping, Perms};
 
 use super::diff::{self, Change, Namer};
 use super::modules::{KnownModules, ModuleEvent, NotLive, protect_modules};
-use super::patch::{self, PatchMemory, Patched, RECORD_GRACE};
+use super::patch::{self, PatchMemory, RECORD_GRACE, WallClock};
 use super::profile::Profile;
-use super::{DiscoverError, KernelView, discover, semantic};
+use super::{DiscoverError, KernelReport, KernelView, discover, semantic};
 
 /// How long executable module-area memory that no record accounts for must
 /// stay so, seen at every check meanwhile, before a session that lives
@@ -77,11 +77,13 @@ pub struct How<'a> {
     /// them. Such an examination leaves the session as it was, but for the
     /// records and modules it saw.
     pub changes: bool,
+    /// The time, and pauses while the kernel finishes patching a site.
+    pub clock: &'a dyn patch::Clock,
 }
 
 /// What an examination found.
 pub struct Examined {
-    pub report: Report,
+    pub report: KernelReport,
     /// The changes, with their bytes (when asked for).
     pub changes: Vec<Change>,
     /// Said to the operator, not findings (no profile matched, ...).
@@ -107,7 +109,7 @@ pub fn examine_once<M: GuestMemory + ?Sized>(
     with_changes: bool,
 ) -> Result<Examined, ExamineError> {
     let view = discover(mem, regs)?;
-    let how = How { scope: Scope::Full, tags: None, changes: with_changes };
+    let how = How { scope: Scope::Full, tags: None, changes: with_changes, clock: &WallClock };
     Ok(KernelSession::one_shot().examine(
         (baseline, originals),
         mem,
@@ -172,8 +174,10 @@ impl KernelSession {
         profiles: &[Profile],
         how: How<'_>,
     ) -> Result<Examined, CheckError> {
-        let mut r = check_tagged(baseline, mem, view, regs, how.scope, how.tags)?;
-        semantic::review_gdt_pages(&mut r, mem, &baseline.registers, &|gva| originals.page(gva));
+        let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
+        semantic::review_gdt_pages(&mut r.check, mem, &baseline.registers, &|gva| {
+            originals.page(gva)
+        });
         let code: Vec<&str> = baseline
             .regions
             .iter()
@@ -186,9 +190,9 @@ impl KernelSession {
         // Syscall tables and IDT gates are small: both scopes check them.
         match semantic::match_profile(profiles, mem, view, view.identification.image_base) {
             Some(mut m) => {
-                let (found, now) = self.records(&mut m, baseline, mem, view, regs, how.changes);
-                r.profile = Some(m.profile.release.clone());
-                r.add_findings(found);
+                let (found, now) = self.records(&mut m, baseline, (mem, view, regs), how);
+                r.kernel.profile = Some(m.profile.release.clone());
+                r.check.add_findings(found);
                 if self.across_checks {
                     let found = protect_modules(
                         (&mut self.modules, &mut self.modules_not_live),
@@ -198,7 +202,7 @@ impl KernelSession {
                         view,
                         now,
                     );
-                    r.add_findings(found);
+                    r.check.add_findings(found);
                 }
                 if originals.is_empty() {
                     warnings.push(
@@ -214,17 +218,9 @@ impl KernelSession {
                 } else {
                     &mut self.patch
                 };
-                let accepted = review_patches(
-                    baseline,
-                    originals,
-                    &self.modules,
-                    state,
-                    (&mut r, &m),
-                    mem,
-                    view,
-                    how.scope,
-                );
-                r.symbolize(|gva| m.symbol_of(gva));
+                let text = CheckedText::new(baseline, originals, &self.modules, how.scope);
+                let accepted = patch::review(&mut r, &m, (mem, view), &text, state, how.clock);
+                r.check.symbolize(|gva| m.symbol_of(gva));
                 if how.changes {
                     let locate = |a: u64| {
                         let here = m.locate(a);
@@ -249,7 +245,7 @@ impl KernelSession {
                         })
                     };
                     changes = diff::changes(
-                        &r,
+                        &r.check,
                         &accepted,
                         mem,
                         view,
@@ -259,9 +255,9 @@ impl KernelSession {
                         &namer,
                     );
                 }
-                r.modules = m.modules.iter().map(|md| md.name.clone()).collect();
+                r.kernel.modules = m.modules.iter().map(|md| md.name.clone()).collect();
                 for region in semantic::REGIONS {
-                    r.cover(region);
+                    r.check.cover(region);
                 }
             }
             None => {
@@ -271,7 +267,7 @@ impl KernelSession {
                 );
                 // Names from the guest's own kallsyms (read once), marked
                 // as lower trust.
-                if !r.intact || how.changes {
+                if !r.check.intact || how.changes {
                     let syms = self.guest_symbols.get_or_insert_with(|| {
                         view.regions
                             .iter()
@@ -279,7 +275,7 @@ impl KernelSession {
                             .and_then(|ro| semantic::GuestSymbols::read(mem, ro))
                     });
                     if let Some(syms) = syms {
-                        r.symbolize(|gva| syms.locate(gva));
+                        r.check.symbolize(|gva| syms.locate(gva));
                     }
                 }
                 if how.changes {
@@ -290,8 +286,16 @@ impl KernelSession {
                     let start = |_: u64| None;
                     let namer = Namer { locate: &locate, function_start: &start };
                     let no_module = |_: u64, _: u64| None;
-                    changes =
-                        diff::changes(&r, &[], mem, view, originals, &no_module, &is_code, &namer);
+                    changes = diff::changes(
+                        &r.check,
+                        &[],
+                        mem,
+                        view,
+                        originals,
+                        &no_module,
+                        &is_code,
+                        &namer,
+                    );
                 }
             }
         }
@@ -307,14 +311,12 @@ impl KernelSession {
         &mut self,
         m: &mut semantic::Matched<'_>,
         baseline: &Baseline,
-        mem: &M,
-        view: &KernelView<'_, M>,
-        regs: &[VcpuRegisters],
-        diffing: bool,
+        (mem, view, regs): (&M, &KernelView<'_, M>, &[VcpuRegisters]),
+        how: How<'_>,
     ) -> (Vec<Finding>, Instant) {
         let mut known = crate::integrity::baseline::expand_runs(&baseline.exec_outside_image)
             .unwrap_or_default();
-        let now = Instant::now();
+        let now = how.clock.now();
         self.recognized.retain(|_, seen| now.duration_since(*seen) < RECORD_GRACE);
         known.extend(self.recognized.keys().map(|&(gva, gpa)| Mapping {
             gva: GuestVirtAddr(gva),
@@ -324,7 +326,7 @@ impl KernelSession {
         }));
         let (ranges, unread) = patch::exec_ranges(m, mem, view);
         let mut found = semantic::check(m, mem, view, regs, &known, Some(&ranges));
-        if self.across_checks && !diffing {
+        if self.across_checks && !how.changes {
             let before = std::mem::take(&mut self.unlisted_seen);
             found.retain(|f| {
                 if f.kind != FindingKind::Unlisted || f.severity != Severity::Violation {
@@ -352,56 +354,65 @@ impl KernelSession {
     }
 }
 
-/// Judges text changes (kernel and module) against the kernel's patch
-/// records, and counts the accepted ones.
-#[allow(clippy::too_many_arguments)]
-fn review_patches<M: GuestMemory + ?Sized>(
-    baseline: &Baseline,
-    originals: &Originals,
-    modules: &KnownModules,
-    state: &mut PatchMemory,
-    (r, m): (&mut Report, &semantic::Matched<'_>),
-    mem: &M,
-    space: &dyn AddressSpace,
-    scope: Scope,
-) -> Vec<Patched> {
-    // Text pages, sorted (a binary search per look-up, no hashing).
-    let mut text: Vec<u64> = baseline
-        .regions
-        .iter()
-        .filter(|g| g.kind == RegionKind::Code)
-        .flat_map(|g| g.pages.iter().map(|p| p.gva.raw()))
-        .collect();
-    text.sort_unstable();
-    let code_regions: Vec<String> = baseline
-        .regions
-        .iter()
-        .filter(|g| g.kind == RegionKind::Code)
-        .map(|g| g.name.clone())
-        .collect();
-    let in_module = |a: u64| {
-        modules.iter().find_map(|((_, base), t)| {
+/// The guest's text as a check's patch review sees it: the baseline's code
+/// regions and original pages, and the text of modules as first seen.
+struct CheckedText<'a> {
+    /// Text pages, sorted (a binary search per look-up, no hashing).
+    pages: Vec<u64>,
+    code_regions: Vec<&'a str>,
+    modules: &'a KnownModules,
+    originals: &'a Originals,
+    full: bool,
+}
+
+impl<'a> CheckedText<'a> {
+    fn new(
+        baseline: &'a Baseline,
+        originals: &'a Originals,
+        modules: &'a KnownModules,
+        scope: Scope,
+    ) -> Self {
+        let code = || baseline.regions.iter().filter(|g| g.kind == RegionKind::Code);
+        let mut pages: Vec<u64> =
+            code().flat_map(|g| g.pages.iter().map(|p| p.gva.raw())).collect();
+        pages.sort_unstable();
+        CheckedText {
+            pages,
+            code_regions: code().map(|g| g.name.as_str()).collect(),
+            modules,
+            originals,
+            full: scope == Scope::Full,
+        }
+    }
+
+    /// The module text holding `a`, and `a`'s offset in it.
+    fn in_module(&self, a: u64) -> Option<(&'a super::modules::ModuleText, usize)> {
+        self.modules.iter().find_map(|((_, base), t)| {
             let off = usize::try_from(a.checked_sub(*base)?).ok()?;
             (off < t.bytes.len()).then_some((t, off))
         })
-    };
-    let original = |gva: u64| {
-        originals.page(gva).or_else(|| {
-            let (t, off) = in_module(gva)?;
-            t.bytes.get(off..off + crate::addr::PAGE_BYTES).map(<[u8]>::to_vec)
+    }
+}
+
+impl patch::Text for CheckedText<'_> {
+    fn is_text(&self, region: &str) -> bool {
+        super::region::is_module(region) || self.code_regions.contains(&region)
+    }
+
+    fn original(&self, gva: u64) -> Option<Vec<u8>> {
+        self.originals.page(gva).or_else(|| {
+            let (t, off) = self.in_module(gva)?;
+            t.bytes.get(off..off.checked_add(crate::addr::PAGE_BYTES)?).map(<[u8]>::to_vec)
         })
-    };
-    let is_text =
-        |region: &str| super::region::is_module(region) || code_regions.iter().any(|c| c == region);
-    let full = scope == Scope::Full;
-    let covered = |a: u64| {
-        if text.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {
-            Some(full)
+    }
+
+    fn covered(&self, a: u64) -> Option<bool> {
+        if self.pages.binary_search(&(a & !(PAGE_SIZE - 1))).is_ok() {
+            Some(self.full)
         } else {
-            in_module(a).map(|_| true)
+            self.in_module(a).map(|_| true)
         }
-    };
-    patch::review(r, m, mem, space, &original, state, &is_text, &covered)
+    }
 }
 
 fn unreadable_records(what: String) -> Finding {

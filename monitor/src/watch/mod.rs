@@ -9,10 +9,12 @@ pub mod boot;
 use std::path::{Path, PathBuf};
 
 use crate::integrity::baseline::{DomainId, Run};
-use crate::integrity::check::{CheckError, Report, Scope};
+use crate::integrity::check::{CheckError, Scope};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
+use crate::linux::KernelReport;
+use crate::linux::patch::WallClock;
 
 use crate::integrity::Originals;
 use crate::linux::diff::{Change, Diff};
@@ -602,7 +604,11 @@ impl Watched {
     }
 
     /// Compares the guest with the baseline over `scope`.
-    pub fn check(&mut self, scope: Scope, profiles: &[Profile]) -> Result<Report, WatchError> {
+    pub fn check(
+        &mut self,
+        scope: Scope,
+        profiles: &[Profile],
+    ) -> Result<KernelReport, WatchError> {
         let r = self.check_inner(scope, profiles, None);
         if r.is_err() {
             self.mem = None; // re-open on the next check
@@ -627,7 +633,7 @@ impl Watched {
             &report,
             &self.baseline,
             &self.path.display().to_string(),
-            format!("live {}", report.source),
+            format!("live {}", report.check.source),
             changes,
         );
         Ok(d)
@@ -643,7 +649,7 @@ impl Watched {
         scope: Scope,
         profiles: &[Profile],
         changes: Option<&mut Vec<Change>>,
-    ) -> Result<Report, WatchError> {
+    ) -> Result<KernelReport, WatchError> {
         match self.check_open(scope, profiles, changes) {
             Err(e) if !e.domain_gone() => match self.dom.ensure_running() {
                 Err(gone @ GuestError::Gone(_)) => Err(gone.into()),
@@ -658,7 +664,7 @@ impl Watched {
         scope: Scope,
         profiles: &[Profile],
         changes: Option<&mut Vec<Change>>,
-    ) -> Result<Report, WatchError> {
+    ) -> Result<KernelReport, WatchError> {
         if self.mem.is_none() {
             self.dom.ensure_running()?;
             self.mem = Some(self.dom.open_memory()?);
@@ -671,12 +677,13 @@ impl Watched {
             let (tags, _) = PageTags::build(key, &self.baseline, mem, &view, &self.originals);
             self.tags = Some(tags);
         }
-        let how = How { scope, tags: self.tags.as_ref(), changes: changes.is_some() };
+        let how =
+            How { scope, tags: self.tags.as_ref(), changes: changes.is_some(), clock: &WallClock };
         let examined = self
             .session
             .examine((&self.baseline, &self.originals), mem, (&view, &regs), profiles, how)
             .map_err(|CheckError::Read(e)| WatchError::Baseline(e))?;
-        self.profile = examined.report.profile.clone();
+        self.profile = examined.report.kernel.profile.clone();
         if let Some(out) = changes {
             *out = examined.changes;
         }

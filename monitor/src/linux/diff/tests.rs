@@ -59,11 +59,6 @@ fn report(checked: &str, source: &str, violations: Vec<Finding>, info: Vec<Findi
         regions: vec![],
         scope: crate::integrity::check::Scope::Full,
         bytes_verified: 0,
-        profile: None,
-        modules: vec![],
-        patches: Default::default(),
-        patched_sites: 0,
-        pending_sites: 0,
     }
 }
 

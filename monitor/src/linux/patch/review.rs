@@ -1,7 +1,10 @@
 //! The patch-aware review of one check: changed text pages judged against
 //! the records, judged again while the kernel's own update is in flight.
 
+use std::time::{Duration, Instant};
+
 use super::*;
+use crate::linux::KernelReport;
 
 /// Times a disagreement between records and text is judged again.
 pub(super) const RETRIES: u32 = 3;
@@ -25,26 +28,58 @@ pub const PENDING_HOLD: std::time::Duration = std::time::Duration::from_secs(10)
 /// Region name for findings about the patch records themselves.
 pub const TABLES_REGION: &str = "patch-tables";
 
+/// Time as the review sees it: when it is, and a pause before records and
+/// text are read again. Passed in, so that the caller (and a test) decides
+/// what a pause is.
+pub trait Clock {
+    fn now(&self) -> Instant;
+    fn pause(&self, how_long: Duration);
+}
+
+/// The host's clock: a pause sleeps the thread.
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn pause(&self, how_long: Duration) {
+        std::thread::sleep(how_long)
+    }
+}
+
+/// The guest's text as the review needs it.
+pub trait Text {
+    /// Whether a region holds code (kernel text, a module's text).
+    fn is_text(&self, region: &str) -> bool;
+    /// The page at `gva` as it was: the baseline's original, or a module's
+    /// text as first seen.
+    fn original(&self, gva: u64) -> Option<Vec<u8>>;
+    /// Whether this check verified the text at `a`: `Some(true)` yes,
+    /// `Some(false)` a text page this scope skipped, `None` not text.
+    fn covered(&self, a: u64) -> Option<bool>;
+}
+
 /// The patch-aware review of a check: every content violation on a text
-/// page (`is_text` names the regions) is judged again against the kernel's
-/// patch records, read only when there is something to judge. Accepted
-/// patches are counted into the report against what `memory` accepted
-/// before (see [`account`]), and returned;
-/// `covered` says which addresses this check's scope verified.
-#[allow(clippy::too_many_arguments)]
+/// page of `text` is judged again against the kernel's patch records, read
+/// only when there is something to judge. Accepted patches are counted into
+/// the report's kernel facts against what `memory` accepted before (see
+/// [`account`]), and returned.
 pub fn review<M: GuestMemory + ?Sized>(
-    report: &mut crate::integrity::Report,
+    report: &mut KernelReport,
     m: &Matched<'_>,
-    mem: &M,
-    space: &dyn AddressSpace,
-    original: &dyn Fn(u64) -> Option<Vec<u8>>,
+    (mem, space): (&M, &dyn AddressSpace),
+    text: &dyn Text,
     memory: &mut PatchMemory,
-    is_text: &dyn Fn(&str) -> bool,
-    covered: &dyn Fn(u64) -> Option<bool>,
+    clock: &dyn Clock,
 ) -> Vec<Patched> {
+    let is_text = |region: &str| text.is_text(region);
+    let original = |gva: u64| text.original(gva);
+    let covered = |a: u64| text.covered(a);
+    let findings = &mut report.check;
     memory.held = 0;
     memory.held_until = None;
-    let taken = report.take_violations(|f| {
+    let taken = findings.take_violations(|f| {
         f.kind == FindingKind::Content && f.page.is_some() && is_text(&f.region)
     });
     let pages: Vec<ChangedPage> = taken
@@ -85,25 +120,27 @@ pub fn review<M: GuestMemory + ?Sized>(
         // held across checks, or, with no later check, waited for up to
         // WAIT_WINDOW.
         let mut round = 0;
-        let started = std::time::Instant::now();
+        let started = clock.now();
         let (tables, mut v) = loop {
             let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
-            tables.merge_recent(memory, std::time::Instant::now());
+            tables.merge_recent(memory, clock.now());
             let name = |a: u64| m.locate(a);
-            let v = verify_pages(&tables, &pages, mem, space, original, &name);
+            let v = verify_pages(&tables, &pages, mem, space, &original, &name);
             let forged = tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
             let violations = v.violations.iter().filter(|f| f.severity == Severity::Violation);
             let clean = violations.clone().count() == 0 && !forged;
             let updating = !clean && violations.count() == v.disagreements.len() && !forged;
-            let waits = memory.hold.is_none() && updating && started.elapsed() < WAIT_WINDOW;
+            let waits = memory.hold.is_none()
+                && updating
+                && clock.now().saturating_duration_since(started) < WAIT_WINDOW;
             if clean || (round >= RETRIES && !waits) {
                 break (tables, v);
             }
             round += 1;
-            std::thread::sleep(if round <= RETRIES { RETRY_PAUSE * round } else { WAIT_PAUSE });
+            clock.pause(if round <= RETRIES { RETRY_PAUSE * round } else { WAIT_PAUSE });
         };
         if !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation) {
-            memory.hold_disagreements(&mut v, std::time::Instant::now());
+            memory.hold_disagreements(&mut v, clock.now());
         }
         for f in &mut v.violations {
             if let Some(module) = crate::linux::region::module_name(&f.region) {
@@ -113,7 +150,7 @@ pub fn review<M: GuestMemory + ?Sized>(
                 );
             }
         }
-        report.add_findings(v.violations);
+        findings.add_findings(v.violations);
         let problems = tables
             .problems
             .iter()
@@ -128,13 +165,13 @@ pub fn review<M: GuestMemory + ?Sized>(
                 .saying(what.clone(), String::new(), String::new())
             })
             .collect();
-        report.add_findings(problems);
+        findings.add_findings(problems);
         accepted.extend(v.accepted);
         for (gva, h, units) in v.clean {
             memory.accepted_pages.insert(gva, (h, units));
         }
         // A site may cross into the next page: neither page stays judged.
-        for f in report.violations.iter().filter(|f| is_text(&f.region)) {
+        for f in findings.violations.iter().filter(|f| is_text(&f.region)) {
             memory.accepted_pages.remove(&(f.gva.raw() & !(PAGE_SIZE - 1)));
             memory.accepted_pages.remove(&((f.gva.raw() + MAX_SITE - 1) & !(PAGE_SIZE - 1)));
         }
@@ -142,16 +179,16 @@ pub fn review<M: GuestMemory + ?Sized>(
     // A settled static call site calls what its key held: remembered as the
     // key's (so that the site still counts while the kernel moves the key on
     // and then the site), even when the key itself was not read again.
-    let now = std::time::Instant::now();
+    let now = clock.now();
     for u in accepted.iter().filter(|u| !u.in_flight) {
         if let (Some(k), Some(t)) = (u.key, rel_target(u.addr, &u.bytes)) {
             memory.remember_key_func(k, t, now);
         }
     }
-    report.patched_sites = accepted.len() as u64;
-    report.pending_sites = memory.held;
-    for (kind, n) in account(&mut memory.sites, &accepted, covered) {
-        report.patches.insert(kind.as_str().to_owned(), n);
+    report.kernel.patched_sites = accepted.len() as u64;
+    report.kernel.pending_sites = memory.held;
+    for (kind, n) in account(&mut memory.sites, &accepted, &covered) {
+        report.kernel.patches.insert(kind.as_str().to_owned(), n);
     }
     accepted
 }
