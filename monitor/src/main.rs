@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use vigil::daemon::control::Request;
 use vigil::integrity::baseline::DomainId;
 use vigil::integrity::{Baseline, Finding, FindingKind, Originals};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
@@ -297,16 +298,16 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             rt.block_on(vigil::daemon::run(settings))?;
             Ok(EXIT_OK)
         }
-        Command::Status => control(cli, &serde_json::json!({ "command": "status" })),
+        Command::Status => control(cli, &Request::Status),
         Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
             profile_build(vmlinuz, output.as_deref())
         }
         Command::Accept { domain, reason, diff_digest } => {
-            let mut req =
-                serde_json::json!({ "command": "accept", "domain": domain, "reason": reason });
-            if let Some(d) = diff_digest {
-                req["diff_digest"] = d.as_str().into();
-            }
+            let req = Request::Accept {
+                domain: domain.clone(),
+                reason: reason.clone(),
+                diff_digest: diff_digest.clone(),
+            };
             control(cli, &req)
         }
         Command::Domains => domains(cli),
@@ -530,7 +531,7 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
 }
 
 /// One request to the daemon; its answer when it said ok.
-fn control_request(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+fn control_request(cli: &Cli, req: &Request) -> anyhow::Result<serde_json::Value> {
     let mut answer =
         vigil::daemon::control::request(&cli.control_socket(), req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
@@ -539,14 +540,14 @@ fn control_request(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<serde_j
     Ok(answer["result"].take())
 }
 
-fn control(cli: &Cli, req: &serde_json::Value) -> anyhow::Result<u8> {
+fn control(cli: &Cli, req: &Request) -> anyhow::Result<u8> {
     let answer =
         vigil::daemon::control::request(&cli.control_socket(), req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
         bail!("the daemon refused: {}", answer["error"].as_str().unwrap_or("no reason given"));
     }
     let mut out = std::io::stdout().lock();
-    if cli.format == Format::Json || req["command"] != "status" {
+    if cli.format == Format::Json || *req != Request::Status {
         serde_json::to_writer_pretty(&mut out, &answer)?;
         writeln!(out)?;
         return Ok(EXIT_OK);
@@ -622,7 +623,7 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
                 "--daemon diffs against the daemon's own baseline: --dump and --baseline do not apply"
             );
         }
-        let v = control_request(cli, &serde_json::json!({ "command": "diff", "domain": domain }))?;
+        let v = control_request(cli, &Request::Diff { domain: domain.clone() })?;
         let mut d: vigil::linux::diff::Diff = serde_json::from_value(v)
             .context("the daemon's diff is not one this vigil reads (versions differ?)")?;
         if let Some(r) = &a.region {

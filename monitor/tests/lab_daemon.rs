@@ -249,7 +249,7 @@ fn lab_daemon_control_socket_refuses_outsiders_and_audits_accept() {
     // Check now, through the socket: a full report, intact since the accept.
     let answer = vigil::daemon::control::request(
         &sock,
-        &serde_json::json!({ "command": "check", "domain": g.name }),
+        &vigil::daemon::control::Request::Check { domain: g.name.clone() },
     )
     .unwrap();
     assert_eq!(answer["ok"], true, "{answer}");
@@ -257,7 +257,7 @@ fn lab_daemon_control_socket_refuses_outsiders_and_audits_accept() {
     assert_eq!(answer["result"]["intact"], true, "{answer}");
     let answer = vigil::daemon::control::request(
         &sock,
-        &serde_json::json!({ "command": "check", "domain": "nope" }),
+        &vigil::daemon::control::Request::Check { domain: "nope".into() },
     )
     .unwrap();
     assert_eq!(answer["ok"], false);

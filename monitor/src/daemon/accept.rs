@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use super::control::{Accepted, Answer};
 
 use super::alerts::{AlertSeverity, EventKind, Operator};
 use super::{Shared, blocking};
@@ -25,7 +25,7 @@ pub struct Accept {
     pub by: Operator,
     /// The digest of the diff the operator reviewed, if they named one.
     pub diff_digest: Option<String>,
-    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    pub reply: super::control::AnswerTo,
 }
 
 /// What came of an accept.
@@ -98,15 +98,15 @@ pub(super) async fn run(
             a.by = Some(by.clone());
             a.diff_digest = Some(digest.clone());
             shared.sink.emit(a);
-            let answer = serde_json::json!({
-                "domain": name,
-                "baseline": w.path,
-                "boot": boot,
-                "diff_digest": digest,
-                "violations": violations,
-                "by": by,
-            });
-            (Ok(answer), true)
+            let answer = Accepted {
+                domain: name.to_owned(),
+                baseline: w.path.clone(),
+                boot,
+                diff_digest: digest,
+                violations,
+                by,
+            };
+            (Ok(Answer::Accepted(answer)), true)
         }
         Outcome::Changed { now } => {
             let reviewed = diff_digest.unwrap_or_default();

@@ -23,7 +23,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::accept::Accept;
 use super::alerts::Operator;
-use super::{Command, Shared};
+use super::{Command, DomainStatus, Shared};
+use crate::linux::KernelReport;
+use crate::linux::diff::Diff;
 
 /// Longest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -130,8 +132,10 @@ struct RawRequest {
 }
 
 /// A control request, checked: one line of JSON such as
-/// `{"command":"accept","domain":"web1","reason":"kernel update"}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `{"command":"accept","domain":"web1","reason":"kernel update"}`, as
+/// [`request`] sends it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     /// `status` (or `domains`): every watched domain.
     Status,
@@ -147,8 +151,62 @@ pub enum Request {
     Accept {
         domain: String,
         reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
         diff_digest: Option<String>,
     },
+}
+
+/// What a domain answers a command with, as the `result` of a [`Reply`].
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `check`: the report of the check it ran.
+    Checked(Box<KernelReport>),
+    /// `diff`: the domain against the daemon's baseline.
+    Diff(Box<Diff>),
+    /// `accept`: what was accepted, by whom.
+    Accepted(Accepted),
+}
+
+/// An accept that was done: the domain's new baseline and the diff it took.
+#[derive(Debug, serde::Serialize)]
+pub struct Accepted {
+    pub domain: String,
+    pub baseline: PathBuf,
+    pub boot: String,
+    pub diff_digest: String,
+    pub violations: usize,
+    pub by: Operator,
+}
+
+/// Where a domain task sends its answer to one command.
+pub(super) type AnswerTo = tokio::sync::oneshot::Sender<Result<Answer, String>>;
+
+/// One line the socket answers with: `ok`, and the status, the domain's
+/// answer or why not.
+#[derive(Debug, serde::Serialize)]
+pub struct Reply {
+    ok: bool,
+    #[serde(flatten)]
+    body: ReplyBody,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+enum ReplyBody {
+    Status { host: String, connect: String, domains: Vec<DomainStatus> },
+    Done { result: Answer },
+    Refused { error: String },
+}
+
+impl Reply {
+    fn done(result: Answer) -> Self {
+        Reply { ok: true, body: ReplyBody::Done { result } }
+    }
+
+    fn refused(error: impl Into<String>) -> Self {
+        Reply { ok: false, body: ReplyBody::Refused { error: error.into() } }
+    }
 }
 
 /// Checks an accept's reason: present, one line, at most [`MAX_REASON`] bytes.
@@ -213,14 +271,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     }
 }
 
-fn reply_err(msg: impl Into<String>) -> serde_json::Value {
-    serde_json::json!({ "ok": false, "error": msg.into() })
-}
-
-async fn answer(shared: &Arc<Shared>, line: &str, by: Operator) -> serde_json::Value {
+async fn answer(shared: &Arc<Shared>, line: &str, by: Operator) -> Reply {
     let req = match parse_request(line) {
         Ok(r) => r,
-        Err(e) => return reply_err(e),
+        Err(e) => return Reply::refused(e),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (domain, cmd) = match req {
@@ -228,7 +282,8 @@ async fn answer(shared: &Arc<Shared>, line: &str, by: Operator) -> serde_json::V
             let mut list: Vec<_> =
                 shared.status.lock().expect("status lock").values().cloned().collect();
             list.sort_by(|a, b| a.name.cmp(&b.name));
-            return serde_json::json!({ "ok": true, "host": shared.settings.host, "connect": shared.settings.connect, "domains": list });
+            let (host, connect) = (shared.settings.host.clone(), shared.settings.connect.clone());
+            return Reply { ok: true, body: ReplyBody::Status { host, connect, domains: list } };
         }
         Request::Check { domain } => (domain, Command::CheckNow(tx)),
         Request::Diff { domain } => (domain, Command::Diff(tx)),
@@ -237,13 +292,13 @@ async fn answer(shared: &Arc<Shared>, line: &str, by: Operator) -> serde_json::V
         }
     };
     if let Err(e) = shared.command(&domain, cmd) {
-        return reply_err(e);
+        return Reply::refused(e);
     }
     match tokio::time::timeout(TIMEOUT, rx).await {
-        Ok(Ok(Ok(v))) => serde_json::json!({ "ok": true, "result": v }),
-        Ok(Ok(Err(e))) => reply_err(e),
-        Ok(Err(_)) => reply_err(format!("domain {domain} was detached before answering")),
-        Err(_) => reply_err(format!("domain {domain} did not answer within {TIMEOUT:?}")),
+        Ok(Ok(Ok(v))) => Reply::done(v),
+        Ok(Ok(Err(e))) => Reply::refused(e),
+        Ok(Err(_)) => Reply::refused(format!("domain {domain} was detached before answering")),
+        Err(_) => Reply::refused(format!("domain {domain} did not answer within {TIMEOUT:?}")),
     }
 }
 
@@ -262,18 +317,22 @@ async fn client(shared: Arc<Shared>, stream: UnixStream) {
             }
             answer(&shared, line.trim(), operator(c)).await
         }
-        Ok(c) => reply_err(format!(
+        Ok(c) => Reply::refused(format!(
             "permission denied: uid {} gid {} is neither root nor in group {}",
             c.uid(),
             c.gid(),
             shared.settings.control_group
         )),
-        Err(_) => reply_err(format!(
+        Err(_) => Reply::refused(format!(
             "permission denied: an unknown peer is neither root nor in group {}",
             shared.settings.control_group
         )),
     };
-    let _ = w.write_all(format!("{v}\n").as_bytes()).await;
+    let line = serde_json::to_string(&v).unwrap_or_else(|e| {
+        let why = format!("the answer could not be written as JSON: {e}");
+        serde_json::json!({ "ok": false, "error": why }).to_string()
+    });
+    let _ = w.write_all(format!("{line}\n").as_bytes()).await;
 }
 
 /// Who a peer is: its credentials, and its uid's name.
@@ -298,11 +357,12 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 /// Sends one request to the daemon's control socket and returns its answer.
-pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the vigil daemon at {}: {e} (is it running? are you root or in its group?)", path.display()))?;
     s.set_read_timeout(Some(TIMEOUT + Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let req = serde_json::to_string(req).map_err(|e| format!("the request as JSON: {e}"))?;
     s.write_all(format!("{req}\n").as_bytes())
         .map_err(|e| format!("writing to {}: {e}", path.display()))?;
     let mut line = String::new();
@@ -316,6 +376,66 @@ pub fn request(path: &Path, req: &serde_json::Value) -> Result<serde_json::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_as_sent_is_read_back_as_itself() {
+        let digest = "0123456789abcdef".repeat(4);
+        for req in [
+            Request::Status,
+            Request::Check { domain: "web1".into() },
+            Request::Diff { domain: "web1".into() },
+            Request::Accept { domain: "web1".into(), reason: "CHG-1".into(), diff_digest: None },
+            Request::Accept {
+                domain: "web1".into(),
+                reason: "r".into(),
+                diff_digest: Some(digest),
+            },
+        ] {
+            let line = serde_json::to_string(&req).unwrap();
+            assert_eq!(parse_request(&line), Ok(req), "{line}");
+        }
+        let line = serde_json::to_string(&Request::Check { domain: "a".into() }).unwrap();
+        assert_eq!(line, r#"{"command":"check","domain":"a"}"#);
+    }
+
+    #[test]
+    fn replies_say_ok_and_then_the_answer_or_why_not() {
+        let v = serde_json::to_value(Reply::refused("no such domain")).unwrap();
+        assert_eq!(v, serde_json::json!({ "ok": false, "error": "no such domain" }));
+        let by = Operator { uid: 0, gid: 0, user: Some("root".into()), pid: Some(7) };
+        let accepted = Accepted {
+            domain: "web1".into(),
+            baseline: "/var/lib/vigil/baselines/web1.json".into(),
+            boot: "b".into(),
+            diff_digest: "d".into(),
+            violations: 2,
+            by,
+        };
+        let v = serde_json::to_value(Reply::done(Answer::Accepted(accepted))).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["result"]["baseline"], "/var/lib/vigil/baselines/web1.json");
+        assert_eq!(
+            (v["result"]["violations"].clone(), v["result"]["by"]["pid"].clone()),
+            (2.into(), 7.into())
+        );
+        let status = DomainStatus {
+            name: "web1".into(),
+            uuid: "u".into(),
+            state: super::super::DomainState::Provisional,
+            detail: String::new(),
+            boot: String::new(),
+            last_check: String::new(),
+            open_violations: 0,
+        };
+        let body = ReplyBody::Status {
+            host: "h".into(),
+            connect: "qemu:///system".into(),
+            domains: vec![status],
+        };
+        let v = serde_json::to_value(Reply { ok: true, body }).unwrap();
+        assert_eq!((v["ok"].clone(), v["host"].clone()), (true.into(), "h".into()));
+        assert_eq!(v["domains"][0]["state"], "provisional");
+    }
 
     #[test]
     fn requests_are_checked_before_anything_acts_on_them() {

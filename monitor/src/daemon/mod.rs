@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
+use tokio::sync::{mpsc, watch as tokio_watch};
 
 use self::alerts::{Alert, AlertLog, AlertSeverity, EventKind, Reported, Subject};
 use self::budget::Budget;
@@ -89,11 +89,23 @@ pub enum DaemonError {
 
 /// What the control socket can ask a domain task.
 pub enum Command {
-    CheckNow(oneshot::Sender<Result<serde_json::Value, String>>),
+    CheckNow(control::AnswerTo),
     /// A diff of the domain now (`vigil diff` through the daemon).
-    Diff(oneshot::Sender<Result<serde_json::Value, String>>),
+    Diff(control::AnswerTo),
     /// Make the domain's current state its baseline, audited ([`accept`]).
     Accept(accept::Accept),
+}
+
+/// Where a domain's task is, as `vigil status` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// Not attached: waiting for the guest, or for attaching to succeed.
+    Waiting,
+    /// Attached, its changes taken into the baseline while the guest boots.
+    Provisional,
+    /// Attached and checked against its baseline.
+    Watching,
 }
 
 /// A domain's state as `vigil status` shows it.
@@ -101,8 +113,7 @@ pub enum Command {
 pub struct DomainStatus {
     pub name: String,
     pub uuid: String,
-    /// `waiting`, `provisional`, `watching`.
-    pub state: String,
+    pub state: DomainState,
     pub detail: String,
     pub boot: String,
     pub last_check: String,
@@ -244,7 +255,7 @@ impl Shared {
             DomainStatus {
                 name: name.into(),
                 uuid: uuid.into(),
-                state: "waiting".into(),
+                state: DomainState::Waiting,
                 detail: "attaching".into(),
                 boot: String::new(),
                 last_check: String::new(),

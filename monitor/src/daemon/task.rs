@@ -2,6 +2,7 @@
 //! what each check's report becomes (metrics, events, evidence), re-attach
 //! and let go.
 
+use super::control::Answer;
 use super::*;
 use crate::linux::KernelReport;
 
@@ -175,7 +176,7 @@ pub(super) async fn attach(
                             detail.clone(),
                         ));
                         shared.set_status(uuid, |s| {
-                            s.state = "waiting".into();
+                            s.state = DomainState::Waiting;
                             s.detail = detail;
                         });
                         last_reason = reason;
@@ -293,7 +294,10 @@ impl DomainTask {
             .map(|left| (Instant::now() + left, Instant::now() + shared.settings.settle));
         seed_series(&shared, &self.name, &w);
         shared.set_status(&self.uuid, |st| {
-            st.state = if provisional_until.is_some() { "provisional" } else { "watching" }.into();
+            st.state = match provisional_until {
+                Some(_) => DomainState::Provisional,
+                None => DomainState::Watching,
+            };
             st.detail = String::new();
             st.boot = boot.clone();
         });
@@ -313,7 +317,7 @@ impl DomainTask {
     async fn reattach(&mut self, why: Option<&'static str>) -> Phase {
         if let Some(why) = why {
             self.shared.set_status(&self.uuid, |st| {
-                st.state = "waiting".into();
+                st.state = DomainState::Waiting;
                 st.detail = why.into();
             });
         }
@@ -345,10 +349,8 @@ impl DomainTask {
                 Some(Command::Diff(reply)) => {
                     let sh = self.shared.clone();
                     let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
-                    let _ = reply.send(
-                        r.map(|d| serde_json::to_value(&d).unwrap_or_default())
-                            .map_err(|e| e.message()),
-                    );
+                    let _ =
+                        reply.send(r.map(|d| Answer::Diff(Box::new(d))).map_err(|e| e.message()));
                     (back, Flow::Continue)
                 }
                 Some(Command::Accept(req)) => {
@@ -429,7 +431,7 @@ impl DomainTask {
                 count_check(m, &self.name, scope_name, took, &report.check);
                 let (w, flow) = self.on_report(w, watch, &report, full).await;
                 if let Some(reply) = reply {
-                    let _ = reply.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                    let _ = reply.send(Ok(Answer::Checked(Box::new(report))));
                 }
                 (w, flow)
             }
@@ -470,7 +472,7 @@ impl DomainTask {
             let now = Instant::now();
             if full && (now >= quiet || now >= until) {
                 watch.provisional_until = None;
-                shared.set_status(&self.uuid, |st| st.state = "watching".into());
+                shared.set_status(&self.uuid, |st| st.state = DomainState::Watching);
             }
         }
         report_patches(&shared, subject, name, &report.kernel, full);
@@ -580,7 +582,7 @@ impl DomainTask {
 }
 
 /// Where a forced check's answer goes.
-type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
+type Reply = super::control::AnswerTo;
 
 /// Changes seen while a new boot settles: taken into a re-taken baseline
 /// and listed, with their digests, in an info event.
