@@ -203,7 +203,10 @@ fn main() {
                     let took = t.elapsed().as_secs_f64();
                     let mut seen = None;
                     if let Some((poked, gpa, old)) = g.2 {
-                        if r.check.violations.iter().any(|f| f.region == vigil::linux::region::TEXT)
+                        if r.check
+                            .violations
+                            .iter()
+                            .any(|f| vigil::linux::region::Region::Text.is(&f.region))
                         {
                             seen = Some(poked.elapsed().as_secs_f64());
                             g.1.poke(gpa, old);

@@ -58,6 +58,7 @@ use self::metrics::{
 };
 use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};
+use crate::linux::region::Region;
 use crate::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 
 use self::report::*;
@@ -345,11 +346,14 @@ impl Shared {
                 AlertSeverity::Info,
                 format!("detached {name}: {why}"),
             ));
-            for region in [crate::linux::region::TEXT, crate::linux::region::RODATA] {
+            for region in [Region::Text, Region::Rodata] {
                 self.sink
                     .metrics
                     .pages_protected
-                    .get_or_create(&RegionLabels { domain: name.into(), region: region.into() })
+                    .get_or_create(&RegionLabels {
+                        domain: name.into(),
+                        region: region.to_string(),
+                    })
                     .set(0);
             }
         }

@@ -19,6 +19,7 @@ pub const IMAGE_START: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_8000_0000);
 /// End of the kernel image mapping (start of the module area).
 pub const IMAGE_END: GuestVirtAddr = GuestVirtAddr(0xffff_ffff_c000_0000);
 
+use super::region::Region;
 use crate::x86::EFER_NXE;
 /// With page-table isolation the user half of a PGD pair is the kernel's plus
 /// one page; CR3 may hold either while a vCPU runs user code.
@@ -225,9 +226,9 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
         bounds: String::new(),
     };
     let mut regions = vec![
-        RegionLayout { name: super::region::TEXT.into(), kind: RegionKind::Code, pages: text },
+        RegionLayout { name: Region::Text.to_string(), kind: RegionKind::Code, pages: text },
         RegionLayout {
-            name: super::region::RODATA.into(),
+            name: Region::Rodata.to_string(),
             kind: RegionKind::ReadOnlyData,
             pages: rodata,
         },
@@ -236,14 +237,14 @@ pub fn discover<'m, M: GuestMemory + ?Sized>(
     let mut idt_bases: Vec<u64> = Vec::new();
     for r in registers.iter().filter(|r| r.in_long_mode()) {
         if !idt_bases.contains(&r.idtr_base) {
-            let name =
-                if idt_bases.is_empty() { "idt".to_owned() } else { format!("idt-cpu{}", r.index) };
+            let cpu = (!idt_bases.is_empty()).then_some(r.index);
+            let name = Region::Idt { cpu }.to_string();
             idt_bases.push(r.idtr_base);
             regions.push(table_region(&walker, name, "IDT", r.index, r.idtr_base, r.idtr_limit)?);
         }
         regions.push(table_region(
             &walker,
-            format!("gdt-cpu{}", r.index),
+            Region::Gdt { cpu: r.index }.to_string(),
             "GDT",
             r.index,
             r.gdtr_base,

@@ -21,6 +21,7 @@ use crate::addr::{GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::RegionLayout;
 
 use super::discover::{IMAGE_END, IMAGE_START};
+use super::region::Region;
 
 /// Text or rodata larger than this is not believed (a 6.12 cloud kernel
 /// has 16 MiB of text and 11 MiB of rodata).
@@ -123,15 +124,15 @@ impl Bounds {
         let trusted = matches!(self.source, Source::Profile(_));
         let mut dropped = Dropped::default();
         for r in regions {
-            match r.name.as_str() {
-                super::region::TEXT => {
+            match Region::parse(&r.name) {
+                Some(Region::Text) => {
                     dropped.text = r
                         .pages
                         .iter()
                         .filter(|p| !(self.text.0..self.text.1).contains(&p.gva.raw()))
                         .count();
                 }
-                super::region::RODATA => {
+                Some(Region::Rodata) => {
                     let before = r.pages.len();
                     r.pages.retain(|p| {
                         let gva = p.gva.raw();
@@ -195,7 +196,7 @@ pub fn find<M: crate::memory::GuestMemory + ?Sized>(
         Ok(b) => return Ok(b),
         Err(e) => why.push(e),
     }
-    let rodata = regions.iter().find(|r| r.name == super::region::RODATA);
+    let rodata = regions.iter().find(|r| Region::Rodata.is(&r.name));
     match rodata.and_then(|r| super::semantic::GuestSymbols::read(mem, r)) {
         Some(g) => match Bounds::from_symbols(|n| g.layout_symbol(n), Source::GuestKallsyms) {
             Ok(b) => return Ok(b),
@@ -216,11 +217,11 @@ pub fn bound_view<M: crate::memory::GuestMemory + ?Sized>(
 ) -> Result<String, String> {
     let b = find(profiles, mem, &*view, view.identification.image_base, &view.regions)?;
     let dropped = b.apply(&mut view.regions);
-    let count = |name: &str| {
-        view.regions.iter().find(|r| r.name == name).map_or(0, |r| r.pages.len() as u64)
+    let count = |region: Region| {
+        view.regions.iter().find(|r| region.is(&r.name)).map_or(0, |r| r.pages.len() as u64)
     };
-    view.identification.text_pages = count(super::region::TEXT);
-    view.identification.rodata_pages = count(super::region::RODATA);
+    view.identification.text_pages = count(Region::Text);
+    view.identification.rodata_pages = count(Region::Rodata);
     view.identification.bounds = b.describe();
     let text_past = if dropped.text > 0 {
         format!(

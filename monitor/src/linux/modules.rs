@@ -10,6 +10,7 @@ use crate::integrity::baseline::to_hex;
 use crate::integrity::{AddressSpace, Finding, FindingKind, Severity};
 use crate::memory::GuestMemory;
 
+use super::region::Region;
 use super::semantic;
 
 /// Listed modules whose state is not live, since when, in which state.
@@ -96,7 +97,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
             let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
             out.push(
                 Finding::new(
-                    &super::region::module(&md.name),
+                    &Region::Module(md.name.clone()).name(),
                     FindingKind::Unlisted,
                     Severity::Violation,
                     GuestVirtAddr(md.base),
@@ -164,7 +165,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
             Some(old) => {
                 for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
                     if old.hashes.get(i) != Some(h) {
-                        let region = super::region::module(&md.name);
+                        let region = Region::Module(md.name.clone()).name();
                         let mut f = Finding::new(
                             &region,
                             FindingKind::Content,

@@ -25,6 +25,7 @@ use super::diff::{self, Change, Namer};
 use super::modules::{KnownModules, ModuleEvent, NotLive, protect_modules};
 use super::patch::{self, PatchMemory, RECORD_GRACE, WallClock};
 use super::profile::Profile;
+use super::region::Region;
 use super::{DiscoverError, KernelReport, KernelView, discover, semantic};
 
 /// How long executable module-area memory that no record accounts for must
@@ -184,7 +185,7 @@ impl KernelSession {
             .filter(|g| g.kind == RegionKind::Code)
             .map(|g| g.name.as_str())
             .collect();
-        let is_code = |region: &str| code.contains(&region) || super::region::is_module(region);
+        let is_code = |region: &str| code.contains(&region) || Region::is_module(region);
         let mut warnings = Vec::new();
         let mut changes = Vec::new();
         // Syscall tables and IDT gates are small: both scopes check them.
@@ -256,8 +257,8 @@ impl KernelSession {
                     );
                 }
                 r.kernel.modules = m.modules.iter().map(|md| md.name.clone()).collect();
-                for region in semantic::REGIONS {
-                    r.check.cover(region);
+                for region in semantic::regions() {
+                    r.check.cover(&region.name());
                 }
             }
             None => {
@@ -396,7 +397,7 @@ impl<'a> CheckedText<'a> {
 
 impl patch::Text for CheckedText<'_> {
     fn is_text(&self, region: &str) -> bool {
-        super::region::is_module(region) || self.code_regions.contains(&region)
+        Region::is_module(region) || self.code_regions.contains(&region)
     }
 
     fn original(&self, gva: u64) -> Option<Vec<u8>> {
@@ -417,7 +418,7 @@ impl patch::Text for CheckedText<'_> {
 
 fn unreadable_records(what: String) -> Finding {
     Finding::new(
-        patch::TABLES_REGION,
+        &Region::PatchTables.name(),
         FindingKind::Pointer,
         Severity::Info,
         GuestVirtAddr(0),

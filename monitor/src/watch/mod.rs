@@ -15,6 +15,7 @@ use crate::integrity::{Baseline, BaselineError};
 use crate::libvirt::{GuestDomain, Hypervisor, LibvirtError, SourceChoice, error_chain};
 use crate::linux::KernelReport;
 use crate::linux::patch::WallClock;
+use crate::linux::region::Region;
 
 use crate::integrity::Originals;
 use crate::linux::diff::{Change, Diff};
@@ -382,17 +383,16 @@ fn bound_stored(
     }
     let b = layout::from_profile(profiles, mem, view, view.identification.image_base)
         .map_err(|e| format!("the stored baseline predates layout bounds and {e}"))?;
-    let dropped =
-        stored.keep_head(crate::linux::region::RODATA, |g| !b.in_gap(g)).ok_or_else(|| {
-            format!(
-                "the stored baseline predates layout bounds and its rodata pages in the freed gaps \
+    let dropped = stored.keep_head(&Region::Rodata.name(), |g| !b.in_gap(g)).ok_or_else(|| {
+        format!(
+            "the stored baseline predates layout bounds and its rodata pages in the freed gaps \
                  ({}) are not its tail: they stay protected by content until the next baseline",
-                b.describe()
-            )
-        })?;
+            b.describe()
+        )
+    })?;
     stored.kernel.bounds = b.describe();
     stored.kernel.rodata_pages =
-        stored.region(crate::linux::region::RODATA).map_or(0, |r| r.pages.len() as u64);
+        stored.region(&Region::Rodata.name()).map_or(0, |r| r.pages.len() as u64);
     Ok(format!(
         "{}; {dropped} rodata page(s) of the stored baseline in the freed gaps now checked for mapping only",
         b.describe()

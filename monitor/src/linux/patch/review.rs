@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::linux::KernelReport;
+use crate::linux::region::Region;
 
 /// Times a disagreement between records and text is judged again.
 pub(super) const RETRIES: u32 = 3;
@@ -24,9 +25,6 @@ pub(super) const WAIT_PAUSE: std::time::Duration = std::time::Duration::from_mil
 /// set back to its iterator before its sites are patched; under TCG with
 /// the guest loaded, seconds pass in between.
 pub const PENDING_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Region name for findings about the patch records themselves.
-pub const TABLES_REGION: &str = "patch-tables";
 
 /// Time as the review sees it: when it is, and a pause before records and
 /// text are read again. Passed in, so that the caller (and a test) decides
@@ -143,7 +141,7 @@ pub fn review<M: GuestMemory + ?Sized>(
             memory.hold_disagreements(&mut v, clock.now());
         }
         for f in &mut v.violations {
-            if let Some(module) = crate::linux::region::module_name(&f.region) {
+            if let Some(module) = Region::module_of(&f.region) {
                 f.detail = format!(
                     "the text of module {module} changed after it was loaded: {}",
                     f.detail
@@ -156,7 +154,7 @@ pub fn review<M: GuestMemory + ?Sized>(
             .iter()
             .map(|(sev, what)| {
                 Finding::new(
-                    TABLES_REGION,
+                    &Region::PatchTables.name(),
                     FindingKind::Pointer,
                     *sev,
                     GuestVirtAddr(0),

@@ -9,10 +9,18 @@ use crate::x86::Mapping;
 use crate::x86::VcpuRegisters;
 
 use super::profile::Profile;
+use super::region::Region;
 
 /// The regions the semantic checks report under.
-pub const REGIONS: &[&str] =
-    &["kaslr", "sys_call_table", "ia32_sys_call_table", "idt-vectors", "module-area"];
+pub fn regions() -> [Region; 5] {
+    [
+        Region::Kaslr,
+        Region::SyscallTable("sys_call_table".into()),
+        Region::SyscallTable("ia32_sys_call_table".into()),
+        Region::IdtVectors,
+        Region::ModuleArea,
+    ]
+}
 
 /// Exception vectors and the entry stub Linux 6.1 installs for each.
 const EXCEPTIONS: &[(u8, &str)] = &[
@@ -191,14 +199,14 @@ fn with_entry(entry: EntryRef, mut f: Finding) -> Finding {
 }
 
 fn pointer(
-    region: &str,
+    region: Region,
     gva: u64,
     gpa: GuestPhysAddr,
     detail: String,
     before: String,
     after: String,
 ) -> Finding {
-    Finding::new(region, FindingKind::Pointer, Severity::Violation, GuestVirtAddr(gva), gpa)
+    Finding::new(&region.name(), FindingKind::Pointer, Severity::Violation, GuestVirtAddr(gva), gpa)
         .saying(detail, before, after)
 }
 
@@ -246,7 +254,7 @@ fn check_slide<M: GuestMemory + ?Sized>(
         m.idt_slide = Some(idt_slide);
         if idt_slide != m.slide {
             out.push(pointer(
-                "kaslr",
+                Region::Kaslr,
                 cpu.idtr_base,
                 gpa,
                 format!(
@@ -291,7 +299,7 @@ fn check_module_area<M: GuestMemory + ?Sized>(
                     )
                 };
                 let mut f = pointer(
-                    "module-area",
+                    Region::ModuleArea,
                     start,
                     gpa,
                     detail,
@@ -307,7 +315,7 @@ fn check_module_area<M: GuestMemory + ?Sized>(
             m.modules = list;
         }
         Err(e) => out.push(pointer(
-            "module-area",
+            Region::ModuleArea,
             0,
             GuestPhysAddr(0),
             format!("the module list cannot be walked: {e}"),
@@ -329,7 +337,7 @@ fn check_syscall_tables<M: GuestMemory + ?Sized>(
         let (Some(base), false) = (m.expect(table), list.is_empty()) else { continue };
         let Some((bytes, _)) = read_virt(mem, space, base, list.len() * 8) else {
             out.push(pointer(
-                table,
+                Region::SyscallTable(table.into()),
                 base,
                 GuestPhysAddr(0),
                 format!("{table} is not mapped"),
@@ -358,7 +366,7 @@ fn check_syscall_tables<M: GuestMemory + ?Sized>(
                     found_owner: m.locate(found),
                 };
                 out.push(with_entry(eref, pointer(
-                    table,
+                    Region::SyscallTable(table.into()),
                     entry,
                     gpa,
                     format!(
@@ -385,7 +393,7 @@ fn check_gdts<M: GuestMemory + ?Sized>(
         let Some((gdt, gpa)) = read_virt(mem, space, cpu.gdtr_base, len) else { continue };
         for (i, why) in gdt_problems(&gdt) {
             let mut f = pointer(
-                "gdt-descriptors",
+                Region::GdtDescriptors,
                 cpu.gdtr_base + i as u64 * 8,
                 GuestPhysAddr(gpa.raw() + i as u64 * 8),
                 format!("GDT of vCPU {}: {why}", cpu.index),
@@ -466,7 +474,7 @@ fn check_idts<M: GuestMemory + ?Sized>(
                 out.push(with_entry(
                     entry,
                     pointer(
-                        "idt-vectors",
+                        Region::IdtVectors,
                         gate,
                         GuestPhysAddr(idt_gpa.raw() + u64::from(vector) * 16),
                         format!(
