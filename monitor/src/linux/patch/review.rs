@@ -117,26 +117,14 @@ pub fn review<M: GuestMemory + ?Sized>(
         // disagreeing in the way the kernel's own update passes through is
         // held across checks, or, with no later check, waited for up to
         // WAIT_WINDOW.
-        let mut round = 0;
-        let started = clock.now();
-        let (tables, mut v) = loop {
+        let may_wait = memory.hold.is_none();
+        let (tables, mut v) = settle(clock, may_wait, || {
             let mut tables = PatchTables::read_with(m, mem, space, &mut memory.site_memo);
             tables.merge_recent(memory, clock.now());
             let name = |a: u64| m.locate(a);
             let v = verify_pages(&tables, &pages, mem, space, &original, &name);
-            let forged = tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
-            let violations = v.violations.iter().filter(|f| f.severity == Severity::Violation);
-            let clean = violations.clone().count() == 0 && !forged;
-            let updating = !clean && violations.count() == v.disagreements.len() && !forged;
-            let waits = memory.hold.is_none()
-                && updating
-                && clock.now().saturating_duration_since(started) < WAIT_WINDOW;
-            if clean || (round >= RETRIES && !waits) {
-                break (tables, v);
-            }
-            round += 1;
-            clock.pause(if round <= RETRIES { RETRY_PAUSE * round } else { WAIT_PAUSE });
-        };
+            (tables, v)
+        });
         if !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation) {
             memory.hold_disagreements(&mut v, clock.now());
         }
@@ -189,4 +177,32 @@ pub fn review<M: GuestMemory + ?Sized>(
         report.kernel.patches.insert(kind.as_str().to_owned(), n);
     }
     accepted
+}
+
+/// Judges (`judge`: records and text read anew) until the judgement is
+/// clean, or the quick re-reads ([`RETRIES`]) are spent and, if `may_wait`
+/// (no later check will look again), the violations are no longer all
+/// record disagreements or [`WAIT_WINDOW`] has passed on `clock`. Forged
+/// records end it at once after the re-reads: nothing the kernel is doing.
+pub(super) fn settle(
+    clock: &dyn Clock,
+    may_wait: bool,
+    mut judge: impl FnMut() -> (PatchTables, Verdicts),
+) -> (PatchTables, Verdicts) {
+    let mut round = 0;
+    let started = clock.now();
+    loop {
+        let (tables, v) = judge();
+        let forged = tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation);
+        let violations = v.violations.iter().filter(|f| f.severity == Severity::Violation);
+        let clean = violations.clone().count() == 0 && !forged;
+        let updating = !clean && violations.count() == v.disagreements.len() && !forged;
+        let waits =
+            may_wait && updating && clock.now().saturating_duration_since(started) < WAIT_WINDOW;
+        if clean || (round >= RETRIES && !waits) {
+            return (tables, v);
+        }
+        round += 1;
+        clock.pause(if round <= RETRIES { RETRY_PAUSE * round } else { WAIT_PAUSE });
+    }
 }

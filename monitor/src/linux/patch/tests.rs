@@ -519,3 +519,77 @@ fn a_site_across_two_pages_keeps_both_unjudged_clean() {
         v.clean.iter().map(|c| c.0).collect::<Vec<_>>()
     );
 }
+
+/// A clock that moves only when paused, and remembers each pause.
+struct StepClock {
+    start: std::time::Instant,
+    pauses: std::cell::RefCell<Vec<std::time::Duration>>,
+}
+
+impl StepClock {
+    fn new() -> Self {
+        StepClock { start: std::time::Instant::now(), pauses: Default::default() }
+    }
+}
+
+impl Clock for StepClock {
+    fn now(&self) -> std::time::Instant {
+        self.start + self.pauses.borrow().iter().sum::<std::time::Duration>()
+    }
+    fn pause(&self, how_long: std::time::Duration) {
+        self.pauses.borrow_mut().push(how_long);
+    }
+}
+
+/// The re-reads of a disagreement: quick ones, then (with no later check)
+/// the wait, all on the clock passed in, never slept.
+#[test]
+fn a_disagreement_is_judged_again_on_the_clock_it_is_given() {
+    use super::review::{RETRIES, RETRY_PAUSE, WAIT_PAUSE, WAIT_WINDOW, settle};
+    let ms = std::time::Duration::from_millis;
+    let judged = |c: &StepClock, may_wait: bool, v: &dyn Fn(usize) -> Verdicts| {
+        let mut n = 0;
+        let (t, out) = settle(c, may_wait, || {
+            n += 1;
+            (PatchTables::default(), v(n))
+        });
+        (n, t, out)
+    };
+    // Clean at once: judged once, no pause.
+    let c = StepClock::new();
+    let (n, _, v) = judged(&c, true, &|_| Verdicts::default());
+    assert_eq!((n, c.pauses.borrow().len(), v.violations.len()), (1, 0, 0));
+    // The kernel finishes its update at the second look.
+    let c = StepClock::new();
+    let (n, _, v) =
+        judged(&c, true, &|n| if n < 2 { verdicts(&[A], &[A]) } else { Verdicts::default() });
+    assert_eq!((n, v.violations.len()), (2, 0));
+    assert_eq!(*c.pauses.borrow(), [RETRY_PAUSE]);
+    // A disagreement that stays, held by a later check: the quick re-reads only.
+    let c = StepClock::new();
+    let (n, _, v) = judged(&c, false, &|_| verdicts(&[A], &[A]));
+    assert_eq!((n, reported(&v)), (RETRIES as usize + 1, vec![A]));
+    assert_eq!(*c.pauses.borrow(), [RETRY_PAUSE, RETRY_PAUSE * 2, RETRY_PAUSE * 3]);
+    // With no later check: waited for up to WAIT_WINDOW, every WAIT_PAUSE.
+    let c = StepClock::new();
+    let (n, _, v) = judged(&c, true, &|_| verdicts(&[A], &[A]));
+    let waited: std::time::Duration = c.pauses.borrow().iter().sum();
+    assert!(waited >= WAIT_WINDOW && waited < WAIT_WINDOW + WAIT_PAUSE, "{waited:?}");
+    assert!(c.pauses.borrow()[RETRIES as usize..].iter().all(|p| *p == WAIT_PAUSE));
+    assert_eq!(n, c.pauses.borrow().len() + 1);
+    assert_eq!(reported(&v), vec![A]);
+    assert!(waited > ms(3000), "the wait is not cut short: {waited:?}");
+    // A violation that is no disagreement, or forged records: no wait.
+    let c = StepClock::new();
+    let (n, _, _) = judged(&c, true, &|_| verdicts(&[A, A + 8], &[A]));
+    assert_eq!(n, RETRIES as usize + 1);
+    let c = StepClock::new();
+    let mut n = 0;
+    let (t, _) = settle(&c, true, || {
+        n += 1;
+        let mut t = PatchTables::default();
+        t.problems.push((Severity::Violation, "forged".into()));
+        (t, Verdicts::default())
+    });
+    assert_eq!((n, t.problems.len()), (RETRIES as usize + 1, 1));
+}
