@@ -20,6 +20,11 @@ fuzz_target!(|data: &[u8]| {
         let last = GuestPhysAddr(r.start.raw() + (r.len - 1));
         core.read(last, &mut b).unwrap_or_else(|e| panic!("{r:?} end: {e}"));
     }
-    // A vCPU's registers come from a note of its own, hundreds of bytes long.
-    assert!(core.registers.len() <= data.len() / 64, "{} vCPUs", core.registers.len());
+    // A vCPU's state is a note of its own; its registers read or are refused.
+    assert!(core.cpu_notes.len() <= data.len() / 12, "{} vCPU notes", core.cpu_notes.len());
+    let notes: usize = core.cpu_notes.iter().map(Vec::len).sum();
+    assert!(notes <= data.len(), "{notes} bytes of notes from {} bytes", data.len());
+    if let Ok(regs) = vigil::qemu::dump_registers(&core.cpu_notes) {
+        assert_eq!(regs.len(), core.cpu_notes.len());
+    }
 });

@@ -649,7 +649,8 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
             let (mem, regs): (Box<dyn vigil::memory::GuestMemory>, Vec<_>) = if elf {
                 let core = vigil::memory::ElfCore::open(dump)?;
                 // EFER is not in QEMU's notes: taken as the baseline has it.
-                let mut regs = core.registers.clone();
+                let mut regs = vigil::qemu::dump_registers(&core.cpu_notes)
+                    .with_context(|| format!("{shown}: its vCPU notes"))?;
                 for r in &mut regs {
                     r.efer = b.registers.iter().find(|o| o.index == r.index).map_or(0, |o| o.efer);
                 }

@@ -12,17 +12,12 @@ use std::path::Path;
 
 use super::{GuestMemory, MemoryError, RamLayout, RamRange, len_u64};
 use crate::addr::GuestPhysAddr;
-use crate::x86::VcpuRegisters;
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const MAX_PHDRS: u64 = 4096;
+/// Most bytes of notes read, in all segments together.
 const MAX_NOTES: u64 = 1 << 20;
-/// Offsets in QEMU's `QEMUCPUState` (target/i386/arch_dump.c, version 1).
-const QEMU_GDT: usize = 344;
-const QEMU_IDT: usize = 368;
-const QEMU_CR: usize = 392;
-const QEMU_STATE_MIN: usize = QEMU_CR + 5 * 8;
 
 /// Why a dump file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +36,9 @@ pub enum DumpError {
 pub struct ElfCore {
     file: File,
     layout: RamLayout,
-    /// Registers of each vCPU from the `QEMU` notes, in vCPU order. EFER is
-    /// not in the note and reads as 0.
-    pub registers: Vec<VcpuRegisters>,
+    /// The `QEMU` notes' contents: each vCPU's state, in vCPU order, as
+    /// QEMU writes it (`qemu::dump_registers` reads the registers in it).
+    pub cpu_notes: Vec<Vec<u8>>,
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -102,7 +97,8 @@ impl ElfCore {
         }
         let ph = read(phoff, phnum * 56)?;
         let mut ranges = Vec::new();
-        let mut registers = Vec::new();
+        let mut cpu_notes = Vec::new();
+        let mut note_bytes = 0u64;
         for (i, p) in ph.chunks_exact(56).enumerate() {
             let (kind, offset, paddr, filesz) =
                 (u32_at(p, 0), u64_at(p, 8), u64_at(p, 24), u64_at(p, 32));
@@ -121,10 +117,13 @@ impl ElfCore {
                     });
                 }
                 PT_NOTE => {
-                    if filesz > MAX_NOTES {
-                        return Err(bad(format!("a {filesz}-byte note segment is implausible")));
+                    note_bytes = note_bytes.saturating_add(filesz);
+                    if note_bytes > MAX_NOTES {
+                        return Err(bad(format!(
+                            "{note_bytes} bytes of notes (this segment {filesz}) are implausible"
+                        )));
                     }
-                    registers.extend(
+                    cpu_notes.extend(
                         qemu_notes(&read(offset, filesz)?)
                             .map_err(|r| bad(format!("notes: {r}")))?,
                     );
@@ -134,12 +133,13 @@ impl ElfCore {
         }
         let layout =
             RamLayout::new(ranges).map_err(|e| bad(format!("its memory segments: {e}")))?;
-        Ok(Self { file, layout, registers })
+        Ok(Self { file, layout, cpu_notes })
     }
 }
 
-/// The registers in the `QEMU` notes of a note segment.
-fn qemu_notes(b: &[u8]) -> Result<Vec<VcpuRegisters>, String> {
+/// The descriptors of the `QEMU` notes of a note segment, each bounded by
+/// the segment.
+fn qemu_notes(b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let mut out = Vec::new();
     let mut at = 0usize;
     let pad = |n: usize| n.checked_add(3).map(|v| v & !3);
@@ -152,26 +152,8 @@ fn qemu_notes(b: &[u8]) -> Result<Vec<VcpuRegisters>, String> {
         if end > b.len() + 3 || desc_at + descsz > b.len() {
             return Err(format!("a note at {at:#x} runs past its segment"));
         }
-        let name = &b[name_at..name_at + namesz];
-        if name == b"QEMU\0" {
-            let d = &b[desc_at..desc_at + descsz];
-            if d.len() < QEMU_STATE_MIN {
-                return Err(format!("a QEMU CPU note of {} bytes is too short", d.len()));
-            }
-            let seg = |o: usize| (u64_at(d, o + 16), u32_at(d, o + 4));
-            let (gdtr_base, gdtr_limit) = seg(QEMU_GDT);
-            let (idtr_base, idtr_limit) = seg(QEMU_IDT);
-            out.push(VcpuRegisters {
-                index: u32::try_from(out.len()).map_err(|e| e.to_string())?,
-                cr0: u64_at(d, QEMU_CR),
-                cr3: u64_at(d, QEMU_CR + 24),
-                cr4: u64_at(d, QEMU_CR + 32),
-                efer: 0,
-                idtr_base,
-                idtr_limit,
-                gdtr_base,
-                gdtr_limit,
-            });
+        if &b[name_at..name_at + namesz] == b"QEMU\0" {
+            out.push(b[desc_at..desc_at + descsz].to_vec());
         }
         at = end;
     }
@@ -200,20 +182,15 @@ impl GuestMemory for ElfCore {
 mod tests {
     use super::*;
 
-    /// A core with one 3-page LOAD at guest-physical 0x1000 and one QEMU note.
+    /// A core with one 3-page LOAD at guest-physical 0x1000 and one QEMU note
+    /// of 440 bytes, each byte its offset's low byte.
     pub fn core() -> Vec<u8> {
         let mut note = Vec::new();
         note.extend_from_slice(&5u32.to_le_bytes());
         note.extend_from_slice(&440u32.to_le_bytes());
         note.extend_from_slice(&0u32.to_le_bytes());
         note.extend_from_slice(b"QEMU\0\0\0\0");
-        let mut state = vec![0u8; 440];
-        state[QEMU_CR..QEMU_CR + 8].copy_from_slice(&0x8005_0033u64.to_le_bytes());
-        state[QEMU_CR + 24..QEMU_CR + 32].copy_from_slice(&0x1234_5000u64.to_le_bytes());
-        state[QEMU_IDT + 16..QEMU_IDT + 24]
-            .copy_from_slice(&0xffff_fe00_0000_0000u64.to_le_bytes());
-        state[QEMU_IDT + 4..QEMU_IDT + 8].copy_from_slice(&0xfffu32.to_le_bytes());
-        note.extend_from_slice(&state);
+        note.extend((0..440u32).map(|i| i as u8));
         let notes_at = 64 + 2 * 56;
         let load_at = (notes_at + note.len()) as u64;
         let mut b = vec![0u8; 64];
@@ -247,10 +224,10 @@ mod tests {
     }
 
     #[test]
-    fn segments_and_registers_are_read() {
+    fn segments_and_cpu_notes_are_read() {
         let c = open(&core()).unwrap();
-        assert_eq!(c.registers.len(), 1);
-        assert_eq!((c.registers[0].cr3, c.registers[0].idtr_limit), (0x1234_5000, 0xfff));
+        assert_eq!(c.cpu_notes.len(), 1);
+        assert_eq!((c.cpu_notes[0].len(), c.cpu_notes[0][439]), (440, 439u32 as u8));
         let mut b = [0u8; 4];
         c.read(GuestPhysAddr(0x1000 + 251), &mut b).unwrap();
         assert_eq!(b, [0, 1, 2, 3]);

@@ -1,14 +1,17 @@
 //! What the QEMU monitor says, parsed strictly: vCPU registers (`info registers
 //! -a`), the guest-physical RAM layout (`info mtree -f`, `info ramblock`), host
-//! addresses of RAM blocks (`gpa2hva`) and vCPU threads (`query-cpus-fast`).
+//! addresses of RAM blocks (`gpa2hva`) and vCPU threads (`query-cpus-fast`);
+//! and the vCPU state QEMU writes into memory dumps.
 //!
 //! The monitor is trusted (QEMU is), but its text format is not a stable
 //! interface, so every parser refuses what it does not recognise instead of
 //! guessing, and is bounded in the input it accepts.
 
+mod dump;
 mod layout;
 mod registers;
 
+pub use dump::dump_registers;
 pub use layout::{
     RamBlockInfo, parse_gpa2hva, parse_mtree_ram, parse_query_cpus_thread_ids, parse_ramblocks,
 };
