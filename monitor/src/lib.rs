@@ -8,7 +8,7 @@
 //! the outer edge, one guest watched from check to check ([`watch`]: attach,
 //! baselines kept across boots, checks), and the daemon ([`daemon`]) over all
 //! of them. [`paths`] says where state is kept by default. Each module
-//! imports only those before it in this order (`tests/layering.rs`).
+//! imports only those before it in this order (`tests/source_rules.rs`).
 //!
 //! Everything that parses guest- or file-controlled bytes is safe Rust:
 //! `unsafe` is denied crate-wide and allowed in two modules only, the
