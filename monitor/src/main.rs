@@ -170,6 +170,22 @@ enum Command {
     },
     /// Ask the running daemon which domains it watches and how they are.
     Status,
+    /// Compare a running kernel's text and read-only data with the vendor's image.
+    ///
+    /// Reads the reference `vigil profile build` keeps beside the profile
+    /// (RELEASE.reference): the image's sections, its KASLR relocations and
+    /// the places the kernel rewrites itself at boot. Every differing run of
+    /// bytes is listed, with the rewrite site it lies on, if any. Work in
+    /// progress (issue 25): the forms a rewrite site may take are not judged
+    /// yet, so this reports and does not decide; exit status 0 when nothing
+    /// differs off a rewrite site, 1 otherwise, 2 on error.
+    Verify {
+        /// Domain name or UUID.
+        domain: String,
+        /// The reference file [default: RELEASE.reference beside the matching profile].
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
     /// Guest profiles: what vigil knows of one kernel build (see guest-profiles/README.md).
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -299,6 +315,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Status => control(cli, &Request::Status),
+        Command::Verify { domain, reference } => verify(cli, domain, reference.as_deref()),
         Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
             profile_build(vmlinuz, output.as_deref())
         }
@@ -519,6 +536,26 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&path, p.to_text()).with_context(|| format!("writing {}", path.display()))?;
+    let (vmlinux, _) = vigil::linux::image::vmlinux(&bytes)?;
+    let at = |n: &str| p.symbol(n).map(|s| s.addr);
+    let (Some(start), Some(end)) = (at("__start_rodata"), at("__end_rodata")) else {
+        bail!("{}: no __start_rodata and __end_rodata in its symbols", vmlinuz.display());
+    };
+    let r = vigil::linux::reference::Reference::from_vmlinux(&vmlinux, (start, end))
+        .with_context(|| format!("{}: its reference", vmlinuz.display()))?;
+    let ref_path = path.with_extension("reference");
+    let stored = vigil::linux::reference::ReferenceFile::write(&r)
+        .with_context(|| format!("{}: its reference", vmlinuz.display()))?;
+    std::fs::write(&ref_path, &stored)
+        .with_context(|| format!("writing {}", ref_path.display()))?;
+    println!(
+        "reference written to {}: {} section(s), {} bytes ({} stored), {} relocations",
+        ref_path.display(),
+        r.sections.len(),
+        r.bytes(),
+        stored.len(),
+        r.relocs.abs64.len() + r.relocs.abs32.len() + r.relocs.inv32.len()
+    );
     println!(
         "profile of {} written to {}: {} symbols, {} + {} syscall table entries",
         p.release,
@@ -802,4 +839,91 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
         writeln!(out, "  {:14} {:10} before {}  after {}", "", "", f.before, f.after)?;
     }
     Ok(())
+}
+
+/// `vigil verify`: the kernel's pages against the vendor's image.
+fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u8> {
+    use vigil::linux::reference::{ReferenceFile, RewriteKind, Rewrites, verify_pages};
+    let hv = Hypervisor::connect(cli.uri())?;
+    let dom = hv.domain(domain)?;
+    dom.ensure_running()?;
+    let mem = dom.open_memory(SourceChoice::Auto)?;
+    let regs = dom.registers()?;
+    let mut view =
+        vigil::linux::discover(&*mem, &regs).with_context(|| format!("domain {domain}"))?;
+    let profiles = load_profiles(cli);
+    let base = view.identification.image_base;
+    let Some(m) = vigil::linux::semantic::match_profile(&profiles, &*mem, &view, base) else {
+        bail!("no guest profile matches the kernel of {domain}: nothing to verify against");
+    };
+    let (release, slide) = (m.profile.release.clone(), m.slide);
+    let path = match reference {
+        Some(p) => p.to_path_buf(),
+        None => profile_dirs(cli)
+            .iter()
+            .map(|d| d.join(format!("{release}.reference")))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!("no {release}.reference beside the profiles: run `vigil profile build` on its vmlinuz")
+            })?,
+    };
+    let stored = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let r = ReferenceFile::read(&stored).with_context(|| format!("{}", path.display()))?;
+    let w = Rewrites::of(&r).with_context(|| format!("{}", path.display()))?;
+    if let Err(e) = vigil::linux::layout::bound_view(&profiles, &*mem, &mut view) {
+        eprintln!("vigil: warning: {domain}: regions not bounded by the layout: {e}");
+    }
+    // Several symbols may name one address: a thunk's name is the one that counts.
+    let syms = m.profile.symbols();
+    let names = |a: u64| {
+        let a = a.wrapping_sub(slide);
+        let at = &syms[syms.partition_point(|s| s.addr < a)..];
+        let here: Vec<&str> =
+            at.iter().take_while(|s| s.addr == a).map(|s| s.name.as_str()).collect();
+        here.iter().find(|n| n.contains("thunk")).or(here.first()).map(|n| (*n).to_owned())
+    };
+    let v = verify_pages(&r, &w, &*mem, &view.regions, slide, &names);
+    let mut by_kind: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut off_site = Vec::new();
+    for (d, ok) in &v.differences {
+        let kind = match d.sites.first().map(|s| s.kind) {
+            None => "off any rewrite site".to_owned(),
+            Some(RewriteKind::Alternative { .. }) => "alternative".into(),
+            Some(k) => format!("{k:?}").to_lowercase(),
+        };
+        let kind = if *ok { format!("{kind}: allowed") } else { format!("{kind}: NOT allowed") };
+        if !ok {
+            off_site.push(d);
+        }
+        let e = by_kind.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += d.found.len() as u64;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{domain}: kernel {release} at slide {slide:#x}: {} page(s) compared with {}, {} outside it, {} unreadable",
+        v.pages,
+        path.display(),
+        v.outside.len(),
+        v.unreadable.len()
+    )?;
+    for (kind, (runs, bytes)) in &by_kind {
+        writeln!(out, "  {kind}: {runs} run(s), {bytes} byte(s)")?;
+    }
+    for d in off_site.iter().take(60) {
+        let name = m
+            .profile
+            .symbolize(d.addr)
+            .map_or_else(|| "?".to_owned(), |(n, o)| format!("{n}+{o:#x}"));
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        writeln!(
+            out,
+            "  {:#x} {name}: {} -> {}",
+            d.addr,
+            hex(&d.expected[..d.expected.len().min(24)]),
+            hex(&d.found[..d.found.len().min(24)])
+        )?;
+    }
+    Ok(if off_site.is_empty() { EXIT_OK } else { EXIT_VIOLATIONS })
 }

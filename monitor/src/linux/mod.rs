@@ -13,6 +13,7 @@ pub mod layout;
 pub mod modules;
 pub mod patch;
 pub mod profile;
+pub mod reference;
 pub mod region;
 pub mod report;
 pub mod semantic;

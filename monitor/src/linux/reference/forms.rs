@@ -1,0 +1,206 @@
+//! The forms a boot-time rewrite site may hold, and the judgement of a
+//! site's bytes against them.
+//!
+//! Code is compared by what it does, not byte for byte: each site is
+//! decoded and reduced to its effective instructions. NOPs and `lfence` are
+//! dropped, so is `int3` padding after an unconditional transfer and a
+//! short `jmp` over padding to the site's end; branch and RIP-relative
+//! targets are absolute; a jump to a return thunk is a `ret`, and a call
+//! or jump through a retpoline thunk is the indirect call or jump it
+//! stands for. Two encodings the kernel may choose between then compare
+//! equal, and one that does anything else does not.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+
+use super::RewriteKind;
+
+/// One effective instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `ret`, or a jump to a return thunk.
+    Ret,
+    /// A call or jump through a register: directly, or through the
+    /// retpoline thunk for that register.
+    Indirect { call: bool, register: String },
+    /// Any other near branch, to its absolute target.
+    Branch { mnemonic: Mnemonic, target: u64 },
+    /// An instruction with a RIP-relative memory operand: its code, the
+    /// absolute address, and its bytes but the displacement.
+    Relative { code: Code, address: u64, rest: Vec<u8> },
+    /// Anything else, by its bytes.
+    Plain(Vec<u8>),
+}
+
+/// Names of code at run-time addresses, to tell thunks by.
+pub type Names<'a> = &'a dyn Fn(u64) -> Option<String>;
+
+/// The register a retpoline thunk stands for, from its name
+/// (`__x86_indirect_thunk_r11`, `__x86_indirect_its_thunk_rax`, ...).
+fn thunk_register(name: &str) -> Option<String> {
+    let is_thunk = name.starts_with("__x86_indirect_")
+        && (name.contains("_thunk_")
+            || name.contains("_call_thunk_")
+            || name.contains("_jump_thunk_"));
+    is_thunk.then(|| name.rsplit('_').next().map(str::to_owned)).flatten()
+}
+
+fn is_return_thunk(name: &str) -> bool {
+    name.ends_with("return_thunk") || name == "__x86_return_skl"
+}
+
+/// Decodes `bytes` at run-time address `ip` into effective instructions.
+/// Targets inside `moved` (start, length, new start) are taken as moved:
+/// a replacement decoded where it is kept is compared as where it goes.
+/// `None` when the bytes do not decode into whole instructions.
+pub fn effective(
+    bytes: &[u8],
+    ip: u64,
+    moved: Option<(u64, u64, u64)>,
+    names: Names<'_>,
+) -> Option<Vec<Op>> {
+    let end = ip.checked_add(bytes.len() as u64)?;
+    let relocate = |t: u64| match moved {
+        Some((from, len, to)) if t >= from && t < from.saturating_add(len) => to + (t - from),
+        _ => t,
+    };
+    let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut all: Vec<(Instruction, usize)> = Vec::new();
+    let mut at = 0usize;
+    while d.can_decode() {
+        let i = d.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        all.push((i, at));
+        at += i.len();
+    }
+    let mut out = Vec::new();
+    let mut ended = false;
+    for (k, (i, off)) in all.iter().enumerate() {
+        let raw = &bytes[*off..*off + i.len()];
+        match i.mnemonic() {
+            Mnemonic::Nop | Mnemonic::Lfence => continue,
+            Mnemonic::Int3 if ended => continue,
+            _ => {}
+        }
+        let branch = matches!(
+            i.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        );
+        if branch {
+            let target = relocate(i.near_branch_target());
+            // A short jump over padding to the site's end.
+            let padding = all[k + 1..]
+                .iter()
+                .all(|(j, _)| matches!(j.mnemonic(), Mnemonic::Nop | Mnemonic::Int3));
+            if i.mnemonic() == Mnemonic::Jmp && target == end && padding {
+                break;
+            }
+            let name = names(target);
+            let op = match (i.mnemonic(), name.as_deref()) {
+                (Mnemonic::Jmp, Some(n)) if is_return_thunk(n) => Op::Ret,
+                (m @ (Mnemonic::Jmp | Mnemonic::Call), Some(n)) if thunk_register(n).is_some() => {
+                    Op::Indirect {
+                        call: m == Mnemonic::Call,
+                        register: thunk_register(n).unwrap_or_default(),
+                    }
+                }
+                (m, _) => Op::Branch { mnemonic: m, target },
+            };
+            ended = matches!(op, Op::Ret | Op::Indirect { call: false, .. })
+                || matches!(op, Op::Branch { mnemonic: Mnemonic::Jmp, .. });
+            out.push(op);
+            continue;
+        }
+        if matches!(i.mnemonic(), Mnemonic::Ret) {
+            out.push(Op::Ret);
+            ended = true;
+            continue;
+        }
+        if matches!(i.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
+            && i.op0_kind() == OpKind::Register
+        {
+            let call = i.mnemonic() == Mnemonic::Call;
+            out.push(Op::Indirect {
+                call,
+                register: format!("{:?}", i.op0_register()).to_lowercase(),
+            });
+            ended = !call;
+            continue;
+        }
+        if i.is_ip_rel_memory_operand() {
+            let c = Decoder::with_ip(64, raw, i.ip(), DecoderOptions::NONE).get_constant_offsets(i);
+            let mut rest = raw.to_vec();
+            if c.has_displacement() {
+                let (o, n) = (c.displacement_offset(), c.displacement_size());
+                rest.drain(o..o + n);
+            }
+            out.push(Op::Relative {
+                code: i.code(),
+                address: relocate(i.ip_rel_memory_address()),
+                rest,
+            });
+            ended = false;
+            continue;
+        }
+        out.push(Op::Plain(raw.to_vec()));
+        ended = false;
+    }
+    Some(out)
+}
+
+/// `endbr64`, and the 4-byte NOP the kernel seals an unused one with.
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+const ENDBR_SEALED: [u8; 4] = [0x0f, 0x1f, 0x40, 0xd6];
+const LOCK: u8 = 0xf0;
+const DS: u8 = 0x3e;
+
+/// What a judgement of one site needs besides its bytes.
+pub struct Forms<'a> {
+    pub names: Names<'a>,
+    /// The relocated bytes of a replacement, by run-time address and length.
+    pub replacement: &'a dyn Fn(u64, u8) -> Option<Vec<u8>>,
+}
+
+/// Whether `found`, the bytes of a site of kind `kind` at run-time `ip`,
+/// is a form the kernel writes there, given `expected` (the image's bytes,
+/// relocated) and `also` (other replacements of the same site).
+pub fn allowed(
+    kind: RewriteKind,
+    ip: u64,
+    expected: &[u8],
+    found: &[u8],
+    also: &[(u64, u8)],
+    f: &Forms<'_>,
+) -> bool {
+    if expected == found {
+        return true;
+    }
+    match kind {
+        RewriteKind::Lock => {
+            found.len() == 1 && expected == [LOCK] && matches!(found[0], LOCK | DS)
+        }
+        RewriteKind::Endbr => expected == ENDBR64 && found == ENDBR_SEALED,
+        RewriteKind::Alternative { replacement, replacement_len } => {
+            let Some(now) = effective(found, ip, None, f.names) else { return false };
+            if effective(expected, ip, None, f.names).as_ref() == Some(&now) {
+                return true;
+            }
+            std::iter::once((replacement, replacement_len)).chain(also.iter().copied()).any(
+                |(at, len)| {
+                    (f.replacement)(at, len).is_some_and(|b| {
+                        let moved = Some((at, u64::from(len), ip));
+                        effective(&b, at, moved, f.names).is_some_and(|r| r == now)
+                    })
+                },
+            )
+        }
+        RewriteKind::Retpoline | RewriteKind::Return => {
+            let now = effective(found, ip, None, f.names);
+            now.is_some() && effective(expected, ip, None, f.names) == now
+        }
+        // Judged by the caller, which knows the guest's paravirt ops and
+        // call thunks.
+        RewriteKind::Paravirt | RewriteKind::CallDepth => false,
+    }
+}

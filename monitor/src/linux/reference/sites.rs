@@ -1,0 +1,173 @@
+//! The places the kernel rewrites its own text at boot, from the image's
+//! tables. Each table lists sites as 32-bit offsets from the entry itself
+//! (or, for paravirt, 64-bit addresses); the tables live in init data and
+//! are gone from a running guest, which is why the reference keeps them.
+
+use super::{Reference, ReferenceError};
+
+/// What rewrites a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RewriteKind {
+    /// An alternative (`.altinstructions`): the original instruction, or a
+    /// replacement chosen by CPU feature, padded with NOPs.
+    Alternative { replacement: u64, replacement_len: u8 },
+    /// A paravirt call site (`.parainstructions`, before 6.8).
+    Paravirt,
+    /// A call or jump through a retpoline thunk (`.retpoline_sites`).
+    Retpoline,
+    /// A jump to the return thunk (`.return_sites`).
+    Return,
+    /// A `lock` prefix (`.smp_locks`).
+    Lock,
+    /// An `endbr64` the kernel may seal (`.ibt_endbr_seal`).
+    Endbr,
+    /// A call that call-depth tracking may redirect (`.call_sites`).
+    CallDepth,
+}
+
+/// One site: its link address, how many bytes may change, and by what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RewriteSite {
+    pub addr: u64,
+    pub len: u8,
+    pub kind: RewriteKind,
+}
+
+/// Every boot-time rewrite site of a kernel, sorted by address.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrites {
+    pub sites: Vec<RewriteSite>,
+    /// Tables the image has none of (no such section).
+    pub absent: Vec<&'static str>,
+}
+
+/// Longest instruction a site rewrites.
+const MAX_SITE: u8 = 32;
+
+impl Rewrites {
+    /// Reads the rewrite tables of `r`, checking that every site lies in the
+    /// text and every replacement in `.altinstr_replacement`.
+    pub fn of(r: &Reference) -> Result<Self, ReferenceError> {
+        let bad = |t: &str, why: String| ReferenceError::Elf(format!("{t}: {why}"));
+        let text = r.section(".text").ok_or(ReferenceError::Missing(".text"))?;
+        let in_text =
+            |a: u64, len: u8| a >= text.addr && a.saturating_add(u64::from(len)) <= text.end();
+        let mut out = Rewrites::default();
+        let mut rel_table =
+            |name: &'static str, len: u8, kind: RewriteKind| -> Result<(), ReferenceError> {
+                let Some(s) = r.section(name) else {
+                    out.absent.push(name);
+                    return Ok(());
+                };
+                for (i, c) in s.bytes.chunks_exact(4).enumerate() {
+                    let entry = s.addr + 4 * i as u64;
+                    let off = i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")));
+                    let a = entry.wrapping_add(off.cast_unsigned());
+                    // Sites in init text are gone after boot: not compared.
+                    if in_text(a, 1) {
+                        out.sites.push(RewriteSite { addr: a, len, kind });
+                    }
+                }
+                Ok(())
+            };
+        rel_table(".retpoline_sites", 6, RewriteKind::Retpoline)?;
+        rel_table(".return_sites", 6, RewriteKind::Return)?;
+        rel_table(".smp_locks", 1, RewriteKind::Lock)?;
+        rel_table(".ibt_endbr_seal", 4, RewriteKind::Endbr)?;
+        rel_table(".call_sites", 5, RewriteKind::CallDepth)?;
+        match r.section(".parainstructions") {
+            None => out.absent.push(".parainstructions"),
+            Some(s) => {
+                // struct paravirt_patch_site { u8 *instr; u8 type; u8 len; }: 16 bytes.
+                if !s.bytes.len().is_multiple_of(16) {
+                    return Err(bad(".parainstructions", format!("{} bytes", s.bytes.len())));
+                }
+                for (i, c) in s.bytes.chunks_exact(16).enumerate() {
+                    // The pointer is relocated: read it as linked.
+                    let a = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                    let len = c[9];
+                    if len > MAX_SITE {
+                        return Err(bad(".parainstructions", format!("entry {i}: {len} bytes")));
+                    }
+                    if in_text(a, len) {
+                        out.sites.push(RewriteSite { addr: a, len, kind: RewriteKind::Paravirt });
+                    }
+                }
+            }
+        }
+        match (r.section(".altinstructions"), r.section(".altinstr_replacement")) {
+            (Some(alt), Some(repl)) => out.sites.extend(alternatives(alt, repl, &in_text)?),
+            (None, _) => out.absent.push(".altinstructions"),
+            (Some(_), None) => return Err(ReferenceError::Missing(".altinstr_replacement")),
+        }
+        out.sites.sort();
+        Ok(out)
+    }
+
+    /// The sites whose bytes overlap `[addr, addr + len)`.
+    pub fn overlapping(&self, addr: u64, len: u64) -> impl Iterator<Item = &RewriteSite> {
+        let end = addr.saturating_add(len);
+        let from =
+            self.sites.partition_point(|s| s.addr.saturating_add(u64::from(MAX_SITE)) <= addr);
+        self.sites[from..]
+            .iter()
+            .take_while(move |s| s.addr < end)
+            .filter(move |s| s.addr.saturating_add(u64::from(s.len)) > addr)
+    }
+}
+
+/// `.altinstructions` entries: `s32 instr, s32 repl, (u16 cpuid | u32
+/// ft_flags), u8 instrlen, u8 replacementlen` — 12 bytes before 6.3, 14
+/// after. The size is the one under which every entry is sound.
+fn alternatives(
+    alt: &super::Section,
+    repl: &super::Section,
+    in_text: &dyn Fn(u64, u8) -> bool,
+) -> Result<Vec<RewriteSite>, ReferenceError> {
+    let mut why = Vec::new();
+    for size in [12usize, 14] {
+        match alternatives_sized(alt, repl, in_text, size) {
+            Ok(sites) => return Ok(sites),
+            Err(e) => why.push(format!("as {size}-byte entries: {e}")),
+        }
+    }
+    Err(ReferenceError::Elf(format!(".altinstructions: {}", why.join("; "))))
+}
+
+fn alternatives_sized(
+    alt: &super::Section,
+    repl: &super::Section,
+    in_text: &dyn Fn(u64, u8) -> bool,
+    size: usize,
+) -> Result<Vec<RewriteSite>, String> {
+    if !alt.bytes.len().is_multiple_of(size) {
+        return Err(format!("{} bytes", alt.bytes.len()));
+    }
+    let mut out = Vec::new();
+    for (i, c) in alt.bytes.chunks_exact(size).enumerate() {
+        let entry = alt.addr + (i * size) as u64;
+        let rel = |o: usize| {
+            let v = i64::from(i32::from_le_bytes(c[o..o + 4].try_into().expect("4 bytes")));
+            (entry + o as u64).wrapping_add(v.cast_unsigned())
+        };
+        let (site, replacement) = (rel(0), rel(4));
+        let (len, replacement_len) = (c[size - 2], c[size - 1]);
+        if len > MAX_SITE || replacement_len > len {
+            return Err(format!("entry {i}: {len} bytes replaced by {replacement_len}"));
+        }
+        let in_repl = replacement >= repl.addr
+            && replacement.saturating_add(u64::from(replacement_len)) <= repl.end();
+        // A replacement of nothing (pure NOP padding) may point anywhere.
+        if replacement_len > 0 && !in_repl && !in_text(replacement, replacement_len) {
+            return Err(format!("entry {i}: replacement at {replacement:#x} is in no code"));
+        }
+        if in_text(site, len) {
+            out.push(RewriteSite {
+                addr: site,
+                len,
+                kind: RewriteKind::Alternative { replacement, replacement_len },
+            });
+        }
+    }
+    Ok(out)
+}
