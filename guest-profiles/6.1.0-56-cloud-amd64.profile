@@ -47123,11 +47123,13 @@ sym ffffffff81e01ef2 T _etext
 sym ffffffff82000000 D __start_rodata
 sym ffffffff82000360 D sys_call_table
 sym ffffffff8211ffe0 D linux_banner
+sym ffffffff82398470 D __start_ro_after_init
 sym ffffffff8239ea80 D x86_return_thunk
 sym ffffffff823bb1f0 D __start___jump_table
 sym ffffffff823d27b0 D __start_static_call_sites
 sym ffffffff823d27b0 D __stop___jump_table
 sym ffffffff823dad50 D __stop_static_call_sites
+sym ffffffff823dad78 D __end_ro_after_init
 sym ffffffff82827000 D __end_rodata
 sym ffffffff82a00000 D _sdata
 sym ffffffff82a1a730 D __SCK__tp_func_initcall_finish

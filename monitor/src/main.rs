@@ -843,7 +843,7 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
 
 /// `vigil verify`: the kernel's pages against the vendor's image.
 fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u8> {
-    use vigil::linux::reference::{ReferenceFile, RewriteKind, Rewrites, verify_pages};
+    use vigil::linux::reference::{ReferenceFile, Rewrites, verify_pages};
     let hv = Hypervisor::connect(cli.uri())?;
     let dom = hv.domain(domain)?;
     dom.ensure_running()?;
@@ -869,7 +869,8 @@ fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u
     };
     let stored = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let r = ReferenceFile::read(&stored).with_context(|| format!("{}", path.display()))?;
-    let w = Rewrites::of(&r).with_context(|| format!("{}", path.display()))?;
+    let mut w = Rewrites::of(&r).with_context(|| format!("{}", path.display()))?;
+    w.add_run_time(&r, m.profile).with_context(|| format!("{}", path.display()))?;
     if let Err(e) = vigil::linux::layout::bound_view(&profiles, &*mem, &mut view) {
         eprintln!("vigil: warning: {domain}: regions not bounded by the layout: {e}");
     }
@@ -882,18 +883,18 @@ fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u
             at.iter().take_while(|s| s.addr == a).map(|s| s.name.as_str()).collect();
         here.iter().find(|n| n.contains("thunk")).or(here.first()).map(|n| (*n).to_owned())
     };
-    let v = verify_pages(&r, &w, &*mem, &view.regions, slide, &names);
+    let slot = |a: u64| {
+        vigil::linux::semantic::read_virt(&*mem, &view, a, 8)
+            .map(|(b, _)| u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
+    };
+    let v = verify_pages(&r, &w, &*mem, &view.regions, slide, &names, &slot);
     let mut by_kind: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-    let mut off_site = Vec::new();
-    for (d, ok) in &v.differences {
-        let kind = match d.sites.first().map(|s| s.kind) {
-            None => "off any rewrite site".to_owned(),
-            Some(RewriteKind::Alternative { .. }) => "alternative".into(),
-            Some(k) => format!("{k:?}").to_lowercase(),
-        };
-        let kind = if *ok { format!("{kind}: allowed") } else { format!("{kind}: NOT allowed") };
-        if !ok {
-            off_site.push(d);
+    let mut refused = Vec::new();
+    for (d, j) in &v.differences {
+        let kind = d.sites.first().map_or("off any rewrite site", |s| s.kind.name());
+        let kind = format!("{kind}: {}", format!("{j:?}").to_lowercase());
+        if *j == vigil::linux::reference::Judgement::Refused {
+            refused.push(d);
         }
         let e = by_kind.entry(kind).or_default();
         e.0 += 1;
@@ -911,7 +912,7 @@ fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u
     for (kind, (runs, bytes)) in &by_kind {
         writeln!(out, "  {kind}: {runs} run(s), {bytes} byte(s)")?;
     }
-    for d in off_site.iter().take(60) {
+    for d in refused.iter().take(60) {
         let name = m
             .profile
             .symbolize(d.addr)
@@ -925,5 +926,5 @@ fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u
             hex(&d.found[..d.found.len().min(24)])
         )?;
     }
-    Ok(if off_site.is_empty() { EXIT_OK } else { EXIT_VIOLATIONS })
+    Ok(if refused.is_empty() { EXIT_OK } else { EXIT_VIOLATIONS })
 }

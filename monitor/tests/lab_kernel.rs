@@ -152,6 +152,16 @@ fn committed_lab_profiles_are_what_profile_build_makes() {
             .unwrap();
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let made = std::fs::read_to_string(&path).unwrap();
+        // Beside it, the reference (issue 25): it reads back, with its rewrite tables.
+        let stored = std::fs::read(path.with_extension("reference")).unwrap();
+        let r = vigil::linux::reference::ReferenceFile::read(&stored).unwrap();
+        let w = vigil::linux::reference::Rewrites::of(&r).unwrap();
+        assert!(
+            r.relocs.abs32.len() > 10_000 && w.sites.len() > 50_000,
+            "{}: {} sites",
+            line.release,
+            w.sites.len()
+        );
         let committed_path =
             format!("{}/../guest-profiles/{}.profile", env!("CARGO_MANIFEST_DIR"), line.release);
         let committed = std::fs::read_to_string(&committed_path)

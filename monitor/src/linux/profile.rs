@@ -108,6 +108,9 @@ const DATA_SYMBOLS: &[&str] = &[
     "_etext",
     "__start_rodata",
     "__end_rodata",
+    // Data the kernel sets during boot, read-only after it (see `reference`).
+    "__start_ro_after_init",
+    "__end_ro_after_init",
     "_sdata",
     "_end",
     "linux_banner",

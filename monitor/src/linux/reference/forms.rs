@@ -129,10 +129,16 @@ pub fn effective(
             continue;
         }
         if i.is_ip_rel_memory_operand() {
-            let c = Decoder::with_ip(64, raw, i.ip(), DecoderOptions::NONE).get_constant_offsets(i);
+            // Offsets are known to the decoder that just decoded it.
+            let mut again = Decoder::with_ip(64, raw, i.ip(), DecoderOptions::NONE);
+            let same = again.decode();
+            let c = again.get_constant_offsets(&same);
             let mut rest = raw.to_vec();
             if c.has_displacement() {
                 let (o, n) = (c.displacement_offset(), c.displacement_size());
+                if o.checked_add(n).is_none_or(|e| e > rest.len()) {
+                    return None;
+                }
                 rest.drain(o..o + n);
             }
             out.push(Op::Relative {
@@ -160,47 +166,118 @@ pub struct Forms<'a> {
     pub names: Names<'a>,
     /// The relocated bytes of a replacement, by run-time address and length.
     pub replacement: &'a dyn Fn(u64, u8) -> Option<Vec<u8>>,
+    /// The guest's 8 bytes at a run-time address (a paravirt op's slot).
+    pub slot: &'a dyn Fn(u64) -> Option<u64>,
 }
+
+/// A site's bytes, judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// A form the kernel writes there at boot.
+    Allowed,
+    /// A site the kernel patches as it runs (ftrace, jump label, static
+    /// call) in a form only its records can tell right: for the patch review.
+    RunTime,
+    /// No form the kernel writes there.
+    Refused,
+}
+
+/// What the kernel writes for a paravirt op whose slot holds a native
+/// function (6.1's `native_patch`), by the function's name.
+const NATIVE: [(&str, &[u8]); 10] = [
+    ("native_irq_disable", &[0xfa]),
+    ("native_irq_enable", &[0xfb]),
+    ("native_restore_fl", &[0x57, 0x9d]),
+    ("native_save_fl", &[0x9c, 0x58]),
+    ("native_read_cr2", &[0x0f, 0x20, 0xd0]),
+    ("native_read_cr3", &[0x0f, 0x20, 0xd8]),
+    ("native_write_cr3", &[0x0f, 0x22, 0xdf]),
+    ("native_wbinvd", &[0x0f, 0x09]),
+    ("native_queued_spin_unlock", &[0xc6, 0x07, 0x00]),
+    ("__native_queued_spin_unlock", &[0xc6, 0x07, 0x00]),
+];
 
 /// Whether `found`, the bytes of a site of kind `kind` at run-time `ip`,
 /// is a form the kernel writes there, given `expected` (the image's bytes,
 /// relocated) and `also` (other replacements of the same site).
-pub fn allowed(
+pub fn judge(
     kind: RewriteKind,
     ip: u64,
     expected: &[u8],
     found: &[u8],
     also: &[(u64, u8)],
     f: &Forms<'_>,
-) -> bool {
+) -> Judgement {
+    let yes = |b: bool| if b { Judgement::Allowed } else { Judgement::Refused };
     if expected == found {
-        return true;
+        return Judgement::Allowed;
     }
+    let now = || effective(found, ip, None, f.names);
+    let was = || effective(expected, ip, None, f.names);
     match kind {
         RewriteKind::Lock => {
-            found.len() == 1 && expected == [LOCK] && matches!(found[0], LOCK | DS)
+            yes(found.len() == 1 && expected == [LOCK] && matches!(found[0], LOCK | DS))
         }
-        RewriteKind::Endbr => expected == ENDBR64 && found == ENDBR_SEALED,
+        RewriteKind::Endbr => yes(expected == ENDBR64 && found == ENDBR_SEALED),
         RewriteKind::Alternative { replacement, replacement_len } => {
-            let Some(now) = effective(found, ip, None, f.names) else { return false };
-            if effective(expected, ip, None, f.names).as_ref() == Some(&now) {
-                return true;
+            let Some(now) = now() else { return Judgement::Refused };
+            if was().as_ref() == Some(&now) {
+                return Judgement::Allowed;
             }
-            std::iter::once((replacement, replacement_len)).chain(also.iter().copied()).any(
+            yes(std::iter::once((replacement, replacement_len)).chain(also.iter().copied()).any(
                 |(at, len)| {
                     (f.replacement)(at, len).is_some_and(|b| {
                         let moved = Some((at, u64::from(len), ip));
                         effective(&b, at, moved, f.names).is_some_and(|r| r == now)
                     })
                 },
-            )
+            ))
         }
         RewriteKind::Retpoline | RewriteKind::Return => {
-            let now = effective(found, ip, None, f.names);
-            now.is_some() && effective(expected, ip, None, f.names) == now
+            let now = now();
+            yes(now.is_some() && was() == now)
         }
-        // Judged by the caller, which knows the guest's paravirt ops and
-        // call thunks.
-        RewriteKind::Paravirt | RewriteKind::CallDepth => false,
+        RewriteKind::Paravirt => yes(paravirt(ip, expected, found, f)),
+        RewriteKind::JumpLabel { target } => match now() {
+            Some(ops) if ops.is_empty() => Judgement::Allowed,
+            Some(ops) if ops == [Op::Branch { mnemonic: Mnemonic::Jmp, target }] => {
+                Judgement::Allowed
+            }
+            _ => Judgement::Refused,
+        },
+        RewriteKind::Ftrace => match now() {
+            Some(ops) if ops.is_empty() => Judgement::Allowed,
+            _ => Judgement::RunTime,
+        },
+        RewriteKind::StaticCall => match now() {
+            Some(ops) if ops.is_empty() || ops == [Op::Ret] => Judgement::Allowed,
+            _ => Judgement::RunTime,
+        },
+        // Call-depth thunks are only patched in under `retbleed=stuff`.
+        RewriteKind::CallDepth => Judgement::Refused,
     }
+}
+
+/// A paravirt site: `call *slot(%rip)` in the image. The kernel writes a
+/// direct call to what the slot holds, or for a native op its instruction,
+/// padded with NOPs; for an op that does nothing, NOPs.
+fn paravirt(ip: u64, expected: &[u8], found: &[u8], f: &Forms<'_>) -> bool {
+    let Some(was) = effective(expected, ip, None, f.names) else { return false };
+    let [Op::Relative { code: Code::Call_rm64, address, .. }] = was.as_slice() else {
+        return false;
+    };
+    let Some(target) = (f.slot)(*address) else { return false };
+    let Some(now) = effective(found, ip, None, f.names) else { return false };
+    if now == [Op::Branch { mnemonic: Mnemonic::Call, target }] {
+        return true;
+    }
+    let name = (f.names)(target).unwrap_or_default();
+    if name == "paravirt_nop" || name == "_paravirt_nop" {
+        return now.is_empty();
+    }
+    let name = name.trim_start_matches("__raw_callee_save_").trim_start_matches("pv_");
+    NATIVE.iter().any(|(n, insn)| {
+        (*n == name || n.trim_start_matches("__") == name)
+            && effective(insn, ip, None, f.names).is_some_and(|i| i == now)
+    })
 }

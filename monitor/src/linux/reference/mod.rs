@@ -27,7 +27,7 @@ mod store;
 mod verify;
 
 pub use compare::{Difference, differences};
-pub use forms::{Forms, Op, allowed, effective};
+pub use forms::{Forms, Judgement, Op, effective, judge};
 pub use sites::{RewriteKind, RewriteSite, Rewrites};
 pub use store::{FORMAT, ReferenceFile};
 pub use verify::{Verification, verify_pages};

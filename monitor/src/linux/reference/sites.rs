@@ -23,6 +23,41 @@ pub enum RewriteKind {
     Endbr,
     /// A call that call-depth tracking may redirect (`.call_sites`).
     CallDepth,
+    /// A function entry ftrace patches (`__mcount_loc`): NOP at boot, then
+    /// calls while tracing.
+    Ftrace,
+    /// A jump label (`__jump_table`): a NOP or a jump to `target`.
+    JumpLabel { target: u64 },
+    /// A static call site (`.static_call_sites`): a call to its key's
+    /// function, a NOP, or (for a tail call) a `ret`.
+    StaticCall,
+}
+
+impl RewriteKind {
+    /// Whether the kernel rewrites such a site while it runs, not only at
+    /// boot: its form then depends on the kernel's records now.
+    pub fn at_run_time(self) -> bool {
+        matches!(
+            self,
+            RewriteKind::Ftrace | RewriteKind::JumpLabel { .. } | RewriteKind::StaticCall
+        )
+    }
+
+    /// A short name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RewriteKind::Alternative { .. } => "alternative",
+            RewriteKind::Paravirt => "paravirt",
+            RewriteKind::Retpoline => "retpoline",
+            RewriteKind::Return => "return thunk",
+            RewriteKind::Lock => "lock prefix",
+            RewriteKind::Endbr => "endbr seal",
+            RewriteKind::CallDepth => "call depth",
+            RewriteKind::Ftrace => "ftrace",
+            RewriteKind::JumpLabel { .. } => "jump label",
+            RewriteKind::StaticCall => "static call",
+        }
+    }
 }
 
 /// One site: its link address, how many bytes may change, and by what.
@@ -42,7 +77,8 @@ pub struct Rewrites {
 }
 
 /// Longest instruction a site rewrites.
-const MAX_SITE: u8 = 32;
+/// Longest site: its length is one byte (6.12 has alternatives of 43 bytes).
+const MAX_SITE: u8 = u8::MAX;
 
 impl Rewrites {
     /// Reads the rewrite tables of `r`, checking that every site lies in the
@@ -53,28 +89,39 @@ impl Rewrites {
         let in_text =
             |a: u64, len: u8| a >= text.addr && a.saturating_add(u64::from(len)) <= text.end();
         let mut out = Rewrites::default();
-        let mut rel_table =
-            |name: &'static str, len: u8, kind: RewriteKind| -> Result<(), ReferenceError> {
-                let Some(s) = r.section(name) else {
-                    out.absent.push(name);
-                    return Ok(());
-                };
-                for (i, c) in s.bytes.chunks_exact(4).enumerate() {
-                    let entry = s.addr + 4 * i as u64;
-                    let off = i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")));
-                    let a = entry.wrapping_add(off.cast_unsigned());
-                    // Sites in init text are gone after boot: not compared.
-                    if in_text(a, 1) {
-                        out.sites.push(RewriteSite { addr: a, len, kind });
-                    }
-                }
-                Ok(())
+        // A thunk site is one instruction (a call, jump or conditional jump).
+        let insn_len = |a: u64| -> Option<u8> {
+            let off = usize::try_from(a.checked_sub(text.addr)?).ok()?;
+            let bytes = text.bytes.get(off..(off + 15).min(text.bytes.len()))?;
+            let i =
+                iced_x86::Decoder::with_ip(64, bytes, a, iced_x86::DecoderOptions::NONE).decode();
+            (!i.is_invalid()).then(|| u8::try_from(i.len()).ok()).flatten()
+        };
+        let mut rel_table = |name: &'static str,
+                             len: Option<u8>,
+                             kind: RewriteKind|
+         -> Result<(), ReferenceError> {
+            let Some(s) = r.section(name) else {
+                out.absent.push(name);
+                return Ok(());
             };
-        rel_table(".retpoline_sites", 6, RewriteKind::Retpoline)?;
-        rel_table(".return_sites", 6, RewriteKind::Return)?;
-        rel_table(".smp_locks", 1, RewriteKind::Lock)?;
-        rel_table(".ibt_endbr_seal", 4, RewriteKind::Endbr)?;
-        rel_table(".call_sites", 5, RewriteKind::CallDepth)?;
+            for (i, c) in s.bytes.chunks_exact(4).enumerate() {
+                let entry = s.addr + 4 * i as u64;
+                let off = i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")));
+                let a = entry.wrapping_add(off.cast_unsigned());
+                // Sites in init text are gone after boot: not compared.
+                if in_text(a, 1) {
+                    let len = len.or_else(|| insn_len(a)).unwrap_or(1);
+                    out.sites.push(RewriteSite { addr: a, len, kind });
+                }
+            }
+            Ok(())
+        };
+        rel_table(".retpoline_sites", None, RewriteKind::Retpoline)?;
+        rel_table(".return_sites", None, RewriteKind::Return)?;
+        rel_table(".smp_locks", Some(1), RewriteKind::Lock)?;
+        rel_table(".ibt_endbr_seal", Some(4), RewriteKind::Endbr)?;
+        rel_table(".call_sites", None, RewriteKind::CallDepth)?;
         match r.section(".parainstructions") {
             None => out.absent.push(".parainstructions"),
             Some(s) => {
@@ -82,13 +129,10 @@ impl Rewrites {
                 if !s.bytes.len().is_multiple_of(16) {
                     return Err(bad(".parainstructions", format!("{} bytes", s.bytes.len())));
                 }
-                for (i, c) in s.bytes.chunks_exact(16).enumerate() {
+                for c in s.bytes.chunks_exact(16) {
                     // The pointer is relocated: read it as linked.
                     let a = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
                     let len = c[9];
-                    if len > MAX_SITE {
-                        return Err(bad(".parainstructions", format!("entry {i}: {len} bytes")));
-                    }
                     if in_text(a, len) {
                         out.sites.push(RewriteSite { addr: a, len, kind: RewriteKind::Paravirt });
                     }
@@ -102,6 +146,61 @@ impl Rewrites {
         }
         out.sites.sort();
         Ok(out)
+    }
+
+    /// Adds the sites the kernel patches while it runs, from the profile:
+    /// ftrace's function entries, and the jump table and static call sites
+    /// the reference's read-only data holds (link addresses).
+    pub fn add_run_time(
+        &mut self,
+        r: &Reference,
+        p: &crate::linux::profile::Profile,
+    ) -> Result<(), ReferenceError> {
+        let text = r.section(".text").ok_or(ReferenceError::Missing(".text"))?;
+        let in_text = |a: u64| a >= text.addr && a.saturating_add(5) <= text.end();
+        for &a in p.fentry.iter().filter(|&&a| in_text(a)) {
+            self.sites.push(RewriteSite { addr: a, len: 5, kind: RewriteKind::Ftrace });
+        }
+        let span = |start: &str, stop: &str| -> Option<(u64, Vec<u8>)> {
+            let (a, b) = (p.symbol(start)?.addr, p.symbol(stop)?.addr);
+            let len = usize::try_from(b.checked_sub(a)?).ok()?;
+            Some((a, r.expected(a, len, 0)?))
+        };
+        if let Some((base, bytes)) = span("__start___jump_table", "__stop___jump_table") {
+            let entries = crate::linux::patch::parse_jump_entries(&bytes, base)
+                .map_err(|e| ReferenceError::Elf(format!("__jump_table: {e}")))?;
+            for e in entries.iter().filter(|e| in_text(e.code)) {
+                // The image holds a 2- or 5-byte form; so does the site later.
+                let first = text.bytes[usize::try_from(e.code - text.addr).unwrap_or(0)];
+                let len = if matches!(first, 0xeb | 0x66) { 2 } else { 5 };
+                self.sites.push(RewriteSite {
+                    addr: e.code,
+                    len,
+                    kind: RewriteKind::JumpLabel { target: e.target },
+                });
+            }
+        } else {
+            self.absent.push("__jump_table");
+        }
+        // Static call trampolines: a jump to the key's function, or `ret`.
+        for s in p.symbols().iter().filter(|s| s.name.starts_with("__SCT__") && in_text(s.addr)) {
+            self.sites.push(RewriteSite { addr: s.addr, len: 5, kind: RewriteKind::StaticCall });
+        }
+        if let Some((base, bytes)) = span("__start_static_call_sites", "__stop_static_call_sites") {
+            let sites = crate::linux::patch::parse_static_call_sites(&bytes, base)
+                .map_err(|e| ReferenceError::Elf(format!(".static_call_sites: {e}")))?;
+            for s in sites.iter().filter(|s| in_text(s.addr)) {
+                self.sites.push(RewriteSite {
+                    addr: s.addr,
+                    len: 5,
+                    kind: RewriteKind::StaticCall,
+                });
+            }
+        } else {
+            self.absent.push(".static_call_sites");
+        }
+        self.sites.sort();
+        Ok(())
     }
 
     /// The sites whose bytes overlap `[addr, addr + len)`.
@@ -152,7 +251,7 @@ fn alternatives_sized(
         };
         let (site, replacement) = (rel(0), rel(4));
         let (len, replacement_len) = (c[size - 2], c[size - 1]);
-        if len > MAX_SITE || replacement_len > len {
+        if replacement_len > len {
             return Err(format!("entry {i}: {len} bytes replaced by {replacement_len}"));
         }
         let in_repl = replacement >= repl.addr

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::{
-    Difference, Forms, Reference, RewriteKind, RewriteSite, Rewrites, allowed, differences,
+    Difference, Forms, Judgement, Reference, RewriteKind, RewriteSite, Rewrites, differences, judge,
 };
 use crate::addr::{GuestPhysAddr, PAGE_BYTES, PAGE_SIZE};
 use crate::integrity::RegionLayout;
@@ -19,9 +19,11 @@ pub struct Verification {
     pub outside: Vec<u64>,
     /// Pages that could not be read from guest memory.
     pub unreadable: Vec<u64>,
-    /// Every run of bytes that differs, by link address, with whether the
-    /// rewrite sites it lies on hold forms the kernel writes.
-    pub differences: Vec<(Difference, bool)>,
+    /// Every run of bytes that differs, by link address, judged: allowed
+    /// when every byte lies on a site that holds a form the kernel writes
+    /// at boot; for the patch review when some lie on sites it patches as
+    /// it runs; refused otherwise.
+    pub differences: Vec<(Difference, Judgement)>,
 }
 
 /// Compares the text and read-only data pages of `regions` (as the guest
@@ -34,6 +36,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     regions: &[RegionLayout],
     slide: u64,
     names: &dyn Fn(u64) -> Option<String>,
+    slot: &dyn Fn(u64) -> Option<u64>,
 ) -> Verification {
     let mut out = Verification::default();
     let kept: Vec<&RegionLayout> =
@@ -56,12 +59,12 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     };
     let replacement =
         |at: u64, len: u8| r.expected(at.wrapping_sub(slide), usize::from(len), slide);
-    let forms = Forms { names, replacement: &replacement };
-    let judge = |s: &RewriteSite| -> bool {
+    let forms = Forms { names, replacement: &replacement, slot };
+    let judge_site = |s: &RewriteSite| -> Judgement {
         let n = usize::from(s.len);
         let ip = s.addr.wrapping_add(slide);
         let (Some(expected), Some(found)) = (r.expected(s.addr, n, slide), live(ip, n)) else {
-            return false;
+            return Judgement::Refused;
         };
         let also: Vec<(u64, u8)> = w
             .sites
@@ -79,9 +82,12 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                 replacement: replacement.wrapping_add(slide),
                 replacement_len,
             },
+            RewriteKind::JumpLabel { target } => {
+                RewriteKind::JumpLabel { target: target.wrapping_add(slide) }
+            }
             k => k,
         };
-        allowed(kind, ip, &expected, &found, &also, &forms)
+        judge(kind, ip, &expected, &found, &also, &forms)
     };
     let mut page = vec![0u8; PAGE_BYTES];
     for g in kept {
@@ -97,15 +103,28 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             };
             out.pages += 1;
             for d in found {
-                let ok = !d.sites.is_empty() && {
-                    let good: Vec<&RewriteSite> = d.sites.iter().filter(|s| judge(s)).collect();
-                    (0..d.found.len()).all(|k| {
-                        let b = d.addr + k as u64;
-                        d.expected[k] == d.found[k]
-                            || good.iter().any(|s| (s.addr..s.addr + u64::from(s.len)).contains(&b))
-                    })
+                let judged: Vec<(&RewriteSite, Judgement)> =
+                    d.sites.iter().map(|s| (s, judge_site(s))).collect();
+                // Each differing byte takes the best judgement of the sites it lies on.
+                let rank = |j: Judgement| match j {
+                    Judgement::Allowed => 0,
+                    Judgement::RunTime => 1,
+                    Judgement::Refused => 2,
                 };
-                out.differences.push((d, ok));
+                let worst = (0..d.found.len())
+                    .filter(|&k| d.expected[k] != d.found[k])
+                    .map(|k| {
+                        let b = d.addr + k as u64;
+                        judged
+                            .iter()
+                            .filter(|(s, _)| (s.addr..s.addr + u64::from(s.len)).contains(&b))
+                            .map(|(_, j)| *j)
+                            .min_by_key(|j| rank(*j))
+                            .unwrap_or(Judgement::Refused)
+                    })
+                    .max_by_key(|j| rank(*j))
+                    .unwrap_or(Judgement::Allowed);
+                out.differences.push((d, worst));
             }
         }
     }
