@@ -92,11 +92,25 @@ pub struct Shape {
     /// ask of a guest.
     pub acpi: bool,
     pub kernel: Kernel,
+    /// A QEMU CPU model (`qemu64`, `Skylake-Client`, ...) in place of the
+    /// most TCG can emulate: another set of features, so other alternatives.
+    pub cpu: Option<String>,
+    /// Added to the kernel command line (`vigil.attack=inline,syscall` has
+    /// the guest's init attack before it answers: before vigil looked).
+    pub cmdline: String,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Self { memory: Memory::Shared, mib: 384, vcpus: 1, acpi: false, kernel: Kernel::V6_1 }
+        Self {
+            memory: Memory::Shared,
+            mib: 384,
+            vcpus: 1,
+            acpi: false,
+            kernel: Kernel::V6_1,
+            cpu: None,
+            cmdline: String::new(),
+        }
     }
 }
 
@@ -173,10 +187,10 @@ impl Lab {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+    <cmdline>console=ttyS0 panic=-1 quiet {extra}</cmdline>
   </os>
   {features}
-  <cpu mode='maximum'/>
+  {cpu}
   <on_reboot>restart</on_reboot>
   <devices>
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
@@ -184,6 +198,13 @@ impl Lab {
     <memballoon model='none'/>
   </devices>
 </domain>",
+            extra = shape.cmdline,
+            cpu = match &shape.cpu {
+                None => "<cpu mode='maximum'/>".to_owned(),
+                Some(model) => format!(
+                    "<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{model}</model></cpu>"
+                ),
+            },
             kernel = shape.kernel.dir(&self.dir).join("vmlinuz").display(),
             initrd = shape.kernel.dir(&self.dir).join("initramfs.cpio.gz").display(),
             console = self.console_path(name).display(),

@@ -21,6 +21,8 @@ const EXIT_OK: u8 = 0;
 const EXIT_VIOLATIONS: u8 = 1;
 /// Exit status on any error.
 const EXIT_ERROR: u8 = 2;
+/// EFER of a 64-bit kernel: long mode enabled and active, no-execute on.
+const EFER_LONG_MODE_NX: u64 = 0xd00;
 
 #[derive(Parser)]
 #[command(
@@ -170,18 +172,31 @@ enum Command {
     },
     /// Ask the running daemon which domains it watches and how they are.
     Status,
-    /// Compare a running kernel's text and read-only data with the vendor's image.
+    /// Prove a running kernel's text and read-only data against the vendor's image
     ///
     /// Reads the reference `vigil profile build` keeps beside the profile
     /// (RELEASE.reference): the image's sections, its KASLR relocations and
-    /// the places the kernel rewrites itself at boot. Every differing run of
-    /// bytes is listed, with the rewrite site it lies on, if any. Work in
-    /// progress (issue 25): the forms a rewrite site may take are not judged
-    /// yet, so this reports and does not decide; exit status 0 when nothing
-    /// differs off a rewrite site, 1 otherwise, 2 on error.
+    /// every place the kernel rewrites itself (alternatives, paravirt and
+    /// direct calls, retpolines, return thunks, lock prefixes, ENDBR seals,
+    /// run-time constants, ftrace, jump labels, static calls). A run of bytes
+    /// that is neither the image's nor a form the kernel writes at that place
+    /// is a critical `reference` mismatch, named by function or syscall table
+    /// entry, however long it was there. Data the kernel writes during boot
+    /// (ro_after_init) is not judged, but for its jump table and static call
+    /// sites. The same check runs on each boot's first baseline.
+    ///
+    ///   vigil verify web1                      live
+    ///   vigil verify --dump web1.core          an ELF core of `virsh dump --memory-only`
+    ///
+    /// Exit status: 0 verified, 1 mismatches, 2 nothing verified (no
+    /// profile or reference, or an error).
     Verify {
-        /// Domain name or UUID.
-        domain: String,
+        /// Domain name or UUID (live); not needed with --dump.
+        #[arg(required_unless_present = "dump")]
+        domain: Option<String>,
+        /// An ELF core (`virsh dump --memory-only --format elf`) to verify instead.
+        #[arg(long)]
+        dump: Option<PathBuf>,
         /// The reference file [default: RELEASE.reference beside the matching profile].
         #[arg(long)]
         reference: Option<PathBuf>,
@@ -315,7 +330,9 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Status => control(cli, &Request::Status),
-        Command::Verify { domain, reference } => verify(cli, domain, reference.as_deref()),
+        Command::Verify { domain, dump, reference } => {
+            verify(cli, domain.as_deref(), dump.as_deref(), reference.as_deref())
+        }
         Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
             profile_build(vmlinuz, output.as_deref())
         }
@@ -387,6 +404,14 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
         Baseline::build_keeping(&*mem, id, view.identification.clone(), regs, &view, &view.regions)
             .with_context(|| format!("domain {}: hashing the kernel", dom.name))?;
     b.run = Some(dom.run()?);
+    let proof = vigil::linux::reference::prove(
+        &*mem,
+        &view,
+        &load_profiles(cli),
+        None,
+        &vigil::linux::patch::WallClock,
+    );
+    b.reference = Some(proof.check);
     let path = output.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -401,7 +426,7 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
             .iter()
             .map(|r| serde_json::json!({ "name": r.name, "pages": r.pages.len(), "root": vigil::integrity::baseline::to_hex(&r.root) }))
             .collect();
-        let v = serde_json::json!({ "domain": b.domain, "path": path, "kernel": b.kernel, "source": b.source, "regions": regions });
+        let v = serde_json::json!({ "domain": b.domain, "path": path, "kernel": b.kernel, "source": b.source, "regions": regions, "reference": b.reference });
         serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
     } else {
@@ -434,6 +459,12 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
                 vigil::integrity::baseline::to_hex(&r.root)
             )?;
         }
+        if let Some(rc) = &b.reference {
+            writeln!(out, "reference {}: {}", rc.state.as_str(), rc.detail)?;
+            for f in &rc.mismatches {
+                print_finding(&mut out, f)?;
+            }
+        }
         if !view.unreadable_tables.is_empty() {
             writeln!(
                 out,
@@ -442,7 +473,11 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
             )?;
         }
     }
-    Ok(EXIT_OK)
+    // A baseline that differs from the vendor's image is written (it is
+    // the guest as it is) but says so in its exit status.
+    let mismatch =
+        b.reference.as_ref().is_some_and(|r| r.state == vigil::integrity::ReferenceState::Mismatch);
+    Ok(if mismatch { EXIT_VIOLATIONS } else { EXIT_OK })
 }
 
 /// A live domain's baseline: the one given, or the stored one; refused
@@ -774,6 +809,12 @@ fn print_report(out: &mut impl Write, kr: &KernelReport, path: &Path) -> std::io
         r.checked,
         r.source
     )?;
+    if let Some(state) = &k.reference {
+        writeln!(
+            out,
+            "reference: the baseline's kernel was {state} against the vendor's image when taken"
+        )?;
+    }
     if k.patched_sites > 0 {
         let kinds: Vec<String> = k.patches.iter().map(|(k, n)| format!("{n} {k}")).collect();
         writeln!(
@@ -841,90 +882,88 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `vigil verify`: the kernel's pages against the vendor's image.
-fn verify(cli: &Cli, domain: &str, reference: Option<&Path>) -> anyhow::Result<u8> {
-    use vigil::linux::reference::{ReferenceFile, Rewrites, verify_pages};
-    let hv = Hypervisor::connect(cli.uri())?;
-    let dom = hv.domain(domain)?;
-    dom.ensure_running()?;
-    let mem = dom.open_memory(SourceChoice::Auto)?;
-    let regs = dom.registers()?;
-    let mut view =
-        vigil::linux::discover(&*mem, &regs).with_context(|| format!("domain {domain}"))?;
-    let profiles = load_profiles(cli);
-    let base = view.identification.image_base;
-    let Some(m) = vigil::linux::semantic::match_profile(&profiles, &*mem, &view, base) else {
-        bail!("no guest profile matches the kernel of {domain}: nothing to verify against");
-    };
-    let (release, slide) = (m.profile.release.clone(), m.slide);
-    let path = match reference {
-        Some(p) => p.to_path_buf(),
-        None => profile_dirs(cli)
-            .iter()
-            .map(|d| d.join(format!("{release}.reference")))
-            .find(|p| p.exists())
-            .with_context(|| {
-                format!("no {release}.reference beside the profiles: run `vigil profile build` on its vmlinuz")
-            })?,
-    };
-    let stored = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let r = ReferenceFile::read(&stored).with_context(|| format!("{}", path.display()))?;
-    let mut w = Rewrites::of(&r).with_context(|| format!("{}", path.display()))?;
-    w.add_run_time(&r, m.profile).with_context(|| format!("{}", path.display()))?;
-    if let Err(e) = vigil::linux::layout::bound_view(&profiles, &*mem, &mut view) {
-        eprintln!("vigil: warning: {domain}: regions not bounded by the layout: {e}");
-    }
-    // Several symbols may name one address: a thunk's name is the one that counts.
-    let syms = m.profile.symbols();
-    let names = |a: u64| {
-        let a = a.wrapping_sub(slide);
-        let at = &syms[syms.partition_point(|s| s.addr < a)..];
-        let here: Vec<&str> =
-            at.iter().take_while(|s| s.addr == a).map(|s| s.name.as_str()).collect();
-        here.iter().find(|n| n.contains("thunk")).or(here.first()).map(|n| (*n).to_owned())
-    };
-    let slot = |a: u64| {
-        vigil::linux::semantic::read_virt(&*mem, &view, a, 8)
-            .map(|(b, _)| u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
-    };
-    let v = verify_pages(&r, &w, &*mem, &view.regions, slide, &names, &slot);
-    let mut by_kind: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-    let mut refused = Vec::new();
-    for (d, j) in &v.differences {
-        let kind = d.sites.first().map_or("off any rewrite site", |s| s.kind.name());
-        let kind = format!("{kind}: {}", format!("{j:?}").to_lowercase());
-        if *j == vigil::linux::reference::Judgement::Refused {
-            refused.push(d);
+/// `vigil verify`: the kernel's pages against the vendor's image, live or
+/// in an ELF core.
+fn verify(
+    cli: &Cli,
+    domain: Option<&str>,
+    dump: Option<&Path>,
+    reference: Option<&Path>,
+) -> anyhow::Result<u8> {
+    use vigil::integrity::ReferenceState;
+    let (name, mem, regs): (String, Box<dyn vigil::memory::GuestMemory>, Vec<_>) = match (
+        dump, domain,
+    ) {
+        (Some(dump), _) => {
+            let shown = dump.display().to_string();
+            if !vigil::memory::is_elf(dump).with_context(|| format!("{shown}: cannot read"))? {
+                bail!(
+                    "{shown}: not an ELF core; verify needs the vCPU registers of `virsh dump --memory-only --format elf`"
+                );
+            }
+            let core = vigil::memory::ElfCore::open(dump)?;
+            let mut regs = vigil::qemu::dump_registers(&core.cpu_notes)
+                .with_context(|| format!("{shown}: its vCPU notes"))?;
+            if regs.is_empty() {
+                bail!(
+                    "{shown}: the ELF core has no QEMU CPU notes, so no CR3 to find the kernel with"
+                );
+            }
+            // EFER is not in QEMU's notes: a 64-bit kernel runs in long mode with NX.
+            for r in &mut regs {
+                r.efer = EFER_LONG_MODE_NX;
+            }
+            (shown, Box::new(core), regs)
         }
-        let e = by_kind.entry(kind).or_default();
-        e.0 += 1;
-        e.1 += d.found.len() as u64;
+        (None, Some(domain)) => {
+            let hv = Hypervisor::connect(cli.uri())?;
+            let dom = hv.domain(domain)?;
+            dom.ensure_running()?;
+            let mem = dom.open_memory(SourceChoice::Auto)?;
+            let regs = dom.registers()?;
+            (dom.name.clone(), Box::new(mem), regs)
+        }
+        (None, None) => bail!("name a DOMAIN to verify live, or give --dump CORE"),
+    };
+    let mut view = discover(&*mem, &regs).with_context(|| format!("{name}: finding the kernel"))?;
+    let profiles = load_profiles(cli);
+    if let Err(e) = vigil::linux::layout::bound_view(&profiles, &*mem, &mut view) {
+        eprintln!("vigil: warning: {name}: regions not bounded by the layout: {e}");
+    }
+    let proof = vigil::linux::reference::prove(
+        &*mem,
+        &view,
+        &profiles,
+        reference,
+        &vigil::linux::patch::WallClock,
+    );
+    let c = &proof.check;
+    let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+    for j in proof.verification.iter().flat_map(|v| &v.differences) {
+        let on = j.diff.sites.iter().find(|s| (s.addr..s.addr + u64::from(s.len)).contains(&j.at));
+        let kind = on.map_or("off any rewrite site", |s| s.kind.name());
+        *kinds.entry(format!("{kind}: {}", j.judgement.name())).or_default() += 1;
     }
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{domain}: kernel {release} at slide {slide:#x}: {} page(s) compared with {}, {} outside it, {} unreadable",
-        v.pages,
-        path.display(),
-        v.outside.len(),
-        v.unreadable.len()
-    )?;
-    for (kind, (runs, bytes)) in &by_kind {
-        writeln!(out, "  {kind}: {runs} run(s), {bytes} byte(s)")?;
+    if cli.format == Format::Json {
+        let v = serde_json::json!({ "domain": name, "reference": c, "runs": kinds });
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{name}: reference {}: {}", c.state.as_str(), c.detail)?;
+        for (kind, runs) in &kinds {
+            writeln!(out, "  {kind}: {runs} run(s)")?;
+        }
+        for f in &c.mismatches {
+            print_finding(&mut out, f)?;
+        }
     }
-    for d in refused.iter().take(60) {
-        let name = m
-            .profile
-            .symbolize(d.addr)
-            .map_or_else(|| "?".to_owned(), |(n, o)| format!("{n}+{o:#x}"));
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        writeln!(
-            out,
-            "  {:#x} {name}: {} -> {}",
-            d.addr,
-            hex(&d.expected[..d.expected.len().min(24)]),
-            hex(&d.found[..d.found.len().min(24)])
-        )?;
-    }
-    Ok(if refused.is_empty() { EXIT_OK } else { EXIT_VIOLATIONS })
+    Ok(match c.state {
+        ReferenceState::Verified => EXIT_OK,
+        ReferenceState::Mismatch => EXIT_VIOLATIONS,
+        ReferenceState::Unavailable => {
+            eprintln!("vigil: {name}: nothing verified: {}", c.detail);
+            EXIT_ERROR
+        }
+    })
 }

@@ -189,6 +189,7 @@ fn kind_text(k: FindingKind) -> &'static str {
         FindingKind::Register => "register",
         FindingKind::Pointer => "pointer",
         FindingKind::Unlisted => "unlisted",
+        FindingKind::Reference => "reference",
     }
 }
 

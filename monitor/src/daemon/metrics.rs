@@ -73,6 +73,7 @@ pub struct Metrics {
     pub evidence_saved: Family<DomainLabels, Counter>,
     pub evidence_bytes: Gauge,
     pub register_snapshots: Family<DomainLabels, Counter>,
+    pub reference_verified: Family<DomainLabels, Gauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -101,6 +102,7 @@ impl Metrics {
             evidence_saved: Family::default(),
             evidence_bytes: Gauge::default(),
             register_snapshots: Family::default(),
+            reference_verified: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -140,6 +142,11 @@ impl Metrics {
                 m.pending_sites.clone(),
             );
             r.register("domains_attached", "Domains being checked", m.attached.clone());
+            r.register(
+                "reference_verified",
+                "Whether the baseline of a domain's boot matched the vendor's image of its kernel when taken: 1 verified, 0 mismatch, -1 no reference to compare with",
+                m.reference_verified.clone(),
+            );
             r.register(
                 "register_snapshots",
                 "vCPU register snapshots asked of libvirt and QEMU (one per check, attach and baseline; more: snapshots taken again)",

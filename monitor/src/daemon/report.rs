@@ -2,6 +2,7 @@
 //! metrics and status, apart from the task's schedule and states.
 
 use super::*;
+use crate::integrity::ReferenceState;
 use crate::integrity::check::Report;
 use crate::linux::KernelFacts;
 use crate::linux::modules::ModuleEvent;
@@ -133,6 +134,15 @@ pub(super) fn announce_attach(
     if let Ok(bounds) = &w.bounds {
         detail.push_str(&format!(". Regions bounded by the kernel's layout: {bounds}"));
     }
+    let proved = w.baseline.reference.as_ref();
+    detail.push_str(&reference_sentence(proved));
+    let value = match proved.map(|r| r.state) {
+        Some(ReferenceState::Verified) => 1,
+        Some(ReferenceState::Mismatch) => 0,
+        _ => -1,
+    };
+    let labels = DomainLabels { domain: name.to_owned() };
+    shared.sink.metrics.reference_verified.get_or_create(&labels).set(value);
     shared.sink.emit(subject.event(kind, severity, detail));
     if w.bounds.as_ref().is_ok_and(|b| b.contains("lower trust")) {
         shared.sink.emit(subject.event(
@@ -195,6 +205,20 @@ pub(super) fn seed_series(shared: &Shared, name: &str, w: &Watched) {
     let _ = shared.sink.metrics.violations.get_or_create(&labels);
 }
 
+/// What the attach event says of the baseline's proof against the vendor's image.
+fn reference_sentence(proved: Option<&crate::integrity::ReferenceCheck>) -> String {
+    match proved {
+        None => ". Reference: unavailable (a baseline of an earlier version)".into(),
+        Some(r) if r.state == ReferenceState::Mismatch => format!(
+            ". Reference: MISMATCH, {} run(s) of kernel text or read-only data differ from the vendor's image \
+             in forms the kernel never writes (critical `reference` violations follow): {}",
+            r.mismatches.len(),
+            r.detail
+        ),
+        Some(r) => format!(". Reference: {}: {}", r.state.as_str(), r.detail),
+    }
+}
+
 /// The event an attach ends with: its severity and sentence.
 pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (AlertSeverity, String) {
     let path = w.path.display();
@@ -223,12 +247,19 @@ pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (AlertS
             AlertSeverity::Info,
             format!("attached {name}: new baseline of boot {boot} taken ({path}): {why}{settling}"),
         ),
-        Attached::FirstSight => (
-            AlertSeverity::Info,
-            format!(
-                "attached {name}: first baseline of boot {boot} taken ({path}), trusted on first use{settling}"
-            ),
-        ),
+        Attached::FirstSight => {
+            let trust = match w.baseline.reference.as_ref().map(|r| r.state) {
+                Some(ReferenceState::Verified) => "its kernel proved against the vendor's image",
+                Some(ReferenceState::Mismatch) => "its kernel NOT as the vendor built it",
+                _ => "trusted on first use",
+            };
+            (
+                AlertSeverity::Info,
+                format!(
+                    "attached {name}: first baseline of boot {boot} taken ({path}), {trust}{settling}"
+                ),
+            )
+        }
         Attached::Unconfirmed { then, now, why, kept } => (
             AlertSeverity::Warning,
             format!(

@@ -83,6 +83,56 @@ pub struct Baseline {
     /// in baselines of earlier versions, and of dumps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<Run>,
+    /// The pages compared with a reference the guest cannot forge (the
+    /// vendor's image of its kernel) when the baseline was taken; absent in
+    /// baselines of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceCheck>,
+}
+
+/// Whether a baseline's pages matched a reference when it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceState {
+    /// Every compared byte is the reference's, or a form the reference
+    /// allows at that place.
+    Verified,
+    /// Some bytes are neither: see the mismatches.
+    Mismatch,
+    /// No reference to compare with, or it could not be read: the baseline
+    /// is trusted on first use.
+    Unavailable,
+}
+
+impl ReferenceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferenceState::Verified => "verified",
+            ReferenceState::Mismatch => "mismatch",
+            ReferenceState::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The outcome of comparing a baseline's pages with a reference.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReferenceCheck {
+    pub state: ReferenceState,
+    /// What was compared, with what, and what was not (or why nothing was).
+    pub detail: String,
+    /// One critical finding per run of bytes that is no allowed form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatches: Vec<super::Finding>,
+}
+
+impl ReferenceCheck {
+    pub fn unavailable(why: impl Into<String>) -> Self {
+        ReferenceCheck {
+            state: ReferenceState::Unavailable,
+            detail: why.into(),
+            mismatches: Vec::new(),
+        }
+    }
 }
 
 /// One run of a guest as the hypervisor host knows it, never the guest: the
@@ -351,6 +401,7 @@ impl Baseline {
             exec_outside_image: mapping_runs(&space.exec_outside_image()),
             regions: records,
             run: None,
+            reference: None,
         };
         Ok((baseline, originals))
     }

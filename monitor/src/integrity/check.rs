@@ -35,9 +35,12 @@ pub enum FindingKind {
     /// Executable kernel memory that belongs to nothing the kernel lists (a
     /// hidden module).
     Unlisted,
+    /// Bytes that differ from the vendor's image of the kernel in a way the
+    /// kernel never writes, found when the baseline was taken.
+    Reference,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Violation,
@@ -45,7 +48,7 @@ pub enum Severity {
 }
 
 /// One difference from the baseline.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     pub region: String,
     pub kind: FindingKind,

@@ -12,7 +12,7 @@ pub mod originals;
 pub mod tags;
 pub mod tree;
 
-pub use baseline::{Baseline, BaselineError};
+pub use baseline::{Baseline, BaselineError, ReferenceCheck, ReferenceState};
 pub use check::{EntryRef, Finding, FindingKind, Report, Severity};
 pub use originals::Originals;
 

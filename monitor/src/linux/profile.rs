@@ -42,6 +42,9 @@ pub struct ProfileSymbol {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
+    /// The file it was read from, when read from one: its reference (see
+    /// [`crate::linux::reference`]) lies beside it.
+    pub file: Option<std::path::PathBuf>,
     pub release: String,
     pub banner: String,
     pub source: String,
@@ -182,6 +185,7 @@ impl Profile {
         let text_span = at("_text").zip(at("_etext"));
         let syscall_addrs = [&s64, &s32].map(|l| l.iter().map(|(_, n)| at(n)).collect());
         Self {
+            file: None,
             release,
             banner,
             source,
@@ -573,7 +577,10 @@ pub fn load_dir(dirs: &[std::path::PathBuf]) -> (Vec<Profile>, Vec<(std::path::P
                     .map_err(|e| e.to_string())
                     .and_then(|t| Profile::parse(&t).map_err(|e| e.to_string()))
                 {
-                    Ok(p) => ok.push(p),
+                    Ok(mut p) => {
+                        p.file = Some(path.clone());
+                        ok.push(p)
+                    }
                     Err(e) => bad.push((path, e)),
                 },
                 Err(e) => bad.push((path, e.to_string())),

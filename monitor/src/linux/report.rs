@@ -31,6 +31,11 @@ pub struct KernelFacts {
     /// its hold ends.
     #[serde(skip_serializing_if = "is_zero")]
     pub pending_sites: u64,
+    /// The baseline compared with the vendor's image when it was taken:
+    /// `verified`, `mismatch` (its mismatches are among the violations) or
+    /// `unavailable`; absent for baselines of earlier versions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -176,6 +176,12 @@ impl KernelSession {
         how: How<'_>,
     ) -> Result<Examined, CheckError> {
         let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
+        // What differed from the vendor's image when the baseline was taken
+        // stays a violation at every check: it was never good.
+        if let Some(rc) = &baseline.reference {
+            r.kernel.reference = Some(rc.state.as_str().to_owned());
+            r.check.add_findings(rc.mismatches.clone());
+        }
         semantic::review_gdt_pages(&mut r.check, mem, &baseline.registers, &|gva| {
             originals.page(gva)
         });

@@ -363,6 +363,10 @@ fn take_baseline(
     let (mut baseline, originals) =
         Baseline::build_keeping(mem, id, view.identification.clone(), regs, &view, &view.regions)?;
     baseline.run = Some(run);
+    // Proved against the vendor's image: what the guest held before vigil
+    // first looked is not taken on trust where a reference exists.
+    let proof = crate::linux::reference::prove(mem, &view, profiles, None, &WallClock);
+    baseline.reference = Some(proof.check);
     Ok((baseline, originals, said))
 }
 

@@ -146,6 +146,11 @@ impl Daemon {
         text.lines().find_map(|l| l.strip_prefix(&want)).and_then(|v| v.trim().parse().ok())
     }
 
+    /// A daemon of the given configuration, whole.
+    pub fn start_config(config: String) -> Self {
+        Self::spawned(config, vec![])
+    }
+
     /// `top_level` settings go first in the configuration file.
     pub fn start_top_level(domain: &str, top_level: &str) -> Self {
         Self::spawned(format!("{top_level}\n{}", Self::config_text(domain)), vec![])

@@ -179,6 +179,71 @@ pub fn review<M: GuestMemory + ?Sized>(
     accepted
 }
 
+/// Judges single places the kernel patches as it runs, each given by its
+/// run-time address and its bytes before the kernel patched it (for the
+/// reference check: the vendor's image), against the kernel's records:
+/// ftrace entries and ftrace's own calls, jump labels, static calls, and
+/// registered kprobes (`kprobe: true`: the place is a kprobe's or nothing).
+/// Returns the places whose bytes are no form the records allow, each with
+/// why, and any record found forged (at address 0).
+///
+/// A place that disagrees is judged again, records and bytes read anew,
+/// until it agrees once or `window` has passed on `clock`: the kernel ends
+/// its own update (a tracepoint's static call key set before its sites, a
+/// tracer unregistered before its sites are restored) within it; an
+/// attacker's write stays.
+pub fn judge_sites<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    (mem, space): (&M, &dyn AddressSpace),
+    places: &[(u64, Vec<u8>, bool)],
+    window: Duration,
+    clock: &dyn Clock,
+) -> Vec<(u64, String)> {
+    let mut memo = SiteMemo::default();
+    let started = clock.now();
+    let name = |a: u64| m.locate(a);
+    let mut left: Vec<&(u64, Vec<u8>, bool)> = places.iter().collect();
+    loop {
+        let tables = PatchTables::read_with(m, mem, space, &mut memo);
+        let forged: Vec<(u64, String)> = tables
+            .problems
+            .iter()
+            .filter(|(sev, _)| *sev == Severity::Violation)
+            .map(|(_, what)| (0, what.clone()))
+            .collect();
+        let mut failed = Vec::new();
+        let mut still = Vec::new();
+        for place in left {
+            let (addr, orig, kprobe) = (place.0, &place.1, place.2);
+            let judged = match (tables.sites.get(&addr).copied(), kprobe) {
+                (Some(site), false) => read_virt(mem, space, addr, orig.len())
+                    .ok_or_else(|| "the site could not be read".to_owned())
+                    .and_then(|(cur, _)| tables.judge(addr, site, &cur[..orig.len()], orig, &name)),
+                (None, false) => Err("no record of the kernel names this site".into()),
+                (_, true) if !tables.kprobes.contains_key(&addr) => {
+                    Err("no kprobe is registered here".into())
+                }
+                (_, true) => read_virt(mem, space, addr, orig.len())
+                    .ok_or_else(|| "the probed bytes could not be read".to_owned())
+                    .and_then(|(cur, _)| {
+                        let n = if cur.first() == Some(&INT3) { 1 } else { orig.len().min(5) };
+                        tables.judge_kprobe(addr, &cur[..n], &orig[..n], &name)
+                    }),
+            };
+            if let Err(why) = judged {
+                failed.push((addr, why));
+                still.push(place);
+            }
+        }
+        let waited = clock.now().saturating_duration_since(started);
+        if (failed.is_empty() && forged.is_empty()) || waited >= window {
+            return forged.into_iter().chain(failed).collect();
+        }
+        left = still;
+        clock.pause(WAIT_PAUSE);
+    }
+}
+
 /// Judges (`judge`: records and text read anew) until the judgement is
 /// clean, or the quick re-reads ([`RETRIES`]) are spent and, if `may_wait`
 /// (no later check will look again), the violations are no longer all

@@ -10,7 +10,8 @@ pub struct Difference {
     pub addr: u64,
     pub expected: Vec<u8>,
     pub found: Vec<u8>,
-    /// The rewrite sites the run lies on, if every byte of it lies on one.
+    /// The rewrite sites the run overlaps (a byte on none of them is on no
+    /// site).
     pub sites: Vec<RewriteSite>,
 }
 
@@ -43,17 +44,11 @@ pub fn differences(
             .map(|(s, e)| {
                 let at = addr + s as u64;
                 let len = (e - s) as u64;
-                let on: Vec<RewriteSite> = w.overlapping(at, len).copied().collect();
-                let covered = (s..e).all(|k| {
-                    let b = addr + k as u64;
-                    expected[k] == found[k]
-                        || on.iter().any(|s| (s.addr..s.addr + u64::from(s.len)).contains(&b))
-                });
                 Difference {
                     addr: at,
                     expected: expected[s..e].to_vec(),
                     found: found[s..e].to_vec(),
-                    sites: if covered { on } else { Vec::new() },
+                    sites: w.overlapping(at, len).copied().collect(),
                 }
             })
             .collect(),

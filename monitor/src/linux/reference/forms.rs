@@ -3,8 +3,8 @@
 //!
 //! Code is compared by what it does, not byte for byte: each site is
 //! decoded and reduced to its effective instructions. NOPs and `lfence` are
-//! dropped, so is `int3` padding after an unconditional transfer and a
-//! short `jmp` over padding to the site's end; branch and RIP-relative
+//! dropped, so is `int3` padding after an unconditional transfer, and a
+//! site ends at a `jmp` to its end (what follows never runs); branch and RIP-relative
 //! targets are absolute; a jump to a return thunk is a `ret`, and a call
 //! or jump through a retpoline thunk is the indirect call or jump it
 //! stands for. Two encodings the kernel may choose between then compare
@@ -33,6 +33,8 @@ pub enum Op {
 
 /// Names of code at run-time addresses, to tell thunks by.
 pub type Names<'a> = &'a dyn Fn(u64) -> Option<String>;
+/// The guest's 8 bytes at a run-time address (a paravirt op's slot).
+pub type Slot<'a> = &'a dyn Fn(u64) -> Option<u64>;
 
 /// The register a retpoline thunk stands for, from its name
 /// (`__x86_indirect_thunk_r11`, `__x86_indirect_its_thunk_rax`, ...).
@@ -76,7 +78,7 @@ pub fn effective(
     }
     let mut out = Vec::new();
     let mut ended = false;
-    for (k, (i, off)) in all.iter().enumerate() {
+    for (i, off) in &all {
         let raw = &bytes[*off..*off + i.len()];
         match i.mnemonic() {
             Mnemonic::Nop | Mnemonic::Lfence => continue,
@@ -89,11 +91,9 @@ pub fn effective(
         );
         if branch {
             let target = relocate(i.near_branch_target());
-            // A short jump over padding to the site's end.
-            let padding = all[k + 1..]
-                .iter()
-                .all(|(j, _)| matches!(j.mnemonic(), Mnemonic::Nop | Mnemonic::Int3));
-            if i.mnemonic() == Mnemonic::Jmp && target == end && padding {
+            // A jump to the site's end: what lies after it in the site
+            // (padding, or an earlier form's leftovers) never runs.
+            if i.mnemonic() == Mnemonic::Jmp && target == end {
                 break;
             }
             let name = names(target);
@@ -155,10 +155,14 @@ pub fn effective(
     Some(out)
 }
 
-/// `endbr64`, and the 4-byte NOP the kernel seals an unused one with.
+/// `endbr64`, and the 4-byte NOPs the kernel seals an unused one with
+/// (`nopl -42(%rax)` in 6.1, `nopw (%rax)` later).
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-const ENDBR_SEALED: [u8; 4] = [0x0f, 0x1f, 0x40, 0xd6];
+const ENDBR_SEALED: [[u8; 4]; 2] = [[0x0f, 0x1f, 0x40, 0xd6], [0x66, 0x0f, 0x1f, 0x00]];
 const LOCK: u8 = 0xf0;
+const INT3: u8 = 0xcc;
+/// `xor %eax,%eax` padded to 5 bytes with segment prefixes.
+const STATIC_RET0: [u8; 5] = [0x2e, 0x2e, 0x2e, 0x31, 0xc0];
 const DS: u8 = 0x3e;
 
 /// What a judgement of one site needs besides its bytes.
@@ -166,8 +170,7 @@ pub struct Forms<'a> {
     pub names: Names<'a>,
     /// The relocated bytes of a replacement, by run-time address and length.
     pub replacement: &'a dyn Fn(u64, u8) -> Option<Vec<u8>>,
-    /// The guest's 8 bytes at a run-time address (a paravirt op's slot).
-    pub slot: &'a dyn Fn(u64) -> Option<u64>,
+    pub slot: Slot<'a>,
 }
 
 /// A site's bytes, judged.
@@ -180,6 +183,16 @@ pub enum Judgement {
     RunTime,
     /// No form the kernel writes there.
     Refused,
+}
+
+impl Judgement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Judgement::Allowed => "allowed",
+            Judgement::RunTime => "patched at run time",
+            Judgement::Refused => "refused",
+        }
+    }
 }
 
 /// What the kernel writes for a paravirt op whose slot holds a native
@@ -218,7 +231,9 @@ pub fn judge(
         RewriteKind::Lock => {
             yes(found.len() == 1 && expected == [LOCK] && matches!(found[0], LOCK | DS))
         }
-        RewriteKind::Endbr => yes(expected == ENDBR64 && found == ENDBR_SEALED),
+        RewriteKind::Endbr => {
+            yes(expected == ENDBR64 && ENDBR_SEALED.iter().any(|s| found == s.as_slice()))
+        }
         RewriteKind::Alternative { replacement, replacement_len } => {
             let Some(now) = now() else { return Judgement::Refused };
             if was().as_ref() == Some(&now) {
@@ -237,7 +252,7 @@ pub fn judge(
             let now = now();
             yes(now.is_some() && was() == now)
         }
-        RewriteKind::Paravirt => yes(paravirt(ip, expected, found, f)),
+        RewriteKind::Paravirt | RewriteKind::DirectCall => yes(paravirt(ip, expected, found, f)),
         RewriteKind::JumpLabel { target } => match now() {
             Some(ops) if ops.is_empty() => Judgement::Allowed,
             Some(ops) if ops == [Op::Branch { mnemonic: Mnemonic::Jmp, target }] => {
@@ -245,13 +260,44 @@ pub fn judge(
             }
             _ => Judgement::Refused,
         },
-        RewriteKind::Ftrace => match now() {
-            Some(ops) if ops.is_empty() => Judgement::Allowed,
-            _ => Judgement::RunTime,
+        // A traced function calls a tracer, a static call its key's
+        // function: which is the records' to say. Any other form (a jump
+        // out of a function's entry) is nothing the kernel writes; an
+        // `int3` first is the kernel's patching in flight, or not.
+        RewriteKind::FtraceCall => match now().as_deref() {
+            Some([Op::Branch { mnemonic: Mnemonic::Call, .. }]) => Judgement::RunTime,
+            _ if found.first() == Some(&INT3) => Judgement::RunTime,
+            _ => Judgement::Refused,
         },
-        RewriteKind::StaticCall => match now() {
-            Some(ops) if ops.is_empty() || ops == [Op::Ret] => Judgement::Allowed,
-            _ => Judgement::RunTime,
+        RewriteKind::Ftrace | RewriteKind::StaticCall => {
+            if found.first() == Some(&INT3) {
+                return Judgement::RunTime;
+            }
+            match now().as_deref() {
+                Some([]) => Judgement::Allowed,
+                Some([Op::Ret]) if kind == RewriteKind::StaticCall => Judgement::Allowed,
+                // A call of `__static_call_return0`, inlined: `xor %eax,%eax`.
+                Some([Op::Plain(b)]) if kind == RewriteKind::StaticCall && b == &STATIC_RET0 => {
+                    Judgement::Allowed
+                }
+                Some([Op::Branch { mnemonic: Mnemonic::Call, .. }]) => Judgement::RunTime,
+                Some([Op::Branch { mnemonic: Mnemonic::Jmp, .. }])
+                    if kind == RewriteKind::StaticCall =>
+                {
+                    Judgement::RunTime
+                }
+                _ => Judgement::Refused,
+            }
+        }
+        // Data, not code: an address that is canonical (under 5-level
+        // paging too), or a shift count.
+        RewriteKind::RuntimeConst => match found {
+            [shift] => yes(*shift < 64),
+            _ => {
+                let v = found.iter().rev().fold(0u64, |v, b| (v << 8) | u64::from(*b));
+                let top = v >> 56;
+                yes(found.len() == 8 && (top == 0 || top == 0xff))
+            }
         },
         // Call-depth thunks are only patched in under `retbleed=stuff`.
         RewriteKind::CallDepth => Judgement::Refused,
@@ -272,7 +318,7 @@ fn paravirt(ip: u64, expected: &[u8], found: &[u8], f: &Forms<'_>) -> bool {
         return true;
     }
     let name = (f.names)(target).unwrap_or_default();
-    if name == "paravirt_nop" || name == "_paravirt_nop" {
+    if matches!(name.as_str(), "paravirt_nop" | "_paravirt_nop" | "x86_nop" | "nop_func") {
         return now.is_empty();
     }
     let name = name.trim_start_matches("__raw_callee_save_").trim_start_matches("pv_");

@@ -22,15 +22,17 @@
 
 mod compare;
 mod forms;
+mod proof;
 mod sites;
 mod store;
 mod verify;
 
 pub use compare::{Difference, differences};
 pub use forms::{Forms, Judgement, Op, effective, judge};
+pub use proof::{Proof, load, prove, reference_path};
 pub use sites::{RewriteKind, RewriteSite, Rewrites};
 pub use store::{FORMAT, ReferenceFile};
-pub use verify::{Verification, verify_pages};
+pub use verify::{BootWritten, Judged, Verification, verify_pages};
 
 /// A section the reference keeps: its link address and bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +89,9 @@ pub(crate) const SITE_TABLES: [&str; 8] = [
     ".ibt_endbr_seal",
     ".call_sites",
 ];
+/// Tables of run-time constants (6.10 on): an instruction's immediate the
+/// kernel sets once at boot, one table per constant.
+pub(crate) const RUNTIME_CONSTS: [&str; 2] = ["runtime_ptr_", "runtime_shift_"];
 /// Most bytes of sections kept, all together.
 const MAX_KEPT: u64 = 192 << 20;
 /// Most relocation entries read.
@@ -119,7 +124,9 @@ impl Reference {
             let name = s.name().map_err(|e| ReferenceError::Elf(e.to_string()))?;
             let (addr, size) = (s.address(), s.size());
             let in_rodata = addr >= rodata_start && addr < rodata_end && size > 0;
-            if name != TEXT && !in_rodata && !SITE_TABLES.contains(&name) {
+            let table =
+                SITE_TABLES.contains(&name) || RUNTIME_CONSTS.iter().any(|p| name.starts_with(p));
+            if name != TEXT && !in_rodata && !table {
                 continue;
             }
             if s.kind() == object::SectionKind::UninitializedData {

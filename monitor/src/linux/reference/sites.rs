@@ -13,6 +13,10 @@ pub enum RewriteKind {
     Alternative { replacement: u64, replacement_len: u8 },
     /// A paravirt call site (`.parainstructions`, before 6.8).
     Paravirt,
+    /// An alternative flagged `ALT_FLAG_DIRECT_CALL` (6.8 on): the
+    /// indirect call through a paravirt op's slot becomes a direct call to
+    /// what the slot holds, or NOPs.
+    DirectCall,
     /// A call or jump through a retpoline thunk (`.retpoline_sites`).
     Retpoline,
     /// A jump to the return thunk (`.return_sites`).
@@ -23,9 +27,15 @@ pub enum RewriteKind {
     Endbr,
     /// A call that call-depth tracking may redirect (`.call_sites`).
     CallDepth,
+    /// The immediate of a run-time constant (`runtime_ptr_*`: 8 bytes of
+    /// an address, `runtime_shift_*`: a 1-byte shift count), set at boot.
+    RuntimeConst,
     /// A function entry ftrace patches (`__mcount_loc`): NOP at boot, then
     /// calls while tracing.
     Ftrace,
+    /// ftrace's call of the tracer function in its caller (`ftrace_call`,
+    /// `ftrace_regs_call`).
+    FtraceCall,
     /// A jump label (`__jump_table`): a NOP or a jump to `target`.
     JumpLabel { target: u64 },
     /// A static call site (`.static_call_sites`): a call to its key's
@@ -39,7 +49,10 @@ impl RewriteKind {
     pub fn at_run_time(self) -> bool {
         matches!(
             self,
-            RewriteKind::Ftrace | RewriteKind::JumpLabel { .. } | RewriteKind::StaticCall
+            RewriteKind::Ftrace
+                | RewriteKind::FtraceCall
+                | RewriteKind::JumpLabel { .. }
+                | RewriteKind::StaticCall
         )
     }
 
@@ -48,12 +61,15 @@ impl RewriteKind {
         match self {
             RewriteKind::Alternative { .. } => "alternative",
             RewriteKind::Paravirt => "paravirt",
+            RewriteKind::DirectCall => "direct call",
             RewriteKind::Retpoline => "retpoline",
             RewriteKind::Return => "return thunk",
             RewriteKind::Lock => "lock prefix",
             RewriteKind::Endbr => "endbr seal",
             RewriteKind::CallDepth => "call depth",
+            RewriteKind::RuntimeConst => "run-time constant",
             RewriteKind::Ftrace => "ftrace",
+            RewriteKind::FtraceCall => "ftrace's call",
             RewriteKind::JumpLabel { .. } => "jump label",
             RewriteKind::StaticCall => "static call",
         }
@@ -111,7 +127,9 @@ impl Rewrites {
                 let a = entry.wrapping_add(off.cast_unsigned());
                 // Sites in init text are gone after boot: not compared.
                 if in_text(a, 1) {
-                    let len = len.or_else(|| insn_len(a)).unwrap_or(1);
+                    let len = len.or_else(|| insn_len(a)).ok_or_else(|| {
+                        bad(name, format!("no instruction decodes at site {a:#x}"))
+                    })?;
                     out.sites.push(RewriteSite { addr: a, len, kind });
                 }
             }
@@ -122,6 +140,22 @@ impl Rewrites {
         rel_table(".smp_locks", Some(1), RewriteKind::Lock)?;
         rel_table(".ibt_endbr_seal", Some(4), RewriteKind::Endbr)?;
         rel_table(".call_sites", None, RewriteKind::CallDepth)?;
+        // Each entry: the distance from itself to the immediate.
+        for s in r
+            .sections
+            .iter()
+            .filter(|s| super::RUNTIME_CONSTS.iter().any(|p| s.name.starts_with(p)))
+        {
+            let len = if s.name.starts_with("runtime_ptr_") { 8 } else { 1 };
+            for (i, c) in s.bytes.chunks_exact(4).enumerate() {
+                let entry = s.addr + 4 * i as u64;
+                let off = i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")));
+                let a = entry.wrapping_add(off.cast_unsigned());
+                if in_text(a, len) {
+                    out.sites.push(RewriteSite { addr: a, len, kind: RewriteKind::RuntimeConst });
+                }
+            }
+        }
         match r.section(".parainstructions") {
             None => out.absent.push(".parainstructions"),
             Some(s) => {
@@ -182,6 +216,16 @@ impl Rewrites {
         } else {
             self.absent.push("__jump_table");
         }
+        // ftrace's own calls of the tracer (`call ftrace_stub` in the image).
+        for name in ["ftrace_call", "ftrace_regs_call"] {
+            if let Some(s) = p.symbol(name).filter(|s| in_text(s.addr)) {
+                self.sites.push(RewriteSite {
+                    addr: s.addr,
+                    len: 5,
+                    kind: RewriteKind::FtraceCall,
+                });
+            }
+        }
         // Static call trampolines: a jump to the key's function, or `ret`.
         for s in p.symbols().iter().filter(|s| s.name.starts_with("__SCT__") && in_text(s.addr)) {
             self.sites.push(RewriteSite { addr: s.addr, len: 5, kind: RewriteKind::StaticCall });
@@ -217,7 +261,8 @@ impl Rewrites {
 
 /// `.altinstructions` entries: `s32 instr, s32 repl, (u16 cpuid | u32
 /// ft_flags), u8 instrlen, u8 replacementlen` — 12 bytes before 6.3, 14
-/// after. The size is the one under which every entry is sound.
+/// after (the flags in the high half of `ft_flags`). The size is the one
+/// under which every entry is sound.
 fn alternatives(
     alt: &super::Section,
     repl: &super::Section,
@@ -232,6 +277,10 @@ fn alternatives(
     }
     Err(ReferenceError::Elf(format!(".altinstructions: {}", why.join("; "))))
 }
+
+/// The flag of an alternative whose original is an indirect call through a
+/// paravirt op's slot, made direct at boot.
+const ALT_FLAG_DIRECT_CALL: u16 = 1 << 1;
 
 fn alternatives_sized(
     alt: &super::Section,
@@ -260,12 +309,14 @@ fn alternatives_sized(
         if replacement_len > 0 && !in_repl && !in_text(replacement, replacement_len) {
             return Err(format!("entry {i}: replacement at {replacement:#x} is in no code"));
         }
+        let flags = if size == 14 { u16::from_le_bytes([c[10], c[11]]) } else { 0 };
+        let kind = if flags & ALT_FLAG_DIRECT_CALL != 0 {
+            RewriteKind::DirectCall
+        } else {
+            RewriteKind::Alternative { replacement, replacement_len }
+        };
         if in_text(site, len) {
-            out.push(RewriteSite {
-                addr: site,
-                len,
-                kind: RewriteKind::Alternative { replacement, replacement_len },
-            });
+            out.push(RewriteSite { addr: site, len, kind });
         }
     }
     Ok(out)

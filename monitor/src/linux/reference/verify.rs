@@ -10,11 +10,46 @@ use crate::integrity::RegionLayout;
 use crate::linux::region::Region;
 use crate::memory::GuestMemory;
 
+/// Read-only data the kernel writes while it boots (`__ro_after_init`),
+/// by link address: not compared byte for byte, since the image holds what
+/// it was before boot. Of it, the jump table and the static call sites,
+/// which the kernel only sorts, are compared as sets of entries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootWritten {
+    pub range: Option<(u64, u64)>,
+    pub jump_table: Option<(u64, u64)>,
+    pub static_call_sites: Option<(u64, u64)>,
+}
+
+impl BootWritten {
+    /// The ranges as the profile's symbols bound them.
+    pub fn of(p: &crate::linux::profile::Profile) -> Self {
+        let span = |a: &str, b: &str| {
+            let (a, b) = (p.symbol(a)?.addr, p.symbol(b)?.addr);
+            (a <= b).then_some((a, b))
+        };
+        BootWritten {
+            range: span("__start_ro_after_init", "__end_ro_after_init"),
+            jump_table: span("__start___jump_table", "__stop___jump_table"),
+            static_call_sites: span("__start_static_call_sites", "__stop_static_call_sites"),
+        }
+    }
+
+    fn holds(&self, a: u64) -> bool {
+        self.range.is_some_and(|(s, e)| a >= s && a < e)
+    }
+}
+
 /// What a comparison of the kernel's pages with the reference found.
 #[derive(Debug, Default)]
 pub struct Verification {
     /// Pages compared.
     pub pages: u64,
+    /// Bytes of read-only data written at boot that differ from the image
+    /// (outside the tables compared as sets): not judged.
+    pub boot_written: u64,
+    /// Entries of the jump table and static call sites compared as sets.
+    pub table_entries: u64,
     /// Pages the reference does not hold (past a kept section).
     pub outside: Vec<u64>,
     /// Pages that could not be read from guest memory.
@@ -23,20 +58,31 @@ pub struct Verification {
     /// when every byte lies on a site that holds a form the kernel writes
     /// at boot; for the patch review when some lie on sites it patches as
     /// it runs; refused otherwise.
-    pub differences: Vec<(Difference, Judgement)>,
+    pub differences: Vec<Judged>,
+}
+
+/// A run of differing bytes, judged.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub diff: Difference,
+    pub judgement: Judgement,
+    /// Link address of the first byte that has that judgement (in a run
+    /// that joins sites, the one to name).
+    pub at: u64,
 }
 
 /// Compares the text and read-only data pages of `regions` (as the guest
 /// maps them, `slide` bytes above their link addresses) with `r`; `names`
-/// names code at run-time addresses (for thunks).
+/// names code at run-time addresses (for thunks), `slot` reads a paravirt
+/// op's slot; `boot` is the data written at boot, not compared byte for byte.
 pub fn verify_pages<M: GuestMemory + ?Sized>(
     r: &Reference,
     w: &Rewrites,
     mem: &M,
     regions: &[RegionLayout],
     slide: u64,
-    names: &dyn Fn(u64) -> Option<String>,
-    slot: &dyn Fn(u64) -> Option<u64>,
+    (names, slot): (super::forms::Names<'_>, super::forms::Slot<'_>),
+    boot: &BootWritten,
 ) -> Verification {
     let mut out = Verification::default();
     let kept: Vec<&RegionLayout> =
@@ -60,23 +106,23 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     let replacement =
         |at: u64, len: u8| r.expected(at.wrapping_sub(slide), usize::from(len), slide);
     let forms = Forms { names, replacement: &replacement, slot };
+    // Every replacement of each alternative site, at run-time addresses.
+    let mut alternatives: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
+    for s in &w.sites {
+        if let RewriteKind::Alternative { replacement, replacement_len } = s.kind {
+            alternatives
+                .entry(s.addr)
+                .or_default()
+                .push((replacement.wrapping_add(slide), replacement_len));
+        }
+    }
     let judge_site = |s: &RewriteSite| -> Judgement {
         let n = usize::from(s.len);
         let ip = s.addr.wrapping_add(slide);
         let (Some(expected), Some(found)) = (r.expected(s.addr, n, slide), live(ip, n)) else {
             return Judgement::Refused;
         };
-        let also: Vec<(u64, u8)> = w
-            .sites
-            .iter()
-            .filter(|o| o.addr == s.addr && o != &s)
-            .filter_map(|o| match o.kind {
-                RewriteKind::Alternative { replacement, replacement_len } => {
-                    Some((replacement.wrapping_add(slide), replacement_len))
-                }
-                _ => None,
-            })
-            .collect();
+        let also = alternatives.get(&s.addr).map_or(&[][..], Vec::as_slice);
         let kind = match s.kind {
             RewriteKind::Alternative { replacement, replacement_len } => RewriteKind::Alternative {
                 replacement: replacement.wrapping_add(slide),
@@ -87,7 +133,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             }
             k => k,
         };
-        judge(kind, ip, &expected, &found, &also, &forms)
+        judge(kind, ip, &expected, &found, also, &forms)
     };
     let mut page = vec![0u8; PAGE_BYTES];
     for g in kept {
@@ -103,6 +149,10 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             };
             out.pages += 1;
             for d in found {
+                if boot.holds(d.addr) {
+                    out.boot_written += d.found.len() as u64;
+                    continue;
+                }
                 let judged: Vec<(&RewriteSite, Judgement)> =
                     d.sites.iter().map(|s| (s, judge_site(s))).collect();
                 // Each differing byte takes the best judgement of the sites it lies on.
@@ -111,20 +161,97 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                     Judgement::RunTime => 1,
                     Judgement::Refused => 2,
                 };
-                let worst = (0..d.found.len())
+                // The worst judgement, at the first byte that has it.
+                let (worst, at) = (0..d.found.len())
                     .filter(|&k| d.expected[k] != d.found[k])
                     .map(|k| {
                         let b = d.addr + k as u64;
-                        judged
+                        let j = judged
                             .iter()
                             .filter(|(s, _)| (s.addr..s.addr + u64::from(s.len)).contains(&b))
                             .map(|(_, j)| *j)
                             .min_by_key(|j| rank(*j))
-                            .unwrap_or(Judgement::Refused)
+                            .unwrap_or(Judgement::Refused);
+                        (j, b)
                     })
-                    .max_by_key(|j| rank(*j))
-                    .unwrap_or(Judgement::Allowed);
-                out.differences.push((d, worst));
+                    .fold((Judgement::Allowed, d.addr), |(w, at), (j, b)| {
+                        if rank(j) > rank(w) { (j, b) } else { (w, at) }
+                    });
+                out.differences.push(Judged { diff: d, judgement: worst, at });
+            }
+        }
+    }
+    let tables = [(boot.jump_table, 16usize), (boot.static_call_sites, 8)];
+    for (span, size) in tables {
+        let Some((start, end)) = span else { continue };
+        let Ok(len) = usize::try_from(end - start) else { continue };
+        let (Some(was), Some(now)) =
+            (r.expected(start, len, slide), live(start.wrapping_add(slide), len))
+        else {
+            continue;
+        };
+        out.table_entries += (len / size) as u64;
+        out.differences.extend(
+            unsorted_entries(&was, &now, start, slide, size).into_iter().map(|d| Judged {
+                at: d.addr,
+                diff: d,
+                judgement: Judgement::Refused,
+            }),
+        );
+    }
+    out
+}
+
+/// The entries of a table the kernel sorts at boot (`now`, the guest's) that
+/// are not among the image's (`was`), made absolute at `slide`: each as a
+/// difference at its place. A table that does not parse differs whole.
+fn unsorted_entries(
+    was: &[u8],
+    now: &[u8],
+    start: u64,
+    slide: u64,
+    size: usize,
+) -> Vec<Difference> {
+    use crate::linux::patch::{parse_jump_entries, parse_static_call_sites};
+    let base = start.wrapping_add(slide);
+    let rows = |b: &[u8]| -> Option<Vec<[u64; 3]>> {
+        Some(match size {
+            16 => parse_jump_entries(b, base)
+                .ok()?
+                .iter()
+                .map(|e| [e.code, e.target, e.key | u64::from(e.branch)])
+                .collect(),
+            _ => parse_static_call_sites(b, base)
+                .ok()?
+                .iter()
+                .map(|e| [e.addr, e.key, u64::from(e.tail)])
+                .collect(),
+        })
+    };
+    let whole = || {
+        vec![Difference {
+            addr: start,
+            expected: was.to_vec(),
+            found: now.to_vec(),
+            sites: Vec::new(),
+        }]
+    };
+    let (Some(mut expected), Some(found)) = (rows(was), rows(now)) else { return whole() };
+    expected.sort_unstable();
+    let mut out = Vec::new();
+    for (i, row) in found.iter().enumerate() {
+        match expected.binary_search(row) {
+            Ok(k) => {
+                expected.remove(k);
+            }
+            Err(_) => {
+                let at = i * size;
+                out.push(Difference {
+                    addr: start + at as u64,
+                    expected: was[at..at + size].to_vec(),
+                    found: now[at..at + size].to_vec(),
+                    sites: Vec::new(),
+                });
             }
         }
     }
