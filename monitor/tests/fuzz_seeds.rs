@@ -106,6 +106,13 @@ fn baseline_and_control_seeds_parse() {
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert_eq!(o.len(), cut.regions.iter().map(|r| r.pages.len()).sum::<usize>());
     }
+    for (p, b) in seeds("reference_file") {
+        let r = vigil::linux::reference::ReferenceFile::read(&b)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let w = vigil::linux::reference::Rewrites::of(&r)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(!w.sites.is_empty(), "{}: no rewrite site to fuzz from", p.display());
+    }
     for (p, b) in seeds("control_request") {
         vigil::daemon::control::parse_request(&text(&p, &b))
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));

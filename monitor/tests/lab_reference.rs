@@ -183,12 +183,41 @@ fn attacked_before_vigil_looked(kernel: Kernel) {
     assert_eq!((code, c["reference"].as_str()), (1, Some("mismatch")), "{c:#}");
     assert!(!naming(&v, "__x64_sys_getppid").is_empty(), "check: {v:#?}");
     assert!(!naming(&v, "sys_call_table[110]").is_empty(), "check: {v:#?}");
+    // vigil diff: the image's bytes and the guest's, disassembled.
+    let (code, out, _) = vigil_ref(state.path(), &["--format", "json", "diff", &g.name]);
+    let d = json(&out);
+    let changes = d["changes"].as_array().cloned().unwrap_or_default();
+    let hook = naming(&changes, "__x64_sys_getppid");
+    assert_eq!(code, 1, "{d:#}");
+    assert!(
+        hook.iter().any(|c| c["bytes"]["disasm_after"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i.to_string().contains("jmp")))),
+        "diff: no disassembled jmp at the hooked function: {hook:#?}"
+    );
     // vigil verify.
     let (code, v) = verify(&g);
     let m = v["reference"]["mismatches"].as_array().cloned().unwrap_or_default();
     assert_eq!(code, 1, "{v:#}");
     assert!(!naming(&m, "__x64_sys_getppid").is_empty(), "verify: {m:#?}");
     assert!(!naming(&m, "sys_call_table[110]").is_empty(), "verify: {m:#?}");
+    // Offline, from a memory-only ELF core of the guest: the same.
+    let core = state.path().join("guest.core");
+    let dumped = Command::new("virsh")
+        .args(["-c", "qemu:///system", "dump", &g.name])
+        .arg(&core)
+        .args(["--memory-only", "--format", "elf"])
+        .output()
+        .unwrap();
+    assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
+    let (code, out, err) =
+        vigil_ref(state.path(), &["--format", "json", "verify", "--dump", core.to_str().unwrap()]);
+    let v = json(&out);
+    let m = v["reference"]["mismatches"].as_array().cloned().unwrap_or_default();
+    assert_eq!(code, 1, "{v:#} {err}");
+    assert!(!naming(&m, "__x64_sys_getppid").is_empty(), "verify --dump: {m:#?}");
+    assert!(!naming(&m, "sys_call_table[110]").is_empty(), "verify --dump: {m:#?}");
+    std::fs::remove_file(&core).unwrap();
     // The daemon's first attach: critical violations, and the attach says so.
     let config = Daemon::config_text(&g.name).replace(
         &format!("profiles = [\"{}/../guest-profiles\"]", env!("CARGO_MANIFEST_DIR")),

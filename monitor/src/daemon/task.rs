@@ -462,8 +462,17 @@ impl DomainTask {
         // window the attach opened closes.
         let mut w = w;
         if let Some((until, quiet)) = watch.provisional_until {
-            let all: Vec<_> =
-                report.check.violations.iter().chain(&report.check.info).cloned().collect();
+            // What differs from the vendor's image is no change while the
+            // boot settles: it was there when the baseline was taken, and is
+            // reported at once.
+            let all: Vec<_> = report
+                .check
+                .violations
+                .iter()
+                .chain(&report.check.info)
+                .filter(|f| f.kind != crate::integrity::FindingKind::Reference)
+                .cloned()
+                .collect();
             if !all.is_empty() && Instant::now() < until {
                 let w = absorb(&shared, subject, name, w, &all).await;
                 watch.provisional_until = Some((until, Instant::now() + shared.settings.settle));

@@ -444,6 +444,28 @@ pub fn changes<M: GuestMemory + ?Sized>(
         let verdict =
             if f.severity == Severity::Violation { Verdict::Violation } else { Verdict::Info };
         let code = is_code(&f.region);
+        // A reference mismatch carries the image's bytes and the guest's.
+        if f.kind == FindingKind::Reference {
+            let mut c = base(f, verdict);
+            if let (Some(b), Some(a)) = (unhex(&f.before), unhex(&f.after)) {
+                let (start, to) = (f.gva.raw(), f.gva.raw() + a.len() as u64);
+                let listing =
+                    |x: &[u8]| if code { disasm(x, start, start, to, namer) } else { Vec::new() };
+                c.bytes = Some(Bytes {
+                    start,
+                    len: a.len() as u64,
+                    before: f.before.clone(),
+                    after: f.after.clone(),
+                    context_start: start,
+                    context_before: f.before.clone(),
+                    context_after: f.after.clone(),
+                    disasm_before: listing(&b),
+                    disasm_after: listing(&a),
+                });
+            }
+            out.push(c);
+            continue;
+        }
         if f.kind != FindingKind::Content || f.page.is_none() {
             out.push(base(f, verdict));
             continue;

@@ -39,11 +39,24 @@ pub type Slot<'a> = &'a dyn Fn(u64) -> Option<u64>;
 /// The register a retpoline thunk stands for, from its name
 /// (`__x86_indirect_thunk_r11`, `__x86_indirect_its_thunk_rax`, ...).
 fn thunk_register(name: &str) -> Option<String> {
-    let is_thunk = name.starts_with("__x86_indirect_")
-        && (name.contains("_thunk_")
-            || name.contains("_call_thunk_")
-            || name.contains("_jump_thunk_"));
-    is_thunk.then(|| name.rsplit('_').next().map(str::to_owned)).flatten()
+    const REGISTERS: [&str; 16] = [
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15",
+    ];
+    let is_thunk = name.starts_with("__x86_indirect_") && name.contains("_thunk_");
+    let register = name.rsplit('_').next().filter(|r| REGISTERS.contains(r))?;
+    is_thunk.then(|| register.to_owned())
+}
+
+/// Of the names of one address, the one that tells what the code there is:
+/// a thunk's for its register or a return thunk's (the first thunk of an
+/// array also bears the array's name), else the first.
+pub fn telling_name<'n>(names: &[&'n str]) -> Option<&'n str> {
+    names
+        .iter()
+        .find(|n| thunk_register(n).is_some() || is_return_thunk(n))
+        .or(names.first())
+        .copied()
 }
 
 fn is_return_thunk(name: &str) -> bool {

@@ -28,7 +28,7 @@ mod store;
 mod verify;
 
 pub use compare::{Difference, differences};
-pub use forms::{Forms, Judgement, Op, effective, judge};
+pub use forms::{Forms, Judgement, Op, effective, judge, telling_name};
 pub use proof::{Proof, load, prove, reference_path};
 pub use sites::{RewriteKind, RewriteSite, Rewrites};
 pub use store::{FORMAT, ReferenceFile};

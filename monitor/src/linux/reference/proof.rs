@@ -98,7 +98,7 @@ pub fn prove<M: GuestMemory + ?Sized>(
         let at = &syms[syms.partition_point(|s| s.addr < a)..];
         let here: Vec<&str> =
             at.iter().take_while(|s| s.addr == a).map(|s| s.name.as_str()).collect();
-        here.iter().find(|n| n.contains("thunk")).or(here.first()).map(|n| (*n).to_owned())
+        super::telling_name(&here).map(str::to_owned)
     };
     let slot = |a: u64| {
         semantic::read_virt(mem, view, a, 8)
@@ -145,14 +145,12 @@ pub fn prove<M: GuestMemory + ?Sized>(
     let kprobed =
         |j: &super::Judged| in_text(j.at) && !failed.iter().any(|(a, _)| *a == j.at + slide);
     for j in refused.into_iter().filter(|j| !kprobed(j)) {
-        mismatches.push(mismatch(
-            &m,
-            &place,
-            j.at + slide,
-            &j.diff,
-            slide,
-            "is no form the kernel writes there",
-        ));
+        let why = if boot.holds(j.at) {
+            "is data written at boot holding a pointer into the module area, or into kernel text where no function starts"
+        } else {
+            "is no form the kernel writes there"
+        };
+        mismatches.push(mismatch(&m, &place, j.at + slide, &j.diff, slide, why));
     }
     for (at, why) in failed {
         let on_run_time = v.differences.iter().find(|j| {
@@ -198,8 +196,8 @@ pub fn prove<M: GuestMemory + ?Sized>(
     let detail = format!(
         "{} page(s) of text and read-only data compared with the image of {} at slide {slide:#x} ({}): \
          {} run(s) in boot-time rewrite forms, {} at run-time patch sites; {} entries of the jump table \
-         and static call sites compared as sets; {} byte(s) of data written at boot (ro_after_init) not \
-         judged; {} page(s) outside the image's sections, {} unreadable",
+         and static call sites compared as sets; {} byte(s) of the other data written at boot \
+         (ro_after_init) differ, not compared byte for byte, its {} words checked as pointers; {} page(s) outside the image's sections, {} unreadable",
         v.pages,
         m.profile.release,
         path.display(),
@@ -207,6 +205,7 @@ pub fn prove<M: GuestMemory + ?Sized>(
         run_time.len(),
         v.table_entries,
         v.boot_written,
+        v.boot_pointers,
         v.outside.len(),
         v.unreadable.len(),
     );
@@ -261,6 +260,12 @@ fn mismatch(
             .map(|(n, off)| if off == 0 { n.to_owned() } else { format!("{n}+{off:#x}") })
     });
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // The bytes from `at` on: where the finding points.
+    let skip = usize::try_from(at.wrapping_sub(d.addr.wrapping_add(slide)))
+        .ok()
+        .filter(|&k| k < d.found.len())
+        .unwrap_or(0);
+    let (expected, found) = (&d.expected[skip..], &d.found[skip..]);
     let what = if Region::Text.is(&region) { "kernel text" } else { "read-only data" };
     let mut f = Finding::new(
         &region,
@@ -273,10 +278,10 @@ fn mismatch(
         format!(
             "{what} at {} {why}: {} byte(s) differ from the vendor's image",
             name.as_deref().unwrap_or("an unnamed address"),
-            d.found.len()
+            found.len()
         ),
-        hex(&d.expected),
-        hex(&d.found),
+        hex(expected),
+        hex(found),
     );
     f.page = Some(index);
     f.symbol = name.map(|n| format!("{n} ({what})"));

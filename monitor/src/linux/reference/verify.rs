@@ -35,7 +35,8 @@ impl BootWritten {
         }
     }
 
-    fn holds(&self, a: u64) -> bool {
+    /// Whether link address `a` lies in the data written at boot.
+    pub fn holds(&self, a: u64) -> bool {
         self.range.is_some_and(|(s, e)| a >= s && a < e)
     }
 }
@@ -50,6 +51,10 @@ pub struct Verification {
     pub boot_written: u64,
     /// Entries of the jump table and static call sites compared as sets.
     pub table_entries: u64,
+    /// Words of the other data written at boot checked as pointers: none
+    /// may lead into the module area, or into kernel text but where a
+    /// symbol starts.
+    pub boot_pointers: u64,
     /// Pages the reference does not hold (past a kept section).
     pub outside: Vec<u64>,
     /// Pages that could not be read from guest memory.
@@ -199,8 +204,46 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             }),
         );
     }
+    // The rest of the data written at boot: what it holds is the boot's,
+    // but a pointer in it that leads into code must lead where code
+    // starts (a function of the kernel's), never into the module area.
+    if let (Some((start, end)), Some(text)) = (boot.range, r.section(".text")) {
+        let in_tables = |a: u64| {
+            [boot.jump_table, boot.static_call_sites]
+                .iter()
+                .flatten()
+                .any(|(s, e)| a >= *s && a < *e)
+        };
+        let code = text.addr.wrapping_add(slide)..text.end().wrapping_add(slide);
+        let mut at = start.next_multiple_of(8);
+        while at + 8 <= end {
+            let word = live(at.wrapping_add(slide), 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes);
+            let Some(v) = word.filter(|_| !in_tables(at)) else {
+                at += 8;
+                continue;
+            };
+            out.boot_pointers += 1;
+            let bad = (code.contains(&v) && names(v).is_none()) || MODULE_AREA.contains(&v);
+            if bad {
+                let was = r.expected(at, 8, slide).unwrap_or_default();
+                let diff = Difference {
+                    addr: at,
+                    expected: was,
+                    found: v.to_le_bytes().to_vec(),
+                    sites: Vec::new(),
+                };
+                out.differences.push(Judged { at, diff, judgement: Judgement::Refused });
+            }
+            at += 8;
+        }
+    }
     out
 }
+
+/// Where x86-64 Linux loads modules (`MODULES_VADDR` to `MODULES_END`).
+const MODULE_AREA: std::ops::Range<u64> = 0xffff_ffff_c000_0000..0xffff_ffff_ff00_0000;
 
 /// The entries of a table the kernel sorts at boot (`now`, the guest's) that
 /// are not among the image's (`was`), made absolute at `slide`: each as a
@@ -256,4 +299,53 @@ fn unsorted_entries(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0xffff_ffff_8250_0000;
+
+    /// A jump table of `(code, target, key)` laid out from `BASE`, relative
+    /// as the kernel keeps it.
+    fn table(rows: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (i, (code, target, key)) in rows.iter().enumerate() {
+            let at = BASE + 16 * i as u64;
+            let rel32 =
+                |to: u64, from: u64| i32::try_from(to.wrapping_sub(from).cast_signed()).unwrap();
+            b.extend(rel32(*code, at).to_le_bytes());
+            b.extend(rel32(*target, at + 4).to_le_bytes());
+            b.extend(key.wrapping_sub(at + 8).to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn a_table_the_kernel_sorted_is_its_image_and_a_changed_entry_is_not() {
+        let t = 0xffff_ffff_8100_0000u64;
+        let k = 0xffff_ffff_8260_0000u64;
+        let rows = [
+            (t + 0x300, t + 0x340, k),
+            (t + 0x100, t + 0x180, k + 0x10),
+            (t + 0x200, t + 0x210, k),
+        ];
+        let was = table(&rows);
+        let mut sorted = rows;
+        sorted.sort();
+        assert!(unsorted_entries(&was, &table(&sorted), BASE, 0, 16).is_empty());
+        // One entry's target moved (a jump label made to jump elsewhere).
+        let mut forged = sorted;
+        forged[1].1 = t + 0x666;
+        let d = unsorted_entries(&was, &table(&forged), BASE, 0, 16);
+        assert_eq!(d.len(), 1, "{d:x?}");
+        assert_eq!(d[0].addr, BASE + 16);
+        // An entry twice in place of another: one too many of it.
+        let mut doubled = sorted;
+        doubled[2] = doubled[0];
+        assert_eq!(unsorted_entries(&was, &table(&doubled), BASE, 0, 16).len(), 1);
+        // A table that does not parse differs whole.
+        assert_eq!(unsorted_entries(&was, &was[..17], BASE, 0, 16).len(), 1);
+    }
 }
