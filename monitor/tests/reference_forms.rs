@@ -1,6 +1,6 @@
 //! The forms of each rewrite kind, judged at real sites of the lab's two
 //! vendor images (6.1 and 6.12): the reference and its sites as `vigil
-//! profile build` makes them, the bytes a site may hold made from the image
+//! profile build` makes and stores them, the bytes a site may hold made from the image
 //! itself (a replacement of its own, a NOP, a thunk's register), and forms
 //! that must fail: a replacement that `.altinstructions` lists for another
 //! site, a call elsewhere, a jump out of a function's entry.
@@ -10,9 +10,9 @@ mod common;
 
 use vigil::linux::profile::Profile;
 use vigil::linux::reference::{
-    Forms, Judgement, Reference, RewriteKind, RewriteSite, Rewrites, judge,
+    Forms, Judgement, Reference, ReferenceFile, RewriteKind, RewriteSite, Rewrites, judge,
 };
-use vigil_lab::{Kernel, Lab};
+use vigil_lab::Kernel;
 
 struct Image {
     r: Reference,
@@ -20,14 +20,12 @@ struct Image {
     p: Profile,
 }
 
+/// The reference of a lab image as `vigil profile build` stores it.
 fn image(k: Kernel) -> Image {
-    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
-    let path = k.dir(&lab.dir).join("vmlinuz");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (vmlinux, _) = vigil::linux::image::vmlinux(&bytes).unwrap();
     let p = common::lab_profile(k);
-    let at = |n: &str| p.symbol(n).unwrap_or_else(|| panic!("{n}")).addr;
-    let r = Reference::from_vmlinux(&vmlinux, (at("__start_rodata"), at("__end_rodata"))).unwrap();
+    let path = common::profiles_with_references().join(format!("{}.reference", p.release));
+    let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let r = ReferenceFile::read(&stored).unwrap();
     let mut w = Rewrites::of(&r).unwrap();
     w.add_run_time(&r, &p).unwrap();
     Image { r, w, p }

@@ -340,3 +340,34 @@ pub fn lab_profile(kernel: vigil_lab::Kernel) -> vigil::linux::profile::Profile 
 pub fn violations(d: &Daemon, g: &Guest, region: &str) -> Vec<Value> {
     d.events("violation", &g.name).into_iter().filter(|a| a["region"] == region).collect()
 }
+
+/// The committed profiles of both lab lines, each with the reference
+/// `vigil profile build` makes of the lab's image beside it: built once per
+/// test run (into the target directory, under a lock, so that tests started
+/// together do not all build them) and shared by the tests.
+pub fn profiles_with_references() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = tmp.join("lab-references");
+    let lock = std::fs::File::create(tmp.join("lab-references.lock")).unwrap();
+    lock.lock().unwrap();
+    if dir.join("done").exists() {
+        return dir;
+    }
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    let fresh = tempfile::tempdir_in(tmp).unwrap();
+    for k in vigil_lab::Kernel::ALL {
+        let release = lab_profile(k).release;
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["profile", "build"])
+            .arg(k.dir(&lab.dir).join("vmlinuz"))
+            .arg("-o")
+            .arg(fresh.path().join(format!("{release}.profile")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "profile build: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::write(fresh.path().join("done"), "").unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(fresh.keep(), &dir).unwrap();
+    dir
+}

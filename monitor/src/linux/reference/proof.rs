@@ -146,7 +146,7 @@ pub fn prove<M: GuestMemory + ?Sized>(
         |j: &super::Judged| in_text(j.at) && !failed.iter().any(|(a, _)| *a == j.at + slide);
     for j in refused.into_iter().filter(|j| !kprobed(j)) {
         let why = if boot.holds(j.at) {
-            "is data written at boot holding a pointer into the module area, or into kernel text where no function starts"
+            "is data written at boot holding a pointer into a module's memory, or into kernel text where no function starts"
         } else {
             "is no form the kernel writes there"
         };

@@ -52,8 +52,8 @@ pub struct Verification {
     /// Entries of the jump table and static call sites compared as sets.
     pub table_entries: u64,
     /// Words of the other data written at boot checked as pointers: none
-    /// may lead into the module area, or into kernel text but where a
-    /// symbol starts.
+    /// may lead into the module area (but to a page's start), or into
+    /// kernel text but where a symbol starts.
     pub boot_pointers: u64,
     /// Pages the reference does not hold (past a kept section).
     pub outside: Vec<u64>,
@@ -206,7 +206,8 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     }
     // The rest of the data written at boot: what it holds is the boot's,
     // but a pointer in it that leads into code must lead where code
-    // starts (a function of the kernel's), never into the module area.
+    // starts (a function of the kernel's), never into a module (but to the
+    // start of a page there: the bounds of the module area's ranges).
     if let (Some((start, end)), Some(text)) = (boot.range, r.section(".text")) {
         let in_tables = |a: u64| {
             [boot.jump_table, boot.static_call_sites]
@@ -225,7 +226,10 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
                 continue;
             };
             out.boot_pointers += 1;
-            let bad = (code.contains(&v) && names(v).is_none()) || MODULE_AREA.contains(&v);
+            // Page-aligned addresses in the module area are bounds of its
+            // ranges (6.12's `execmem_info`), not code.
+            let into_modules = MODULE_AREA.contains(&v) && !v.is_multiple_of(PAGE_SIZE);
+            let bad = (code.contains(&v) && names(v).is_none()) || into_modules;
             if bad {
                 let was = r.expected(at, 8, slide).unwrap_or_default();
                 let diff = Difference {
@@ -347,5 +351,56 @@ mod tests {
         assert_eq!(unsorted_entries(&was, &table(&doubled), BASE, 0, 16).len(), 1);
         // A table that does not parse differs whole.
         assert_eq!(unsorted_entries(&was, &was[..17], BASE, 0, 16).len(), 1);
+    }
+
+    #[test]
+    fn pointers_in_data_written_at_boot_lead_to_functions_or_nowhere_in_a_module() {
+        use crate::addr::{GuestVirtAddr, PAGE_BYTES};
+        use crate::integrity::{PageSpec, RegionKind};
+        use crate::x86::Perms;
+        const TEXT: u64 = 0xffff_ffff_8100_0000;
+        const DATA: u64 = 0xffff_ffff_8200_0000;
+        let section = |name: &str, addr: u64| super::super::Section {
+            name: name.into(),
+            addr,
+            bytes: vec![0; PAGE_BYTES],
+        };
+        let r = Reference {
+            sections: vec![section(".text", TEXT), section(".rodata", DATA)],
+            relocs: super::super::Relocs::default(),
+        };
+        let words: [(usize, u64); 4] = [
+            (0x10, 0xffff_ffff_c000_1234), // into a module's code
+            (0x18, TEXT + 0x20),           // into a function, not its start
+            (0x20, TEXT),                  // a function
+            (0x28, 0xffff_ffff_c035_2000), // a range's bound in the module area
+        ];
+        let mut ram = vec![0u8; 2 * PAGE_BYTES];
+        for (off, v) in words {
+            ram[PAGE_BYTES + off..PAGE_BYTES + off + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let mem = crate::memory::RawDump::from_bytes(ram);
+        let perms = Perms { writable: false, user: false, executable: false };
+        let region = |name: Region, gva: u64, gpa: u64| RegionLayout {
+            name: name.name().into_owned(),
+            kind: RegionKind::ReadOnlyData,
+            pages: vec![PageSpec { gva: GuestVirtAddr(gva), gpa: GuestPhysAddr(gpa), perms }],
+        };
+        let regions = [region(Region::Text, TEXT, 0), region(Region::Rodata, DATA, PAGE_SIZE)];
+        let names = |a: u64| (a == TEXT).then(|| "start_kernel".to_owned());
+        let slot = |_: u64| None;
+        let boot = BootWritten { range: Some((DATA, DATA + PAGE_SIZE)), ..BootWritten::default() };
+        let v = verify_pages(&r, &Rewrites::default(), &mem, &regions, 0, (&names, &slot), &boot);
+        let refused: Vec<u64> = v
+            .differences
+            .iter()
+            .filter(|j| j.judgement == Judgement::Refused)
+            .map(|j| j.at - DATA)
+            .collect();
+        assert_eq!(refused, [0x10, 0x18]);
+        assert_eq!(v.boot_pointers, PAGE_SIZE / 8);
+        // The words differ from the image, but data written at boot is not
+        // compared byte for byte.
+        assert_eq!(v.boot_written, 32);
     }
 }
