@@ -182,11 +182,14 @@ enum Command {
     /// that is neither the image's nor a form the kernel writes at that place
     /// is a critical `reference` mismatch, named by function or syscall table
     /// entry, however long it was there. Data the kernel writes during boot
-    /// (ro_after_init) is not judged, but for its jump table and static call
-    /// sites. The same check runs on each boot's first baseline.
+    /// (ro_after_init) is not compared byte for byte: its jump table and
+    /// static call sites are compared as sets, and its words must not point
+    /// into a module or into kernel text off a function's start. The same
+    /// check runs on each boot's first baseline.
     ///
-    ///   vigil verify web1                      live
-    ///   vigil verify --dump web1.core          an ELF core of `virsh dump --memory-only`
+    /// Live: vigil verify web1
+    ///
+    /// Offline: vigil verify --dump web1.core (from `virsh dump --memory-only --format elf web1 web1.core`)
     ///
     /// Exit status: 0 verified, 1 mismatches, 2 nothing verified (no
     /// profile or reference, or an error).
