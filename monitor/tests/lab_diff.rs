@@ -135,13 +135,7 @@ fn lab_diff_shows_the_hooks_live_and_the_same_from_a_dump() {
 
     // Offline, from the dump libvirt writes: the same findings.
     let core = dir.path().join("guest.core");
-    let dumped = Command::new("virsh")
-        .args(["-c", "qemu:///system", "dump", &g.name])
-        .arg(&core)
-        .args(["--memory-only", "--format", "elf"])
-        .output()
-        .unwrap();
-    assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
+    common::dump_core(&g.name, &core);
     let baseline = std::fs::read_dir(state.path().join("baselines"))
         .unwrap()
         .map(|e| e.unwrap().path())

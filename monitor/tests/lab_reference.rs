@@ -176,13 +176,7 @@ fn attacked_before_vigil_looked(kernel: Kernel) {
     assert!(!naming(&m, "sys_call_table[110]").is_empty(), "verify: {m:#?}");
     // Offline, from a memory-only ELF core of the guest: the same.
     let core = state.path().join("guest.core");
-    let dumped = Command::new("virsh")
-        .args(["-c", "qemu:///system", "dump", &g.name])
-        .arg(&core)
-        .args(["--memory-only", "--format", "elf"])
-        .output()
-        .unwrap();
-    assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
+    dump_core(&g.name, &core);
     let (code, out, err) =
         vigil_ref(state.path(), &["--format", "json", "verify", "--dump", core.to_str().unwrap()]);
     let v = json(&out);

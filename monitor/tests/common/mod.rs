@@ -371,3 +371,14 @@ pub fn profiles_with_references() -> PathBuf {
     std::fs::rename(fresh.keep(), &dir).unwrap();
     dir
 }
+
+/// A memory-only ELF core of a running lab guest, as libvirt writes it.
+pub fn dump_core(domain: &str, core: &Path) {
+    let dumped = Command::new("virsh")
+        .args(["-c", "qemu:///system", "dump", domain])
+        .arg(core)
+        .args(["--memory-only", "--format", "elf"])
+        .output()
+        .unwrap();
+    assert!(dumped.status.success(), "{}", String::from_utf8_lossy(&dumped.stderr));
+}
