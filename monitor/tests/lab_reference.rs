@@ -55,7 +55,8 @@ fn verify(g: &vigil_lab::Guest) -> (i32, Value) {
     (code, v)
 }
 
-fn assert_verified(g: &vigil_lab::Guest, when: &str) {
+/// Verifies `g`, which must be verified; returns the runs by kind.
+fn assert_verified(g: &vigil_lab::Guest, when: &str) -> Value {
     let (code, v) = verify(g);
     assert_eq!(
         (code, v["reference"]["state"].as_str()),
@@ -64,6 +65,7 @@ fn assert_verified(g: &vigil_lab::Guest, when: &str) {
         g.name,
         serde_json::to_string_pretty(&v).unwrap()
     );
+    v["runs"].clone()
 }
 
 fn untouched_guests_verify(kernel: Kernel) {
@@ -87,13 +89,42 @@ fn untouched_guests_verify(kernel: Kernel) {
                 // and off, modules in and out, jump labels flipping.
                 let out = g.run("storm start full pressure hooks").unwrap();
                 assert!(out.contains("storm: started"), "{out}");
+                // Runs the kernel's records judge, before and during it: the
+                // tracers make many more.
+                let by_records = |runs: &Value| -> u64 {
+                    runs.as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| k.ends_with("patched at run time"))
+                        .map(|(_, n)| n.as_u64().unwrap_or(0))
+                        .sum()
+                };
+                let before = by_records(&v["runs"]);
+                let mut most = 0;
                 for round in 0..4 {
                     std::thread::sleep(Duration::from_secs(5));
-                    assert_verified(&g, &format!("during the storm, round {round}"));
+                    let runs = assert_verified(&g, &format!("during the storm, round {round}"));
+                    most = most.max(by_records(&runs));
                 }
+                assert!(
+                    most > before + 1000,
+                    "the storm's tracers left few sites for the records to judge: {before} before, at most {most} during"
+                );
                 let out = g.run("storm stop").unwrap();
                 assert!(out.contains("counted"), "{out}");
                 assert_verified(&g, "after the storm");
+                // An int3 parked on a function's ftrace entry (a die
+                // notifier's hook): no rewrite of the kernel's lasts.
+                let entry = g.symbol("__x64_sys_acct").unwrap()
+                    + if kernel == Kernel::V6_12 { 4 } else { 0 };
+                g.run(&format!("attack poke {entry:#x} cc")).unwrap();
+                let (code, v) = verify(&g);
+                let m = v["reference"]["mismatches"].as_array().cloned().unwrap_or_default();
+                assert_eq!(code, 1, "{v:#}");
+                assert!(
+                    !naming(&m, "__x64_sys_acct").is_empty(),
+                    "int3 at an ftrace entry: {m:#?}"
+                );
             }
             g.destroy();
         }

@@ -10,7 +10,8 @@ mod common;
 
 use vigil::linux::profile::Profile;
 use vigil::linux::reference::{
-    Forms, Judgement, Reference, ReferenceFile, RewriteKind, RewriteSite, Rewrites, judge,
+    ConstKind, Forms, Judgement, Reference, ReferenceFile, RewriteKind, RewriteSite, Rewrites,
+    judge,
 };
 use vigil_lab::Kernel;
 
@@ -52,7 +53,13 @@ impl Image {
     fn judge(&self, s: &RewriteSite, found: &[u8], slot: u64) -> Judgement {
         let names = |a: u64| self.name(a);
         let replacement = |at: u64, len: u8| self.r.expected(at, usize::from(len), 0);
-        let slot = |_: u64| Some(slot);
+        // The slot the site's `call *slot(%rip)` names holds `slot`; any other reads nothing.
+        let site_slot = vigil::linux::reference::effective(&self.expected(s), s.addr, None, &names)
+            .and_then(|ops| match ops.as_slice() {
+                [vigil::linux::reference::Op::Relative { address, .. }] => Some(*address),
+                _ => None,
+            });
+        let slot = |a: u64| (Some(a) == site_slot).then_some(slot);
         let f = Forms { names: &names, replacement: &replacement, slot: &slot };
         let also: Vec<(u64, u8)> = self
             .w
@@ -247,29 +254,39 @@ fn every_kind(k: Kernel) {
         assert_eq!(img.judge(&s, &[0xcc, 0x0f, 0x1f, 0x00], 0), Refused, "{line} {s:x?}");
     }
 
-    // Run-time constants (6.10 on): a canonical address, a shift count.
-    for s in img.sites(|s| s.kind == RewriteKind::RuntimeConst).into_iter().take(50) {
-        if s.len == 8 {
-            assert_eq!(
-                img.judge(&s, &0x00ff_ffff_ffff_f000u64.to_le_bytes(), 0),
-                Allowed,
-                "{s:x?}"
-            );
-            assert_eq!(
-                img.judge(&s, &0x4141_4141_4141_4141u64.to_le_bytes(), 0),
-                Refused,
-                "{s:x?}"
-            );
-        } else {
-            assert_eq!(img.judge(&s, &[20], 0), Allowed, "{s:x?}");
-            assert_eq!(img.judge(&s, &[200], 0), Refused, "{s:x?}");
+    // Run-time constants (6.10 on): USER_PTR_MAX of a paging mode, a
+    // pointer below the kernel image, a shift count; not a user pointer
+    // where kernel data is, nor another limit for user pointers.
+    let consts = img.sites(|s| matches!(s.kind, RewriteKind::RuntimeConst(_)));
+    for s in consts.iter().take(200) {
+        let RewriteKind::RuntimeConst(which) = s.kind else { continue };
+        let le = |v: u64| v.to_le_bytes();
+        match which {
+            ConstKind::UserPtrMax => {
+                assert_eq!(img.judge(s, &le(0x00ff_ffff_ffff_f000), 0), Allowed, "{s:x?}");
+                assert_eq!(img.judge(s, &le(0x0000_7fff_ffff_f000), 0), Allowed, "{s:x?}");
+                assert_eq!(img.judge(s, &le(0xffff_ffff_ffff_f000), 0), Refused, "{s:x?}");
+            }
+            ConstKind::KernelData => {
+                assert_eq!(img.judge(s, &le(0xff11_0000_0400_0000), 0), Allowed, "{s:x?}");
+                assert_eq!(img.judge(s, &le(0x0000_7fff_0000_0000), 0), Refused, "{s:x?}");
+                assert_eq!(img.judge(s, &le(0xffff_ffff_c012_3000), 0), Refused, "{s:x?}");
+            }
+            ConstKind::Shift => {
+                assert_eq!(img.judge(s, &[20], 0), Allowed, "{s:x?}");
+                assert_eq!(img.judge(s, &[200], 0), Refused, "{s:x?}");
+            }
         }
     }
     if k == Kernel::V6_12 {
-        assert!(
-            !img.sites(|s| s.kind == RewriteKind::RuntimeConst).is_empty(),
-            "6.12: no run-time constant"
-        );
+        for which in [ConstKind::UserPtrMax, ConstKind::KernelData, ConstKind::Shift] {
+            assert!(
+                consts.iter().any(|s| s.kind == RewriteKind::RuntimeConst(which)),
+                "6.12: no run-time constant of kind {which:?}"
+            );
+        }
+    }
+    if k == Kernel::V6_12 {
         assert!(
             !img.sites(|s| s.kind == RewriteKind::Endbr).is_empty(),
             "6.12: no ENDBR seal site"

@@ -176,7 +176,7 @@ pub use self::records::{
     JumpEntry, StaticCallSite, jump_table_digest, parse_jump_entries, parse_static_call_sites,
     static_call_digest,
 };
-pub use self::review::{Clock, PENDING_HOLD, Text, WallClock, judge_sites, review};
+pub use self::review::{Clock, PENDING_HOLD, Place, Text, WallClock, judge_sites, review};
 pub use self::rules::{ChangedPage, Patched, Verdicts, verify_pages};
 pub use self::sites::SiteMemo;
 pub use self::state::{PatchMemory, RECORD_GRACE, account};

@@ -195,14 +195,16 @@ pub fn review<M: GuestMemory + ?Sized>(
 pub fn judge_sites<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     (mem, space): (&M, &dyn AddressSpace),
-    places: &[(u64, Vec<u8>, bool)],
+    places: &[Place],
     window: Duration,
     clock: &dyn Clock,
 ) -> Vec<(u64, String)> {
     let mut memo = SiteMemo::default();
     let started = clock.now();
     let name = |a: u64| m.locate(a);
-    let mut left: Vec<&(u64, Vec<u8>, bool)> = places.iter().collect();
+    // Each place's bytes as last seen: the ones compared first; read anew
+    // only after a judgement against them failed.
+    let mut left: Vec<(&Place, Vec<u8>)> = places.iter().map(|p| (p, p.now.clone())).collect();
     loop {
         let tables = PatchTables::read_with(m, mem, space, &mut memo);
         let forged: Vec<(u64, String)> = tables
@@ -213,27 +215,30 @@ pub fn judge_sites<M: GuestMemory + ?Sized>(
             .collect();
         let mut failed = Vec::new();
         let mut still = Vec::new();
-        for place in left {
-            let (addr, orig, kprobe) = (place.0, &place.1, place.2);
-            let judged = match (tables.sites.get(&addr).copied(), kprobe) {
-                (Some(site), false) => read_virt(mem, space, addr, orig.len())
-                    .ok_or_else(|| "the site could not be read".to_owned())
-                    .and_then(|(cur, _)| tables.judge(addr, site, &cur[..orig.len()], orig, &name)),
+        for (place, cur) in left {
+            let (addr, orig) = (place.addr, &place.orig);
+            let n = orig.len().min(cur.len());
+            let judged = match (tables.sites.get(&addr).copied(), place.kprobe) {
+                (Some(site), false) => tables.judge(addr, site, &cur[..n], &orig[..n], &name),
                 (None, false) => Err("no record of the kernel names this site".into()),
                 (_, true) if !tables.kprobes.contains_key(&addr) => {
                     Err("no kprobe is registered here".into())
                 }
-                (_, true) => read_virt(mem, space, addr, orig.len())
-                    .ok_or_else(|| "the probed bytes could not be read".to_owned())
-                    .and_then(|(cur, _)| {
-                        let n = if cur.first() == Some(&INT3) { 1 } else { orig.len().min(5) };
-                        tables.judge_kprobe(addr, &cur[..n], &orig[..n], &name)
-                    }),
+                (_, true) => {
+                    let k = if cur.first() == Some(&INT3) { 1 } else { n.min(5) };
+                    tables.judge_kprobe(addr, &cur[..k], &orig[..k], &name)
+                }
             };
-            if let Err(why) = judged {
-                failed.push((addr, why));
-                still.push(place);
-            }
+            // The kernel's rewrite in flight (`int3` first) is no settled
+            // form: judged again, and a failure if it outlasts the window.
+            let why = match judged {
+                Ok(false) => continue,
+                Ok(true) => "an int3 over the site for as long as it was judged: no rewrite of the kernel's lasts that long".to_owned(),
+                Err(why) => why,
+            };
+            failed.push((addr, why));
+            let again = read_virt(mem, space, addr, orig.len()).map(|(b, _)| b).unwrap_or(cur);
+            still.push((place, again));
         }
         let waited = clock.now().saturating_duration_since(started);
         if (failed.is_empty() && forged.is_empty()) || waited >= window {
@@ -242,6 +247,17 @@ pub fn judge_sites<M: GuestMemory + ?Sized>(
         left = still;
         clock.pause(WAIT_PAUSE);
     }
+}
+
+/// A place [`judge_sites`] judges: its run-time address, its bytes before
+/// the kernel patched it and as they were found, and whether it is a
+/// kprobe's (or nothing).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Place {
+    pub addr: u64,
+    pub orig: Vec<u8>,
+    pub now: Vec<u8>,
+    pub kprobe: bool,
 }
 
 /// Judges (`judge`: records and text read anew) until the judgement is

@@ -12,7 +12,7 @@
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 
-use super::RewriteKind;
+use super::{ConstKind, RewriteKind};
 
 /// One effective instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,16 +302,19 @@ pub fn judge(
                 _ => Judgement::Refused,
             }
         }
-        // Data, not code: an address that is canonical (under 5-level
-        // paging too), or a shift count.
-        RewriteKind::RuntimeConst => match found {
-            [shift] => yes(*shift < 64),
-            _ => {
-                let v = found.iter().rev().fold(0u64, |v, b| (v << 8) | u64::from(*b));
-                let top = v >> 56;
-                yes(found.len() == 8 && (top == 0 || top == 0xff))
-            }
-        },
+        // Data, not code: USER_PTR_MAX for 4- or 5-level paging or LAM; a
+        // kernel address below the image (the direct map, vmalloc); a shift.
+        RewriteKind::RuntimeConst(which) => {
+            let v = found.iter().rev().fold(0u64, |v, b| (v << 8) | u64::from(*b));
+            yes(match (which, found.len()) {
+                (ConstKind::Shift, 1) => v < 64,
+                (ConstKind::UserPtrMax, 8) => [47, 56, 63].iter().any(|b| v == (1u64 << b) - 4096),
+                (ConstKind::KernelData, 8) => {
+                    (0xff00_0000_0000_0000..0xffff_ffff_8000_0000).contains(&v)
+                }
+                _ => false,
+            })
+        }
         // Call-depth thunks are only patched in under `retbleed=stuff`.
         RewriteKind::CallDepth => Judgement::Refused,
     }
@@ -326,11 +329,13 @@ fn paravirt(ip: u64, expected: &[u8], found: &[u8], f: &Forms<'_>) -> bool {
         return false;
     };
     let Some(target) = (f.slot)(*address) else { return false };
+    // The slot is the guest's: what it holds must at least be where one of
+    // the kernel's functions starts.
+    let Some(name) = (f.names)(target) else { return false };
     let Some(now) = effective(found, ip, None, f.names) else { return false };
     if now == [Op::Branch { mnemonic: Mnemonic::Call, target }] {
         return true;
     }
-    let name = (f.names)(target).unwrap_or_default();
     if matches!(name.as_str(), "paravirt_nop" | "_paravirt_nop" | "x86_nop" | "nop_func") {
         return now.is_empty();
     }

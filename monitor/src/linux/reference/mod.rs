@@ -30,7 +30,7 @@ mod verify;
 pub use compare::{Difference, differences};
 pub use forms::{Forms, Judgement, Op, effective, judge, telling_name};
 pub use proof::{Proof, load, prove, reference_path};
-pub use sites::{RewriteKind, RewriteSite, Rewrites};
+pub use sites::{ConstKind, RewriteKind, RewriteSite, Rewrites};
 pub use store::{FORMAT, ReferenceFile};
 pub use verify::{BootWritten, Judged, Verification, verify_pages};
 

@@ -26,6 +26,8 @@ use crate::memory::GuestMemory;
 
 /// Largest reference file read (the 6.12 image's is 12 MB).
 const MAX_FILE: u64 = 128 << 20;
+/// Places judged by the kernel's records, at most.
+const MAX_PLACES: usize = 131_072;
 /// Mismatches reported one by one; past this, one finding says how many more.
 const MAX_FINDINGS: usize = 256;
 
@@ -115,14 +117,33 @@ pub fn prove<M: GuestMemory + ?Sized>(
     // Places for the kernel's records to judge: sites patched at run time,
     // and the first byte of every refused run in text (a kprobe's, or an
     // attacker's).
-    let mut places: Vec<(u64, Vec<u8>, bool)> = Vec::new();
+    let mut places: Vec<patch::Place> = Vec::new();
+    // The bytes of `[link, link + n)` as found: the run's where it differs.
+    let found_at = |d: &super::Difference, link: u64, n: usize| -> Option<Vec<u8>> {
+        let mut b = r.expected(link, n, slide)?;
+        for (k, x) in b.iter_mut().enumerate() {
+            let off = (link + k as u64).checked_sub(d.addr).and_then(|o| usize::try_from(o).ok());
+            if let Some(f) = off.and_then(|o| d.found.get(o)) {
+                *x = *f;
+            }
+        }
+        Some(b)
+    };
     // (A refused run may hold a run-time site too: a kprobe beside a traced
     // function's entry.)
     let judged_by_records = v.differences.iter().filter(|j| j.judgement != Judgement::Allowed);
     for j in judged_by_records {
         for site in j.diff.sites.iter().filter(|s| s.kind.at_run_time()) {
-            if let Some(orig) = r.expected(site.addr, usize::from(site.len), slide) {
-                places.push((site.addr + slide, orig, false));
+            let n = usize::from(site.len);
+            if let (Some(orig), Some(now)) =
+                (r.expected(site.addr, n, slide), found_at(&j.diff, site.addr, n))
+            {
+                places.push(patch::Place {
+                    addr: site.addr.wrapping_add(slide),
+                    orig,
+                    now,
+                    kprobe: false,
+                });
             }
         }
     }
@@ -131,31 +152,67 @@ pub fn prove<M: GuestMemory + ?Sized>(
     let in_text = |a: u64| {
         r.section(".text").is_some_and(|t| a >= t.addr && a < t.addr + t.bytes.len() as u64)
     };
-    for j in refused.iter().filter(|j| in_text(j.at)) {
-        if let Some(orig) = r.expected(j.at, 5, slide) {
-            places.push((j.at + slide, orig, true));
+    // A refused run in text may be a kprobe's: an `int3`, or an optimised
+    // probe's 5-byte jump, at its first refused byte and nothing after.
+    let probe_len = |j: &super::Judged| {
+        let first = j.at.checked_sub(j.diff.addr).and_then(|o| usize::try_from(o).ok());
+        if first.and_then(|o| j.diff.found.get(o)) == Some(&0xcc) { 1 } else { 5 }
+    };
+    let probe_sized = |j: &super::Judged| {
+        in_text(j.at) && j.diff.addr + j.diff.found.len() as u64 <= j.at + probe_len(j)
+    };
+    let mut probed: Vec<u64> = Vec::new();
+    for j in refused.iter().filter(|j| probe_sized(j)) {
+        if let (Some(orig), Some(now)) = (r.expected(j.at, 5, slide), found_at(&j.diff, j.at, 5)) {
+            places.push(patch::Place { addr: j.at.wrapping_add(slide), orig, now, kprobe: true });
+            probed.push(j.at);
         }
     }
     places.sort();
     places.dedup();
+    // Past this many, places are not judged, and that is a mismatch (a
+    // full tracer patches about 40,000 function entries).
+    let unjudged = places.len().saturating_sub(MAX_PLACES);
+    places.truncate(MAX_PLACES);
+    if unjudged > 0 {
+        mismatches.push(
+            Finding::new(
+                &Region::Text.name(),
+                FindingKind::Reference,
+                Severity::Violation,
+                GuestVirtAddr(0),
+                GuestPhysAddr(0),
+            )
+            .saying(
+                format!("{unjudged} changed site(s) past the {MAX_PLACES} the kernel's records are asked about were not judged"),
+                String::new(),
+                String::new(),
+            ),
+        );
+    }
     let space: &dyn AddressSpace = view;
     let failed = patch::judge_sites(&m, (mem, space), &places, patch::PENDING_HOLD, clock);
-    // A refused run is a kprobe's when its first byte is a kprobe the
-    // records allow.
-    let kprobed =
-        |j: &super::Judged| in_text(j.at) && !failed.iter().any(|(a, _)| *a == j.at + slide);
+    let failed_at: std::collections::HashSet<u64> = failed.iter().map(|(a, _)| *a).collect();
+    // A refused run is a kprobe's when a kprobe the records allow covers it.
+    let kprobed = |j: &super::Judged| {
+        probed.contains(&j.at) && !failed_at.contains(&j.at.wrapping_add(slide))
+    };
     for j in refused.into_iter().filter(|j| !kprobed(j)) {
         let why = if boot.holds(j.at) {
             "is data written at boot holding a pointer into a module's memory, or into kernel text where no function starts"
         } else {
             "is no form the kernel writes there"
         };
-        mismatches.push(mismatch(&m, &place, j.at + slide, &j.diff, slide, why));
+        mismatches.push(mismatch(&m, &place, j.at.wrapping_add(slide), &j.diff, slide, why));
     }
     for (at, why) in failed {
+        // A kprobe place that failed: its run is reported above.
+        if at != 0 && probed.contains(&at.wrapping_sub(slide)) {
+            continue;
+        }
         let on_run_time = v.differences.iter().find(|j| {
-            let start = j.diff.addr + slide;
-            at >= start && at < start + j.diff.found.len() as u64
+            let start = j.diff.addr.wrapping_add(slide);
+            at >= start && at - start < j.diff.found.len() as u64
         });
         let why =
             format!("is not as the kernel's records allow at a site it patches as it runs ({why})");
@@ -209,6 +266,25 @@ pub fn prove<M: GuestMemory + ?Sized>(
         v.outside.len(),
         v.unreadable.len(),
     );
+    if v.dropped > 0 {
+        mismatches.push(
+            Finding::new(
+                &Region::Text.name(),
+                FindingKind::Reference,
+                Severity::Violation,
+                GuestVirtAddr(0),
+                GuestPhysAddr(0),
+            )
+            .saying(
+                format!(
+                    "{} more run(s) differ from the vendor's image than are judged one by one",
+                    v.dropped
+                ),
+                String::new(),
+                String::new(),
+            ),
+        );
+    }
     let state = if mismatches.is_empty() && v.unreadable.is_empty() {
         ReferenceState::Verified
     } else if mismatches.is_empty() {

@@ -27,9 +27,10 @@ pub enum RewriteKind {
     Endbr,
     /// A call that call-depth tracking may redirect (`.call_sites`).
     CallDepth,
-    /// The immediate of a run-time constant (`runtime_ptr_*`: 8 bytes of
-    /// an address, `runtime_shift_*`: a 1-byte shift count), set at boot.
-    RuntimeConst,
+    /// The immediate of a run-time constant, set at boot: `USER_PTR_MAX`
+    /// (8 bytes), another `runtime_ptr_*` (8 bytes of a kernel data
+    /// address), or a `runtime_shift_*` (a 1-byte shift count).
+    RuntimeConst(ConstKind),
     /// A function entry ftrace patches (`__mcount_loc`): NOP at boot, then
     /// calls while tracing.
     Ftrace,
@@ -67,13 +68,24 @@ impl RewriteKind {
             RewriteKind::Lock => "lock prefix",
             RewriteKind::Endbr => "endbr seal",
             RewriteKind::CallDepth => "call depth",
-            RewriteKind::RuntimeConst => "run-time constant",
+            RewriteKind::RuntimeConst(_) => "run-time constant",
             RewriteKind::Ftrace => "ftrace",
             RewriteKind::FtraceCall => "ftrace's call",
             RewriteKind::JumpLabel { .. } => "jump label",
             RewriteKind::StaticCall => "static call",
         }
     }
+}
+
+/// Which run-time constant a site holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConstKind {
+    /// `USER_PTR_MAX`: the highest user address, by paging mode (and LAM).
+    UserPtrMax,
+    /// A pointer to kernel data (`dentry_hashtable`): below the kernel image.
+    KernelData,
+    /// A shift count (`d_hash_shift`).
+    Shift,
 }
 
 /// One site: its link address, how many bytes may change, and by what.
@@ -146,13 +158,21 @@ impl Rewrites {
             .iter()
             .filter(|s| super::RUNTIME_CONSTS.iter().any(|p| s.name.starts_with(p)))
         {
-            let len = if s.name.starts_with("runtime_ptr_") { 8 } else { 1 };
+            let (len, kind) = match s.name.as_str() {
+                "runtime_ptr_USER_PTR_MAX" => (8, ConstKind::UserPtrMax),
+                n if n.starts_with("runtime_ptr_") => (8, ConstKind::KernelData),
+                _ => (1, ConstKind::Shift),
+            };
             for (i, c) in s.bytes.chunks_exact(4).enumerate() {
                 let entry = s.addr + 4 * i as u64;
                 let off = i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")));
                 let a = entry.wrapping_add(off.cast_unsigned());
                 if in_text(a, len) {
-                    out.sites.push(RewriteSite { addr: a, len, kind: RewriteKind::RuntimeConst });
+                    out.sites.push(RewriteSite {
+                        addr: a,
+                        len,
+                        kind: RewriteKind::RuntimeConst(kind),
+                    });
                 }
             }
         }
