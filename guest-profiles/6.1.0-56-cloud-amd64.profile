@@ -481,9 +481,27 @@ offset ftrace_ops.flags 16
 offset ftrace_ops.trampoline 144
 offset ftrace_ops.trampoline_size 152
 offset ftrace_ops.list 160
+offset ftrace_ops.func_hash 88
+offset ftrace_ops_hash.filter_hash 8
+offset ftrace_ops_hash.notrace_hash 0
+offset ftrace_hash.size_bits 0
+offset ftrace_hash.buckets 8
+offset ftrace_hash.count 16
+offset ftrace_func_entry.hlist 0
+offset ftrace_func_entry.ip 16
 offset kprobe.hlist 0
+offset kprobe.list 16
 offset kprobe.addr 40
 offset kprobe.flags 120
+offset kprobe.pre_handler 64
+offset kprobe.post_handler 72
+offset kretprobe.kp 0
+offset kretprobe.handler 128
+offset kretprobe.entry_handler 136
+offset atomic_notifier_head.head 8
+offset notifier_block.notifier_call 0
+offset notifier_block.next 8
+offset notifier_block.priority 16
 offset kprobe_insn_cache.pages 56
 offset kprobe_insn_page.list 0
 offset kprobe_insn_page.insns 16
@@ -492,6 +510,7 @@ offset bpf_prog_pack.ptr 16
 offset bpf_ksym.start 0
 offset bpf_ksym.end 8
 offset bpf_ksym.lnode 528
+offset bpf_ksym.name 16
 offset static_call_key.func 0
 offset dyn_ftrace.#size 16
 table jump_table 5980 2dc5276e7f37d0e6a6e6a4289f1a58f440aa0390240446e14003819cd9479fa0
@@ -50251,6 +50270,7 @@ sym ffffffff832a60e2 t mip6_fini
 sym ffffffff832a6127 t packet_exit
 sym ffffffff832a6155 t exit_amd_microcode
 sym ffffffff832b4000 b idt_table
+sym ffffffff832efdb0 b die_chain
 sym ffffffff833441a0 b kprobe_table
 sym ffffffff83344928 b ftrace_pages_start
 sym ffffffff83830000 B _end

@@ -64,6 +64,11 @@ struct Cli {
     /// first].
     #[arg(long, global = true, env = "VIGIL_CONTROL_SOCKET")]
     control_socket: Option<PathBuf>,
+    /// A module allowed to hook (MODULE, or MODULE:SYMBOL for one hooked function), for
+    /// `check`, `diff` and `hooks`: its redirecting hooks are information, not violations
+    /// (repeat, or separate with ','; the daemon reads `hooks.allow` from its configuration).
+    #[arg(long = "allow-hook", global = true, env = "VIGIL_ALLOW_HOOKS", value_delimiter = ',')]
+    allow_hook: Vec<vigil::linux::hooks::Allowed>,
     #[command(subcommand)]
     command: Command,
 }
@@ -204,6 +209,35 @@ enum Command {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// List what hooks a running kernel, and whose code each hook runs
+    ///
+    /// Read from the kernel's own records: every ftrace ops (the functions it
+    /// filters, its flags, its callback and trampoline), every kprobe and
+    /// kretprobe (where, and its handlers), and every die notifier (called
+    /// for the traps, int3 among them, that no kprobe claims). Each callback
+    /// is owned by a kernel function, a listed module (`module NAME+0xoff`),
+    /// a BPF image, or nothing known.
+    ///
+    /// Verdicts, as `check` and the daemon give them: a record that lies
+    /// where the kernel keeps no such records, a callback in no known code,
+    /// or a hook that can redirect execution (an ftrace ops with IPMODIFY,
+    /// SAVE_REGS or DIRECT, any kprobe or kretprobe, a die notifier) owned
+    /// by a module is a violation; a module's other hooks are information.
+    /// The kernel's own hooks (its tracers, perf, BPF core) are listed only.
+    /// Allow a product's module with --allow-hook MODULE (or the daemon's
+    /// `hooks.allow`).
+    ///
+    /// Example: vigil hooks web1 --allow-hook falcon_lsm
+    ///
+    /// Exit status: 0 no violation, 1 a violating hook, 2 nothing read (no
+    /// profile matches the kernel, or an error).
+    Hooks {
+        /// Domain name or UUID.
+        domain: String,
+        /// How to read guest memory.
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
+        source: Source,
+    },
     /// Guest profiles: what vigil knows of one kernel build (see guest-profiles/README.md).
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -333,6 +367,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Status => control(cli, &Request::Status),
+        Command::Hooks { domain, source } => hooks(cli, domain, *source),
         Command::Verify { domain, dump, reference } => {
             verify(cli, domain.as_deref(), dump.as_deref(), reference.as_deref())
         }
@@ -550,8 +585,11 @@ fn check_domain(
     let regs = dom.registers()?;
     let originals = load_originals(&path, &b);
     let profiles = load_profiles(cli);
-    let report =
-        examined(&dom.name, examine_once(&b, &originals, &*mem, &regs, &profiles, false))?.report;
+    let report = examined(
+        &dom.name,
+        examine_once(&b, &originals, &*mem, &regs, &profiles, false, &hook_policy(cli)),
+    )?
+    .report;
     let mut out = std::io::stdout().lock();
     if cli.format == Format::Json {
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -762,7 +800,7 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
     let profiles = load_profiles(cli);
     let e = examined(
         &b.domain.name.clone(),
-        examine_once(&b, &originals, &*mem, &regs, &profiles, true),
+        examine_once(&b, &originals, &*mem, &regs, &profiles, true, &hook_policy(cli)),
     )?;
     let mut changes = e.changes;
     if let Some(r) = &a.region {
@@ -887,6 +925,84 @@ fn print_finding(out: &mut impl Write, f: &Finding) -> std::io::Result<()> {
 
 /// `vigil verify`: the kernel's pages against the vendor's image, live or
 /// in an ELF core.
+fn hook_policy(cli: &Cli) -> vigil::linux::hooks::HookPolicy {
+    vigil::linux::hooks::HookPolicy { allow: cli.allow_hook.clone() }
+}
+
+fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
+    use vigil::integrity::Severity;
+    use vigil::linux::hooks::Inventory;
+    use vigil::linux::semantic;
+    let hv = Hypervisor::connect(cli.uri())?;
+    let dom = hv.domain(domain)?;
+    dom.ensure_running()?;
+    let mem = dom.open_memory(source.into())?;
+    let regs = dom.registers()?;
+    let name = &dom.name;
+    let view = discover(&*mem, &regs).with_context(|| format!("{name}: finding the kernel"))?;
+    let profiles = load_profiles(cli);
+    let Some(mut m) =
+        semantic::match_profile(&profiles, &*mem, &view, view.identification.image_base)
+    else {
+        bail!(
+            "{name}: no guest profile matches the kernel, so its hook records cannot be read (build one with `vigil profile build`)"
+        );
+    };
+    m.modules = semantic::walk_modules_settled(&m, &*mem, &view)
+        .map_err(|e| anyhow::anyhow!("{name}: the module list: {e}"))?;
+    let inventory = Inventory::read(&m, &*mem, &view);
+    let findings = hook_policy(cli).judge(&inventory);
+    let violations = findings.iter().filter(|f| f.severity == Severity::Violation).count();
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({
+                "domain": name,
+                "profile": m.profile.release,
+                "hooks": inventory.hooks,
+                "unread": inventory.unread,
+                "findings": findings,
+            }),
+        )?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{name}: {} hook(s), profile {}", inventory.hooks.len(), m.profile.release)?;
+        for h in &inventory.hooks {
+            let flags = if h.flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", h.flags.join("|"))
+            };
+            writeln!(
+                out,
+                "  {} at {:#x}{flags}{}: {}",
+                h.mechanism.as_str(),
+                h.record,
+                if h.redirects { " (can redirect)" } else { "" },
+                h.hooked_text()
+            )?;
+            for c in &h.callbacks {
+                writeln!(out, "      {:14} {:#x}  {}", c.role, c.addr, c.owner)?;
+            }
+            for why in &h.forged {
+                writeln!(out, "      FORGED: {why}")?;
+            }
+        }
+        for u in &inventory.unread {
+            writeln!(out, "  not read: {u}")?;
+        }
+        for f in &findings {
+            let sev = if f.severity == Severity::Violation { "VIOLATION" } else { "info" };
+            writeln!(out, "{sev}: {}", f.detail)?;
+        }
+        if findings.is_empty() {
+            writeln!(out, "no hook owned by a module or by unknown code")?;
+        }
+    }
+    Ok(if violations > 0 { 1 } else { EXIT_OK })
+}
+
 fn verify(
     cli: &Cli,
     domain: Option<&str>,

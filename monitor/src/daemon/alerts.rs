@@ -190,6 +190,7 @@ fn kind_text(k: FindingKind) -> &'static str {
         FindingKind::Pointer => "pointer",
         FindingKind::Unlisted => "unlisted",
         FindingKind::Reference => "reference",
+        FindingKind::Hook => "hook",
     }
 }
 
@@ -299,6 +300,15 @@ impl Subject {
         let moved = |f: &&Finding| f.kind == FindingKind::Remap && f.after != "unmapped";
         let detail = if fs.len() == 1 {
             f.detail.clone()
+        } else if f.kind == FindingKind::Hook {
+            // Hooks are no pages: each said, the first few in full.
+            let shown: Vec<&str> = fs.iter().take(4).map(|f| f.detail.as_str()).collect();
+            format!(
+                "{} hooks: {}{}",
+                fs.len(),
+                shown.join(" | "),
+                if fs.len() > shown.len() { " | ..." } else { "" }
+            )
         } else if f.severity == Severity::Violation && fs.iter().all(moved) {
             // The kernel's own page tables repointed at other frames: one
             // alert that says so, not a page list to decode.

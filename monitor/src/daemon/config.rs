@@ -48,6 +48,14 @@ pub struct RawConfig {
     pub webhook: RawEndpoint,
     #[serde(default)]
     pub evidence: RawEvidence,
+    #[serde(default)]
+    pub hooks: RawHooks,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    pub allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -146,6 +154,8 @@ pub struct Settings {
     /// Keep baselines' original pages in their files, not in memory
     /// (`originals = "disk"`).
     pub originals_on_disk: bool,
+    /// Modules allowed to hook (`hooks.allow`).
+    pub hooks: crate::linux::hooks::HookPolicy,
 }
 
 /// What the daemon saves when a violation is first reported (`[evidence]`).
@@ -328,6 +338,13 @@ impl Settings {
                 .transpose()
         };
         let evidence = evidence(file, raw.evidence)?;
+        let allow = raw
+            .hooks
+            .allow
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.parse().map_err(|r| bad("hooks.allow", r)))
+            .collect::<Result<Vec<_>, _>>()?;
         let originals_on_disk = match raw.originals.as_deref() {
             None | Some("memory") => false,
             Some("disk") => true,
@@ -375,6 +392,7 @@ impl Settings {
             webhook: endpoint("webhook.url", raw.webhook)?,
             evidence,
             originals_on_disk,
+            hooks: crate::linux::hooks::HookPolicy { allow },
             state_dir,
         })
     }
@@ -522,6 +540,11 @@ mod tests {
         assert_eq!(s.alertmanager.unwrap().path, "/");
         assert!(!load("").unwrap().originals_on_disk);
         assert!(load("originals = \"disk\"").unwrap().originals_on_disk);
+        let allowed = load("[hooks]\nallow = [\"falcon_lsm\", \"agent:__x64_sys_kill\"]").unwrap();
+        assert_eq!(allowed.hooks.allow.len(), 2);
+        assert_eq!(allowed.hooks.allow[1].symbol.as_deref(), Some("__x64_sys_kill"));
+        let e = load("[hooks]\nallow = [\"bad name\"]").unwrap_err().to_string();
+        assert!(e.contains("hooks.allow") && e.contains("bad name"), "{e}");
         assert_eq!(load("").unwrap().module_grace, Duration::from_secs(120));
         let s = load("[schedule]\nmodule_grace = \"5m\"").unwrap();
         assert_eq!(s.module_grace, Duration::from_secs(300));

@@ -159,6 +159,7 @@ pub(super) async fn attach(
             match r {
                 Ok((mut w, attached)) => {
                     w.set_module_grace(shared.settings.module_grace);
+                    w.session.hook_policy = shared.settings.hooks.clone();
                     shared.attached(uuid, &known, w.run.clone());
                     return Some((w, attached));
                 }
@@ -464,13 +465,19 @@ impl DomainTask {
         if let Some((until, quiet)) = watch.provisional_until {
             // What differs from the vendor's image is no change while the
             // boot settles: it was there when the baseline was taken, and is
-            // reported at once.
+            // reported at once; so is a hook (no baseline holds hooks).
             let all: Vec<_> = report
                 .check
                 .violations
                 .iter()
                 .chain(&report.check.info)
-                .filter(|f| f.kind != crate::integrity::FindingKind::Reference)
+                .filter(|f| {
+                    !matches!(
+                        f.kind,
+                        crate::integrity::FindingKind::Reference
+                            | crate::integrity::FindingKind::Hook
+                    )
+                })
                 .cloned()
                 .collect();
             if !all.is_empty() && Instant::now() < until {

@@ -38,6 +38,9 @@ pub enum FindingKind {
     /// Bytes that differ from the vendor's image of the kernel in a way the
     /// kernel never writes, found when the baseline was taken.
     Reference,
+    /// A callback the kernel runs at its functions or traps for a module or
+    /// for code nowhere known (an ftrace ops, a kprobe, a die notifier).
+    Hook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod diff;
 mod discover;
+pub mod hooks;
 pub mod image;
 pub mod kallsyms;
 pub mod layout;

@@ -281,6 +281,7 @@ mod tests {
             text_size: PAGE_SIZE,
             state: semantic::MODULE_LIVE,
             init: (0, 0),
+            data: (0, 0),
         };
         let m =
             semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
@@ -335,6 +336,7 @@ mod tests {
                     text_size: PAGE_SIZE,
                     state,
                     init: (0, 0),
+                    data: (0, 0),
                 })
                 .into_iter()
                 .collect(),

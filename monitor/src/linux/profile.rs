@@ -138,6 +138,8 @@ const DATA_SYMBOLS: &[&str] = &[
     "pack_list",
     "bpf_kallsyms",
     "x86_return_thunk",
+    // Where the kernel lists its trap handlers (see `hooks`).
+    "die_chain",
 ];
 
 /// Data symbols kept by prefix: static call keys, named after their calls.
@@ -159,12 +161,21 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ("mod_kallsyms", &["symtab", "num_symtab"]),
     ("ftrace_page", &["next", "records", "index"]),
     ("dyn_ftrace", &["ip", "flags"]),
-    ("ftrace_ops", &["func", "next", "flags", "trampoline", "trampoline_size", "list"]),
-    ("kprobe", &["hlist", "addr", "flags"]),
+    (
+        "ftrace_ops",
+        &["func", "next", "flags", "trampoline", "trampoline_size", "list", "func_hash"],
+    ),
+    ("ftrace_ops_hash", &["filter_hash", "notrace_hash"]),
+    ("ftrace_hash", &["size_bits", "buckets", "count"]),
+    ("ftrace_func_entry", &["hlist", "ip"]),
+    ("kprobe", &["hlist", "list", "addr", "flags", "pre_handler", "post_handler"]),
+    ("kretprobe", &["kp", "handler", "entry_handler"]),
+    ("atomic_notifier_head", &["head"]),
+    ("notifier_block", &["notifier_call", "next", "priority"]),
     ("kprobe_insn_cache", &["pages"]),
     ("kprobe_insn_page", &["list", "insns"]),
     ("bpf_prog_pack", &["list", "ptr"]),
-    ("bpf_ksym", &["start", "end", "lnode"]),
+    ("bpf_ksym", &["start", "end", "lnode", "name"]),
     ("static_call_key", &["func"]),
 ];
 pub const PATCH_SIZES: &[&str] = &["dyn_ftrace", "module_memory"];

@@ -33,6 +33,8 @@ pub enum Region {
     ModuleArea,
     /// The kernel's patch records themselves.
     PatchTables,
+    /// Callbacks the kernel runs for others at its functions and traps.
+    Hooks,
 }
 
 const TEXT: &str = "kernel-text";
@@ -46,6 +48,7 @@ const IDT_VECTORS: &str = "idt-vectors";
 const GDT_DESCRIPTORS: &str = "gdt-descriptors";
 const MODULE_AREA: &str = "module-area";
 const PATCH_TABLES: &str = "patch-tables";
+const HOOKS: &str = "hooks";
 const SYSCALL_TABLES: [&str; 2] = ["sys_call_table", "ia32_sys_call_table"];
 
 impl Region {
@@ -64,6 +67,7 @@ impl Region {
             Region::GdtDescriptors => GDT_DESCRIPTORS.into(),
             Region::ModuleArea => MODULE_AREA.into(),
             Region::PatchTables => PATCH_TABLES.into(),
+            Region::Hooks => HOOKS.into(),
         }
     }
 
@@ -79,6 +83,7 @@ impl Region {
             GDT_DESCRIPTORS => Region::GdtDescriptors,
             MODULE_AREA => Region::ModuleArea,
             PATCH_TABLES => Region::PatchTables,
+            HOOKS => Region::Hooks,
             _ if SYSCALL_TABLES.contains(&name) => {
                 Region::SyscallTable(SYSCALL_TABLES.into_iter().find(|s| *s == name)?.into())
             }

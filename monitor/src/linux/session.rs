@@ -22,6 +22,7 @@ use crate::x86::VcpuRegisters;
 use crate::x86::{Mapping, Perms};
 
 use super::diff::{self, Change, Namer};
+use super::hooks::{HookPolicy, Inventory};
 use super::modules::{KnownModules, ModuleEvent, NotLive, protect_modules};
 use super::patch::{self, PatchMemory, RECORD_GRACE, WallClock};
 use super::profile::Profile;
@@ -66,6 +67,10 @@ pub struct KernelSession {
     /// Names from the guest's own kallsyms, read once when no profile
     /// matches and something needs naming (lower trust).
     guest_symbols: Option<Option<semantic::GuestSymbols>>,
+    /// What to make of hooks (the modules allowed to hook).
+    pub hook_policy: HookPolicy,
+    /// The hooks the last examination with a profile read.
+    pub hooks: Option<Inventory>,
 }
 
 /// How to examine.
@@ -100,7 +105,8 @@ pub enum ExamineError {
 }
 
 /// Examines `mem` against `baseline` (and its `originals`) once, as
-/// `vigil check` and `vigil diff` do: a fresh session.
+/// `vigil check` and `vigil diff` do: a fresh session, judging hooks by
+/// `hooks`.
 pub fn examine_once<M: GuestMemory + ?Sized>(
     baseline: &Baseline,
     originals: &Originals,
@@ -108,16 +114,13 @@ pub fn examine_once<M: GuestMemory + ?Sized>(
     regs: &[VcpuRegisters],
     profiles: &[Profile],
     with_changes: bool,
+    hooks: &HookPolicy,
 ) -> Result<Examined, ExamineError> {
     let view = discover(mem, regs)?;
     let how = How { scope: Scope::Full, tags: None, changes: with_changes, clock: &WallClock };
-    Ok(KernelSession::one_shot().examine(
-        (baseline, originals),
-        mem,
-        (&view, regs),
-        profiles,
-        how,
-    )?)
+    let mut session = KernelSession::one_shot();
+    session.hook_policy = hooks.clone();
+    Ok(session.examine((baseline, originals), mem, (&view, regs), profiles, how)?)
 }
 
 impl KernelSession {
@@ -357,6 +360,10 @@ impl KernelSession {
             }
         }
         found.extend(unread.into_iter().map(unreadable_records));
+        let inventory = Inventory::read(m, mem, view);
+        found.extend(self.hook_policy.judge(&inventory));
+        found.extend(inventory.unread.iter().map(|what| unreadable_hooks(what)));
+        self.hooks = Some(inventory);
         (found, now)
     }
 }
@@ -420,6 +427,17 @@ impl patch::Text for CheckedText<'_> {
             self.in_module(a).map(|_| true)
         }
     }
+}
+
+fn unreadable_hooks(what: &str) -> Finding {
+    Finding::new(
+        &Region::Hooks.name(),
+        FindingKind::Hook,
+        Severity::Info,
+        GuestVirtAddr(0),
+        GuestPhysAddr(0),
+    )
+    .saying(format!("hook records not read: {what}"), String::new(), String::new())
 }
 
 fn unreadable_records(what: String) -> Finding {

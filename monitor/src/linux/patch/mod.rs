@@ -47,7 +47,7 @@ const KPROBE_FLAG_GONE: u32 = 1;
 /// `BPF_PROG_PACK_SIZE` with one NUMA node: 2 MiB.
 const BPF_PACK_SIZE: u64 = 2 << 20;
 /// Largest executable allocation believed from a kernel record.
-const MAX_EXEC_RANGE: u64 = 64 << 20;
+pub(crate) const MAX_EXEC_RANGE: u64 = 64 << 20;
 /// Longest site: `jmp`/`call rel32`.
 const MAX_SITE: u64 = 5;
 
@@ -172,11 +172,14 @@ use self::state::*;
 use self::{reads::*, records::*, rules::*, sites::*};
 
 pub use self::reads::exec_ranges;
+pub(crate) use self::reads::{need, read_span, sym, walk_list};
 pub use self::records::{
     JumpEntry, StaticCallSite, jump_table_digest, parse_jump_entries, parse_static_call_sites,
     static_call_digest,
 };
-pub use self::review::{Clock, PENDING_HOLD, Place, Text, WallClock, judge_sites, review};
+pub use self::review::{
+    Clock, INT3_HOLD, PENDING_HOLD, Place, Text, WallClock, judge_sites, review,
+};
 pub use self::rules::{ChangedPage, Patched, Verdicts, verify_pages};
 pub use self::sites::SiteMemo;
 pub use self::state::{PatchMemory, RECORD_GRACE, account};

@@ -6,7 +6,7 @@ use super::*;
 
 /// Reads a `list_head` list from `head`, calling `each` with every entry's
 /// `list_head` address; bounded and loop-safe.
-pub(super) fn walk_list<M: GuestMemory + ?Sized>(
+pub(crate) fn walk_list<M: GuestMemory + ?Sized>(
     mem: &M,
     space: &dyn AddressSpace,
     head: u64,
@@ -25,11 +25,11 @@ pub(super) fn walk_list<M: GuestMemory + ?Sized>(
     Ok(())
 }
 
-pub(super) fn need(m: &Matched<'_>, path: &str) -> Result<u64, String> {
+pub(crate) fn need(m: &Matched<'_>, path: &str) -> Result<u64, String> {
     m.profile.offset(path).ok_or_else(|| format!("the profile has no offset {path}"))
 }
 
-pub(super) fn sym(m: &Matched<'_>, name: &str) -> Result<u64, String> {
+pub(crate) fn sym(m: &Matched<'_>, name: &str) -> Result<u64, String> {
     m.expect(name).ok_or_else(|| format!("the profile has no symbol {name}"))
 }
 
@@ -51,15 +51,18 @@ pub fn exec_ranges<M: GuestMemory + ?Sized>(
     // ftrace ops trampolines: of the ops registered now, and of every ops
     // whose trampoline is still allocated (ftrace keeps a static ops'
     // trampoline after it unregisters it, on ftrace_ops_trampoline_list).
+    // Each is believed only as ftrace makes one: a page at most, a copy of
+    // its caller.
+    let callers = crate::linux::hooks::caller_prefixes(m, mem, space);
     if let Err(e) = ftrace_ops(m, mem, space).map(|ops| {
-        for o in ops {
+        for o in ops.iter().filter(|o| genuine(m, mem, space, o, &callers)) {
             push(o.trampoline, o.trampoline_size, "an ftrace trampoline", &mut out);
         }
     }) {
         problems.push(format!("ftrace ops: {e}"));
     }
     if let Err(e) = trampoline_ops(m, mem, space).map(|ops| {
-        for o in ops {
+        for o in ops.iter().filter(|o| genuine(m, mem, space, o, &callers)) {
             push(o.trampoline, o.trampoline_size, "an ftrace trampoline", &mut out);
         }
     }) {
@@ -112,6 +115,19 @@ pub fn exec_ranges<M: GuestMemory + ?Sized>(
         problems.push(format!("BPF images: {e}"));
     }
     (out, problems)
+}
+
+/// Whether an ops' trampoline is one ftrace made (see
+/// [`crate::linux::hooks::fake_trampoline`]).
+pub(super) fn genuine<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    o: &Ops,
+    callers: &[Vec<u8>],
+) -> bool {
+    crate::linux::hooks::fake_trampoline(m, mem, space, o.trampoline, o.trampoline_size, callers)
+        .is_none()
 }
 
 pub(super) struct Ops {
@@ -195,7 +211,7 @@ pub(super) fn slot_pages<M: GuestMemory + ?Sized>(
     Ok(entries.into_iter().filter_map(|p| read_u64(mem, space, p.wrapping_add(insns))).collect())
 }
 
-pub(super) fn read_span<M: GuestMemory + ?Sized>(
+pub(crate) fn read_span<M: GuestMemory + ?Sized>(
     mem: &M,
     space: &dyn AddressSpace,
     start: u64,

@@ -162,6 +162,7 @@ pub fn review<M: GuestMemory + ?Sized>(
             memory.accepted_pages.remove(&((f.gva.raw() + MAX_SITE - 1) & !(PAGE_SIZE - 1)));
         }
     }
+    stood_int3(report, (mem, space), (&taken, &covered), &mut accepted, memory, clock);
     // A settled static call site calls what its key held: remembered as the
     // key's (so that the site still counts while the kernel moves the key on
     // and then the site), even when the key itself was not read again.
@@ -177,6 +178,92 @@ pub fn review<M: GuestMemory + ?Sized>(
         report.kernel.patches.insert(kind.as_str().to_owned(), n);
     }
     accepted
+}
+
+/// How long an `int3` may stand over a patch site as the first byte of the
+/// kernel's rewrite (`text_poke_bp`), which takes it away within
+/// microseconds, before it is a violation: an `int3` that stays is a trap
+/// someone handles (a die notifier redirecting it, say).
+pub const INT3_HOLD: Duration = Duration::from_secs(2);
+
+/// Takes out of `accepted` the sites held by an `int3` of a rewrite in
+/// flight for [`INT3_HOLD`] or longer, each a violation: across checks, one
+/// seen so at every check that looked at it since at least that long; in a one-shot
+/// examination, one still so after a pause that long. A site seen so for
+/// the first time is looked at again when the hold ends (`held_until`).
+fn stood_int3<M: GuestMemory + ?Sized>(
+    report: &mut KernelReport,
+    (mem, space): (&M, &dyn AddressSpace),
+    (taken, covered): (&[Finding], &dyn Fn(u64) -> Option<bool>),
+    accepted: &mut Vec<Patched>,
+    memory: &mut PatchMemory,
+    clock: &dyn Clock,
+) {
+    let trapped: Vec<u64> = accepted
+        .iter()
+        .filter(|u| u.in_flight && u.bytes.first() == Some(&INT3))
+        .map(|u| u.addr)
+        .collect();
+    let mut stood: Vec<(u64, Duration)> = Vec::new();
+    if memory.hold.is_none() {
+        if !trapped.is_empty() {
+            clock.pause(INT3_HOLD);
+            stood = trapped
+                .iter()
+                .filter(|&&a| read_virt(mem, space, a, 1).is_some_and(|(b, _)| b[0] == INT3))
+                .map(|&a| (a, INT3_HOLD))
+                .collect();
+        }
+    } else {
+        let now = clock.now();
+        // Kept while seen so, or while on text this check's scope skipped.
+        memory.int3_since.retain(|a, _| trapped.contains(a) || covered(*a) == Some(false));
+        for &a in &trapped {
+            if memory.int3_since.len() >= super::state::MAX_PENDING
+                && !memory.int3_since.contains_key(&a)
+            {
+                // A memory full of standing int3s: no hold for more.
+                stood.push((a, Duration::ZERO));
+                continue;
+            }
+            let first = *memory.int3_since.entry(a).or_insert(now);
+            let age = now.saturating_duration_since(first);
+            if age >= INT3_HOLD {
+                stood.push((a, age));
+            } else {
+                let until = first + INT3_HOLD;
+                memory.held_until = Some(memory.held_until.map_or(until, |u| u.min(until)));
+            }
+        }
+    }
+    if stood.is_empty() {
+        return;
+    }
+    accepted.retain(|u| !stood.iter().any(|(a, _)| *a == u.addr));
+    let found = stood.into_iter().map(|(a, age)| {
+        let page = a & !(PAGE_SIZE - 1);
+        let (region, gpa) = taken
+            .iter()
+            .find(|f| f.gva.raw() & !(PAGE_SIZE - 1) == page)
+            .map(|f| (f.region.clone(), f.gpa.raw() & !(PAGE_SIZE - 1)))
+            .unwrap_or_else(|| (Region::Text.name().into_owned(), 0));
+        let held = if age.is_zero() { "at two checks".to_owned() } else { format!("for {:.1} s", age.as_secs_f64()) };
+        Finding::new(
+            &region,
+            FindingKind::Content,
+            Severity::Violation,
+            GuestVirtAddr(a),
+            GuestPhysAddr(gpa.wrapping_add(a - page)),
+        )
+        .saying(
+            format!(
+                "an int3 has stood on the patch site at {a:#x} {held}: the kernel's own rewrite takes it away within microseconds, so this is a trap someone handles (see `vigil hooks` for die notifiers)"
+            ),
+            String::new(),
+            "cc".into(),
+        )
+    });
+    report.check.add_findings(found.collect());
 }
 
 /// Judges single places the kernel patches as it runs, each given by its

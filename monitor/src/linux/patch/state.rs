@@ -78,6 +78,9 @@ pub struct PatchMemory {
     pub held: u64,
     /// When the earliest hold of the last review ends: a check then settles it.
     pub held_until: Option<std::time::Instant>,
+    /// Sites seen held by an `int3` of a rewrite in flight at every check
+    /// since: when first (see [`super::review::INT3_HOLD`]).
+    pub(super) int3_since: HashMap<u64, std::time::Instant>,
 }
 
 /// A site seen disagreeing with its record.

@@ -32,6 +32,10 @@ pub struct Module {
     /// freed after (the kernel clears these first). (0, 0) when none.
     #[serde(skip)]
     pub init: (u64, u64),
+    /// Its writable data (base, size): within the core allocation up to
+    /// 6.3, `mem[MOD_DATA]` from 6.4. (0, 0) when unknown.
+    #[serde(skip)]
+    pub data: (u64, u64),
 }
 
 /// Init text larger than this is not believed.
@@ -46,6 +50,12 @@ impl Module {
         let loading = matches!(self.state, MODULE_COMING | MODULE_UNFORMED);
         within(self.base, self.size)
             || (loading && self.init.1 > 0 && within(self.init.0, self.init.1))
+    }
+
+    /// Whether `at` lies in its writable data (where it keeps records it
+    /// registers with the kernel, its `struct module` among them).
+    pub fn data_holds(&self, at: u64) -> bool {
+        (self.data.0..self.data.0.saturating_add(self.data.1)).contains(&at)
     }
 }
 
@@ -86,6 +96,7 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
     let (list, name) = (need("module.list")?, need("module.name")?);
     let (base, size, text) = module_layout(p)?;
     let init_at = module_init_layout(p);
+    let data_at = module_data_layout(p);
     let head = m.expect("modules").ok_or("the profile has no symbol modules")?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -120,6 +131,14 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
                 .and_then(|o| read_u32(mem, space, md.wrapping_add(o)))
                 .unwrap_or(MODULE_LIVE),
             init: init_at
+                .and_then(|(b, s)| {
+                    let base = read_u64(mem, space, md.wrapping_add(b))?;
+                    let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
+                    Some((base, size))
+                })
+                .filter(|&(_, size)| size <= MAX_INIT_TEXT)
+                .unwrap_or((0, 0)),
+            data: data_at
                 .and_then(|(b, s)| {
                     let base = read_u64(mem, space, md.wrapping_add(b))?;
                     let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
@@ -162,6 +181,24 @@ pub(super) fn module_init_layout(p: &crate::linux::profile::Profile) -> Option<(
     const MOD_INIT_TEXT: u64 = 4;
     let stride = p.offset("module_memory.#size")?;
     let skip = MOD_INIT_TEXT.checked_mul(stride)?;
+    Some((
+        p.offset("module.mem.base")?.checked_add(skip)?,
+        p.offset("module.mem.size")?.checked_add(skip)?,
+    ))
+}
+
+/// Where `struct module` keeps its writable data's base and size: up to
+/// 6.3 the core layout (all of it), from 6.4 `mem[MOD_DATA]`, the second
+/// `struct module_memory`.
+pub(super) fn module_data_layout(p: &crate::linux::profile::Profile) -> Option<(u64, u64)> {
+    if let (Some(b), Some(s)) =
+        (p.offset("module.core_layout.base"), p.offset("module.core_layout.size"))
+    {
+        return Some((b, s));
+    }
+    const MOD_DATA: u64 = 1;
+    let stride = p.offset("module_memory.#size")?;
+    let skip = MOD_DATA.checked_mul(stride)?;
     Some((
         p.offset("module.mem.base")?.checked_add(skip)?,
         p.offset("module.mem.size")?.checked_add(skip)?,

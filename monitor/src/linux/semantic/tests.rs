@@ -180,6 +180,7 @@ fn module_init_text_is_found_in_either_layout_and_held_by_its_module() {
         text_size: 0x1000,
         state: MODULE_COMING,
         init: (0xffff_ffff_c000_8000, 0x1000),
+        data: (0, 0),
     };
     assert!(md.holds(0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000));
     assert!(md.holds(0xffff_ffff_c000_8000, 0xffff_ffff_c000_9000));
@@ -310,6 +311,7 @@ fn a_module_is_still_live_only_while_its_struct_says_so() {
         text_size: 0x1000,
         state: MODULE_LIVE,
         init: (0, 0),
+        data: (0, 0),
     };
     let with = |state: u32, name: &str, base: u64| {
         let mut ram = vec![0u8; 4 * 4096];
