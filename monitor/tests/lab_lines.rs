@@ -253,6 +253,64 @@ fn no_violation(d: &Daemon, domain: &str, kernel: Kernel, when: &str) {
     }
 }
 
+/// During a storm: `vigil hooks` lists the kernel's own tracers' hooks as
+/// the kernel's (the function tracer's ftrace ops, kprobe events) and
+/// vigil_count's ftrace ops and kprobe as the module's, with no violation;
+/// the daemon said vigil_count's hooks as information.
+fn storm_hooks_listed(d: &Daemon, domain: &str, kernel: Kernel) {
+    let mut kernel_owned = std::collections::BTreeSet::new();
+    let mut module_owned = std::collections::BTreeSet::new();
+    // The tracers come and go: look a few times.
+    for _ in 0..20 {
+        let out = vigil_in(
+            d.dir.path(),
+            &["--format", "json", "--allow-hook", "vigil_count", "hooks", domain],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("vigil hooks: {e}: {}", String::from_utf8_lossy(&out.stderr))
+        });
+        assert_eq!(out.status.code(), Some(0), "{}: hooks during the storm: {v:#}", kernel.line());
+        for h in v["hooks"].as_array().unwrap() {
+            for c in h["callbacks"].as_array().unwrap() {
+                let what = format!("{} {}", h["mechanism"], c["role"]);
+                match c["owner"]["kind"].as_str() {
+                    Some("kernel") => {
+                        kernel_owned.insert(format!("{what} {}", c["owner"]["symbol"]))
+                    }
+                    Some("module") => module_owned.insert(format!("{what} {}", c["owner"]["name"])),
+                    other => panic!(
+                        "{}: a hook owned by {other:?} during the storm: {h:#}",
+                        kernel.line()
+                    ),
+                };
+            }
+        }
+        let tracers = ["function_trace_call", "kprobe_dispatcher"];
+        if tracers.iter().all(|t| kernel_owned.iter().any(|k| k.contains(t))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "{}: kernel-owned hooks seen: {kernel_owned:#?}\nmodule-owned: {module_owned:#?}",
+        kernel.line()
+    );
+    for t in ["function_trace_call", "kprobe_dispatcher"] {
+        assert!(
+            kernel_owned.iter().any(|k| k.contains(t)),
+            "{}: the storm's {t} never listed as the kernel's: {kernel_owned:#?}",
+            kernel.line()
+        );
+    }
+    for m in ["\"ftrace\" \"func\" \"vigil_count\"", "\"kprobe\" \"pre_handler\" \"vigil_count\""] {
+        assert!(module_owned.contains(m), "{}: {m} not listed: {module_owned:#?}", kernel.line());
+    }
+    let said = d.events("notice", domain).iter().any(|a| {
+        a["region"] == "hooks" && a["detail"].as_str().unwrap_or_default().contains("vigil_count")
+    });
+    assert!(said, "{}: the daemon said nothing of vigil_count's hooks", kernel.line());
+}
+
 /// An inline hook of `__x64_sys_getppid`, caught by the daemon.
 fn inline_hook_caught(d: &Daemon, g: &mut vigil_lab::Guest, after: &str) {
     g.run("attack inline").unwrap();
@@ -374,9 +432,11 @@ fn gap_pages(domain: &str, kernel: Kernel) -> Vec<(u64, [u8; 32])> {
 fn long_storm(kernel: Kernel) {
     let s = suffix("longstorm", kernel);
     // Evidence bundles: a violation's rule and bytes for the failure message.
+    // vigil_count's kprobe handler lies in a module: a hook that can
+    // redirect, allowed as an operator allows their observability agent.
     let d = Daemon::every_second_with(
         &format!("vigil-lab-{s}"),
-        "[evidence]\nenabled = true\nmemory_dump = false\n",
+        "[evidence]\nenabled = true\nmemory_dump = false\n[hooks]\nallow = [\"vigil_count\"]\n",
     );
     let mut g = boot_kernel(&s, kernel);
     d.wait_watching(&g);
@@ -394,6 +454,7 @@ fn long_storm(kernel: Kernel) {
     let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
     eprintln!("{}: full checks during the storm: {checks:?}", kernel.line());
     assert!(checks.unwrap_or(0.0) >= 100.0, "too few full checks: {checks:?}");
+    storm_hooks_listed(&d, &g.name, kernel);
     // The pressure reused gap pages: a check that protected them as
     // rodata would have alarmed.
     let gap_after = gap_pages(&g.name, kernel);

@@ -454,7 +454,12 @@ pub(crate) fn fake_trampoline<M: GuestMemory + ?Sized>(
     let Ok(head) = read_span(mem, space, tramp, TRAMPOLINE_PREFIX as u64) else {
         return Some(format!("its trampoline {tramp:#x} is not readable"));
     };
-    if callers.is_empty() || callers.contains(&head) {
+    if callers.is_empty() {
+        return Some(format!(
+            "its trampoline {tramp:#x} cannot be compared: ftrace's callers are not readable"
+        ));
+    }
+    if callers.contains(&head) {
         return None;
     }
     Some(format!(
@@ -787,3 +792,6 @@ fn owner_text_key(h: &Hook) -> String {
         h.callbacks.iter().map(|c| format!("{}={}", c.role, c.owner)).collect();
     format!("{} {} {}", h.mechanism.as_str(), h.hooked_text(), owners.join(","))
 }
+
+#[cfg(test)]
+mod tests;

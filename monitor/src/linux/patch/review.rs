@@ -191,7 +191,7 @@ pub const INT3_HOLD: Duration = Duration::from_secs(2);
 /// seen so at every check that looked at it since at least that long; in a one-shot
 /// examination, one still so after a pause that long. A site seen so for
 /// the first time is looked at again when the hold ends (`held_until`).
-fn stood_int3<M: GuestMemory + ?Sized>(
+pub(super) fn stood_int3<M: GuestMemory + ?Sized>(
     report: &mut KernelReport,
     (mem, space): (&M, &dyn AddressSpace),
     (taken, covered): (&[Finding], &dyn Fn(u64) -> Option<bool>),

@@ -604,3 +604,85 @@ fn a_disagreement_is_judged_again_on_the_clock_it_is_given() {
     });
     assert_eq!((n, t.problems.len()), (RETRIES as usize + 1, 1));
 }
+
+/// An int3 of a rewrite in flight over a site: across checks, reported at
+/// the first check at or past [`INT3_HOLD`] after it was first seen (and a
+/// check asked for then); forgotten once gone, and kept over checks that
+/// skipped its page. One-shot: looked at again after a pause that long.
+#[test]
+fn an_int3_that_stands_over_a_site_is_a_violation_on_the_clock() {
+    use super::review::stood_int3;
+    let (mut f, _) = guest();
+    write(&mut f, A, &[INT3, 0x1f, 0x44, 0x00, 0x00]);
+    let report = || {
+        crate::linux::KernelReport::of(crate::integrity::Report {
+            domain: "g".into(),
+            uuid: "u".into(),
+            baseline_created: "b".into(),
+            checked: "c".into(),
+            source: "s".into(),
+            intact: true,
+            violations: Vec::new(),
+            info: Vec::new(),
+            regions: Vec::new(),
+            scope: crate::integrity::check::Scope::Full,
+            bytes_verified: 0,
+        })
+    };
+    let taken = [Finding::new(
+        "kernel-text",
+        FindingKind::Content,
+        Severity::Violation,
+        GuestVirtAddr(TEXT_VA),
+        GuestPhysAddr(0x2000),
+    )];
+    let in_flight = || {
+        vec![Patched {
+            addr: A,
+            kind: PatchKind::Ftrace,
+            bytes: vec![INT3, 0x1f, 0x44, 0x00, 0x00],
+            in_flight: true,
+            key: None,
+        }]
+    };
+    let c = StepClock::new();
+    let mut memory = PatchMemory::holding(PENDING_HOLD);
+    let looked = |_: u64| Some(true);
+    let skipped = |_: u64| Some(false);
+    let check = |memory: &mut PatchMemory, covered: &dyn Fn(u64) -> Option<bool>, seen: bool| {
+        let mut r = report();
+        let mut accepted = if seen { in_flight() } else { Vec::new() };
+        stood_int3(&mut r, (&f.mem, &f), (&taken, covered), &mut accepted, memory, &c);
+        (r.check.violations, accepted)
+    };
+    // First seen: accepted as in flight, and a check asked for at the hold's end.
+    let (v, accepted) = check(&mut memory, &looked, true);
+    assert!(v.is_empty() && accepted.len() == 1);
+    assert_eq!(memory.held_until, Some(c.now() + INT3_HOLD));
+    // A check that skipped the page keeps the sighting; one short of the
+    // hold still accepts it.
+    memory.held_until = None;
+    c.pause(INT3_HOLD / 2);
+    assert!(check(&mut memory, &skipped, false).0.is_empty());
+    assert!(check(&mut memory, &looked, true).0.is_empty());
+    c.pause(INT3_HOLD / 2);
+    let (v, accepted) = check(&mut memory, &looked, true);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert!(accepted.is_empty());
+    assert_eq!(v[0].gva.raw(), A);
+    assert!(
+        v[0].detail.contains("an int3 has stood") && v[0].detail.contains("2.0 s"),
+        "{}",
+        v[0].detail
+    );
+    // Gone at a check that looked: forgotten, so a new one starts afresh.
+    assert!(check(&mut memory, &looked, false).0.is_empty());
+    c.pause(INT3_HOLD * 3);
+    assert!(check(&mut memory, &looked, true).0.is_empty());
+    // One-shot: a pause of the hold, then the byte read again.
+    let mut once = PatchMemory::default();
+    let before = c.pauses.borrow().len();
+    let (v, _) = check(&mut once, &looked, true);
+    assert_eq!(c.pauses.borrow()[before..], [INT3_HOLD]);
+    assert_eq!(v.len(), 1, "still there after the pause");
+}
