@@ -243,3 +243,61 @@ fn semantic_seed_holds_the_guests_tables_intact() {
         assert_eq!(m.modules.len(), 2, "{}", p.display());
     }
 }
+
+/// The hooks seed, mapped as the target maps it (fuzz/fuzz_targets/hooks.rs),
+/// holds a module's IPMODIFY ftrace hook of getppid, a forged ops, a
+/// module's kprobe and a module's die notifier: each a hook the policy
+/// judges, so the target fuzzes the whole reader, not its error paths.
+#[test]
+fn hooks_seed_holds_a_hook_of_each_kind() {
+    use vigil::linux::hooks::{HookPolicy, Inventory, Mechanism};
+    let path =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../guest-profiles/6.1.0-56-cloud-amd64.profile");
+    let profile =
+        vigil::linux::profile::Profile::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let base = 0xffff_ffff_c010_0000u64;
+    let sym = |n: &str| profile.symbol(n).unwrap().addr & !0xfff;
+    let mut layout = vec![
+        sym("ftrace_ops_list"),
+        sym("kprobe_table"),
+        sym("kprobe_table") + 4096,
+        sym("die_chain"),
+        sym("bpf_kallsyms"),
+        sym("ftrace_caller"),
+    ];
+    layout.extend((0..10).map(|i| base + i * 4096));
+    let space = Pages(layout.into_iter().zip(0..).collect());
+    let rk = vigil::linux::semantic::Module {
+        name: "rk".into(),
+        addr: base + 0x2800,
+        base,
+        size: 0x1000,
+        text_size: 0x1000,
+        state: 0,
+        init: (0, 0),
+        data: (base + 0x2000, 0x1000),
+    };
+    let m = vigil::linux::semantic::Matched {
+        profile: &profile,
+        modules: vec![rk],
+        slide: 0,
+        idt_slide: None,
+    };
+    for (p, mut b) in seeds("hooks") {
+        b.resize(16 * 4096, 0);
+        let mem = vigil::memory::RawDump::from_bytes(b);
+        let inv = Inventory::read(&m, &mem, &space);
+        assert!(inv.unread.is_empty(), "{}: {:?}", p.display(), inv.unread);
+        let kinds: Vec<Mechanism> = inv.hooks.iter().map(|h| h.mechanism).collect();
+        assert_eq!(
+            kinds,
+            [Mechanism::Ftrace, Mechanism::Ftrace, Mechanism::Kprobe, Mechanism::DieNotifier],
+            "{}",
+            p.display()
+        );
+        assert_eq!(inv.hooks[0].hooked, ["__x64_sys_getppid"], "{}", p.display());
+        assert!(!inv.hooks[1].forged.is_empty(), "{}: the second ops is forged", p.display());
+        let found = HookPolicy::default().judge(&inv);
+        assert_eq!(found.len(), 4, "{}: {found:#?}", p.display());
+    }
+}
