@@ -97,6 +97,8 @@ prepare() {
     cp "$HERE/initramfs/storm" "$root/bin/storm"
     gcc -O2 -static -o "$root/bin/grind" "$HERE/initramfs/grind.c" \
         || die "building grind failed: apt-get install gcc libc6-dev"
+    gcc -O2 -static -o "$root/bin/bpfprobe" "$HERE/initramfs/bpfprobe.c" \
+        || die "building bpfprobe failed: apt-get install gcc libc6-dev linux-libc-dev"
     cp modules-build/*.ko "$root/lib/vigil/"
     mkdir -p "$root/lib/kmods" "$root/etc/acpi/PWRF"
     cp kmods/*.ko "$root/lib/kmods/"

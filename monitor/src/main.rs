@@ -961,6 +961,7 @@ fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
                 "domain": name,
                 "profile": m.profile.release,
                 "hooks": inventory.hooks,
+                "bpf": inventory.bpf,
                 "unread": inventory.unread,
                 "findings": findings,
             }),
@@ -988,6 +989,10 @@ fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
             for why in &h.forged {
                 writeln!(out, "      FORGED: {why}")?;
             }
+        }
+        if !inventory.bpf.is_empty() {
+            let names: Vec<&str> = inventory.bpf.iter().map(|b| b.name.as_str()).collect();
+            writeln!(out, "  BPF images: {}", names.join(", "))?;
         }
         for u in &inventory.unread {
             writeln!(out, "  not read: {u}")?;

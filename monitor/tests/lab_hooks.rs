@@ -240,6 +240,58 @@ fn int3_and_die_notifier(kernel: Kernel) {
     assert!(said, "the one-shot check does not report the int3: {v:#}");
 }
 
+/// The kernel's own tracing (the storm: function tracer, tracepoints,
+/// kprobe events, module loads) and a BPF program attached to a kprobe on
+/// vfs_read, as observability tools attach them: no violation of any kind
+/// in half a minute, and `vigil hooks` lists the BPF program's kprobe as the
+/// kernel's (perf's kprobe dispatcher) and its image among the BPF images.
+fn kernel_tracing_and_bpf(kernel: Kernel) {
+    let s = suffix("hookok", kernel);
+    let d = daemon(&format!("vigil-lab-{s}"));
+    let mut g = boot_kernel(&s, kernel);
+    d.wait_watching(&g);
+    let out = g.run("storm start").unwrap();
+    assert!(out.contains("storm: started"), "{out}");
+    g.run("bpfprobe vfs_read > /tmp/bpf.out 2>&1 &").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = g.run("cat /tmp/bpf.out").unwrap();
+    assert!(out.contains("bpfprobe: attached"), "the BPF program did not attach: {out}");
+    let start = Instant::now();
+    let mut listed = false;
+    while start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(3));
+        let v = d.events("violation", &g.name);
+        assert!(v.is_empty(), "violations under the kernel's own tracing: {v:#?}");
+        let (code, h) = hooks_json(&g, &[]);
+        assert_eq!(code, 0, "{h:#}");
+        let bpf_image = h["bpf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"].as_str().unwrap_or_default().contains("vigil_lab"));
+        let probe = h["hooks"].as_array().unwrap().iter().any(|k| {
+            k["mechanism"] == "kprobe"
+                && k["hooked"][0] == "vfs_read"
+                && k["callbacks"][0]["owner"]["symbol"] == "kprobe_dispatcher"
+        });
+        listed |= bpf_image && probe;
+    }
+    assert!(listed, "vigil hooks never listed the BPF program's kprobe and image");
+    let out = g.run("storm stop").unwrap();
+    assert!(out.contains("stopped"), "{out}");
+    assert!(d.events("violation", &g.name).is_empty(), "{}", timeline(&d, &g));
+}
+
+#[test]
+fn lab_hooks_6_1_kernel_tracing_and_a_bpf_kprobe_are_no_violation() {
+    kernel_tracing_and_bpf(Kernel::V6_1);
+}
+
+#[test]
+fn lab_hooks_6_12_kernel_tracing_and_a_bpf_kprobe_are_no_violation() {
+    kernel_tracing_and_bpf(Kernel::V6_12);
+}
+
 #[test]
 fn lab_hooks_6_1_api_hooks_and_a_forged_ops_are_critical_alerts() {
     api_hooks_and_forged_ops(Kernel::V6_1);

@@ -324,8 +324,15 @@ impl Subject {
         } else {
             let shown: Vec<String> =
                 fs.iter().take(4).map(|f| format!("{:#x}", f.gva.raw())).collect();
+            // The first finding's own sentence: the rule it broke, which a
+            // page list does not say.
+            let first = if f.detail.is_empty() {
+                String::new()
+            } else {
+                format!("; the first: {}", f.detail)
+            };
             format!(
-                "{} pages of {} ({}): {}{}",
+                "{} pages of {} ({}): {}{}{first}",
                 fs.len(),
                 f.region,
                 kind_text(f.kind),

@@ -198,7 +198,20 @@ impl Hook {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Inventory {
     pub hooks: Vec<Hook>,
+    /// The BPF images the kernel lists (programs, trampolines, dispatchers):
+    /// code a hook may own. What each is attached to is not read yet.
+    pub bpf: Vec<BpfImage>,
     pub unread: Vec<String>,
+}
+
+/// A BPF image the kernel lists in its BPF kallsyms.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BpfImage {
+    pub name: String,
+    #[serde(serialize_with = "hex")]
+    pub start: u64,
+    #[serde(serialize_with = "hex")]
+    pub end: u64,
 }
 
 /// Where code lies in the guest, to name owners: the kernel's text (by the
@@ -279,7 +292,15 @@ impl Inventory {
         space: &dyn AddressSpace,
     ) -> Self {
         let mut inv = Inventory::default();
-        let code = Code { m, bpf: bpf_images(m, mem, space).unwrap_or_default() };
+        let bpf = bpf_images(m, mem, space).unwrap_or_else(|e| {
+            inv.unread.push(format!("BPF images: {e}"));
+            Vec::new()
+        });
+        inv.bpf = bpf
+            .iter()
+            .map(|(start, end, name)| BpfImage { name: name.clone(), start: *start, end: *end })
+            .collect();
+        let code = Code { m, bpf };
         let mut filtered = 0usize;
         match ftrace_hooks(&code, mem, space, &mut filtered) {
             Ok(h) => inv.hooks.extend(h),

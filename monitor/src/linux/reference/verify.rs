@@ -238,7 +238,11 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             // Page-aligned addresses in the module area are bounds of its
             // ranges (6.12's `execmem_info`), not code.
             let into_modules = MODULE_AREA.contains(&v) && !v.is_multiple_of(PAGE_SIZE);
-            let bad = (code.contains(&v) && names(v).is_none()) || into_modules;
+            // Into the text: where a function starts, or (a saved stack
+            // trace's return address) just after a call in the image.
+            let mid_function =
+                code.contains(&v) && names(v).is_none() && !after_call(r, v.wrapping_sub(slide));
+            let bad = mid_function || into_modules;
             if bad {
                 let was = r.expected(at, 8, slide).unwrap_or_default();
                 let diff = Difference {
@@ -253,6 +257,21 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
         }
     }
     out
+}
+
+/// Whether the image's text just before `link` (a link-time address) ends
+/// a call, so that `link` is a return address: `call rel32`, `call *%reg`
+/// (with or without a REX prefix), `call *disp8(%reg)`, `call *disp32(%reg)`
+/// and `call *rel32(%rip)`. 6.12 keeps saved stack traces in data written
+/// at boot, full of such addresses.
+fn after_call(r: &Reference, link: u64) -> bool {
+    let Some(b) = link.checked_sub(7).and_then(|a| r.expected(a, 7, 0)) else { return false };
+    let modrm = |m: u8, md: u8| m & 0xc0 == md && (m >> 3) & 7 == 2;
+    b[2] == 0xe8
+        || (b[5] == 0xff && modrm(b[6], 0xc0))
+        || (b[4] == 0xff && modrm(b[5], 0xc0) && b[4 - 1] & 0xf0 == 0x40)
+        || (b[4] == 0xff && modrm(b[5], 0x40))
+        || (b[1] == 0xff && (modrm(b[2], 0x80) || b[2] == 0x15))
 }
 
 /// Most differing runs kept of one kernel: an untouched guest has about
@@ -378,17 +397,24 @@ mod tests {
             addr,
             bytes: vec![0; PAGE_BYTES],
         };
+        let mut text = section(".text", TEXT);
+        text.bytes[0x40..0x45].copy_from_slice(&[0xe8, 1, 2, 3, 4]);
+        text.bytes[0x60..0x62].copy_from_slice(&[0xff, 0xd0]);
         let r = Reference {
-            sections: vec![section(".text", TEXT), section(".rodata", DATA)],
+            sections: vec![text, section(".rodata", DATA)],
             relocs: super::super::Relocs::default(),
         };
-        let words: [(usize, u64); 4] = [
+        let words: [(usize, u64); 6] = [
             (0x10, 0xffff_ffff_c000_1234), // into a module's code
             (0x18, TEXT + 0x20),           // into a function, not its start
             (0x20, TEXT),                  // a function
             (0x28, 0xffff_ffff_c035_2000), // a range's bound in the module area
+            (0x30, TEXT + 0x45),           // a return address: after a call rel32
+            (0x38, TEXT + 0x62),           // after `call *%rax`
         ];
         let mut ram = vec![0u8; 2 * PAGE_BYTES];
+        // The guest's text is the image's.
+        ram[..PAGE_BYTES].copy_from_slice(&r.sections[0].bytes);
         for (off, v) in words {
             ram[PAGE_BYTES + off..PAGE_BYTES + off + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -414,6 +440,6 @@ mod tests {
         assert_eq!(v.boot_pointers, PAGE_SIZE / 8);
         // The words differ from the image, but data written at boot is not
         // compared byte for byte.
-        assert_eq!(v.boot_written, 32);
+        assert_eq!(v.boot_written, 48);
     }
 }
