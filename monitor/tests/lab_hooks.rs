@@ -271,7 +271,8 @@ fn kernel_tracing_and_bpf(kernel: Kernel) {
             .any(|b| b["name"].as_str().unwrap_or_default().contains("vigil_lab"));
         let probe = h["hooks"].as_array().unwrap().iter().any(|k| {
             k["mechanism"] == "kprobe"
-                && k["hooked"][0] == "vfs_read"
+                // (6.12 probes the ftrace entry after the ENDBR: +0x4.)
+                && k["hooked"][0].as_str().is_some_and(|p| p.starts_with("vfs_read"))
                 && k["callbacks"][0]["owner"]["symbol"] == "kprobe_dispatcher"
         });
         listed |= bpf_image && probe;
