@@ -47143,6 +47143,9 @@ sym ffffffff82000000 D __start_rodata
 sym ffffffff82000360 D sys_call_table
 sym ffffffff8211ffe0 D linux_banner
 sym ffffffff82398470 D __start_ro_after_init
+sym ffffffff82399000 d raw_data
+sym ffffffff8239b000 d raw_data
+sym ffffffff8239d000 d gate_vma
 sym ffffffff8239ea80 D x86_return_thunk
 sym ffffffff823bb1f0 D __start___jump_table
 sym ffffffff823d27b0 D __start_static_call_sites

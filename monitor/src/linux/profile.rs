@@ -251,6 +251,19 @@ impl Profile {
             })
             .map(|s| ProfileSymbol { addr: s.addr, kind: s.kind, name: s.name.clone() })
             .collect();
+        // The `raw_data` buffers (two objects of that name, 8 KiB each, on
+        // 6.1 and 6.12): bytes written at boot among the data made
+        // read-only after it. Each is kept with the symbol after it, its end,
+        // so that the reference check does not read them as pointers (see
+        // `reference::BootWritten`).
+        for raw in all.iter().filter(|s| s.name == "raw_data") {
+            if let Some(next) = all.iter().filter(|s| s.addr > raw.addr).min_by_key(|s| s.addr) {
+                for s in [raw, next] {
+                    keep.push(ProfileSymbol { addr: s.addr, kind: s.kind, name: s.name.clone() });
+                }
+            }
+        }
+        keep.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
         keep.dedup_by(|a, b| a.addr == b.addr && a.name == b.name);
         let code: HashMap<u64, &str> = all
             .iter()

@@ -350,7 +350,16 @@ pub fn profiles_with_references() -> PathBuf {
     let dir = tmp.join("lab-references");
     let lock = std::fs::File::create(tmp.join("lab-references.lock")).unwrap();
     lock.lock().unwrap();
-    if dir.join("done").exists() {
+    // Made anew when the committed profiles change (what `profile build`
+    // writes changed with them).
+    let mut h = blake3::Hasher::new();
+    for k in vigil_lab::Kernel::ALL {
+        let release = lab_profile(k).release;
+        let path = format!("{}/../guest-profiles/{release}.profile", env!("CARGO_MANIFEST_DIR"));
+        h.update(&std::fs::read(&path).unwrap());
+    }
+    let stamp = h.finalize().to_hex().to_string();
+    if std::fs::read_to_string(dir.join("done")).is_ok_and(|d| d == stamp) {
         return dir;
     }
     let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
@@ -366,7 +375,7 @@ pub fn profiles_with_references() -> PathBuf {
             .unwrap();
         assert!(out.status.success(), "profile build: {}", String::from_utf8_lossy(&out.stderr));
     }
-    std::fs::write(fresh.path().join("done"), "").unwrap();
+    std::fs::write(fresh.path().join("done"), &stamp).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(fresh.keep(), &dir).unwrap();
     dir

@@ -14,11 +14,14 @@ use crate::memory::GuestMemory;
 /// by link address: not compared byte for byte, since the image holds what
 /// it was before boot. Of it, the jump table and the static call sites,
 /// which the kernel only sorts, are compared as sets of entries.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BootWritten {
     pub range: Option<(u64, u64)>,
     pub jump_table: Option<(u64, u64)>,
     pub static_call_sites: Option<(u64, u64)>,
+    /// Buffers of raw bytes in it (each `raw_data`, to the symbol after
+    /// it): their words are no pointers to judge.
+    pub raw: Vec<(u64, u64)>,
 }
 
 impl BootWritten {
@@ -32,6 +35,16 @@ impl BootWritten {
             range: span("__start_ro_after_init", "__end_ro_after_init"),
             jump_table: span("__start___jump_table", "__stop___jump_table"),
             static_call_sites: span("__start_static_call_sites", "__stop_static_call_sites"),
+            raw: p
+                .symbols()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.name == "raw_data")
+                .filter_map(|(i, raw)| {
+                    let next = p.symbols()[i..].iter().find(|s| s.addr > raw.addr)?;
+                    Some((raw.addr, next.addr))
+                })
+                .collect(),
         }
     }
 
@@ -218,10 +231,11 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     // starts (a function of the kernel's), never into a module (but to the
     // start of a page there: the bounds of the module area's ranges).
     if let (Some((start, end)), Some(text)) = (boot.range, r.section(".text")) {
-        let in_tables = |a: u64| {
+        let not_pointers = |a: u64| {
             [boot.jump_table, boot.static_call_sites]
                 .iter()
                 .flatten()
+                .chain(&boot.raw)
                 .any(|(s, e)| a >= *s && a < *e)
         };
         let code = text.addr.wrapping_add(slide)..text.end().wrapping_add(slide);
@@ -230,7 +244,7 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             let word = live(at.wrapping_add(slide), 8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_le_bytes);
-            let Some(v) = word.filter(|_| !in_tables(at)) else {
+            let Some(v) = word.filter(|_| !not_pointers(at)) else {
                 at += 8;
                 continue;
             };
@@ -404,13 +418,14 @@ mod tests {
             sections: vec![text, section(".rodata", DATA)],
             relocs: super::super::Relocs::default(),
         };
-        let words: [(usize, u64); 6] = [
+        let words: [(usize, u64); 7] = [
             (0x10, 0xffff_ffff_c000_1234), // into a module's code
             (0x18, TEXT + 0x20),           // into a function, not its start
             (0x20, TEXT),                  // a function
             (0x28, 0xffff_ffff_c035_2000), // a range's bound in the module area
             (0x30, TEXT + 0x45),           // a return address: after a call rel32
             (0x38, TEXT + 0x62),           // after `call *%rax`
+            (0x40, TEXT + 0x21),           // into a function, in a raw buffer
         ];
         let mut ram = vec![0u8; 2 * PAGE_BYTES];
         // The guest's text is the image's.
@@ -428,7 +443,11 @@ mod tests {
         let regions = [region(Region::Text, TEXT, 0), region(Region::Rodata, DATA, PAGE_SIZE)];
         let names = |a: u64| (a == TEXT).then(|| "start_kernel".to_owned());
         let slot = |_: u64| None;
-        let boot = BootWritten { range: Some((DATA, DATA + PAGE_SIZE)), ..BootWritten::default() };
+        let boot = BootWritten {
+            range: Some((DATA, DATA + PAGE_SIZE)),
+            raw: vec![(DATA + 0x40, DATA + 0x48)],
+            ..BootWritten::default()
+        };
         let v = verify_pages(&r, &Rewrites::default(), &mem, &regions, 0, (&names, &slot), &boot);
         let refused: Vec<u64> = v
             .differences
@@ -437,9 +456,9 @@ mod tests {
             .map(|j| j.at - DATA)
             .collect();
         assert_eq!(refused, [0x10, 0x18]);
-        assert_eq!(v.boot_pointers, PAGE_SIZE / 8);
+        assert_eq!(v.boot_pointers, PAGE_SIZE / 8 - 1, "the raw buffer's word is none");
         // The words differ from the image, but data written at boot is not
         // compared byte for byte.
-        assert_eq!(v.boot_written, 48);
+        assert_eq!(v.boot_written, 56);
     }
 }
