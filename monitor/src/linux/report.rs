@@ -59,11 +59,12 @@ impl KernelReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::integrity::check::Scope;
 
-    fn report() -> Report {
+    /// A report with no finding, for tests.
+    pub(crate) fn report() -> Report {
         Report {
             domain: "g".into(),
             uuid: "u".into(),

@@ -614,21 +614,7 @@ fn an_int3_that_stands_over_a_site_is_a_violation_on_the_clock() {
     use super::review::stood_int3;
     let (mut f, _) = guest();
     write(&mut f, A, &[INT3, 0x1f, 0x44, 0x00, 0x00]);
-    let report = || {
-        crate::linux::KernelReport::of(crate::integrity::Report {
-            domain: "g".into(),
-            uuid: "u".into(),
-            baseline_created: "b".into(),
-            checked: "c".into(),
-            source: "s".into(),
-            intact: true,
-            violations: Vec::new(),
-            info: Vec::new(),
-            regions: Vec::new(),
-            scope: crate::integrity::check::Scope::Full,
-            bytes_verified: 0,
-        })
-    };
+    let report = || crate::linux::KernelReport::of(crate::linux::report::tests::report());
     let taken = [Finding::new(
         "kernel-text",
         FindingKind::Content,

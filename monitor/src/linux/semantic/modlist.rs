@@ -173,32 +173,29 @@ pub(super) fn module_layout(p: &crate::linux::profile::Profile) -> Result<(u64, 
 /// `init_layout` (text first), from 6.4 `mem[MOD_INIT_TEXT]`, the fifth
 /// `struct module_memory`.
 pub(super) fn module_init_layout(p: &crate::linux::profile::Profile) -> Option<(u64, u64)> {
-    if let (Some(b), Some(s)) =
-        (p.offset("module.init_layout.base"), p.offset("module.init_layout.text_size"))
-    {
-        return Some((b, s));
-    }
     const MOD_INIT_TEXT: u64 = 4;
-    let stride = p.offset("module_memory.#size")?;
-    let skip = MOD_INIT_TEXT.checked_mul(stride)?;
-    Some((
-        p.offset("module.mem.base")?.checked_add(skip)?,
-        p.offset("module.mem.size")?.checked_add(skip)?,
-    ))
+    layout_of(p, ("module.init_layout.base", "module.init_layout.text_size"), MOD_INIT_TEXT)
 }
 
 /// Where `struct module` keeps its writable data's base and size: up to
 /// 6.3 the core layout (all of it), from 6.4 `mem[MOD_DATA]`, the second
 /// `struct module_memory`.
 pub(super) fn module_data_layout(p: &crate::linux::profile::Profile) -> Option<(u64, u64)> {
-    if let (Some(b), Some(s)) =
-        (p.offset("module.core_layout.base"), p.offset("module.core_layout.size"))
-    {
+    const MOD_DATA: u64 = 1;
+    layout_of(p, ("module.core_layout.base", "module.core_layout.size"), MOD_DATA)
+}
+
+/// The offsets of a base and a size in `struct module`: the two members
+/// named in `old` (up to 6.3), else those of `mem[index]` (from 6.4).
+fn layout_of(
+    p: &crate::linux::profile::Profile,
+    old: (&str, &str),
+    index: u64,
+) -> Option<(u64, u64)> {
+    if let (Some(b), Some(s)) = (p.offset(old.0), p.offset(old.1)) {
         return Some((b, s));
     }
-    const MOD_DATA: u64 = 1;
-    let stride = p.offset("module_memory.#size")?;
-    let skip = MOD_DATA.checked_mul(stride)?;
+    let skip = index.checked_mul(p.offset("module_memory.#size")?)?;
     Some((
         p.offset("module.mem.base")?.checked_add(skip)?,
         p.offset("module.mem.size")?.checked_add(skip)?,
