@@ -106,6 +106,16 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
             return Err(format!("the module list loops or is longer than {MAX_MODULES}"));
         }
         let md = next.wrapping_sub(list);
+        // A (base, size) pair of the module's, believed up to MAX_INIT_TEXT.
+        let slot = |at: Option<(u64, u64)>| {
+            at.and_then(|(b, s)| {
+                let base = read_u64(mem, space, md.wrapping_add(b))?;
+                let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
+                Some((base, size))
+            })
+            .filter(|&(_, size)| size <= MAX_INIT_TEXT)
+            .unwrap_or((0, 0))
+        };
         let (raw, _) = read_virt(mem, space, md.wrapping_add(name), MODULE_NAME_LEN)
             .ok_or("a module's name is not readable")?;
         let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
@@ -130,22 +140,8 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
                 .offset("module.state")
                 .and_then(|o| read_u32(mem, space, md.wrapping_add(o)))
                 .unwrap_or(MODULE_LIVE),
-            init: init_at
-                .and_then(|(b, s)| {
-                    let base = read_u64(mem, space, md.wrapping_add(b))?;
-                    let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
-                    Some((base, size))
-                })
-                .filter(|&(_, size)| size <= MAX_INIT_TEXT)
-                .unwrap_or((0, 0)),
-            data: data_at
-                .and_then(|(b, s)| {
-                    let base = read_u64(mem, space, md.wrapping_add(b))?;
-                    let size = u64::from(read_u32(mem, space, md.wrapping_add(s))?);
-                    Some((base, size))
-                })
-                .filter(|&(_, size)| size <= MAX_INIT_TEXT)
-                .unwrap_or((0, 0)),
+            init: slot(init_at),
+            data: slot(data_at),
         });
         next = read_u64(mem, space, next).ok_or("the module list breaks off")?;
     }
