@@ -64,7 +64,8 @@ const KPROBE_FLAG_FTRACE: u32 = 8;
 const MAX_HOOKS: usize = 4096;
 /// `FTRACE_HASH_MAX_BITS`: a filter hash has at most 4096 buckets.
 const MAX_HASH_BITS: u64 = 12;
-/// Most filtered functions read over all ops of one guest.
+/// Most filtered functions (and hash buckets) read over all ops of one
+/// guest; past it the rest of the filters are not read (said, not judged).
 const MAX_FILTERED: usize = 1 << 16;
 /// Hooked functions named in a finding.
 const NAMED: usize = 6;
@@ -235,7 +236,9 @@ impl Code<'_, '_> {
         {
             return Owner::Module { name: md.name.clone(), offset: addr - md.base };
         }
-        if let Some((_, _, name)) = self.bpf.iter().find(|(s, e, _)| (*s..*e).contains(&addr)) {
+        // Sorted by start (see `bpf_images`): the last starting at or before.
+        let i = self.bpf.partition_point(|(s, _, _)| *s <= addr);
+        if let Some((_, _, name)) = i.checked_sub(1).map(|i| &self.bpf[i]).filter(|b| addr < b.1) {
             return Owner::Bpf { name: name.clone() };
         }
         Owner::Unknown
@@ -301,18 +304,16 @@ impl Inventory {
             .map(|(start, end, name)| BpfImage { name: name.clone(), start: *start, end: *end })
             .collect();
         let code = Code { m, bpf };
-        let mut filtered = 0usize;
-        match ftrace_hooks(&code, mem, space, &mut filtered) {
-            Ok(h) => inv.hooks.extend(h),
-            Err(e) => inv.unread.push(format!("ftrace ops: {e}")),
+        let mut filtered = Budget::default();
+        // A list that breaks off keeps what was read of it before.
+        if let Err(e) = ftrace_hooks(&code, mem, space, &mut filtered, &mut inv.hooks) {
+            inv.unread.push(format!("ftrace ops: {e}"));
         }
-        match kprobe_hooks(&code, mem, space) {
-            Ok(h) => inv.hooks.extend(h),
-            Err(e) => inv.unread.push(format!("kprobes: {e}")),
+        if let Err(e) = kprobe_hooks(&code, mem, space, &mut inv.hooks) {
+            inv.unread.push(format!("kprobes: {e}"));
         }
-        match die_notifiers(&code, mem, space) {
-            Ok(h) => inv.hooks.extend(h),
-            Err(e) => inv.unread.push(format!("die notifiers: {e}")),
+        if let Err(e) = die_notifiers(&code, mem, space, &mut inv.hooks) {
+            inv.unread.push(format!("die notifiers: {e}"));
         }
         inv
     }
@@ -333,12 +334,23 @@ fn bpf_images<M: GuestMemory + ?Sized>(
     let name_off = need(m, "bpf_ksym.name").ok();
     let mut found = Vec::new();
     walk_list(mem, space, sym(m, "bpf_kallsyms")?, |e| found.push(e.wrapping_sub(lnode)))?;
-    Ok(found
+    // BPF's JIT allocates in the module area, apart from modules: an entry
+    // that says otherwise (or overlaps another) owns nothing.
+    let module_text = |a: u64| {
+        m.modules.iter().any(|md| (md.base..md.base.saturating_add(md.text_size)).contains(&a))
+    };
+    let mut images: Vec<(u64, u64, String)> = found
         .into_iter()
         .filter_map(|k| {
             let s = read_u64(mem, space, k.wrapping_add(start))?;
             let e = read_u64(mem, space, k.wrapping_add(end))?;
-            if e <= s || e - s > super::patch::MAX_EXEC_RANGE {
+            if e <= s
+                || e - s > super::patch::MAX_EXEC_RANGE
+                || !MODULES.contains(&s)
+                || !MODULES.contains(&(e - 1))
+                || module_text(s)
+                || module_text(e - 1)
+            {
                 return None;
             }
             let name = name_off
@@ -348,6 +360,19 @@ fn bpf_images<M: GuestMemory + ?Sized>(
                 .unwrap_or_else(|| format!("image at {s:#x}"));
             Some((s, e, name))
         })
+        .collect();
+    images.sort_by_key(|b| b.0);
+    let overlapping: HashSet<usize> = images
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1].0 < w[0].1)
+        .flat_map(|(i, _)| [i, i + 1])
+        .collect();
+    Ok(images
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !overlapping.contains(i))
+        .map(|(_, b)| b)
         .collect())
 }
 
@@ -364,8 +389,9 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
-    filtered: &mut usize,
-) -> Result<Vec<Hook>, String> {
+    filtered: &mut Budget,
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
     let m = code.m;
     let (next_off, func_off, flags_off, tramp_off, size_off, hash_off) = (
         need(m, "ftrace_ops.next")?,
@@ -378,7 +404,9 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     let filter_off = need(m, "ftrace_ops_hash.filter_hash")?;
     let end = sym(m, "ftrace_list_end")?;
     let callers = caller_prefixes(m, mem, space);
-    let mut out = Vec::new();
+    let regs_caller = m
+        .expect("ftrace_regs_caller")
+        .and_then(|a| read_span(mem, space, a, TRAMPOLINE_PREFIX as u64).ok());
     let mut seen = HashSet::new();
     let mut at =
         read_u64(mem, space, sym(m, "ftrace_ops_list")?).ok_or("ftrace_ops_list unreadable")?;
@@ -408,7 +436,18 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
                     hook.forged.push(why);
                     code.owner(tramp)
                 }
-                None => Owner::Kernel { symbol: "ftrace trampoline (a copy of its caller)".into() },
+                None => {
+                    // A copy of the caller that saves and restores all
+                    // registers lets the callback move the instruction
+                    // pointer, whatever the ops' flags say now.
+                    if regs_caller.is_some()
+                        && read_span(mem, space, tramp, TRAMPOLINE_PREFIX as u64).ok()
+                            == regs_caller
+                    {
+                        hook.redirects = true;
+                    }
+                    Owner::Kernel { symbol: "ftrace trampoline (a copy of its caller)".into() }
+                }
             };
             hook.callbacks.push(Callback { role: "trampoline", addr: tramp, owner });
         }
@@ -420,17 +459,26 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
                 .ok_or_else(|| format!("its filter hash pointer at {h:#x} is unreadable"))
                 .and_then(|hash| hash_ips(m, mem, space, hash, filtered)),
         }
-        .unwrap_or_else(|why| {
-            hook.forged.push(why);
-            Vec::new()
-        });
-        hook.every_function = ips.is_empty();
+        .map_err(|why| hook.forged.push(why));
+        let whole = ips.is_ok() && !filtered.over;
+        let ips = ips.unwrap_or_default();
         hook.first = ips.first().copied().unwrap_or(0);
         hook.hooked = ips.iter().map(|&ip| code.place(ip)).collect();
+        if whole {
+            hook.every_function = ips.is_empty();
+        } else if filtered.over {
+            // Its filter was not read whole: not taken for "every function".
+            hook.hooked.push(format!("(filter not read past {MAX_FILTERED} entries in all)"));
+        }
         out.push(hook);
         at = read_u64(mem, space, at.wrapping_add(next_off)).ok_or("the ops list breaks off")?;
     }
-    Ok(out)
+    if filtered.over {
+        return Err(format!(
+            "the ops' filters name more than {MAX_FILTERED} functions and buckets in all: the rest not read"
+        ));
+    }
+    Ok(())
 }
 
 /// The first bytes of ftrace's callers, which a trampoline ftrace makes
@@ -489,13 +537,35 @@ pub(crate) fn fake_trampoline<M: GuestMemory + ?Sized>(
     ))
 }
 
-/// The function addresses of an ftrace hash (sorted), bounded.
+/// What the filters of one guest's ops may cost to read in all: hash
+/// buckets and entries, up to [`MAX_FILTERED`].
+#[derive(Default)]
+struct Budget {
+    used: usize,
+    /// Spent: a filter was left unread (or read in part).
+    over: bool,
+}
+
+impl Budget {
+    /// Takes `n`; false (and spent from then on) when that is more than is left.
+    fn take(&mut self, n: usize) -> bool {
+        if self.over || self.used.saturating_add(n) > MAX_FILTERED {
+            self.over = true;
+            return false;
+        }
+        self.used += n;
+        true
+    }
+}
+
+/// The function addresses of an ftrace hash (sorted), bounded: read in
+/// part (or not at all) once `filtered` is spent.
 fn hash_ips<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
     hash: u64,
-    filtered: &mut usize,
+    filtered: &mut Budget,
 ) -> Result<Vec<u64>, String> {
     if hash == 0 {
         // ftrace gives every ops a hash when it registers it (an empty one
@@ -519,17 +589,20 @@ fn hash_ips<M: GuestMemory + ?Sized>(
     if bits > MAX_HASH_BITS {
         return Err(format!("hash at {hash:#x}: {bits} size bits is more than ftrace uses"));
     }
-    let heads = read_span(mem, space, buckets, 8 << bits)?;
     let mut ips = Vec::new();
+    if !filtered.take(1 << bits) {
+        return Ok(ips);
+    }
+    let heads = read_span(mem, space, buckets, 8 << bits)?;
     let mut seen = HashSet::new();
     for head in heads.chunks_exact(8) {
         let mut node = u64::from_le_bytes(head.try_into().expect("8 bytes"));
         while node != 0 {
-            *filtered += 1;
-            if !seen.insert(node) || *filtered > MAX_FILTERED {
-                return Err(format!(
-                    "hash at {hash:#x} loops, or the filters name more than {MAX_FILTERED} functions"
-                ));
+            if !seen.insert(node) {
+                return Err(format!("hash at {hash:#x} loops"));
+            }
+            if !filtered.take(1) {
+                return Ok(ips);
             }
             let entry = node.wrapping_sub(hlist_off);
             ips.push(
@@ -550,7 +623,8 @@ fn kprobe_hooks<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
-) -> Result<Vec<Hook>, String> {
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
     let m = code.m;
     let (hlist, list, addr_off, flags_off, pre_off, post_off) = (
         need(m, "kprobe.hlist")?,
@@ -569,39 +643,52 @@ fn kprobe_hooks<M: GuestMemory + ?Sized>(
     let kret = m.expect("pre_handler_kretprobe");
     let table = sym(m, "kprobe_table")?;
     let mut probes = Vec::new();
-    let mut seen = HashSet::new();
-    for i in 0..KPROBE_TABLE_SIZE {
-        let mut node = read_u64(mem, space, table + i * 8).ok_or("kprobe_table unreadable")?;
-        while node != 0 {
-            if !seen.insert(node) || seen.len() > MAX_HOOKS {
-                return Err(format!("a kprobe chain loops or is longer than {MAX_HOOKS}"));
-            }
-            let kp = node.wrapping_sub(hlist);
-            let pre = read_u64(mem, space, kp.wrapping_add(pre_off)).unwrap_or(0);
-            if pre != 0 && Some(pre) == aggr {
-                // An aggregate: the probes at this address are on its list.
-                walk_list(mem, space, kp.wrapping_add(list), |e| {
-                    probes.push(e.wrapping_sub(list));
-                })?;
-                if probes.len() > MAX_HOOKS {
-                    return Err(format!("more than {MAX_HOOKS} kprobes"));
+    // The probes found before the table broke off are still listed.
+    let walked = (|| -> Result<(), String> {
+        let mut seen = HashSet::new();
+        for i in 0..KPROBE_TABLE_SIZE {
+            let mut node = read_u64(mem, space, table + i * 8).ok_or("kprobe_table unreadable")?;
+            while node != 0 {
+                if !seen.insert(node) || seen.len() > MAX_HOOKS {
+                    return Err(format!("a kprobe chain loops or is longer than {MAX_HOOKS}"));
                 }
-            } else {
-                probes.push(kp);
+                let kp = node.wrapping_sub(hlist);
+                let pre = read_u64(mem, space, kp.wrapping_add(pre_off)).unwrap_or(0);
+                if pre != 0 && Some(pre) == aggr {
+                    // An aggregate: the probes at this address are on its list.
+                    let mut members = Vec::new();
+                    let listed = walk_list(mem, space, kp.wrapping_add(list), |e| {
+                        members.push(e.wrapping_sub(list));
+                    });
+                    probes
+                        .extend(members.into_iter().take(MAX_HOOKS - probes.len().min(MAX_HOOKS)));
+                    listed?;
+                } else if probes.len() < MAX_HOOKS {
+                    probes.push(kp);
+                }
+                if probes.len() >= MAX_HOOKS {
+                    return Err(format!("more than {MAX_HOOKS} kprobes: the first listed"));
+                }
+                node = read_u64(mem, space, node).ok_or("a kprobe chain breaks off")?;
             }
-            node = read_u64(mem, space, node).ok_or("a kprobe chain breaks off")?;
         }
-    }
-    let mut out = Vec::new();
+        Ok(())
+    })();
+    let mut unread = walked.err();
     for kp in probes {
         let field = |off: u64| read_u64(mem, space, kp.wrapping_add(off));
-        let addr = field(addr_off).ok_or_else(|| format!("kprobe at {kp:#x} unreadable"))?;
-        let flags = read_u32(mem, space, kp.wrapping_add(flags_off)).unwrap_or(0);
-        if flags & KPROBE_FLAG_GONE != 0 {
+        let Some(addr) = field(addr_off) else {
+            unread.get_or_insert_with(|| format!("kprobe at {kp:#x} unreadable"));
             continue;
-        }
+        };
+        let flags = read_u32(mem, space, kp.wrapping_add(flags_off)).unwrap_or(0);
         let (pre, post) = (field(pre_off).unwrap_or(0), field(post_off).unwrap_or(0));
         let mut names = Vec::new();
+        // A probe marked gone (its probed module unloaded) is listed too:
+        // the flag is the guest's to set, and the handler may still run.
+        if flags & KPROBE_FLAG_GONE != 0 {
+            names.push("GONE");
+        }
         if flags & KPROBE_FLAG_DISABLED != 0 {
             names.push("DISABLED");
         }
@@ -628,7 +715,7 @@ fn kprobe_hooks<M: GuestMemory + ?Sized>(
                 match read_u64(mem, space, rp.wrapping_add(off)) {
                     Some(0) => {}
                     Some(a) => hook.callbacks.push(code.callback(role, a)),
-                    None => return Err(format!("kretprobe at {rp:#x} unreadable")),
+                    None => hook.forged.push(format!("its kretprobe at {rp:#x} is unreadable")),
                 }
             }
         } else {
@@ -640,7 +727,7 @@ fn kprobe_hooks<M: GuestMemory + ?Sized>(
         }
         out.push(hook);
     }
-    Ok(out)
+    unread.map_or(Ok(()), Err)
 }
 
 /// The notifier blocks on `die_chain`.
@@ -648,7 +735,8 @@ fn die_notifiers<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
-) -> Result<Vec<Hook>, String> {
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
     let m = code.m;
     let (head_off, call_off, next_off) = (
         need(m, "atomic_notifier_head.head")?,
@@ -656,7 +744,6 @@ fn die_notifiers<M: GuestMemory + ?Sized>(
         need(m, "notifier_block.next")?,
     );
     let chain = sym(m, "die_chain")?;
-    let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut nb =
         read_u64(mem, space, chain.wrapping_add(head_off)).ok_or("die_chain unreadable")?;
@@ -679,7 +766,7 @@ fn die_notifiers<M: GuestMemory + ?Sized>(
         });
         nb = read_u64(mem, space, nb.wrapping_add(next_off)).ok_or("die_chain breaks off")?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A hook the operator allows: a module's, on one symbol or on any.
@@ -772,6 +859,19 @@ impl HookPolicy {
                     Severity::Violation,
                     format!(
                         "{what}{flags}: its {} {:#x} lies in no kernel text, listed module or BPF image",
+                        c.role, c.addr
+                    ),
+                )
+            } else if let Some((c, symbol)) = h.callbacks.iter().find_map(|c| match &c.owner {
+                // Callbacks are functions: one inside a kernel function is
+                // a gadget, not the kernel's own hook.
+                Owner::Kernel { symbol } if symbol.contains('+') => Some((c, symbol)),
+                _ => None,
+            }) {
+                (
+                    Severity::Violation,
+                    format!(
+                        "{what}{flags}: its {} {:#x} lies inside the kernel function {symbol}, where no function starts",
                         c.role, c.addr
                     ),
                 )

@@ -238,10 +238,11 @@ fn a_modules_observing_ftrace_hook_is_information_and_the_kernels_is_not_said() 
     let target = g.sym("__x64_sys_getppid");
     let tracer = g.sym("function_trace_call");
     g.ops(DATA, TEXT + 0x10, FL_ENABLED, 0, &[target]);
-    g.ops(DATA + 0x800 - 0x700, tracer, FL_ENABLED | FL_SAVE_REGS, 0, &[]);
+    g.ops(DATA + 0x800, tracer, FL_ENABLED | FL_SAVE_REGS, 0, &[]);
     let inv = g.inventory();
     assert_eq!(inv.hooks.len(), 2, "{inv:#?}");
     assert!(inv.hooks[0].every_function, "the tracer's ops filters nothing");
+    assert_eq!(inv.hooks[1].hooked, ["__x64_sys_getppid"], "the module's ops filters one");
     let v = verdicts(&inv, &[]);
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].0, Severity::Info);
@@ -287,6 +288,43 @@ fn a_forged_ops_is_a_violation_whatever_is_allowed() {
     g.ram.u64(DATA + fh, 0);
     let inv = g.inventory();
     assert!(inv.hooks[0].forged[0].contains("no function hash"), "{:?}", inv.hooks[0].forged);
+}
+
+#[test]
+fn a_callback_inside_a_kernel_function_is_a_violation() {
+    let mut g = Guest::new();
+    let gadget = g.sym("kprobe_dispatcher") + 0x37;
+    g.kprobe(DATA, g.sym("__x64_sys_getppid"), gadget);
+    let v = verdicts(&g.inventory(), &["rk"]);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].0, Severity::Violation);
+    assert!(v[0].1.contains("inside the kernel function kprobe_dispatcher+0x37"), "{}", v[0].1);
+}
+
+#[test]
+fn a_bpf_image_owns_only_module_area_memory_apart_from_modules() {
+    // bpf_kallsyms with one entry, whose range is given.
+    let with_image = |start: u64, end: u64| {
+        let mut g = Guest::new();
+        let (head, lnode) = (g.sym("bpf_kallsyms"), g.off("bpf_ksym.lnode"));
+        let k = DATA + 0x800;
+        g.ram.u64(head, k + lnode);
+        g.ram.u64(k + lnode, head);
+        g.ram.u64(k + g.off("bpf_ksym.start"), start);
+        g.ram.u64(k + g.off("bpf_ksym.end"), end);
+        g.ram.put(k + g.off("bpf_ksym.name"), b"bpf_prog_1234_probe\0");
+        g.kprobe(DATA, g.sym("__x64_sys_getppid"), NOWHERE + 0x40);
+        g.inventory()
+    };
+    let inv = with_image(NOWHERE, NOWHERE + 0x100);
+    assert_eq!(inv.bpf.len(), 1);
+    assert_eq!(inv.bpf[0].name, "bpf_prog_1234_probe");
+    assert_eq!(inv.hooks[0].callbacks[0].owner, Owner::Bpf { name: "bpf_prog_1234_probe".into() });
+    assert!(verdicts(&inv, &[]).is_empty(), "a BPF program's hook is not said");
+    // An entry claiming kernel text or a module's text owns nothing.
+    let text = Guest::new().sym("kprobe_dispatcher");
+    assert!(with_image(text, text + 0x100).bpf.is_empty());
+    assert!(with_image(TEXT, TEXT + 0x100).bpf.is_empty());
 }
 
 #[test]
@@ -380,6 +418,29 @@ fn hostile_lists_are_bounded_errors_not_hangs() {
     let inv = g.inventory();
     assert_eq!(inv.unread.len(), 2, "{:?}", inv.unread);
     assert!(inv.unread.iter().all(|u| u.contains("loops")), "{:?}", inv.unread);
+    // What was read before a list broke off is still listed and judged.
+    assert_eq!(inv.hooks.len(), 2, "{inv:#?}");
+    assert_eq!(verdicts(&inv, &[]).len(), 2);
+}
+
+#[test]
+fn the_filters_are_read_within_a_budget_and_the_rest_is_said() {
+    // Hashes of 4096 buckets each: the budget runs out after 16 ops.
+    let mut g = Guest::new();
+    let bits = g.off("ftrace_hash.size_bits");
+    for i in 0..20u64 {
+        let at = BASE + 0x1_0000 + i * 0x2000;
+        g.ops(at, TEXT, 0, 0, &[0xffff_ffff_8100_0000]);
+        g.ram.u64(at + 0x400 + bits, 12);
+    }
+    // (each ops' record lies in unowned module-area memory: forged, but read)
+    let inv = g.inventory();
+    assert_eq!(inv.hooks.len(), 20);
+    assert!(inv.unread.iter().any(|u| u.contains("the rest not read")), "{:?}", inv.unread);
+    let unread =
+        inv.hooks.iter().filter(|h| h.hooked.iter().any(|p| p.contains("not read"))).count();
+    assert!(unread > 0 && unread < 20, "{unread} of 20 filters unread");
+    assert!(inv.hooks.iter().all(|h| !h.every_function), "an unread filter is no empty one");
 }
 
 #[test]

@@ -199,7 +199,7 @@ pub(super) fn stood_int3<M: GuestMemory + ?Sized>(
     memory: &mut PatchMemory,
     clock: &dyn Clock,
 ) {
-    let trapped: Vec<u64> = accepted
+    let trapped: HashSet<u64> = accepted
         .iter()
         .filter(|u| u.in_flight && u.bytes.first() == Some(&INT3))
         .map(|u| u.addr)
@@ -239,7 +239,8 @@ pub(super) fn stood_int3<M: GuestMemory + ?Sized>(
     if stood.is_empty() {
         return;
     }
-    accepted.retain(|u| !stood.iter().any(|(a, _)| *a == u.addr));
+    let gone: HashSet<u64> = stood.iter().map(|(a, _)| *a).collect();
+    accepted.retain(|u| !gone.contains(&u.addr));
     let found = stood.into_iter().map(|(a, age)| {
         let page = a & !(PAGE_SIZE - 1);
         let (region, gpa) = taken

@@ -283,7 +283,7 @@ fn after_call(r: &Reference, link: u64) -> bool {
     let modrm = |m: u8, md: u8| m & 0xc0 == md && (m >> 3) & 7 == 2;
     b[2] == 0xe8
         || (b[5] == 0xff && modrm(b[6], 0xc0))
-        || (b[4] == 0xff && modrm(b[5], 0xc0) && b[4 - 1] & 0xf0 == 0x40)
+        || (b[4] & 0xf0 == 0x40 && b[5] == 0xff && modrm(b[6], 0xc0))
         || (b[4] == 0xff && modrm(b[5], 0x40))
         || (b[1] == 0xff && (modrm(b[2], 0x80) || b[2] == 0x15))
 }
