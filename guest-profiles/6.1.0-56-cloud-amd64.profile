@@ -489,6 +489,7 @@ offset ftrace_hash.buckets 8
 offset ftrace_hash.count 16
 offset ftrace_func_entry.hlist 0
 offset ftrace_func_entry.ip 16
+offset ftrace_func_entry.direct 24
 offset kprobe.hlist 0
 offset kprobe.list 16
 offset kprobe.addr 40
@@ -511,6 +512,20 @@ offset bpf_ksym.start 0
 offset bpf_ksym.end 8
 offset bpf_ksym.lnode 528
 offset bpf_ksym.name 16
+offset bpf_trampoline.hlist 0
+offset bpf_trampoline.fops 16
+offset bpf_trampoline.func.addr 104
+offset bpf_trampoline.progs_hlist 128
+offset bpf_trampoline.cur_image 168
+offset bpf_tramp_image.image 0
+offset bpf_tramp_link.link 0
+offset bpf_tramp_link.tramp_hlist 64
+offset bpf_link.prog 24
+offset bpf_prog.bpf_func 48
+offset klp_ops.func_stack 16
+offset klp_ops.fops 32
+offset klp_func.new_func 8
+offset klp_func.stack_node 112
 offset static_call_key.func 0
 offset dyn_ftrace.#size 16
 table jump_table 5980 2dc5276e7f37d0e6a6e6a4289f1a58f440aa0390240446e14003819cd9479fa0
@@ -47390,6 +47405,7 @@ sym ffffffff82b35110 D __SCK__tp_func_cgroup_setup_root
 sym ffffffff82b38740 D kprobe_optinsn_slots
 sym ffffffff82b387a0 D kprobe_insn_slots
 sym ffffffff82b39880 d ftrace_ops_trampoline_list
+sym ffffffff82b39980 d direct_functions
 sym ffffffff82b3f2d0 D __SCK__tp_func_bpf_trace_printk
 sym ffffffff82b3f630 D __SCK__tp_func_error_report_end
 sym ffffffff82b41b30 D __SCK__tp_func_guest_halt_poll_ns
@@ -50276,4 +50292,5 @@ sym ffffffff832b4000 b idt_table
 sym ffffffff832efdb0 b die_chain
 sym ffffffff833441a0 b kprobe_table
 sym ffffffff83344928 b ftrace_pages_start
+sym ffffffff833489e0 b trampoline_table
 sym ffffffff83830000 B _end

@@ -241,10 +241,11 @@ fn int3_and_die_notifier(kernel: Kernel) {
 }
 
 /// The kernel's own tracing (the storm: function tracer, tracepoints,
-/// kprobe events, module loads) and a BPF program attached to a kprobe on
-/// vfs_read, as observability tools attach them: no violation of any kind
-/// in half a minute, and `vigil hooks` lists the BPF program's kprobe as the
-/// kernel's (perf's kprobe dispatcher) and its image among the BPF images.
+/// kprobe events, module loads) and BPF programs on vfs_read, on a kprobe
+/// and in a BPF trampoline (fentry), as observability tools attach them: no
+/// violation of any kind in half a minute, and `vigil hooks` lists the
+/// kprobe as the kernel's (perf's kprobe dispatcher), the trampoline with
+/// its program, and the images among the BPF images.
 fn kernel_tracing_and_bpf(kernel: Kernel) {
     let s = suffix("hookok", kernel);
     let d = daemon(&format!("vigil-lab-{s}"));
@@ -252,10 +253,13 @@ fn kernel_tracing_and_bpf(kernel: Kernel) {
     d.wait_watching(&g);
     let out = g.run("storm start").unwrap();
     assert!(out.contains("storm: started"), "{out}");
+    // A kprobe and a BPF trampoline (fentry, an ftrace direct call) on the
+    // same function, as tracing tools place them.
     g.run("bpfprobe vfs_read > /tmp/bpf.out 2>&1 &").unwrap();
+    g.run("bpfprobe --fentry vfs_read > /tmp/fentry.out 2>&1 &").unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let out = g.run("cat /tmp/bpf.out").unwrap();
-    assert!(out.contains("bpfprobe: attached"), "the BPF program did not attach: {out}");
+    let out = g.run("cat /tmp/bpf.out /tmp/fentry.out").unwrap();
+    assert_eq!(out.matches("bpfprobe: attached").count(), 2, "a BPF program did not attach: {out}");
     let start = Instant::now();
     let mut listed = false;
     while start.elapsed() < Duration::from_secs(30) {
@@ -275,12 +279,87 @@ fn kernel_tracing_and_bpf(kernel: Kernel) {
                 && k["hooked"][0].as_str().is_some_and(|p| p.starts_with("vfs_read"))
                 && k["callbacks"][0]["owner"]["symbol"] == "kprobe_dispatcher"
         });
-        listed |= bpf_image && probe;
+        let fentry = h["hooks"].as_array().unwrap().iter().any(|k| {
+            k["mechanism"] == "bpf_trampoline"
+                && k["hooked"][0].as_str().is_some_and(|p| p.starts_with("vfs_read"))
+                && k["callbacks"].as_array().unwrap().iter().any(|c| {
+                    c["role"] == "fentry"
+                        && c["owner"]["name"].as_str().is_some_and(|n| n.ends_with("_vigil_lab"))
+                })
+        });
+        listed |= bpf_image && probe && fentry;
     }
-    assert!(listed, "vigil hooks never listed the BPF program's kprobe and image");
+    assert!(listed, "vigil hooks never listed the BPF kprobe, the fentry trampoline and the image");
     let out = g.run("storm stop").unwrap();
     assert!(out.contains("stopped"), "{out}");
     assert!(d.events("violation", &g.name).is_empty(), "{}", timeline(&d, &g));
+}
+
+/// Hooks through the kernel's sanctioned mechanisms that replace what a
+/// function does: a BPF program that returns in a function's place
+/// (fmod_ret on security_task_kill: `kill` is refused), and a livepatch
+/// module replacing getppid. Each is a critical hook alert within one full
+/// interval naming the function, the owner and the mechanism; allowed, it
+/// is information.
+fn bpf_fmod_ret_and_livepatch(kernel: Kernel) {
+    let s = suffix("hookbpf", kernel);
+    let d = daemon(&format!("vigil-lab-{s}"));
+    let mut g = boot_kernel(&s, kernel);
+    d.wait_watching(&g);
+
+    // Timed from before the program loads (the loading takes up to a
+    // second of the slack).
+    let t = Instant::now();
+    g.run("bpfprobe --fmod-ret security_task_kill > /tmp/fmod.out 2>&1 &").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = g.run("cat /tmp/fmod.out; kill -0 $$ && echo alive || echo refused").unwrap();
+    assert!(
+        out.contains("bpfprobe: attached") && out.contains("refused"),
+        "fmod_ret did not take: {out}"
+    );
+    let slack = Duration::from_secs(3);
+    alerted_within(
+        &d,
+        &g,
+        &["hooks", "BPF trampoline", "security_task_kill", "fmod_ret", "vigil_lab"],
+        t,
+        slack,
+    );
+    let (code, v) = hooks_json(&g, &["bpf:vigil_lab"]);
+    assert_eq!(code, 0, "fmod_ret allowed: {v:#}");
+    assert!(
+        findings(&v, "info").iter().any(|f| f.contains("fmod_ret") && f.contains("allowed")),
+        "fmod_ret allowed gives no info finding: {v:#}"
+    );
+    let (code, v) = hooks_json(&g, &["bpf:another"]);
+    assert_eq!(code, 1, "fmod_ret with another program allowed: {v:#}");
+    // (The program stays: it refuses the kill that would end it.)
+
+    let t = attack(&mut g, "livepatch");
+    alerted_within(
+        &d,
+        &g,
+        &["hooks", "livepatch", "getppid", "vigil_livepatch"],
+        t,
+        Duration::ZERO,
+    );
+    let (code, v) = hooks_json(&g, &["vigil_livepatch"]);
+    assert_eq!(code, 0, "the livepatch allowed: {v:#}");
+    assert!(
+        findings(&v, "info").iter().any(|f| f.contains("vigil_livepatch") && f.contains("allowed")),
+        "the livepatch allowed gives no info finding: {v:#}"
+    );
+    eprintln!("{}", timeline(&d, &g));
+}
+
+#[test]
+fn lab_hooks_6_1_bpf_fmod_ret_and_a_livepatch_are_critical_alerts() {
+    bpf_fmod_ret_and_livepatch(Kernel::V6_1);
+}
+
+#[test]
+fn lab_hooks_6_12_bpf_fmod_ret_and_a_livepatch_are_critical_alerts() {
+    bpf_fmod_ret_and_livepatch(Kernel::V6_12);
 }
 
 #[test]

@@ -60,6 +60,14 @@ const KPROBE_TABLE_SIZE: u64 = 64;
 const KPROBE_FLAG_GONE: u32 = 1;
 const KPROBE_FLAG_DISABLED: u32 = 2;
 const KPROBE_FLAG_FTRACE: u32 = 8;
+/// `TRAMPOLINE_TABLE_SIZE` of BPF's trampolines (1 << 10 on 6.1 and 6.12).
+const BPF_TRAMPOLINE_TABLE: u64 = 1 << 10;
+/// The programs a BPF trampoline runs, by `enum bpf_tramp_prog_type`:
+/// before the function, after it, and before it with the power to skip it
+/// and return what the program returns.
+const BPF_TRAMP_KINDS: [&str; 3] = ["fentry", "fexit", "fmod_ret"];
+/// The kind of program that decides the function's return.
+const FMOD_RET: usize = 2;
 /// Most hooks of one kind read.
 const MAX_HOOKS: usize = 4096;
 /// `FTRACE_HASH_MAX_BITS`: a filter hash has at most 4096 buckets.
@@ -126,6 +134,12 @@ pub enum Mechanism {
     /// A die notifier: called for traps (`int3` among them) no one else
     /// claims, with the registers it may change.
     DieNotifier,
+    /// A BPF trampoline: BPF programs run at a function's entry (by an
+    /// ftrace direct call), after it, or in its place (`fmod_ret`).
+    BpfTrampoline,
+    /// A livepatch: ftrace ops whose handler sends the function to a
+    /// module's replacement.
+    Livepatch,
 }
 
 impl Mechanism {
@@ -135,6 +149,8 @@ impl Mechanism {
             Mechanism::Kprobe => "kprobe",
             Mechanism::Kretprobe => "kretprobe",
             Mechanism::DieNotifier => "die notifier",
+            Mechanism::BpfTrampoline => "BPF trampoline",
+            Mechanism::Livepatch => "livepatch",
         }
     }
 }
@@ -170,6 +186,24 @@ impl Hook {
             Owner::Module { name, .. } => Some(name.as_str()),
             _ => None,
         })
+    }
+
+    /// The names of the BPF programs of callbacks in `role` (`vigil_lab`
+    /// of `bpf_prog_<tag>_vigil_lab`).
+    fn bpf_programs(&self, role: &str) -> Vec<String> {
+        self.callbacks
+            .iter()
+            .filter(|c| c.role == role)
+            .filter_map(|c| match &c.owner {
+                Owner::Bpf { name } => Some(
+                    name.strip_prefix("bpf_prog_")
+                        .and_then(|n| n.split_once('_'))
+                        .map_or(name.as_str(), |(_, n)| n)
+                        .to_owned(),
+                ),
+                _ => None,
+            })
+            .collect()
     }
 
     fn unknown(&self) -> Option<&Callback> {
@@ -306,7 +340,26 @@ impl Inventory {
         let code = Code { m, bpf };
         let mut filtered = Budget::default();
         // A list that breaks off keeps what was read of it before.
-        if let Err(e) = ftrace_hooks(&code, mem, space, &mut filtered, &mut inv.hooks) {
+        let trampolines = match bpf_trampolines(&code, mem, space, &mut inv.hooks) {
+            Ok(()) => Some(
+                inv.hooks
+                    .iter()
+                    .flat_map(|h| &h.callbacks)
+                    .filter(|c| c.role == "trampoline")
+                    .map(|c| c.addr)
+                    .collect::<HashSet<u64>>(),
+            ),
+            Err(e) => {
+                inv.unread.push(format!("BPF trampolines: {e}"));
+                None
+            }
+        };
+        let direct = direct_calls(m, mem, space).unwrap_or_else(|e| {
+            inv.unread.push(format!("ftrace direct calls: {e}"));
+            Vec::new()
+        });
+        let direct = Direct { calls: &direct, trampolines: trampolines.as_ref() };
+        if let Err(e) = ftrace_hooks(&code, mem, space, &direct, &mut filtered, &mut inv.hooks) {
             inv.unread.push(format!("ftrace ops: {e}"));
         }
         if let Err(e) = kprobe_hooks(&code, mem, space, &mut inv.hooks) {
@@ -384,11 +437,147 @@ fn c_string(b: &[u8]) -> String {
         .collect()
 }
 
+/// ftrace's direct calls, and the images of BPF's trampolines (when read):
+/// what a direct ops' functions call.
+struct Direct<'a> {
+    /// (function entry, what it calls), sorted.
+    calls: &'a [(u64, u64)],
+    trampolines: Option<&'a HashSet<u64>>,
+}
+
+impl Direct<'_> {
+    /// The direct callbacks of an ops' functions `ips`; a call into a BPF
+    /// image that no BPF trampoline has as its image is forged.
+    fn callbacks(&self, code: &Code<'_, '_>, ips: &[u64], hook: &mut Hook) {
+        let mut targets: Vec<u64> = ips
+            .iter()
+            .flat_map(|ip| {
+                let i = self.calls.partition_point(|c| c.0 < *ip);
+                self.calls[i..].iter().take_while(move |c| c.0 == *ip).map(|c| c.1)
+            })
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for t in targets.into_iter().take(MAX_HOOKS) {
+            let cb = code.callback("direct", t);
+            if let (Owner::Bpf { name }, Some(images)) = (&cb.owner, self.trampolines)
+                && !images.contains(&t)
+            {
+                hook.forged.push(format!(
+                    "its direct call {t:#x} goes into BPF image {name}, which no BPF trampoline has"
+                ));
+            }
+            hook.callbacks.push(cb);
+        }
+    }
+}
+
+/// Every BPF trampoline in BPF's table: the function it hooks, its image,
+/// and the programs it runs (by kind).
+fn bpf_trampolines<M: GuestMemory + ?Sized>(
+    code: &Code<'_, '_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
+    let m = code.m;
+    let (hlist, func_off, progs_off, cur_off) = (
+        need(m, "bpf_trampoline.hlist")?,
+        need(m, "bpf_trampoline.func.addr")?,
+        need(m, "bpf_trampoline.progs_hlist")?,
+        need(m, "bpf_trampoline.cur_image")?,
+    );
+    let image_off = need(m, "bpf_tramp_image.image")?;
+    let (link_off, node_off) =
+        (need(m, "bpf_tramp_link.link")?, need(m, "bpf_tramp_link.tramp_hlist")?);
+    let (prog_off, bpf_func_off) = (need(m, "bpf_link.prog")?, need(m, "bpf_prog.bpf_func")?);
+    let heads = read_span(mem, space, sym(m, "trampoline_table")?, 8 * BPF_TRAMPOLINE_TABLE)?;
+    let rd = |a: u64| read_u64(mem, space, a);
+    let mut seen = HashSet::new();
+    let mut step = |node: u64| -> Result<(), String> {
+        if !seen.insert(node) || seen.len() > MAX_HOOKS {
+            return Err(format!("a list loops or BPF's trampolines are more than {MAX_HOOKS}"));
+        }
+        Ok(())
+    };
+    for head in heads.chunks_exact(8) {
+        let mut node = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+        while node != 0 {
+            step(node)?;
+            let tr = node.wrapping_sub(hlist);
+            let func = rd(tr.wrapping_add(func_off))
+                .ok_or_else(|| format!("BPF trampoline at {tr:#x} unreadable"))?;
+            let mut hook = Hook {
+                mechanism: Mechanism::BpfTrampoline,
+                record: tr,
+                hooked: vec![code.place(func)],
+                first: func,
+                every_function: false,
+                flags: Vec::new(),
+                callbacks: Vec::new(),
+                redirects: false,
+                forged: code.misplaced(tr).into_iter().collect(),
+            };
+            let image = rd(tr.wrapping_add(cur_off))
+                .filter(|&c| c != 0)
+                .and_then(|c| rd(c.wrapping_add(image_off)));
+            if let Some(image) = image {
+                hook.callbacks.push(code.callback("trampoline", image));
+            }
+            for (kind, role) in BPF_TRAMP_KINDS.iter().enumerate() {
+                let mut link = rd(tr.wrapping_add(progs_off + 8 * kind as u64)).unwrap_or(0);
+                while link != 0 {
+                    step(link)?;
+                    let prog = rd(link.wrapping_sub(node_off).wrapping_add(link_off + prog_off));
+                    match prog.and_then(|p| rd(p.wrapping_add(bpf_func_off))) {
+                        Some(f) => hook.callbacks.push(code.callback(role, f)),
+                        None => hook
+                            .forged
+                            .push(format!("its {role} program at {link:#x} is unreadable")),
+                    }
+                    hook.redirects |= kind == FMOD_RET;
+                    link = rd(link).ok_or_else(|| {
+                        format!("BPF trampoline at {tr:#x}: its {role} list breaks off")
+                    })?;
+                }
+            }
+            out.push(hook);
+            node = rd(node).ok_or("BPF's trampoline table breaks off")?;
+        }
+    }
+    Ok(())
+}
+
+/// A livepatch's replacements of the function its ops hooks: the
+/// `new_func` of each `klp_func` on its `klp_ops`' stack (the top one runs).
+fn livepatch_callbacks<M: GuestMemory + ?Sized>(
+    code: &Code<'_, '_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    ops: u64,
+    hook: &mut Hook,
+) -> Result<(), String> {
+    let m = code.m;
+    let (fops, stack) = (need(m, "klp_ops.fops")?, need(m, "klp_ops.func_stack")?);
+    let (new_func, node) = (need(m, "klp_func.new_func")?, need(m, "klp_func.stack_node")?);
+    let klp = ops.wrapping_sub(fops);
+    let mut funcs = Vec::new();
+    walk_list(mem, space, klp.wrapping_add(stack), |e| funcs.push(e.wrapping_sub(node)))?;
+    for f in funcs.into_iter().take(MAX_HOOKS) {
+        match read_u64(mem, space, f.wrapping_add(new_func)) {
+            Some(a) => hook.callbacks.push(code.callback("new_func", a)),
+            None => return Err(format!("its klp_func at {f:#x} is unreadable")),
+        }
+    }
+    Ok(())
+}
+
 /// Every ops on ftrace's list, with the functions its filter names.
 fn ftrace_hooks<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
+    direct: &Direct<'_>,
     filtered: &mut Budget,
     out: &mut Vec<Hook>,
 ) -> Result<(), String> {
@@ -404,6 +593,7 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     let filter_off = need(m, "ftrace_ops_hash.filter_hash")?;
     let end = sym(m, "ftrace_list_end")?;
     let callers = caller_prefixes(m, mem, space);
+    let livepatch = m.expect("klp_ftrace_handler");
     let regs_caller = m
         .expect("ftrace_regs_caller")
         .and_then(|a| read_span(mem, space, a, TRAMPOLINE_PREFIX as u64).ok());
@@ -436,6 +626,12 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
                     hook.forged.push(why);
                     code.owner(tramp)
                 }
+                None if m.expect("ftrace_caller") == Some(tramp)
+                    || m.expect("ftrace_regs_caller") == Some(tramp) =>
+                {
+                    // ftrace's own callers (a direct ops names one).
+                    code.owner(tramp)
+                }
                 None => {
                     // A copy of the caller that saves and restores all
                     // registers lets the callback move the instruction
@@ -462,6 +658,15 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
         .map_err(|why| hook.forged.push(why));
         let whole = ips.is_ok() && !filtered.over;
         let ips = ips.unwrap_or_default();
+        if flags & FL_DIRECT != 0 {
+            direct.callbacks(code, &ips, &mut hook);
+        }
+        if livepatch.is_some_and(|l| l == func) {
+            hook.mechanism = Mechanism::Livepatch;
+            if let Err(e) = livepatch_callbacks(code, mem, space, at, &mut hook) {
+                hook.forged.push(format!("its livepatch functions: {e}"));
+            }
+        }
         hook.first = ips.first().copied().unwrap_or(0);
         hook.hooked = ips.iter().map(|&ip| code.place(ip)).collect();
         if whole {
@@ -498,7 +703,8 @@ pub(crate) fn caller_prefixes<M: GuestMemory + ?Sized>(
 /// Why `tramp` (`size` bytes, as an ops says) is no trampoline ftrace
 /// made: not its own page-aligned allocation of at most a page in the
 /// module area, outside every module, or not a copy of ftrace's caller
-/// (`callers`, from [`caller_prefixes`]).
+/// (`callers`, from [`caller_prefixes`]). ftrace's own callers are
+/// trampolines too: a direct ops names `ftrace_regs_caller`.
 pub(crate) fn fake_trampoline<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     mem: &M,
@@ -507,6 +713,9 @@ pub(crate) fn fake_trampoline<M: GuestMemory + ?Sized>(
     size: u64,
     callers: &[Vec<u8>],
 ) -> Option<String> {
+    if ["ftrace_caller", "ftrace_regs_caller"].iter().any(|n| m.expect(n) == Some(tramp)) {
+        return None;
+    }
     if !MODULES.contains(&tramp)
         || !tramp.is_multiple_of(PAGE_SIZE)
         || size == 0
@@ -567,6 +776,22 @@ fn hash_ips<M: GuestMemory + ?Sized>(
     hash: u64,
     filtered: &mut Budget,
 ) -> Result<Vec<u64>, String> {
+    let mut ips: Vec<u64> =
+        hash_entries(m, mem, space, hash, None, filtered)?.into_iter().map(|(ip, _)| ip).collect();
+    ips.dedup();
+    Ok(ips)
+}
+
+/// The entries of an ftrace hash, (function address, its `direct` field
+/// when `direct` is its offset, else 0), sorted; bounded as [`hash_ips`].
+fn hash_entries<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    hash: u64,
+    direct: Option<u64>,
+    filtered: &mut Budget,
+) -> Result<Vec<(u64, u64)>, String> {
     if hash == 0 {
         // ftrace gives every ops a hash when it registers it (an empty one
         // to hook every function): none at all, it never registered.
@@ -589,9 +814,9 @@ fn hash_ips<M: GuestMemory + ?Sized>(
     if bits > MAX_HASH_BITS {
         return Err(format!("hash at {hash:#x}: {bits} size bits is more than ftrace uses"));
     }
-    let mut ips = Vec::new();
+    let mut entries = Vec::new();
     if !filtered.take(1 << bits) {
-        return Ok(ips);
+        return Ok(entries);
     }
     let heads = read_span(mem, space, buckets, 8 << bits)?;
     let mut seen = HashSet::new();
@@ -602,19 +827,40 @@ fn hash_ips<M: GuestMemory + ?Sized>(
                 return Err(format!("hash at {hash:#x} loops"));
             }
             if !filtered.take(1) {
-                return Ok(ips);
+                entries.sort_unstable();
+                return Ok(entries);
             }
             let entry = node.wrapping_sub(hlist_off);
-            ips.push(
-                read_u64(mem, space, entry.wrapping_add(ip_off))
-                    .ok_or(format!("hash at {hash:#x}: an entry is unreadable"))?,
-            );
+            let read = |off: u64| {
+                read_u64(mem, space, entry.wrapping_add(off))
+                    .ok_or(format!("hash at {hash:#x}: an entry is unreadable"))
+            };
+            entries.push((read(ip_off)?, direct.map(read).transpose()?.unwrap_or(0)));
             node = read_u64(mem, space, node).ok_or(format!("hash at {hash:#x} breaks off"))?;
         }
     }
-    ips.sort_unstable();
-    ips.dedup();
-    Ok(ips)
+    entries.sort_unstable();
+    Ok(entries)
+}
+
+/// ftrace's direct calls: each function entry that calls code of its own
+/// (a BPF trampoline, or a module's) in place of ftrace's caller, with
+/// what it calls, sorted by entry.
+pub(crate) fn direct_calls<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> Result<Vec<(u64, u64)>, String> {
+    let direct = need(m, "ftrace_func_entry.direct")?;
+    let hash = read_u64(mem, space, sym(m, "direct_functions")?)
+        .filter(|&h| h != 0)
+        .ok_or("direct_functions is unreadable or null")?;
+    let mut budget = Budget::default();
+    let entries = hash_entries(m, mem, space, hash, Some(direct), &mut budget)?;
+    if budget.over {
+        return Err(format!("more than {MAX_FILTERED} direct calls: the rest not read"));
+    }
+    Ok(entries)
 }
 
 /// Every kprobe in the kernel's table, an aggregate's members each on its
@@ -778,7 +1024,7 @@ pub struct Allowed {
 
 impl std::str::FromStr for Allowed {
     type Err = String;
-    /// `MODULE` or `MODULE:SYMBOL`.
+    /// `MODULE`, `MODULE:SYMBOL`, or `bpf:PROGRAM` (a BPF program by name).
     fn from_str(s: &str) -> Result<Self, String> {
         let (module, symbol) = match s.split_once(':') {
             Some((m, sy)) => (m, Some(sy)),
@@ -791,12 +1037,15 @@ impl std::str::FromStr for Allowed {
         };
         if !ok(module) || symbol.is_some_and(|sy| !ok(sy)) {
             return Err(format!(
-                "{s:?} is no MODULE or MODULE:SYMBOL (letters, digits, '_', '.', '-')"
+                "{s:?} is no MODULE, MODULE:SYMBOL or bpf:PROGRAM (letters, digits, '_', '.', '-')"
             ));
         }
         Ok(Allowed { module: module.to_owned(), symbol: symbol.map(str::to_owned) })
     }
 }
+
+/// The allow-list entry `bpf:NAME` names a BPF program, not a module.
+const BPF_ALLOW: &str = "bpf";
 
 /// What to make of hooks: the default policy, and the modules allowed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -823,6 +1072,15 @@ impl HookPolicy {
             })
     }
 
+    /// Whether every one of the BPF programs `progs` (by name) is allowed
+    /// (`bpf:NAME`).
+    fn allows_bpf(&self, progs: &[String]) -> bool {
+        !progs.is_empty()
+            && progs.iter().all(|p| {
+                self.allow.iter().any(|a| a.module == BPF_ALLOW && a.symbol.as_deref() == Some(p))
+            })
+    }
+
     /// Findings for the hooks of `inv`: a forged record, a callback in no
     /// known code, or a redirecting hook owned by a module not allowed are
     /// violations; other module-owned hooks are information; the kernel's
@@ -830,10 +1088,13 @@ impl HookPolicy {
     pub fn judge(&self, inv: &Inventory) -> Vec<Finding> {
         let mut out = Vec::new();
         for h in &inv.hooks {
+            // Named: the program that returns in the function's place, or
+            // the first callback not the kernel's.
             let owner = h
                 .callbacks
                 .iter()
-                .find(|c| !matches!(c.owner, Owner::Kernel { .. }))
+                .find(|c| c.role == BPF_TRAMP_KINDS[FMOD_RET])
+                .or_else(|| h.callbacks.iter().find(|c| !matches!(c.owner, Owner::Kernel { .. })))
                 .or(h.callbacks.first());
             let owner_text =
                 owner.map_or("no callback".into(), |c| format!("{} ({})", c.owner, c.role));
@@ -875,6 +1136,24 @@ impl HookPolicy {
                         c.role, c.addr
                     ),
                 )
+            } else if h.mechanism == Mechanism::BpfTrampoline {
+                // BPF's programs: one that decides the function's return
+                // (fmod_ret) hooks it as a rootkit does.
+                if !h.redirects {
+                    continue;
+                }
+                let progs = h.bpf_programs(BPF_TRAMP_KINDS[FMOD_RET]);
+                if self.allows_bpf(&progs) {
+                    (Severity::Info, format!("{what}: allowed by configuration"))
+                } else {
+                    (
+                        Severity::Violation,
+                        format!(
+                            "{what}: a BPF program that returns in the function's place (fmod_ret) (allow it with hooks.allow = [\"bpf:{}\"] if it is a product's)",
+                            progs.first().map_or("NAME", |p| p.as_str())
+                        ),
+                    )
+                }
             } else if h.module().is_none() {
                 continue;
             } else if h.redirects && !self.allows(h) {

@@ -140,6 +140,9 @@ const DATA_SYMBOLS: &[&str] = &[
     "x86_return_thunk",
     // Where the kernel lists its trap handlers (see `hooks`).
     "die_chain",
+    // ftrace's direct calls (BPF trampolines), and BPF's trampolines.
+    "direct_functions",
+    "trampoline_table",
 ];
 
 /// Data symbols kept by prefix: static call keys, named after their calls.
@@ -167,7 +170,7 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ),
     ("ftrace_ops_hash", &["filter_hash", "notrace_hash"]),
     ("ftrace_hash", &["size_bits", "buckets", "count"]),
-    ("ftrace_func_entry", &["hlist", "ip"]),
+    ("ftrace_func_entry", &["hlist", "ip", "direct"]),
     ("kprobe", &["hlist", "list", "addr", "flags", "pre_handler", "post_handler"]),
     ("kretprobe", &["kp", "handler", "entry_handler"]),
     ("atomic_notifier_head", &["head"]),
@@ -176,6 +179,13 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ("kprobe_insn_page", &["list", "insns"]),
     ("bpf_prog_pack", &["list", "ptr"]),
     ("bpf_ksym", &["start", "end", "lnode", "name"]),
+    ("bpf_trampoline", &["hlist", "fops", "func.addr", "progs_hlist", "cur_image"]),
+    ("bpf_tramp_image", &["image"]),
+    ("bpf_tramp_link", &["link", "tramp_hlist"]),
+    ("bpf_link", &["prog"]),
+    ("bpf_prog", &["bpf_func"]),
+    ("klp_ops", &["func_stack", "fops"]),
+    ("klp_func", &["new_func", "stack_node"]),
     ("static_call_key", &["func"]),
 ];
 pub const PATCH_SIZES: &[&str] = &["dyn_ftrace", "module_memory"];

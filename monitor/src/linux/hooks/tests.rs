@@ -69,6 +69,11 @@ const BASE: u64 = 0xffff_ffff_c010_0000;
 const TEXT: u64 = BASE;
 const DATA: u64 = BASE + 0x2000;
 const NOWHERE: u64 = BASE + 0x20_0000;
+/// BPF's images (a page apart from the module), and a page for hashes.
+const JIT: u64 = BASE + 0x10_0000;
+const EMPTY_HASH: u64 = BASE + 0x30_0000;
+/// The direct map, where the kernel allocates records.
+const HEAP: u64 = 0xffff_8880_0100_0000;
 
 fn module() -> Module {
     Module {
@@ -101,8 +106,15 @@ impl Guest {
         }
         let head = p.offset("atomic_notifier_head.head").unwrap();
         ram.u64(sym("die_chain") + head, 0);
-        // Empty BPF kallsyms.
+        // Empty BPF kallsyms, no BPF trampolines, no direct calls (an
+        // empty hash, as the kernel's EMPTY_HASH).
         ram.u64(sym("bpf_kallsyms"), sym("bpf_kallsyms"));
+        ram.put(
+            sym("trampoline_table"),
+            &vec![0; usize::try_from(8 * BPF_TRAMPOLINE_TABLE).unwrap()],
+        );
+        ram.u64(sym("direct_functions"), EMPTY_HASH);
+        ram.put(EMPTY_HASH, &[0; 64]);
         ram.put(TEXT, &[0x90; 64]);
         // ftrace's callers, which a trampoline is a copy of.
         ram.put(sym("ftrace_caller"), &[0x55; 16]);
@@ -161,6 +173,78 @@ impl Guest {
         }
         self.ram.u64(buckets, head);
         self.ram.u64(list, at);
+    }
+
+    /// Lists a BPF image `name` at `start..end` in BPF kallsyms, its
+    /// `bpf_ksym` at `at`.
+    fn bpf_image(&mut self, at: u64, start: u64, end: u64, name: &str) {
+        let (head, lnode) = (self.sym("bpf_kallsyms"), self.off("bpf_ksym.lnode"));
+        let first = u64::from_le_bytes(self.read(head, 8).try_into().unwrap());
+        self.ram.u64(at + lnode, first);
+        self.ram.u64(head, at + lnode);
+        self.ram.u64(at + self.off("bpf_ksym.start"), start);
+        self.ram.u64(at + self.off("bpf_ksym.end"), end);
+        self.ram.put(at + self.off("bpf_ksym.name"), format!("{name}\0").as_bytes());
+    }
+
+    /// A BPF trampoline at `at` (its records beside it) for `func`, with
+    /// image `image` and one program per `(kind, bpf_func)`.
+    fn bpf_trampoline(&mut self, at: u64, func: u64, image: u64, progs: &[(usize, u64)]) {
+        let o = |k: &str| self.off(k);
+        let (hlist, fa, ph, cur) = (
+            o("bpf_trampoline.hlist"),
+            o("bpf_trampoline.func.addr"),
+            o("bpf_trampoline.progs_hlist"),
+            o("bpf_trampoline.cur_image"),
+        );
+        let (img, link, node, prog, bf) = (
+            o("bpf_tramp_image.image"),
+            o("bpf_tramp_link.link"),
+            o("bpf_tramp_link.tramp_hlist"),
+            o("bpf_link.prog"),
+            o("bpf_prog.bpf_func"),
+        );
+        let bucket = self.sym("trampoline_table") + 8 * 7;
+        let first = u64::from_le_bytes(self.read(bucket, 8).try_into().unwrap());
+        self.ram.u64(at + hlist, first);
+        self.ram.u64(bucket, at + hlist);
+        self.ram.u64(at + fa, func);
+        self.ram.put(at + ph, &[0; 24]);
+        self.ram.u64(at + cur, at + 0x200);
+        self.ram.u64(at + 0x200 + img, image);
+        for (i, &(kind, f)) in progs.iter().enumerate() {
+            let l = at + 0x400 + 0x100 * i as u64;
+            let p = l + 0x80;
+            self.ram.u64(l + node, 0);
+            self.ram.u64(at + ph + 8 * kind as u64, l + node);
+            self.ram.u64(l + link + prog, p);
+            self.ram.u64(p + bf, f);
+        }
+    }
+
+    /// Makes `direct_functions` a hash of `calls` (entry, target), at `at`.
+    fn direct(&mut self, at: u64, calls: &[(u64, u64)]) {
+        let o = |k: &str| self.off(k);
+        let (bits, bk, count, ip, direct) = (
+            o("ftrace_hash.size_bits"),
+            o("ftrace_hash.buckets"),
+            o("ftrace_hash.count"),
+            o("ftrace_func_entry.ip"),
+            o("ftrace_func_entry.direct"),
+        );
+        self.ram.u64(self.sym("direct_functions"), at);
+        self.ram.u64(at + bits, 0);
+        self.ram.u64(at + bk, at + 0x100);
+        self.ram.u64(at + count, calls.len() as u64);
+        let mut head = 0;
+        for (i, &(i_ip, target)) in calls.iter().enumerate() {
+            let e = at + 0x200 + 0x20 * i as u64;
+            self.ram.u64(e, head);
+            self.ram.u64(e + ip, i_ip);
+            self.ram.u64(e + direct, target);
+            head = e;
+        }
+        self.ram.u64(at + 0x100, head);
     }
 
     /// Hangs a kprobe at `at` on bucket 0 of the kprobe table.
@@ -452,4 +536,123 @@ fn allowed_modules_parse_and_refuse_what_names_none() {
     for bad in ["", ":x", "a:", "a b", "a:b:c", "mod\n"] {
         assert!(bad.parse::<Allowed>().is_err(), "{bad:?} accepted");
     }
+}
+
+#[test]
+fn a_bpf_trampoline_is_listed_with_its_programs_and_fmod_ret_is_a_violation() {
+    let mut g = Guest::new();
+    let (kill, read) = (g.sym("security_task_kill"), g.sym("vfs_read"));
+    let regs_caller = g.sym("ftrace_regs_caller");
+    let direct_funcs = g.sym("call_direct_funcs");
+    g.bpf_image(HEAP, JIT, JIT + 0x100, "bpf_prog_0123456789abcdef_deny");
+    g.bpf_image(HEAP + 0x1000, JIT + 0x100, JIT + 0x200, "bpf_prog_fedcba9876543210_watch");
+    g.bpf_image(HEAP + 0x2000, JIT + 0x1000, JIT + 0x2000, "bpf_trampoline_1");
+    g.bpf_image(HEAP + 0x3000, JIT + 0x2000, JIT + 0x3000, "bpf_trampoline_2");
+    g.bpf_trampoline(HEAP + 0x1_0000, kill, JIT + 0x1000, &[(FMOD_RET, JIT)]);
+    g.bpf_trampoline(HEAP + 0x2_0000, read, JIT + 0x2000, &[(0, JIT + 0x100)]);
+    // Their direct ops name ftrace's own regs caller as trampoline.
+    g.direct(EMPTY_HASH + 0x1000, &[(kill, JIT + 0x1000), (read, JIT + 0x2000)]);
+    g.ops(
+        HEAP + 0x3_0000,
+        direct_funcs,
+        FL_ENABLED | FL_SAVE_REGS | FL_DIRECT,
+        regs_caller,
+        &[kill],
+    );
+    g.ops(
+        HEAP + 0x4_0000,
+        direct_funcs,
+        FL_ENABLED | FL_SAVE_REGS | FL_DIRECT,
+        regs_caller,
+        &[read],
+    );
+    let inv = g.inventory();
+    assert!(inv.unread.is_empty(), "{:?}", inv.unread);
+    let bpf: Vec<&Hook> =
+        inv.hooks.iter().filter(|h| h.mechanism == Mechanism::BpfTrampoline).collect();
+    assert_eq!(bpf.len(), 2, "{inv:#?}");
+    let deny = bpf.iter().find(|h| h.hooked == ["security_task_kill"]).unwrap();
+    assert!(deny.redirects && deny.forged.is_empty(), "{deny:#?}");
+    assert_eq!(deny.bpf_programs("fmod_ret"), ["deny"]);
+    let watch = bpf.iter().find(|h| h.hooked == ["vfs_read"]).unwrap();
+    assert!(!watch.redirects, "{watch:#?}");
+    // The direct ops: not forged, their direct call the BPF trampoline.
+    for h in inv.hooks.iter().filter(|h| h.mechanism == Mechanism::Ftrace) {
+        assert!(h.forged.is_empty(), "{h:#?}");
+        assert!(
+            h.callbacks.iter().any(|c| c.role == "direct"
+                && matches!(&c.owner, Owner::Bpf { name } if name.starts_with("bpf_trampoline_"))),
+            "{h:#?}"
+        );
+    }
+    // Only the program that returns in kill's place is said.
+    let v = verdicts(&inv, &[]);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].0, Severity::Violation);
+    for word in
+        ["BPF trampoline", "security_task_kill", "fmod_ret", "bpf_prog_0123456789abcdef_deny"]
+    {
+        assert!(v[0].1.contains(word), "{word} not in {}", v[0].1);
+    }
+    assert_eq!(verdicts(&inv, &["bpf:deny"])[0].0, Severity::Info);
+    assert_eq!(verdicts(&inv, &["bpf:watch"])[0].0, Severity::Violation);
+    assert_eq!(verdicts(&inv, &["deny"])[0].0, Severity::Violation, "a module name allows no BPF");
+}
+
+#[test]
+fn a_direct_call_is_judged_by_whose_code_it_calls() {
+    let target = |g: &Guest| g.sym("__x64_sys_getppid");
+    let with_direct = |to: u64| {
+        let mut g = Guest::new();
+        let (t, regs_caller, direct_funcs) =
+            (target(&g), g.sym("ftrace_regs_caller"), g.sym("call_direct_funcs"));
+        g.bpf_image(HEAP, JIT + 0x1000, JIT + 0x2000, "bpf_trampoline_1");
+        g.direct(EMPTY_HASH + 0x1000, &[(t, to)]);
+        g.ops(HEAP + 0x3_0000, direct_funcs, FL_ENABLED | FL_DIRECT, regs_caller, &[t]);
+        verdicts(&g.inventory(), &[])
+    };
+    // A module's code called directly: a redirecting module hook.
+    let v = with_direct(TEXT + 0x40);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].0 == Severity::Violation && v[0].1.contains("module rk+0x40 (direct)"), "{v:?}");
+    // Nowhere known: a violation.
+    let v = with_direct(NOWHERE + 0x5000);
+    assert!(v[0].0 == Severity::Violation && v[0].1.contains("no kernel text"), "{v:?}");
+    // A BPF trampoline image that no BPF trampoline has: forged.
+    let v = with_direct(JIT + 0x1000);
+    assert!(
+        v[0].0 == Severity::Violation && v[0].1.contains("which no BPF trampoline has"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_livepatch_is_a_modules_redirecting_hook() {
+    let mut g = Guest::new();
+    let target = g.sym("__x64_sys_getppid");
+    let handler = g.sym("klp_ftrace_handler");
+    let (fops, stack, new_func, node) = (
+        g.off("klp_ops.fops"),
+        g.off("klp_ops.func_stack"),
+        g.off("klp_func.new_func"),
+        g.off("klp_func.stack_node"),
+    );
+    let klp = HEAP + 0x1_0000;
+    let func = DATA + 0x100;
+    g.ops(klp + fops, handler, FL_ENABLED | FL_SAVE_REGS | FL_IPMODIFY, 0, &[target]);
+    g.ram.u64(klp + stack, func + node);
+    g.ram.u64(klp + stack + 8, func + node);
+    g.ram.u64(func + node, klp + stack);
+    g.ram.u64(func + node + 8, klp + stack);
+    g.ram.u64(func + new_func, TEXT + 0x30);
+    let inv = g.inventory();
+    let h = &inv.hooks[0];
+    assert_eq!(h.mechanism, Mechanism::Livepatch, "{h:#?}");
+    assert_eq!(h.module(), Some("rk"));
+    let v = verdicts(&inv, &[]);
+    assert_eq!(v[0].0, Severity::Violation);
+    for word in ["livepatch", "__x64_sys_getppid", "module rk+0x30 (new_func)"] {
+        assert!(v[0].1.contains(word), "{word} not in {}", v[0].1);
+    }
+    assert_eq!(verdicts(&inv, &["rk"])[0].0, Severity::Info);
 }

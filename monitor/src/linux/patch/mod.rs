@@ -136,6 +136,10 @@ pub struct PatchTables {
     kprobes: HashMap<u64, u32>,
     /// What a function entry may call: ftrace's callers and ops trampolines.
     ftrace_callers: HashSet<u64>,
+    /// ftrace's direct calls: a function entry may call what its direct
+    /// record names (a BPF trampoline; whose code it is, the hook
+    /// inventory says).
+    direct_calls: HashSet<(u64, u64)>,
     /// What ftrace's own call sites may call: ops functions and ftrace's stubs.
     ftrace_funcs: HashSet<u64>,
     /// Function each static call key holds now.

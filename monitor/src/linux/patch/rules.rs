@@ -157,11 +157,13 @@ impl PatchTables {
                 self.judge_static(addr, key, true, cur, orig, &was, &now, name)
             }
             Site::Fentry => {
-                let ok = |t: u64| self.ftrace_callers.contains(&t);
+                let ok = |t: u64| {
+                    self.ftrace_callers.contains(&t) || self.direct_calls.contains(&(addr, t))
+                };
                 Forms { fixed: &[&NOP5], ops: &[CALL], target_ok: &ok }.admits(addr, cur, orig).map_err(
                     |()| {
                         format!(
-                            "an ftrace function entry may hold a NOP or a call to ftrace's caller or a registered ftrace trampoline; it holds {now}"
+                            "an ftrace function entry may hold a NOP or a call to ftrace's caller, a registered ftrace trampoline or its direct call; it holds {now}"
                         )
                     },
                 )

@@ -59,6 +59,8 @@ pub struct PatchMemory {
     /// way is (and a page back to its original drops out).
     pub(super) accepted_pages: HashMap<u64, ([u8; 32], Vec<Patched>)>,
     pub(super) callers: HashMap<u64, std::time::Instant>,
+    /// ftrace direct calls read lately: (function entry, what it calls).
+    pub(super) direct: HashMap<(u64, u64), std::time::Instant>,
     pub(super) funcs: HashMap<u64, std::time::Instant>,
     pub(super) kprobes: HashMap<u64, (u32, std::time::Instant)>,
     pub(super) optinsn: HashMap<(u64, u64), std::time::Instant>,
@@ -174,6 +176,7 @@ impl PatchTables {
     pub(super) fn merge_recent(&mut self, memory: &mut PatchMemory, now: std::time::Instant) {
         let fresh = |t: &std::time::Instant| now.duration_since(*t) < RECORD_GRACE;
         memory.callers.retain(|_, t| fresh(t));
+        memory.direct.retain(|_, t| fresh(t));
         memory.funcs.retain(|_, t| fresh(t));
         memory.kprobes.retain(|_, (_, t)| fresh(t));
         memory.optinsn.retain(|_, t| fresh(t));
@@ -186,6 +189,9 @@ impl PatchTables {
         }
         for &f in &self.ftrace_funcs {
             memory.funcs.insert(f, now);
+        }
+        for &d in &self.direct_calls {
+            memory.direct.insert(d, now);
         }
         for (&a, &flags) in &self.kprobes {
             memory.kprobes.insert(a, (flags, now));
@@ -200,6 +206,7 @@ impl PatchTables {
             memory.key_funcs.iter().flat_map(|(&k, fs)| fs.iter().map(move |&(f, _)| (k, f))),
         );
         self.ftrace_callers.extend(memory.callers.keys());
+        self.direct_calls.extend(memory.direct.keys());
         self.ftrace_funcs.extend(memory.funcs.keys());
         for (&a, &(flags, _)) in &memory.kprobes {
             self.kprobes.entry(a).or_insert(flags);

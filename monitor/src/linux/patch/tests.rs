@@ -172,6 +172,30 @@ fn a_function_entry_may_call_only_ftrace() {
     assert!(verify(&t, &f, &orig).disagreements.is_empty(), "a call into a module's text");
 }
 
+/// ftrace's direct call: a function entry may call what its own direct
+/// record names, and no other entry may.
+#[test]
+fn a_function_entry_may_call_its_direct_record_only() {
+    let mut t = tables(Site::Fentry);
+    let other = A + 0x40;
+    t.sites.insert(other, Site::Fentry);
+    t.direct_calls.insert((A, NEW_TRAMPOLINE));
+    let (mut f, _) = guest();
+    write(&mut f, other, &NOP5);
+    let mut orig = vec![0u8; 4096];
+    f.mem.read(GuestPhysAddr(0x2000), &mut orig).unwrap();
+    write(&mut f, A, &rel(CALL, A, NEW_TRAMPOLINE));
+    let v = verify(&t, &f, &orig);
+    assert!(v.violations.is_empty() && v.disagreements.is_empty(), "{v:#?}");
+    assert_eq!(v.accepted[0].kind, PatchKind::Ftrace);
+    write(&mut f, other, &rel(CALL, other, NEW_TRAMPOLINE));
+    let v = verify(&t, &f, &orig);
+    assert!(
+        v.accepted.iter().all(|p| p.addr != other) && v.violations.len() == 1,
+        "another entry's call to it is no direct call: {v:#?}"
+    );
+}
+
 /// Where ftrace could have made a trampoline: the module area.
 const NEW_TRAMPOLINE: u64 = 0xffff_ffff_c010_0040;
 
