@@ -13,6 +13,7 @@ use vigil::integrity::{Baseline, Finding, FindingKind, Originals};
 use vigil::libvirt::{GuestDomain, Hypervisor, SourceChoice, error_chain};
 use vigil::linux::KernelReport;
 use vigil::linux::discover;
+use vigil::linux::hooks::Inventory;
 use vigil::linux::session::{ExamineError, examine_once};
 
 /// Exit status when a check finds the kernel intact, or a command succeeds.
@@ -450,6 +451,11 @@ fn baseline(cli: &Cli, domain: &str, output: Option<&Path>, source: Source) -> a
         &vigil::linux::patch::WallClock,
     );
     b.reference = Some(proof.check);
+    // The hooks now, to show in a diff those added since.
+    match Inventory::of_guest(&load_profiles(cli), &*mem, &view, view.identification.image_base) {
+        Ok((inventory, _)) => b.hooks = Some(inventory.summaries()),
+        Err(why) => eprintln!("vigil: warning: {}: the baseline keeps no hooks: {why}", dom.name),
+    }
     let path = output.map(Path::to_path_buf).unwrap_or_else(|| default_baseline_path(cli, &dom));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -806,8 +812,14 @@ fn diff(cli: &Cli, a: &DiffArgs) -> anyhow::Result<u8> {
     if let Some(r) = &a.region {
         changes.retain(|c| &c.region == r);
     }
-    let d =
-        vigil::linux::diff::Diff::of(&e.report, &b, &path.display().to_string(), source, changes);
+    let d = vigil::linux::diff::Diff::of(
+        &e.report,
+        &b,
+        &path.display().to_string(),
+        source,
+        changes,
+        e.hooks.as_ref(),
+    );
     print_diff(cli, &d)
 }
 
@@ -931,8 +943,6 @@ fn hook_policy(cli: &Cli) -> vigil::linux::hooks::HookPolicy {
 
 fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
     use vigil::integrity::Severity;
-    use vigil::linux::hooks::Inventory;
-    use vigil::linux::semantic;
     let hv = Hypervisor::connect(cli.uri())?;
     let dom = hv.domain(domain)?;
     dom.ensure_running()?;
@@ -941,16 +951,9 @@ fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
     let name = &dom.name;
     let view = discover(&*mem, &regs).with_context(|| format!("{name}: finding the kernel"))?;
     let profiles = load_profiles(cli);
-    let Some(mut m) =
-        semantic::match_profile(&profiles, &*mem, &view, view.identification.image_base)
-    else {
-        bail!(
-            "{name}: no guest profile matches the kernel, so its hook records cannot be read (build one with `vigil profile build`)"
-        );
-    };
-    m.modules = semantic::walk_modules_settled(&m, &*mem, &view)
-        .map_err(|e| anyhow::anyhow!("{name}: the module list: {e}"))?;
-    let inventory = Inventory::read(&m, &*mem, &view);
+    let (inventory, release) =
+        Inventory::of_guest(&profiles, &*mem, &view, view.identification.image_base)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     let findings = hook_policy(cli).judge(&inventory);
     let violations = findings.iter().filter(|f| f.severity == Severity::Violation).count();
     let mut out = std::io::stdout().lock();
@@ -959,7 +962,7 @@ fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
             &mut out,
             &serde_json::json!({
                 "domain": name,
-                "profile": m.profile.release,
+                "profile": release,
                 "hooks": inventory.hooks,
                 "bpf": inventory.bpf,
                 "unread": inventory.unread,
@@ -968,7 +971,7 @@ fn hooks(cli: &Cli, domain: &str, source: Source) -> anyhow::Result<u8> {
         )?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{name}: {} hook(s), profile {}", inventory.hooks.len(), m.profile.release)?;
+        writeln!(out, "{name}: {} hook(s), profile {release}", inventory.hooks.len())?;
         for h in &inventory.hooks {
             let flags = if h.flags.is_empty() {
                 String::new()

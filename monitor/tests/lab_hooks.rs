@@ -306,6 +306,10 @@ fn bpf_fmod_ret_and_livepatch(kernel: Kernel) {
     let d = daemon(&format!("vigil-lab-{s}"));
     let mut g = boot_kernel(&s, kernel);
     d.wait_watching(&g);
+    // A one-shot baseline too, for `vigil diff`.
+    let state = tempfile::tempdir().unwrap();
+    let out = common::vigil_in(state.path(), &["baseline", &g.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Timed from before the program loads (the loading takes up to a
     // second of the slack).
@@ -350,6 +354,32 @@ fn bpf_fmod_ret_and_livepatch(kernel: Kernel) {
         findings(&v, "info").iter().any(|f| f.contains("vigil_livepatch") && f.contains("allowed")),
         "the livepatch allowed gives no info finding: {v:#}"
     );
+    // `vigil diff`, one-shot and the daemon's: both hooks added since the
+    // baseline, nothing gone.
+    let one_shot = common::vigil_in(state.path(), &["--format", "json", "diff", &g.name]);
+    let by_daemon = d.vigil(&["diff", &g.name, "--daemon", "--format", "json"]);
+    for (how, out) in [("one-shot", one_shot), ("daemon", by_daemon)] {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{how} diff: {e}: {}", String::from_utf8_lossy(&out.stderr))
+        });
+        let added: Vec<String> = v["hooks_added"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{how} diff lists no hooks added: {v:#}"))
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        for words in [
+            ["BPF trampoline", "security_task_kill", "fmod_ret", "vigil_lab"],
+            ["livepatch", "getppid", "new_func", "module vigil_livepatch"],
+        ] {
+            assert!(
+                added.iter().any(|h| words.iter().all(|w| h.contains(w))),
+                "{how} diff: no hook added saying {words:?}: {added:#?}"
+            );
+        }
+        assert!(v.get("hooks_removed").is_none(), "{how} diff: hooks gone: {v:#}");
+        assert!(v.get("hooks_note").is_none(), "{how} diff: {v:#}");
+    }
     eprintln!("{}", timeline(&d, &g));
 }
 

@@ -88,6 +88,11 @@ pub struct Baseline {
     /// baselines of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceCheck>,
+    /// The hooks of the guest kernel when the baseline was taken (see
+    /// [`crate::linux::hooks`]), to show those added since; absent when no
+    /// profile matched, and in baselines of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Vec<crate::linux::hooks::HookRecord>>,
 }
 
 /// Whether a baseline's pages matched a reference when it was taken.
@@ -402,6 +407,7 @@ impl Baseline {
             regions: records,
             run: None,
             reference: None,
+            hooks: None,
         };
         Ok((baseline, originals))
     }

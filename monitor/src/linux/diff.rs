@@ -14,6 +14,7 @@ use crate::addr::{GuestVirtAddr, PAGE_SIZE};
 use crate::integrity::{AddressSpace, EntryRef, Finding, FindingKind, Originals, Report, Severity};
 use crate::memory::GuestMemory;
 
+use super::hooks::{HookRecord, Inventory, compare};
 use super::patch::Patched;
 use super::semantic::read_virt;
 
@@ -113,6 +114,15 @@ pub struct Diff {
     /// of consecutive pages: `[{"region", "runs": [["0x<first page>", pages], ...]}]`.
     #[serde(default, with = "page_runs")]
     pub map: Vec<(String, Vec<u64>)>,
+    /// Hooks of the guest kernel now that the baseline had not, and those
+    /// it had that are gone (see [`crate::linux::hooks::compare`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks_added: Vec<HookRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks_removed: Vec<HookRecord>,
+    /// Why hooks were not compared (or not all read), when so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks_note: Option<String>,
 }
 
 /// The page map as runs of consecutive pages, to keep the JSON small.
@@ -184,15 +194,37 @@ mod page_runs {
 impl Diff {
     /// A diff of `changes` found by `report` against `baseline` (kept at
     /// `baseline_path`), with the baseline's page map.
+    /// `hooks`, the guest's hooks now (none: not read), are compared with
+    /// the baseline's.
     pub fn of(
         report: &super::KernelReport,
         baseline: &crate::integrity::Baseline,
         baseline_path: &str,
         source: String,
         changes: Vec<Change>,
+        hooks: Option<&Inventory>,
     ) -> Self {
         use crate::integrity::RegionKind;
         let (report, profile) = (&report.check, report.kernel.profile.clone());
+        let (hooks_added, hooks_removed, hooks_note) = match (&baseline.hooks, hooks) {
+            (None, _) => (
+                Vec::new(),
+                Vec::new(),
+                Some("the baseline keeps no hooks (taken without a matching profile, or by an earlier vigil): hooks not compared".to_owned()),
+            ),
+            (Some(_), None) => (
+                Vec::new(),
+                Vec::new(),
+                Some("the guest's hooks were not read (no profile matches its kernel): hooks not compared".to_owned()),
+            ),
+            (Some(then), Some(now)) => {
+                let (added, removed) = compare(then, &now.summaries());
+                let note = (!now.unread.is_empty()).then(|| {
+                    format!("some hook records were not read: {}", now.unread.join("; "))
+                });
+                (added, removed, note)
+            }
+        };
         Diff {
             format: SCHEMA.into(),
             version: VERSION,
@@ -213,6 +245,9 @@ impl Diff {
                 .filter(|r| matches!(r.kind, RegionKind::Code | RegionKind::ReadOnlyData))
                 .map(|r| (r.name.clone(), r.pages.iter().map(|p| p.gva.raw()).collect()))
                 .collect(),
+            hooks_added,
+            hooks_removed,
+            hooks_note,
         }
     }
 }
@@ -662,6 +697,20 @@ pub fn render_text(d: &Diff, colour: Colour, max_accepted: usize) -> String {
             }
         }
     }
+    for (title, sign, code, list) in [
+        ("HOOKS ADDED SINCE THE BASELINE", "+", "1", &d.hooks_added),
+        ("HOOKS GONE SINCE THE BASELINE", "-", "0", &d.hooks_removed),
+    ] {
+        if !list.is_empty() {
+            let _ = writeln!(s, "\n{title} ({}):", list.len());
+            for h in list {
+                let _ = writeln!(s, "  {sign} {}", paint(colour, code, &h.to_string()));
+            }
+        }
+    }
+    if let Some(note) = &d.hooks_note {
+        let _ = writeln!(s, "\nhooks: {note}");
+    }
     let accepted: Vec<&Change> =
         d.changes.iter().filter(|c| c.verdict == Verdict::AcceptedPatch).collect();
     if !accepted.is_empty() {
@@ -865,6 +914,21 @@ pub fn render_html(d: &Diff) -> String {
             }
         }
         s.push_str("</article>\n");
+    }
+    for (title, id, list) in [
+        ("Hooks added since the baseline", "hooks-added", &d.hooks_added),
+        ("Hooks gone since the baseline", "hooks-removed", &d.hooks_removed),
+    ] {
+        if !list.is_empty() {
+            let _ = writeln!(s, "<h2 id=\"{id}\">{title} ({})</h2><ul>", list.len());
+            for h in list {
+                let _ = writeln!(s, "<li><code>{}</code></li>", esc(&h.to_string()));
+            }
+            s.push_str("</ul>\n");
+        }
+    }
+    if let Some(note) = &d.hooks_note {
+        let _ = writeln!(s, "<p class=\"rule\">hooks: {}</p>", esc(note));
     }
     s.push_str("</body></html>\n");
     s

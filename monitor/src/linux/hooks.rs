@@ -229,6 +229,51 @@ impl Hook {
     }
 }
 
+/// A hook as a baseline keeps it and a diff compares it: what it is and
+/// whose code it runs, not where its record lies (records move; a hook
+/// whose owners and hooked functions stay the same is the same hook).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct HookRecord {
+    pub mechanism: String,
+    /// What it hooks, as [`Hook::hooked_text`] says it.
+    pub hooked: String,
+    /// Each callback: `role owner`.
+    pub callbacks: Vec<String>,
+    pub redirects: bool,
+}
+
+impl std::fmt::Display for HookRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}: {}: {}",
+            self.mechanism,
+            if self.redirects { " (can redirect)" } else { "" },
+            self.hooked,
+            self.callbacks.join(", ")
+        )
+    }
+}
+
+impl Hook {
+    pub fn summary(&self) -> HookRecord {
+        HookRecord {
+            mechanism: self.mechanism.as_str().to_owned(),
+            hooked: self.hooked_text(),
+            callbacks: self.callbacks.iter().map(|c| format!("{} {}", c.role, c.owner)).collect(),
+            redirects: self.redirects,
+        }
+    }
+}
+
+/// The hooks in `now` that `then` had not (added), and those of `then`
+/// gone from `now` (removed); each sorted, a hook listed once.
+pub fn compare(then: &[HookRecord], now: &[HookRecord]) -> (Vec<HookRecord>, Vec<HookRecord>) {
+    let set = |l: &[HookRecord]| l.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+    let (then, now) = (set(then), set(now));
+    (now.difference(&then).cloned().collect(), then.difference(&now).cloned().collect())
+}
+
 /// The hooks of one guest, and what of their records could not be read.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Inventory {
@@ -322,6 +367,32 @@ impl Code<'_, '_> {
 }
 
 impl Inventory {
+    /// Every hook as a baseline keeps it, sorted, each once.
+    pub fn summaries(&self) -> Vec<HookRecord> {
+        let mut l: Vec<HookRecord> = self.hooks.iter().map(Hook::summary).collect();
+        l.sort();
+        l.dedup();
+        l
+    }
+
+    /// Reads the hooks of a guest whose kernel image lies at `image_base`
+    /// in `space`: the profile among `profiles` that matches it, its module
+    /// list walked. Says why not when no profile matches or the module list
+    /// cannot be read. Also returns the profile's release.
+    pub fn of_guest<M: GuestMemory + ?Sized>(
+        profiles: &[super::profile::Profile],
+        mem: &M,
+        space: &dyn AddressSpace,
+        image_base: GuestVirtAddr,
+    ) -> Result<(Self, String), String> {
+        let mut m = super::semantic::match_profile(profiles, mem, space, image_base).ok_or(
+            "no guest profile matches the kernel, so its hook records cannot be read (build one with `vigil profile build`)",
+        )?;
+        m.modules = super::semantic::walk_modules_settled(&m, mem, space)
+            .map_err(|e| format!("the module list: {e}"))?;
+        Ok((Self::read(&m, mem, space), m.profile.release.clone()))
+    }
+
     /// Reads the hooks of the guest `m` (its module list walked before).
     pub fn read<M: GuestMemory + ?Sized>(
         m: &Matched<'_>,

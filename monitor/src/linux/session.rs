@@ -69,7 +69,7 @@ pub struct KernelSession {
     guest_symbols: Option<Option<semantic::GuestSymbols>>,
     /// What to make of hooks (the modules allowed to hook).
     pub hook_policy: HookPolicy,
-    /// The hooks the last examination with a profile read.
+    /// The hooks the last examination read (none: no profile matched).
     pub hooks: Option<Inventory>,
 }
 
@@ -94,6 +94,9 @@ pub struct Examined {
     pub changes: Vec<Change>,
     /// Said to the operator, not findings (no profile matched, ...).
     pub warnings: Vec<String>,
+    /// The hooks read, when a profile matched (one-shot examinations only;
+    /// a session keeps them in [`KernelSession::hooks`]).
+    pub hooks: Option<Inventory>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +123,9 @@ pub fn examine_once<M: GuestMemory + ?Sized>(
     let how = How { scope: Scope::Full, tags: None, changes: with_changes, clock: &WallClock };
     let mut session = KernelSession::one_shot();
     session.hook_policy = hooks.clone();
-    Ok(session.examine((baseline, originals), mem, (&view, regs), profiles, how)?)
+    let mut e = session.examine((baseline, originals), mem, (&view, regs), profiles, how)?;
+    e.hooks = session.hooks.take();
+    Ok(e)
 }
 
 impl KernelSession {
@@ -178,6 +183,8 @@ impl KernelSession {
         profiles: &[Profile],
         how: How<'_>,
     ) -> Result<Examined, CheckError> {
+        // Read again below when a profile matches; never an earlier check's.
+        self.hooks = None;
         let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
         // What differed from the vendor's image when the baseline was taken
         // stays a violation at every check: it was never good.
@@ -309,7 +316,7 @@ impl KernelSession {
                 }
             }
         }
-        Ok(Examined { report: r, changes, warnings })
+        Ok(Examined { report: r, changes, warnings, hooks: None })
     }
 
     /// The semantic checks (syscall tables, IDT, module list) with what the

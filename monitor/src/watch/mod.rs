@@ -367,6 +367,16 @@ fn take_baseline(
     // first looked is not taken on trust where a reference exists.
     let proof = crate::linux::reference::prove(mem, &view, profiles, None, &WallClock);
     baseline.reference = Some(proof.check);
+    // The hooks now, to show in a diff those added since (none kept
+    // without a profile: a diff then says hooks are not compared).
+    baseline.hooks = crate::linux::hooks::Inventory::of_guest(
+        profiles,
+        mem,
+        &view,
+        view.identification.image_base,
+    )
+    .ok()
+    .map(|(inventory, _)| inventory.summaries());
     Ok((baseline, originals, said))
 }
 
@@ -639,6 +649,7 @@ impl Watched {
             &self.path.display().to_string(),
             format!("live {}", report.check.source),
             changes,
+            self.session.hooks.as_ref(),
         );
         Ok(d)
     }

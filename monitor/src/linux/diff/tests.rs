@@ -28,8 +28,18 @@ fn html_escapes_guest_names_and_links_the_map_to_changes() {
         digest: "d1".repeat(32),
         changes: vec![c],
         map: vec![("kernel-text".into(), vec![0xffff_ffff_8100_0000, 0xffff_ffff_8100_1000])],
+        hooks_added: vec![HookRecord {
+            mechanism: "ftrace ops".into(),
+            hooked: "__x64_sys_kill".into(),
+            callbacks: vec!["func module <b>rk+0x10".into()],
+            redirects: true,
+        }],
+        hooks_removed: vec![],
+        hooks_note: None,
     };
     let h = render_html(&d);
+    assert!(h.contains("module &lt;b&gt;rk+0x10") && !h.contains("<b>rk"), "{h}");
+    assert!(h.contains("id=\"hooks-added\">Hooks added since the baseline (1)"), "{h}");
     assert!(!h.contains("<script>") && h.contains("&lt;script&gt;"), "{h}");
     assert!(h.contains("evil&quot;name"));
     assert!(h.contains("<i></i><a class=\"violation\" href=\"#c0\""), "{h}");
@@ -42,6 +52,12 @@ fn html_escapes_guest_names_and_links_the_map_to_changes() {
     let t = render_text(&d, Colour::No, 20);
     let line = format!("vigil accept web1 --diff-digest {} --reason", "d1".repeat(32));
     assert!(t.contains(&line), "{t}");
+    assert!(
+        t.contains(
+            "HOOKS ADDED SINCE THE BASELINE (1):\n  + ftrace ops (can redirect): __x64_sys_kill: func module <b>rk+0x10\n"
+        ),
+        "{t}"
+    );
 }
 
 /// A report of a check at `checked`, read through `source`, with these
@@ -187,6 +203,9 @@ fn the_page_map_travels_as_runs_and_comes_back_whole() {
         digest: String::new(),
         changes: vec![],
         map: vec![("kernel-text".into(), text), ("kernel-rodata".into(), vec![])],
+        hooks_added: vec![],
+        hooks_removed: vec![],
+        hooks_note: None,
     };
     let v = serde_json::to_value(&d).unwrap();
     assert_eq!(
@@ -210,4 +229,24 @@ fn hex_round_trips_and_refuses_junk() {
     assert_eq!(unhex("abc"), None);
     assert_eq!(unhex("zz"), None);
     assert_eq!(unhex(&"ab".repeat(4097)), None, "longer than a page");
+}
+
+#[test]
+fn hooks_added_and_gone_are_compared_by_what_they_are() {
+    let hook = |hooked: &str, owner: &str| HookRecord {
+        mechanism: "kprobe".into(),
+        hooked: hooked.into(),
+        callbacks: vec![format!("pre_handler {owner}")],
+        redirects: true,
+    };
+    let then = [hook("vfs_read", "kernel kprobe_dispatcher"), hook("a", "module m+0x10")];
+    let now = [
+        hook("a", "module m+0x10"),
+        hook("a", "module m+0x10"),
+        hook("vfs_read", "module evil+0x0"),
+    ];
+    let (added, removed) = compare(&then, &now);
+    assert_eq!(added, [hook("vfs_read", "module evil+0x0")]);
+    assert_eq!(removed, [hook("vfs_read", "kernel kprobe_dispatcher")]);
+    assert_eq!(compare(&now, &now), (vec![], vec![]));
 }
