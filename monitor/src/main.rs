@@ -65,7 +65,8 @@ struct Cli {
     /// first].
     #[arg(long, global = true, env = "VIGIL_CONTROL_SOCKET")]
     control_socket: Option<PathBuf>,
-    /// A module allowed to hook (MODULE, or MODULE:SYMBOL for one hooked function), for
+    /// A module allowed to hook (MODULE, MODULE:SYMBOL for one hooked function, or
+    /// bpf:PROGRAM for a BPF program's fmod_ret), for
     /// `check`, `diff` and `hooks`: its redirecting hooks are information, not violations
     /// (repeat, or separate with ','; the daemon reads `hooks.allow` from its configuration).
     #[arg(long = "allow-hook", global = true, env = "VIGIL_ALLOW_HOOKS", value_delimiter = ',')]
@@ -213,20 +214,24 @@ enum Command {
     /// List what hooks a running kernel, and whose code each hook runs
     ///
     /// Read from the kernel's own records: every ftrace ops (the functions it
-    /// filters, its flags, its callback and trampoline), every kprobe and
-    /// kretprobe (where, and its handlers), and every die notifier (called
-    /// for the traps, int3 among them, that no kprobe claims). Each callback
-    /// is owned by a kernel function, a listed module (`module NAME+0xoff`),
-    /// a BPF image, or nothing known.
+    /// filters, its flags, its callback and trampoline, its direct calls),
+    /// every BPF trampoline (its fentry, fexit and fmod_ret programs), every
+    /// livepatch (its replacement functions), every kprobe and kretprobe
+    /// (where, and its handlers), and every die notifier (called for the
+    /// traps, int3 among them, that no kprobe claims). Each callback is
+    /// owned by a kernel function, a listed module (`module NAME+0xoff`), a
+    /// BPF image, or nothing known.
     ///
     /// Verdicts, as `check` and the daemon give them: a record that lies
     /// where the kernel keeps no such records, a callback in no known code,
-    /// or a hook that can redirect execution (an ftrace ops with IPMODIFY,
-    /// SAVE_REGS or DIRECT, any kprobe or kretprobe, a die notifier) owned
-    /// by a module is a violation; a module's other hooks are information.
-    /// The kernel's own hooks (its tracers, perf, BPF core) are listed only.
-    /// Allow a product's module with --allow-hook MODULE (or the daemon's
-    /// `hooks.allow`).
+    /// a hook that can redirect execution (an ftrace ops with IPMODIFY,
+    /// SAVE_REGS or DIRECT, a livepatch, any kprobe or kretprobe, a die
+    /// notifier) owned by a module, or a BPF fmod_ret program is a
+    /// violation; a module's other hooks are information. The kernel's own
+    /// hooks (its tracers, perf, BPF core) and observing BPF programs are
+    /// listed only. Allow a product's module with --allow-hook MODULE, a
+    /// BPF program with --allow-hook bpf:NAME (or the daemon's
+    /// `hooks.allow`). `vigil diff` lists the hooks added since the baseline.
     ///
     /// Example: vigil hooks web1 --allow-hook falcon_lsm
     ///

@@ -354,6 +354,15 @@ fn bpf_fmod_ret_and_livepatch(kernel: Kernel) {
         findings(&v, "info").iter().any(|f| f.contains("vigil_livepatch") && f.contains("allowed")),
         "the livepatch allowed gives no info finding: {v:#}"
     );
+    // The daemon's metrics count them by mechanism and owner.
+    let hooks = |d: &Daemon, mechanism: &str, owner: &str| {
+        let labels = format!("domain=\"{}\",mechanism=\"{mechanism}\",owner=\"{owner}\"", g.name);
+        d.metric("vigil_hooks", &labels).unwrap_or(-1.0)
+    };
+    d.wait_for("vigil_hooks to count the livepatch and the BPF trampoline", FULL * 3, |d| {
+        hooks(d, "livepatch", "module") == 1.0 && hooks(d, "bpf_trampoline", "bpf") == 1.0
+    });
+    assert_eq!(hooks(&d, "kprobe", "unknown"), 0.0, "every pair is exported, zeros too");
     // `vigil diff`, one-shot and the daemon's: both hooks added since the
     // baseline, nothing gone.
     let one_shot = common::vigil_in(state.path(), &["--format", "json", "diff", &g.name]);

@@ -48,6 +48,15 @@ pub struct PatchLabels {
     pub kind: String,
 }
 
+/// A guest's hooks of one mechanism and kind of owner (fixed value sets:
+/// see [`crate::linux::hooks::OWNER_KINDS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub domain: String,
+    pub mechanism: String,
+    pub owner: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: String,
@@ -74,6 +83,7 @@ pub struct Metrics {
     pub evidence_bytes: Gauge,
     pub register_snapshots: Family<DomainLabels, Counter>,
     pub reference_verified: Family<DomainLabels, Gauge>,
+    pub hooks: Family<HookLabels, Gauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -103,6 +113,7 @@ impl Metrics {
             evidence_bytes: Gauge::default(),
             register_snapshots: Family::default(),
             reference_verified: Family::default(),
+            hooks: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -171,6 +182,11 @@ impl Metrics {
                 "evidence_bytes",
                 "Bytes under the evidence directory after the last save",
                 m.evidence_bytes.clone(),
+            );
+            r.register(
+                "hooks",
+                "Hooks of the guest kernel at the last check, by mechanism and owner (kernel, bpf, module, unknown)",
+                m.hooks.clone(),
             );
             r.register(
                 "build",

@@ -53,8 +53,8 @@ use self::alerts::{Alert, AlertLog, AlertSeverity, EventKind, Reported, Subject}
 use self::budget::Budget;
 use self::config::Settings;
 use self::metrics::{
-    CheckLabels, DomainLabels, KindLabels, Metrics, PatchLabels, RegionLabels, ScopeLabels,
-    ViolationLabels,
+    CheckLabels, DomainLabels, HookLabels, KindLabels, Metrics, PatchLabels, RegionLabels,
+    ScopeLabels, ViolationLabels,
 };
 use crate::integrity::check::Scope;
 use crate::libvirt::{DomainEvent, Hypervisor, error_chain};

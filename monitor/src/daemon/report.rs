@@ -79,6 +79,16 @@ pub(super) fn report_patches(
             ),
         ));
     }
+    // The hooks, when read: every mechanism and owner kind set, zeros too.
+    for c in report.hooks.iter().flatten() {
+        m.hooks
+            .get_or_create(&HookLabels {
+                domain: name.clone(),
+                mechanism: c.mechanism.into(),
+                owner: c.owner.into(),
+            })
+            .set(i64::try_from(c.count).unwrap_or(i64::MAX));
+    }
     if full {
         m.patched_sites
             .get_or_create(&DomainLabels { domain: name.clone() })

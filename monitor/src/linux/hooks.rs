@@ -143,6 +143,28 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
+    /// Every mechanism, in the order [`Inventory::counts`] lists them.
+    pub const ALL: [Mechanism; 6] = [
+        Mechanism::Ftrace,
+        Mechanism::Kprobe,
+        Mechanism::Kretprobe,
+        Mechanism::DieNotifier,
+        Mechanism::BpfTrampoline,
+        Mechanism::Livepatch,
+    ];
+
+    /// Its name as a metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mechanism::Ftrace => "ftrace",
+            Mechanism::Kprobe => "kprobe",
+            Mechanism::Kretprobe => "kretprobe",
+            Mechanism::DieNotifier => "die_notifier",
+            Mechanism::BpfTrampoline => "bpf_trampoline",
+            Mechanism::Livepatch => "livepatch",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mechanism::Ftrace => "ftrace ops",
@@ -274,6 +296,17 @@ pub fn compare(then: &[HookRecord], now: &[HookRecord]) -> (Vec<HookRecord>, Vec
     (now.difference(&then).cloned().collect(), then.difference(&now).cloned().collect())
 }
 
+/// Whose a hook is, as a metric says it: its most foreign callback's owner.
+pub const OWNER_KINDS: [&str; 4] = ["kernel", "bpf", "module", "unknown"];
+
+/// How many hooks of one mechanism one kind of owner has.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HookCount {
+    pub mechanism: &'static str,
+    pub owner: &'static str,
+    pub count: u64,
+}
+
 /// The hooks of one guest, and what of their records could not be read.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Inventory {
@@ -367,6 +400,32 @@ impl Code<'_, '_> {
 }
 
 impl Inventory {
+    /// Hooks by mechanism and owner (each of [`OWNER_KINDS`], by the most
+    /// foreign of its callbacks' owners), every pair listed, zeros too:
+    /// label values a guest cannot choose.
+    pub fn counts(&self) -> Vec<HookCount> {
+        let rank = |o: &Owner| match o {
+            Owner::Kernel { .. } => 0,
+            Owner::Bpf { .. } => 1,
+            Owner::Module { .. } => 2,
+            Owner::Unknown => 3,
+        };
+        let mut n = [[0u64; OWNER_KINDS.len()]; Mechanism::ALL.len()];
+        for h in &self.hooks {
+            let m = Mechanism::ALL.iter().position(|&m| m == h.mechanism).unwrap_or(0);
+            let o = h.callbacks.iter().map(|c| rank(&c.owner)).max().unwrap_or(0);
+            n[m][o] += 1;
+        }
+        Mechanism::ALL
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                OWNER_KINDS.iter().enumerate().map(move |(j, o)| (i, j, m.label(), *o))
+            })
+            .map(|(i, j, mechanism, owner)| HookCount { mechanism, owner, count: n[i][j] })
+            .collect()
+    }
+
     /// Every hook as a baseline keeps it, sorted, each once.
     pub fn summaries(&self) -> Vec<HookRecord> {
         let mut l: Vec<HookRecord> = self.hooks.iter().map(Hook::summary).collect();

@@ -36,6 +36,10 @@ pub struct KernelFacts {
     /// `unavailable`; absent for baselines of earlier versions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The hooks read, counted by mechanism and owner (see
+    /// [`crate::linux::hooks::Inventory::counts`]); absent when not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Vec<crate::linux::hooks::HookCount>>,
 }
 
 fn is_zero(n: &u64) -> bool {

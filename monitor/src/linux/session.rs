@@ -273,6 +273,7 @@ impl KernelSession {
                     );
                 }
                 r.kernel.modules = m.modules.iter().map(|md| md.name.clone()).collect();
+                r.kernel.hooks = self.hooks.as_ref().map(Inventory::counts);
                 for region in semantic::regions() {
                     r.check.cover(&region.name());
                 }

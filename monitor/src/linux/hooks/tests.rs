@@ -597,6 +597,16 @@ fn a_bpf_trampoline_is_listed_with_its_programs_and_fmod_ret_is_a_violation() {
     assert_eq!(verdicts(&inv, &["bpf:deny"])[0].0, Severity::Info);
     assert_eq!(verdicts(&inv, &["bpf:watch"])[0].0, Severity::Violation);
     assert_eq!(verdicts(&inv, &["deny"])[0].0, Severity::Violation, "a module name allows no BPF");
+    // Counted by mechanism and owner, every pair listed.
+    let counts = inv.counts();
+    assert_eq!(counts.len(), Mechanism::ALL.len() * OWNER_KINDS.len());
+    let count = |m: &str, o: &str| {
+        counts.iter().find(|c| c.mechanism == m && c.owner == o).map(|c| c.count)
+    };
+    assert_eq!(count("bpf_trampoline", "bpf"), Some(2));
+    assert_eq!(count("ftrace", "bpf"), Some(2), "a direct ops is as foreign as its target");
+    assert_eq!(count("ftrace", "kernel"), Some(0));
+    assert_eq!(count("kprobe", "unknown"), Some(0));
 }
 
 #[test]
