@@ -80,8 +80,6 @@ const NAMED: usize = 6;
 /// The largest trampoline ftrace makes (`create_trampoline` allocates one
 /// page for a copy of its caller, a jump back and the ops pointer).
 const MAX_TRAMPOLINE: u64 = PAGE_SIZE;
-/// Bytes of ftrace's caller a trampoline starts with: its copy.
-const TRAMPOLINE_PREFIX: usize = 16;
 
 /// Whose code a callback is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -722,11 +720,8 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     );
     let filter_off = need(m, "ftrace_ops_hash.filter_hash")?;
     let end = sym(m, "ftrace_list_end")?;
-    let callers = caller_prefixes(m, mem, space);
+    let callers = callers(m, mem, space);
     let livepatch = m.expect("klp_ftrace_handler");
-    let regs_caller = m
-        .expect("ftrace_regs_caller")
-        .and_then(|a| read_span(mem, space, a, TRAMPOLINE_PREFIX as u64).ok());
     let mut seen = HashSet::new();
     let mut at =
         read_u64(mem, space, sym(m, "ftrace_ops_list")?).ok_or("ftrace_ops_list unreadable")?;
@@ -751,27 +746,18 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
             forged: code.misplaced(at).into_iter().collect(),
         };
         if tramp != 0 {
-            let owner = match fake_trampoline(m, mem, space, tramp, tramp_size, &callers) {
-                Some(why) => {
+            let owner = match trampoline(m, mem, space, (at, func), tramp, tramp_size, &callers) {
+                Err(why) => {
                     hook.forged.push(why);
                     code.owner(tramp)
                 }
-                None if m.expect("ftrace_caller") == Some(tramp)
-                    || m.expect("ftrace_regs_caller") == Some(tramp) =>
-                {
-                    // ftrace's own callers (a direct ops names one).
-                    code.owner(tramp)
-                }
-                None => {
+                // ftrace's own callers (a direct ops names one).
+                Ok(Trampoline::Caller) => code.owner(tramp),
+                Ok(Trampoline::Copy { regs }) => {
                     // A copy of the caller that saves and restores all
                     // registers lets the callback move the instruction
                     // pointer, whatever the ops' flags say now.
-                    if regs_caller.is_some()
-                        && read_span(mem, space, tramp, TRAMPOLINE_PREFIX as u64).ok()
-                            == regs_caller
-                    {
-                        hook.redirects = true;
-                    }
+                    hook.redirects |= regs;
                     Owner::Kernel { symbol: "ftrace trampoline (a copy of its caller)".into() }
                 }
             };
@@ -816,64 +802,168 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     Ok(())
 }
 
-/// The first bytes of ftrace's callers, which a trampoline ftrace makes
-/// starts with (it is a copy of one).
-pub(crate) fn caller_prefixes<M: GuestMemory + ?Sized>(
-    m: &Matched<'_>,
-    mem: &M,
-    space: &dyn AddressSpace,
-) -> Vec<Vec<u8>> {
-    ["ftrace_caller", "ftrace_regs_caller"]
-        .iter()
-        .filter_map(|n| m.expect(n))
-        .filter_map(|a| read_span(mem, space, a, TRAMPOLINE_PREFIX as u64).ok())
-        .collect()
+/// One of ftrace's callers, as a trampoline ftrace makes copies it: its
+/// bytes up to its `_end` label, and the three places where the copy is
+/// made to differ (`create_trampoline` and `arch_ftrace_update_trampoline`).
+pub(crate) struct Caller {
+    bytes: Vec<u8>,
+    /// The `mov` that loads the ops (`*_op_ptr`, 7 bytes): its disp32 is
+    /// made to reach the ops pointer stored after the copy.
+    op_ptr: usize,
+    /// The call of the ops' function (`ftrace_call`, `ftrace_regs_call`).
+    call: usize,
+    /// The regs caller's 2-byte `jnz` to a direct call
+    /// (`ftrace_regs_caller_jmp`), made a 2-byte nop.
+    jnz: Option<usize>,
+    /// The regs caller: a copy of it lets the callback move the
+    /// instruction pointer.
+    pub(crate) regs: bool,
 }
 
-/// Why `tramp` (`size` bytes, as an ops says) is no trampoline ftrace
-/// made: not its own page-aligned allocation of at most a page in the
-/// module area, outside every module, or not a copy of ftrace's caller
-/// (`callers`, from [`caller_prefixes`]). ftrace's own callers are
-/// trampolines too: a direct ops names `ftrace_regs_caller`.
-pub(crate) fn fake_trampoline<M: GuestMemory + ?Sized>(
+/// ftrace's two callers, as far as they can be read.
+pub(crate) fn callers<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
+) -> Vec<Caller> {
+    let one = |name: &str, regs: bool| -> Option<Caller> {
+        let at = |suffix: &str| m.expect(&format!("{name}{suffix}"));
+        let start = at("")?;
+        let off = |a: u64| usize::try_from(a.checked_sub(start)?).ok();
+        let size = off(at("_end")?)?;
+        let op_ptr = off(at("_op_ptr")?)?;
+        let call = off(m.expect(if regs { "ftrace_regs_call" } else { "ftrace_call" })?)?;
+        let jnz = if regs { Some(off(at("_jmp")?)?) } else { None };
+        if size as u64 > MAX_TRAMPOLINE
+            || op_ptr + 7 > size
+            || call + 5 > size
+            || jnz.is_some_and(|j| j + 2 > size)
+        {
+            return None;
+        }
+        let bytes = read_span(mem, space, start, size as u64).ok()?;
+        Some(Caller { bytes, op_ptr, call, jnz, regs })
+    };
+    [one("ftrace_caller", false), one("ftrace_regs_caller", true)].into_iter().flatten().collect()
+}
+
+impl Caller {
+    /// Why `t`, the bytes of a trampoline at `tramp` for the ops at `ops`,
+    /// is no copy of this caller: a byte differs outside the three places,
+    /// the ops pointer it loads is not `ops`, or its call goes where
+    /// `call_ok` refuses (the copy's own call, untouched, is accepted; so
+    /// is an `int3` over its first byte, a rewrite in flight).
+    fn copied_in(
+        &self,
+        t: &[u8],
+        tramp: u64,
+        ops: u64,
+        call_ok: &dyn Fn(u64) -> bool,
+    ) -> Result<(), String> {
+        let size = self.bytes.len();
+        if t.len() < size + 8 {
+            return Err(format!("it is {} bytes, too short for a copy of {size}", t.len()));
+        }
+        let holes = [(self.op_ptr + 3, 4), (self.call, 5)]
+            .into_iter()
+            .chain(self.jnz.map(|j| (j, 2)))
+            .collect::<Vec<_>>();
+        let in_hole = |i: usize| holes.iter().any(|&(s, n)| (s..s + n).contains(&i));
+        if let Some(i) = (0..size).find(|&i| !in_hole(i) && t[i] != self.bytes[i]) {
+            return Err(format!("its byte at +{i:#x} is not its caller's"));
+        }
+        let word = |i: usize| i32::from_le_bytes(t[i..i + 4].try_into().expect("4 bytes"));
+        let ptr = (self.op_ptr as i64 + 7).wrapping_add(i64::from(word(self.op_ptr + 3)));
+        let ptr = usize::try_from(ptr)
+            .ok()
+            .filter(|&p| p >= size && p + 8 <= t.len())
+            .ok_or("its ops pointer load reads outside the trampoline's own pointer".to_owned())?;
+        let held = u64::from_le_bytes(t[ptr..ptr + 8].try_into().expect("8 bytes"));
+        if held != ops {
+            return Err(format!("it loads the ops {held:#x}, not its own {ops:#x}"));
+        }
+        let c = self.call;
+        let target = tramp.wrapping_add(c as u64 + 5).wrapping_add(i64::from(word(c + 1)) as u64);
+        if !matches!(t[c], 0xe8 | 0xcc)
+            || !(t[c + 1..c + 5] == self.bytes[c + 1..c + 5] || call_ok(target))
+        {
+            return Err(format!("its call of the ops' function goes to {target:#x}"));
+        }
+        if let Some(j) = self.jnz
+            && t[j..j + 2] != self.bytes[j..j + 2]
+            && t[j..j + 2] != [0x66, 0x90]
+        {
+            return Err("its jump to a direct call is neither its caller's nor a nop".into());
+        }
+        Ok(())
+    }
+}
+
+/// How a trampoline is ftrace's: one of its callers itself (a direct ops
+/// names `ftrace_regs_caller`), or a copy of one.
+pub(crate) enum Trampoline {
+    Caller,
+    Copy { regs: bool },
+}
+
+/// Whether `tramp` (`size` bytes, as the ops at `ops` whose function is
+/// `func` says) is a trampoline ftrace made: its own page-aligned
+/// allocation of at most a page in the module area, outside every module,
+/// holding a whole copy of one of ftrace's `callers` (see
+/// [`Caller::copied_in`]) that loads `ops` and calls `func` (or ftrace's
+/// own helpers). Otherwise why not.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn trampoline<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    (ops, func): (u64, u64),
     tramp: u64,
     size: u64,
-    callers: &[Vec<u8>],
-) -> Option<String> {
+    callers: &[Caller],
+) -> Result<Trampoline, String> {
     if ["ftrace_caller", "ftrace_regs_caller"].iter().any(|n| m.expect(n) == Some(tramp)) {
-        return None;
+        return Ok(Trampoline::Caller);
     }
     if !MODULES.contains(&tramp)
         || !tramp.is_multiple_of(PAGE_SIZE)
         || size == 0
         || size > MAX_TRAMPOLINE
     {
-        return Some(format!(
+        return Err(format!(
             "its trampoline {tramp:#x} ({size} bytes) is no allocation ftrace makes (one page-aligned page at most, in the module area)"
         ));
     }
     if let Some(md) = m.modules.iter().find(|md| md.holds(tramp, tramp + 1) || md.data_holds(tramp))
     {
-        return Some(format!("its trampoline {tramp:#x} lies in module {}", md.name));
+        return Err(format!("its trampoline {tramp:#x} lies in module {}", md.name));
     }
-    let Ok(head) = read_span(mem, space, tramp, TRAMPOLINE_PREFIX as u64) else {
-        return Some(format!("its trampoline {tramp:#x} is not readable"));
+    let Ok(t) = read_span(mem, space, tramp, size) else {
+        return Err(format!("its trampoline {tramp:#x} is not readable"));
     };
     if callers.is_empty() {
-        return Some(format!(
+        return Err(format!(
             "its trampoline {tramp:#x} cannot be compared: ftrace's callers are not readable"
         ));
     }
-    if callers.contains(&head) {
-        return None;
+    let helpers: Vec<u64> = [
+        "ftrace_ops_assist_func",
+        "ftrace_ops_list_func",
+        "arch_ftrace_ops_list_func",
+        "ftrace_stub",
+    ]
+    .iter()
+    .filter_map(|n| m.expect(n))
+    .collect();
+    let call_ok = |t: u64| t == func || helpers.contains(&t);
+    let mut why = Vec::new();
+    for c in callers {
+        match c.copied_in(&t, tramp, ops, &call_ok) {
+            Ok(()) => return Ok(Trampoline::Copy { regs: c.regs }),
+            Err(e) => why.push(e),
+        }
     }
-    Some(format!(
-        "its trampoline {tramp:#x} is no copy of ftrace's caller (it starts {})",
-        head.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
+    Err(format!("its trampoline {tramp:#x} is no copy of ftrace's caller ({})", why.join("; or ")))
 }
 
 /// What the filters of one guest's ops may cost to read in all: hash

@@ -116,9 +116,13 @@ impl Guest {
         ram.u64(sym("direct_functions"), EMPTY_HASH);
         ram.put(EMPTY_HASH, &[0; 64]);
         ram.put(TEXT, &[0x90; 64]);
-        // ftrace's callers, which a trampoline is a copy of.
-        ram.put(sym("ftrace_caller"), &[0x55; 16]);
-        ram.put(sym("ftrace_regs_caller"), &[0x56; 16]);
+        // ftrace's callers, which a trampoline is a copy of (to their
+        // `_end` labels), each byte its own.
+        for (name, seed) in [("ftrace_caller", 0x55u8), ("ftrace_regs_caller", 0x56)] {
+            let size = sym(&format!("{name}_end")) - sym(name);
+            let bytes: Vec<u8> = (0..size).map(|i| seed ^ (i as u8)).collect();
+            ram.put(sym(name), &bytes);
+        }
         Guest { p, ram }
     }
 
@@ -156,7 +160,7 @@ impl Guest {
         self.ram.u64(at + f, func);
         self.ram.u64(at + fl, flags);
         self.ram.u64(at + tr, tramp);
-        self.ram.put(at + size, &0x100u32.to_le_bytes());
+        self.ram.put(at + size, &0x200u32.to_le_bytes());
         // func_hash points at a hash pair beside the ops.
         self.ram.u64(at + fh, at + 0x300);
         self.ram.u64(at + 0x300 + filter, hash);
@@ -245,6 +249,33 @@ impl Guest {
             head = e;
         }
         self.ram.u64(at + 0x100, head);
+    }
+
+    /// Writes at `at` a trampoline as ftrace makes one for the ops at
+    /// `ops` calling `func`: a copy of the regs caller (or the plain one),
+    /// its ops load reaching the ops pointer stored after the copy, its
+    /// call to `func`, its jnz a nop. Returns its size.
+    fn trampoline_copy(&mut self, at: u64, ops: u64, func: u64, regs: bool) -> u64 {
+        let name = if regs { "ftrace_regs_caller" } else { "ftrace_caller" };
+        let start = self.sym(name);
+        let size = self.sym(&format!("{name}_end")) - start;
+        let mut t = self.read(start, usize::try_from(size).unwrap());
+        let off = |g: &Self, n: &str| usize::try_from(g.sym(n) - start).unwrap();
+        let op = off(self, &format!("{name}_op_ptr"));
+        let call = off(self, if regs { "ftrace_regs_call" } else { "ftrace_call" });
+        let ptr = size + 5;
+        t[op + 3..op + 7].copy_from_slice(&((ptr as i64 - (op as i64 + 7)) as i32).to_le_bytes());
+        let rel = func.wrapping_sub(at + call as u64 + 5) as i64 as i32;
+        t[call] = 0xe8;
+        t[call + 1..call + 5].copy_from_slice(&rel.to_le_bytes());
+        if regs {
+            let j = off(self, "ftrace_regs_caller_jmp");
+            t[j..j + 2].copy_from_slice(&[0x66, 0x90]);
+        }
+        t.extend_from_slice(&[0xc3, 0xcc, 0, 0, 0]);
+        t.extend_from_slice(&ops.to_le_bytes());
+        self.ram.put(at, &t);
+        t.len() as u64
     }
 
     /// Hangs a kprobe at `at` on bucket 0 of the kprobe table.
@@ -352,15 +383,37 @@ fn a_forged_ops_is_a_violation_whatever_is_allowed() {
     let forged = &g.inventory().hooks[0].forged;
     assert!(forged[0].contains("no copy of ftrace's caller"), "{forged:?}");
 
-    // A copy of the caller there is believed, and owned by ftrace.
+    // A whole copy of the caller there, for this ops, is believed, and
+    // owned by ftrace; a copy of the regs caller can redirect.
+    let with_copy = |edit: &dyn Fn(&mut Guest)| {
+        let mut g = Guest::new();
+        g.trampoline_copy(NOWHERE, DATA, TEXT + 0x10, true);
+        edit(&mut g);
+        g.ops(DATA, TEXT + 0x10, 0, NOWHERE, &[]);
+        g.inventory().hooks.remove(0)
+    };
+    let h = with_copy(&|_| ());
+    assert!(h.forged.is_empty(), "{:?}", h.forged);
+    assert!(h.redirects, "a copy of the regs caller");
+    assert!(matches!(h.callbacks[1].owner, Owner::Kernel { .. }));
+    // Its first bytes a copy, then a jump of the rootkit's own.
+    let h = with_copy(&|g| g.ram.put(NOWHERE + 0x20, &[0xe9, 1, 2, 3, 4]));
+    assert!(h.forged[0].contains("its byte at +0x20 is not its caller's"), "{:?}", h.forged);
+    // A copy made for another ops, or calling other code than the ops'.
+    let h = with_copy(&|g| {
+        g.trampoline_copy(NOWHERE, DATA + 0x800, TEXT + 0x10, true);
+    });
+    assert!(h.forged[0].contains("not its own"), "{:?}", h.forged);
+    let h = with_copy(&|g| {
+        g.trampoline_copy(NOWHERE, DATA, TEXT + 0x80, true);
+    });
+    assert!(h.forged[0].contains("its call of the ops' function goes to"), "{:?}", h.forged);
+    // The plain caller copied: believed, and by its copy no redirection.
     let mut g = Guest::new();
-    let caller = g.sym("ftrace_regs_caller");
-    let copy = g.read(caller, 16);
-    g.ram.put(NOWHERE, &copy);
+    g.trampoline_copy(NOWHERE, DATA, TEXT + 0x10, false);
     g.ops(DATA, TEXT + 0x10, 0, NOWHERE, &[]);
-    let inv = g.inventory();
-    assert!(inv.hooks[0].forged.is_empty(), "{:?}", inv.hooks[0].forged);
-    assert!(matches!(inv.hooks[0].callbacks[1].owner, Owner::Kernel { .. }));
+    let h = &g.inventory().hooks[0];
+    assert!(h.forged.is_empty() && !h.redirects, "{h:#?}");
 
     // Linked in the module's text, or with no hash: never ftrace's.
     let mut g = Guest::new();

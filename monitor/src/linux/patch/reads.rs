@@ -53,7 +53,7 @@ pub fn exec_ranges<M: GuestMemory + ?Sized>(
     // trampoline after it unregisters it, on ftrace_ops_trampoline_list).
     // Each is believed only as ftrace makes one: a page at most, a copy of
     // its caller.
-    let callers = crate::linux::hooks::caller_prefixes(m, mem, space);
+    let callers = crate::linux::hooks::callers(m, mem, space);
     if let Err(e) = ftrace_ops(m, mem, space).map(|ops| {
         for o in ops.iter().filter(|o| genuine(m, mem, space, o, &callers)) {
             push(o.trampoline, o.trampoline_size, "an ftrace trampoline", &mut out);
@@ -118,19 +118,29 @@ pub fn exec_ranges<M: GuestMemory + ?Sized>(
 }
 
 /// Whether an ops' trampoline is one ftrace made (see
-/// [`crate::linux::hooks::fake_trampoline`]).
+/// [`crate::linux::hooks::trampoline`]).
 pub(super) fn genuine<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
     mem: &M,
     space: &dyn AddressSpace,
     o: &Ops,
-    callers: &[Vec<u8>],
+    callers: &[crate::linux::hooks::Caller],
 ) -> bool {
-    crate::linux::hooks::fake_trampoline(m, mem, space, o.trampoline, o.trampoline_size, callers)
-        .is_none()
+    crate::linux::hooks::trampoline(
+        m,
+        mem,
+        space,
+        (o.at, o.func),
+        o.trampoline,
+        o.trampoline_size,
+        callers,
+    )
+    .is_ok()
 }
 
 pub(super) struct Ops {
+    /// Where its record lies.
+    pub(super) at: u64,
     pub(super) func: u64,
     pub(super) trampoline: u64,
     pub(super) trampoline_size: u64,
@@ -157,6 +167,7 @@ pub(super) fn ftrace_ops<M: GuestMemory + ?Sized>(
             return Err("the ops list loops or is too long".into());
         }
         ops.push(Ops {
+            at,
             func: read_u64(mem, space, at.wrapping_add(func_off)).unwrap_or(0),
             trampoline: read_u64(mem, space, at.wrapping_add(tramp_off)).unwrap_or(0),
             trampoline_size: u64::from(
@@ -174,8 +185,9 @@ pub(super) fn trampoline_ops<M: GuestMemory + ?Sized>(
     mem: &M,
     space: &dyn AddressSpace,
 ) -> Result<Vec<Ops>, String> {
-    let (list, tramp_off, size_off) = (
+    let (list, func_off, tramp_off, size_off) = (
         need(m, "ftrace_ops.list")?,
+        need(m, "ftrace_ops.func")?,
         need(m, "ftrace_ops.trampoline")?,
         need(m, "ftrace_ops.trampoline_size")?,
     );
@@ -186,7 +198,8 @@ pub(super) fn trampoline_ops<M: GuestMemory + ?Sized>(
     Ok(entries
         .into_iter()
         .map(|o| Ops {
-            func: 0,
+            at: o,
+            func: read_u64(mem, space, o.wrapping_add(func_off)).unwrap_or(0),
             trampoline: read_u64(mem, space, o.wrapping_add(tramp_off)).unwrap_or(0),
             trampoline_size: u64::from(read_u32(mem, space, o.wrapping_add(size_off)).unwrap_or(0)),
         })

@@ -285,7 +285,7 @@ impl PatchTables {
             Ok(ops) => {
                 // A trampoline is believed only as ftrace makes one (the
                 // hook inventory reports an ops that names another).
-                let callers = crate::linux::hooks::caller_prefixes(m, mem, space);
+                let callers = crate::linux::hooks::callers(m, mem, space);
                 for o in ops {
                     if o.trampoline != 0 && genuine(m, mem, space, &o, &callers) {
                         t.ftrace_callers.insert(o.trampoline);
