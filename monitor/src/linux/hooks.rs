@@ -873,9 +873,9 @@ impl Caller {
             return Err(format!("its byte at +{i:#x} is not its caller's"));
         }
         let word = |i: usize| i32::from_le_bytes(t[i..i + 4].try_into().expect("4 bytes"));
-        let ptr = (self.op_ptr as i64 + 7).wrapping_add(i64::from(word(self.op_ptr + 3)));
-        let ptr = usize::try_from(ptr)
+        let ptr = isize::try_from(word(self.op_ptr + 3))
             .ok()
+            .and_then(|d| (self.op_ptr + 7).checked_add_signed(d))
             .filter(|&p| p >= size && p + 8 <= t.len())
             .ok_or("its ops pointer load reads outside the trampoline's own pointer".to_owned())?;
         let held = u64::from_le_bytes(t[ptr..ptr + 8].try_into().expect("8 bytes"));
@@ -883,7 +883,8 @@ impl Caller {
             return Err(format!("it loads the ops {held:#x}, not its own {ops:#x}"));
         }
         let c = self.call;
-        let target = tramp.wrapping_add(c as u64 + 5).wrapping_add(i64::from(word(c + 1)) as u64);
+        let target =
+            tramp.wrapping_add(c as u64 + 5).wrapping_add(i64::from(word(c + 1)).cast_unsigned());
         if !matches!(t[c], 0xe8 | 0xcc)
             || !(t[c + 1..c + 5] == self.bytes[c + 1..c + 5] || call_ok(target))
         {

@@ -120,7 +120,7 @@ impl Guest {
         // `_end` labels), each byte its own.
         for (name, seed) in [("ftrace_caller", 0x55u8), ("ftrace_regs_caller", 0x56)] {
             let size = sym(&format!("{name}_end")) - sym(name);
-            let bytes: Vec<u8> = (0..size).map(|i| seed ^ (i as u8)).collect();
+            let bytes: Vec<u8> = (0..size).map(|i| seed ^ i.to_le_bytes()[0]).collect();
             ram.put(sym(name), &bytes);
         }
         Guest { p, ram }
@@ -264,8 +264,9 @@ impl Guest {
         let op = off(self, &format!("{name}_op_ptr"));
         let call = off(self, if regs { "ftrace_regs_call" } else { "ftrace_call" });
         let ptr = size + 5;
-        t[op + 3..op + 7].copy_from_slice(&((ptr as i64 - (op as i64 + 7)) as i32).to_le_bytes());
-        let rel = func.wrapping_sub(at + call as u64 + 5) as i64 as i32;
+        let disp = i32::try_from(ptr).unwrap() - i32::try_from(op + 7).unwrap();
+        t[op + 3..op + 7].copy_from_slice(&disp.to_le_bytes());
+        let rel = i32::try_from(func.wrapping_sub(at + call as u64 + 5).cast_signed()).unwrap();
         t[call] = 0xe8;
         t[call + 1..call + 5].copy_from_slice(&rel.to_le_bytes());
         if regs {
