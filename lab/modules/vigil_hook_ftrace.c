@@ -3,7 +3,8 @@
  * current rootkits do: an ftrace ops with IPMODIFY and SAVE_REGS whose
  * callback moves the instruction pointer to this module's replacement. No
  * byte of text is written by the module; ftrace patches the function entry.
- * The handler then returns 4242 (getppid: $PPID reads 4242). */
+ * The handler then returns 4242 (getppid: $PPID reads 4242). With plain=1
+ * the ops asks for neither (no flag says it redirects), and still does. */
 #include <linux/module.h>
 #include <linux/ftrace.h>
 #include <linux/ptrace.h>
@@ -29,6 +30,11 @@ static void notrace redirect(unsigned long ip, unsigned long parent_ip,
 #endif
 }
 
+static bool plain;
+module_param(plain, bool, 0400);
+MODULE_PARM_DESC(plain, "register without SAVE_REGS and IPMODIFY: on x86-64 ftrace's caller "
+			"still takes the instruction pointer the callback sets");
+
 static struct ftrace_ops ops = {
 	.func = redirect,
 	.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY | FTRACE_OPS_FL_RECURSION,
@@ -36,7 +42,11 @@ static struct ftrace_ops ops = {
 
 static int __init hook_init(void)
 {
-	int err = ftrace_set_filter(&ops, target, strlen(target), 1);
+	int err;
+
+	if (plain)
+		ops.flags = FTRACE_OPS_FL_RECURSION;
+	err = ftrace_set_filter(&ops, target, strlen(target), 1);
 
 	if (!err)
 		err = register_ftrace_function(&ops);

@@ -224,10 +224,10 @@ enum Command {
     ///
     /// Verdicts, as `check` and the daemon give them: a record that lies
     /// where the kernel keeps no such records, a callback in no known code,
-    /// a hook that can redirect execution (an ftrace ops with IPMODIFY,
-    /// SAVE_REGS or DIRECT, a livepatch, any kprobe or kretprobe, a die
-    /// notifier) owned by a module, or a BPF fmod_ret program is a
-    /// violation; a module's other hooks are information. The kernel's own
+    /// a hook that can redirect execution (any ftrace ops or direct call,
+    /// a livepatch, any kprobe or kretprobe, a die notifier) owned by a
+    /// module, or a BPF fmod_ret program is a violation; a module's
+    /// tracepoint probes are information. The kernel's own
     /// hooks (its tracers, perf, BPF core) and observing BPF programs are
     /// listed only. Allow a product's module with --allow-hook MODULE, a
     /// BPF program with --allow-hook bpf:NAME (or the daemon's

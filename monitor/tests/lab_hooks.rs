@@ -181,6 +181,17 @@ fn api_hooks_and_forged_ops(kernel: Kernel) {
         assert_ne!(g.run("sh -c 'echo $PPID'").unwrap().trim(), "4242");
     }
 
+    // The ftrace ops again with neither SAVE_REGS nor IPMODIFY: on x86-64
+    // its callback still moves the instruction pointer (getppid gives 4242,
+    // `attack` checks), so it is a violation all the same.
+    attack(&mut g, "ftrace-plain");
+    let (code, v) = hooks_json(&g, &[]);
+    assert_eq!(code, 1, "a flagless ftrace hook: {v:#}");
+    let said = findings(&v, "violation").into_iter().find(|f| f.contains("vigil_hook_ftrace"));
+    let said = said.unwrap_or_else(|| panic!("no violation names vigil_hook_ftrace: {v:#}"));
+    assert!(!said.contains("IPMODIFY") && said.contains("can redirect"), "{said}");
+    g.run("rmmod vigil_hook_ftrace").unwrap();
+
     let t = attack(&mut g, "forged-ops");
     // The record: forged (its trampoline is the module's code) ...
     alerted_within(&d, &g, &["hooks", "vigil_hook_forged", "forged record"], t, Duration::ZERO);
@@ -241,11 +252,12 @@ fn int3_and_die_notifier(kernel: Kernel) {
 }
 
 /// The kernel's own tracing (the storm: function tracer, tracepoints,
-/// kprobe events, module loads) and BPF programs on vfs_read, on a kprobe
-/// and in a BPF trampoline (fentry), as observability tools attach them: no
-/// violation of any kind in half a minute, and `vigil hooks` lists the
-/// kprobe as the kernel's (perf's kprobe dispatcher), the trampoline with
-/// its program, and the images among the BPF images.
+/// kprobe events, module loads), BPF programs on vfs_read, on a kprobe and
+/// in a BPF trampoline (fentry), as observability tools attach them, and a
+/// module's probe on the sys_enter tracepoint: no violation of any kind in
+/// half a minute, and `vigil hooks` lists the kprobe as the kernel's
+/// (perf's kprobe dispatcher), the trampoline with its program, the images
+/// among the BPF images, and the module's probe (information).
 fn kernel_tracing_and_bpf(kernel: Kernel) {
     let s = suffix("hookok", kernel);
     let d = daemon(&format!("vigil-lab-{s}"));
@@ -260,6 +272,8 @@ fn kernel_tracing_and_bpf(kernel: Kernel) {
     std::thread::sleep(Duration::from_secs(2));
     let out = g.run("cat /tmp/bpf.out /tmp/fentry.out").unwrap();
     assert_eq!(out.matches("bpfprobe: attached").count(), 2, "a BPF program did not attach: {out}");
+    // And a module's probe on the sys_enter tracepoint: it observes.
+    g.run("attack tracepoint").unwrap();
     let start = Instant::now();
     let mut listed = false;
     while start.elapsed() < Duration::from_secs(30) {
@@ -287,9 +301,24 @@ fn kernel_tracing_and_bpf(kernel: Kernel) {
                         && c["owner"]["name"].as_str().is_some_and(|n| n.ends_with("_vigil_lab"))
                 })
         });
-        listed |= bpf_image && probe && fentry;
+        let tracepoint = h["hooks"].as_array().unwrap().iter().any(|k| {
+            k["mechanism"] == "tracepoint"
+                && k["hooked"][0] == "sys_enter"
+                && k["callbacks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["role"] == "probe" && c["owner"]["name"] == "vigil_tracepoint")
+        });
+        let observes = findings(&h, "info")
+            .iter()
+            .any(|f| f.contains("sys_enter") && f.contains("observation only"));
+        listed |= bpf_image && probe && fentry && tracepoint && observes;
     }
-    assert!(listed, "vigil hooks never listed the BPF kprobe, the fentry trampoline and the image");
+    assert!(
+        listed,
+        "vigil hooks never listed the BPF kprobe, the fentry trampoline, the image and the module's tracepoint probe"
+    );
     let out = g.run("storm stop").unwrap();
     assert!(out.contains("stopped"), "{out}");
     assert!(d.events("violation", &g.name).is_empty(), "{}", timeline(&d, &g));

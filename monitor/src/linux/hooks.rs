@@ -52,9 +52,6 @@ const FLAG_NAMES: [(u64, &str); 7] = [
     (FL_PERMANENT, "PERMANENT"),
     (FL_DIRECT, "DIRECT"),
 ];
-/// Flags with which an ops' callback is handed registers it may change,
-/// the instruction pointer among them, and the change is taken.
-const FL_REDIRECT: u64 = FL_SAVE_REGS | FL_SAVE_REGS_IF_SUPPORTED | FL_IPMODIFY | FL_DIRECT;
 /// `KPROBE_TABLE_SIZE` (1 << KPROBE_HASH_BITS).
 const KPROBE_TABLE_SIZE: u64 = 64;
 const KPROBE_FLAG_GONE: u32 = 1;
@@ -68,8 +65,18 @@ const BPF_TRAMPOLINE_TABLE: u64 = 1 << 10;
 const BPF_TRAMP_KINDS: [&str; 3] = ["fentry", "fexit", "fmod_ret"];
 /// The kind of program that decides the function's return.
 const FMOD_RET: usize = 2;
+/// The roles in which BPF code is called: a BPF trampoline's image and
+/// programs, and a direct call to a trampoline.
+const BPF_ROLES: [&str; 5] = ["trampoline", "fentry", "fexit", "fmod_ret", "direct"];
 /// Most hooks of one kind read.
 const MAX_HOOKS: usize = 4096;
+/// Most livepatches stacked on one function (each a `klp_func`).
+const MAX_KLP_STACK: usize = 64;
+/// Most tracepoints of a kernel (6.12 has about 2,000), probes read on
+/// one, and bytes of the kernel's tracepoints read at once.
+const MAX_TRACEPOINTS: usize = 8192;
+const MAX_PROBES: u64 = 64;
+const MAX_TRACEPOINT_SPAN: u64 = 4 << 20;
 /// `FTRACE_HASH_MAX_BITS`: a filter hash has at most 4096 buckets.
 const MAX_HASH_BITS: u64 = 12;
 /// Most filtered functions (and hash buckets) read over all ops of one
@@ -138,17 +145,25 @@ pub enum Mechanism {
     /// A livepatch: ftrace ops whose handler sends the function to a
     /// module's replacement.
     Livepatch,
+    /// Probes on a tracepoint: called with the tracepoint's arguments
+    /// where the kernel traces an event; they observe.
+    Tracepoint,
+    /// An ftrace direct call: a function entry calls this code in place of
+    /// ftrace's caller (BPF trampolines are called so).
+    Direct,
 }
 
 impl Mechanism {
     /// Every mechanism, in the order [`Inventory::counts`] lists them.
-    pub const ALL: [Mechanism; 6] = [
+    pub const ALL: [Mechanism; 8] = [
         Mechanism::Ftrace,
         Mechanism::Kprobe,
         Mechanism::Kretprobe,
         Mechanism::DieNotifier,
         Mechanism::BpfTrampoline,
         Mechanism::Livepatch,
+        Mechanism::Tracepoint,
+        Mechanism::Direct,
     ];
 
     /// Its name as a metric label value.
@@ -160,6 +175,8 @@ impl Mechanism {
             Mechanism::DieNotifier => "die_notifier",
             Mechanism::BpfTrampoline => "bpf_trampoline",
             Mechanism::Livepatch => "livepatch",
+            Mechanism::Tracepoint => "tracepoint",
+            Mechanism::Direct => "direct",
         }
     }
 
@@ -171,6 +188,8 @@ impl Mechanism {
             Mechanism::DieNotifier => "die notifier",
             Mechanism::BpfTrampoline => "BPF trampoline",
             Mechanism::Livepatch => "livepatch",
+            Mechanism::Tracepoint => "tracepoint",
+            Mechanism::Direct => "ftrace direct call",
         }
     }
 }
@@ -332,7 +351,11 @@ struct Code<'a, 'p> {
     bpf: Vec<(u64, u64, String)>,
 }
 
-impl Code<'_, '_> {
+impl<'a, 'p> Code<'a, 'p> {
+    fn new(m: &'a Matched<'p>, bpf: Vec<(u64, u64, String)>) -> Self {
+        Code { m, bpf }
+    }
+
     fn owner(&self, addr: u64) -> Owner {
         if let Some((name, off)) = self.m.profile.symbolize(addr.wrapping_sub(self.m.slide)) {
             let symbol = if off == 0 { name.to_owned() } else { format!("{name}+{off:#x}") };
@@ -465,30 +488,26 @@ impl Inventory {
             .iter()
             .map(|(start, end, name)| BpfImage { name: name.clone(), start: *start, end: *end })
             .collect();
-        let code = Code { m, bpf };
+        let code = Code::new(m, bpf);
         let mut filtered = Budget::default();
         // A list that breaks off keeps what was read of it before.
-        let trampolines = match bpf_trampolines(&code, mem, space, &mut inv.hooks) {
-            Ok(()) => Some(
-                inv.hooks
-                    .iter()
-                    .flat_map(|h| &h.callbacks)
-                    .filter(|c| c.role == "trampoline")
-                    .map(|c| c.addr)
-                    .collect::<HashSet<u64>>(),
-            ),
-            Err(e) => {
-                inv.unread.push(format!("BPF trampolines: {e}"));
-                None
+        let trampolines = bpf_trampolines(&code, mem, space, &mut inv.hooks)
+            .map_err(|e| inv.unread.push(format!("BPF trampolines: {e}")))
+            .ok();
+        match direct_calls(m, mem, space) {
+            Ok(calls) => {
+                if let Err(e) = direct_hooks(&code, &calls, trampolines.as_deref(), &mut inv.hooks)
+                {
+                    inv.unread.push(format!("ftrace direct calls: {e}"));
+                }
             }
-        };
-        let direct = direct_calls(m, mem, space).unwrap_or_else(|e| {
-            inv.unread.push(format!("ftrace direct calls: {e}"));
-            Vec::new()
-        });
-        let direct = Direct { calls: &direct, trampolines: trampolines.as_ref() };
-        if let Err(e) = ftrace_hooks(&code, mem, space, &direct, &mut filtered, &mut inv.hooks) {
+            Err(e) => inv.unread.push(format!("ftrace direct calls: {e}")),
+        }
+        if let Err(e) = ftrace_hooks(&code, mem, space, &mut filtered, &mut inv.hooks) {
             inv.unread.push(format!("ftrace ops: {e}"));
+        }
+        if let Err(e) = tracepoint_hooks(&code, mem, space, &mut inv.hooks) {
+            inv.unread.push(format!("tracepoints: {e}"));
         }
         if let Err(e) = kprobe_hooks(&code, mem, space, &mut inv.hooks) {
             inv.unread.push(format!("kprobes: {e}"));
@@ -565,53 +584,39 @@ fn c_string(b: &[u8]) -> String {
         .collect()
 }
 
-/// ftrace's direct calls, and the images of BPF's trampolines (when read):
-/// what a direct ops' functions call.
-struct Direct<'a> {
-    /// (function entry, what it calls), sorted.
-    calls: &'a [(u64, u64)],
-    trampolines: Option<&'a HashSet<u64>>,
+/// A BPF trampoline, as direct calls are bound to it: the function it
+/// hooks, its key (its image's name is `bpf_trampoline_KEY`), its image.
+pub(crate) struct BoundTrampoline {
+    func: u64,
+    key: u64,
+    image: Option<u64>,
 }
 
-impl Direct<'_> {
-    /// The direct callbacks of an ops' functions `ips`; a call into a BPF
-    /// image that no BPF trampoline has as its image is forged.
-    fn callbacks(&self, code: &Code<'_, '_>, ips: &[u64], hook: &mut Hook) {
-        let mut targets: Vec<u64> = ips
-            .iter()
-            .flat_map(|ip| {
-                let i = self.calls.partition_point(|c| c.0 < *ip);
-                self.calls[i..].iter().take_while(move |c| c.0 == *ip).map(|c| c.1)
-            })
-            .collect();
-        targets.sort_unstable();
-        targets.dedup();
-        for t in targets.into_iter().take(MAX_HOOKS) {
-            let cb = code.callback("direct", t);
-            if let (Owner::Bpf { name }, Some(images)) = (&cb.owner, self.trampolines)
-                && !images.contains(&t)
-            {
-                hook.forged.push(format!(
-                    "its direct call {t:#x} goes into BPF image {name}, which no BPF trampoline has"
-                ));
-            }
-            hook.callbacks.push(cb);
-        }
+impl BoundTrampoline {
+    /// Whether a direct call at `ip` to `target` (in the BPF image `name`)
+    /// is this trampoline's: `ip` is its function's ftrace site (at its
+    /// start, or after an ENDBR), and `target` its image, current or the
+    /// one being put in place (named after its key).
+    fn binds(&self, ip: u64, target: u64, name: &str) -> bool {
+        (self.func..self.func.saturating_add(16)).contains(&ip)
+            && (Some(target) == self.image || name == format!("bpf_trampoline_{}", self.key))
     }
 }
 
 /// Every BPF trampoline in BPF's table: the function it hooks, its image,
-/// and the programs it runs (by kind).
+/// and the programs it runs (by kind). Each a hook pushed to `out`; they
+/// are also returned, to bind direct calls to.
 fn bpf_trampolines<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
     out: &mut Vec<Hook>,
-) -> Result<(), String> {
+) -> Result<Vec<BoundTrampoline>, String> {
     let m = code.m;
-    let (hlist, func_off, progs_off, cur_off) = (
+    let (hlist, func_off, key_off, progs_off, cur_off) = (
         need(m, "bpf_trampoline.hlist")?,
         need(m, "bpf_trampoline.func.addr")?,
+        need(m, "bpf_trampoline.key")?,
         need(m, "bpf_trampoline.progs_hlist")?,
         need(m, "bpf_trampoline.cur_image")?,
     );
@@ -628,6 +633,7 @@ fn bpf_trampolines<M: GuestMemory + ?Sized>(
         }
         Ok(())
     };
+    let mut bound = Vec::new();
     for head in heads.chunks_exact(8) {
         let mut node = u64::from_le_bytes(head.try_into().expect("8 bytes"));
         while node != 0 {
@@ -663,39 +669,138 @@ fn bpf_trampolines<M: GuestMemory + ?Sized>(
                             .forged
                             .push(format!("its {role} program at {link:#x} is unreadable")),
                     }
-                    hook.redirects |= kind == FMOD_RET;
                     link = rd(link).ok_or_else(|| {
                         format!("BPF trampoline at {tr:#x}: its {role} list breaks off")
                     })?;
                 }
             }
+            // It returns in the function's place when a BPF program of its
+            // fmod_ret kind says so (the kernel's own shims there, BPF
+            // LSM's cgroup runners, are the kernel's).
+            hook.redirects = hook.callbacks.iter().any(|c| {
+                c.role == BPF_TRAMP_KINDS[FMOD_RET] && matches!(c.owner, Owner::Bpf { .. })
+            });
+            // Its image and programs are BPF's, or the kernel's shims.
+            for c in &hook.callbacks {
+                if let Owner::Module { .. } | Owner::Unknown = c.owner {
+                    hook.forged.push(format!("its {} {:#x} is no BPF code", c.role, c.addr));
+                }
+            }
             out.push(hook);
+            let key = rd(tr.wrapping_add(key_off)).unwrap_or(u64::MAX);
+            bound.push(BoundTrampoline { func, key, image });
             node = rd(node).ok_or("BPF's trampoline table breaks off")?;
         }
+    }
+    Ok(bound)
+}
+
+/// ftrace's direct calls, each a hook of its own: the function entry, and
+/// what it calls in place of ftrace's caller. A call into BPF must be the
+/// image of that function's BPF trampoline (`trampolines`; not read: not
+/// believed); a function with more than one is forged.
+fn direct_hooks(
+    code: &Code<'_, '_>,
+    calls: &[(u64, u64)],
+    trampolines: Option<&[BoundTrampoline]>,
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
+    if calls.len() > MAX_HOOKS {
+        return Err(format!("more than {MAX_HOOKS} direct calls: not read"));
+    }
+    let starts: std::collections::HashMap<&str, u64> =
+        code.bpf.iter().map(|(start, _, name)| (name.as_str(), *start)).collect();
+    for (i, &(ip, target)) in calls.iter().enumerate() {
+        let callback = code.callback("direct", target);
+        let mut forged = Vec::new();
+        if calls.get(i + 1).is_some_and(|n| n.0 == ip) || (i > 0 && calls[i - 1].0 == ip) {
+            forged.push("its function has more than one direct call record".to_owned());
+        }
+        if let Owner::Bpf { name } = &callback.owner {
+            let start = starts.get(name.as_str()).copied();
+            match trampolines {
+                None => forged.push(format!(
+                    "its call into BPF image {name} cannot be bound: BPF's trampolines were not read"
+                )),
+                Some(t) if start != Some(target) || !t.iter().any(|b| b.binds(ip, target, name)) => {
+                    forged.push(format!(
+                        "its call goes into BPF image {name}, which is no BPF trampoline of this function"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        out.push(Hook {
+            mechanism: Mechanism::Direct,
+            record: ip,
+            hooked: vec![code.place(ip)],
+            first: ip,
+            every_function: false,
+            flags: Vec::new(),
+            callbacks: vec![callback],
+            redirects: true,
+            forged,
+        });
     }
     Ok(())
 }
 
+/// The direct calls the patch review may accept at function entries: those
+/// whose hook is no forged record and whose code is a module's (judged by
+/// the hook policy) or a BPF trampoline of that function.
+pub(crate) fn accepted_direct_calls<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+) -> Result<Vec<(u64, u64)>, String> {
+    let calls = direct_calls(m, mem, space)?;
+    if calls.is_empty() {
+        return Ok(calls);
+    }
+    let code = Code::new(m, bpf_images(m, mem, space).unwrap_or_default());
+    let mut scratch = Vec::new();
+    let trampolines = bpf_trampolines(&code, mem, space, &mut scratch).ok();
+    let mut hooks = Vec::new();
+    direct_hooks(&code, &calls, trampolines.as_deref(), &mut hooks)?;
+    Ok(hooks
+        .iter()
+        .filter(|h| h.forged.is_empty())
+        .filter(|h| matches!(h.callbacks[0].owner, Owner::Module { .. } | Owner::Bpf { .. }))
+        .map(|h| (h.record, h.callbacks[0].addr))
+        .collect())
+}
+
 /// A livepatch's replacements of the function its ops hooks: the
-/// `new_func` of each `klp_func` on its `klp_ops`' stack (the top one runs).
+/// `new_func` of each `klp_func` on its `klp_ops`' stack (the top one runs),
+/// at most [`MAX_KLP_STACK`]. Each `klp_ops` has an ops of its own: one met
+/// twice (in `seen`) is forged.
 fn livepatch_callbacks<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
     ops: u64,
+    seen: &mut HashSet<u64>,
     hook: &mut Hook,
 ) -> Result<(), String> {
     let m = code.m;
     let (fops, stack) = (need(m, "klp_ops.fops")?, need(m, "klp_ops.func_stack")?);
     let (new_func, node) = (need(m, "klp_func.new_func")?, need(m, "klp_func.stack_node")?);
-    let klp = ops.wrapping_sub(fops);
-    let mut funcs = Vec::new();
-    walk_list(mem, space, klp.wrapping_add(stack), |e| funcs.push(e.wrapping_sub(node)))?;
-    for f in funcs.into_iter().take(MAX_HOOKS) {
-        match read_u64(mem, space, f.wrapping_add(new_func)) {
-            Some(a) => hook.callbacks.push(code.callback("new_func", a)),
-            None => return Err(format!("its klp_func at {f:#x} is unreadable")),
+    let head = ops.wrapping_sub(fops).wrapping_add(stack);
+    if !seen.insert(head) {
+        return Err(format!("its stack at {head:#x} is another livepatch's"));
+    }
+    let mut at = read_u64(mem, space, head).ok_or("its stack is unreadable")?;
+    let mut n = 0;
+    while at != head {
+        n += 1;
+        if n > MAX_KLP_STACK {
+            return Err(format!("its stack is longer than {MAX_KLP_STACK} or loops"));
         }
+        let f = at.wrapping_sub(node);
+        let a = read_u64(mem, space, f.wrapping_add(new_func))
+            .ok_or_else(|| format!("its klp_func at {f:#x} is unreadable"))?;
+        hook.callbacks.push(code.callback("new_func", a));
+        at = read_u64(mem, space, at).ok_or("its stack breaks off")?;
     }
     Ok(())
 }
@@ -705,7 +810,6 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     code: &Code<'_, '_>,
     mem: &M,
     space: &dyn AddressSpace,
-    direct: &Direct<'_>,
     filtered: &mut Budget,
     out: &mut Vec<Hook>,
 ) -> Result<(), String> {
@@ -722,6 +826,8 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     let end = sym(m, "ftrace_list_end")?;
     let callers = callers(m, mem, space);
     let livepatch = m.expect("klp_ftrace_handler");
+    let direct_call_off = m.profile.offset("ftrace_ops.direct_call");
+    let mut klp_seen = HashSet::new();
     let mut seen = HashSet::new();
     let mut at =
         read_u64(mem, space, sym(m, "ftrace_ops_list")?).ok_or("ftrace_ops_list unreadable")?;
@@ -742,7 +848,10 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
             every_function: false,
             flags: flag_names(flags),
             callbacks: vec![code.callback("func", func)],
-            redirects: flags & FL_REDIRECT != 0,
+            // On x86-64 ftrace's caller takes back the instruction pointer
+            // its callback leaves in `ftrace_regs` (livepatch relies on
+            // it), whatever the ops' flags: every callback can redirect.
+            redirects: true,
             forged: code.misplaced(at).into_iter().collect(),
         };
         if tramp != 0 {
@@ -753,11 +862,7 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
                 }
                 // ftrace's own callers (a direct ops names one).
                 Ok(Trampoline::Caller) => code.owner(tramp),
-                Ok(Trampoline::Copy { regs }) => {
-                    // A copy of the caller that saves and restores all
-                    // registers lets the callback move the instruction
-                    // pointer, whatever the ops' flags say now.
-                    hook.redirects |= regs;
+                Ok(Trampoline::Copy) => {
                     Owner::Kernel { symbol: "ftrace trampoline (a copy of its caller)".into() }
                 }
             };
@@ -774,12 +879,14 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
         .map_err(|why| hook.forged.push(why));
         let whole = ips.is_ok() && !filtered.over;
         let ips = ips.unwrap_or_default();
-        if flags & FL_DIRECT != 0 {
-            direct.callbacks(code, &ips, &mut hook);
+        // 6.12: a direct ops' own direct call (6.1 keeps them in
+        // direct_functions only, each a hook of its own).
+        if let Some(d) = direct_call_off.and_then(field).filter(|&d| d != 0) {
+            hook.callbacks.push(code.callback("direct", d));
         }
         if livepatch.is_some_and(|l| l == func) {
             hook.mechanism = Mechanism::Livepatch;
-            if let Err(e) = livepatch_callbacks(code, mem, space, at, &mut hook) {
+            if let Err(e) = livepatch_callbacks(code, mem, space, at, &mut klp_seen, &mut hook) {
                 hook.forged.push(format!("its livepatch functions: {e}"));
             }
         }
@@ -815,9 +922,6 @@ pub(crate) struct Caller {
     /// The regs caller's 2-byte `jnz` to a direct call
     /// (`ftrace_regs_caller_jmp`), made a 2-byte nop.
     jnz: Option<usize>,
-    /// The regs caller: a copy of it lets the callback move the
-    /// instruction pointer.
-    pub(crate) regs: bool,
 }
 
 /// ftrace's two callers, as far as they can be read.
@@ -842,23 +946,27 @@ pub(crate) fn callers<M: GuestMemory + ?Sized>(
             return None;
         }
         let bytes = read_span(mem, space, start, size as u64).ok()?;
-        Some(Caller { bytes, op_ptr, call, jnz, regs })
+        Some(Caller { bytes, op_ptr, call, jnz })
     };
     [one("ftrace_caller", false), one("ftrace_regs_caller", true)].into_iter().flatten().collect()
 }
 
 impl Caller {
-    /// Why `t`, the bytes of a trampoline at `tramp` for the ops at `ops`,
-    /// is no copy of this caller: a byte differs outside the three places,
-    /// the ops pointer it loads is not `ops`, or its call goes where
-    /// `call_ok` refuses (the copy's own call, untouched, is accepted; so
-    /// is an `int3` over its first byte, a rewrite in flight).
+    /// Why `t`, the bytes of a trampoline at `tramp` for the ops at `ops`
+    /// (as many as the ops says it has), is no copy of this caller. ftrace
+    /// makes one as the caller's bytes, then a return (`ret`, with an
+    /// `int3` or padding after it, or a `jmp` to the return thunk) and the
+    /// ops pointer, nothing more; in the copy the ops load reaches that
+    /// pointer, the call goes where `call_ok` accepts (an `int3` over its
+    /// first byte is a rewrite in flight), and the regs caller's `jnz` is
+    /// a nop. Any other byte that differs is not ftrace's.
     fn copied_in(
         &self,
         t: &[u8],
         tramp: u64,
         ops: u64,
         call_ok: &dyn Fn(u64) -> bool,
+        return_thunk: Option<u64>,
     ) -> Result<(), String> {
         let size = self.bytes.len();
         if t.len() < size + 8 {
@@ -872,29 +980,42 @@ impl Caller {
         if let Some(i) = (0..size).find(|&i| !in_hole(i) && t[i] != self.bytes[i]) {
             return Err(format!("its byte at +{i:#x} is not its caller's"));
         }
+        // The return and the ops pointer: all that follows the copy.
+        let ptr = t.len() - 8;
+        let tail = &t[size..ptr];
         let word = |i: usize| i32::from_le_bytes(t[i..i + 4].try_into().expect("4 bytes"));
-        let ptr = isize::try_from(word(self.op_ptr + 3))
+        let rel = |at: usize| {
+            tramp.wrapping_add(at as u64 + 5).wrapping_add(i64::from(word(at + 1)).cast_unsigned())
+        };
+        let returns = match tail {
+            [0xc3, rest @ ..] => rest.len() <= 4 && rest.iter().all(|&b| b == 0xcc || b == 0),
+            [0xe9, _, _, _, _] => return_thunk == Some(rel(size)),
+            _ => false,
+        };
+        if !returns {
+            return Err(format!(
+                "after the copy it holds {} then its ops pointer, not a return",
+                tail.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ));
+        }
+        let loads = isize::try_from(word(self.op_ptr + 3))
             .ok()
-            .and_then(|d| (self.op_ptr + 7).checked_add_signed(d))
-            .filter(|&p| p >= size && p + 8 <= t.len())
-            .ok_or("its ops pointer load reads outside the trampoline's own pointer".to_owned())?;
+            .and_then(|d| (self.op_ptr + 7).checked_add_signed(d));
+        if loads != Some(ptr) {
+            return Err("its ops load does not read its own ops pointer".into());
+        }
         let held = u64::from_le_bytes(t[ptr..ptr + 8].try_into().expect("8 bytes"));
         if held != ops {
             return Err(format!("it loads the ops {held:#x}, not its own {ops:#x}"));
         }
         let c = self.call;
-        let target =
-            tramp.wrapping_add(c as u64 + 5).wrapping_add(i64::from(word(c + 1)).cast_unsigned());
-        if !matches!(t[c], 0xe8 | 0xcc)
-            || !(t[c + 1..c + 5] == self.bytes[c + 1..c + 5] || call_ok(target))
-        {
-            return Err(format!("its call of the ops' function goes to {target:#x}"));
+        if !matches!(t[c], 0xe8 | 0xcc) || !call_ok(rel(c)) {
+            return Err(format!("its call of the ops' function goes to {:#x}", rel(c)));
         }
         if let Some(j) = self.jnz
-            && t[j..j + 2] != self.bytes[j..j + 2]
             && t[j..j + 2] != [0x66, 0x90]
         {
-            return Err("its jump to a direct call is neither its caller's nor a nop".into());
+            return Err("its jump to a direct call is not made a nop".into());
         }
         Ok(())
     }
@@ -904,7 +1025,7 @@ impl Caller {
 /// names `ftrace_regs_caller`), or a copy of one.
 pub(crate) enum Trampoline {
     Caller,
-    Copy { regs: bool },
+    Copy,
 }
 
 /// Whether `tramp` (`size` bytes, as the ops at `ops` whose function is
@@ -947,20 +1068,32 @@ pub(crate) fn trampoline<M: GuestMemory + ?Sized>(
             "its trampoline {tramp:#x} cannot be compared: ftrace's callers are not readable"
         ));
     }
-    let helpers: Vec<u64> = [
+    // What ftrace makes its call: the ops' function, its helpers, or
+    // (while `set_ftrace_pid` swaps it) the function it saved.
+    let mut targets: Vec<u64> = [
         "ftrace_ops_assist_func",
         "ftrace_ops_list_func",
         "arch_ftrace_ops_list_func",
+        "ftrace_pid_func",
         "ftrace_stub",
     ]
     .iter()
     .filter_map(|n| m.expect(n))
     .collect();
-    let call_ok = |t: u64| t == func || helpers.contains(&t);
+    targets.push(func);
+    if let Some(saved) = m
+        .profile
+        .offset("ftrace_ops.saved_func")
+        .and_then(|o| read_u64(mem, space, ops.wrapping_add(o)))
+    {
+        targets.push(saved);
+    }
+    let call_ok = |t: u64| targets.contains(&t);
+    let thunk = m.expect("__x86_return_thunk");
     let mut why = Vec::new();
     for c in callers {
-        match c.copied_in(&t, tramp, ops, &call_ok) {
-            Ok(()) => return Ok(Trampoline::Copy { regs: c.regs }),
+        match c.copied_in(&t, tramp, ops, &call_ok, thunk) {
+            Ok(()) => return Ok(Trampoline::Copy),
             Err(e) => why.push(e),
         }
     }
@@ -1082,6 +1215,84 @@ pub(crate) fn direct_calls<M: GuestMemory + ?Sized>(
         return Err(format!("more than {MAX_FILTERED} direct calls: the rest not read"));
     }
     Ok(entries)
+}
+
+/// Every tracepoint of the kernel image (by the profile's
+/// `__tracepoint_NAME` symbols) that has probes, with them. Modules'
+/// own tracepoints are not read.
+fn tracepoint_hooks<M: GuestMemory + ?Sized>(
+    code: &Code<'_, '_>,
+    mem: &M,
+    space: &dyn AddressSpace,
+    out: &mut Vec<Hook>,
+) -> Result<(), String> {
+    let m = code.m;
+    let (funcs_off, func_off, entry) = (
+        need(m, "tracepoint.funcs")?,
+        need(m, "tracepoint_func.func")?,
+        need(m, "tracepoint_func.#size")?,
+    );
+    let tracepoints: Vec<(u64, &str)> = m
+        .profile
+        .symbols()
+        .iter()
+        .filter(|s| matches!(s.kind, 'd' | 'D'))
+        .filter_map(|s| Some((s.addr.wrapping_add(m.slide), s.name.strip_prefix("__tracepoint_")?)))
+        .take(MAX_TRACEPOINTS + 1)
+        .collect();
+    if tracepoints.len() > MAX_TRACEPOINTS {
+        return Err(format!("the profile names more than {MAX_TRACEPOINTS}"));
+    }
+    let (Some(lo), Some(hi)) =
+        (tracepoints.iter().map(|t| t.0).min(), tracepoints.iter().map(|t| t.0).max())
+    else {
+        return Err("the profile names none".into());
+    };
+    // The kernel keeps them together (its __tracepoints section): read at once.
+    let len = (hi - lo).saturating_add(funcs_off + 8);
+    if len > MAX_TRACEPOINT_SPAN || funcs_off > PAGE_SIZE || entry == 0 || entry > PAGE_SIZE {
+        return Err(format!("they span {len} bytes, more than a kernel's"));
+    }
+    let all = read_span(mem, space, lo, len)?;
+    let mut probes = 0;
+    for (tp, name) in tracepoints {
+        let at = usize::try_from(tp - lo + funcs_off).expect("within the span");
+        let funcs = u64::from_le_bytes(all[at..at + 8].try_into().expect("8 bytes"));
+        if funcs == 0 {
+            continue;
+        }
+        let mut hook = Hook {
+            mechanism: Mechanism::Tracepoint,
+            record: tp,
+            hooked: vec![name.to_owned()],
+            first: 0,
+            every_function: false,
+            flags: Vec::new(),
+            callbacks: Vec::new(),
+            redirects: false,
+            forged: code.misplaced(funcs).into_iter().collect(),
+        };
+        // The probes, up to one whose function is null.
+        let mut ended = false;
+        for i in 0..MAX_PROBES {
+            let f = read_u64(mem, space, funcs.wrapping_add(i * entry + func_off))
+                .ok_or_else(|| format!("the probes of {name} at {funcs:#x} are unreadable"))?;
+            if f == 0 {
+                ended = true;
+                break;
+            }
+            probes += 1;
+            if probes > MAX_HOOKS {
+                return Err(format!("more than {MAX_HOOKS} probes: the rest not read"));
+            }
+            hook.callbacks.push(code.callback("probe", f));
+        }
+        if !ended {
+            hook.forged.push(format!("its probe array has no end within {MAX_PROBES}"));
+        }
+        out.push(hook);
+    }
+    Ok(())
 }
 
 /// Every kprobe in the kernel's table, an aggregate's members each on its
@@ -1355,6 +1566,36 @@ impl HookPolicy {
                     format!(
                         "{what}{flags}: its {} {:#x} lies inside the kernel function {symbol}, where no function starts",
                         c.role, c.addr
+                    ),
+                )
+            } else if let Some(c) = h.callbacks.iter().find(|c| {
+                matches!(c.owner, Owner::Bpf { .. }) && !BPF_ROLES.contains(&c.role)
+            }) {
+                // BPF's JIT output is called by BPF trampolines, direct
+                // calls to them and the kernel's dispatchers, never as an
+                // ftrace, kprobe, notifier or livepatch function.
+                (
+                    Severity::Violation,
+                    format!(
+                        "{what}{flags}: its {} {:#x} lies in BPF code, which the kernel never calls so",
+                        c.role, c.addr
+                    ),
+                )
+            } else if let Some(c) = h.callbacks.iter().find(|c| {
+                h.mechanism == Mechanism::Livepatch
+                    && c.role == "new_func"
+                    && !matches!(c.owner, Owner::Module { .. })
+                    && !h.hooked.iter().any(|p| {
+                        matches!(&c.owner, Owner::Kernel { symbol } if p == symbol || p.starts_with(&format!("{symbol}+")))
+                    })
+            }) {
+                // A livepatch's replacement is its module's code (or, to
+                // undo one, the patched function itself).
+                (
+                    Severity::Violation,
+                    format!(
+                        "{what}{flags}: its replacement {:#x} is {}, not a livepatch module's code",
+                        c.addr, c.owner
                     ),
                 )
             } else if h.mechanism == Mechanism::BpfTrampoline {

@@ -145,8 +145,9 @@ const DATA_SYMBOLS: &[&str] = &[
     "trampoline_table",
 ];
 
-/// Data symbols kept by prefix: static call keys, named after their calls.
-const DATA_PREFIXES: &[&str] = &["__SCK__"];
+/// Data symbols kept by prefix: static call keys, named after their calls,
+/// and tracepoints (see `hooks`).
+const DATA_PREFIXES: &[&str] = &["__SCK__", "__tracepoint_"];
 
 /// Structure members the patch-site checks read (6.1 layout), and structures
 /// whose size they need.
@@ -166,7 +167,17 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ("dyn_ftrace", &["ip", "flags"]),
     (
         "ftrace_ops",
-        &["func", "next", "flags", "trampoline", "trampoline_size", "list", "func_hash"],
+        &[
+            "func",
+            "next",
+            "flags",
+            "trampoline",
+            "trampoline_size",
+            "list",
+            "func_hash",
+            "saved_func",
+            "direct_call",
+        ],
     ),
     ("ftrace_ops_hash", &["filter_hash", "notrace_hash"]),
     ("ftrace_hash", &["size_bits", "buckets", "count"]),
@@ -179,16 +190,18 @@ pub const PATCH_FIELDS: &[(&str, &[&str])] = &[
     ("kprobe_insn_page", &["list", "insns"]),
     ("bpf_prog_pack", &["list", "ptr"]),
     ("bpf_ksym", &["start", "end", "lnode", "name"]),
-    ("bpf_trampoline", &["hlist", "fops", "func.addr", "progs_hlist", "cur_image"]),
+    ("bpf_trampoline", &["hlist", "fops", "key", "func.addr", "progs_hlist", "cur_image"]),
     ("bpf_tramp_image", &["image"]),
     ("bpf_tramp_link", &["link", "tramp_hlist"]),
     ("bpf_link", &["prog"]),
     ("bpf_prog", &["bpf_func"]),
     ("klp_ops", &["func_stack", "fops"]),
     ("klp_func", &["new_func", "stack_node"]),
+    ("tracepoint", &["name", "funcs"]),
+    ("tracepoint_func", &["func", "data"]),
     ("static_call_key", &["func"]),
 ];
-pub const PATCH_SIZES: &[&str] = &["dyn_ftrace", "module_memory"];
+pub const PATCH_SIZES: &[&str] = &["dyn_ftrace", "module_memory", "tracepoint_func"];
 
 impl Profile {
     fn new(

@@ -93,6 +93,8 @@ fn module() -> Module {
 struct Guest {
     p: Profile,
     ram: Ram,
+    /// The trampoline size the next ops says.
+    tramp_size: u32,
 }
 
 impl Guest {
@@ -116,6 +118,15 @@ impl Guest {
         ram.u64(sym("direct_functions"), EMPTY_HASH);
         ram.put(EMPTY_HASH, &[0; 64]);
         ram.put(TEXT, &[0x90; 64]);
+        // The kernel's tracepoints, none with probes.
+        let tps: Vec<u64> = p
+            .symbols()
+            .iter()
+            .filter(|s| s.name.starts_with("__tracepoint_") && matches!(s.kind, 'd' | 'D'))
+            .map(|s| s.addr)
+            .collect();
+        let (lo, hi) = (*tps.iter().min().unwrap(), *tps.iter().max().unwrap());
+        ram.put(lo, &vec![0; usize::try_from(hi - lo + 0x100).unwrap()]);
         // ftrace's callers, which a trampoline is a copy of (to their
         // `_end` labels), each byte its own.
         for (name, seed) in [("ftrace_caller", 0x55u8), ("ftrace_regs_caller", 0x56)] {
@@ -123,7 +134,7 @@ impl Guest {
             let bytes: Vec<u8> = (0..size).map(|i| seed ^ i.to_le_bytes()[0]).collect();
             ram.put(sym(name), &bytes);
         }
-        Guest { p, ram }
+        Guest { p, ram, tramp_size: 0x200 }
     }
 
     fn sym(&self, n: &str) -> u64 {
@@ -160,7 +171,7 @@ impl Guest {
         self.ram.u64(at + f, func);
         self.ram.u64(at + fl, flags);
         self.ram.u64(at + tr, tramp);
-        self.ram.put(at + size, &0x200u32.to_le_bytes());
+        self.ram.put(at + size, &self.tramp_size.to_le_bytes());
         // func_hash points at a hash pair beside the ops.
         self.ram.u64(at + fh, at + 0x300);
         self.ram.u64(at + 0x300 + filter, hash);
@@ -215,6 +226,7 @@ impl Guest {
         self.ram.u64(at + fa, func);
         self.ram.put(at + ph, &[0; 24]);
         self.ram.u64(at + cur, at + 0x200);
+        self.ram.u64(at + self.off("bpf_trampoline.key"), at);
         self.ram.u64(at + 0x200 + img, image);
         for (i, &(kind, f)) in progs.iter().enumerate() {
             let l = at + 0x400 + 0x100 * i as u64;
@@ -276,7 +288,16 @@ impl Guest {
         t.extend_from_slice(&[0xc3, 0xcc, 0, 0, 0]);
         t.extend_from_slice(&ops.to_le_bytes());
         self.ram.put(at, &t);
+        self.tramp_size = u32::try_from(t.len()).unwrap();
         t.len() as u64
+    }
+
+    /// The direct calls the patch review would accept.
+    fn accepted(self) -> Vec<(u64, u64)> {
+        let p = self.p;
+        let (mem, space) = self.ram.done();
+        let m = Matched { profile: &p, modules: vec![module()], slide: 0, idt_slide: None };
+        accepted_direct_calls(&m, &mem, &space).unwrap()
     }
 
     /// Hangs a kprobe at `at` on bucket 0 of the kprobe table.
@@ -349,7 +370,9 @@ fn a_modules_ipmodify_ftrace_hook_is_a_violation_unless_allowed() {
 }
 
 #[test]
-fn a_modules_observing_ftrace_hook_is_information_and_the_kernels_is_not_said() {
+fn every_modules_ftrace_hook_can_redirect_and_the_kernels_is_not_said() {
+    // No flags: on x86-64 ftrace's caller still takes the instruction
+    // pointer its callback sets.
     let mut g = Guest::new();
     let target = g.sym("__x64_sys_getppid");
     let tracer = g.sym("function_trace_call");
@@ -361,8 +384,9 @@ fn a_modules_observing_ftrace_hook_is_information_and_the_kernels_is_not_said() 
     assert_eq!(inv.hooks[1].hooked, ["__x64_sys_getppid"], "the module's ops filters one");
     let v = verdicts(&inv, &[]);
     assert_eq!(v.len(), 1, "{v:?}");
-    assert_eq!(v[0].0, Severity::Info);
-    assert!(v[0].1.contains("observation only"), "{}", v[0].1);
+    assert_eq!(v[0].0, Severity::Violation);
+    assert!(v[0].1.contains("can redirect execution"), "{}", v[0].1);
+    assert_eq!(verdicts(&inv, &["rk"])[0].0, Severity::Info);
 }
 
 #[test]
@@ -395,8 +419,16 @@ fn a_forged_ops_is_a_violation_whatever_is_allowed() {
     };
     let h = with_copy(&|_| ());
     assert!(h.forged.is_empty(), "{:?}", h.forged);
-    assert!(h.redirects, "a copy of the regs caller");
     assert!(matches!(h.callbacks[1].owner, Owner::Kernel { .. }));
+    // A whole copy, then code of its own after it (a jump, or more bytes
+    // than a return and the ops pointer).
+    let h = with_copy(&|g| {
+        let size = g.trampoline_copy(NOWHERE, DATA, TEXT + 0x10, true);
+        g.ram.put(NOWHERE + size - 13, &[0xe9, 1, 2, 3, 4]);
+    });
+    assert!(h.forged[0].contains("not a return"), "{:?}", h.forged);
+    let h = with_copy(&|g| g.tramp_size += 16);
+    assert!(h.forged[0].contains("not a return"), "{:?}", h.forged);
     // Its first bytes a copy, then a jump of the rootkit's own.
     let h = with_copy(&|g| g.ram.put(NOWHERE + 0x20, &[0xe9, 1, 2, 3, 4]));
     assert!(h.forged[0].contains("its byte at +0x20 is not its caller's"), "{:?}", h.forged);
@@ -414,7 +446,7 @@ fn a_forged_ops_is_a_violation_whatever_is_allowed() {
     g.trampoline_copy(NOWHERE, DATA, TEXT + 0x10, false);
     g.ops(DATA, TEXT + 0x10, 0, NOWHERE, &[]);
     let h = &g.inventory().hooks[0];
-    assert!(h.forged.is_empty() && !h.redirects, "{h:#?}");
+    assert!(h.forged.is_empty(), "{h:#?}");
 
     // Linked in the module's text, or with no hash: never ftrace's.
     let mut g = Guest::new();
@@ -458,7 +490,9 @@ fn a_bpf_image_owns_only_module_area_memory_apart_from_modules() {
     assert_eq!(inv.bpf.len(), 1);
     assert_eq!(inv.bpf[0].name, "bpf_prog_1234_probe");
     assert_eq!(inv.hooks[0].callbacks[0].owner, Owner::Bpf { name: "bpf_prog_1234_probe".into() });
-    assert!(verdicts(&inv, &[]).is_empty(), "a BPF program's hook is not said");
+    // BPF's JIT output as a kprobe's handler: the kernel never calls it so.
+    let v = verdicts(&inv, &[]);
+    assert!(v[0].0 == Severity::Violation && v[0].1.contains("lies in BPF code"), "{v:?}");
     // An entry claiming kernel text or a module's text owns nothing.
     let text = Guest::new().sym("kprobe_dispatcher");
     assert!(with_image(text, text + 0x100).bpf.is_empty());
@@ -630,12 +664,18 @@ fn a_bpf_trampoline_is_listed_with_its_programs_and_fmod_ret_is_a_violation() {
     assert_eq!(deny.bpf_programs("fmod_ret"), ["deny"]);
     let watch = bpf.iter().find(|h| h.hooked == ["vfs_read"]).unwrap();
     assert!(!watch.redirects, "{watch:#?}");
-    // The direct ops: not forged, their direct call the BPF trampoline.
+    // The direct ops (ftrace's regs caller their trampoline) and the
+    // direct calls to the BPF trampolines: none forged.
     for h in inv.hooks.iter().filter(|h| h.mechanism == Mechanism::Ftrace) {
         assert!(h.forged.is_empty(), "{h:#?}");
+    }
+    let direct: Vec<&Hook> =
+        inv.hooks.iter().filter(|h| h.mechanism == Mechanism::Direct).collect();
+    assert_eq!(direct.len(), 2, "{inv:#?}");
+    for h in direct {
+        assert!(h.forged.is_empty(), "{h:#?}");
         assert!(
-            h.callbacks.iter().any(|c| c.role == "direct"
-                && matches!(&c.owner, Owner::Bpf { name } if name.starts_with("bpf_trampoline_"))),
+            matches!(&h.callbacks[0].owner, Owner::Bpf { name } if name.starts_with("bpf_trampoline_")),
             "{h:#?}"
         );
     }
@@ -658,8 +698,8 @@ fn a_bpf_trampoline_is_listed_with_its_programs_and_fmod_ret_is_a_violation() {
         counts.iter().find(|c| c.mechanism == m && c.owner == o).map(|c| c.count)
     };
     assert_eq!(count("bpf_trampoline", "bpf"), Some(2));
-    assert_eq!(count("ftrace", "bpf"), Some(2), "a direct ops is as foreign as its target");
-    assert_eq!(count("ftrace", "kernel"), Some(0));
+    assert_eq!(count("direct", "bpf"), Some(2));
+    assert_eq!(count("ftrace", "kernel"), Some(2));
     assert_eq!(count("kprobe", "unknown"), Some(0));
 }
 
@@ -685,9 +725,25 @@ fn a_direct_call_is_judged_by_whose_code_it_calls() {
     // A BPF trampoline image that no BPF trampoline has: forged.
     let v = with_direct(JIT + 0x1000);
     assert!(
-        v[0].0 == Severity::Violation && v[0].1.contains("which no BPF trampoline has"),
+        v[0].0 == Severity::Violation
+            && v[0].1.contains("which is no BPF trampoline of this function"),
         "{v:?}"
     );
+    // What the patch review accepts: a module's (judged as a hook) and a
+    // BPF trampoline's of that very function, nothing nowhere or forged.
+    let accepted = |bound_to: &str, to: u64| {
+        let mut g = Guest::new();
+        let (t, f) = (target(&g), g.sym(bound_to));
+        g.bpf_image(HEAP, JIT + 0x1000, JIT + 0x2000, "bpf_trampoline_1");
+        g.bpf_trampoline(HEAP + 0x1_0000, f, JIT + 0x1000, &[]);
+        g.direct(EMPTY_HASH + 0x1000, &[(t, to)]);
+        g.accepted()
+    };
+    let t = target(&Guest::new());
+    assert_eq!(accepted("__x64_sys_getppid", JIT + 0x1000), [(t, JIT + 0x1000)]);
+    assert!(accepted("security_task_kill", JIT + 0x1000).is_empty(), "another function's");
+    assert_eq!(accepted("__x64_sys_getppid", TEXT + 0x40), [(t, TEXT + 0x40)]);
+    assert!(accepted("__x64_sys_getppid", NOWHERE + 0x40).is_empty());
 }
 
 #[test]
@@ -719,4 +775,63 @@ fn a_livepatch_is_a_modules_redirecting_hook() {
         assert!(v[0].1.contains(word), "{word} not in {}", v[0].1);
     }
     assert_eq!(verdicts(&inv, &["rk"])[0].0, Severity::Info);
+    // Its replacement another kernel function (one that returns at once,
+    // say), or BPF code: no livepatch does that.
+    let mut g = Guest::new();
+    let elsewhere = g.sym("ftrace_stub");
+    g.ops(klp + fops, handler, FL_ENABLED | FL_SAVE_REGS | FL_IPMODIFY, 0, &[target]);
+    g.ram.u64(klp + stack, func + node);
+    g.ram.u64(func + node, klp + stack);
+    g.ram.u64(func + new_func, elsewhere);
+    let v = verdicts(&g.inventory(), &[]);
+    assert!(
+        v[0].0 == Severity::Violation && v[0].1.contains("not a livepatch module's code"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn tracepoint_probes_are_listed_with_their_owners() {
+    let with_probes = |probes: &[u64], end: bool| {
+        let mut g = Guest::new();
+        let tp = g.sym("__tracepoint_sys_enter");
+        let (funcs, func, size) = (
+            g.off("tracepoint.funcs"),
+            g.off("tracepoint_func.func"),
+            g.off("tracepoint_func.#size"),
+        );
+        g.ram.u64(tp + funcs, HEAP);
+        for (i, &p) in probes.iter().enumerate() {
+            g.ram.u64(HEAP + i as u64 * size + func, p);
+        }
+        if !end {
+            // No null function within the bound: every entry a probe.
+            for i in probes.len() as u64..MAX_PROBES + 1 {
+                g.ram.u64(HEAP + i * size + func, probes[0]);
+            }
+        } else {
+            g.ram.u64(HEAP + probes.len() as u64 * size + func, 0);
+        }
+        g.inventory()
+    };
+    let kernel = Guest::new().sym("perf_trace_sys_enter");
+    let inv = with_probes(&[kernel, TEXT + 0x50], true);
+    assert!(inv.unread.is_empty(), "{:?}", inv.unread);
+    let h = &inv.hooks[0];
+    assert_eq!(
+        (h.mechanism, h.hooked.clone()),
+        (Mechanism::Tracepoint, vec!["sys_enter".to_owned()])
+    );
+    assert_eq!(h.callbacks.len(), 2);
+    assert_eq!(h.module(), Some("rk"));
+    let v = verdicts(&inv, &[]);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].0 == Severity::Info && v[0].1.contains("observation only"), "{v:?}");
+    // The kernel's own probe alone: not said.
+    assert!(verdicts(&with_probes(&[kernel], true), &[]).is_empty());
+    // A probe nowhere known, or an array with no end: violations.
+    let v = verdicts(&with_probes(&[NOWHERE + 0x10], true), &[]);
+    assert!(v[0].0 == Severity::Violation && v[0].1.contains("no kernel text"), "{v:?}");
+    let v = verdicts(&with_probes(&[kernel], false), &[]);
+    assert!(v[0].0 == Severity::Violation && v[0].1.contains("no end within 64"), "{v:?}");
 }

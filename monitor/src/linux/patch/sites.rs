@@ -297,7 +297,7 @@ impl PatchTables {
             }
             Err(e) => info(&mut t, format!("ftrace ops: {e}")),
         }
-        match crate::linux::hooks::direct_calls(m, mem, space) {
+        match crate::linux::hooks::accepted_direct_calls(m, mem, space) {
             Ok(calls) => t.direct_calls.extend(calls),
             Err(e) => info(&mut t, format!("ftrace direct calls: {e}")),
         }
