@@ -167,6 +167,7 @@ fn main() {
     std::fs::create_dir_all(&baselines).unwrap();
     let pages_file = vigil::integrity::Originals::path_for(&cap.baseline_path);
     let targets = Targets::of(&cap, &profiles);
+    let shared: std::sync::Arc<[vigil::linux::profile::Profile]> = profiles.clone().into();
 
     println!(
         "fleet: attaching {guests} guests (copies of {}), original pages {}",
@@ -195,7 +196,8 @@ fn main() {
         let settings = vigil::watch::AttachSettings {
             originals_on_disk: on_disk,
             provisional_window: Duration::from_secs(60),
-            profiles: profiles.clone().into(),
+            // One copy for all guests, as the daemon shares its profiles.
+            profiles: shared.clone(),
         };
         let known = vigil::watch::Knowledge::default();
         let (mut w, _) =
