@@ -3,7 +3,10 @@
 //! pages are mapped where the lists start and where records may lie (see
 //! [`LAYOUT`]), one listed module `rk` among them: ftrace's ops list, the
 //! kprobe table, the die notifier chain, BPF's kallsyms, ftrace's callers,
-//! and the module's text, data and an unowned module-area page. The read
+//! and the module's text, data and an unowned module-area page. Two fixed
+//! pages follow the input: zeros, where BPF's trampoline table and the
+//! kernel's tracepoints lie (none has probes), and the page of
+//! `direct_functions`, which points at zeros (an empty hash). The read
 //! ends, and hooks and findings are bounded.
 #![no_main]
 
@@ -46,6 +49,27 @@ static LAYOUT: LazyLock<Vec<u64>> = LazyLock::new(|| {
     pages
 });
 
+/// Virtual pages of the zero page: BPF's trampoline table and the span of
+/// the kernel's tracepoints.
+static ZEROS: LazyLock<Vec<u64>> = LazyLock::new(|| {
+    let sym = |n: &str| PROFILE.symbol(n).expect("the lab profile names it").addr;
+    let table = sym("trampoline_table") & !(PAGE - 1);
+    let mut pages: Vec<u64> = (0..3).map(|i| table + i * PAGE).collect();
+    let tps = PROFILE.symbols().iter().filter(|s| s.name.starts_with("__tracepoint_"));
+    let (lo, hi) = tps.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s.addr), hi.max(s.addr)));
+    pages.extend((lo & !(PAGE - 1)..=hi + PAGE).step_by(PAGE as usize));
+    pages
+});
+
+/// The page of `direct_functions`, and its content.
+static DIRECT: LazyLock<(u64, Vec<u8>)> = LazyLock::new(|| {
+    let at = PROFILE.symbol("direct_functions").expect("the lab profile names it").addr;
+    let mut page = vec![0u8; PAGE as usize];
+    let off = (at % PAGE) as usize;
+    page[off..off + 8].copy_from_slice(&ZEROS[0].to_le_bytes());
+    (at & !(PAGE - 1), page)
+});
+
 struct Pages;
 
 impl AddressSpace for Pages {
@@ -54,16 +78,22 @@ impl AddressSpace for Pages {
     }
     fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
         let page = gva.raw() & !(PAGE - 1);
-        let i = LAYOUT.iter().position(|&p| p == page)? as u64;
+        let i = match LAYOUT.iter().position(|&p| p == page) {
+            Some(i) => i as u64,
+            None if page == DIRECT.0 => PAGES as u64 + 1,
+            None if ZEROS.contains(&page) => PAGES as u64,
+            None => return None,
+        };
         let rw = Perms { writable: true, user: false, executable: false };
         Some((GuestPhysAddr(i * PAGE), rw))
     }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut ram = vec![0u8; PAGES * PAGE as usize];
-    let n = data.len().min(ram.len());
+    let mut ram = vec![0u8; (PAGES + 2) * PAGE as usize];
+    let n = data.len().min(PAGES * PAGE as usize);
     ram[..n].copy_from_slice(&data[..n]);
+    ram[(PAGES + 1) * PAGE as usize..].copy_from_slice(&DIRECT.1);
     let mem = RawDump::from_bytes(ram);
     let rk = Module {
         name: "rk".into(),
@@ -77,11 +107,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let m = Matched { profile: &PROFILE, modules: vec![rk], slide: 0, idt_slide: None };
     let inv = Inventory::read(&m, &mem, &Pages);
-    // Each of the three hook lists is bounded by 4096 records, BPF's
-    // kallsyms by the list walk's 16384; one unread report a list.
-    assert!(inv.hooks.len() <= 3 * 4096, "{} hooks", inv.hooks.len());
+    // Each hook list is bounded by 4096 records (ftrace ops, kprobes, die
+    // notifiers, BPF trampolines, direct calls) and the tracepoints by the
+    // profile's, BPF's kallsyms by the list walk's 16384; one unread
+    // report a list.
+    assert!(inv.hooks.len() <= 5 * 4096 + 8192, "{} hooks", inv.hooks.len());
     assert!(inv.bpf.len() <= 1 << 14, "{} BPF images", inv.bpf.len());
-    assert!(inv.unread.len() <= 4);
+    assert!(inv.unread.len() <= 7);
     let policy = HookPolicy { allow: vec!["rk".parse().expect("a module name")] };
     let found = policy.judge(&inv);
     assert!(found.len() <= inv.hooks.len());

@@ -266,7 +266,21 @@ fn hooks_seed_holds_a_hook_of_each_kind() {
         sym("ftrace_caller"),
     ];
     layout.extend((0..10).map(|i| base + i * 4096));
-    let space = Pages(layout.into_iter().zip(0..).collect());
+    let mut space = Pages(layout.into_iter().zip(0..).collect());
+    // As the fuzz target: zeros where BPF's trampoline table and the
+    // tracepoints lie, and direct_functions pointing at zeros.
+    let table = sym("trampoline_table");
+    space.0.extend((0..3).map(|i| (table + i * 4096, 16)));
+    let tps: Vec<u64> = profile
+        .symbols()
+        .iter()
+        .filter(|s| s.name.starts_with("__tracepoint_"))
+        .map(|s| s.addr & !0xfff)
+        .collect();
+    let (lo, hi) = (*tps.iter().min().unwrap(), *tps.iter().max().unwrap());
+    space.0.extend((lo..=hi + 4096).step_by(4096).map(|p| (p, 16)));
+    let direct = profile.symbol("direct_functions").unwrap().addr;
+    space.0.insert(0, (direct & !0xfff, 17));
     let rk = vigil::linux::semantic::Module {
         name: "rk".into(),
         addr: base + 0x2800,
@@ -284,7 +298,9 @@ fn hooks_seed_holds_a_hook_of_each_kind() {
         idt_slide: None,
     };
     for (p, mut b) in seeds("hooks") {
-        b.resize(16 * 4096, 0);
+        b.resize(18 * 4096, 0);
+        let off = 17 * 4096 + usize::try_from(direct & 0xfff).unwrap();
+        b[off..off + 8].copy_from_slice(&table.to_le_bytes());
         let mem = vigil::memory::RawDump::from_bytes(b);
         let inv = Inventory::read(&m, &mem, &space);
         assert!(inv.unread.is_empty(), "{}: {:?}", p.display(), inv.unread);

@@ -88,11 +88,38 @@ pub struct Baseline {
     /// baselines of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceCheck>,
-    /// The hooks of the guest kernel when the baseline was taken (see
-    /// [`crate::linux::hooks`]), to show those added since; absent when no
+    /// The hooks of the guest kernel when the baseline was taken, to show
+    /// those added since; absent when no
     /// profile matched, and in baselines of earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<Vec<crate::linux::hooks::HookRecord>>,
+    pub hooks: Option<Vec<HookRecord>>,
+}
+
+/// A hook of the guest kernel as a baseline keeps it and a diff compares it
+/// (the kernel model fills it in): what it is and whose code it runs, not
+/// where its record lies (records move; a hook whose owners and hooked
+/// functions stay the same is the same hook).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct HookRecord {
+    pub mechanism: String,
+    /// What it hooks, in words (`crate::linux::hooks::Hook::hooked_text`).
+    pub hooked: String,
+    /// Each callback: `role owner`.
+    pub callbacks: Vec<String>,
+    pub redirects: bool,
+}
+
+impl std::fmt::Display for HookRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}: {}: {}",
+            self.mechanism,
+            if self.redirects { " (can redirect)" } else { "" },
+            self.hooked,
+            self.callbacks.join(", ")
+        )
+    }
 }
 
 /// Whether a baseline's pages matched a reference when it was taken.

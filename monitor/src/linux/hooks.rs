@@ -268,31 +268,7 @@ impl Hook {
     }
 }
 
-/// A hook as a baseline keeps it and a diff compares it: what it is and
-/// whose code it runs, not where its record lies (records move; a hook
-/// whose owners and hooked functions stay the same is the same hook).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct HookRecord {
-    pub mechanism: String,
-    /// What it hooks, as [`Hook::hooked_text`] says it.
-    pub hooked: String,
-    /// Each callback: `role owner`.
-    pub callbacks: Vec<String>,
-    pub redirects: bool,
-}
-
-impl std::fmt::Display for HookRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}{}: {}: {}",
-            self.mechanism,
-            if self.redirects { " (can redirect)" } else { "" },
-            self.hooked,
-            self.callbacks.join(", ")
-        )
-    }
-}
+pub use crate::integrity::baseline::HookRecord;
 
 impl Hook {
     pub fn summary(&self) -> HookRecord {
