@@ -163,15 +163,35 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                 known.insert(key, ModuleText { hashes, bytes });
             }
             Some(old) => {
-                for (i, (h, (va, gpa))) in hashes.iter().zip(&places).enumerate() {
-                    if old.hashes.get(i) != Some(h) {
+                // A page that differs is read again, through its mapping as
+                // it is now, and believed only if the module is still live
+                // after: the module may have been unloaded between the walk
+                // and the read, its frames reused, and loaded again at its
+                // base.
+                let changed: Option<Vec<_>> = hashes
+                    .iter()
+                    .zip(&places)
+                    .enumerate()
+                    .filter(|(i, (h, _))| old.hashes.get(*i) != Some(*h))
+                    .map(|(i, (_, (va, _)))| {
+                        let (page, gpa) =
+                            semantic::read_virt(mem, space, *va, crate::addr::PAGE_BYTES)?;
+                        Some((i, *blake3::hash(&page).as_bytes(), *va, gpa))
+                    })
+                    .collect();
+                let Some(changed) = changed else { continue };
+                if !changed.is_empty() && !semantic::still_live(m, mem, space, md) {
+                    continue;
+                }
+                for (i, h, va, gpa) in changed {
+                    if old.hashes.get(i) != Some(&h) {
                         let region = Region::Module(md.name.clone()).name();
                         let mut f = Finding::new(
                             &region,
                             FindingKind::Content,
                             Severity::Violation,
-                            GuestVirtAddr(*va),
-                            *gpa,
+                            GuestVirtAddr(va),
+                            gpa,
                         )
                         .saying(
                             format!(
@@ -179,7 +199,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                                 md.name
                             ),
                             old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
-                            to_hex(h),
+                            to_hex(&h),
                         );
                         f.page = Some(i as u64);
                         out.push(f);
@@ -314,6 +334,76 @@ mod tests {
             found[0].detail.contains("page 0 of the text of module churn changed"),
             "{found:?}"
         );
+    }
+
+    /// Three frames: a `struct module` (live) at frame 0, and the module's
+    /// text at `W` + 4 KiB in frame 1 until `moved` translations of it have
+    /// been made, in frame 2 after: the module unloaded, frame 1 reused,
+    /// and loaded again at its base.
+    struct Moving {
+        moved: std::sync::atomic::AtomicU32,
+    }
+
+    impl AddressSpace for Moving {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+            let page = gva.raw().checked_sub(W)? / PAGE_SIZE;
+            let frame = match page {
+                0 => 0,
+                1 if self.moved.load(std::sync::atomic::Ordering::SeqCst) > 0 => {
+                    self.moved.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    1
+                }
+                1 => 2,
+                _ => return None,
+            };
+            Some((
+                GuestPhysAddr(frame * PAGE_SIZE),
+                Perms { writable: false, user: false, executable: true },
+            ))
+        }
+    }
+
+    #[test]
+    fn a_text_frame_reused_under_the_read_is_read_again_where_the_text_is_now() {
+        let profile = lab_profile();
+        let md = semantic::Module {
+            name: "churn".into(),
+            addr: W,
+            base: W + PAGE_SIZE,
+            size: PAGE_SIZE,
+            text_size: PAGE_SIZE,
+            state: semantic::MODULE_LIVE,
+            init: (0, 0),
+            data: (0, 0),
+        };
+        let m =
+            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
+        let ram = |frame1: u8, frame2: u8| {
+            let mut ram = module_ram(&profile, b"churn", 0, frame1);
+            ram.extend(std::iter::repeat_n(frame2, PAGE_BYTES));
+            crate::memory::RawDump::from_bytes(ram)
+        };
+        let space = Moving { moved: u32::MAX.into() };
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let now = std::time::Instant::now();
+        let mut check = |mem: &crate::memory::RawDump, moved: u32| {
+            space.moved.store(moved, std::sync::atomic::Ordering::SeqCst);
+            protect_modules((&mut known, &mut not_live), &mut events, &m, mem, &space, now)
+        };
+        let found = check(&ram(0xcc, 0), u32::MAX);
+        assert!(found.is_empty(), "{found:?}");
+        // Frame 1 now a page table; the first read finds it, the text is in
+        // frame 2 as it was.
+        let found = check(&ram(0x67, 0xcc), 1);
+        assert!(found.is_empty(), "a reused frame taken for the module's text: {found:?}");
+        // The text in its new frame changed: reported there.
+        let found = check(&ram(0x67, 0x90), 1);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].gpa, GuestPhysAddr(2 * PAGE_SIZE), "{found:?}");
     }
 
     /// A module that claims to be unloading: reported once it has stayed so

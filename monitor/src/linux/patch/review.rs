@@ -94,9 +94,11 @@ pub fn review<M: GuestMemory + ?Sized>(
     let mut fresh = Vec::new();
     for p in pages {
         let mut cur = vec![0u8; crate::addr::PAGE_BYTES];
+        let now_at = space.translate(GuestVirtAddr(p.gva)).map(|(gpa, _)| gpa);
         match memory.accepted_pages.get(&p.gva) {
             Some((h, units))
-                if mem.read(p.gpa, &mut cur).is_ok() && blake3::hash(&cur).as_bytes() == h =>
+                if now_at.is_some_and(|gpa| mem.read(gpa, &mut cur).is_ok())
+                    && blake3::hash(&cur).as_bytes() == h =>
             {
                 accepted.extend(units.iter().cloned());
             }
@@ -128,6 +130,19 @@ pub fn review<M: GuestMemory + ?Sized>(
         if !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation) {
             memory.hold_disagreements(&mut v, clock.now());
         }
+        // A module unloaded since its text was read (and perhaps loading
+        // again at its base) is compared afresh at the next check, as it
+        // then is: what its old frames hold now is no longer its text.
+        v.violations.retain(|f| {
+            Region::module_of(&f.region).is_none_or(|name| {
+                m.modules.iter().any(|md| {
+                    md.name == name
+                        && md.base <= f.gva.raw()
+                        && f.gva.raw() < md.base.saturating_add(md.text_size.max(PAGE_SIZE))
+                        && crate::linux::semantic::still_live(m, mem, space, md)
+                })
+            })
+        });
         for f in &mut v.violations {
             if let Some(module) = Region::module_of(&f.region) {
                 f.detail = format!(

@@ -404,6 +404,11 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
     // the other page must not be taken as judged clean on its own.
     let mut unsettled: Vec<(u64, u64)> = Vec::new();
     for p in pages {
+        // The page where the address maps now: a module unloaded and loaded
+        // again at its base since the page was found changed has its text
+        // in other frames, and the old frame may already hold anything.
+        let now_at = space.translate(GuestVirtAddr(p.gva)).map(|(gpa, _)| gpa);
+        let p = &ChangedPage { gpa: now_at.unwrap_or(p.gpa), ..p.clone() };
         let violation = |at: u64, detail: String, before: String, after: String| {
             let gpa = GuestPhysAddr(p.gpa.raw().wrapping_add(at.wrapping_sub(p.gva)));
             let mut f = Finding::new(
@@ -418,6 +423,15 @@ pub fn verify_pages<M: GuestMemory + ?Sized>(
             f
         };
         let mut cur = vec![0u8; crate::addr::PAGE_BYTES];
+        if now_at.is_none() {
+            out.violations.push(violation(
+                p.gva,
+                format!("page {} of {} changed and is no longer mapped", p.index, p.region),
+                String::new(),
+                String::new(),
+            ));
+            continue;
+        }
         if let Err(e) = mem.read(p.gpa, &mut cur) {
             out.violations.push(violation(
                 p.gva,

@@ -696,3 +696,31 @@ fn an_int3_that_stands_over_a_site_is_a_violation_on_the_clock() {
     assert_eq!(c.pauses.borrow()[before..], [INT3_HOLD]);
     assert_eq!(v.len(), 1, "still there after the pause");
 }
+
+/// A changed page is read where its address maps when it is judged, not
+/// in the frame it was found in: a module unloaded and loaded again at its
+/// base has its text in new frames, and the old one may hold anything (a
+/// page table, in the lab). An address no longer mapped is a violation.
+#[test]
+fn a_changed_page_is_judged_in_the_frame_it_is_mapped_to_now() {
+    let (f, orig) = guest();
+    let t = tables(Site::Fentry);
+    let original = |gva: u64| (gva == TEXT_VA).then(|| orig.to_vec());
+    let judge = |gva: u64, gpa: u64| {
+        let page =
+            ChangedPage { region: "module:churn".into(), index: 0, gva, gpa: GuestPhysAddr(gpa) };
+        verify_pages(&t, &[page], &f.mem, &f, &original, &|a| format!("{a:#x}"))
+    };
+    // Found changed in frame 0x8000, which now holds other bytes; the
+    // address maps to 0x2000, as it was.
+    let mut stale = vec![0u8; 4096];
+    f.mem.read(GuestPhysAddr(0x8000), &mut stale).unwrap();
+    assert_ne!(stale, orig, "the stale frame must differ for this test to mean anything");
+    let v = judge(TEXT_VA, 0x8000);
+    assert!(v.violations.is_empty(), "{:#?}", v.violations);
+    assert_eq!(v.clean.len(), 1);
+    // Not mapped any more: a violation that says so.
+    let v = judge(TEXT_VA + 10 * 4096, 0x2000);
+    assert_eq!(v.violations.len(), 1, "{:#?}", v.violations);
+    assert!(v.violations[0].detail.contains("no longer mapped"), "{}", v.violations[0].detail);
+}
