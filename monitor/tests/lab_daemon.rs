@@ -480,6 +480,55 @@ fn daemon_refuses_an_invalid_config_naming_file_key_and_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("schedule.hot_interval"));
 }
 
+/// One daemon per state directory: a second one on the same directory exits
+/// 2 naming the first's pid, and leaves its control socket and alert log be.
+#[test]
+fn daemon_second_on_one_state_directory_exits_2_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let start = |sock: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        c.arg("--state-dir")
+            .arg(dir.path())
+            .arg("--control-socket")
+            .arg(dir.path().join(sock))
+            // Nothing listens there: the daemon runs, retrying libvirt.
+            .args(["--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"])
+            .args(["daemon", "--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut first = start("first.sock").spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = dir.path().join("alerts.jsonl");
+    // Bound, and its one event (libvirt unreachable) logged.
+    while !dir.path().join("first.sock").exists()
+        || !std::fs::read_to_string(&log).unwrap_or_default().contains("libvirt unreachable")
+    {
+        assert!(Instant::now() < deadline, "the first daemon never bound its control socket");
+        assert!(first.try_wait().unwrap().is_none(), "the first daemon exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log_before = std::fs::metadata(&log).map(|m| m.len()).ok();
+    let out = start("second.sock").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let pid = first.id();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("pid {pid}")) && err.contains(&dir.path().display().to_string()),
+        "the holder and the directory unnamed: {err}"
+    );
+    assert!(!dir.path().join("second.sock").exists(), "the second daemon bound a socket");
+    assert_eq!(
+        std::fs::metadata(&log).map(|m| m.len()).ok(),
+        log_before,
+        "the second daemon wrote to the first's alert log"
+    );
+}
+
 /// The configuration's `connect` and `control_socket` are the daemon's
 /// unless given on the command line (they were once always overridden by
 /// the command line's defaults).

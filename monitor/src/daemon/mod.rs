@@ -86,6 +86,55 @@ pub enum DaemonError {
     },
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error(
+        "another vigil daemon ({holder}) holds the state directory {path}: one daemon per state directory (stop it, or give this one its own --state-dir)"
+    )]
+    Locked { path: String, holder: String },
+    #[error("cannot lock the state directory through {path}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The file whose lock the daemon holds while it runs, in its state
+/// directory: the alert log, cursors and control socket are one daemon's.
+pub const LOCK_FILE: &str = "daemon.lock";
+
+/// Takes the state directory's lock, and writes this process's id into the
+/// lock file for the next one to name. The lock lasts as long as the file.
+pub fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let shown = path.display().to_string();
+    let failed = |source| DaemonError::Lock { path: shown.clone(), source };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut held = String::new();
+            let _ = file.take(64).read_to_string(&mut held);
+            let holder = match held.trim() {
+                pid if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("pid {pid}")
+                }
+                _ => "a process that wrote no pid".to_owned(),
+            };
+            return Err(DaemonError::Locked { path: dir.display().to_string(), holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+    }
+    file.set_len(0).map_err(failed)?;
+    file.rewind().map_err(failed)?;
+    writeln!(file, "{}", std::process::id()).map_err(failed)?;
+    Ok(file)
 }
 
 /// What the control socket can ask a domain task.
@@ -394,6 +443,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         path: settings.state_dir.display().to_string(),
         source,
     })?;
+    // Before anything of the directory's is touched; held until return.
+    let _lock = lock_state_dir(&settings.state_dir)?;
     let metrics = Metrics::new();
     let reported = AlertLog::reported(&settings.alert_log)?;
     let log = AlertLog::open_rotating(&settings.alert_log, settings.alert_rotation)?;
@@ -410,7 +461,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let listener = tokio::net::TcpListener::bind(settings.metrics_listen)
         .await
         .map_err(|source| DaemonError::Metrics { addr: settings.metrics_listen, source })?;
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    tokio::spawn(metrics::serve(listener, metrics.clone(), metrics::Limits::DEFAULT));
     let control_listener = control::bind(&settings.control_socket, &settings.control_group)?;
     let (profiles, refused) = crate::linux::profile::load_dir(&settings.profiles);
     for (path, why) in &refused {
