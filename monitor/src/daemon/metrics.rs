@@ -3,6 +3,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
@@ -206,14 +207,33 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until the listener fails.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+/// What one scraper may hold of the metrics listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections held at once; one more is closed as it is accepted
+    /// (and counted as error `metrics_connections`).
+    pub connections: usize,
+    /// A request's headers must arrive within this, an idle keep-alive
+    /// connection's next request too.
+    pub header_timeout: Duration,
+    /// No connection is held longer than this, however busy.
+    pub lifetime: Duration,
+}
+
+impl Limits {
+    /// Room for a few Prometheus servers and operators' curls; a local user
+    /// holding idle connections gets 64 and no more, each for 10 s.
+    pub const DEFAULT: Limits = Limits {
+        connections: 64,
+        header_timeout: Duration::from_secs(10),
+        lifetime: Duration::from_secs(120),
+    };
+}
+
+fn router(metrics: Arc<Metrics>) -> axum::Router {
     use axum::http::header;
     use axum::routing::get;
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -229,8 +249,41 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
-    axum::serve(listener, app).await
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// Serves `/metrics` and `/healthz` over HTTP/1 within `limits`, for as
+/// long as the daemon runs. A failed accept (out of file descriptors, say)
+/// is counted as error `metrics_listener` and retried after a pause.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let app = router(metrics.clone());
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let error = |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).inc();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                error("metrics_listener");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            error("metrics_connections");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // An error is the client's (gone, too slow): nothing to tell.
+            let _ = tokio::time::timeout(limits.lifetime, connection).await;
+            drop(permit);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -258,5 +311,60 @@ mod tests {
         assert!(text.contains("vigil_check_duration_seconds_bucket"), "{text}");
         assert!(text.contains("vigil_build_info{version="), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    /// A local user holding idle connections gets `connections` of them,
+    /// each until `header_timeout`, and no more: the next is closed at
+    /// once and counted; once the idle ones time out, a scrape is served.
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_timed_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = Metrics::new();
+        let limits = Limits {
+            connections: 2,
+            header_timeout: Duration::from_millis(300),
+            lifetime: Duration::from_secs(60),
+        };
+        tokio::spawn(serve(listener, m.clone(), limits));
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        // Both taken before the third is accepted.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the cap was served: {read:?} {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        let refused = |m: &Metrics| {
+            m.errors.get_or_create(&KindLabels { kind: "metrics_connections".into() }).get()
+        };
+        assert_eq!(refused(&m), 1);
+        // The idle ones are closed once their headers are late.
+        for mut c in idle {
+            let mut b = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await;
+            assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "an idle connection was kept: {n:?}");
+        }
+        // And a scrape is served again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(body.starts_with("HTTP/1.1 200") && body.contains("vigil_errors_total"), "{body}");
+        assert_eq!(refused(&m), 1);
     }
 }
