@@ -39,6 +39,30 @@ fn unit_passes_systemd_analyze_verify() {
     assert!(ok && out.trim().is_empty(), "systemd-analyze verify: {out}");
 }
 
+/// The unit bounds the daemon's memory and file descriptors, with room
+/// for the metrics listener's connections (a local user may hold them all)
+/// and more.
+#[test]
+fn the_unit_bounds_memory_and_file_descriptors() {
+    let text = std::fs::read_to_string(repo().join("systemd/vigil.service")).unwrap();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("the unit sets no {key}="))
+            .trim()
+            .to_owned()
+    };
+    let memory = value("MemoryMax");
+    let gib: u64 = memory.strip_suffix('G').and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(gib >= 2, "MemoryMax={memory}: under the 2 GiB 100 guests take (benches/README.md)");
+    let files: usize = value("LimitNOFILE").parse().unwrap();
+    let connections = vigil::daemon::metrics::Limits::DEFAULT.connections;
+    assert!(
+        files >= 16 * connections,
+        "LimitNOFILE={files} leaves little past {connections} metrics connections"
+    );
+}
+
 #[test]
 fn security_exposure_is_the_one_the_readme_records() {
     let dir = tempfile::tempdir().unwrap();

@@ -199,7 +199,8 @@ pub(super) fn seed_series(shared: &Shared, name: &str, w: &Watched) {
     let regions = w
         .pages()
         .map(|(r, _)| r.to_owned())
-        .chain([crate::integrity::check::IMAGE_REGION.to_owned()]);
+        .map(|r| super::sink::metric_region(&r).to_owned())
+        .chain([crate::integrity::check::IMAGE_REGION.to_owned(), "module".to_owned()]);
     for region in regions {
         for kind in ["content", "remap", "permission"] {
             let labels =

@@ -163,8 +163,14 @@ pub(super) async fn attach(
                     shared.attached(uuid, &known, w.run.clone());
                     return Some((w, attached));
                 }
-                Err(e) if e.domain_gone() => return None,
+                Err(e) if e.domain_gone() => {
+                    shared.sink.error(e.kind());
+                    return None;
+                }
                 Err(e) => {
+                    // Each failed try, whatever the reason (a guest still
+                    // booting fails for a few seconds): `attach`.
+                    shared.sink.error("attach");
                     let reason = e.message();
                     if reason != last_reason {
                         let detail = format!(
@@ -550,6 +556,7 @@ impl DomainTask {
     /// connection means attaching again, with the stored baseline.
     fn on_error(&mut self, watch: &mut Watch, e: &WatchError, reply: Option<Reply>) -> Flow {
         let shared = &self.shared;
+        shared.sink.error(e.kind());
         if e.domain_gone() {
             if let Some(reply) = reply {
                 let _ = reply.send(Err(e.message()));
@@ -564,7 +571,6 @@ impl DomainTask {
             );
             return Flow::Then(Phase::Detached);
         }
-        shared.sink.error(e.kind());
         let msg = e.message();
         if msg != watch.last_error {
             shared.sink.emit(watch.subject.event(
