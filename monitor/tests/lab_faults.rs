@@ -506,15 +506,41 @@ fn state_directory_fault(
                 !common::violations(d, &g, "kernel-rodata").is_empty()
             });
             assert!(
-                d.alerts().iter().any(|a| a["detail"] == "the alert log takes alerts again"),
+                d.alerts().iter().any(|a| a["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("the alert log takes alerts again")),
                 "the log's recovery is said"
             );
+            // What the log could not take was held, and is logged now, in
+            // order: the failure, the violation it could not take, the next.
+            let alerts = d.alerts();
+            let at = |what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+                alerts.iter().position(f).unwrap_or_else(|| {
+                    panic!("{what} is not in the log once it takes alerts: {alerts:#?}")
+                })
+            };
+            let failure = at("the log's failure", &|a| {
+                a["detail"].as_str().unwrap_or("").starts_with("the alert log cannot take alerts")
+            });
+            let held = at("the held violation", &|a| {
+                a["event"] == "violation" && a["region"] == "kernel-text"
+            });
+            let next = at("the next violation", &|a| {
+                a["event"] == "violation" && a["region"] == "kernel-rodata"
+            });
+            assert!(failure < held && held < next, "out of order: {failure}, {held}, {next}");
+            assert_eq!(d.metric("vigil_alerts_held", ""), Some(0.0));
         }
         None => {
             g.run("attack syscall").unwrap();
             wait_for_violation(&rx, "kernel-rodata");
             let failures = d.metric("vigil_errors_total", "kind=\"alert_log\"").unwrap_or(0.0);
             assert!(failures >= 2.0, "both alerts' log failures counted, got {failures}");
+            // Held, to be logged if the log ever takes alerts again: the
+            // failure and both violations at least.
+            let held = d.metric("vigil_alerts_held", "").unwrap_or(0.0);
+            assert!(held >= 3.0, "alerts held: {held}");
         }
     }
     let log = std::fs::read_to_string(d.path("alerts.jsonl")).unwrap();

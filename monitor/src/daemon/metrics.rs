@@ -78,6 +78,7 @@ pub struct Metrics {
     pub patched_sites: Family<DomainLabels, Gauge>,
     pub pending_sites: Family<DomainLabels, Gauge>,
     pub attached: Gauge,
+    pub alerts_held: Gauge,
     pub budget_used: Gauge<f64, AtomicU64>,
     pub budget_overruns: Counter,
     pub evidence_saved: Family<DomainLabels, Counter>,
@@ -108,6 +109,7 @@ impl Metrics {
             patched_sites: Family::default(),
             pending_sites: Family::default(),
             attached: Gauge::default(),
+            alerts_held: Gauge::default(),
             budget_used: Gauge::default(),
             budget_overruns: Counter::default(),
             evidence_saved: Family::default(),
@@ -154,6 +156,11 @@ impl Metrics {
                 m.pending_sites.clone(),
             );
             r.register("domains_attached", "Domains being checked", m.attached.clone());
+            r.register(
+                "alerts_held",
+                "Alerts the alert log could not take yet, held in memory to be logged",
+                m.alerts_held.clone(),
+            );
             r.register(
                 "reference_verified",
                 "Whether the baseline of a domain's boot matched the vendor's image of its kernel when taken: 1 verified, 0 mismatch, -1 no reference to compare with",

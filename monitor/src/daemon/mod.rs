@@ -62,7 +62,7 @@ use crate::linux::region::Region;
 use crate::watch::{AttachSettings, Attached, Knowledge, WatchError, Watched};
 
 use self::report::*;
-pub use self::sink::Sink;
+pub use self::sink::{Emitted, Sink};
 use self::task::*;
 
 /// Why the daemon could not start.
@@ -469,13 +469,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     let shared = Arc::new(Shared {
         budget: Budget::new(settings.cpu_budget),
-        sink: Sink {
-            log: Mutex::new(log),
-            reported: Mutex::new(reported),
-            metrics,
-            pushers,
-            log_failing: false.into(),
-        },
+        sink: Sink::new(log, reported, metrics, pushers),
         status: Mutex::new(HashMap::new()),
         profiles: profiles.into(),
         hv: RwLock::new(None),
@@ -501,6 +495,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = resync.tick() => {
+                shared.sink.flush_held(&shared.settings.host);
                 let alive = shared.hypervisor().is_some_and(|h| h.is_alive());
                 if !alive {
                     let uri = shared.settings.connect.clone();
@@ -642,13 +637,12 @@ mod tests {
         let rotation = Rotation { max_bytes: 1 << 20, keep: 1 };
         let shared = super::Shared {
             budget: super::Budget::new(1.0),
-            sink: Sink {
-                log: Mutex::new(AlertLog::open_rotating(&path, rotation).unwrap()),
-                reported: Mutex::new(Reported::default()),
-                metrics: Metrics::new(),
-                pushers: Vec::new(),
-                log_failing: false.into(),
-            },
+            sink: Sink::new(
+                AlertLog::open_rotating(&path, rotation).unwrap(),
+                Reported::default(),
+                Metrics::new(),
+                Vec::new(),
+            ),
             status: Mutex::new(HashMap::new()),
             profiles: Arc::from(Vec::new()),
             hv: RwLock::new(None),
@@ -699,13 +693,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alerts.jsonl");
         let rotation = Rotation { max_bytes: 2000, keep: 2 };
-        let sink = Sink {
-            log: std::sync::Mutex::new(AlertLog::open_rotating(&path, rotation).unwrap()),
-            reported: std::sync::Mutex::new(Reported::default()),
-            metrics: Metrics::new(),
-            pushers: Vec::new(),
-            log_failing: false.into(),
-        };
+        let sink = Sink::new(
+            AlertLog::open_rotating(&path, rotation).unwrap(),
+            Reported::default(),
+            Metrics::new(),
+            Vec::new(),
+        );
         let s =
             Subject { host: "h".into(), domain: "d".into(), uuid: "u".into(), boot: "b".into() };
         let event =
@@ -714,7 +707,7 @@ mod tests {
         // the state, so it does not happen.
         std::fs::create_dir(state_path(&path)).unwrap();
         for i in 0..10 {
-            assert!(sink.emit(event(i)), "event {i} not logged");
+            assert_eq!(sink.emit(event(i)), super::Emitted::Logged, "event {i} not logged");
         }
         let failed = sink
             .metrics
@@ -726,7 +719,7 @@ mod tests {
         let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
         assert_eq!(lines(&path), 10);
         std::fs::remove_dir(state_path(&path)).unwrap();
-        assert!(sink.emit(event(10)));
+        assert_eq!(sink.emit(event(10)), super::Emitted::Logged);
         assert_eq!((lines(&rotated_path(&path, 1)), lines(&path)), (11, 0));
     }
 

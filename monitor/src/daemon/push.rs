@@ -8,8 +8,9 @@
 //! finishes the rotated file it was in (found by its inode and birth time)
 //! before it starts on the next. The checks only
 //! wake the pusher. An alert the log could not take (the disk full, say) is
-//! handed over whole and pushed with a few retries, the best that can be
-//! done for it.
+//! handed over whole and pushed with a few retries, at once; the sink holds
+//! it and logs it once the log takes alerts again, and it is pushed from
+//! the log then too (so it may arrive twice).
 //!
 //! The HTTP client is the least that does: HTTP/1.1 POST over plain TCP to
 //! the configured host and port, success on a 2xx status.

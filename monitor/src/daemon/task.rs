@@ -519,8 +519,13 @@ impl DomainTask {
                 a.evidence = Some(dir.display().to_string());
                 for_evidence.push(a.key.clone());
             }
-            watch.reported.insert(a.key.clone(), a.digest.clone());
-            shared.sink.emit(a);
+            // Reported once logged, or held to be: an alert neither (the log
+            // failing and the memory for held alerts full) is reported
+            // again by the next check that sees the change.
+            let (key, digest) = (a.key.clone(), a.digest.clone());
+            if shared.sink.emit(a).reported() {
+                watch.reported.insert(key, digest);
+            }
         }
         if let (Some(cfg), Some(dir)) = (evidence, bundle) {
             watch.last_evidence = Some(Instant::now());
@@ -538,8 +543,9 @@ impl DomainTask {
                 format!("{key} is as in the baseline again"),
             );
             a.key = key.clone();
-            watch.reported.remove(&key);
-            shared.sink.emit(a);
+            if shared.sink.emit(a).reported() {
+                watch.reported.remove(&key);
+            }
         }
         let open = watch.reported.len();
         let when = crate::integrity::baseline::now_rfc3339();

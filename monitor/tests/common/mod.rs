@@ -142,7 +142,8 @@ impl Daemon {
     /// The value of one sample of the metrics, by name and label text.
     pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
         let text = self.metrics();
-        let want = format!("{name}{{{labels}}} ");
+        let want =
+            if labels.is_empty() { format!("{name} ") } else { format!("{name}{{{labels}}} ") };
         text.lines().find_map(|l| l.strip_prefix(&want)).and_then(|v| v.trim().parse().ok())
     }
 
