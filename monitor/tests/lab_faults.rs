@@ -768,7 +768,8 @@ fn daemon_refuses_to_start_on_a_read_only_state_directory() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains(&format!("{}", dir.path().join("alerts.jsonl").display()))
+        // The first file it needs to write: the state directory's lock.
+        err.contains(&format!("{}", dir.path().join("daemon.lock").display()))
             && err.contains("Read-only file system"),
         "{err}"
     );
