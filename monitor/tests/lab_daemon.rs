@@ -25,7 +25,10 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
     let waiting = d.events("waiting", &g.name).len();
     assert!(waiting >= 1, "attached to a guest that had not booted yet: {:#?}", d.alerts());
     let tries = d.metric("vigil_errors_total", "kind=\"attach\"").unwrap_or(0.0);
-    assert!(tries >= waiting as f64, "{tries} failed tries to attach counted, {waiting} waits said");
+    assert!(
+        tries >= waiting as f64,
+        "{tries} failed tries to attach counted, {waiting} waits said"
+    );
     assert!(
         d.events("violation", &g.name).is_empty(),
         "violations before any attack: {:#?}",

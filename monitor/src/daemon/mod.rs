@@ -449,12 +449,15 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let reported = AlertLog::reported(&settings.alert_log)?;
     let log = AlertLog::open_rotating(&settings.alert_log, settings.alert_rotation)?;
     let mut pushers = Vec::new();
+    // What the pushers have to say goes through the sink like any event.
+    let (notes, mut pusher_notes) = mpsc::unbounded_channel();
     for (ep, is_am) in [(settings.alertmanager.clone(), true), (settings.webhook.clone(), false)] {
         if let Some(ep) = ep {
             let (tx, rx) = mpsc::channel(push::QUEUE);
             let cursor = push::cursor_path(&settings.state_dir, is_am);
             let log = settings.alert_log.clone();
-            tokio::spawn(push::run(ep, is_am, log, cursor, rx, metrics.clone()));
+            let said = (settings.host.clone(), notes.clone());
+            tokio::spawn(push::run(ep, is_am, log, cursor, rx, metrics.clone(), said));
             pushers.push((is_am, tx));
         }
     }
@@ -544,6 +547,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                     }
                 }
             },
+            Some(note) = pusher_notes.recv() => {
+                shared.sink.emit(note);
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

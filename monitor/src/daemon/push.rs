@@ -182,8 +182,8 @@ struct Cursor {
     file: Option<LogFile>,
 }
 
-fn read_cursor(path: &Path) -> Option<Cursor> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// A cursor file's content, `None` if it is no cursor.
+fn parse_cursor(text: &str) -> Option<Cursor> {
     let mut words = text.split_whitespace();
     let offset = words.next()?.parse().ok()?;
     let file = match words.next() {
@@ -196,18 +196,67 @@ fn read_cursor(path: &Path) -> Option<Cursor> {
             Some(LogFile { inode: w.parse().ok()?, born })
         }
     };
+    if words.next().is_some() {
+        return None;
+    }
     Some(Cursor { offset, file })
 }
 
+/// The cursor in `path`: `Ok(None)` if there is none, `Err` why it cannot
+/// be used if it cannot be read or is no cursor.
+fn load_cursor(path: &Path) -> Result<Option<Cursor>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_cursor(&text).map(Some).ok_or_else(|| {
+            let start: String = text.chars().take(64).collect();
+            format!("{} holds no cursor: {start:?}", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+fn read_cursor(path: &Path) -> Option<Cursor> {
+    load_cursor(path).ok().flatten()
+}
+
+/// Writes the cursor whole (a new file renamed over the old) and waits
+/// until it and the rename are on disk.
 fn write_cursor(path: &Path, c: Cursor) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("offset.tmp");
     let text = match c.file {
         Some(LogFile { inode, born: Some(b) }) => format!("{} {inode} {b}\n", c.offset),
         Some(LogFile { inode, born: None }) => format!("{} {inode}\n", c.offset),
         None => format!("{}\n", c.offset),
     };
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The file beside a sink's cursor that says the sink has started once: a
+/// cursor missing where it is was deleted, not never written.
+fn started_path(cursor: &Path) -> PathBuf {
+    cursor.with_extension("started")
+}
+
+/// Where a pusher with no usable cursor starts: the start of the oldest
+/// rotated log still kept, else of the current log. Everything kept is
+/// delivered again rather than anything skipped.
+fn safe_start(log: &Path) -> Cursor {
+    let oldest = (1..=MAX_ROTATED)
+        .map_while(|n| std::fs::metadata(super::alerts::rotated_path(log, n)).ok())
+        .last();
+    let file = oldest.or_else(|| std::fs::metadata(log).ok()).map(|m| LogFile::of(&m));
+    Cursor { offset: 0, file }
 }
 
 /// The rotated log (`<log>.1`, `<log>.2`, ...) that is `file`, and the
@@ -281,6 +330,7 @@ pub async fn run(
     cursor: PathBuf,
     mut rx: mpsc::Receiver<Wake>,
     metrics: std::sync::Arc<Metrics>,
+    (host, notes): (String, mpsc::UnboundedSender<Alert>),
 ) {
     let sink = if alertmanager { "alertmanager" } else { "webhook" };
     let path = if alertmanager {
@@ -307,15 +357,41 @@ pub async fn run(
         Ok((f, LogFile::of(&m), m.len()))
     };
     // First start: from the log's end (what came before was never queued
-    // for this sink); afterwards, from where the last run got to.
-    let mut at = read_cursor(&cursor).unwrap_or_else(|| {
-        let here = open_log().map_or(Cursor { offset: 0, file: None }, |(_, file, len)| Cursor {
-            offset: len,
-            file: Some(file),
-        });
-        save(here);
-        here
-    });
+    // for this sink); afterwards, from where the last run got to. A cursor
+    // deleted or unusable: from the start of what the log keeps, said.
+    let started = started_path(&cursor);
+    let mut at = match load_cursor(&cursor) {
+        Ok(Some(c)) => c,
+        Ok(None) if !started.exists() => {
+            let here = open_log().map_or(Cursor { offset: 0, file: None }, |(_, file, len)| {
+                Cursor { offset: len, file: Some(file) }
+            });
+            save(here);
+            if let Err(e) = std::fs::write(&started, b"").and_then(|()| sync_dir(&started)) {
+                failed(&e.to_string(), &format!("that it started ({})", started.display()));
+            }
+            here
+        }
+        found => {
+            let why = match found {
+                Err(e) => e,
+                _ => format!("{} is gone", cursor.display()),
+            };
+            let here = safe_start(&log);
+            failed(&why, "from its place in the alert log");
+            let host = super::alerts::Subject { host: host.clone(), ..Default::default() };
+            let _ = notes.send(host.event(
+                EventKind::Error,
+                AlertSeverity::Warning,
+                format!(
+                    "the {sink} pusher's place in the alert log cannot be used ({why}): it delivers again \
+                     everything the log keeps, from the start of its oldest file, so alerts may arrive twice"
+                ),
+            ));
+            save(here);
+            here
+        }
+    };
     let mut delay = Duration::from_secs(1);
     loop {
         // Deliver everything the log holds past the cursor, in order; an
@@ -528,8 +604,15 @@ mod tests {
     ) -> (mpsc::Sender<Wake>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let ep = endpoint(port, "/hook");
-        let pusher =
-            tokio::spawn(run(ep, false, log.to_owned(), cursor.to_owned(), rx, metrics.clone()));
+        let pusher = tokio::spawn(run(
+            ep,
+            false,
+            log.to_owned(),
+            cursor.to_owned(),
+            rx,
+            metrics.clone(),
+            ("h".into(), mpsc::unbounded_channel().0),
+        ));
         (tx, pusher)
     }
 
@@ -660,6 +743,77 @@ mod tests {
         assert_eq!(failures, 1, "the alerts lost with the dropped log are one failure");
         drop(tx);
         pusher.await.unwrap();
+    }
+
+    /// A cursor corrupted, then one deleted, after the pusher delivered part
+    /// of a rotated log: each time the pusher says so (an event and a
+    /// count) and delivers everything the log keeps again, the rotated
+    /// file first: nothing skipped, duplicates only.
+    #[tokio::test]
+    async fn a_corrupted_or_deleted_cursor_skips_nothing() {
+        use crate::daemon::alerts::{AlertLog, Rotation};
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let rotation = Rotation { max_bytes: 1500, keep: 4 };
+        let mut log = AlertLog::open_rotating(&log_path, rotation).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let got = collector(port).await;
+        let metrics = Metrics::new();
+        let start = || {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let (notes, heard) = mpsc::unbounded_channel();
+            let pusher = tokio::spawn(run(
+                endpoint(port, "/hook"),
+                false,
+                log_path.clone(),
+                cursor.clone(),
+                rx,
+                metrics.clone(),
+                ("h".into(), notes),
+            ));
+            (tx, pusher, heard)
+        };
+        // A first start, then alerts over a rotation, all delivered.
+        let (tx, pusher, _) = start();
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        let mut sent = Vec::new();
+        for i in 0..6 {
+            let mut a = alert(EventKind::Violation);
+            a.detail = format!("alert {i}");
+            log.append(&a).unwrap();
+            log.rotate_if_due().unwrap();
+            sent.push(a);
+            tx.send(Wake::Logged).await.unwrap();
+        }
+        assert!(super::super::alerts::rotated_path(&log_path, 1).exists(), "no rotation");
+        until("all delivered", || got.lock().unwrap().len() == sent.len()).await;
+        drop(tx);
+        pusher.await.unwrap();
+        for (damage, said) in [
+            (
+                &(|c: &Path| std::fs::write(c, "12 garbage\n").unwrap()) as &dyn Fn(&Path),
+                "holds no cursor",
+            ),
+            (&|c: &Path| std::fs::remove_file(c).unwrap(), "is gone"),
+        ] {
+            got.lock().unwrap().clear();
+            damage(&cursor);
+            let (tx, pusher, mut heard) = start();
+            until("everything kept delivered again", || got.lock().unwrap().len() >= sent.len())
+                .await;
+            assert_eq!(*got.lock().unwrap(), sent, "after a cursor that {said}");
+            let note = heard.try_recv().expect("the pusher said nothing of its cursor");
+            assert!(
+                note.detail.contains(said) && note.detail.contains("arrive twice"),
+                "{}",
+                note.detail
+            );
+            drop(tx);
+            pusher.await.unwrap();
+        }
+        let counted =
+            metrics.errors.get_or_create(&KindLabels { kind: "webhook_push".into() }).get();
+        assert_eq!(counted, 2, "each unusable cursor counted once");
     }
 
     #[test]
