@@ -456,8 +456,17 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             let (tx, rx) = mpsc::channel(push::QUEUE);
             let cursor = push::cursor_path(&settings.state_dir, is_am);
             let log = settings.alert_log.clone();
-            let said = (settings.host.clone(), notes.clone());
-            tokio::spawn(push::run(ep, is_am, log, cursor, rx, metrics.clone(), said));
+            let pusher = push::Pusher {
+                ep,
+                alertmanager: is_am,
+                log,
+                cursor,
+                metrics: metrics.clone(),
+                host: settings.host.clone(),
+                notes: notes.clone(),
+                pacing: push::Pacing::DEFAULT,
+            };
+            tokio::spawn(push::run(pusher, rx));
             pushers.push((is_am, tx));
         }
     }

@@ -30,30 +30,51 @@ pub const QUEUE: usize = 4096;
 const ATTEMPTS: u32 = 8;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a push failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushError {
+    pub message: String,
+    /// The sink answered that it will not take this request as it is: a
+    /// 4xx other than 408 (timeout) and 429 (too many requests). Sent again
+    /// unchanged, it is refused again.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for PushError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// POSTs `body` as JSON; `Ok` on a 2xx answer.
-pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(), String> {
+pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(), PushError> {
+    let failed = |message: String| PushError { message, refused: false };
     let work = async {
         let mut s = tokio::net::TcpStream::connect(&ep.host_port)
             .await
-            .map_err(|e| format!("connect {}: {e}", ep.host_port))?;
+            .map_err(|e| failed(format!("connect {}: {e}", ep.host_port)))?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: vigil/{}\r\n\r\n",
             ep.host_port,
             body.len(),
             env!("CARGO_PKG_VERSION")
         );
-        s.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
-        s.write_all(body).await.map_err(|e| e.to_string())?;
+        s.write_all(head.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
+        s.write_all(body).await.map_err(|e| failed(e.to_string()))?;
         let mut buf = vec![0u8; 512];
-        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = s.read(&mut buf).await.map_err(|e| failed(e.to_string()))?;
         let status = String::from_utf8_lossy(&buf[..n]);
         let line = status.lines().next().unwrap_or("");
         let code = line.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') { Ok(()) } else { Err(format!("{} answered {line:?}", ep.url)) }
+        if code.starts_with('2') {
+            return Ok(());
+        }
+        let refused = code.len() == 3 && code.starts_with('4') && code != "408" && code != "429";
+        Err(PushError { message: format!("{} answered {line:?}", ep.url), refused })
     };
     tokio::time::timeout(TIMEOUT, work)
         .await
-        .map_err(|_| format!("{}: no answer within {TIMEOUT:?}", ep.url))?
+        .map_err(|_| failed(format!("{}: no answer within {TIMEOUT:?}", ep.url)))?
 }
 
 /// The Alertmanager v2 body for one alert.
@@ -313,7 +334,7 @@ async fn push_unlogged(
         match post_json(ep, path, body).await {
             Ok(()) => return,
             Err(e) => {
-                failed(&e, &format!("an unlogged alert (attempt {attempt} of {ATTEMPTS})"));
+                failed(&e.message, &format!("an unlogged alert (attempt {attempt} of {ATTEMPTS})"));
                 if attempt < ATTEMPTS {
                     tokio::time::sleep(Duration::from_secs(1 << attempt.min(6))).await;
                 }
@@ -322,16 +343,60 @@ async fn push_unlogged(
     }
 }
 
+/// How a pusher paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    /// The first pause after a failed push; doubled after each, up to `most`.
+    pub first: Duration,
+    pub most: Duration,
+    /// Refusals of one alert (see [`PushError::refused`]) before it goes to
+    /// the dead-letter file and the pusher moves on.
+    pub refusals: u32,
+}
+
+impl Pacing {
+    pub const DEFAULT: Pacing =
+        Pacing { first: Duration::from_secs(1), most: Duration::from_secs(60), refusals: 8 };
+}
+
+/// One sink's pusher, as [`run`] runs it.
+pub struct Pusher {
+    pub ep: HttpEndpoint,
+    pub alertmanager: bool,
+    /// The alert log it delivers from.
+    pub log: PathBuf,
+    /// Its place in the log ([`cursor_path`]).
+    pub cursor: PathBuf,
+    pub metrics: std::sync::Arc<Metrics>,
+    /// This host's name, for the events it has to say.
+    pub host: String,
+    /// Where those events go (the daemon's sink).
+    pub notes: mpsc::UnboundedSender<Alert>,
+    pub pacing: Pacing,
+}
+
+/// The `kind` of the event that says an alert went to a dead-letter file:
+/// such an event refused in turn goes there without another event.
+pub const DEAD_LETTER_KIND: &str = "push_dead_letter";
+
+/// Where a sink's alerts that it refused for good go, beside its cursor.
+pub fn dead_letter_path(cursor: &Path) -> PathBuf {
+    cursor.with_extension("dead.jsonl")
+}
+
+/// Appends `a` to the dead-letter file and waits until it is on disk.
+fn dead_letter(path: &Path, a: &Alert) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(a).expect("alerts serialise");
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
 /// Runs one pusher until its wake-up channel closes.
-pub async fn run(
-    ep: HttpEndpoint,
-    alertmanager: bool,
-    log: PathBuf,
-    cursor: PathBuf,
-    mut rx: mpsc::Receiver<Wake>,
-    metrics: std::sync::Arc<Metrics>,
-    (host, notes): (String, mpsc::UnboundedSender<Alert>),
-) {
+pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
+    let Pusher { ep, alertmanager, log, cursor, metrics, host, notes, pacing } = pusher;
     let sink = if alertmanager { "alertmanager" } else { "webhook" };
     let path = if alertmanager {
         format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/")
@@ -392,7 +457,9 @@ pub async fn run(
             here
         }
     };
-    let mut delay = Duration::from_secs(1);
+    let mut delay = pacing.first;
+    // (offset, how many times in a row the alert there was refused)
+    let mut refusals: (u64, u32) = (u64::MAX, 0);
     loop {
         // Deliver everything the log holds past the cursor, in order; an
         // alert that will not go is retried, with backoff, before the next.
@@ -450,9 +517,51 @@ pub async fn run(
             if let Some(a) = alert.filter(|a| !alertmanager || for_alertmanager(a))
                 && let Err(e) = post_json(&ep, &path, &body(&a)).await
             {
-                failed(&e, "an alert");
-                stuck = true;
-                break;
+                failed(&e.message, "an alert");
+                // Refusals of the alert at this offset, in a row.
+                refusals = match refusals {
+                    (o, n) if o == at.offset && e.refused => (o, n + 1),
+                    _ => (at.offset, u32::from(e.refused)),
+                };
+                if refusals.1 < pacing.refusals {
+                    stuck = true;
+                    break;
+                }
+                let dead = dead_letter_path(&cursor);
+                if let Err(d) = dead_letter(&dead, &a) {
+                    failed(&d.to_string(), &format!("a refused alert to {}", dead.display()));
+                    stuck = true;
+                    break;
+                }
+                metrics
+                    .errors
+                    .get_or_create(&KindLabels { kind: format!("{sink}_dead_letter") })
+                    .inc();
+                if a.kind != DEAD_LETTER_KIND {
+                    let subject = super::alerts::Subject {
+                        host: host.clone(),
+                        domain: a.domain.clone(),
+                        uuid: a.uuid.clone(),
+                        boot: a.boot.clone(),
+                    };
+                    let mut note = subject.event(
+                        EventKind::Error,
+                        AlertSeverity::Warning,
+                        format!(
+                            "the {sink} refused an alert {} times ({}): it is in {} and the {sink} gets the \
+                             alerts after it; the refused one: {} {} {}",
+                            refusals.1,
+                            e.message,
+                            dead.display(),
+                            serde_json::to_value(a.event).map(|v| v.to_string()).unwrap_or_default(),
+                            a.key,
+                            a.time
+                        ),
+                    );
+                    note.kind = DEAD_LETTER_KIND.into();
+                    let _ = notes.send(note);
+                }
+                refusals = (u64::MAX, 0);
             }
             at.offset = next;
             save(at);
@@ -467,7 +576,7 @@ pub async fn run(
             // Back off, then try again; alerts the log could not take that
             // came meanwhile still get their own push.
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(60));
+            delay = (delay * 2).min(pacing.most);
             loop {
                 match rx.try_recv() {
                     Ok(Wake::Unlogged(a)) => push_unlogged(&ep, &path, &body(&a), &failed).await,
@@ -478,7 +587,7 @@ pub async fn run(
             }
             continue;
         }
-        delay = Duration::from_secs(1);
+        delay = pacing.first;
         match tokio::time::timeout(IDLE, rx.recv()).await {
             Ok(None) => return,
             Ok(Some(Wake::Unlogged(a))) => push_unlogged(&ep, &path, &body(&a), &failed).await,
@@ -558,11 +667,95 @@ mod tests {
         assert_eq!(back, a);
     }
 
+    /// A 4xx but 408 and 429 is a refusal; a 5xx, a 429 or no server is not.
+    #[tokio::test]
+    async fn refusals_are_told_from_failures() {
+        for (status, refused) in [
+            ("400 Bad Request", true),
+            ("422 Unprocessable Entity", true),
+            ("429 Too Many Requests", false),
+            ("408 Request Timeout", false),
+            ("503 Service Unavailable", false),
+        ] {
+            let (port, _req) = one_request(status).await;
+            let e = post_json(&endpoint(port, "/"), "/", b"{}").await.unwrap_err();
+            assert_eq!(e.refused, refused, "{status}: {e}");
+        }
+    }
+
+    /// A sink that refuses one alert for good (400 each time): after
+    /// `refusals` tries it goes to the dead-letter file, counted and said,
+    /// and the alerts after it are delivered.
+    #[tokio::test]
+    async fn an_alert_refused_for_good_goes_to_the_dead_letter_file_and_the_next_are_delivered() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Alert>::new()));
+        let keep = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let req = read_request(&mut s).await;
+                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                let a: Alert = serde_json::from_str(body).unwrap();
+                let status = if a.detail == "poison" {
+                    "400 Bad Request"
+                } else {
+                    keep.lock().unwrap().push(a);
+                    "200 OK"
+                };
+                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let metrics = Metrics::new();
+        let (notes, mut heard) = mpsc::unbounded_channel();
+        let mut p = pusher(endpoint(port, "/hook"), &log_path, &cursor, &metrics, notes);
+        p.pacing = Pacing {
+            first: Duration::from_millis(10),
+            most: Duration::from_millis(20),
+            refusals: 3,
+        };
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        let mut poison = alert(EventKind::Violation);
+        poison.detail = "poison".into();
+        let mut after = alert(EventKind::Violation);
+        after.detail = "after".into();
+        log.append(&poison).unwrap();
+        log.append(&after).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("the alert after the refused one", || got.lock().unwrap().len() == 1).await;
+        assert_eq!(got.lock().unwrap()[0], after);
+        let dead = std::fs::read_to_string(dead_letter_path(&cursor)).unwrap();
+        let dead: Vec<Alert> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(dead, [poison]);
+        let count =
+            |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).get();
+        assert_eq!(count("webhook_dead_letter"), 1);
+        assert_eq!(count("webhook_push"), 3, "each refusal counted");
+        let note = heard.try_recv().expect("the dead letter was not said");
+        assert_eq!(note.kind, DEAD_LETTER_KIND);
+        assert!(note.detail.contains("refused an alert 3 times"), "{}", note.detail);
+        // Said as it goes through the log, refused in turn: no other event.
+        log.append(&Alert { detail: "poison".into(), ..note }).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("the refused event dead-lettered", || count("webhook_dead_letter") == 2).await;
+        assert!(heard.try_recv().is_err(), "a dead letter of a dead letter was said");
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
     #[tokio::test]
     async fn non_2xx_and_no_server_are_errors() {
         let (port, _req) = one_request("500 Internal Server Error").await;
         let e = post_json(&endpoint(port, "/"), "/", b"{}").await.unwrap_err();
-        assert!(e.contains("500"), "{e}");
+        assert!(e.message.contains("500") && !e.refused, "{e}");
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         assert!(post_json(&endpoint(dead, "/"), "/", b"{}").await.is_err());
     }
@@ -604,15 +797,8 @@ mod tests {
     ) -> (mpsc::Sender<Wake>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let ep = endpoint(port, "/hook");
-        let pusher = tokio::spawn(run(
-            ep,
-            false,
-            log.to_owned(),
-            cursor.to_owned(),
-            rx,
-            metrics.clone(),
-            ("h".into(), mpsc::unbounded_channel().0),
-        ));
+        let pusher =
+            tokio::spawn(run(pusher(ep, log, cursor, metrics, mpsc::unbounded_channel().0), rx));
         (tx, pusher)
     }
 
@@ -745,6 +931,26 @@ mod tests {
         pusher.await.unwrap();
     }
 
+    /// A webhook pusher of `log` keeping its place in `cursor`.
+    fn pusher(
+        ep: HttpEndpoint,
+        log: &Path,
+        cursor: &Path,
+        metrics: &std::sync::Arc<Metrics>,
+        notes: mpsc::UnboundedSender<Alert>,
+    ) -> Pusher {
+        Pusher {
+            ep,
+            alertmanager: false,
+            log: log.to_owned(),
+            cursor: cursor.to_owned(),
+            metrics: metrics.clone(),
+            host: "h".into(),
+            notes,
+            pacing: Pacing::DEFAULT,
+        }
+    }
+
     /// A cursor corrupted, then one deleted, after the pusher delivered part
     /// of a rotated log: each time the pusher says so (an event and a
     /// count) and delivers everything the log keeps again, the rotated
@@ -762,15 +968,8 @@ mod tests {
         let start = || {
             let (tx, rx) = mpsc::channel(QUEUE);
             let (notes, heard) = mpsc::unbounded_channel();
-            let pusher = tokio::spawn(run(
-                endpoint(port, "/hook"),
-                false,
-                log_path.clone(),
-                cursor.clone(),
-                rx,
-                metrics.clone(),
-                ("h".into(), notes),
-            ));
+            let p = pusher(endpoint(port, "/hook"), &log_path, &cursor, &metrics, notes);
+            let pusher = tokio::spawn(run(p, rx));
             (tx, pusher, heard)
         };
         // A first start, then alerts over a rotation, all delivered.
