@@ -609,10 +609,18 @@ fn server(bin: &'static str, args: &[String], log: &std::path::Path) -> Server {
 /// A real Alertmanager in `dir` with one receiver that keeps the alerts
 /// for its API (`route` adds lines to its route), and its port.
 fn alertmanager(dir: &std::path::Path, route: &str) -> (Server, u16) {
+    alertmanager_with(dir, "", route)
+}
+
+/// An Alertmanager with `global` settings.
+fn alertmanager_with(dir: &std::path::Path, global: &str, route: &str) -> (Server, u16) {
     let port = free_port();
     let cfg = dir.join("am.yml");
-    std::fs::write(&cfg, format!("route:\n  receiver: keep\n{route}receivers:\n  - name: keep\n"))
-        .unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{global}route:\n  receiver: keep\n{route}receivers:\n  - name: keep\n"),
+    )
+    .unwrap();
     let am = server(
         "prometheus-alertmanager",
         &[
@@ -688,6 +696,60 @@ fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
         a.contains("VigilKernelIntegrityViolation")
             && a.contains("\"alertname\":\"VigilKernelIntegrity\"")
             && a.contains(&g.name)
+    });
+    // The standing violation's own rule, from the open-violations gauge.
+    d.wait_for("the open violation's rule to fire", Duration::from_secs(45), |_| {
+        let a = http_get(prom_port, "/api/v1/alerts");
+        a.contains("VigilViolationOpen") && a.contains("\"firing\"")
+    });
+    assert_eq!(d.metric("vigil_open_violations", &format!("domain=\"{}\"", g.name)), Some(1.0));
+}
+
+/// The daemon's own alert of a violation stays firing in an Alertmanager
+/// whose `resolve_timeout` is 1 minute, for as long as the violation
+/// stands (`VIGIL_LAB_AM_HOLD` seconds, default 150: more than twice the
+/// timeout), and is resolved once the change is accepted.
+#[test]
+fn lab_daemon_alertmanager_holds_an_open_violation_until_accepted() {
+    let hold: u64 =
+        std::env::var("VIGIL_LAB_AM_HOLD").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
+    let dir = tempfile::tempdir().unwrap();
+    let (_am, am_port) = alertmanager_with(
+        dir.path(),
+        "global:\n  resolve_timeout: 1m\n",
+        "  group_wait: 1s\n  group_interval: 1s\n",
+    );
+    let am_url = format!("[alertmanager]\nurl = \"http://127.0.0.1:{am_port}\"\n");
+    let d = Daemon::start_with("vigil-lab-dmn-amhold", &am_url, vec![]);
+    let mut g = boot("dmn-amhold");
+    d.wait_watching(&g);
+    // Active alerts of the daemon's for this domain's violations.
+    let name = g.name.clone();
+    let firing = || -> usize {
+        let text = http_get(am_port, "/api/v2/alerts?active=true");
+        let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        all.iter()
+            .filter(|a| {
+                a["labels"]["domain"] == name.as_str()
+                    && a["labels"]["event"] == "violation"
+                    && a["status"]["state"] == "active"
+            })
+            .count()
+    };
+    g.run("attack inline").unwrap();
+    d.wait_for("the violation at the Alertmanager", 2 * FULL + Duration::from_secs(30), |_| {
+        firing() > 0
+    });
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(hold) {
+        std::thread::sleep(Duration::from_secs(10));
+        assert!(firing() > 0, "resolved after {:?}, the violation standing", t.elapsed());
+    }
+    eprintln!("still firing after {:?} with resolve_timeout 1m", t.elapsed());
+    let out = d.vigil(&["accept", &g.name, "--reason", "lab: the hook is approved"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d.wait_for("the violation resolved after the accept", Duration::from_secs(30), |_| {
+        firing() == 0
     });
 }
 

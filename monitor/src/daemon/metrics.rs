@@ -85,6 +85,7 @@ pub struct Metrics {
     pub evidence_bytes: Gauge,
     pub register_snapshots: Family<DomainLabels, Counter>,
     pub reference_verified: Family<DomainLabels, Gauge>,
+    pub open_violations: Family<DomainLabels, Gauge>,
     pub hooks: Family<HookLabels, Gauge>,
 }
 
@@ -116,6 +117,7 @@ impl Metrics {
             evidence_bytes: Gauge::default(),
             register_snapshots: Family::default(),
             reference_verified: Family::default(),
+            open_violations: Family::default(),
             hooks: Family::default(),
         };
         {
@@ -165,6 +167,11 @@ impl Metrics {
                 "reference_verified",
                 "Whether the baseline of a domain's boot matched the vendor's image of its kernel when taken: 1 verified, 0 mismatch, -1 no reference to compare with",
                 m.reference_verified.clone(),
+            );
+            r.register(
+                "open_violations",
+                "Distinct violations a domain's last full check found (0 once reverted or accepted)",
+                m.open_violations.clone(),
             );
             r.register(
                 "register_snapshots",

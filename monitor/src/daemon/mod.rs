@@ -395,6 +395,12 @@ impl Shared {
                 AlertSeverity::Info,
                 format!("detached {name}: {why}"),
             ));
+            // No longer checked: nothing open of it stays firing.
+            self.sink
+                .metrics
+                .open_violations
+                .get_or_create(&DomainLabels { domain: name.into() })
+                .set(0);
             for region in [Region::Text, Region::Rodata] {
                 self.sink
                     .metrics

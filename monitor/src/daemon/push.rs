@@ -77,16 +77,19 @@ pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(),
         .map_err(|_| failed(format!("{}: no answer within {TIMEOUT:?}", ep.url)))?
 }
 
-/// The Alertmanager v2 body for one alert.
+/// The Alertmanager v2 body for one alert, ending at `ends` (RFC 3339).
 ///
-/// It has `startsAt` and no `endsAt`: the Alertmanager holds it firing for
-/// its `resolve_timeout` (5 minutes by default), long enough to notify, and
-/// resolves it then. An `endsAt` at or before now would arrive resolved.
-/// Labels are what makes two alerts one for the Alertmanager: an accept's
-/// also carry who accepted which diff, so that a second accept (by someone
-/// else, or of another diff) is not folded into the first one's
+/// A violation is open until it is reverted, accepted or its boot or
+/// domain ends: it is sent again every [`Pacing::resend`] with `endsAt`
+/// four of those ahead, so that it stays firing whatever the
+/// Alertmanager's `resolve_timeout`, and sent once more with `endsAt` now
+/// when it ends. Other alerts have no `endsAt`: the Alertmanager holds them
+/// firing for its `resolve_timeout` (5 minutes by default), long enough to
+/// notify. Labels are what makes two alerts one for the Alertmanager: an
+/// accept's also carry who accepted which diff, so that a second accept (by
+/// someone else, or of another diff) is not folded into the first one's
 /// notification.
-pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
+pub fn alertmanager_body(a: &Alert, ends: Option<&str>) -> Vec<u8> {
     let mut v = serde_json::json!([{
         "labels": {
             "alertname": "VigilKernelIntegrity",
@@ -119,7 +122,72 @@ pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
         v[0]["labels"]["diff_digest"] = d.as_str().into();
         v[0]["annotations"]["diff_digest"] = d.as_str().into();
     }
+    if let Some(ends) = ends {
+        v[0]["endsAt"] = ends.into();
+    }
     serde_json::to_vec(&v).expect("json")
+}
+
+/// Now plus `ahead`, in RFC 3339.
+fn rfc3339_in(ahead: Duration) -> String {
+    (time::OffsetDateTime::now_utc() + ahead)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Violations delivered to an Alertmanager and not yet ended, by (domain
+/// uuid, key), at most [`MAX_OPEN`].
+type Open = std::collections::BTreeMap<(String, String), Alert>;
+
+/// Open violations an Alertmanager pusher keeps sending, at most.
+pub const MAX_OPEN: usize = 10_000;
+
+/// Whether alert `a` ends the open violation `v`: it is reverted; its
+/// domain's state was accepted or the domain let go; a new boot began.
+fn ends(a: &Alert, v: &Alert) -> bool {
+    a.uuid == v.uuid
+        && match a.event {
+            EventKind::Reverted => a.key == v.key,
+            EventKind::Accepted | EventKind::Detached => true,
+            EventKind::NewBoot => a.boot != v.boot,
+            _ => false,
+        }
+}
+
+/// Notes in `open` what alert `a` opens or ends, without telling anyone:
+/// how the log before a pusher's cursor is read back at its start.
+fn replay(open: &mut Open, a: &Alert) {
+    open.retain(|_, v| !ends(a, v));
+    if a.event == EventKind::Violation && open.len() < MAX_OPEN {
+        open.insert((a.uuid.clone(), a.key.clone()), a.clone());
+    }
+}
+
+/// The violations still open at `at` (a cursor): every log file the log
+/// keeps, oldest first, read up to there.
+fn open_at(log: &Path, at: Cursor) -> Open {
+    let mut open = Open::new();
+    let mut files: Vec<std::fs::File> = (1..=MAX_ROTATED)
+        .map_while(|n| std::fs::File::open(super::alerts::rotated_path(log, n)).ok())
+        .collect();
+    files.reverse();
+    files.extend(std::fs::File::open(log).ok());
+    for f in files {
+        let here = f.metadata().ok().map(|m| LogFile::of(&m));
+        let mine = matches!((at.file, here), (Some(c), Some(h)) if c.is(&h));
+        for (next, a) in lines_from(f, 0).unwrap_or_default() {
+            if mine && next > at.offset {
+                break;
+            }
+            if let Some(a) = a {
+                replay(&mut open, &a);
+            }
+        }
+        if mine {
+            break;
+        }
+    }
+    open
 }
 
 /// Which alerts an Alertmanager gets: what someone should act on, and
@@ -352,11 +420,17 @@ pub struct Pacing {
     /// Refusals of one alert (see [`PushError::refused`]) before it goes to
     /// the dead-letter file and the pusher moves on.
     pub refusals: u32,
+    /// How often open violations are sent to an Alertmanager again.
+    pub resend: Duration,
 }
 
 impl Pacing {
-    pub const DEFAULT: Pacing =
-        Pacing { first: Duration::from_secs(1), most: Duration::from_secs(60), refusals: 8 };
+    pub const DEFAULT: Pacing = Pacing {
+        first: Duration::from_secs(1),
+        most: Duration::from_secs(60),
+        refusals: 8,
+        resend: Duration::from_secs(30),
+    };
 }
 
 /// One sink's pusher, as [`run`] runs it.
@@ -403,8 +477,15 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
     } else {
         ep.path.clone()
     };
+    let firing_until = || rfc3339_in(pacing.resend * 4);
     let body = |a: &Alert| {
-        if alertmanager { alertmanager_body(a) } else { serde_json::to_vec(a).expect("json") }
+        if !alertmanager {
+            serde_json::to_vec(a).expect("json")
+        } else if a.event == EventKind::Violation {
+            alertmanager_body(a, Some(&firing_until()))
+        } else {
+            alertmanager_body(a, None)
+        }
     };
     let failed = |e: &str, what: &str| {
         warn_line!("vigil: warning: pushing {what} to the {sink}: {e}");
@@ -460,7 +541,21 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
     let mut delay = pacing.first;
     // (offset, how many times in a row the alert there was refused)
     let mut refusals: (u64, u32) = (u64::MAX, 0);
+    // An Alertmanager's open violations, as the log before the cursor left them.
+    let mut open = if alertmanager { open_at(&log, at) } else { Open::new() };
+    let mut resend_at = tokio::time::Instant::now();
     loop {
+        if alertmanager && tokio::time::Instant::now() >= resend_at {
+            for v in open.values() {
+                if let Err(e) =
+                    post_json(&ep, &path, &alertmanager_body(v, Some(&firing_until()))).await
+                {
+                    failed(&e.message, "an open violation again");
+                    break;
+                }
+            }
+            resend_at = tokio::time::Instant::now() + pacing.resend;
+        }
         // Deliver everything the log holds past the cursor, in order; an
         // alert that will not go is retried, with backoff, before the next.
         let current = open_log();
@@ -514,9 +609,27 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
         });
         let mut stuck = false;
         for (next, alert) in lines {
-            if let Some(a) = alert.filter(|a| !alertmanager || for_alertmanager(a))
-                && let Err(e) = post_json(&ep, &path, &body(&a)).await
-            {
+            let mut result = Ok(());
+            if let Some(a) = alert.as_ref().filter(|a| !alertmanager || for_alertmanager(a)) {
+                result = post_json(&ep, &path, &body(a)).await;
+            }
+            if let (Some(a), true, Ok(())) = (&alert, alertmanager, &result) {
+                // What this alert ends is sent once more, ended now.
+                let ended: Vec<(String, String)> =
+                    open.iter().filter(|(_, v)| ends(a, v)).map(|(k, _)| k.clone()).collect();
+                for k in ended {
+                    let now = crate::integrity::baseline::now_rfc3339();
+                    result = post_json(&ep, &path, &alertmanager_body(&open[&k], Some(&now))).await;
+                    if result.is_err() {
+                        break;
+                    }
+                    open.remove(&k);
+                }
+                if result.is_ok() {
+                    replay(&mut open, a);
+                }
+            }
+            if let (Some(a), Err(e)) = (alert, result) {
                 failed(&e.message, "an alert");
                 // Refusals of the alert at this offset, in a row.
                 refusals = match refusals {
@@ -562,6 +675,8 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                     let _ = notes.send(note);
                 }
                 refusals = (u64::MAX, 0);
+                // Given up with it: what it would have ended, too.
+                open.retain(|_, v| !ends(&a, v));
             }
             at.offset = next;
             save(at);
@@ -588,7 +703,12 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             continue;
         }
         delay = pacing.first;
-        match tokio::time::timeout(IDLE, rx.recv()).await {
+        let idle = if alertmanager && !open.is_empty() {
+            resend_at.saturating_duration_since(tokio::time::Instant::now()).min(IDLE)
+        } else {
+            IDLE
+        };
+        match tokio::time::timeout(idle, rx.recv()).await {
             Ok(None) => return,
             Ok(Some(Wake::Unlogged(a))) => push_unlogged(&ep, &path, &body(&a), &failed).await,
             Ok(Some(Wake::Logged)) | Err(_) => {}
@@ -667,6 +787,102 @@ mod tests {
         assert_eq!(back, a);
     }
 
+    /// An Alertmanager's view of what it was sent: (key, endsAt) of each
+    /// alert posted, in order.
+    async fn alertmanager_fake() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let req = read_request(&mut s).await;
+                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                let key = v[0]["labels"]["key"].as_str().unwrap_or("").to_owned();
+                let ends = v[0]["endsAt"].as_str().unwrap_or("").to_owned();
+                keep.lock().unwrap().push((key, ends));
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+            }
+        });
+        (port, got)
+    }
+
+    /// Open violations are sent to the Alertmanager again and again, each
+    /// ending ahead of now, until reverted or accepted, when each is sent
+    /// once more ending now; a pusher started anew takes up the violations
+    /// the log before its cursor left open.
+    #[tokio::test]
+    async fn the_alertmanager_hears_open_violations_until_they_end() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), true));
+        let (port, got) = alertmanager_fake().await;
+        let metrics = Metrics::new();
+        let start = || {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let mut p = pusher(
+                endpoint(port, "/"),
+                &log_path,
+                &cursor,
+                &metrics,
+                mpsc::unbounded_channel().0,
+            );
+            p.alertmanager = true;
+            p.pacing.resend = Duration::from_millis(100);
+            (tx, tokio::spawn(run(p, rx)))
+        };
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let (tx, pusher) = start();
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        let violation = |key: &str| Alert { key: key.into(), ..alert(EventKind::Violation) };
+        let ahead = |ends: &str| {
+            let t =
+                time::OffsetDateTime::parse(ends, &time::format_description::well_known::Rfc3339);
+            t.is_ok_and(|t| t > time::OffsetDateTime::now_utc())
+        };
+        let sent = |key: &str| -> Vec<String> {
+            got.lock().unwrap().iter().filter(|(k, _)| k == key).map(|(_, e)| e.clone()).collect()
+        };
+        for a in [violation("k1"), violation("k2")] {
+            log.append(&a).unwrap();
+        }
+        tx.send(Wake::Logged).await.unwrap();
+        until("both sent three times", || sent("k1").len() >= 3 && sent("k2").len() >= 3).await;
+        assert!(
+            sent("k1").iter().chain(&sent("k2")).all(|e| ahead(e)),
+            "{:?}",
+            got.lock().unwrap()
+        );
+        // k1 reverted: sent once more, ending now, and then no more.
+        log.append(&Alert { key: "k1".into(), ..alert(EventKind::Reverted) }).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("k1 ended", || sent("k1").last().is_some_and(|e| !ahead(e))).await;
+        let k1 = sent("k1").len();
+        let k2 = sent("k2").len();
+        until("k2 sent again meanwhile", || sent("k2").len() >= k2 + 2).await;
+        assert_eq!(sent("k1").len(), k1, "an ended violation sent again");
+        drop(tx);
+        pusher.await.unwrap();
+        // A pusher started anew keeps sending k2, open before its cursor.
+        let before = sent("k2").len();
+        let (tx, pusher) = start();
+        until("k2 sent by the new pusher", || sent("k2").len() >= before + 2).await;
+        // An accept of the domain ends it.
+        let mut accept = alert(EventKind::Accepted);
+        accept.key = "a reason".into();
+        log.append(&accept).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("k2 ended by the accept", || sent("k2").last().is_some_and(|e| !ahead(e))).await;
+        let k2 = sent("k2").len();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(sent("k2").len(), k2, "a violation ended by an accept sent again");
+        assert_eq!(sent("a reason").len(), 1, "the accept itself");
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
     /// A 4xx but 408 and 429 is a refusal; a 5xx, a 429 or no server is not.
     #[tokio::test]
     async fn refusals_are_told_from_failures() {
@@ -718,6 +934,7 @@ mod tests {
             first: Duration::from_millis(10),
             most: Duration::from_millis(20),
             refusals: 3,
+            ..Pacing::DEFAULT
         };
         let mut log = AlertLog::open(&log_path).unwrap();
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -1040,7 +1257,7 @@ mod tests {
     #[test]
     fn alertmanager_body_and_selection() {
         let a = alert(EventKind::Violation);
-        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a, None)).unwrap();
         assert_eq!(v[0]["labels"]["alertname"], "VigilKernelIntegrity");
         assert_eq!(v[0]["labels"]["domain"], "web1");
         assert_eq!(v[0]["startsAt"], a.time.as_str());
@@ -1104,7 +1321,7 @@ mod tests {
         a.by = Some(Operator { uid: 1001, gid: 1001, user: Some("alice".into()), pid: Some(4242) });
         a.diff_digest = Some("ab".repeat(32));
         assert!(for_alertmanager(&a));
-        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&alertmanager_body(&a, None)).unwrap();
         let labels = &v[0]["labels"];
         assert_eq!(labels["severity"], "warning");
         assert_eq!(labels["event"], "accepted");
@@ -1116,7 +1333,8 @@ mod tests {
         assert!(v[0].get("endsAt").is_none(), "an endsAt would make it arrive resolved: {v}");
         let mut other = a.clone();
         other.by = Some(Operator { uid: 1002, gid: 1002, user: None, pid: Some(1) });
-        let w: serde_json::Value = serde_json::from_slice(&alertmanager_body(&other)).unwrap();
+        let w: serde_json::Value =
+            serde_json::from_slice(&alertmanager_body(&other, None)).unwrap();
         assert_eq!(w[0]["labels"]["user"], "uid 1002");
         assert_ne!(w[0]["labels"], v[0]["labels"]);
     }

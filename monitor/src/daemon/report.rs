@@ -194,6 +194,10 @@ pub(super) fn seed_series(shared: &Shared, name: &str, w: &Watched) {
             .get_or_create(&RegionLabels { domain: name.clone(), region: region.into() })
             .set(gauge(pages));
     }
+    // The open violations' series exists from the attach (at 0 if new; a
+    // re-attach keeps what the last full check found until the next).
+    let _ =
+        shared.sink.metrics.open_violations.get_or_create(&DomainLabels { domain: name.clone() });
     // Every violation series exists from the start, at 0, so that
     // Prometheus sees the first violation as an increase.
     let regions = w

@@ -502,6 +502,14 @@ impl DomainTask {
         let all: Vec<_> =
             report.check.violations.iter().chain(&report.check.info).cloned().collect();
         let groups = alerts::groups(&all);
+        if full {
+            let open = groups
+                .iter()
+                .filter(|(_, _, fs)| fs[0].severity == crate::integrity::Severity::Violation)
+                .count();
+            let labels = DomainLabels { domain: name.to_owned() };
+            shared.sink.metrics.open_violations.get_or_create(&labels).set(gauge(open));
+        }
         let (fresh, gone) = alerts::news(&visible(&watch.reported, &report.check), &groups);
         // Evidence of new violations, at most once per min_interval.
         let s = &shared.settings;
