@@ -567,6 +567,7 @@ fn image_mapping_findings(
     in_regions: &[u64],
     out: &mut Vec<Finding>,
 ) {
+    let mut out = Capped { out, left: MAX_IMAGE_FINDINGS, over: 0, worst: Severity::Info };
     let mut old = expand_runs(&baseline.image_mapping).unwrap_or_default();
     old.sort_by_key(|m| m.gva.raw()); // in order already, but for a hand-edited file
     let mut now = std::borrow::Cow::Borrowed(space.image_pages());
@@ -576,7 +577,7 @@ fn image_mapping_findings(
     // One merge walk over three sorted lists: the baseline's image pages,
     // the image pages now, and the region pages (compared elsewhere).
     let (mut j, mut r) = (0, 0);
-    let newly_mapped = |m: &crate::x86::Mapping, out: &mut Vec<Finding>| {
+    let newly_mapped = |m: &crate::x86::Mapping, out: &mut Capped<'_>| {
         let sev =
             if m.perms.executable || m.perms.user { Severity::Violation } else { Severity::Info };
         let mut f = finding(IMAGE_REGION, FindingKind::Remap, sev, m.gva, m.gpa);
@@ -588,7 +589,7 @@ fn image_mapping_findings(
     for m in &old {
         let va = m.gva.raw();
         while j < now.len() && now[j].gva.raw() < va {
-            newly_mapped(&now[j], out);
+            newly_mapped(&now[j], &mut out);
             j += 1;
         }
         let current = if j < now.len() && now[j].gva.raw() == va {
@@ -628,7 +629,53 @@ fn image_mapping_findings(
         }
     }
     for m in &now[j..] {
-        newly_mapped(m, out);
+        newly_mapped(m, &mut out);
+    }
+    out.summarise();
+}
+
+/// Most findings of the image's mappings one check keeps: the image spans
+/// up to 262,144 pages, and a guest that remaps them all would otherwise
+/// make as many findings. Past this, one more finding counts the rest.
+pub const MAX_IMAGE_FINDINGS: usize = 4096;
+
+/// Findings pushed up to a bound, the rest counted.
+struct Capped<'a> {
+    out: &'a mut Vec<Finding>,
+    left: usize,
+    over: usize,
+    worst: Severity,
+}
+
+impl Capped<'_> {
+    fn push(&mut self, f: Finding) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.out.push(f);
+        } else {
+            self.over += 1;
+            if f.severity == Severity::Violation {
+                self.worst = Severity::Violation;
+            }
+        }
+    }
+
+    fn summarise(&mut self) {
+        if self.over > 0 {
+            let mut f = finding(
+                IMAGE_REGION,
+                FindingKind::Remap,
+                self.worst,
+                GuestVirtAddr(0),
+                GuestPhysAddr(0),
+            );
+            f.detail = format!(
+                "and {} more pages of the kernel image mapped anew, remapped or unmapped: past the \
+                 {MAX_IMAGE_FINDINGS} findings one check lists",
+                self.over
+            );
+            self.out.push(f);
+        }
     }
 }
 

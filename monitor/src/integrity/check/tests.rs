@@ -218,6 +218,29 @@ fn new_executable_page_in_the_image_is_a_violation() {
     );
 }
 
+/// A guest that maps the image anew page by page makes at most
+/// MAX_IMAGE_FINDINGS findings and one that counts the rest, a violation
+/// when any of the rest is one.
+#[test]
+fn findings_of_the_image_mapping_are_bounded_and_the_rest_counted() {
+    let mut f = Fake::new();
+    let b = f.baseline();
+    let extra = MAX_IMAGE_FINDINGS + 100;
+    for i in 0..extra as u64 {
+        f.pages.push(Mapping {
+            gva: GuestVirtAddr(TEXT_VA + (16 + i) * 4096),
+            gpa: GuestPhysAddr(0xe000),
+            size: 4096,
+            perms: Perms { writable: true, user: false, executable: true },
+        });
+    }
+    let r = run(&f, &b, &Fake::registers());
+    let image: Vec<&Finding> = r.violations.iter().filter(|v| v.region == IMAGE_REGION).collect();
+    assert_eq!(image.len(), MAX_IMAGE_FINDINGS + 1);
+    let last = image.last().unwrap();
+    assert!(last.detail.starts_with("and 100 more pages of the kernel image"), "{}", last.detail);
+}
+
 /// A rodata page left out of the region (a freed gap) is not content:
 /// its reuse is no violation; made executable, it is one. A baseline
 /// bounded in place (a tail dropped) is the one built bounded.
