@@ -131,6 +131,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 s.settle,
                 s.check_timeout,
                 s.module_grace,
+                s.module_text,
                 s.alert_rotation,
                 &s.state_dir
             )
@@ -144,6 +145,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 d.settle,
                 d.check_timeout,
                 d.module_grace,
+                d.module_text,
                 d.alert_rotation,
                 &d.state_dir
             )

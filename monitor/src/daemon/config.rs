@@ -50,6 +50,14 @@ pub struct RawConfig {
     pub evidence: RawEvidence,
     #[serde(default)]
     pub hooks: RawHooks,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub module_text: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -142,6 +150,8 @@ pub struct Settings {
     /// How long a module may stay loading or unloading (its text not
     /// compared) before that is a violation.
     pub module_grace: Duration,
+    /// Module text kept whole per domain, in bytes (`limits.module_text`).
+    pub module_text: u64,
     /// A check running longer than this is reported (it cannot be cut short:
     /// it runs on a blocking thread), and the domain's next check waits.
     pub check_timeout: Duration,
@@ -322,6 +332,12 @@ impl Settings {
         )?;
         let check_timeout =
             dur("schedule.check_timeout", &raw.schedule.check_timeout, Duration::from_secs(30))?;
+        let module_text = match &raw.limits.module_text {
+            None => crate::linux::modules::MODULE_TEXT_KEPT,
+            Some(t) => parse_size(t).filter(|&b| b <= 1 << 40).ok_or_else(|| {
+                bad("limits.module_text", format!("{t:?} is not a size such as \"64MiB\""))
+            })?,
+        };
         let include = raw.domains.include.unwrap_or_else(|| vec!["*".into()]);
         let exclude = raw.domains.exclude.unwrap_or_default();
         for (key, list) in [("domains.include", &include), ("domains.exclude", &exclude)] {
@@ -385,6 +401,7 @@ impl Settings {
             attach_retry,
             settle,
             module_grace,
+            module_text,
             check_timeout,
             include,
             exclude,

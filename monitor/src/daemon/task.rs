@@ -159,6 +159,7 @@ pub(super) async fn attach(
             match r {
                 Ok((mut w, attached)) => {
                     w.set_module_grace(shared.settings.module_grace);
+                    w.set_module_text(shared.settings.module_text);
                     w.session.hook_policy = shared.settings.hooks.clone();
                     shared.attached(uuid, &known, w.run.clone());
                     return Some((w, attached));

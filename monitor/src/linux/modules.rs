@@ -23,7 +23,22 @@ use super::semantic;
 pub(crate) struct NotLive {
     pub(crate) since: HashMap<(String, u64), (u32, std::time::Instant)>,
     pub(crate) grace: std::time::Duration,
+    /// Bytes of module text kept whole, across the domain's modules, for
+    /// the patch review's originals; past it a module's text is kept as
+    /// page hashes only (see [`MODULE_TEXT_KEPT`]).
+    pub(crate) keep: u64,
 }
+
+/// Module text kept whole per domain unless configured
+/// (`limits.module_text`): some ten times a distribution kernel's usual
+/// modules' text. A guest whose modules take more has the rest compared by
+/// hash only: any change there is a violation, the kernel's own patches too.
+pub const MODULE_TEXT_KEPT: u64 = 64 << 20;
+
+/// Pages of module text hashed per check across the domain, at most: 256
+/// MiB of text, far past what a real kernel loads. Modules past it are not
+/// protected, and that is a violation (a forged module list).
+pub const MAX_MODULE_PAGES_IN_ALL: u64 = 65_536;
 
 /// How long a module may stay loading or unloading before it is reported,
 /// unless configured (`schedule.module_grace`): long enough for an init
@@ -32,7 +47,7 @@ pub const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(120
 
 impl Default for NotLive {
     fn default() -> Self {
-        NotLive { since: HashMap::new(), grace: MODULE_GRACE }
+        NotLive { since: HashMap::new(), grace: MODULE_GRACE, keep: MODULE_TEXT_KEPT }
     }
 }
 
@@ -129,11 +144,53 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
         let pages = known.remove(&key).map_or(0, |t| t.hashes.len() as u64);
         events.push(ModuleEvent { loaded: false, name: key.0, base: key.1, text_pages: pages });
     }
+    // Two live modules never share text: the kernel allocates each its own.
+    // A list that says otherwise is forged (an entry aliasing another's
+    // text, to make vigil hold it twice); the later entry is not followed.
+    let mut by_base = live.clone();
+    by_base.sort_by_key(|m| (m.base, m.text_size));
+    let mut aliased: Vec<(&str, u64)> = Vec::new();
+    let mut end = 0u64;
+    for md in &by_base {
+        if md.base < end {
+            aliased.push((&md.name, md.base));
+            out.push(module_list_violation(
+                md,
+                space,
+                format!(
+                    "module {}'s text at {:#x} lies in another listed module's: the kernel gives each module text of its own, \
+                     so the module list is forged; its text is not followed",
+                    md.name, md.base
+                ),
+            ));
+        } else {
+            end = md.base.saturating_add(md.text_size);
+        }
+    }
+    let mut kept: u64 = known.values().map(|t| t.bytes.len() as u64).sum();
+    let mut hashed: u64 = 0;
     for md in live {
-        if !semantic::still_live(m, mem, space, md) {
+        if aliased.contains(&(md.name.as_str(), md.base)) {
             continue;
         }
         let pages = md.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
+        if hashed.saturating_add(pages) > MAX_MODULE_PAGES_IN_ALL {
+            out.push(module_list_violation(
+                md,
+                space,
+                format!(
+                    "module {} is not protected: the live modules' text passes {MAX_MODULE_PAGES_IN_ALL} pages \
+                     ({} MiB), far more than a kernel loads, so the module list is forged or broken",
+                    md.name,
+                    MAX_MODULE_PAGES_IN_ALL * PAGE_SIZE >> 20
+                ),
+            ));
+            continue;
+        }
+        hashed += pages;
+        if !semantic::still_live(m, mem, space, md) {
+            continue;
+        }
         let mut hashes = Vec::with_capacity(pages as usize);
         let mut places = Vec::with_capacity(pages as usize);
         let mut bytes = Vec::new();
@@ -160,7 +217,12 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                     base: md.base,
                     text_pages: hashes.len() as u64,
                 });
-                known.insert(key, ModuleText { hashes, bytes });
+                let mut bytes = bytes;
+                if kept.saturating_add(bytes.len() as u64) > not_live.keep {
+                    bytes = Vec::new();
+                }
+                kept += bytes.len() as u64;
+                known.insert(key.clone(), ModuleText { hashes, bytes });
             }
             Some(old) => {
                 // A page that differs is read again, through its mapping as
@@ -207,8 +269,44 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                 }
             }
         }
+        // Said at every check while so, as a standing notice.
+        if known.get(&key).is_some_and(|t| t.bytes.is_empty() && !t.hashes.is_empty()) {
+            let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
+            let mut f = Finding::new(
+                &Region::Module(md.name.clone()).name(),
+                FindingKind::Content,
+                Severity::Info,
+                GuestVirtAddr(md.base),
+                gpa,
+            );
+            f.detail = format!(
+                "module {}'s text is kept as page hashes only: the domain's modules already hold the {} MiB \
+                 of text kept whole (limits.module_text); a change to it is a violation, the kernel's own patches too",
+                md.name,
+                not_live.keep >> 20
+            );
+            out.push(f);
+        }
     }
     out
+}
+
+/// A violation of the module list itself, at `md`'s text.
+fn module_list_violation(
+    md: &semantic::Module,
+    space: &dyn AddressSpace,
+    detail: String,
+) -> Finding {
+    let gpa = space.translate(GuestVirtAddr(md.base)).map_or(GuestPhysAddr(0), |t| t.0);
+    let mut f = Finding::new(
+        &Region::Module(md.name.clone()).name(),
+        FindingKind::Unlisted,
+        Severity::Violation,
+        GuestVirtAddr(md.base),
+        gpa,
+    );
+    f.detail = detail;
+    f
 }
 
 #[cfg(test)]
@@ -406,6 +504,91 @@ mod tests {
         assert_eq!(found[0].gpa, GuestPhysAddr(2 * PAGE_SIZE), "{found:?}");
     }
 
+    fn live(name: &str, addr: u64, base: u64, text_size: u64) -> semantic::Module {
+        semantic::Module {
+            name: name.into(),
+            addr,
+            base,
+            size: text_size,
+            text_size,
+            state: semantic::MODULE_LIVE,
+            init: (0, 0),
+            data: (0, 0),
+        }
+    }
+
+    /// A forged list whose second entry aliases the first's text: a
+    /// violation, and the alias is not followed (held once, not twice).
+    #[test]
+    fn a_module_whose_text_lies_in_anothers_is_a_forged_list() {
+        let profile = lab_profile();
+        let ram = crate::memory::RawDump::from_bytes(module_ram(&profile, b"churn", 0, 0xcc));
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![
+                live("churn", W, W + PAGE_SIZE, PAGE_SIZE),
+                live("alias", W, W + PAGE_SIZE + 16, 64),
+            ],
+            slide: 0,
+            idt_slide: None,
+        };
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let now = std::time::Instant::now();
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &Window, now);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].region.as_str(), found[0].severity),
+            ("module:alias", Severity::Violation)
+        );
+        assert!(found[0].detail.contains("lies in another listed module's"), "{}", found[0].detail);
+        assert_eq!(known.len(), 1, "{:?}", known.keys());
+    }
+
+    /// Past the text kept whole, a module's text is kept as hashes only,
+    /// said at every check; past the pages hashed in all, a module is not
+    /// followed, and that is a violation.
+    #[test]
+    fn module_text_is_bounded_per_domain() {
+        let profile = lab_profile();
+        let ram = crate::memory::RawDump::from_bytes(module_ram(&profile, b"churn", 0, 0xcc));
+        let now = std::time::Instant::now();
+        // Room for no byte: hashes only, and said at each check.
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
+            slide: 0,
+            idt_slide: None,
+        };
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let mut not_live = NotLive { keep: 0, ..NotLive::default() };
+        for _ in 0..2 {
+            let found =
+                protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &Window, now);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].severity, Severity::Info);
+            assert!(found[0].detail.contains("kept as page hashes only"), "{}", found[0].detail);
+        }
+        let t = &known[&("churn".to_owned(), W + PAGE_SIZE)];
+        assert!(t.bytes.is_empty() && t.hashes.len() == 1);
+        // Modules of 16 MiB each, one past the pages hashed in all.
+        let big = MAX_MODULE_PAGES * PAGE_SIZE;
+        let n = MAX_MODULE_PAGES_IN_ALL / MAX_MODULE_PAGES + 1;
+        let modules =
+            (0..n).map(|i| live(&format!("m{i}"), W, W + PAGE_SIZE + i * big, big)).collect();
+        let m = semantic::Matched { profile: &profile, modules, slide: 0, idt_slide: None };
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &Window, now);
+        let refused: Vec<_> =
+            found.iter().filter(|f| f.detail.contains("is not protected")).collect();
+        assert_eq!(refused.len(), 1, "{found:?}");
+        assert_eq!(refused[0].region, format!("module:m{}", n - 1));
+        assert_eq!(refused[0].severity, Severity::Violation);
+    }
+
     /// A module that claims to be unloading: reported once it has stayed so
     /// past the grace, and compared with its old text if it turns live again.
     #[test]
@@ -435,7 +618,7 @@ mod tests {
         };
         let going = semantic::MODULE_GOING;
         let (mut known, mut events) = (HashMap::new(), Vec::new());
-        let mut not_live = NotLive { since: HashMap::new(), grace: Duration::from_secs(60) };
+        let mut not_live = NotLive { grace: Duration::from_secs(60), ..NotLive::default() };
         // `u32::MAX` as the state: not listed.
         let t0 = std::time::Instant::now();
         let mut check = |state: u32, mem: &crate::memory::RawDump, at: u64| {

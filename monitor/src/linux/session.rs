@@ -152,6 +152,11 @@ impl KernelSession {
         self.modules_not_live.grace = grace;
     }
 
+    /// Module text kept whole, in bytes, across the domain's modules.
+    pub fn set_module_text(&mut self, bytes: u64) {
+        self.modules_not_live.keep = bytes;
+    }
+
     /// When a patch site held by the last examination (its bytes disagree
     /// with its record, the kernel perhaps still updating it) is to be
     /// judged for the last time: a full check is due then. Taken: each

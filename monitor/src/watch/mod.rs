@@ -603,6 +603,11 @@ impl Watched {
         self.session.set_module_grace(grace);
     }
 
+    /// Module text kept whole, in bytes (see `limits.module_text`).
+    pub fn set_module_text(&mut self, bytes: u64) {
+        self.session.set_module_text(bytes);
+    }
+
     /// vCPU register snapshots asked for since the last call (checks,
     /// baselines, failures alike): each is a libvirt and QEMU round trip,
     /// and more than one per check, attach and baseline means snapshots
