@@ -78,10 +78,17 @@ pub(super) async fn panicked(task: tokio::task::JoinHandle<()>) -> Option<String
     Some(crate::panic_message(&*e.into_panic()))
 }
 
-/// Awaits a check, reporting one that runs past `schedule.check_timeout`: an
-/// error event, `limit_check_time` in `vigil_errors_total`, and a notice
-/// when it ends. It is then waited for, since a blocking thread reading guest
-/// memory cannot be stopped; the domain's next check starts after it.
+/// How much longer than `schedule.check_timeout` one stage of a check may
+/// run before the check is reported as overlong: a check stops between its
+/// stages once past the timeout (its error counted as `limit_check_time`),
+/// but a stage itself cannot be cut short.
+pub(super) const STAGE_SLACK: Duration = Duration::from_secs(5);
+
+/// Awaits a check, reporting one that runs past `schedule.check_timeout`
+/// and [`STAGE_SLACK`]: an error event, `limit_check_time` in
+/// `vigil_errors_total`, and a notice when it ends. It is then waited for,
+/// since a blocking thread reading guest memory cannot be stopped; the
+/// domain's next check starts after it.
 pub(super) async fn time_limited<T>(
     shared: &Shared,
     subject: &Subject,
@@ -89,7 +96,7 @@ pub(super) async fn time_limited<T>(
     scope: &str,
     job: impl std::future::Future<Output = (Watched, T)>,
 ) -> (Watched, T) {
-    let limit = shared.settings.check_timeout;
+    let limit = shared.settings.check_timeout + STAGE_SLACK;
     let started = Instant::now();
     tokio::pin!(job);
     match tokio::time::timeout(limit, &mut job).await {
@@ -100,8 +107,8 @@ pub(super) async fn time_limited<T>(
                 EventKind::Error,
                 AlertSeverity::Warning,
                 format!(
-                    "a {scope} check of {name} has run longer than schedule.check_timeout ({limit:?}); \
-                     the domain's next check waits for it"
+                    "a {scope} check of {name} has run longer than schedule.check_timeout and {STAGE_SLACK:?} \
+                     more ({limit:?}) in one stage; the domain's next check waits for it"
                 ),
             ));
             let done = job.await;
@@ -160,6 +167,7 @@ pub(super) async fn attach(
                 Ok((mut w, attached)) => {
                     w.set_module_grace(shared.settings.module_grace);
                     w.set_module_text(shared.settings.module_text);
+                    w.set_time_limit(Some(shared.settings.check_timeout));
                     w.session.hook_policy = shared.settings.hooks.clone();
                     shared.attached(uuid, &known, w.run.clone());
                     return Some((w, attached));

@@ -201,6 +201,36 @@ impl Report {
 pub enum CheckError {
     #[error(transparent)]
     Read(#[from] BaselineError),
+    /// The check's time ran out (`schedule.check_timeout`): stopped after
+    /// `stage`, its findings so far not reported (a partial check would
+    /// take what it did not reach for reverted).
+    #[error("stopped after {stage}: the check ran past its {limit:?} (schedule.check_timeout)")]
+    OverTime { stage: &'static str, limit: std::time::Duration },
+}
+
+/// When a check must stop, checked between its stages.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: std::time::Instant,
+    /// The limit it was set from, for the error.
+    pub limit: std::time::Duration,
+}
+
+impl Deadline {
+    /// From now, `limit` on.
+    pub fn after(limit: std::time::Duration) -> Self {
+        Deadline { at: std::time::Instant::now() + limit, limit }
+    }
+
+    /// `Err` once past the deadline, naming the stage just done.
+    pub fn check(deadline: Option<Deadline>, stage: &'static str) -> Result<(), CheckError> {
+        match deadline {
+            Some(d) if std::time::Instant::now() >= d.at => {
+                Err(CheckError::OverTime { stage, limit: d.limit })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Finding {

@@ -182,7 +182,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                     "module {} is not protected: the live modules' text passes {MAX_MODULE_PAGES_IN_ALL} pages \
                      ({} MiB), far more than a kernel loads, so the module list is forged or broken",
                     md.name,
-                    MAX_MODULE_PAGES_IN_ALL * PAGE_SIZE >> 20
+                    (MAX_MODULE_PAGES_IN_ALL * PAGE_SIZE) >> 20
                 ),
             ));
             continue;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SIZE};
-use crate::integrity::check::{CheckError, Scope, check_tagged};
+use crate::integrity::check::{CheckError, Deadline, Scope, check_tagged};
 use crate::integrity::tags::PageTags;
 use crate::integrity::{
     AddressSpace, Baseline, Finding, FindingKind, Originals, RegionKind, Severity,
@@ -85,6 +85,8 @@ pub struct How<'a> {
     pub changes: bool,
     /// The time, and pauses while the kernel finishes patching a site.
     pub clock: &'a dyn patch::Clock,
+    /// When to stop, between stages (`None`: never).
+    pub deadline: Option<Deadline>,
 }
 
 /// What an examination found.
@@ -120,7 +122,13 @@ pub fn examine_once<M: GuestMemory + ?Sized>(
     hooks: &HookPolicy,
 ) -> Result<Examined, ExamineError> {
     let view = discover(mem, regs)?;
-    let how = How { scope: Scope::Full, tags: None, changes: with_changes, clock: &WallClock };
+    let how = How {
+        scope: Scope::Full,
+        tags: None,
+        changes: with_changes,
+        clock: &WallClock,
+        deadline: None,
+    };
     let mut session = KernelSession::one_shot();
     session.hook_policy = hooks.clone();
     let mut e = session.examine((baseline, originals), mem, (&view, regs), profiles, how)?;
@@ -191,6 +199,7 @@ impl KernelSession {
         // Read again below when a profile matches; never an earlier check's.
         self.hooks = None;
         let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
+        Deadline::check(how.deadline, "the page and mapping check")?;
         // What differed from the vendor's image when the baseline was taken
         // stays a violation at every check: it was never good.
         if let Some(rc) = &baseline.reference {
@@ -213,6 +222,7 @@ impl KernelSession {
         match semantic::match_profile(profiles, mem, view, view.identification.image_base) {
             Some(mut m) => {
                 let (found, now) = self.records(&mut m, baseline, (mem, view, regs), how);
+                Deadline::check(how.deadline, "the kernel's records and hooks")?;
                 r.kernel.profile = Some(m.profile.release.clone());
                 r.check.add_findings(found);
                 if self.across_checks {
@@ -224,6 +234,7 @@ impl KernelSession {
                         view,
                         now,
                     );
+                    Deadline::check(how.deadline, "the modules' text")?;
                     r.check.add_findings(found);
                 }
                 if originals.is_empty() {
@@ -242,6 +253,7 @@ impl KernelSession {
                 };
                 let text = CheckedText::new(baseline, originals, &self.modules, how.scope);
                 let accepted = patch::review(&mut r, &m, (mem, view), &text, state, how.clock);
+                Deadline::check(how.deadline, "the patch review")?;
                 r.check.symbolize(|gva| m.symbol_of(gva));
                 if how.changes {
                     let locate = |a: u64| {

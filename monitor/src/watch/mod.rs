@@ -41,6 +41,9 @@ pub enum WatchError {
          up once it runs"
     )]
     Receiving(String),
+    /// The check was stopped at its time limit.
+    #[error("{0}")]
+    OverTime(String),
 }
 
 impl WatchError {
@@ -65,6 +68,7 @@ impl WatchError {
             WatchError::Baseline(BaselineError::Read { .. }) => "memory_unreadable",
             WatchError::Baseline(_) | WatchError::StoredState(_) => "baseline_file",
             WatchError::Receiving(_) => "receiving",
+            WatchError::OverTime(_) => "limit_check_time",
         }
     }
 
@@ -251,6 +255,8 @@ pub struct Watched {
     /// How the baseline's regions are bounded (`Ok`: by what) or why they
     /// are not (`Err`), to be reported.
     pub bounds: Result<String, String>,
+    /// How long a check may run (see [`Watched::set_time_limit`]).
+    time_limit: Option<std::time::Duration>,
 }
 
 use crate::paths::baseline_path;
@@ -460,6 +466,7 @@ impl Watched {
             provisional_left: None,
             profiles: std::sync::Arc::from(Vec::new()),
             bounds: Err("not yet bounded".into()),
+            time_limit: None,
         }
     }
 
@@ -603,6 +610,12 @@ impl Watched {
         self.session.set_module_grace(grace);
     }
 
+    /// How long a check may run before it stops between two of its stages
+    /// (`schedule.check_timeout`); `None`: as long as it takes.
+    pub fn set_time_limit(&mut self, limit: Option<std::time::Duration>) {
+        self.time_limit = limit;
+    }
+
     /// Module text kept whole, in bytes (see `limits.module_text`).
     pub fn set_module_text(&mut self, bytes: u64) {
         self.session.set_module_text(bytes);
@@ -697,12 +710,20 @@ impl Watched {
             let (tags, _) = PageTags::build(key, &self.baseline, mem, &view, &self.originals);
             self.tags = Some(tags);
         }
-        let how =
-            How { scope, tags: self.tags.as_ref(), changes: changes.is_some(), clock: &WallClock };
+        let how = How {
+            scope,
+            tags: self.tags.as_ref(),
+            changes: changes.is_some(),
+            clock: &WallClock,
+            deadline: self.time_limit.map(crate::integrity::check::Deadline::after),
+        };
         let examined = self
             .session
             .examine((&self.baseline, &self.originals), mem, (&view, &regs), profiles, how)
-            .map_err(|CheckError::Read(e)| WatchError::Baseline(e))?;
+            .map_err(|e| match e {
+                CheckError::Read(e) => WatchError::Baseline(e),
+                e @ CheckError::OverTime { .. } => WatchError::OverTime(e.to_string()),
+            })?;
         self.profile = examined.report.kernel.profile.clone();
         if let Some(out) = changes {
             *out = examined.changes;

@@ -419,3 +419,19 @@ fn a_kernel_moved_whole_is_every_page_a_remap_never_another_boot() {
     assert_eq!(content[0].gpa, hooked);
     assert!(!r.intact);
 }
+
+/// A deadline passes once its time is over and names the stage just done;
+/// no deadline never does.
+#[test]
+fn a_deadline_stops_after_the_stage_that_ran_past_it() {
+    assert!(Deadline::check(None, "any").is_ok());
+    let ahead = Deadline::after(std::time::Duration::from_secs(3600));
+    assert!(Deadline::check(Some(ahead), "the first stage").is_ok());
+    let past = Deadline { at: std::time::Instant::now(), limit: std::time::Duration::ZERO };
+    match Deadline::check(Some(past), "the second stage") {
+        Err(e @ CheckError::OverTime { stage: "the second stage", .. }) => {
+            assert!(e.to_string().starts_with("stopped after the second stage"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
