@@ -139,28 +139,58 @@ fn rfc3339_in(ahead: Duration) -> String {
 /// uuid, key), at most [`MAX_OPEN`].
 type Open = std::collections::BTreeMap<(String, String), Alert>;
 
-/// Open violations an Alertmanager pusher keeps sending, at most.
+/// Open violations an Alertmanager pusher keeps sending, at most, in all
+/// and per domain (a guest names its modules, and each module's violation
+/// is one): past either, a violation is sent once and not again, counted as
+/// error `alertmanager_open_full`.
 pub const MAX_OPEN: usize = 10_000;
+pub const MAX_OPEN_PER_DOMAIN: usize = 512;
+
+/// Open violations per request when they are sent again.
+const RESEND_BATCH: usize = 256;
 
 /// Whether alert `a` ends the open violation `v`: it is reverted; its
-/// domain's state was accepted or the domain let go; a new boot began.
+/// domain's state was accepted; a new boot began. A domain let go
+/// (stopped, migrated, its task failed) ends nothing: it may come back in
+/// the same boot, with the violation reported already and not said again.
 fn ends(a: &Alert, v: &Alert) -> bool {
     a.uuid == v.uuid
         && match a.event {
             EventKind::Reverted => a.key == v.key,
-            EventKind::Accepted | EventKind::Detached => true,
+            EventKind::Accepted => true,
             EventKind::NewBoot => a.boot != v.boot,
             _ => false,
         }
 }
 
-/// Notes in `open` what alert `a` opens or ends, without telling anyone:
-/// how the log before a pusher's cursor is read back at its start.
-fn replay(open: &mut Open, a: &Alert) {
+/// Notes in `open` what alert `a` opens or ends, without telling anyone;
+/// `false` if it opens a violation there is no room for.
+fn replay(open: &mut Open, a: &Alert) -> bool {
     open.retain(|_, v| !ends(a, v));
-    if a.event == EventKind::Violation && open.len() < MAX_OPEN {
-        open.insert((a.uuid.clone(), a.key.clone()), a.clone());
+    if a.event != EventKind::Violation {
+        return true;
     }
+    let id = (a.uuid.clone(), a.key.clone());
+    let of_domain = || open.keys().filter(|(u, _)| *u == a.uuid).count();
+    if open.contains_key(&id) || (open.len() < MAX_OPEN && of_domain() < MAX_OPEN_PER_DOMAIN) {
+        open.insert(id, a.clone());
+        true
+    } else {
+        false
+    }
+}
+
+/// The Alertmanager v2 body of several alerts, each ending at `ends`.
+fn alertmanager_batch(alerts: &[&Alert], ends: &str) -> Vec<u8> {
+    let all: Vec<serde_json::Value> = alerts
+        .iter()
+        .filter_map(|a| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&alertmanager_body(a, Some(ends))).ok()?;
+            v.get(0).cloned()
+        })
+        .collect();
+    serde_json::to_vec(&all).expect("json")
 }
 
 /// The violations still open at `at` (a cursor): every log file the log
@@ -453,6 +483,10 @@ pub struct Pusher {
 /// such an event refused in turn goes there without another event.
 pub const DEAD_LETTER_KIND: &str = "push_dead_letter";
 
+/// Alerts in a row sent to the dead-letter file, none taken between,
+/// after which a sink is taken to refuse everything: no more go there.
+const DEAD_LETTER_RUN: u32 = 3;
+
 /// Where a sink's alerts that it refused for good go, beside its cursor.
 pub fn dead_letter_path(cursor: &Path) -> PathBuf {
     cursor.with_extension("dead.jsonl")
@@ -507,7 +541,15 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
     // deleted or unusable: from the start of what the log keeps, said.
     let started = started_path(&cursor);
     let mut at = match load_cursor(&cursor) {
-        Ok(Some(c)) => c,
+        Ok(Some(c)) => {
+            // An install from before the marker: it has started, said now.
+            if !started.exists()
+                && let Err(e) = std::fs::write(&started, b"").and_then(|()| sync_dir(&started))
+            {
+                failed(&e.to_string(), &format!("that it started ({})", started.display()));
+            }
+            c
+        }
         Ok(None) if !started.exists() => {
             let here = open_log().map_or(Cursor { offset: 0, file: None }, |(_, file, len)| {
                 Cursor { offset: len, file: Some(file) }
@@ -541,16 +583,19 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
     let mut delay = pacing.first;
     // (offset, how many times in a row the alert there was refused)
     let mut refusals: (u64, u32) = (u64::MAX, 0);
+    // Alerts sent to the dead-letter file with none taken since, and
+    // whether the sink refusing everything was said.
+    let (mut dead_in_row, mut refusing_all_said) = (0u32, false);
     // An Alertmanager's open violations, as the log before the cursor left them.
     let mut open = if alertmanager { open_at(&log, at) } else { Open::new() };
     let mut resend_at = tokio::time::Instant::now();
     loop {
         if alertmanager && tokio::time::Instant::now() >= resend_at {
-            for v in open.values() {
-                if let Err(e) =
-                    post_json(&ep, &path, &alertmanager_body(v, Some(&firing_until()))).await
-                {
-                    failed(&e.message, "an open violation again");
+            let all: Vec<&Alert> = open.values().collect();
+            for batch in all.chunks(RESEND_BATCH) {
+                let body = alertmanager_batch(batch, &firing_until());
+                if let Err(e) = post_json(&ep, &path, &body).await {
+                    failed(&e.message, "the open violations again");
                     break;
                 }
             }
@@ -625,9 +670,14 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                     }
                     open.remove(&k);
                 }
-                if result.is_ok() {
-                    replay(&mut open, a);
+                if result.is_ok() && !replay(&mut open, a) {
+                    let kind = KindLabels { kind: "alertmanager_open_full".into() };
+                    metrics.errors.get_or_create(&kind).inc();
                 }
+            }
+            if result.is_ok() && alert.is_some() {
+                dead_in_row = 0;
+                refusing_all_said = false;
             }
             if let (Some(a), Err(e)) = (alert, result) {
                 failed(&e.message, "an alert");
@@ -637,6 +687,30 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                     _ => (at.offset, u32::from(e.refused)),
                 };
                 if refusals.1 < pacing.refusals {
+                    stuck = true;
+                    break;
+                }
+                // A sink that refuses every alert is misconfigured, not
+                // picky: its alerts wait in the log rather than all going
+                // to the dead-letter file.
+                if dead_in_row >= DEAD_LETTER_RUN {
+                    if !refusing_all_said {
+                        refusing_all_said = true;
+                        let host =
+                            super::alerts::Subject { host: host.clone(), ..Default::default() };
+                        let mut note = host.event(
+                            EventKind::Error,
+                            AlertSeverity::Warning,
+                            format!(
+                                "the {sink} refuses every alert ({DEAD_LETTER_RUN} in a row went to {}; now {}): \
+                                 alerts wait in the log until it takes one; check its URL and its configuration",
+                                dead_letter_path(&cursor).display(),
+                                e.message
+                            ),
+                        );
+                        note.kind = DEAD_LETTER_KIND.into();
+                        let _ = notes.send(note);
+                    }
                     stuck = true;
                     break;
                 }
@@ -675,6 +749,8 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                     let _ = notes.send(note);
                 }
                 refusals = (u64::MAX, 0);
+                dead_in_row += 1;
+                delay = pacing.first;
                 // Given up with it: what it would have ended, too.
                 open.retain(|_, v| !ends(&a, v));
             }
@@ -694,7 +770,12 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             delay = (delay * 2).min(pacing.most);
             loop {
                 match rx.try_recv() {
-                    Ok(Wake::Unlogged(a)) => push_unlogged(&ep, &path, &body(&a), &failed).await,
+                    Ok(Wake::Unlogged(a)) => {
+                        if alertmanager {
+                            replay(&mut open, &a);
+                        }
+                        push_unlogged(&ep, &path, &body(&a), &failed).await;
+                    }
                     Ok(Wake::Logged) => {}
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
@@ -710,7 +791,13 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
         };
         match tokio::time::timeout(idle, rx.recv()).await {
             Ok(None) => return,
-            Ok(Some(Wake::Unlogged(a))) => push_unlogged(&ep, &path, &body(&a), &failed).await,
+            Ok(Some(Wake::Unlogged(a))) => {
+                // Open now too: the log takes it later (or never).
+                if alertmanager {
+                    replay(&mut open, &a);
+                }
+                push_unlogged(&ep, &path, &body(&a), &failed).await;
+            }
             Ok(Some(Wake::Logged)) | Err(_) => {}
         }
     }
@@ -787,9 +874,9 @@ mod tests {
         assert_eq!(back, a);
     }
 
-    /// An Alertmanager's view of what it was sent: (key, endsAt) of each
-    /// alert posted, in order.
-    async fn alertmanager_fake() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    /// An Alertmanager's view of what it was sent: of each alert posted, in
+    /// order, its key and whether it ended ahead of when it arrived.
+    async fn alertmanager_fake() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, bool)>>>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -799,10 +886,19 @@ mod tests {
                 let (mut s, _) = l.accept().await.unwrap();
                 let req = read_request(&mut s).await;
                 let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                let arrived = time::OffsetDateTime::now_utc();
                 let v: serde_json::Value = serde_json::from_str(body).unwrap();
-                let key = v[0]["labels"]["key"].as_str().unwrap_or("").to_owned();
-                let ends = v[0]["endsAt"].as_str().unwrap_or("").to_owned();
-                keep.lock().unwrap().push((key, ends));
+                for a in v.as_array().unwrap() {
+                    let key = a["labels"]["key"].as_str().unwrap_or("").to_owned();
+                    let ends = a["endsAt"].as_str().and_then(|e| {
+                        time::OffsetDateTime::parse(
+                            e,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    });
+                    keep.lock().unwrap().push((key, ends.is_some_and(|e| e > arrived)));
+                }
                 s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
             }
         });
@@ -830,31 +926,24 @@ mod tests {
                 mpsc::unbounded_channel().0,
             );
             p.alertmanager = true;
-            p.pacing.resend = Duration::from_millis(100);
+            p.pacing.resend = Duration::from_millis(200);
             (tx, tokio::spawn(run(p, rx)))
         };
         let mut log = AlertLog::open(&log_path).unwrap();
         let (tx, pusher) = start();
         until("the first cursor", || read_cursor(&cursor).is_some()).await;
         let violation = |key: &str| Alert { key: key.into(), ..alert(EventKind::Violation) };
-        let ahead = |ends: &str| {
-            let t =
-                time::OffsetDateTime::parse(ends, &time::format_description::well_known::Rfc3339);
-            t.is_ok_and(|t| t > time::OffsetDateTime::now_utc())
-        };
-        let sent = |key: &str| -> Vec<String> {
-            got.lock().unwrap().iter().filter(|(k, _)| k == key).map(|(_, e)| e.clone()).collect()
+        // Whether a sending ended ahead of its arrival (firing) or not (ended).
+        let ahead = |a: &bool| *a;
+        let sent = |key: &str| -> Vec<bool> {
+            got.lock().unwrap().iter().filter(|(k, _)| k == key).map(|(_, e)| *e).collect()
         };
         for a in [violation("k1"), violation("k2")] {
             log.append(&a).unwrap();
         }
         tx.send(Wake::Logged).await.unwrap();
         until("both sent three times", || sent("k1").len() >= 3 && sent("k2").len() >= 3).await;
-        assert!(
-            sent("k1").iter().chain(&sent("k2")).all(|e| ahead(e)),
-            "{:?}",
-            got.lock().unwrap()
-        );
+        assert!(sent("k1").iter().chain(&sent("k2")).all(&ahead), "{:?}", got.lock().unwrap());
         // k1 reverted: sent once more, ending now, and then no more.
         log.append(&Alert { key: "k1".into(), ..alert(EventKind::Reverted) }).unwrap();
         tx.send(Wake::Logged).await.unwrap();
@@ -964,6 +1053,58 @@ mod tests {
         tx.send(Wake::Logged).await.unwrap();
         until("the refused event dead-lettered", || count("webhook_dead_letter") == 2).await;
         assert!(heard.try_recv().is_err(), "a dead letter of a dead letter was said");
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
+    /// A sink that refuses every alert is misconfigured: after a few in a
+    /// row went to the dead-letter file, the rest wait in the log, and that
+    /// is said once.
+    #[tokio::test]
+    async fn a_sink_refusing_everything_does_not_drain_the_log_into_dead_letters() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let _ = read_request(&mut s).await;
+                let answer = "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let metrics = Metrics::new();
+        let (notes, mut heard) = mpsc::unbounded_channel();
+        let mut p = pusher(endpoint(port, "/hook"), &log_path, &cursor, &metrics, notes);
+        p.pacing = Pacing {
+            first: Duration::from_millis(5),
+            most: Duration::from_millis(10),
+            refusals: 2,
+            ..Pacing::DEFAULT
+        };
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        for i in 0..6 {
+            log.append(&Alert { key: format!("k{i}"), ..alert(EventKind::Violation) }).unwrap();
+        }
+        tx.send(Wake::Logged).await.unwrap();
+        let count =
+            |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).get();
+        until("refusals past the dead-letter run", || count("webhook_push") >= 12).await;
+        assert_eq!(count("webhook_dead_letter"), u64::from(DEAD_LETTER_RUN));
+        let dead = std::fs::read_to_string(dead_letter_path(&cursor)).unwrap();
+        assert_eq!(dead.lines().count(), DEAD_LETTER_RUN as usize);
+        let said: Vec<String> =
+            std::iter::from_fn(|| heard.try_recv().ok()).map(|a| a.detail).collect();
+        assert_eq!(
+            said.iter().filter(|d| d.contains("refuses every alert")).count(),
+            1,
+            "{said:#?}"
+        );
         drop(tx);
         pusher.await.unwrap();
     }

@@ -36,6 +36,19 @@ impl Emitted {
     }
 }
 
+/// The event that says the alert log stopped taking alerts.
+fn unlogged_event(host: &str, e: &alerts::AlertLogError) -> Alert {
+    let host = Subject { host: host.to_owned(), ..Subject::default() };
+    host.event(
+        EventKind::Error,
+        AlertSeverity::Warning,
+        format!(
+            "the alert log cannot take alerts ({}); they are held in memory (up to {HELD_MAX}) and pushed, and logged once it can",
+            error_chain(e)
+        ),
+    )
+}
+
 /// Where every alert goes; shared by all tasks.
 pub struct Sink {
     log: Mutex<AlertLog>,
@@ -67,9 +80,13 @@ impl Sink {
     }
 
     /// Appends what is held, in order, then `alert`; rotates once after.
-    /// On a failure, what is left stays held and `alert` is not appended.
-    /// Returns how many held alerts were logged.
-    fn log_in_order(&self, alert: Option<&Alert>) -> (usize, Result<(), alerts::AlertLogError>) {
+    /// On a failure, `alert` is held after what already is (if there is
+    /// room), all under the log's lock, so that no other alert gets between;
+    /// the first failure after the log worked holds the failure's own
+    /// event first. Returns how many held alerts were logged, what became
+    /// of `alert`, and the failure event to announce, if one began.
+    fn log_in_order(&self, alert: Option<&Alert>, host: &str) -> (usize, Emitted, Option<Alert>) {
+        use std::sync::atomic::Ordering;
         let mut log = self.log.lock().expect("alert log lock");
         let mut held = self.held.lock().expect("held alerts lock");
         let mut logged = 0;
@@ -87,27 +104,46 @@ impl Sink {
         {
             result = log.append(a);
         }
+        let mut announce = None;
+        let outcome = match result {
+            Ok(()) => Emitted::Logged,
+            Err(e) => {
+                warn_line!("vigil: error: {}", error_chain(&e));
+                self.error("alert_log");
+                if !self.log_failing.swap(true, Ordering::SeqCst) {
+                    let failure = unlogged_event(host, &e);
+                    if held.len() < HELD_MAX {
+                        held.push_back(failure.clone());
+                        self.count(&failure);
+                    } else {
+                        self.error("alert_dropped");
+                    }
+                    announce = Some(failure);
+                }
+                match alert {
+                    Some(a) if held.len() < HELD_MAX => {
+                        held.push_back(a.clone());
+                        Emitted::Held
+                    }
+                    Some(_) => {
+                        self.error("alert_dropped");
+                        Emitted::Dropped
+                    }
+                    None => Emitted::Held,
+                }
+            }
+        };
         self.metrics.alerts_held.set(gauge(held.len()));
+        drop(held);
         // Rotating may fail (the directory read-only, say) after the
         // alerts are safely logged: said, counted, and tried again next time.
-        if (logged > 0 || (alert.is_some() && result.is_ok()))
+        if (logged > 0 || (alert.is_some() && outcome == Emitted::Logged))
             && let Err(e) = log.rotate_if_due()
         {
             warn_line!("vigil: warning: rotating the alert log: {}", error_chain(&e));
             self.error("alert_log_rotate");
         }
-        (logged, result)
-    }
-
-    /// Holds `alert` if there is room.
-    fn hold(&self, alert: &Alert) -> bool {
-        let mut held = self.held.lock().expect("held alerts lock");
-        let room = held.len() < HELD_MAX;
-        if room {
-            held.push_back(alert.clone());
-        }
-        self.metrics.alerts_held.set(gauge(held.len()));
-        room
+        (logged, outcome, announce)
     }
 
     /// Says that the log takes alerts again, once, after it failed.
@@ -128,8 +164,11 @@ impl Sink {
     /// Logs what is held, if the log takes it now (called every few
     /// seconds, so that held alerts do not wait for the next alert).
     pub fn flush_held(&self, host: &str) {
-        let (logged, result) = self.log_in_order(None);
-        if result.is_ok() {
+        let (logged, outcome, announce) = self.log_in_order(None, host);
+        if let Some(failure) = announce {
+            self.announce_unlogged(&failure);
+        }
+        if outcome == Emitted::Logged {
             self.recovered(host, logged);
         }
     }
@@ -137,27 +176,13 @@ impl Sink {
     /// Records an alert: the alert log first (fsynced, after whatever is
     /// held), else held in memory; then stdout, metrics and the push queues.
     pub fn emit(&self, alert: Alert) -> Emitted {
-        use std::sync::atomic::Ordering;
-        let (logged_held, appended) = self.log_in_order(Some(&alert));
-        let outcome = match appended {
-            Ok(()) => {
-                self.recovered(&alert.host, logged_held);
-                Emitted::Logged
-            }
-            Err(e) => {
-                warn_line!("vigil: error: {}", error_chain(&e));
-                self.error("alert_log");
-                if !self.log_failing.swap(true, Ordering::SeqCst) {
-                    self.announce_unlogged(&alert, &e);
-                }
-                if self.hold(&alert) {
-                    Emitted::Held
-                } else {
-                    self.error("alert_dropped");
-                    Emitted::Dropped
-                }
-            }
-        };
+        let (logged_held, outcome, announce) = self.log_in_order(Some(&alert), &alert.host);
+        if let Some(failure) = announce {
+            self.announce_unlogged(&failure);
+        }
+        if outcome == Emitted::Logged {
+            self.recovered(&alert.host, logged_held);
+        }
         out_line!("{}", serde_json::to_string(&alert).expect("alerts serialise"));
         if outcome.reported() {
             self.count(&alert);
@@ -207,26 +232,12 @@ impl Sink {
         }
     }
 
-    /// The alert log failing, as an event: to stdout and the push sinks at
-    /// once, and held to be logged, first, once the log takes alerts again.
-    pub(super) fn announce_unlogged(&self, alert: &Alert, e: &alerts::AlertLogError) {
-        let host = Subject { host: alert.host.clone(), ..Subject::default() };
-        let failure = host.event(
-            EventKind::Error,
-            AlertSeverity::Warning,
-            format!(
-                "the alert log cannot take alerts ({}); they are held in memory (up to {HELD_MAX}) and pushed, and logged once it can",
-                error_chain(e)
-            ),
-        );
-        out_line!("{}", serde_json::to_string(&failure).expect("alerts serialise"));
-        if self.hold(&failure) {
-            self.count(&failure);
-        } else {
-            self.error("alert_dropped");
-        }
+    /// The alert log failing, as an event (held already): to stdout and
+    /// the push sinks at once.
+    fn announce_unlogged(&self, failure: &Alert) {
+        out_line!("{}", serde_json::to_string(failure).expect("alerts serialise"));
         for (is_am, q) in &self.pushers {
-            if (!*is_am || push::for_alertmanager(&failure))
+            if (!*is_am || push::for_alertmanager(failure))
                 && q.try_send(push::Wake::Unlogged(Box::new(failure.clone()))).is_err()
             {
                 self.error("push_queue_full");

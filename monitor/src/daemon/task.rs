@@ -596,9 +596,16 @@ impl DomainTask {
         }
         let msg = e.message();
         if msg != watch.last_error {
+            // A check stopped at its time limit leaves the guest unchecked
+            // (a guest can make checks slow): critical, not a warning.
+            let severity = if matches!(e, WatchError::OverTime(_)) {
+                AlertSeverity::Critical
+            } else {
+                AlertSeverity::Warning
+            };
             shared.sink.emit(watch.subject.event(
                 EventKind::Error,
-                AlertSeverity::Warning,
+                severity,
                 format!("checking {} failed: {msg}", self.name),
             ));
             watch.last_error = msg.clone();

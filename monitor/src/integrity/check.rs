@@ -597,7 +597,7 @@ fn image_mapping_findings(
     in_regions: &[u64],
     out: &mut Vec<Finding>,
 ) {
-    let mut out = Capped { out, left: MAX_IMAGE_FINDINGS, over: 0, worst: Severity::Info };
+    let mut out = Capped::new(out);
     let mut old = expand_runs(&baseline.image_mapping).unwrap_or_default();
     old.sort_by_key(|m| m.gva.raw()); // in order already, but for a hand-edited file
     let mut now = std::borrow::Cow::Borrowed(space.image_pages());
@@ -664,29 +664,48 @@ fn image_mapping_findings(
     out.summarise();
 }
 
-/// Most findings of the image's mappings one check keeps: the image spans
-/// up to 262,144 pages, and a guest that remaps them all would otherwise
-/// make as many findings. Past this, one more finding counts the rest.
+/// Most findings of the image's mappings one check keeps, of each severity:
+/// the image spans up to 262,144 pages, and a guest that remaps them all
+/// would otherwise make as many findings. Past this, one more finding
+/// counts the rest (violations first kept, so that harmless findings cannot
+/// crowd a violation out).
 pub const MAX_IMAGE_FINDINGS: usize = 4096;
 
-/// Findings pushed up to a bound, the rest counted.
+/// Findings pushed up to a bound per severity, the rest counted and hashed.
 struct Capped<'a> {
     out: &'a mut Vec<Finding>,
-    left: usize,
+    left: [usize; 2],
     over: usize,
     worst: Severity,
+    /// What was left out, so that the summary changes when it does (an
+    /// alert's digest is made of its findings' addresses and bytes).
+    dropped: blake3::Hasher,
 }
 
-impl Capped<'_> {
+impl<'a> Capped<'a> {
+    fn new(out: &'a mut Vec<Finding>) -> Self {
+        Capped {
+            out,
+            left: [MAX_IMAGE_FINDINGS; 2],
+            over: 0,
+            worst: Severity::Info,
+            dropped: blake3::Hasher::new(),
+        }
+    }
+
     fn push(&mut self, f: Finding) {
-        if self.left > 0 {
-            self.left -= 1;
+        let left = &mut self.left[usize::from(f.severity == Severity::Violation)];
+        if *left > 0 {
+            *left -= 1;
             self.out.push(f);
         } else {
             self.over += 1;
             if f.severity == Severity::Violation {
                 self.worst = Severity::Violation;
             }
+            self.dropped.update(&f.gva.raw().to_le_bytes());
+            self.dropped.update(f.after.as_bytes());
+            self.dropped.update(&[0]);
         }
     }
 
@@ -701,9 +720,11 @@ impl Capped<'_> {
             );
             f.detail = format!(
                 "and {} more pages of the kernel image mapped anew, remapped or unmapped: past the \
-                 {MAX_IMAGE_FINDINGS} findings one check lists",
+                 {MAX_IMAGE_FINDINGS} findings of each severity one check lists",
                 self.over
             );
+            let digest = self.dropped.finalize();
+            f.after = format!("{} more, digest {}", self.over, &digest.to_hex()[..16]);
             self.out.push(f);
         }
     }

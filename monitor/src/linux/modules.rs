@@ -147,39 +147,46 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
     // Two live modules never share text: the kernel allocates each its own.
     // A list that says otherwise is forged (an entry aliasing another's
     // text, to make vigil hold it twice); the later entry is not followed.
-    let mut by_base = live.clone();
-    by_base.sort_by_key(|m| (m.base, m.text_size));
-    let mut aliased: Vec<(&str, u64)> = Vec::new();
-    let mut end = 0u64;
-    for md in &by_base {
-        if md.base < end {
-            aliased.push((&md.name, md.base));
-            out.push(module_list_violation(
-                md,
-                space,
-                format!(
-                    "module {}'s text at {:#x} lies in another listed module's: the kernel gives each module text of its own, \
-                     so the module list is forged; its text is not followed",
-                    md.name, md.base
-                ),
-            ));
-        } else {
-            end = md.base.saturating_add(md.text_size);
+    let mut order: Vec<usize> = (0..live.len()).collect();
+    order.sort_by_key(|&i| (live[i].base, live[i].text_size));
+    let mut aliased = vec![false; live.len()];
+    let mut owner: Option<usize> = None;
+    for &i in &order {
+        let md = live[i];
+        match owner {
+            Some(o) if md.base < live[o].base.saturating_add(live[o].text_size) => {
+                // Not followed either way; a violation only if both are
+                // live still (not an unload and load caught between).
+                aliased[i] = true;
+                if semantic::still_live(m, mem, space, md)
+                    && semantic::still_live(m, mem, space, live[o])
+                {
+                    out.push(module_list_violation(
+                        md,
+                        space,
+                        format!(
+                            "module {}'s text at {:#x} lies in module {}'s: the kernel gives each module text of its own, \
+                             so the module list is forged; its text is not followed",
+                            md.name, md.base, live[o].name
+                        ),
+                    ));
+                }
+            }
+            _ => owner = Some(i),
         }
     }
     let mut kept: u64 = known.values().map(|t| t.bytes.len() as u64).sum();
-    let mut hashed: u64 = 0;
-    for md in live {
-        if aliased.contains(&(md.name.as_str(), md.base)) {
-            continue;
-        }
+    // Pages of text held (as hashes) for all known modules, in any state.
+    let mut held: u64 = known.values().map(|t| t.hashes.len() as u64).sum();
+    for (md, _) in live.iter().zip(&aliased).filter(|(_, a)| !**a) {
         let pages = md.text_size.div_ceil(PAGE_SIZE).min(MAX_MODULE_PAGES);
-        if hashed.saturating_add(pages) > MAX_MODULE_PAGES_IN_ALL {
+        let key = (md.name.clone(), md.base);
+        if !known.contains_key(&key) && held.saturating_add(pages) > MAX_MODULE_PAGES_IN_ALL {
             out.push(module_list_violation(
                 md,
                 space,
                 format!(
-                    "module {} is not protected: the live modules' text passes {MAX_MODULE_PAGES_IN_ALL} pages \
+                    "module {} is not protected: the listed modules' text passes {MAX_MODULE_PAGES_IN_ALL} pages \
                      ({} MiB), far more than a kernel loads, so the module list is forged or broken",
                     md.name,
                     (MAX_MODULE_PAGES_IN_ALL * PAGE_SIZE) >> 20
@@ -187,7 +194,6 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
             ));
             continue;
         }
-        hashed += pages;
         if !semantic::still_live(m, mem, space, md) {
             continue;
         }
@@ -208,7 +214,6 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
         if !semantic::still_live(m, mem, space, md) {
             continue;
         }
-        let key = (md.name.clone(), md.base);
         match known.get(&key) {
             None => {
                 events.push(ModuleEvent {
@@ -222,50 +227,50 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                     bytes = Vec::new();
                 }
                 kept += bytes.len() as u64;
+                held += hashes.len() as u64;
                 known.insert(key.clone(), ModuleText { hashes, bytes });
             }
             Some(old) => {
-                // A page that differs is read again, through its mapping as
-                // it is now, and believed only if the module is still live
-                // after: the module may have been unloaded between the walk
-                // and the read, its frames reused, and loaded again at its
-                // base.
-                let changed: Option<Vec<_>> = hashes
-                    .iter()
-                    .zip(&places)
-                    .enumerate()
-                    .filter(|(i, (h, _))| old.hashes.get(*i) != Some(*h))
-                    .map(|(i, (_, (va, _)))| {
-                        let (page, gpa) =
-                            semantic::read_virt(mem, space, *va, crate::addr::PAGE_BYTES)?;
-                        Some((i, *blake3::hash(&page).as_bytes(), *va, gpa))
+                // A page that differs, or that can no longer be read, is
+                // read again through its mapping as it is now, and believed
+                // only if the module is still live after: the module may
+                // have been unloaded between the walk and the read, its
+                // frames reused, and loaded again at its base.
+                let again: Vec<(usize, u64, Option<PageNow>)> = (0..old.hashes.len())
+                    .filter(|&i| hashes.get(i) != old.hashes.get(i))
+                    .map(|i| {
+                        let va = md.base + i as u64 * PAGE_SIZE;
+                        let now = semantic::read_virt(mem, space, va, crate::addr::PAGE_BYTES)
+                            .map(|(page, gpa)| (*blake3::hash(&page).as_bytes(), gpa));
+                        (i, va, now)
                     })
                     .collect();
-                let Some(changed) = changed else { continue };
-                if !changed.is_empty() && !semantic::still_live(m, mem, space, md) {
+                if !again.is_empty() && !semantic::still_live(m, mem, space, md) {
                     continue;
                 }
-                for (i, h, va, gpa) in changed {
-                    if old.hashes.get(i) != Some(&h) {
-                        let region = Region::Module(md.name.clone()).name();
-                        let mut f = Finding::new(
-                            &region,
-                            FindingKind::Content,
-                            Severity::Violation,
-                            GuestVirtAddr(va),
-                            gpa,
-                        )
-                        .saying(
-                            format!(
-                                "page {i} of the text of module {} changed after it was loaded",
-                                md.name
+                let region = Region::Module(md.name.clone()).name();
+                for (i, va, now) in again {
+                    let was = to_hex(&old.hashes[i]);
+                    let mut f = match now {
+                        Some((h, _)) if h == old.hashes[i] => continue,
+                        Some((h, gpa)) => Finding::new(&region, FindingKind::Content, Severity::Violation, GuestVirtAddr(va), gpa)
+                            .saying(
+                                format!("page {i} of the text of module {} changed after it was loaded", md.name),
+                                was,
+                                to_hex(&h),
                             ),
-                            old.hashes.get(i).map(|h| to_hex(h)).unwrap_or_default(),
-                            to_hex(&h),
-                        );
-                        f.page = Some(i as u64);
-                        out.push(f);
-                    }
+                        None => Finding::new(&region, FindingKind::Remap, Severity::Violation, GuestVirtAddr(va), GuestPhysAddr(0))
+                            .saying(
+                                format!(
+                                    "page {i} of the text of module {} can no longer be read (not mapped) while the module is live",
+                                    md.name
+                                ),
+                                was,
+                                "unmapped".into(),
+                            ),
+                    };
+                    f.page = Some(i as u64);
+                    out.push(f);
                 }
             }
         }
@@ -290,6 +295,9 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
     }
     out
 }
+
+/// A page read again: its hash and frame.
+type PageNow = ([u8; 32], GuestPhysAddr);
 
 /// A violation of the module list itself, at `md`'s text.
 fn module_list_violation(
@@ -391,16 +399,7 @@ mod tests {
     fn a_module_loaded_again_under_the_read_is_not_a_changed_text() {
         let profile = lab_profile();
         let image = |state: u32, text: u8| module_ram(&profile, b"churn", state, text);
-        let md = semantic::Module {
-            name: "churn".into(),
-            addr: W,
-            base: W + PAGE_SIZE,
-            size: PAGE_SIZE,
-            text_size: PAGE_SIZE,
-            state: semantic::MODULE_LIVE,
-            init: (0, 0),
-            data: (0, 0),
-        };
+        let md = live("churn", W, W + PAGE_SIZE, PAGE_SIZE);
         let m =
             semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
         let mem = Reloading {
@@ -467,16 +466,7 @@ mod tests {
     #[test]
     fn a_text_frame_reused_under_the_read_is_read_again_where_the_text_is_now() {
         let profile = lab_profile();
-        let md = semantic::Module {
-            name: "churn".into(),
-            addr: W,
-            base: W + PAGE_SIZE,
-            size: PAGE_SIZE,
-            text_size: PAGE_SIZE,
-            state: semantic::MODULE_LIVE,
-            init: (0, 0),
-            data: (0, 0),
-        };
+        let md = live("churn", W, W + PAGE_SIZE, PAGE_SIZE);
         let m =
             semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
         let ram = |frame1: u8, frame2: u8| {
@@ -525,9 +515,10 @@ mod tests {
         let ram = crate::memory::RawDump::from_bytes(module_ram(&profile, b"churn", 0, 0xcc));
         let m = semantic::Matched {
             profile: &profile,
+            // Listed twice: the same struct, the same text.
             modules: vec![
                 live("churn", W, W + PAGE_SIZE, PAGE_SIZE),
-                live("alias", W, W + PAGE_SIZE + 16, 64),
+                live("churn", W, W + PAGE_SIZE, PAGE_SIZE),
             ],
             slide: 0,
             idt_slide: None,
@@ -540,9 +531,9 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(
             (found[0].region.as_str(), found[0].severity),
-            ("module:alias", Severity::Violation)
+            ("module:churn", Severity::Violation)
         );
-        assert!(found[0].detail.contains("lies in another listed module's"), "{}", found[0].detail);
+        assert!(found[0].detail.contains("lies in module churn's"), "{}", found[0].detail);
         assert_eq!(known.len(), 1, "{:?}", known.keys());
     }
 
@@ -572,21 +563,74 @@ mod tests {
         }
         let t = &known[&("churn".to_owned(), W + PAGE_SIZE)];
         assert!(t.bytes.is_empty() && t.hashes.len() == 1);
-        // Modules of 16 MiB each, one past the pages hashed in all.
-        let big = MAX_MODULE_PAGES * PAGE_SIZE;
-        let n = MAX_MODULE_PAGES_IN_ALL / MAX_MODULE_PAGES + 1;
-        let modules =
-            (0..n).map(|i| live(&format!("m{i}"), W, W + PAGE_SIZE + i * big, big)).collect();
-        let m = semantic::Matched { profile: &profile, modules, slide: 0, idt_slide: None };
+        // Known modules (in any state: this one listed as unloading)
+        // holding every page allowed: a new one is not followed, and that
+        // is a violation.
+        let going = semantic::Module { state: semantic::MODULE_GOING, ..live("going", 0, 0, 0) };
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![going, live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
+            slide: 0,
+            idt_slide: None,
+        };
+        let full = ModuleText {
+            hashes: vec![[0; 32]; usize::try_from(MAX_MODULE_PAGES_IN_ALL).unwrap()],
+            bytes: Vec::new(),
+        };
         let (mut known, mut not_live, mut events) =
-            (HashMap::new(), NotLive::default(), Vec::new());
+            (HashMap::from([(("going".to_owned(), 0), full)]), NotLive::default(), Vec::new());
         let found =
             protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &Window, now);
-        let refused: Vec<_> =
-            found.iter().filter(|f| f.detail.contains("is not protected")).collect();
-        assert_eq!(refused.len(), 1, "{found:?}");
-        assert_eq!(refused[0].region, format!("module:m{}", n - 1));
-        assert_eq!(refused[0].severity, Severity::Violation);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].region, "module:churn");
+        assert_eq!(found[0].severity, Severity::Violation);
+        assert!(found[0].detail.contains("is not protected"), "{}", found[0].detail);
+        assert_eq!(known.len(), 1, "the new module held past the bound");
+    }
+
+    /// [`Window`], with the module's text page unmapped once `gone` is set.
+    struct Unmapping {
+        gone: std::sync::atomic::AtomicBool,
+    }
+
+    impl AddressSpace for Unmapping {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+            let text = gva.raw() >= W + PAGE_SIZE;
+            if text && self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            Window.translate(gva)
+        }
+    }
+
+    /// A live module's text page unmapped (a rootkit hiding its changes
+    /// from the reads): a violation, not a page skipped.
+    #[test]
+    fn a_live_modules_text_page_no_longer_mapped_is_a_violation() {
+        let profile = lab_profile();
+        let ram = crate::memory::RawDump::from_bytes(module_ram(&profile, b"churn", 0, 0xcc));
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
+            slide: 0,
+            idt_slide: None,
+        };
+        let space = Unmapping { gone: false.into() };
+        let (mut known, mut not_live, mut events) =
+            (HashMap::new(), NotLive::default(), Vec::new());
+        let now = std::time::Instant::now();
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &space, now);
+        assert!(found.is_empty(), "{found:?}");
+        space.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        let found =
+            protect_modules((&mut known, &mut not_live), &mut events, &m, &ram, &space, now);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].severity, Severity::Violation);
+        assert!(found[0].detail.contains("can no longer be read"), "{}", found[0].detail);
     }
 
     /// A module that claims to be unloading: reported once it has stayed so

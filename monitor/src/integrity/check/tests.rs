@@ -241,6 +241,38 @@ fn findings_of_the_image_mapping_are_bounded_and_the_rest_counted() {
     assert!(last.detail.starts_with("and 100 more pages of the kernel image"), "{}", last.detail);
 }
 
+/// Harmless findings past the bound do not crowd a violation out: each
+/// severity has its own.
+#[test]
+fn info_findings_of_the_image_mapping_leave_room_for_violations() {
+    let mut f = Fake::new();
+    let b = f.baseline();
+    let ro = Perms { writable: false, user: false, executable: false };
+    for i in 0..(MAX_IMAGE_FINDINGS + 10) as u64 {
+        f.pages.push(Mapping {
+            gva: GuestVirtAddr(TEXT_VA + (16 + i) * 4096),
+            gpa: GuestPhysAddr(0xe000),
+            size: 4096,
+            perms: ro,
+        });
+    }
+    let last = TEXT_VA + (16 + MAX_IMAGE_FINDINGS as u64 + 10) * 4096;
+    f.pages.push(Mapping {
+        gva: GuestVirtAddr(last),
+        gpa: GuestPhysAddr(0xe000),
+        size: 4096,
+        perms: Perms { writable: false, user: false, executable: true },
+    });
+    let r = run(&f, &b, &Fake::registers());
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.gva == GuestVirtAddr(last) && v.detail.contains("newly mapped")),
+        "the executable page was crowded out: {} violations",
+        r.violations.len()
+    );
+}
+
 /// A rodata page left out of the region (a freed gap) is not content:
 /// its reuse is no violation; made executable, it is one. A baseline
 /// bounded in place (a tail dropped) is the one built bounded.
