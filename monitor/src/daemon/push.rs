@@ -195,8 +195,10 @@ fn alertmanager_batch(alerts: &[&Alert], ends: &str) -> Vec<u8> {
 
 /// The violations still open at `at` (a cursor): every log file the log
 /// keeps, oldest first, read up to there.
-fn open_at(log: &Path, at: Cursor) -> Open {
-    let mut open = Open::new();
+/// A log file that cannot be read is named in the errors: the violations
+/// it left open are missing, and the Alertmanager will resolve them.
+fn open_at(log: &Path, at: Cursor) -> (Open, Vec<String>) {
+    let (mut open, mut errors) = (Open::new(), Vec::new());
     let mut files: Vec<std::fs::File> = (1..=MAX_ROTATED)
         .map_while(|n| std::fs::File::open(super::alerts::rotated_path(log, n)).ok())
         .collect();
@@ -205,7 +207,11 @@ fn open_at(log: &Path, at: Cursor) -> Open {
     for f in files {
         let here = f.metadata().ok().map(|m| LogFile::of(&m));
         let mine = matches!((at.file, here), (Some(c), Some(h)) if c.is(&h));
-        for (next, a) in lines_from(f, 0).unwrap_or_default() {
+        let lines = lines_from(f, 0).unwrap_or_else(|e| {
+            errors.push(format!("a file of the alert log {}: {e}", log.display()));
+            Vec::new()
+        });
+        for (next, a) in lines {
             if mine && next > at.offset {
                 break;
             }
@@ -217,7 +223,7 @@ fn open_at(log: &Path, at: Cursor) -> Open {
             break;
         }
     }
-    open
+    (open, errors)
 }
 
 /// Which alerts an Alertmanager gets: what someone should act on, and
@@ -587,7 +593,14 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
     // whether the sink refusing everything was said.
     let (mut dead_in_row, mut refusing_all_said) = (0u32, false);
     // An Alertmanager's open violations, as the log before the cursor left them.
-    let mut open = if alertmanager { open_at(&log, at) } else { Open::new() };
+    let mut open = Open::new();
+    if alertmanager {
+        let (found, errors) = open_at(&log, at);
+        for e in errors {
+            failed(&e, "the open violations, read back at start");
+        }
+        open = found;
+    }
     let mut resend_at = tokio::time::Instant::now();
     loop {
         if alertmanager && tokio::time::Instant::now() >= resend_at {
@@ -968,6 +981,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(sent("k2").len(), k2, "a violation ended by an accept sent again");
         assert_eq!(sent("a reason").len(), 1, "the accept itself");
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
+    /// A kept log file that cannot be read back at start (here a directory
+    /// where `.1` should be) is counted: the violations it left open are
+    /// missing.
+    #[tokio::test]
+    async fn an_unreadable_log_file_at_start_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), true));
+        std::fs::write(&log_path, b"").unwrap();
+        std::fs::create_dir(super::super::alerts::rotated_path(&log_path, 1)).unwrap();
+        let (open, errors) = open_at(&log_path, Cursor { offset: 0, file: None });
+        assert!(open.is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let (port, _got) = alertmanager_fake().await;
+        let metrics = Metrics::new();
+        let mut p =
+            pusher(endpoint(port, "/"), &log_path, &cursor, &metrics, mpsc::unbounded_channel().0);
+        p.alertmanager = true;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        let count =
+            || metrics.errors.get_or_create(&KindLabels { kind: "alertmanager_push".into() }).get();
+        until("the unreadable file counted", || count() >= 1).await;
         drop(tx);
         pusher.await.unwrap();
     }
