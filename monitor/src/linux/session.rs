@@ -37,6 +37,11 @@ use super::{DiscoverError, KernelReport, KernelView, discover, semantic};
 /// an RCU grace period, from a workqueue): seconds, in a slow guest.
 const UNLISTED_PERSIST: Duration = Duration::from_secs(8);
 
+/// Module loads and unloads kept for the daemon between two checks it
+/// takes them from, at most: checks that keep failing while modules churn
+/// keep the first this many.
+pub const MAX_MODULE_EVENTS: usize = 4096;
+
 /// What one check leaves for the next, for one guest.
 #[derive(Default)]
 pub struct KernelSession {
@@ -50,7 +55,8 @@ pub struct KernelSession {
     /// Live modules' text, kept when first seen. Kept in memory: a restarted
     /// daemon protects modules from when it sees them again.
     modules: KnownModules,
-    /// Modules seen loaded or unloaded by the last check.
+    /// Modules seen loaded or unloaded since these were last taken (by the
+    /// checks since, a stopped one too), at most [`MAX_MODULE_EVENTS`].
     pub module_events: Vec<ModuleEvent>,
     /// Listed modules that are not live, and for how long.
     modules_not_live: NotLive,
@@ -226,14 +232,19 @@ impl KernelSession {
                 r.kernel.profile = Some(m.profile.release.clone());
                 r.check.add_findings(found);
                 if self.across_checks {
+                    let mut seen = Vec::new();
                     let found = protect_modules(
                         (&mut self.modules, &mut self.modules_not_live),
-                        &mut self.module_events,
+                        &mut seen,
                         &m,
                         mem,
                         view,
                         now,
                     );
+                    // Kept until taken, so that a check stopped after this
+                    // (its time ran out) loses no load or unload.
+                    let room = MAX_MODULE_EVENTS.saturating_sub(self.module_events.len());
+                    self.module_events.extend(seen.into_iter().take(room));
                     Deadline::check(how.deadline, "the modules' text")?;
                     r.check.add_findings(found);
                 }
