@@ -851,6 +851,24 @@ mod tests {
         }
     }
 
+    /// A sink on 127.0.0.1:`port` (0: any) that answers each request with
+    /// the status `answer` gives its body; returns the port.
+    async fn sink_on(port: u16, answer: impl Fn(&str) -> &'static str + Send + 'static) -> u16 {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let req = read_request(&mut s).await;
+                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                let status = answer(body);
+                let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        port
+    }
+
     /// A one-shot HTTP server that answers `status` and hands back the request.
     async fn one_request(status: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -890,31 +908,22 @@ mod tests {
     /// An Alertmanager's view of what it was sent: of each alert posted, in
     /// order, its key and whether it ended ahead of when it arrived.
     async fn alertmanager_fake() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<(String, bool)>>>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let keep = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let req = read_request(&mut s).await;
-                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-                let arrived = time::OffsetDateTime::now_utc();
-                let v: serde_json::Value = serde_json::from_str(body).unwrap();
-                for a in v.as_array().unwrap() {
-                    let key = a["labels"]["key"].as_str().unwrap_or("").to_owned();
-                    let ends = a["endsAt"].as_str().and_then(|e| {
-                        time::OffsetDateTime::parse(
-                            e,
-                            &time::format_description::well_known::Rfc3339,
-                        )
+        let port = sink_on(0, move |body| {
+            let arrived = time::OffsetDateTime::now_utc();
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            for a in v.as_array().unwrap() {
+                let key = a["labels"]["key"].as_str().unwrap_or("").to_owned();
+                let ends = a["endsAt"].as_str().and_then(|e| {
+                    time::OffsetDateTime::parse(e, &time::format_description::well_known::Rfc3339)
                         .ok()
-                    });
-                    keep.lock().unwrap().push((key, ends.is_some_and(|e| e > arrived)));
-                }
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+                });
+                keep.lock().unwrap().push((key, ends.is_some_and(|e| e > arrived)));
             }
-        });
+            "200 OK"
+        })
+        .await;
         (port, got)
     }
 
@@ -1035,26 +1044,17 @@ mod tests {
         use crate::daemon::alerts::AlertLog;
         let dir = tempfile::tempdir().unwrap();
         let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Alert>::new()));
         let keep = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let req = read_request(&mut s).await;
-                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-                let a: Alert = serde_json::from_str(body).unwrap();
-                let status = if a.detail == "poison" {
-                    "400 Bad Request"
-                } else {
-                    keep.lock().unwrap().push(a);
-                    "200 OK"
-                };
-                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
-                s.write_all(answer.as_bytes()).await.unwrap();
+        let port = sink_on(0, move |body| {
+            let a: Alert = serde_json::from_str(body).unwrap();
+            if a.detail == "poison" {
+                return "400 Bad Request";
             }
-        });
+            keep.lock().unwrap().push(a);
+            "200 OK"
+        })
+        .await;
         let metrics = Metrics::new();
         let (notes, mut heard) = mpsc::unbounded_channel();
         let mut p = pusher(endpoint(port, "/hook"), &log_path, &cursor, &metrics, notes);
@@ -1104,16 +1104,7 @@ mod tests {
         use crate::daemon::alerts::AlertLog;
         let dir = tempfile::tempdir().unwrap();
         let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let _ = read_request(&mut s).await;
-                let answer = "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
-                s.write_all(answer.as_bytes()).await.unwrap();
-            }
-        });
+        let port = sink_on(0, |_| "403 Forbidden").await;
         let metrics = Metrics::new();
         let (notes, mut heard) = mpsc::unbounded_channel();
         let mut p = pusher(endpoint(port, "/hook"), &log_path, &cursor, &metrics, notes);
@@ -1161,17 +1152,12 @@ mod tests {
     /// alerts it was sent.
     async fn collector(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<Alert>>> {
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let keep = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                let req = read_request(&mut s).await;
-                let body = req.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-                keep.lock().unwrap().push(serde_json::from_str(body).unwrap());
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
-            }
-        });
+        sink_on(port, move |body| {
+            keep.lock().unwrap().push(serde_json::from_str(body).unwrap());
+            "200 OK"
+        })
+        .await;
         got
     }
 
