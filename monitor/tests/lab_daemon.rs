@@ -538,6 +538,55 @@ fn daemon_second_on_one_state_directory_exits_2_naming_the_holder() {
     );
 }
 
+/// A local user holding 2,000 idle TCP connections to the metrics port:
+/// a scrape is still answered (each new connection pushes out the one idle
+/// the longest), `vigil status` answers, and the guest is still checked.
+#[test]
+fn lab_daemon_two_thousand_idle_metrics_connections_keep_nothing_out() {
+    const IDLE: usize = 2000;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let open_files: usize = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        open_files > IDLE + 200,
+        "this test holds {IDLE} connections; raise the open-file limit (ulimit -n 4096), now {open_files}"
+    );
+    let d = Daemon::start("vigil-lab-dmn-idle");
+    let g = boot("dmn-idle");
+    d.wait_watching(&g);
+    let full = format!("domain=\"{}\",scope=\"full\"", g.name);
+    let before = d.metric("vigil_checks_total", &full).unwrap_or(0.0);
+    let idle: Vec<std::net::TcpStream> = (0..IDLE)
+        .map(|i| {
+            std::net::TcpStream::connect(("127.0.0.1", d.port))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+    // Let the daemon accept them all before the scrape.
+    std::thread::sleep(Duration::from_secs(2));
+    let text = d.metrics();
+    assert!(text.starts_with("HTTP/1.1 200"), "the scrape under {IDLE} idle connections: {text:?}");
+    let pushed_out = text
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_errors_total{kind=\"metrics_connections\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(pushed_out >= (IDLE - 64) as f64, "connections past the cap counted: {pushed_out}");
+    assert!(
+        d.status(&g.name).is_some_and(|s| s["state"] == "watching"),
+        "vigil status under {IDLE} idle connections: {:?}",
+        d.status(&g.name)
+    );
+    d.wait_for("two more full checks", 3 * FULL + Duration::from_secs(5), |d| {
+        d.metric("vigil_checks_total", &full).unwrap_or(0.0) >= before + 2.0
+    });
+    drop(idle);
+}
+
 /// The configuration's `connect` and `control_socket` are the daemon's
 /// unless given on the command line (they were once always overridden by
 /// the command line's defaults).

@@ -221,11 +221,13 @@ impl Metrics {
     }
 }
 
-/// What one scraper may hold of the metrics listener.
+/// What the metrics listener holds at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections held at once; one more is closed as it is accepted
-    /// (and counted as error `metrics_connections`).
+    /// Connections held at once. One more evicts the connection idle the
+    /// longest (no request in progress), or is closed as it is accepted if
+    /// every one is serving; either is counted as error
+    /// `metrics_connections`.
     pub connections: usize,
     /// A request's headers must arrive within this, an idle keep-alive
     /// connection's next request too.
@@ -235,8 +237,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Room for a few Prometheus servers and operators' curls; a local user
-    /// holding idle connections gets 64 and no more, each for 10 s.
+    /// Room for a few Prometheus servers and operators' curls. A local user
+    /// opening idle connections cannot keep a scrape out: each new
+    /// connection pushes out the oldest idle one.
     pub const DEFAULT: Limits = Limits {
         connections: 64,
         header_timeout: Duration::from_secs(10),
@@ -266,13 +269,29 @@ fn router(metrics: Arc<Metrics>) -> axum::Router {
         .route("/healthz", get(|| async { "ok\n" }))
 }
 
+/// One connection the listener holds.
+struct Held {
+    /// A request is being answered.
+    busy: std::sync::atomic::AtomicBool,
+    /// The connection's task has ended, or was told to.
+    done: std::sync::atomic::AtomicBool,
+    /// Tells the task to close the connection.
+    evict: tokio::sync::Notify,
+    /// When the connection last started or finished a request, as
+    /// milliseconds since the listener started.
+    last: AtomicU64,
+}
+
 /// Serves `/metrics` and `/healthz` over HTTP/1 within `limits`, for as
 /// long as the daemon runs. A failed accept (out of file descriptors, say)
 /// is counted as error `metrics_listener` and retried after a pause.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    use std::sync::atomic::Ordering::SeqCst;
     let app = router(metrics.clone());
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     let error = |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).inc();
+    let epoch = tokio::time::Instant::now();
+    let now = move || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut held: Vec<Arc<Held>> = Vec::with_capacity(limits.connections);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -282,20 +301,53 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, lim
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        held.retain(|h| !h.done.load(SeqCst));
+        if held.len() >= limits.connections {
             error("metrics_connections");
-            drop(stream);
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let idlest = held
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.busy.load(SeqCst))
+                .min_by_key(|(_, h)| h.last.load(SeqCst))
+                .map(|(i, _)| i);
+            let Some(i) = idlest else {
+                drop(stream);
+                continue;
+            };
+            let h = held.swap_remove(i);
+            h.done.store(true, SeqCst);
+            h.evict.notify_one();
+        }
+        let h = Arc::new(Held {
+            busy: false.into(),
+            done: false.into(),
+            evict: tokio::sync::Notify::new(),
+            last: AtomicU64::new(now()),
+        });
+        held.push(h.clone());
+        let app = hyper_util::service::TowerToHyperService::new(app.clone());
+        let marks = h.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (call, marks) = (hyper::service::Service::call(&app, req), marks.clone());
+            async move {
+                marks.busy.store(true, SeqCst);
+                let answer = call.await;
+                marks.last.store(now(), SeqCst);
+                marks.busy.store(false, SeqCst);
+                answer
+            }
+        });
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             // An error is the client's (gone, too slow): nothing to tell.
-            let _ = tokio::time::timeout(limits.lifetime, connection).await;
-            drop(permit);
+            tokio::select! {
+                _ = tokio::time::timeout(limits.lifetime, connection) => {}
+                () = h.evict.notified() => {}
+            }
+            h.done.store(true, SeqCst);
         });
     }
 }
@@ -327,58 +379,78 @@ mod tests {
         assert!(text.trim_end().ends_with("# EOF"));
     }
 
-    /// A local user holding idle connections gets `connections` of them,
-    /// each until `header_timeout`, and no more: the next is closed at
-    /// once and counted; once the idle ones time out, a scrape is served.
+    /// Reads what the server sends on `c` until it closes, for up to 5 s:
+    /// `None` if it is still open then.
+    async fn until_closed(c: &mut tokio::net::TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await {
+            Ok(_) => Some(String::from_utf8_lossy(&buf).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    /// A local user holding idle connections cannot keep a scrape out: at
+    /// the cap, a new connection pushes out the one idle the longest
+    /// (counted), and is served.
     #[tokio::test]
-    async fn idle_connections_are_capped_and_timed_out() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn a_new_connection_at_the_cap_pushes_out_the_idlest() {
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let m = Metrics::new();
         let limits = Limits {
             connections: 2,
-            header_timeout: Duration::from_millis(300),
+            header_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(60),
         };
         tokio::spawn(serve(listener, m.clone(), limits));
-        let idle = [
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
-        ];
-        // Both taken before the third is accepted.
+        let mut oldest = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
-        assert!(
-            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "a connection past the cap was served: {read:?} {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        let refused = |m: &Metrics| {
-            m.errors.get_or_create(&KindLabels { kind: "metrics_connections".into() }).get()
-        };
-        assert_eq!(refused(&m), 1);
-        // The idle ones are closed once their headers are late.
-        for mut c in idle {
-            let mut b = [0u8; 64];
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await;
-            assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "an idle connection was kept: {n:?}");
-        }
-        // And a scrape is served again.
+        let mut younger = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut body = String::new();
-        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut body))
-            .await
-            .unwrap()
-            .unwrap();
+        let body = until_closed(&mut scrape).await.expect("the scrape answered and closed");
         assert!(body.starts_with("HTTP/1.1 200") && body.contains("vigil_errors_total"), "{body}");
-        assert_eq!(refused(&m), 1);
+        assert_eq!(
+            until_closed(&mut oldest).await.as_deref(),
+            Some(""),
+            "the idlest was pushed out"
+        );
+        // The younger idle one is still held (its read times out).
+        let kept = tokio::time::timeout(Duration::from_millis(300), async {
+            use tokio::io::AsyncReadExt;
+            younger.read(&mut [0u8; 16]).await
+        })
+        .await;
+        assert!(kept.is_err(), "the younger idle connection was closed too: {kept:?}");
+        let pushed =
+            m.errors.get_or_create(&KindLabels { kind: "metrics_connections".into() }).get();
+        assert_eq!(pushed, 1);
+    }
+
+    /// An idle connection is closed once its headers are late, and an idle
+    /// keep-alive connection once its next request is.
+    #[tokio::test]
+    async fn idle_connections_are_timed_out() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            connections: 4,
+            header_timeout: Duration::from_millis(300),
+            lifetime: Duration::from_secs(60),
+        };
+        tokio::spawn(serve(listener, Metrics::new(), limits));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(until_closed(&mut silent).await.as_deref(), Some(""));
+        let mut kept_alive = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept_alive.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let said = until_closed(&mut kept_alive).await.expect("closed after its idle time");
+        assert!(said.starts_with("HTTP/1.1 200") && said.ends_with("ok\n"), "{said:?}");
     }
 }
