@@ -357,7 +357,18 @@ fn wait_at_webhook(
     what: &str,
     want: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_at_webhook_within(rx, got, what, Duration::from_secs(60), want);
+}
+
+/// [`wait_at_webhook`], waiting up to `timeout`.
+fn wait_at_webhook_within(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    got: &mut Vec<serde_json::Value>,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
         if got.iter().any(&want) {
             return;
@@ -380,17 +391,107 @@ fn lab_faults_a_full_state_directory_loses_no_alert() {
     state_directory_fault(
         "full",
         StateFs::Tmpfs,
-        &|dir| {
-            let filler = format!("of={}", dir.join("filler").display());
-            let _ =
-                std::process::Command::new("dd").args(["if=/dev/zero", &filler, "bs=1M"]).output();
-            // And the alert log's last page: blank lines, which readers skip.
-            use std::io::Write;
-            let mut log =
-                std::fs::OpenOptions::new().append(true).open(dir.join("alerts.jsonl")).unwrap();
-            while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
-        },
+        &fill,
         Some(&|dir| std::fs::remove_file(dir.join("filler")).unwrap()),
+    );
+}
+
+/// Fills the filesystem of the state directory `dir`: a file `filler` as
+/// large as it goes, then the alert log's last page.
+fn fill(dir: &Path) {
+    let filler = format!("of={}", dir.join("filler").display());
+    let _ = std::process::Command::new("dd").args(["if=/dev/zero", &filler, "bs=1M"]).output();
+    // And the alert log's last page: blank lines, which readers skip.
+    use std::io::Write;
+    let mut log = std::fs::OpenOptions::new().append(true).open(dir.join("alerts.jsonl")).unwrap();
+    while log.write_all(&[b'\n'; 512]).and_then(|()| log.sync_data()).is_ok() {}
+}
+
+/// Everything at once: the state directory full, the webhook down and its
+/// queue of alerts the log could not take full (one place, so the second
+/// alert finds it taken). Once the disk has room and the webhook is up,
+/// every violation reaches the webhook, in the log's order (duplicates
+/// allowed: an alert pushed while unlogged comes again from the log), and
+/// none is lost.
+#[test]
+fn lab_faults_a_full_disk_a_down_webhook_and_a_full_queue_lose_no_alert() {
+    let port = common::free_port();
+    let mut d = Daemon::unstarted(
+        "vigil-lab-flt-all",
+        &format!("[limits]\npush_queue = 1\n[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
+    );
+    let dir = d.path("");
+    let _mounted = mount_state(&dir, StateFs::Tmpfs);
+    d.spawn();
+    let mut g = boot("flt-all");
+    d.wait_watching(&g);
+    fill(&dir);
+    let attacks = [("inline", "kernel-text"), ("syscall", "kernel-rodata"), ("idt", "idt")];
+    for (attack, region) in attacks {
+        g.run(&format!("attack {attack}")).unwrap();
+        d.wait_for(
+            &format!("the {region} violation held"),
+            2 * FULL + Duration::from_secs(10),
+            |d| {
+                d.metrics().lines().any(|l| {
+                    l.starts_with("vigil_violations_total{")
+                        && l.contains(&format!("region=\"{region}\""))
+                        && !l.ends_with(" 0")
+                })
+            },
+        );
+    }
+    let count = |d: &Daemon, kind: &str| {
+        d.metric("vigil_errors_total", &format!("kind=\"{kind}\"")).unwrap_or(0.0)
+    };
+    assert!(count(&d, "alert_log") >= 1.0, "the log's failure uncounted");
+    assert!(count(&d, "push_queue_full") >= 1.0, "the queue never filled");
+    assert!(count(&d, "webhook_push") >= 1.0, "no push failed");
+    let held = d.metric("vigil_alerts_held", "").unwrap_or(0.0);
+    assert!(held >= 4.0, "the failure and three violations held, got {held}");
+    assert!(
+        common::violations(&d, &g, "kernel-text").is_empty(),
+        "the full log took a violation; the test filled nothing"
+    );
+    // Both come back.
+    std::fs::remove_file(dir.join("filler")).unwrap();
+    let rx = webhook(port);
+    d.wait_for("the held alerts logged", Duration::from_secs(30), |d| {
+        d.metric("vigil_alerts_held", "") == Some(0.0)
+    });
+    // The pusher's backoff reached its longest pause (a minute) while the
+    // webhook was down.
+    let within = Duration::from_secs(150);
+    let mut got = Vec::new();
+    for (_, region) in attacks {
+        wait_at_webhook_within(&rx, &mut got, &format!("the {region} violation"), within, |a| {
+            a["event"] == "violation" && a["region"] == region
+        });
+    }
+    let log = d.alerts();
+    let logged: Vec<&serde_json::Value> =
+        log.iter().filter(|a| a["event"] == "violation").collect();
+    // Each attack's violation logged, in the attacks' order.
+    let first: Vec<Option<usize>> =
+        attacks.iter().map(|(_, r)| logged.iter().position(|a| a["region"] == *r)).collect();
+    assert!(
+        first.iter().all(Option::is_some) && first.is_sorted(),
+        "the attacks' violations in the log, out of order or missing: {first:?} {logged:#?}"
+    );
+    // Everything the log holds reaches the webhook in the log's order:
+    // wait for the last of it, then find the log as a subsequence.
+    let last = log.last().cloned().unwrap();
+    wait_at_webhook_within(&rx, &mut got, "the log's last alert", within, |a| *a == last);
+    let mut pending = log.iter().peekable();
+    for a in &got {
+        if pending.peek() == Some(&a) {
+            pending.next();
+        }
+    }
+    let missed: Vec<_> = pending.collect();
+    assert!(
+        missed.is_empty(),
+        "not delivered in the log's order from the first missed on: {missed:#?}\nwebhook got: {got:#?}"
     );
 }
 
@@ -449,36 +550,7 @@ fn state_directory_fault(
         &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
     );
     let dir = d.path("");
-    let image = tempfile::tempdir().unwrap();
-    let mount = match fs {
-        StateFs::Tmpfs => {
-            vec!["-t".to_owned(), "tmpfs".into(), "-o".into(), "size=48m".into(), "tmpfs".into()]
-        }
-        StateFs::Ext4 => {
-            let img = image.path().join("state.ext4");
-            std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
-            let made = std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(&img)
-                .status()
-                .expect("mkfs.ext4 (apt-get install e2fsprogs)");
-            assert!(made.success(), "mkfs.ext4 {}", img.display());
-            vec!["-o".to_owned(), "loop,errors=remount-ro".into(), img.display().to_string()]
-        }
-    };
-    let ok = std::process::Command::new("mount").args(&mount).arg(&dir).status().unwrap();
-    assert!(
-        ok.success(),
-        "mount {mount:?} {} (needs root, and loop devices for ext4)",
-        dir.display()
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(dir.clone());
+    let _mounted = mount_state(&dir, fs);
     let rx = webhook(port);
     d.spawn();
     let mut g = boot(&format!("flt-{suffix}"));
@@ -548,6 +620,47 @@ fn state_directory_fault(
         serde_json::from_str::<serde_json::Value>(l)
             .unwrap_or_else(|e| panic!("a torn line {l:?}: {e}"));
     }
+}
+
+/// Unmounts a state directory's filesystem when dropped.
+struct Mounted {
+    dir: std::path::PathBuf,
+    /// Where the ext4 image lives.
+    _image: tempfile::TempDir,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Mounts a filesystem of its own (`fs`) on the state directory `dir`.
+fn mount_state(dir: &Path, fs: StateFs) -> Mounted {
+    let image = tempfile::tempdir().unwrap();
+    let mount = match fs {
+        StateFs::Tmpfs => {
+            vec!["-t".to_owned(), "tmpfs".into(), "-o".into(), "size=48m".into(), "tmpfs".into()]
+        }
+        StateFs::Ext4 => {
+            let img = image.path().join("state.ext4");
+            std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+            let made = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .status()
+                .expect("mkfs.ext4 (apt-get install e2fsprogs)");
+            assert!(made.success(), "mkfs.ext4 {}", img.display());
+            vec!["-o".to_owned(), "loop,errors=remount-ro".into(), img.display().to_string()]
+        }
+    };
+    let ok = std::process::Command::new("mount").args(&mount).arg(dir).status().unwrap();
+    assert!(
+        ok.success(),
+        "mount {mount:?} {} (needs root, and loop devices for ext4)",
+        dir.display()
+    );
+    Mounted { dir: dir.to_owned(), _image: image }
 }
 
 /// A guest saved and restored (`virsh save`/`restore`: what a migration does

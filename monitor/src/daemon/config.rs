@@ -58,6 +58,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub module_text: Option<String>,
+    pub push_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -152,6 +153,10 @@ pub struct Settings {
     pub module_grace: Duration,
     /// Module text kept whole per domain, in bytes (`limits.module_text`).
     pub module_text: u64,
+    /// Alerts the log could not take, waiting in memory for each push sink
+    /// (`limits.push_queue`); past it they are counted as
+    /// `push_queue_full`, and delivered from the log once it takes them.
+    pub push_queue: usize,
     /// A check running longer than this is reported (it cannot be cut short:
     /// it runs on a blocking thread), and the domain's next check waits.
     pub check_timeout: Duration,
@@ -338,6 +343,13 @@ impl Settings {
                 bad("limits.module_text", format!("{t:?} is not a size such as \"64MiB\""))
             })?,
         };
+        let push_queue = match raw.limits.push_queue {
+            None => super::push::QUEUE,
+            Some(n) if (1..=1 << 20).contains(&n) => n,
+            Some(n) => {
+                return Err(bad("limits.push_queue", format!("{n} is not from 1 to 1048576")));
+            }
+        };
         let include = raw.domains.include.unwrap_or_else(|| vec!["*".into()]);
         let exclude = raw.domains.exclude.unwrap_or_default();
         for (key, list) in [("domains.include", &include), ("domains.exclude", &exclude)] {
@@ -402,6 +414,7 @@ impl Settings {
             settle,
             module_grace,
             module_text,
+            push_queue,
             check_timeout,
             include,
             exclude,

@@ -459,7 +459,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let (notes, mut pusher_notes) = mpsc::unbounded_channel();
     for (ep, is_am) in [(settings.alertmanager.clone(), true), (settings.webhook.clone(), false)] {
         if let Some(ep) = ep {
-            let (tx, rx) = mpsc::channel(push::QUEUE);
+            let (tx, rx) = mpsc::channel(settings.push_queue);
             let cursor = push::cursor_path(&settings.state_dir, is_am);
             let log = settings.alert_log.clone();
             let pusher = push::Pusher {

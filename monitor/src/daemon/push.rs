@@ -427,32 +427,15 @@ fn lines_from(mut f: std::fs::File, offset: u64) -> std::io::Result<Vec<(u64, Op
     }
 }
 
-/// Pushes an alert the log could not take, with a few retries.
-async fn push_unlogged(
-    ep: &HttpEndpoint,
-    path: &str,
-    body: &[u8],
-    failed: &(dyn Fn(&str, &str) + Sync),
-) {
-    for attempt in 1..=ATTEMPTS {
-        match post_json(ep, path, body).await {
-            Ok(()) => return,
-            Err(e) => {
-                failed(&e.message, &format!("an unlogged alert (attempt {attempt} of {ATTEMPTS})"));
-                if attempt < ATTEMPTS {
-                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(6))).await;
-                }
-            }
-        }
-    }
-}
-
 /// How a pusher paces itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
     /// The first pause after a failed push; doubled after each, up to `most`.
     pub first: Duration,
     pub most: Duration,
+    /// The longest pause after a refusal: the sink is up and answering, so
+    /// waiting longer spares it nothing and only delays the alerts after.
+    pub most_refused: Duration,
     /// Refusals of one alert (see [`PushError::refused`]) before it goes to
     /// the dead-letter file and the pusher moves on.
     pub refusals: u32,
@@ -464,6 +447,7 @@ impl Pacing {
     pub const DEFAULT: Pacing = Pacing {
         first: Duration::from_secs(1),
         most: Duration::from_secs(60),
+        most_refused: Duration::from_secs(8),
         refusals: 8,
         resend: Duration::from_secs(30),
     };
@@ -602,6 +586,24 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
         open = found;
     }
     let mut resend_at = tokio::time::Instant::now();
+    // Alerts the log could not take, to be pushed before what the log
+    // holds, each tried up to ATTEMPTS times with the pusher's backoff.
+    let mut unlogged: std::collections::VecDeque<(Box<Alert>, u32)> =
+        std::collections::VecDeque::new();
+    let take_unlogged =
+        |a: Box<Alert>, open: &mut Open, unlogged: &mut std::collections::VecDeque<_>| {
+            // Open now too: the log takes it later (or never).
+            if alertmanager {
+                replay(open, &a);
+            }
+            if unlogged.len() < QUEUE {
+                unlogged.push_back((a, 0u32));
+            } else {
+                // Still held by the daemon, and delivered from the log once
+                // the log takes it.
+                metrics.errors.get_or_create(&KindLabels { kind: "push_queue_full".into() }).inc();
+            }
+        };
     loop {
         if alertmanager && tokio::time::Instant::now() >= resend_at {
             let all: Vec<&Alert> = open.values().collect();
@@ -613,6 +615,28 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                 }
             }
             resend_at = tokio::time::Instant::now() + pacing.resend;
+        }
+        let mut stuck = false;
+        // Whether what stuck was a refusal (see [`Pacing::most_refused`]).
+        let mut refused = false;
+        while let Some((a, tries)) = unlogged.front_mut() {
+            match post_json(&ep, &path, &body(a)).await {
+                Ok(()) => drop(unlogged.pop_front()),
+                Err(e) => {
+                    *tries += 1;
+                    failed(
+                        &e.message,
+                        &format!("an alert the log could not take (attempt {tries} of {ATTEMPTS})"),
+                    );
+                    if *tries >= ATTEMPTS {
+                        // Still held by the daemon: delivered from the log
+                        // once the log takes it.
+                        unlogged.pop_front();
+                    }
+                    stuck = true;
+                    break;
+                }
+            }
         }
         // Deliver everything the log holds past the cursor, in order; an
         // alert that will not go is retried, with backoff, before the next.
@@ -654,6 +678,8 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             },
         };
         let lines = match file {
+            // The sink takes nothing now: back off first.
+            _ if stuck => Ok(Vec::new()),
             None => Ok(Vec::new()),
             Some(f) => {
                 let len = f.metadata().map_or(0, |m| m.len());
@@ -665,7 +691,6 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             failed(&e.to_string(), &format!("from the alert log {}", log.display()));
             Vec::new()
         });
-        let mut stuck = false;
         for (next, alert) in lines {
             let mut result = Ok(());
             if let Some(a) = alert.as_ref().filter(|a| !alertmanager || for_alertmanager(a)) {
@@ -701,6 +726,7 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                 };
                 if refusals.1 < pacing.refusals {
                     stuck = true;
+                    refused = e.refused;
                     break;
                 }
                 // A sink that refuses every alert is misconfigured, not
@@ -780,15 +806,10 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             // Back off, then try again; alerts the log could not take that
             // came meanwhile still get their own push.
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(pacing.most);
+            delay = (delay * 2).min(if refused { pacing.most_refused } else { pacing.most });
             loop {
                 match rx.try_recv() {
-                    Ok(Wake::Unlogged(a)) => {
-                        if alertmanager {
-                            replay(&mut open, &a);
-                        }
-                        push_unlogged(&ep, &path, &body(&a), &failed).await;
-                    }
+                    Ok(Wake::Unlogged(a)) => take_unlogged(a, &mut open, &mut unlogged),
                     Ok(Wake::Logged) => {}
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
@@ -804,13 +825,7 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
         };
         match tokio::time::timeout(idle, rx.recv()).await {
             Ok(None) => return,
-            Ok(Some(Wake::Unlogged(a))) => {
-                // Open now too: the log takes it later (or never).
-                if alertmanager {
-                    replay(&mut open, &a);
-                }
-                push_unlogged(&ep, &path, &body(&a), &failed).await;
-            }
+            Ok(Some(Wake::Unlogged(a))) => take_unlogged(a, &mut open, &mut unlogged),
             Ok(Some(Wake::Logged)) | Err(_) => {}
         }
     }
@@ -1169,6 +1184,51 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    /// Alerts the log could not take, sent while the sink is down, are
+    /// retried at the pusher's pace (not each on a schedule of its own that
+    /// holds up everything behind it) and delivered, in order, once it is
+    /// up, and what the log holds after them.
+    #[tokio::test]
+    async fn alerts_the_log_could_not_take_wait_for_a_sink_that_is_down() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics = Metrics::new();
+        let mut p =
+            pusher(endpoint(port, "/"), &log_path, &cursor, &metrics, mpsc::unbounded_channel().0);
+        p.pacing = Pacing {
+            first: Duration::from_millis(10),
+            most: Duration::from_millis(40),
+            ..Pacing::DEFAULT
+        };
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        let keyed = |key: &str| Alert { key: key.into(), ..alert(EventKind::Violation) };
+        for key in ["u1", "u2"] {
+            tx.send(Wake::Unlogged(Box::new(keyed(key)))).await.unwrap();
+        }
+        let failures =
+            || metrics.errors.get_or_create(&KindLabels { kind: "webhook_push".into() }).get();
+        until("five tries of the first", || failures() >= 5).await;
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = got.clone();
+        sink_on(port, move |body| {
+            let a: Alert = serde_json::from_str(body).unwrap();
+            keep.lock().unwrap().push(a.key);
+            "200 OK"
+        })
+        .await;
+        log.append(&keyed("logged")).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("all three", || got.lock().unwrap().len() >= 3).await;
+        assert_eq!(*got.lock().unwrap(), ["u1", "u2", "logged"]);
+        drop(tx);
+        pusher.await.unwrap();
     }
 
     /// A webhook pusher of `log` to port `port`, and its wake-up sender.
