@@ -307,6 +307,15 @@ fn lab_faults_an_alert_survives_an_unreachable_webhook_and_a_restart() {
 
 /// A webhook on `port` that answers 200 and hands over each alert it gets.
 fn webhook(port: u16) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    webhook_answering(port, |_| "200 OK")
+}
+
+/// A webhook on `port` that answers each alert with the status `answer`
+/// gives it, and hands over those it answers 200.
+fn webhook_answering(
+    port: u16,
+    answer: impl Fn(&serde_json::Value) -> &'static str + Send + 'static,
+) -> std::sync::mpsc::Receiver<serde_json::Value> {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
@@ -332,13 +341,125 @@ fn webhook(port: u16) -> std::sync::mpsc::Receiver<serde_json::Value> {
                     break String::new();
                 }
             };
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-            if let Ok(v) = serde_json::from_str(&body) {
+            let v = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+            let status = answer(&v);
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            if status.starts_with("200") && !v.is_null() {
                 let _ = tx.send(v);
             }
         }
     });
     rx
+}
+
+/// The webhook's place in the alert log corrupted, then deleted, each while
+/// the daemon was down with an alert the webhook had not taken (it was
+/// answering 503): after each restart that alert reaches the webhook (a
+/// cursor that cannot be used means delivering again, never skipping), and
+/// an event says why.
+#[test]
+fn lab_faults_a_corrupted_or_deleted_push_cursor_skips_no_alert() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let port = common::free_port();
+    let up = std::sync::Arc::new(AtomicBool::new(false));
+    let is_up = up.clone();
+    let rx = webhook_answering(port, move |_| {
+        if is_up.load(SeqCst) { "200 OK" } else { "503 Service Unavailable" }
+    });
+    let mut d = Daemon::start_with(
+        "vigil-lab-flt-cur",
+        &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
+        vec![],
+    );
+    let mut g = boot("flt-cur");
+    d.wait_watching(&g);
+    let cursor = d.path("push-webhook.offset");
+    let corrupt = |c: &Path| std::fs::write(c, b"not a cursor\n").unwrap();
+    let delete = |c: &Path| std::fs::remove_file(c).unwrap();
+    let rounds: [(&str, &str, &dyn Fn(&Path)); 2] =
+        [("inline", "kernel-text", &corrupt), ("syscall", "kernel-rodata", &delete)];
+    let mut got = Vec::new();
+    for (attack, region, damage) in rounds {
+        up.store(false, SeqCst);
+        let refused = d.metric("vigil_errors_total", "kind=\"webhook_push\"").unwrap_or(0.0);
+        g.run(&format!("attack {attack}")).unwrap();
+        d.wait_for(
+            &format!("the {region} violation logged"),
+            2 * FULL + Duration::from_secs(10),
+            |d| !common::violations(d, &g, region).is_empty(),
+        );
+        d.wait_for("the webhook's 503 counted", Duration::from_secs(20), |d| {
+            d.metric("vigil_errors_total", "kind=\"webhook_push\"").unwrap_or(0.0) > refused
+        });
+        d.kill9();
+        damage(&cursor);
+        up.store(true, SeqCst);
+        d.spawn();
+        wait_at_webhook(&rx, &mut got, &format!("the {region} violation"), |a| {
+            a["event"] == "violation" && a["region"] == region
+        });
+        // Said: why the cursor could not be used ("... is gone" once deleted).
+        let gone = region == "kernel-rodata";
+        wait_at_webhook(&rx, &mut got, "the cursor's damage said", |a| {
+            a["event"] == "error"
+                && a["detail"].as_str().is_some_and(|t| {
+                    t.contains("place in the alert log cannot be used")
+                        && t.contains("is gone)") == gone
+                })
+        });
+    }
+}
+
+/// A webhook that refuses kernel-text alerts for good (400 each time, as a
+/// sink whose schema rejects them would): after 8 refusals the alert goes
+/// to the dead-letter file, an event says so, and the violation after it
+/// reaches the webhook.
+#[test]
+fn lab_faults_a_webhook_refusing_an_alert_forever_still_gets_the_ones_after() {
+    let port = common::free_port();
+    let rx = webhook_answering(port, |a| {
+        if a["region"] == "kernel-text" { "400 Bad Request" } else { "200 OK" }
+    });
+    let d = Daemon::start_with(
+        "vigil-lab-flt-400",
+        &format!("[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\n"),
+        vec![],
+    );
+    let mut g = boot("flt-400");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    d.wait_for("the kernel-text violation logged", 2 * FULL + Duration::from_secs(10), |d| {
+        !common::violations(d, &g, "kernel-text").is_empty()
+    });
+    g.run("attack syscall").unwrap();
+    let mut got = Vec::new();
+    // Eight refusals take about 40 s of backoff.
+    wait_at_webhook_within(
+        &rx,
+        &mut got,
+        "the violation after the refused one",
+        Duration::from_secs(120),
+        |a| a["event"] == "violation" && a["region"] == "kernel-rodata",
+    );
+    wait_at_webhook(&rx, &mut got, "the dead-letter event", |a| {
+        a["event"] == "error" && a["kind"] == "push_dead_letter"
+    });
+    let dead = std::fs::read_to_string(d.path("push-webhook.dead.jsonl")).unwrap();
+    let dead: Vec<serde_json::Value> =
+        dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        !dead.is_empty() && dead.iter().all(|a| a["region"] == "kernel-text"),
+        "the dead-letter file holds the refused alerts only: {dead:#?}"
+    );
+    assert_eq!(
+        d.metric("vigil_errors_total", "kind=\"webhook_dead_letter\""),
+        Some(dead.len() as f64)
+    );
+    assert!(
+        !got.iter().any(|a| a["region"] == "kernel-text"),
+        "a refused alert was taken: {got:#?}"
+    );
 }
 
 /// Waits up to a minute for a violation of `region` at the webhook.
