@@ -377,7 +377,8 @@ fn lab_faults_a_corrupted_or_deleted_push_cursor_skips_no_alert() {
     let cursor = d.path("push-webhook.offset");
     let corrupt = |c: &Path| std::fs::write(c, b"not a cursor\n").unwrap();
     let delete = |c: &Path| std::fs::remove_file(c).unwrap();
-    let rounds: [(&str, &str, &dyn Fn(&Path)); 2] =
+    type Damage<'a> = &'a dyn Fn(&Path);
+    let rounds: [(&str, &str, Damage); 2] =
         [("inline", "kernel-text", &corrupt), ("syscall", "kernel-rodata", &delete)];
     let mut got = Vec::new();
     for (attack, region, damage) in rounds {
