@@ -17,7 +17,7 @@ LAB_DIR=${VIGIL_LAB_DIR:-/var/lib/vigil-lab}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static
           cpio gzip xz-utils make gcc libc6-dev systemd prometheus prometheus-alertmanager util-linux procps
-          chromium linux-libc-dev e2fsprogs)
+          chromium linux-libc-dev e2fsprogs ca-certificates curl)
 
 say() { printf 'lab/setup: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }

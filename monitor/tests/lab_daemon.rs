@@ -754,6 +754,87 @@ fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
     assert_eq!(d.metric("vigil_open_violations", &format!("domain=\"{}\"", g.name)), Some(1.0));
 }
 
+/// A real Alertmanager serving https only, with a certificate of the
+/// test's own CA: the daemon given that CA (`ca_file`) delivers its alert
+/// over TLS; one trusting only the host's CA bundle cannot, and says so.
+#[test]
+fn lab_daemon_pushes_to_an_alertmanager_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Names of their own: a leaf named as its CA looks self-signed.
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "vigil test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let file = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p
+    };
+    let ca_pem = file("ca.pem", ca.pem());
+    let web = format!(
+        "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+        file("cert.pem", cert.pem()).display(),
+        file("key.pem", key.serialize_pem()).display()
+    );
+    let web = file("web.yml", web);
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("am.yml"),
+        "route:\n  receiver: keep\nreceivers:\n  - name: keep\n",
+    )
+    .unwrap();
+    let _am = server(
+        "prometheus-alertmanager",
+        &[
+            format!("--config.file={}", dir.path().join("am.yml").display()),
+            format!("--storage.path={}", dir.path().join("am-data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            format!("--web.config.file={}", web.display()),
+            "--cluster.listen-address=".into(),
+        ],
+        &dir.path().join("am.log"),
+    );
+    let alerts = || {
+        let out = Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&ca_pem)
+            .arg(format!("https://localhost:{port}/api/v2/alerts"))
+            .output()
+            .expect("curl (apt-get install curl)");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let url = format!("https://localhost:{port}");
+    // Trusting only the host's CA bundle: the handshake fails, said.
+    let untrusting = Daemon::start_with(
+        "vigil-lab-dmn-tls",
+        &format!("[alertmanager]\nurl = \"{url}\"\n"),
+        vec![],
+    );
+    let d = Daemon::start_with(
+        "vigil-lab-dmn-tls",
+        &format!("[alertmanager]\nurl = \"{url}\"\nca_file = \"{}\"\n", ca_pem.display()),
+        vec![],
+    );
+    let mut g = boot("dmn-tls");
+    d.wait_watching(&g);
+    g.run("attack inline").unwrap();
+    d.wait_for("the violation at the Alertmanager over https", Duration::from_secs(60), |_| {
+        let a = alerts();
+        a.contains("\"alertname\":\"VigilKernelIntegrity\"") && a.contains(&g.name)
+    });
+    // The other daemon, watching the same guest, cannot push it.
+    untrusting.wait_for("the untrusted handshake counted", Duration::from_secs(60), |d| {
+        d.metric("vigil_errors_total", "kind=\"alertmanager_push\"").unwrap_or(0.0) >= 1.0
+    });
+    let err = std::fs::read_to_string(untrusting.path("stderr.log")).unwrap_or_default();
+    assert!(err.contains(&format!("TLS with localhost:{port}")), "the TLS failure unsaid: {err}");
+}
+
 /// The daemon's own alert of a violation stays firing in an Alertmanager
 /// whose `resolve_timeout` is 1 minute, for as long as the violation
 /// stands (`VIGIL_LAB_AM_HOLD` seconds, default 150: more than twice the

@@ -102,6 +102,8 @@ pub struct RawDomains {
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
     pub url: Option<String>,
+    /// PEM file of the CAs an https sink's certificate must chain to.
+    pub ca_file: Option<String>,
 }
 
 /// Values given on the command line, which win over the file.
@@ -118,12 +120,87 @@ pub struct Overrides {
 /// Where guest profiles are looked for unless told otherwise.
 pub const DEFAULT_PROFILES: &str = crate::paths::PROFILES_DIR;
 
-/// An `http://host:port/path` endpoint.
+/// An `http://` or `https://` `host[:port]/path` endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpEndpoint {
+    /// What is connected to (the port filled in: 80 or 443 by default).
     pub host_port: String,
     pub path: String,
     pub url: String,
+    /// For https: the server's name and whom to trust.
+    pub tls: Option<Tls>,
+}
+
+/// How an https endpoint's server is verified.
+#[derive(Clone)]
+pub struct Tls {
+    /// The CA file given (`ca_file`); none for the host's CA bundle.
+    pub ca_file: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca_file", &self.ca_file)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Tls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file && self.server_name == other.server_name
+    }
+}
+
+impl Eq for Tls {}
+
+/// A TLS client configuration trusting the CAs of `ca_file`, or the host's
+/// CA bundle (as `ca-certificates` installs it) when none is given.
+fn client_config(ca_file: Option<&Path>) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{} holds no PEM certificate", path.display()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{}: a certificate unfit as a CA: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                return Err(format!(
+                    "no CA certificate found on this host ({}); install ca-certificates or set ca_file",
+                    if why.is_empty() {
+                        "none in the usual places".to_owned()
+                    } else {
+                        why.join("; ")
+                    }
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Validated settings.
@@ -224,18 +301,78 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (secs.is_finite() && secs > 0.0 && secs < 1e7).then(|| Duration::from_secs_f64(secs))
 }
 
-fn parse_endpoint(url: &str) -> Result<HttpEndpoint, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        "must be an http:// URL (https is not supported; relay through a local proxy)".to_owned()
-    })?;
-    let (host_port, path) = match rest.find('/') {
+/// Which key of an endpoint's table a refusal is about.
+#[derive(Debug, PartialEq, Eq)]
+enum EndpointKey {
+    Url,
+    CaFile,
+}
+
+fn parse_endpoint(url: &str, ca_file: Option<&str>) -> Result<HttpEndpoint, (EndpointKey, String)> {
+    let bad_url = |r: &str| (EndpointKey::Url, format!("{url:?} {r}"));
+    let (https, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err(bad_url("must be an http:// or https:// URL")),
+    };
+    let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    if host_port.is_empty() || !host_port.contains(':') {
-        return Err("must name host and port, as http://127.0.0.1:9093".into());
+    // host, [v6 host] or either with :port
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) =
+                v6.split_once(']').ok_or_else(|| bad_url("has an unclosed [ in its host"))?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || authority.contains('@') {
+        return Err(bad_url(
+            "must name a host, as http://127.0.0.1:9093 (and no user or password)",
+        ));
     }
-    Ok(HttpEndpoint { host_port: host_port.to_owned(), path: path.to_owned(), url: url.to_owned() })
+    let port = match port {
+        None => {
+            if https {
+                443
+            } else {
+                80
+            }
+        }
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| bad_url("has a port that is not a number from 1 to 65535"))?,
+    };
+    let host_port = if authority.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let tls = match (https, ca_file) {
+        (false, Some(_)) => {
+            return Err((EndpointKey::CaFile, "is for https URLs; this one is http://".into()));
+        }
+        (false, None) => None,
+        (true, ca_file) => {
+            let server_name =
+                rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+                    bad_url(&format!("names a host that cannot be a TLS server name ({e})"))
+                })?;
+            let ca_file = ca_file.map(PathBuf::from);
+            let config = client_config(ca_file.as_deref()).map_err(|e| {
+                (if ca_file.is_some() { EndpointKey::CaFile } else { EndpointKey::Url }, e)
+            })?;
+            Some(Tls { ca_file, server_name, config })
+        }
+    };
+    Ok(HttpEndpoint { host_port, path: path.to_owned(), url: url.to_owned(), tls })
 }
 
 /// Whether a domain name or UUID matches a pattern of literal text with `*`
@@ -360,10 +497,19 @@ impl Settings {
                 ));
             }
         }
-        let endpoint = |key: &str, e: RawEndpoint| -> Result<Option<HttpEndpoint>, ConfigError> {
-            e.url
-                .map(|u| parse_endpoint(&u).map_err(|r| bad(key, format!("{u:?} {r}"))))
-                .transpose()
+        let endpoint = |table: &str, e: RawEndpoint| -> Result<Option<HttpEndpoint>, ConfigError> {
+            match (e.url, e.ca_file) {
+                (None, None) => Ok(None),
+                (None, Some(_)) => {
+                    Err(bad(&format!("{table}.ca_file"), "is given without a url".into()))
+                }
+                (Some(u), ca) => {
+                    parse_endpoint(&u, ca.as_deref()).map(Some).map_err(|(key, r)| match key {
+                        EndpointKey::Url => bad(&format!("{table}.url"), r),
+                        EndpointKey::CaFile => bad(&format!("{table}.ca_file"), r),
+                    })
+                }
+            }
         };
         let evidence = evidence(file, raw.evidence)?;
         let allow = raw
@@ -418,8 +564,8 @@ impl Settings {
             check_timeout,
             include,
             exclude,
-            alertmanager: endpoint("alertmanager.url", raw.alertmanager)?,
-            webhook: endpoint("webhook.url", raw.webhook)?,
+            alertmanager: endpoint("alertmanager", raw.alertmanager)?,
+            webhook: endpoint("webhook", raw.webhook)?,
             evidence,
             originals_on_disk,
             hooks: crate::linux::hooks::HookPolicy { allow },
@@ -599,6 +745,26 @@ mod tests {
         assert_eq!(s.metrics_listen.port(), 2);
     }
 
+    /// Endpoints: the port filled in by scheme, IPv6 hosts, https with the
+    /// host's CA bundle (ca-certificates) unless a CA file is given.
+    #[test]
+    fn endpoints_take_default_ports_and_https() {
+        let ep = |text: &str| load(text).unwrap().webhook.unwrap();
+        let plain = ep("[webhook]\nurl = \"http://hooks.example/vigil\"");
+        assert_eq!((plain.host_port.as_str(), plain.path.as_str()), ("hooks.example:80", "/vigil"));
+        assert!(plain.tls.is_none());
+        let v6 = ep("[webhook]\nurl = \"http://[::1]:9093\"");
+        assert_eq!((v6.host_port.as_str(), v6.path.as_str()), ("[::1]:9093", "/"));
+        let tls = ep("[webhook]\nurl = \"https://hooks.example/vigil\"");
+        assert_eq!(tls.host_port, "hooks.example:443");
+        let t = tls.tls.expect("https is TLS");
+        assert_eq!(t.ca_file, None);
+        assert_eq!(
+            format!("{:?}", t.server_name),
+            format!("{:?}", rustls::pki_types::ServerName::try_from("hooks.example").unwrap())
+        );
+    }
+
     #[test]
     fn invalid_files_name_file_key_and_reason() {
         for (text, key) in [
@@ -610,7 +776,18 @@ mod tests {
             ("[schedule]\njitter = 2.0", "schedule.jitter"),
             ("[schedule]\ncpu_budget = 0", "schedule.cpu_budget"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
-            ("[alertmanager]\nurl = \"https://am:9093\"", "alertmanager.url"),
+            ("[alertmanager]\nurl = \"ftp://am:9093\"", "alertmanager.url"),
+            ("[alertmanager]\nurl = \"http://am:port\"", "alertmanager.url"),
+            ("[webhook]\nurl = \"http://user:pw@am:80/\"", "webhook.url"),
+            (
+                "[webhook]\nurl = \"http://127.0.0.1:9/\"\nca_file = \"/etc/ssl/certs/ca-certificates.crt\"",
+                "webhook.ca_file",
+            ),
+            (
+                "[webhook]\nurl = \"https://127.0.0.1:9/\"\nca_file = \"/nonexistent/ca.pem\"",
+                "webhook.ca_file",
+            ),
+            ("[webhook]\nca_file = \"/etc/ssl/certs/ca-certificates.crt\"", "webhook.ca_file"),
             ("[domains]\ninclude = [\"\"]", "domains.include"),
             ("[evidence]\nenabled = true\nmax_dump = \"4 GB\"", "evidence.max_dump"),
             ("[evidence]\nenabled = true\nkeep = 0", "evidence.keep"),

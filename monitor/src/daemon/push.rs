@@ -50,31 +50,52 @@ impl std::fmt::Display for PushError {
 pub async fn post_json(ep: &HttpEndpoint, path: &str, body: &[u8]) -> Result<(), PushError> {
     let failed = |message: String| PushError { message, refused: false };
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(&ep.host_port)
+        let tcp = tokio::net::TcpStream::connect(&ep.host_port)
             .await
             .map_err(|e| failed(format!("connect {}: {e}", ep.host_port)))?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: vigil/{}\r\n\r\n",
-            ep.host_port,
-            body.len(),
-            env!("CARGO_PKG_VERSION")
-        );
-        s.write_all(head.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
-        s.write_all(body).await.map_err(|e| failed(e.to_string()))?;
-        let mut buf = vec![0u8; 512];
-        let n = s.read(&mut buf).await.map_err(|e| failed(e.to_string()))?;
-        let status = String::from_utf8_lossy(&buf[..n]);
-        let line = status.lines().next().unwrap_or("");
-        let code = line.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') {
-            return Ok(());
+        match &ep.tls {
+            None => exchange(ep, tcp, path, body).await,
+            Some(tls) => {
+                let s = tokio_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| failed(format!("TLS with {}: {e}", ep.host_port)))?;
+                exchange(ep, s, path, body).await
+            }
         }
-        let refused = code.len() == 3 && code.starts_with('4') && code != "408" && code != "429";
-        Err(PushError { message: format!("{} answered {line:?}", ep.url), refused })
     };
     tokio::time::timeout(TIMEOUT, work)
         .await
         .map_err(|_| failed(format!("{}: no answer within {TIMEOUT:?}", ep.url)))?
+}
+
+/// One POST of `body` on a connection made, and what its answer means.
+async fn exchange(
+    ep: &HttpEndpoint,
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    path: &str,
+    body: &[u8],
+) -> Result<(), PushError> {
+    let failed = |message: String| PushError { message, refused: false };
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: vigil/{}\r\n\r\n",
+        ep.host_port,
+        body.len(),
+        env!("CARGO_PKG_VERSION")
+    );
+    s.write_all(head.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
+    s.write_all(body).await.map_err(|e| failed(e.to_string()))?;
+    s.flush().await.map_err(|e| failed(e.to_string()))?;
+    let mut buf = vec![0u8; 512];
+    let n = s.read(&mut buf).await.map_err(|e| failed(e.to_string()))?;
+    let status = String::from_utf8_lossy(&buf[..n]);
+    let line = status.lines().next().unwrap_or("");
+    let code = line.split_whitespace().nth(1).unwrap_or("");
+    if code.starts_with('2') {
+        return Ok(());
+    }
+    let refused = code.len() == 3 && code.starts_with('4') && code != "408" && code != "429";
+    Err(PushError { message: format!("{} answered {line:?}", ep.url), refused })
 }
 
 /// The Alertmanager v2 body for one alert, ending at `ends` (RFC 3339).
@@ -843,7 +864,7 @@ mod tests {
     }
 
     /// Reads one HTTP request whole (head and a body of its Content-Length).
-    async fn read_request(s: &mut tokio::net::TcpStream) -> String {
+    async fn read_request(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
         let mut buf = vec![0u8; 65536];
         let mut got = Vec::new();
         loop {
@@ -864,6 +885,95 @@ mod tests {
                 return text;
             }
         }
+    }
+
+    /// A CA, and a certificate for `localhost` it signed, with its key.
+    fn ca_and_server_cert() -> (String, rcgen::Certificate, rcgen::KeyPair) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Names of their own: a leaf named as its CA looks self-signed.
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "vigil test CA");
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        (ca.pem(), cert, key)
+    }
+
+    /// An https sink on 127.0.0.1 showing `cert`: hands over the body of
+    /// each request it answers 200; returns its port.
+    async fn https_sink(
+        cert: &rcgen::Certificate,
+        key: &rcgen::KeyPair,
+    ) -> (u16, mpsc::UnboundedReceiver<String>) {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                // A client that does not trust it hangs up in the handshake.
+                let Ok(mut s) = acceptor.accept(tcp).await else { continue };
+                let req = read_request(&mut s).await;
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+                let _ = s.shutdown().await;
+                let _ = tx.send(req.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned());
+            }
+        });
+        (port, rx)
+    }
+
+    /// An https sink is verified: one whose certificate chains to the CA of
+    /// `ca_file` and names the URL's host gets the alert; one the CA did
+    /// not sign, or reached by a name its certificate does not carry, is a
+    /// failure said as TLS, and gets nothing.
+    #[tokio::test]
+    async fn https_sinks_are_verified_against_the_configured_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = ca_and_server_cert();
+        let (other_ca, _, _) = ca_and_server_cert();
+        let (port, mut got) = https_sink(&cert, &key).await;
+        let endpoint = |host: &str, ca: &str| {
+            let ca_file = dir.path().join(format!("ca-{}.pem", blake3::hash(ca.as_bytes())));
+            std::fs::write(&ca_file, ca).unwrap();
+            let config = dir.path().join("vigil.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[webhook]\nurl = \"https://{host}:{port}/hook\"\nca_file = \"{}\"\n",
+                    ca_file.display()
+                ),
+            )
+            .unwrap();
+            let s = crate::daemon::config::Settings::load(Some(&config), &Default::default());
+            s.unwrap().webhook.unwrap()
+        };
+        let a = serde_json::to_vec(&alert(EventKind::Violation)).unwrap();
+        post_json(&endpoint("localhost", &ca), "/hook", &a).await.unwrap();
+        let body = got.recv().await.unwrap();
+        assert_eq!(body.as_bytes(), a);
+        for (host, ca, what) in [
+            ("localhost", &other_ca, "another CA"),
+            ("127.0.0.1", &ca, "a name not in the certificate"),
+        ] {
+            let e = post_json(&endpoint(host, ca), "/hook", &a).await.unwrap_err();
+            assert!(e.message.starts_with("TLS with ") && !e.refused, "{what}: {e}");
+        }
+        assert!(got.try_recv().is_err(), "an unverified sink got an alert");
     }
 
     /// A sink on 127.0.0.1:`port` (0: any) that answers each request with
@@ -904,6 +1014,7 @@ mod tests {
             host_port: format!("127.0.0.1:{port}"),
             path: path.into(),
             url: format!("http://127.0.0.1:{port}{path}"),
+            tls: None,
         }
     }
 
