@@ -105,7 +105,7 @@ fuzz_target!(|data: &[u8]| {
         init: (0, 0),
         data: (BASE + 0x2000, 0x1000),
     };
-    let m = Matched { profile: &PROFILE, modules: vec![rk], slide: 0, idt_slide: None };
+    let m = Matched { profile: &PROFILE, modules: vec![rk], slide: 0, idt_slide: None, reads: Default::default() };
     let inv = Inventory::read(&m, &mem, &Pages);
     // Each hook list is bounded by 4096 records (ftrace ops, kprobes, die
     // notifiers, BPF trampolines, direct calls) and the tracepoints by the

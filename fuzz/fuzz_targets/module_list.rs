@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         // Page-aligned, as KASLR's: the head keeps its offset in its page.
         slide: WINDOW.wrapping_sub(modules & !0xfff),
         idt_slide: None,
+        reads: Default::default(),
     };
     let Ok(list) = walk_modules(&m, &mem, &Window) else { return };
     assert!(list.len() <= 4096, "{} modules", list.len());

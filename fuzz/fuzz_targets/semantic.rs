@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
         gdtr_base: 0,
         gdtr_limit: 0x7f,
     }];
-    let mut m = Matched { profile, modules: Vec::new(), slide, idt_slide: None };
+    let mut m = Matched { profile, modules: Vec::new(), slide, idt_slide: None, reads: Default::default() };
     let findings = check(&mut m, &mem, &space, &regs, &[], None);
     // At most one a syscall, one a gate, the slide, the module list, and
     // whatever the two tables' pages add in unreadable-entry reports.

@@ -192,6 +192,7 @@ fn module_list_seed_walks_to_its_two_modules() {
         modules: Vec::new(),
         slide,
         idt_slide: None,
+        reads: Default::default(),
     };
     let window = Pages((0..16).map(|i| (LIST + i * 4096, i)).collect());
     for (p, b) in seeds("module_list") {
@@ -232,6 +233,7 @@ fn semantic_seed_holds_the_guests_tables_intact() {
             modules: Vec::new(),
             slide,
             idt_slide: None,
+            reads: Default::default(),
         };
         let findings = vigil::linux::semantic::check(&mut m, &mem, &space, &regs, &[], None);
         let bad: Vec<_> = findings
@@ -296,6 +298,7 @@ fn hooks_seed_holds_a_hook_of_each_kind() {
         modules: vec![rk],
         slide: 0,
         idt_slide: None,
+        reads: Default::default(),
     };
     for (p, mut b) in seeds("hooks") {
         b.resize(18 * 4096, 0);

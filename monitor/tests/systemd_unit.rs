@@ -132,6 +132,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 s.check_timeout,
                 s.module_grace,
                 s.module_text,
+                s.guest_memory,
                 s.push_queue,
                 s.alert_rotation,
                 &s.state_dir
@@ -147,6 +148,7 @@ fn example_config_is_valid_and_says_the_defaults() {
                 d.check_timeout,
                 d.module_grace,
                 d.module_text,
+                d.guest_memory,
                 d.push_queue,
                 d.alert_rotation,
                 &d.state_dir

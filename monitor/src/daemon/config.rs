@@ -58,6 +58,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub module_text: Option<String>,
+    pub guest_memory: Option<String>,
     pub push_queue: Option<usize>,
 }
 
@@ -230,6 +231,9 @@ pub struct Settings {
     pub module_grace: Duration,
     /// Module text kept whole per domain, in bytes (`limits.module_text`).
     pub module_text: u64,
+    /// Bytes of a guest's kernel tables and records one check may hold
+    /// (`limits.guest_memory`).
+    pub guest_memory: u64,
     /// Alerts the log could not take, waiting in memory for each push sink
     /// (`limits.push_queue`); past it they are counted as
     /// `push_queue_full`, and delivered from the log once it takes them.
@@ -480,6 +484,17 @@ impl Settings {
                 bad("limits.module_text", format!("{t:?} is not a size such as \"64MiB\""))
             })?,
         };
+        let guest_memory = match &raw.limits.guest_memory {
+            None => crate::linux::semantic::ReadBudget::DEFAULT,
+            Some(t) => {
+                parse_size(t).filter(|&b| (4 << 20..=1 << 40).contains(&b)).ok_or_else(|| {
+                    bad(
+                        "limits.guest_memory",
+                        format!("{t:?} is not a size from \"4MiB\" to \"1TiB\""),
+                    )
+                })?
+            }
+        };
         let push_queue = match raw.limits.push_queue {
             None => super::push::QUEUE,
             Some(n) if (1..=1 << 20).contains(&n) => n,
@@ -560,6 +575,7 @@ impl Settings {
             settle,
             module_grace,
             module_text,
+            guest_memory,
             push_queue,
             check_timeout,
             include,
@@ -797,6 +813,8 @@ mod tests {
             ("alert_log_max_size = \"4KiB\"", "alert_log_max_size"),
             ("alert_log_max_size = \"big\"", "alert_log_max_size"),
             ("alert_log_keep = 0", "alert_log_keep"),
+            ("[limits]\nguest_memory = \"1MiB\"", "limits.guest_memory"),
+            ("[limits]\npush_queue = 0", "limits.push_queue"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.starts_with("vigil.toml: key ") && e.contains(key), "{text:?}: {e}");

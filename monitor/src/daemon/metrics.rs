@@ -86,6 +86,7 @@ pub struct Metrics {
     pub register_snapshots: Family<DomainLabels, Counter>,
     pub reference_verified: Family<DomainLabels, Gauge>,
     pub open_violations: Family<DomainLabels, Gauge>,
+    pub guest_memory: Family<DomainLabels, Gauge>,
     pub hooks: Family<HookLabels, Gauge>,
 }
 
@@ -118,6 +119,7 @@ impl Metrics {
             register_snapshots: Family::default(),
             reference_verified: Family::default(),
             open_violations: Family::default(),
+            guest_memory: Family::default(),
             hooks: Family::default(),
         };
         {
@@ -172,6 +174,11 @@ impl Metrics {
                 "open_violations",
                 "Distinct violations a domain's last full check found (0 once reverted or accepted)",
                 m.open_violations.clone(),
+            );
+            r.register(
+                "guest_memory_bytes",
+                "Bytes of a domain's kernel tables and records its last check held, of its budget (limits.guest_memory)",
+                m.guest_memory.clone(),
             );
             r.register(
                 "register_snapshots",

@@ -122,6 +122,53 @@ pub(super) async fn time_limited<T>(
     }
 }
 
+/// The guest memory budget of a check: its use as a gauge; a refused read
+/// counted (`limit_memory`) at each check, and said in a critical error
+/// event once, until a check fits in it again (said too).
+fn report_guest_memory(
+    shared: &Shared,
+    subject: &Subject,
+    name: &str,
+    k: &crate::linux::report::KernelFacts,
+    said: &mut bool,
+) {
+    if k.guest_memory_limit == 0 {
+        return; // no profile: nothing read whole
+    }
+    let labels = DomainLabels { domain: name.to_owned() };
+    shared.sink.metrics.guest_memory.get_or_create(&labels).set(gauge(k.guest_memory));
+    match (&k.guest_memory_refused, *said) {
+        (Some(why), _) => {
+            shared.sink.error("limit_memory");
+            if !*said {
+                let mut a = subject.event(
+                    EventKind::Error,
+                    AlertSeverity::Critical,
+                    format!(
+                        "{name}'s kernel tables and records pass the guest memory budget ({why}): those past it go \
+                         unread, and a change to the sites they list is judged as a write no record explains; a \
+                         guest listing thousands of modules or tables of millions of entries is forging them"
+                    ),
+                );
+                a.kind = "limit_memory".into();
+                *said = shared.sink.emit(a).reported();
+            }
+        }
+        (None, true) => {
+            let a = subject.event(
+                EventKind::Notice,
+                AlertSeverity::Info,
+                format!(
+                    "{name}'s kernel tables and records fit the guest memory budget again ({} of {} bytes)",
+                    k.guest_memory, k.guest_memory_limit
+                ),
+            );
+            *said = !shared.sink.emit(a).reported();
+        }
+        (None, false) => {}
+    }
+}
+
 /// Runs one blocking step of a watched domain on the blocking pool.
 pub(super) async fn blocking<T: Send + 'static>(
     w: Watched,
@@ -167,6 +214,7 @@ pub(super) async fn attach(
                 Ok((mut w, attached)) => {
                     w.set_module_grace(shared.settings.module_grace);
                     w.set_module_text(shared.settings.module_text);
+                    w.set_guest_memory(shared.settings.guest_memory);
                     w.set_time_limit(Some(shared.settings.check_timeout));
                     w.session.hook_policy = shared.settings.hooks.clone();
                     shared.attached(uuid, &known, w.run.clone());
@@ -283,6 +331,9 @@ struct Watch {
     times: Timetable,
     last_error: String,
     profile_said: bool,
+    /// The guest memory budget refused a read, said, and not yet said to
+    /// fit again.
+    memory_said: bool,
     last_evidence: Option<Instant>,
 }
 
@@ -324,6 +375,7 @@ impl DomainTask {
             times: Timetable::starting(Instant::now()),
             last_error: String::new(),
             profile_said: false,
+            memory_said: false,
             last_evidence: None,
         };
         Phase::Watching(Box::new(w), Box::new(watch))
@@ -507,6 +559,7 @@ impl DomainTask {
             }
         }
         report_patches(&shared, subject, name, &report.kernel, full);
+        report_guest_memory(&shared, subject, name, &report.kernel, &mut watch.memory_said);
         report_module_events(&shared, subject, std::mem::take(&mut w.session.module_events));
         let all: Vec<_> =
             report.check.violations.iter().chain(&report.check.info).cloned().collect();

@@ -1148,7 +1148,13 @@ fn hash_entries<M: GuestMemory + ?Sized>(
     if !filtered.take(1 << bits) {
         return Ok(entries);
     }
-    let heads = read_span(mem, space, buckets, 8 << bits)?;
+    let heads = crate::linux::patch::read_counted(
+        m,
+        (mem, space),
+        (buckets, 8 << bits),
+        1 << bits,
+        "a hook hash table",
+    )?;
     let mut seen = HashSet::new();
     for head in heads.chunks_exact(8) {
         let mut node = u64::from_le_bytes(head.try_into().expect("8 bytes"));
@@ -1229,7 +1235,7 @@ fn tracepoint_hooks<M: GuestMemory + ?Sized>(
     if len > MAX_TRACEPOINT_SPAN || funcs_off > PAGE_SIZE || entry == 0 || entry > PAGE_SIZE {
         return Err(format!("they span {len} bytes, more than a kernel's"));
     }
-    let all = read_span(mem, space, lo, len)?;
+    let all = crate::linux::patch::read_counted(m, (mem, space), (lo, len), 0, "the tracepoints")?;
     let mut probes = 0;
     for (tp, name) in tracepoints {
         let at = usize::try_from(tp - lo + funcs_off).expect("within the span");

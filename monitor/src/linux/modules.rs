@@ -400,8 +400,13 @@ mod tests {
         let profile = lab_profile();
         let image = |state: u32, text: u8| module_ram(&profile, b"churn", state, text);
         let md = live("churn", W, W + PAGE_SIZE, PAGE_SIZE);
-        let m =
-            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![md],
+            slide: 0,
+            idt_slide: None,
+            reads: Default::default(),
+        };
         let mem = Reloading {
             now: std::sync::Mutex::new(crate::memory::RawDump::from_bytes(image(0, 0xcc))),
             // Coming (1), and its text as it is before relocation.
@@ -467,8 +472,13 @@ mod tests {
     fn a_text_frame_reused_under_the_read_is_read_again_where_the_text_is_now() {
         let profile = lab_profile();
         let md = live("churn", W, W + PAGE_SIZE, PAGE_SIZE);
-        let m =
-            semantic::Matched { profile: &profile, modules: vec![md], slide: 0, idt_slide: None };
+        let m = semantic::Matched {
+            profile: &profile,
+            modules: vec![md],
+            slide: 0,
+            idt_slide: None,
+            reads: Default::default(),
+        };
         let ram = |frame1: u8, frame2: u8| {
             let mut ram = module_ram(&profile, b"churn", 0, frame1);
             ram.extend(std::iter::repeat_n(frame2, PAGE_BYTES));
@@ -522,6 +532,7 @@ mod tests {
             ],
             slide: 0,
             idt_slide: None,
+            reads: Default::default(),
         };
         let (mut known, mut not_live, mut events) =
             (HashMap::new(), NotLive::default(), Vec::new());
@@ -551,6 +562,7 @@ mod tests {
             modules: vec![live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
             slide: 0,
             idt_slide: None,
+            reads: Default::default(),
         };
         let (mut known, mut events) = (HashMap::new(), Vec::new());
         let mut not_live = NotLive { keep: 0, ..NotLive::default() };
@@ -572,6 +584,7 @@ mod tests {
             modules: vec![going, live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
             slide: 0,
             idt_slide: None,
+            reads: Default::default(),
         };
         let full = ModuleText {
             hashes: vec![[0; 32]; usize::try_from(MAX_MODULE_PAGES_IN_ALL).unwrap()],
@@ -617,6 +630,7 @@ mod tests {
             modules: vec![live("churn", W, W + PAGE_SIZE, PAGE_SIZE)],
             slide: 0,
             idt_slide: None,
+            reads: Default::default(),
         };
         let space = Unmapping { gone: false.into() };
         let (mut known, mut not_live, mut events) =
@@ -659,6 +673,7 @@ mod tests {
                 .collect(),
             slide: 0,
             idt_slide: None,
+            reads: Default::default(),
         };
         let going = semantic::MODULE_GOING;
         let (mut known, mut events) = (HashMap::new(), Vec::new());

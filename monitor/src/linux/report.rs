@@ -40,6 +40,19 @@ pub struct KernelFacts {
     /// [`crate::linux::hooks::Inventory::counts`]); absent when not read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hooks: Option<Vec<crate::linux::hooks::HookCount>>,
+    /// Bytes of the guest's tables and records (and what parsing them
+    /// made) this check held, drawn from its budget (`limits.guest_memory`);
+    /// 0 when no profile matched.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub guest_memory: u64,
+    /// The budget, in bytes, when a profile matched.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub guest_memory_limit: u64,
+    /// The first read the budget refused: that table, and any read after
+    /// it past the budget, went unread (a change to the sites they list is
+    /// then judged as a write no record explains).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_memory_refused: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -77,6 +77,9 @@ pub struct KernelSession {
     pub hook_policy: HookPolicy,
     /// The hooks the last examination read (none: no profile matched).
     pub hooks: Option<Inventory>,
+    /// What one examination may hold of the guest's tables and records
+    /// (`None`: [`semantic::ReadBudget::DEFAULT`]).
+    guest_memory: Option<u64>,
 }
 
 /// How to examine.
@@ -166,6 +169,12 @@ impl KernelSession {
         self.modules_not_live.grace = grace;
     }
 
+    /// Bytes of the guest's tables and records one examination may hold
+    /// (`limits.guest_memory`).
+    pub fn set_guest_memory(&mut self, bytes: u64) {
+        self.guest_memory = Some(bytes);
+    }
+
     /// Module text kept whole, in bytes, across the domain's modules.
     pub fn set_module_text(&mut self, bytes: u64) {
         self.modules_not_live.keep = bytes;
@@ -227,6 +236,9 @@ impl KernelSession {
         // Syscall tables and IDT gates are small: both scopes check them.
         match semantic::match_profile(profiles, mem, view, view.identification.image_base) {
             Some(mut m) => {
+                m.reads = semantic::ReadBudget::new(
+                    self.guest_memory.unwrap_or(semantic::ReadBudget::DEFAULT),
+                );
                 let (found, now) = self.records(&mut m, baseline, (mem, view, regs), how);
                 Deadline::check(how.deadline, "the kernel's records and hooks")?;
                 r.kernel.profile = Some(m.profile.release.clone());
@@ -265,6 +277,14 @@ impl KernelSession {
                 let text = CheckedText::new(baseline, originals, &self.modules, how.scope);
                 let accepted = patch::review(&mut r, &m, (mem, view), &text, state, how.clock);
                 Deadline::check(how.deadline, "the patch review")?;
+                r.kernel.guest_memory = m.reads.used();
+                r.kernel.guest_memory_limit = m.reads.limit();
+                r.kernel.guest_memory_refused = m.reads.refused();
+                if let Some(why) = &r.kernel.guest_memory_refused {
+                    warnings.push(format!(
+                        "the guest's tables and records pass the memory budget ({why}): those past it went unread"
+                    ));
+                }
                 r.check.symbolize(|gva| m.symbol_of(gva));
                 if how.changes {
                     let locate = |a: u64| {

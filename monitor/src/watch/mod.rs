@@ -616,6 +616,12 @@ impl Watched {
         self.time_limit = limit;
     }
 
+    /// Bytes of the guest's tables and records one check may hold (see
+    /// `limits.guest_memory`).
+    pub fn set_guest_memory(&mut self, bytes: u64) {
+        self.session.set_guest_memory(bytes);
+    }
+
     /// Module text kept whole, in bytes (see `limits.module_text`).
     pub fn set_module_text(&mut self, bytes: u64) {
         self.session.set_module_text(bytes);

@@ -296,7 +296,13 @@ impl Guest {
     fn accepted(self) -> Vec<(u64, u64)> {
         let p = self.p;
         let (mem, space) = self.ram.done();
-        let m = Matched { profile: &p, modules: vec![module()], slide: 0, idt_slide: None };
+        let m = Matched {
+            profile: &p,
+            modules: vec![module()],
+            slide: 0,
+            idt_slide: None,
+            reads: Default::default(),
+        };
         accepted_direct_calls(&m, &mem, &space).unwrap()
     }
 
@@ -333,7 +339,13 @@ impl Guest {
     fn inventory(self) -> Inventory {
         let p = self.p;
         let (mem, space) = self.ram.done();
-        let m = Matched { profile: &p, modules: vec![module()], slide: 0, idt_slide: None };
+        let m = Matched {
+            profile: &p,
+            modules: vec![module()],
+            slide: 0,
+            idt_slide: None,
+            reads: Default::default(),
+        };
         Inventory::read(&m, &mem, &space)
     }
 }

@@ -176,7 +176,7 @@ use self::state::*;
 use self::{reads::*, records::*, rules::*, sites::*};
 
 pub use self::reads::exec_ranges;
-pub(crate) use self::reads::{need, read_span, sym, walk_list};
+pub(crate) use self::reads::{need, read_counted, read_span, sym, walk_list};
 pub use self::records::{
     JumpEntry, StaticCallSite, jump_table_digest, parse_jump_entries, parse_static_call_sites,
     static_call_digest,

@@ -238,6 +238,28 @@ pub(crate) fn read_span<M: GuestMemory + ?Sized>(
         .ok_or_else(|| format!("{len} bytes at {start:#x} are not readable"))
 }
 
+/// What one parsed table entry may come to in memory at most: its parsed
+/// form and its place in the site map.
+pub(super) const PARSED_ENTRY: u64 = 64;
+
+/// [`read_span`] of a table of `entries` entries, drawn from the
+/// examination's [`ReadBudget`](crate::linux::semantic::ReadBudget): its
+/// bytes and what parsing them makes. Refused past the budget, as a table
+/// that cannot be read.
+pub(crate) fn read_counted<M: GuestMemory + ?Sized>(
+    m: &Matched<'_>,
+    (mem, space): (&M, &dyn AddressSpace),
+    (start, len): (u64, u64),
+    entries: u64,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    if len > MAX_TABLE_BYTES {
+        return Err(format!("{len} bytes is implausibly long"));
+    }
+    m.reads.take(len.saturating_add(entries.saturating_mul(PARSED_ENTRY)), what)?;
+    read_span(mem, space, start, len)
+}
+
 /// A module's jump entries and static call sites, as read.
 pub(super) fn module_tables<M: GuestMemory + ?Sized>(
     m: &Matched<'_>,
@@ -254,14 +276,17 @@ pub(super) fn module_tables<M: GuestMemory + ?Sized>(
     );
     let u32_field = |off: u64| read_u32(mem, space, at.wrapping_add(off)).ok_or("unreadable");
     let u64_field = |off: u64| read_u64(mem, space, at.wrapping_add(off)).ok_or("unreadable");
-    let table = |count: u64, entry: u64, base: u64| -> Result<Option<RawTable>, String> {
-        if count == 0 {
-            return Ok(None);
-        }
-        Ok(Some((base, read_span(mem, space, base, count.saturating_mul(entry))?)))
-    };
-    let jumps = table(u64::from(u32_field(nje)?), 16, u64_field(je)?)?;
-    let calls = table(u64::from(u32_field(nsc)?), 8, u64_field(sc)?)?;
+    let table =
+        |count: u64, entry: u64, base: u64, what: &str| -> Result<Option<RawTable>, String> {
+            if count == 0 {
+                return Ok(None);
+            }
+            let what = format!("module {}'s {what}", md.name);
+            let len = count.saturating_mul(entry);
+            Ok(Some((base, read_counted(m, (mem, space), (base, len), count, &what)?)))
+        };
+    let jumps = table(u64::from(u32_field(nje)?), 16, u64_field(je)?, "jump table")?;
+    let calls = table(u64::from(u32_field(nsc)?), 8, u64_field(sc)?, "static call sites")?;
     Ok((jumps, calls))
 }
 
@@ -285,7 +310,8 @@ pub(super) fn module_functions<M: GuestMemory + ?Sized>(
     if n > 1 << 16 {
         return Err(format!("{n} symbols is implausible"));
     }
-    let bytes = read_span(mem, space, tab, n * SYM as u64)?;
+    let what = format!("module {}'s symbol table", md.name);
+    let bytes = read_counted(m, (mem, space), (tab, n * SYM as u64), n, &what)?;
     Ok(bytes
         .chunks_exact(SYM)
         .filter(|s| s[4] & 0xf == STT_FUNC)
@@ -329,7 +355,7 @@ pub(super) fn ftrace_records<M: GuestMemory + ?Sized>(
             return Err(format!("more than {MAX_FTRACE_RECORDS} records"));
         }
         if n > 0 {
-            let bytes = read_span(mem, space, recs, n * size)?;
+            let bytes = read_counted(m, (mem, space), (recs, n * size), n, "the ftrace records")?;
             let step = usize::try_from(size).expect("checked above");
             let ip = usize::try_from(ip_off).expect("checked above");
             out.extend(

@@ -25,18 +25,22 @@ impl SiteInputs {
         mem: &M,
         space: &dyn AddressSpace,
     ) -> Self {
-        let span = |a: &str, b: &str| -> Result<RawTable, String> {
+        let span = |a: &str, b: &str, entry: u64| -> Result<RawTable, String> {
             let (s, e) = (sym(m, a)?, sym(m, b)?);
-            Ok((
-                s,
-                read_span(mem, space, s, e.checked_sub(s).ok_or("table ends before it starts")?)?,
-            ))
+            let len = e.checked_sub(s).ok_or("table ends before it starts")?;
+            let what = format!("the kernel's {}", a.trim_start_matches("__start_"));
+            Ok((s, read_counted(m, (mem, space), (s, len), len / entry, &what)?))
         };
+        // The kernel's own first, then the modules' (a guest listing
+        // thousands of modules spends the budget on them, not on these).
+        let kernel_jumps = span("__start___jump_table", "__stop___jump_table", 16);
+        let kernel_calls = span("__start_static_call_sites", "__stop_static_call_sites", 8);
+        let ftrace = ftrace_records(m, mem, space);
         Self {
-            kernel_jumps: span("__start___jump_table", "__stop___jump_table"),
-            kernel_calls: span("__start_static_call_sites", "__stop_static_call_sites"),
+            kernel_jumps,
+            kernel_calls,
             modules: m.modules.iter().map(|md| module_tables(m, mem, space, md)).collect(),
-            ftrace: ftrace_records(m, mem, space),
+            ftrace,
         }
     }
 

@@ -53,7 +53,13 @@ fn the_site_map_is_kept_while_its_tables_read_the_same() {
     let mut profile = crate::linux::profile::tests::sample();
     let entry = 0xffff_ffff_8100_1000;
     profile.fentry = vec![entry];
-    let m = Matched { profile: &profile, modules: Vec::new(), slide: 0x20_0000, idt_slide: None };
+    let m = Matched {
+        profile: &profile,
+        modules: Vec::new(),
+        slide: 0x20_0000,
+        idt_slide: None,
+        reads: Default::default(),
+    };
     let inputs = |ips: Vec<u64>| SiteInputs {
         kernel_jumps: Err("unreadable".into()),
         kernel_calls: Err("unreadable".into()),
@@ -72,7 +78,13 @@ fn the_site_map_is_kept_while_its_tables_read_the_same() {
     // another reason, are other inputs.
     let other = Matched {
         slide: 0x40_0000,
-        ..Matched { profile: &profile, modules: Vec::new(), slide: 0, idt_slide: None }
+        ..Matched {
+            profile: &profile,
+            modules: Vec::new(),
+            slide: 0,
+            idt_slide: None,
+            reads: Default::default(),
+        }
     };
     let a = inputs(vec![entry + m.slide]);
     assert_ne!(a.digest(&m), a.digest(&other));
@@ -723,4 +735,42 @@ fn a_changed_page_is_judged_in_the_frame_it_is_mapped_to_now() {
     let v = judge(TEXT_VA + 10 * 4096, 0x2000);
     assert_eq!(v.violations.len(), 1, "{:#?}", v.violations);
     assert!(v.violations[0].detail.contains("no longer mapped"), "{}", v.violations[0].detail);
+}
+
+/// Whole-table reads of one examination draw from one budget: past it a
+/// read is refused, naming the table and `limits.guest_memory`, whatever
+/// each table's own bound, and what was taken never passes the budget.
+#[test]
+fn whole_table_reads_share_one_budget() {
+    let (f, _) = guest();
+    let profile = crate::linux::profile::tests::sample();
+    // Each read: a page, listing 256 entries.
+    let cost = 4096 + 256 * PARSED_ENTRY;
+    let m = Matched {
+        profile: &profile,
+        modules: Vec::new(),
+        slide: 0,
+        idt_slide: None,
+        reads: crate::linux::semantic::ReadBudget::new(3 * cost + cost / 2),
+    };
+    let mut read = 0;
+    for i in 0..10 {
+        match read_counted(&m, (&f.mem, &f), (TEXT_VA, 4096), 256, &format!("table {i}")) {
+            Ok(b) => {
+                assert_eq!(b.len(), 4096);
+                read += 1;
+            }
+            Err(e) => assert!(
+                e.starts_with(&format!("table {i}:")) && e.contains("limits.guest_memory"),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(read, 3);
+    assert_eq!(m.reads.used(), 3 * cost);
+    assert!(m.reads.refused().is_some_and(|e| e.starts_with("table 3:")));
+    // A table past its own bound is refused before it is charged.
+    let e = read_counted(&m, (&f.mem, &f), (TEXT_VA, MAX_TABLE_BYTES + 1), 0, "huge").unwrap_err();
+    assert!(e.contains("implausibly long"), "{e}");
+    assert_eq!(m.reads.used(), 3 * cost);
 }

@@ -49,6 +49,68 @@ const EXCEPTIONS: &[(u8, &str)] = &[
     (29, "asm_exc_vmm_communication"),
 ];
 
+/// Bytes of guest data one examination may hold at once for the tables,
+/// records and symbols it reads whole (patch tables, ftrace records, module
+/// symbol tables, hook tables), shared by every reader of the examination:
+/// each table is bounded alone, and this bounds their sum, so that a guest
+/// listing thousands of modules with huge tables cannot make the host hold
+/// gigabytes. Past it, a read is refused (its reader treats the table as
+/// unreadable) and the first refusal is kept to be said.
+#[derive(Debug)]
+pub struct ReadBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl ReadBudget {
+    /// The default per examination (`limits.guest_memory`).
+    pub const DEFAULT: u64 = 48 << 20;
+
+    pub fn new(limit: u64) -> Self {
+        Self { limit, used: 0.into(), refused: std::sync::Mutex::new(None) }
+    }
+
+    /// Takes `bytes` for `what`, or refuses (and keeps the first refusal).
+    pub fn take(&self, bytes: u64, what: &str) -> Result<(), String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let taken = self.used.fetch_update(SeqCst, SeqCst, |used| {
+            used.checked_add(bytes).filter(|&after| after <= self.limit)
+        });
+        match taken {
+            Ok(_) => Ok(()),
+            Err(used) => {
+                let why = format!(
+                    "{what}: {bytes} more bytes would pass the guest memory budget of {} MiB (limits.guest_memory; {used} bytes held)",
+                    self.limit >> 20
+                );
+                self.refused.lock().expect("budget lock").get_or_insert_with(|| why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    /// Bytes taken so far.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The first read refused, if any was.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().expect("budget lock").clone()
+    }
+}
+
+impl Default for ReadBudget {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT)
+    }
+}
+
 /// A guest matched to a profile.
 pub struct Matched<'p> {
     pub profile: &'p Profile,
@@ -58,6 +120,8 @@ pub struct Matched<'p> {
     pub slide: u64,
     /// KASLR slide from the IDT: vector 0's handler less its symbol.
     pub idt_slide: Option<u64>,
+    /// What this examination's whole-table reads may hold.
+    pub reads: ReadBudget,
 }
 
 impl Matched<'_> {
@@ -152,6 +216,7 @@ pub fn match_profile<'p, M: GuestMemory + ?Sized>(
             modules: Vec::new(),
             slide,
             idt_slide: None,
+            reads: ReadBudget::default(),
         })
     })
 }

@@ -246,6 +246,7 @@ fn a_module_unloaded_under_the_walk_is_not_a_broken_list() {
         modules: Vec::new(),
         slide: W.wrapping_sub(head_sym & !0xfff),
         idt_slide: None,
+        reads: Default::default(),
     };
     let head = m.expect("modules").unwrap();
     // A in page 1; B straddles pages 2 and 3: its name in 2, its layout in 3.
@@ -302,6 +303,7 @@ fn a_module_is_still_live_only_while_its_struct_says_so() {
         modules: Vec::new(),
         slide: W.wrapping_sub(profile.symbol("modules").unwrap().addr & !0xfff),
         idt_slide: None,
+        reads: Default::default(),
     };
     let md = Module {
         name: "a_mod".into(),
