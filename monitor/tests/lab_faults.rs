@@ -27,7 +27,7 @@ use vigil::watch::{Guest, GuestError, Watched};
 mod common;
 use common::{Daemon, FULL, boot};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A libvirt domain whose memory is read through a [`Faulty`] wrapper, and
 /// whose next `glitches` register snapshots have the IDT where nothing is
@@ -783,6 +783,98 @@ fn mount_state(dir: &Path, fs: StateFs) -> Mounted {
         dir.display()
     );
     Mounted { dir: dir.to_owned(), _image: image }
+}
+
+/// A daemon's resident memory, and its peak since it started, in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    };
+    (kib("VmRSS:") << 10, kib("VmHWM:") << 10)
+}
+
+/// A guest forging its module list (2,000 entries aliasing one module's
+/// text, each naming a jump table of 2^18 entries: 8 GiB if read whole)
+/// while a text change makes the daemon read the patch tables: the daemon's
+/// peak memory grows by less than twice the guest memory budget, a
+/// critical error event names the budget, the hook is still reported, and
+/// the other guest is still checked at its pace.
+#[test]
+fn lab_faults_a_forged_module_list_with_huge_tables_stays_within_the_memory_budget() {
+    const BUDGET: u64 = 32 << 20;
+    let d = Daemon::start_with(
+        "vigil-lab-flt-mem-*",
+        &format!("[limits]\nguest_memory = \"{}MiB\"\n", BUDGET >> 20),
+        vec![],
+    );
+    let mut forger = boot("flt-mem-a");
+    let calm = boot("flt-mem-b");
+    d.wait_watching(&forger);
+    d.wait_watching(&calm);
+    let pid = d.child.as_ref().unwrap().id();
+    let (_, peak_before) = rss(pid);
+    let full = format!("domain=\"{}\",scope=\"full\"", calm.name);
+    // Its pace before, over 6 full intervals.
+    let before = d.metric("vigil_checks_total", &full).unwrap_or(0.0);
+    std::thread::sleep(6 * FULL);
+    let calm_checks = d.metric("vigil_checks_total", &full).unwrap_or(0.0);
+    let pace_before = (calm_checks - before) / (6 * FULL).as_secs_f64();
+    let started = Instant::now();
+    // A write to kernel text (first: with the list forged, /proc/kallsyms
+    // repeats a module's symbols 2,000 times): every full check from then
+    // on reviews the changed page, reading every listed module's tables.
+    forger.run("attack inline").unwrap();
+    forger.run("attack forge 2000").unwrap();
+    d.wait_for("the budget's event", 4 * FULL + Duration::from_secs(20), |d| {
+        d.events("error", &forger.name).iter().any(|a| a["kind"] == "limit_memory")
+    });
+    let event = d.events("error", &forger.name);
+    let event = event.iter().find(|a| a["kind"] == "limit_memory").unwrap();
+    let detail = event["detail"].as_str().unwrap();
+    assert!(detail.contains("limits.guest_memory") && event["severity"] == "critical", "{event:#}");
+    d.wait_for("the inline hook's violation", 2 * FULL + Duration::from_secs(5), |d| {
+        !common::violations(d, &forger, "kernel-text").is_empty()
+    });
+    // A few more checks of both.
+    let now = d.metric("vigil_checks_total", &full).unwrap_or(0.0);
+    d.wait_for("two more full checks", 3 * FULL + Duration::from_secs(10), |d| {
+        d.metric("vigil_checks_total", &full).unwrap_or(0.0) >= now + 2.0
+    });
+    let (rss_now, peak) = rss(pid);
+    let grew = peak.saturating_sub(peak_before);
+    eprintln!(
+        "daemon memory: peak {} MiB before the forgery, {} MiB after (+{} MiB), {} MiB resident now; budget {} MiB",
+        peak_before >> 20,
+        peak >> 20,
+        grew >> 20,
+        rss_now >> 20,
+        BUDGET >> 20
+    );
+    assert!(grew < 2 * BUDGET, "the daemon's peak grew {grew} bytes, the budget is {BUDGET}");
+    let used = d
+        .metric("vigil_guest_memory_bytes", &format!("domain=\"{}\"", forger.name))
+        .unwrap_or(f64::MAX);
+    assert!(used <= BUDGET as f64, "the gauge says {used} bytes of {BUDGET}");
+    // The other guest was checked all along, at its pace (as measured
+    // before, in this run: two TCG guests and a debug build share 2 cores).
+    let elapsed = started.elapsed();
+    let pace = (d.metric("vigil_checks_total", &full).unwrap_or(0.0) - calm_checks)
+        / elapsed.as_secs_f64();
+    eprintln!(
+        "{}: {pace_before:.2} full checks/s before the forgery, {pace:.2} after ({elapsed:?})",
+        calm.name
+    );
+    assert!(
+        pace >= pace_before / 2.0,
+        "{}: checked at {pace:.2}/s, {pace_before:.2}/s before",
+        calm.name
+    );
+    assert!(d.status(&calm.name).is_some_and(|s| s["state"] == "watching"));
 }
 
 /// A guest saved and restored (`virsh save`/`restore`: what a migration does

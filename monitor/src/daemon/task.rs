@@ -124,7 +124,8 @@ pub(super) async fn time_limited<T>(
 
 /// The guest memory budget of a check: its use as a gauge; a refused read
 /// counted (`limit_memory`) at each check, and said in a critical error
-/// event once, until a check fits in it again (said too).
+/// event once for the watch (a check that reads fewer tables fits again,
+/// and the forgery is still there).
 fn report_guest_memory(
     shared: &Shared,
     subject: &Subject,
@@ -137,35 +138,20 @@ fn report_guest_memory(
     }
     let labels = DomainLabels { domain: name.to_owned() };
     shared.sink.metrics.guest_memory.get_or_create(&labels).set(gauge(k.guest_memory));
-    match (&k.guest_memory_refused, *said) {
-        (Some(why), _) => {
-            shared.sink.error("limit_memory");
-            if !*said {
-                let mut a = subject.event(
-                    EventKind::Error,
-                    AlertSeverity::Critical,
-                    format!(
-                        "{name}'s kernel tables and records pass the guest memory budget ({why}): those past it go \
-                         unread, and a change to the sites they list is judged as a write no record explains; a \
-                         guest listing thousands of modules or tables of millions of entries is forging them"
-                    ),
-                );
-                a.kind = "limit_memory".into();
-                *said = shared.sink.emit(a).reported();
-            }
-        }
-        (None, true) => {
-            let a = subject.event(
-                EventKind::Notice,
-                AlertSeverity::Info,
-                format!(
-                    "{name}'s kernel tables and records fit the guest memory budget again ({} of {} bytes)",
-                    k.guest_memory, k.guest_memory_limit
-                ),
-            );
-            *said = !shared.sink.emit(a).reported();
-        }
-        (None, false) => {}
+    let Some(why) = &k.guest_memory_refused else { return };
+    shared.sink.error("limit_memory");
+    if !*said {
+        let mut a = subject.event(
+            EventKind::Error,
+            AlertSeverity::Critical,
+            format!(
+                "{name}'s kernel tables and records pass the guest memory budget ({why}): those past it go \
+                 unread, and a change to the sites they list is judged as a write no record explains; a \
+                 guest listing thousands of modules or tables of millions of entries is forging them"
+            ),
+        );
+        a.kind = "limit_memory".into();
+        *said = shared.sink.emit(a).reported();
     }
 }
 
