@@ -108,6 +108,28 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
         "{checks} checks, register snapshots {snapshots:?}:\n{}",
         d.metrics()
     );
+    // The per-check metrics moved: each above zero (the timestamp this
+    // year or later).
+    let text = d.metrics();
+    let sample = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix}... in:\n{text}"))
+    };
+    for (prefix, least) in [
+        ("vigil_check_duration_seconds_count{scope=\"full\"}", 1.0),
+        ("vigil_check_duration_seconds_sum{scope=\"full\"}", f64::MIN_POSITIVE),
+        (&format!("vigil_bytes_verified_total{{{dom}}}"), 4096.0),
+        (&format!("vigil_pages_protected{{{dom},region=\"kernel-text\"}}"), 1.0),
+        (&format!("vigil_last_check_timestamp_seconds{{{dom}}}"), 1.7e9),
+        (&format!("vigil_guest_memory_bytes{{{dom}}}"), 4096.0),
+        ("vigil_budget_used_ratio", f64::MIN_POSITIVE),
+    ] {
+        let v = sample(prefix);
+        assert!(v >= least, "{prefix} is {v}, below {least}");
+    }
 }
 
 #[test]

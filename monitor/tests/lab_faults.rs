@@ -860,6 +860,8 @@ fn lab_faults_a_forged_module_list_with_huge_tables_stays_within_the_memory_budg
         .metric("vigil_guest_memory_bytes", &format!("domain=\"{}\"", forger.name))
         .unwrap_or(f64::MAX);
     assert!(used <= BUDGET as f64, "the gauge says {used} bytes of {BUDGET}");
+    let refused = d.metric("vigil_errors_total", "kind=\"limit_memory\"").unwrap_or(0.0);
+    assert!(refused >= 1.0, "the refusals uncounted: {refused}");
     // The other guest was checked all along, at its pace (as measured
     // before, in this run: two TCG guests and a debug build share 2 cores).
     let elapsed = started.elapsed();

@@ -238,13 +238,22 @@ fn reference_sentence(proved: Option<&crate::integrity::ReferenceCheck>) -> Stri
 pub(super) fn attached_event(name: &str, w: &Watched, how: &Attached) -> (AlertSeverity, String) {
     let path = w.path.display();
     let boot = w.boot();
-    let settling = match w.provisional_left {
+    let mut settling = match w.provisional_left {
         Some(left) => format!(
             "; provisional for up to {}s while the new kernel patches itself (changes then are absorbed and listed)",
             left.as_secs()
         ),
         None => String::new(),
     };
+    if w.originals_left_out() > 0 {
+        settling += &format!(
+            "; {} page(s) past the {} MiB of original pages held in memory are kept as hashes only (a change \
+             there is a violation, the kernel's own patches too): the guest maps far more executable image than a \
+             kernel has",
+            w.originals_left_out(),
+            crate::integrity::originals::MAX_HELD >> 20
+        );
+    }
     match how {
         Attached::Stored => (
             AlertSeverity::Info,

@@ -24,9 +24,21 @@ const MAX_PAGES: usize = 1 << 20;
 /// Original page bytes by virtual address, LZ4-compressed: in memory, or
 /// left in the file and read when a page is asked for
 /// ([`Originals::load_indexed`]).
+/// Most compressed bytes of original pages held in memory for one baseline
+/// (a kernel's text and rodata come to some 10 to 25 MiB): a guest mapping
+/// its whole image executable would otherwise have a gigabyte kept. Pages
+/// past it are kept as hashes only.
+pub const MAX_HELD: usize = 96 << 20;
+
 #[derive(Debug, Default, Clone)]
 pub struct Originals {
     pages: HashMap<u64, Vec<u8>>,
+    /// Compressed bytes in `pages`.
+    held: usize,
+    /// Most bytes `pages` may hold (`None`: [`MAX_HELD`]).
+    limit: Option<usize>,
+    /// Pages not kept for want of room.
+    left_out: usize,
     /// For pages left in the file: where each block is, and what the page
     /// must hash to (the file is checked again at every read).
     on_disk: Option<OnDisk>,
@@ -54,8 +66,27 @@ impl Originals {
         baseline.with_extension("pages")
     }
 
+    /// Originals holding at most `limit` compressed bytes in memory.
+    pub fn with_limit(limit: usize) -> Self {
+        Self { limit: Some(limit), ..Self::default() }
+    }
+
+    /// Keeps the page at `gva`, unless that would pass the memory limit:
+    /// then it is counted as left out.
     pub fn insert(&mut self, gva: u64, bytes: &[u8]) {
-        self.pages.insert(gva, lz4_flex::block::compress_prepend_size(bytes));
+        let block = lz4_flex::block::compress_prepend_size(bytes);
+        let was = self.pages.get(&gva).map_or(0, Vec::len);
+        if self.held - was + block.len() > self.limit.unwrap_or(MAX_HELD) {
+            self.left_out += 1;
+            return;
+        }
+        self.held = self.held - was + block.len();
+        self.pages.insert(gva, block);
+    }
+
+    /// Pages [`Originals::insert`] left out for want of room.
+    pub fn left_out(&self) -> usize {
+        self.left_out
     }
 
     /// The original bytes of the page at `gva`.
@@ -91,8 +122,8 @@ impl Originals {
         })
         .map_err(|reason| BaselineError::Invalid { path: shown.clone(), reason })?;
         Ok(Self {
-            pages: HashMap::new(),
             on_disk: Some(OnDisk { file: std::sync::Arc::new(file), path: shown, index }),
+            ..Self::default()
         })
     }
 
@@ -153,6 +184,7 @@ impl Originals {
     pub fn from_bytes(bytes: &[u8], baseline: &Baseline) -> Result<Self, String> {
         let mut out = Originals::default();
         parse(bytes, baseline, |gva, _, block, _| out.pages.insert(gva, block.to_vec()).is_none())?;
+        out.held = out.compressed_bytes();
         Ok(out)
     }
 }
@@ -361,5 +393,32 @@ mod tests {
             bytes[i] = byte;
             let _ = Originals::from_bytes(&bytes, &b);
         }
+    }
+
+    /// Original pages held in memory are bounded: past the limit a page is
+    /// left out (counted), and what is held never passes it.
+    #[test]
+    fn originals_held_in_memory_are_bounded() {
+        // Pages that do not compress: each block a little over 4 KiB.
+        let page = |i: u64| -> Vec<u8> {
+            let mut h = blake3::Hasher::new();
+            h.update(&i.to_le_bytes());
+            let mut out = vec![0u8; 4096];
+            h.finalize_xof().fill(&mut out);
+            out
+        };
+        let mut o = Originals::with_limit(10 * 4096);
+        for i in 0..20u64 {
+            o.insert(0x1000 * i, &page(i));
+        }
+        assert!(o.compressed_bytes() <= 10 * 4096, "{}", o.compressed_bytes());
+        assert_eq!(o.len() + o.left_out(), 20);
+        assert!(o.left_out() >= 10, "{}", o.left_out());
+        assert_eq!(o.page(0), Some(page(0)), "the first pages kept whole");
+        assert_eq!(o.page(0x1000 * 19), None, "the last left out");
+        // A page kept again takes its own room, not more.
+        let before = o.compressed_bytes();
+        o.insert(0, &page(0));
+        assert_eq!(o.compressed_bytes(), before);
     }
 }

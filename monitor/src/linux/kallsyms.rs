@@ -32,8 +32,15 @@
 
 use std::collections::HashMap;
 
-/// Most symbols believed.
-const MAX_SYMS: usize = 1 << 21;
+/// Most symbols believed (a Debian kernel has about 150,000).
+const MAX_SYMS: usize = 1 << 19;
+/// Longest name a kernel gives a symbol (`KSYM_NAME_LEN` since 6.1), its
+/// type byte included.
+const MAX_NAME: usize = 512 + 1;
+/// Most bytes of names decoded in all (a Debian kernel's come to about
+/// 5 MiB): each encoded byte may stand for a token of up to 63 bytes, so a
+/// planted table could otherwise decode to gigabytes.
+const MAX_NAME_BYTES: usize = 32 << 20;
 /// Most places that look like a token table tried: guest memory can plant
 /// the pattern anywhere, and each try scans megabytes.
 const MAX_CANDIDATES: usize = 32;
@@ -188,7 +195,7 @@ fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
             continue;
         }
         for names in [q + 4, align_up(q + 4, 8)] {
-            if let Some(t) = decode_all(b, names, n, &markers, markers_at, &tokens) {
+            if let Some(t) = decode_all(b, names, n, (&markers, markers_at), &tokens) {
                 // 6.1: offsets and base before the count. Later: after the
                 // token index.
                 let before = (q & !7).checked_sub(8).and_then(|base_at| {
@@ -281,14 +288,26 @@ fn find_markers(b: &[u8], tokens: usize) -> Option<(usize, Vec<u32>)> {
 }
 
 /// Decodes `n` names at `names`, checking them against the markers and the
-/// markers' position. `None` if anything disagrees.
+/// markers' position. `None` if anything disagrees, or a name is longer
+/// than a kernel's, or the names come to more than [`MAX_NAME_BYTES`].
 fn decode_all(
     b: &[u8],
     names: usize,
     n: usize,
-    markers: &[u32],
-    markers_at: usize,
+    (markers, markers_at): (&[u32], usize),
     tokens: &[&[u8]],
+) -> Option<Vec<(String, char)>> {
+    decode_within(b, names, n, (markers, markers_at), tokens, MAX_NAME_BYTES)
+}
+
+/// [`decode_all`], with at most `max_bytes` of names in all.
+fn decode_within(
+    b: &[u8],
+    names: usize,
+    n: usize,
+    (markers, markers_at): (&[u32], usize),
+    tokens: &[&[u8]],
+    max_bytes: usize,
 ) -> Option<Vec<(String, char)>> {
     // Cheap test first: name 256 must start where the second marker says.
     let mut p = names;
@@ -299,6 +318,7 @@ fn decode_all(
         return None;
     }
     let mut out = Vec::with_capacity(n);
+    let mut total = 0usize;
     p = names;
     for i in 0..n {
         if i % 256 == 0 && p - names != *markers.get(i / 256)? as usize {
@@ -306,6 +326,10 @@ fn decode_all(
         }
         let (name, next) = name_at(b, p)?;
         let full = decode_name(name, tokens);
+        total += full.len();
+        if full.len() > MAX_NAME || total > max_bytes {
+            return None;
+        }
         let (&kind, rest) = full.split_first()?;
         out.push((String::from_utf8_lossy(rest).into_owned(), char::from(kind)));
         p = next;
@@ -512,6 +536,27 @@ mod tests {
         let e = find(&b).unwrap_err().to_string();
         assert!(e.contains("addresses"), "{e}");
         assert!(find(&img).is_ok());
+    }
+
+    /// Names are bounded one by one (a kernel's longest) and in all (a
+    /// planted table of long tokens would decode to gigabytes).
+    #[test]
+    fn decoded_names_are_bounded_each_and_in_all() {
+        let mut syms = symbols(1000);
+        let (img, _) = build(&syms, 0xffff_ffff_8100_0000, Layout::EarlySeqs);
+        let t = find(&img).unwrap();
+        let all: usize = t.symbols.iter().map(|s| s.name.len() + 1).sum();
+        // The same tables, allowed one byte less than their names come to.
+        let names = img.windows(4).position(|w| w == [b'c', b'p', b'u', b'_']).unwrap() - 2;
+        let (tokens, _, _) = tokens_at(&img, t.token_table).unwrap();
+        let (markers_at, markers) = find_markers(&img, t.token_table).unwrap();
+        let n = syms.len();
+        assert!(decode_within(&img, names, n, (&markers, markers_at), &tokens, all).is_some());
+        assert!(decode_within(&img, names, n, (&markers, markers_at), &tokens, all - 1).is_none());
+        // A name longer than a kernel's is no kallsyms.
+        syms.push((0xffff_ffff_8200_1000, 'D', "y".repeat(MAX_NAME)));
+        let (img, _) = build(&syms, 0xffff_ffff_8100_0000, Layout::EarlySeqs);
+        assert!(find(&img).is_err());
     }
 
     #[test]

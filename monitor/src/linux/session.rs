@@ -42,6 +42,11 @@ const UNLISTED_PERSIST: Duration = Duration::from_secs(8);
 /// keep the first this many.
 pub const MAX_MODULE_EVENTS: usize = 4096;
 
+/// Pages of the module area a record accounted for lately, kept at most
+/// (two module areas' worth): past it a page recognized now is not kept for
+/// the next checks' grace, and is judged by the records those read.
+const MAX_RECOGNIZED: usize = 1 << 19;
+
 /// What one check leaves for the next, for one guest.
 #[derive(Default)]
 pub struct KernelSession {
@@ -410,8 +415,14 @@ impl KernelSession {
                 let (s, e) = (mp.gva.raw(), mp.gva.raw().saturating_add(mp.size));
                 let recorded = ranges.iter().any(|x| x.start & !(PAGE_SIZE - 1) <= s && s < x.end)
                     || m.modules.iter().any(|md| md.holds(s, e));
-                if recorded {
-                    self.recognized.insert((s, mp.gpa.raw()), now);
+                let key = (s, mp.gpa.raw());
+                // Bounded: a guest moving its module area to new frames at
+                // every check would add a module area's worth each time.
+                if recorded
+                    && (self.recognized.len() < MAX_RECOGNIZED
+                        || self.recognized.contains_key(&key))
+                {
+                    self.recognized.insert(key, now);
                 }
             }
         }

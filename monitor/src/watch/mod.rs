@@ -622,6 +622,12 @@ impl Watched {
         self.session.set_guest_memory(bytes);
     }
 
+    /// Baseline pages whose original bytes were not kept for want of room
+    /// ([`crate::integrity::originals::MAX_HELD`]): kept as hashes only.
+    pub fn originals_left_out(&self) -> usize {
+        self.originals.left_out()
+    }
+
     /// Module text kept whole, in bytes (see `limits.module_text`).
     pub fn set_module_text(&mut self, bytes: u64) {
         self.session.set_module_text(bytes);
