@@ -1162,6 +1162,66 @@ mod tests {
         }
     }
 
+    /// An Alertmanager that refuses a violation for good: it goes to the
+    /// Alertmanager's own dead-letter file, counted as
+    /// `alertmanager_dead_letter` and said, and the next reaches it.
+    #[tokio::test]
+    async fn an_alertmanager_refusing_an_alert_for_good_has_it_dead_lettered() {
+        use crate::daemon::alerts::AlertLog;
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), true));
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let keep = got.clone();
+        let port = sink_on(0, move |body| {
+            if body.contains("poison") {
+                return "400 Bad Request";
+            }
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            for a in v.as_array().unwrap() {
+                keep.lock().unwrap().push(a["labels"]["key"].as_str().unwrap_or("").to_owned());
+            }
+            "200 OK"
+        })
+        .await;
+        let metrics = Metrics::new();
+        let (notes, mut heard) = mpsc::unbounded_channel();
+        let mut p = pusher(endpoint(port, "/"), &log_path, &cursor, &metrics, notes);
+        p.alertmanager = true;
+        p.pacing = Pacing {
+            first: Duration::from_millis(10),
+            most: Duration::from_millis(20),
+            refusals: 3,
+            ..Pacing::DEFAULT
+        };
+        let mut log = AlertLog::open(&log_path).unwrap();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        let poison =
+            Alert { detail: "poison".into(), key: "k1".into(), ..alert(EventKind::Violation) };
+        let after = Alert { key: "k2".into(), ..alert(EventKind::Violation) };
+        log.append(&poison).unwrap();
+        log.append(&after).unwrap();
+        tx.send(Wake::Logged).await.unwrap();
+        until("the violation after the refused one", || got.lock().unwrap().contains(&"k2".into()))
+            .await;
+        assert!(!got.lock().unwrap().contains(&"k1".into()));
+        let dead = std::fs::read_to_string(dead_letter_path(&cursor)).unwrap();
+        let dead: Vec<Alert> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(dead, [poison]);
+        let count =
+            |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).get();
+        assert_eq!(count("alertmanager_dead_letter"), 1);
+        let note = heard.try_recv().expect("the dead letter was not said");
+        assert!(
+            note.detail.contains("the alertmanager refused an alert 3 times"),
+            "{}",
+            note.detail
+        );
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
     /// A sink that refuses one alert for good (400 each time): after
     /// `refusals` tries it goes to the dead-letter file, counted and said,
     /// and the alerts after it are delivered.
