@@ -247,6 +247,8 @@ impl PatchTables {
         space: &dyn AddressSpace,
         memo: &mut SiteMemo,
     ) -> Self {
+        // What an earlier reading of these tables held is dropped by now.
+        m.reads.begin_pass();
         let map = memo.get(m, &SiteInputs::read(m, mem, space));
         let mut t = PatchTables {
             sites: SiteSet(map.clone()),

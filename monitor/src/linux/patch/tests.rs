@@ -769,6 +769,10 @@ fn whole_table_reads_share_one_budget() {
     assert_eq!(read, 3);
     assert_eq!(m.reads.used(), 3 * cost);
     assert!(m.reads.refused().is_some_and(|e| e.starts_with("table 3:")));
+    // A new reading of the same tables starts afresh; the peak stays.
+    m.reads.begin_pass();
+    assert!(read_counted(&m, (&f.mem, &f), (TEXT_VA, 4096), 256, "again").is_ok());
+    assert_eq!(m.reads.used(), 3 * cost);
     // A table past its own bound is refused before it is charged.
     let e = read_counted(&m, (&f.mem, &f), (TEXT_VA, MAX_TABLE_BYTES + 1), 0, "huge").unwrap_err();
     assert!(e.contains("implausibly long"), "{e}");

@@ -59,7 +59,10 @@ const EXCEPTIONS: &[(u8, &str)] = &[
 #[derive(Debug)]
 pub struct ReadBudget {
     limit: u64,
+    /// Taken by the reading under way (see [`ReadBudget::begin_pass`]).
     used: std::sync::atomic::AtomicU64,
+    /// The most any reading took.
+    peak: std::sync::atomic::AtomicU64,
     refused: std::sync::Mutex<Option<String>>,
 }
 
@@ -68,7 +71,7 @@ impl ReadBudget {
     pub const DEFAULT: u64 = 48 << 20;
 
     pub fn new(limit: u64) -> Self {
-        Self { limit, used: 0.into(), refused: std::sync::Mutex::new(None) }
+        Self { limit, used: 0.into(), peak: 0.into(), refused: std::sync::Mutex::new(None) }
     }
 
     /// Takes `bytes` for `what`, or refuses (and keeps the first refusal).
@@ -78,7 +81,10 @@ impl ReadBudget {
             used.checked_add(bytes).filter(|&after| after <= self.limit)
         });
         match taken {
-            Ok(_) => Ok(()),
+            Ok(before) => {
+                self.peak.fetch_max(before + bytes, SeqCst);
+                Ok(())
+            }
             Err(used) => {
                 let why = format!(
                     "{what}: {bytes} more bytes would pass the guest memory budget of {} MiB (limits.guest_memory; {used} bytes held)",
@@ -90,9 +96,17 @@ impl ReadBudget {
         }
     }
 
-    /// Bytes taken so far.
+    /// A new reading of the same tables begins, replacing the last one
+    /// (which its readers have dropped): what that one took is free again.
+    /// A check that waits for the kernel to finish patching reads them
+    /// several times over.
+    pub fn begin_pass(&self) {
+        self.used.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The most bytes one reading held.
     pub fn used(&self) -> u64 {
-        self.used.load(std::sync::atomic::Ordering::SeqCst)
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn limit(&self) -> u64 {
