@@ -167,6 +167,12 @@ fn client_config(ca_file: Option<&Path>) -> Result<std::sync::Arc<rustls::Client
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
+            // A CA bundle is some hundred KiB; a device or a huge file is no CA file.
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() && m.len() <= 4 << 20 => {}
+                Ok(_) => return Err(format!("{} is not a file of at most 4 MiB", path.display())),
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -328,9 +334,27 @@ fn parse_endpoint(url: &str, ca_file: Option<&str>) -> Result<HttpEndpoint, (End
         Some(v6) => {
             let (host, after) =
                 v6.split_once(']').ok_or_else(|| bad_url("has an unclosed [ in its host"))?;
-            (host, after.strip_prefix(':'))
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad_url("has a host in [ ] that is no IPv6 address"));
+            }
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| bad_url("has text after its ] that is no :port"))?,
+                    ),
+                ),
+            }
         }
-        None => match authority.rsplit_once(':') {
+        None => match authority.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(bad_url(
+                    "has more than one : in its host and port (an IPv6 host goes in [ ])",
+                ));
+            }
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
         },
@@ -804,6 +828,14 @@ mod tests {
                 "webhook.ca_file",
             ),
             ("[webhook]\nca_file = \"/etc/ssl/certs/ca-certificates.crt\"", "webhook.ca_file"),
+            (
+                "[webhook]\nurl = \"https://127.0.0.1:9/\"\nca_file = \"/dev/zero\"",
+                "webhook.ca_file",
+            ),
+            ("[webhook]\nurl = \"http://[::1]9093/\"", "webhook.url"),
+            ("[webhook]\nurl = \"http://[evil.example]:80/\"", "webhook.url"),
+            ("[webhook]\nurl = \"http://a:b:80/\"", "webhook.url"),
+            ("[webhook]\nurl = \"http://a:0/\"", "webhook.url"),
             ("[domains]\ninclude = [\"\"]", "domains.include"),
             ("[evidence]\nenabled = true\nmax_dump = \"4 GB\"", "evidence.max_dump"),
             ("[evidence]\nenabled = true\nkeep = 0", "evidence.keep"),

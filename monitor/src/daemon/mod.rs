@@ -471,6 +471,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
                 host: settings.host.clone(),
                 notes: notes.clone(),
                 pacing: push::Pacing::DEFAULT,
+                queue: settings.push_queue,
             };
             tokio::spawn(push::run(pusher, rx));
             pushers.push((is_am, tx));

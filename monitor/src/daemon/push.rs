@@ -86,8 +86,16 @@ async fn exchange(
     s.write_all(head.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
     s.write_all(body).await.map_err(|e| failed(e.to_string()))?;
     s.flush().await.map_err(|e| failed(e.to_string()))?;
+    // The status line, however the answer is split: up to its end or 512
+    // bytes, whichever comes first.
     let mut buf = vec![0u8; 512];
-    let n = s.read(&mut buf).await.map_err(|e| failed(e.to_string()))?;
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].contains(&b'\n') {
+        match s.read(&mut buf[n..]).await.map_err(|e| failed(e.to_string()))? {
+            0 => break,
+            got => n += got,
+        }
+    }
     let status = String::from_utf8_lossy(&buf[..n]);
     let line = status.lines().next().unwrap_or("");
     let code = line.split_whitespace().nth(1).unwrap_or("");
@@ -488,6 +496,9 @@ pub struct Pusher {
     /// Where those events go (the daemon's sink).
     pub notes: mpsc::UnboundedSender<Alert>,
     pub pacing: Pacing,
+    /// Alerts the log could not take kept to push, at most
+    /// (`limits.push_queue`).
+    pub queue: usize,
 }
 
 /// The `kind` of the event that says an alert went to a dead-letter file:
@@ -515,7 +526,7 @@ fn dead_letter(path: &Path, a: &Alert) -> std::io::Result<()> {
 
 /// Runs one pusher until its wake-up channel closes.
 pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
-    let Pusher { ep, alertmanager, log, cursor, metrics, host, notes, pacing } = pusher;
+    let Pusher { ep, alertmanager, log, cursor, metrics, host, notes, pacing, queue } = pusher;
     let sink = if alertmanager { "alertmanager" } else { "webhook" };
     let path = if alertmanager {
         format!("{}api/v2/alerts", ep.path.trim_end_matches('/').to_owned() + "/")
@@ -617,7 +628,7 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
             if alertmanager {
                 replay(open, &a);
             }
-            if unlogged.len() < QUEUE {
+            if unlogged.len() < queue {
                 unlogged.push_back((a, 0u32));
             } else {
                 // Still held by the daemon, and delivered from the log once
@@ -643,6 +654,19 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
         while let Some((a, tries)) = unlogged.front_mut() {
             match post_json(&ep, &path, &body(a)).await {
                 Ok(()) => drop(unlogged.pop_front()),
+                Err(e) if e.refused => {
+                    // Refused as it is: not retried here, and holding up
+                    // nothing. It goes to the dead-letter file if that
+                    // takes it; the daemon still holds it for the log, whose
+                    // delivery dead-letters it in turn (twice, then).
+                    failed(&e.message, "an alert the log could not take, refused");
+                    let dead = dead_letter_path(&cursor);
+                    if dead_letter(&dead, a).is_ok() {
+                        let kind = KindLabels { kind: format!("{sink}_dead_letter") };
+                        metrics.errors.get_or_create(&kind).inc();
+                    }
+                    unlogged.pop_front();
+                }
                 Err(e) => {
                     *tries += 1;
                     failed(
@@ -1370,9 +1394,11 @@ mod tests {
         let metrics = Metrics::new();
         let mut p =
             pusher(endpoint(port, "/"), &log_path, &cursor, &metrics, mpsc::unbounded_channel().0);
+        // Five tries take some 150 ms; the three left, 600 ms more: time
+        // for the sink to come up before the first is given up.
         p.pacing = Pacing {
             first: Duration::from_millis(10),
-            most: Duration::from_millis(40),
+            most: Duration::from_millis(200),
             ..Pacing::DEFAULT
         };
         let mut log = AlertLog::open(&log_path).unwrap();
@@ -1562,6 +1588,7 @@ mod tests {
             host: "h".into(),
             notes,
             pacing: Pacing::DEFAULT,
+            queue: QUEUE,
         }
     }
 

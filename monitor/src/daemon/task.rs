@@ -317,8 +317,8 @@ struct Watch {
     times: Timetable,
     last_error: String,
     profile_said: bool,
-    /// The guest memory budget refused a read, said, and not yet said to
-    /// fit again.
+    /// The guest memory budget refused a read, and that was said (once per
+    /// watch: a forgery stays for the boot).
     memory_said: bool,
     last_evidence: Option<Instant>,
 }

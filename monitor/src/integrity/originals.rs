@@ -77,6 +77,10 @@ impl Originals {
         let block = lz4_flex::block::compress_prepend_size(bytes);
         let was = self.pages.get(&gva).map_or(0, Vec::len);
         if self.held - was + block.len() > self.limit.unwrap_or(MAX_HELD) {
+            // Not an older original in its place either.
+            if self.pages.remove(&gva).is_some() {
+                self.held -= was;
+            }
             self.left_out += 1;
             return;
         }

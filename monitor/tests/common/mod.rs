@@ -252,6 +252,8 @@ impl Daemon {
 
     pub fn metrics(&self) -> String {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        // A scrape kept waiting fails the test rather than hangs it.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();

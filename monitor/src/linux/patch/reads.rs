@@ -239,8 +239,9 @@ pub(crate) fn read_span<M: GuestMemory + ?Sized>(
 }
 
 /// What one parsed table entry may come to in memory at most: its parsed
-/// form and its place in the site map.
-pub(super) const PARSED_ENTRY: u64 = 64;
+/// form (32 bytes, in a vector that may have twice the room), a copy of its
+/// raw bytes while the map is made, and its place in the site map.
+pub(super) const PARSED_ENTRY: u64 = 128;
 
 /// [`read_span`] of a table of `entries` entries, drawn from the
 /// examination's [`ReadBudget`](crate::linux::semantic::ReadBudget): its
@@ -256,8 +257,11 @@ pub(crate) fn read_counted<M: GuestMemory + ?Sized>(
     if len > MAX_TABLE_BYTES {
         return Err(format!("{len} bytes is implausibly long"));
     }
-    m.reads.take(len.saturating_add(entries.saturating_mul(PARSED_ENTRY)), what)?;
-    read_span(mem, space, start, len)
+    let charge = len.saturating_add(entries.saturating_mul(PARSED_ENTRY));
+    m.reads.take(charge, what)?;
+    // A table that cannot be read holds nothing: its charge comes back (a
+    // list of tables pointing nowhere would spend the budget otherwise).
+    read_span(mem, space, start, len).inspect_err(|_| m.reads.give_back(charge))
 }
 
 /// A module's jump entries and static call sites, as read.

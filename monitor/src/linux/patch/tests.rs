@@ -769,6 +769,13 @@ fn whole_table_reads_share_one_budget() {
     assert_eq!(read, 3);
     assert_eq!(m.reads.used(), 3 * cost);
     assert!(m.reads.refused().is_some_and(|e| e.starts_with("table 3:")));
+    // A table that cannot be read gives its charge back.
+    m.reads.begin_pass();
+    let nowhere = 0x7000_0000_0000;
+    assert!(read_counted(&m, (&f.mem, &f), (nowhere, 4096), 256, "nowhere").is_err());
+    for i in 0..3 {
+        assert!(read_counted(&m, (&f.mem, &f), (TEXT_VA, 4096), 256, &format!("t{i}")).is_ok());
+    }
     // A new reading of the same tables starts afresh; the peak stays.
     m.reads.begin_pass();
     assert!(read_counted(&m, (&f.mem, &f), (TEXT_VA, 4096), 256, "again").is_ok());

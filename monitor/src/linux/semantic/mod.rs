@@ -96,6 +96,12 @@ impl ReadBudget {
         }
     }
 
+    /// Gives back `bytes` taken for a read that held nothing in the end.
+    pub fn give_back(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _ = self.used.fetch_update(SeqCst, SeqCst, |used| Some(used.saturating_sub(bytes)));
+    }
+
     /// A new reading of the same tables begins, replacing the last one
     /// (which its readers have dropped): what that one took is free again.
     /// A check that waits for the kernel to finish patching reads them
