@@ -661,9 +661,15 @@ pub async fn run(pusher: Pusher, mut rx: mpsc::Receiver<Wake>) {
                     // delivery dead-letters it in turn (twice, then).
                     failed(&e.message, "an alert the log could not take, refused");
                     let dead = dead_letter_path(&cursor);
-                    if dead_letter(&dead, a).is_ok() {
-                        let kind = KindLabels { kind: format!("{sink}_dead_letter") };
-                        metrics.errors.get_or_create(&kind).inc();
+                    match dead_letter(&dead, a) {
+                        Ok(()) => {
+                            let kind = KindLabels { kind: format!("{sink}_dead_letter") };
+                            metrics.errors.get_or_create(&kind).inc();
+                        }
+                        Err(d) => failed(
+                            &d.to_string(),
+                            &format!("a refused alert to {}", dead.display()),
+                        ),
                     }
                     unlogged.pop_front();
                 }
@@ -1424,6 +1430,48 @@ mod tests {
         tx.send(Wake::Logged).await.unwrap();
         until("all three", || got.lock().unwrap().len() >= 3).await;
         assert_eq!(*got.lock().unwrap(), ["u1", "u2", "logged"]);
+        drop(tx);
+        pusher.await.unwrap();
+    }
+
+    /// An alert the log could not take that the sink refuses is not
+    /// retried and holds nothing up: it goes to the dead-letter file at
+    /// once (counted), and the next is delivered.
+    #[tokio::test]
+    async fn a_refused_alert_the_log_could_not_take_holds_nothing_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log_path, cursor) = (dir.path().join("alerts.jsonl"), cursor_path(dir.path(), false));
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let keep = got.clone();
+        let port = sink_on(0, move |body| {
+            let a: Alert = serde_json::from_str(body).unwrap();
+            if a.key == "poison" {
+                return "400 Bad Request";
+            }
+            keep.lock().unwrap().push(a.key);
+            "200 OK"
+        })
+        .await;
+        let metrics = Metrics::new();
+        let mut p =
+            pusher(endpoint(port, "/"), &log_path, &cursor, &metrics, mpsc::unbounded_channel().0);
+        // Were a refusal retried, the backoff alone would outlast the test.
+        p.pacing = Pacing { first: Duration::from_secs(60), ..Pacing::DEFAULT };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pusher = tokio::spawn(run(p, rx));
+        until("the first cursor", || read_cursor(&cursor).is_some()).await;
+        for key in ["poison", "next"] {
+            let a = Alert { key: key.into(), ..alert(EventKind::Violation) };
+            tx.send(Wake::Unlogged(Box::new(a))).await.unwrap();
+        }
+        until("the alert after the refused one", || got.lock().unwrap().len() == 1).await;
+        assert_eq!(*got.lock().unwrap(), ["next"]);
+        let dead = std::fs::read_to_string(dead_letter_path(&cursor)).unwrap();
+        let dead: Vec<Alert> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(dead.iter().map(|a| a.key.as_str()).collect::<Vec<_>>(), ["poison"]);
+        let count =
+            |kind: &str| metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).get();
+        assert_eq!(count("webhook_dead_letter"), 1);
         drop(tx);
         pusher.await.unwrap();
     }

