@@ -177,7 +177,7 @@ impl Metrics {
             );
             r.register(
                 "guest_memory_bytes",
-                "Bytes of a domain's kernel tables and records its last check held, of its budget (limits.guest_memory)",
+                "Host memory held for a domain at its last check, of its budget (limits.guest_memory): its baseline and original pages, modules' text, patch sites and hooks, and the kernel tables and records the check read",
                 m.guest_memory.clone(),
             );
             r.register(
@@ -438,6 +438,67 @@ mod tests {
         let pushed =
             m.errors.get_or_create(&KindLabels { kind: "metrics_connections".into() }).get();
         assert_eq!(pushed, 1);
+    }
+
+    /// A failed accept (the daemon out of file descriptors) is counted as
+    /// `metrics_listener` and tried again; once descriptors are free the
+    /// waiting scrape is served, and shows the count. Run in a child
+    /// process whose descriptor limit `prlimit` sets low, so that filling
+    /// its table is quick and touches no other test.
+    #[tokio::test]
+    async fn a_failed_accept_is_counted_and_tried_again() {
+        const NAME: &str = "daemon::metrics::tests::a_failed_accept_is_counted_and_tried_again";
+        if std::env::var_os("VIGIL_TEST_FEW_FILES").is_none() {
+            let exe = std::env::current_exe().unwrap();
+            let out = std::process::Command::new("prlimit")
+                .arg("--nofile=96:96")
+                .arg(&exe)
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env("VIGIL_TEST_FEW_FILES", "1")
+                .output()
+                .unwrap_or_else(|e| panic!("prlimit (util-linux) is needed: {e}"));
+            let said = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && said.contains("1 passed"), "the child:\n{said}");
+            return;
+        }
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = Metrics::new();
+        tokio::spawn(serve(listener, m.clone(), Limits::DEFAULT));
+        let mut fill = Vec::new();
+        loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => fill.push(f),
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+                Err(e) => panic!("opening /dev/null: {e}"),
+            }
+            assert!(fill.len() < 4096, "the descriptor limit is not low: run under prlimit");
+        }
+        fill.pop(); // one descriptor for the scrape's own end
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let failed =
+            || m.errors.get_or_create(&KindLabels { kind: "metrics_listener".into() }).get();
+        for _ in 0..100 {
+            if failed() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(failed() >= 2, "no failed accept counted, or not tried again: {}", failed());
+        fill.truncate(fill.len().saturating_sub(8));
+        let body = until_closed(&mut scrape).await.expect("the scrape answered and closed");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        let counted = body
+            .lines()
+            .find_map(|l| l.strip_prefix("vigil_errors_total{kind=\"metrics_listener\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(counted.is_some_and(|n| n >= 2.0), "{body}");
     }
 
     /// An idle connection is closed once its headers are late, and an idle

@@ -326,9 +326,20 @@ impl Shared {
             reboot,
             commands_rx,
         ));
-        // A panic in a domain's task (a parser bug on hostile guest memory)
-        // must not leave the domain silently unwatched: report it and retire
-        // the task, so that the next resync (every 5 s) starts a new one.
+        self.supervise(task, id, uuid, name);
+    }
+
+    /// Watches domain task `id` for a panic (a parser bug on hostile guest
+    /// memory), which must not leave the domain silently unwatched: it is
+    /// counted and said, and the task retired, so that the next resync
+    /// (every 5 s) starts a new one.
+    fn supervise(
+        self: &Arc<Self>,
+        task: tokio::task::JoinHandle<()>,
+        id: u64,
+        uuid: &str,
+        name: &str,
+    ) {
         let (me, uuid, name) = (self.clone(), uuid.to_owned(), name.to_owned());
         tokio::spawn(async move {
             if let Some(why) = panicked(task).await {
@@ -649,18 +660,16 @@ mod tests {
     /// libvirt's pause and stop events for a domain that a check already
     /// found gone (a migration's end) still reach the log with libvirt's
     /// reason; those for a domain never watched do not.
-    #[test]
-    fn libvirt_events_after_a_domain_is_let_go_still_say_why() {
+    /// A daemon's shared state with no hypervisor, logging to `path`.
+    fn shared_logging_to(path: &std::path::Path) -> super::Shared {
         use std::collections::HashMap;
         use std::sync::{Arc, Mutex, RwLock};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("alerts.jsonl");
         let settings = super::Settings::load(None, &super::config::Overrides::default()).unwrap();
         let rotation = Rotation { max_bytes: 1 << 20, keep: 1 };
-        let shared = super::Shared {
+        super::Shared {
             budget: super::Budget::new(1.0),
             sink: Sink::new(
-                AlertLog::open_rotating(&path, rotation).unwrap(),
+                AlertLog::open_rotating(path, rotation).unwrap(),
                 Reported::default(),
                 Metrics::new(),
                 Vec::new(),
@@ -673,15 +682,85 @@ mod tests {
             budget_event: Mutex::new(None),
             let_go: Mutex::new(HashMap::new()),
             settings,
-        };
-        let (cancel, _cancel_rx) = tokio::sync::watch::channel(false);
-        let (commands, _commands_rx) = tokio::sync::mpsc::channel(1);
-        let reboot = Arc::new(tokio::sync::Notify::new());
+        }
+    }
+
+    /// Gives `shared` a task for domain `uuid`, numbered `id`.
+    fn with_task(shared: &super::Shared, uuid: &str, id: u64) {
+        let (cancel, _) = tokio::sync::watch::channel(false);
+        let (commands, _) = tokio::sync::mpsc::channel(1);
+        let reboot = std::sync::Arc::new(tokio::sync::Notify::new());
         shared
             .tasks
             .lock()
             .unwrap()
-            .insert("u1".into(), super::Task { id: 7, cancel, reboot, commands });
+            .insert(uuid.into(), super::Task { id, cancel, reboot, commands });
+    }
+
+    fn logged(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// A domain's task that panics (a parser bug on hostile guest memory)
+    /// is counted as `task_panicked`, said in an error event naming the
+    /// domain and the panic, and retired so that the next resync starts a
+    /// new one; a task that ends without panicking is none of these.
+    #[tokio::test]
+    async fn a_panicking_domain_task_is_counted_said_and_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let shared = std::sync::Arc::new(shared_logging_to(&path));
+        let panics = || {
+            shared
+                .sink
+                .metrics
+                .errors
+                .get_or_create(&KindLabels { kind: "task_panicked".into() })
+                .get()
+        };
+        with_task(&shared, "u1", 7);
+        shared.supervise(tokio::spawn(async {}), 7, "u1", "g1");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(shared.tasks.lock().unwrap().contains_key("u1"), "a task that ended was retired");
+        assert_eq!(panics(), 0);
+        shared.supervise(
+            tokio::spawn(async { panic!("walk bug at {:#x}", 0x1000) }),
+            7,
+            "u1",
+            "g1",
+        );
+        for _ in 0..200 {
+            if !shared.tasks.lock().unwrap().contains_key("u1") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            !shared.tasks.lock().unwrap().contains_key("u1"),
+            "the panicked task is not retired"
+        );
+        assert_eq!(panics(), 1);
+        let lines = logged(&path);
+        let said: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| (l["event"].as_str().unwrap(), l["detail"].as_str().unwrap()))
+            .collect();
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert_eq!(said[0].0, "error");
+        assert!(said[0].1.contains("g1") && said[0].1.contains("walk bug at 0x1000"), "{said:#?}");
+        assert_eq!(said[1], ("detached", "detached g1: its task panicked"));
+    }
+
+    #[test]
+    fn libvirt_events_after_a_domain_is_let_go_still_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let shared = shared_logging_to(&path);
+        with_task(&shared, "u1", 7);
         // The check finds it gone first; libvirt's events follow.
         shared.retire("u1", Some(7), "g1", "domain lost: no such domain");
         shared.note_run_state("u1", "g1", EventKind::Paused, "paused for the end of a migration");
@@ -689,11 +768,7 @@ mod tests {
         // A domain never watched: nothing.
         shared.note_run_state("u2", "g2", EventKind::Paused, "paused by request");
         shared.stop_task("u2", "g2", "the domain was destroyed");
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = logged(&path);
         let said: Vec<(String, String)> = lines
             .iter()
             .map(|l| (l["event"].as_str().unwrap().into(), l["detail"].as_str().unwrap().into()))
