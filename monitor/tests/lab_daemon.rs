@@ -130,6 +130,13 @@ fn lab_daemon_attaches_a_domain_started_later_and_alerts_once_per_attack() {
         let v = sample(prefix);
         assert!(v >= least, "{prefix} is {v}, below {least}");
     }
+    // What the daemon holds for the guest (its baseline and originals,
+    // tags, modules' text, sites, and the tables a check reads) fits the
+    // shipped per-domain budget with room to spare.
+    let held = sample(&format!("vigil_guest_memory_bytes{{{dom}}}"));
+    eprintln!("guest memory held for {}: {:.1} MiB", g.name, held / f64::from(1 << 20));
+    let budget = vigil::linux::semantic::ReadBudget::DEFAULT as f64;
+    assert!(held <= budget / 2.0, "{held} bytes held, past half the {budget}-byte budget");
 }
 
 #[test]

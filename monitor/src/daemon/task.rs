@@ -133,11 +133,9 @@ fn report_guest_memory(
     k: &crate::linux::report::KernelFacts,
     said: &mut bool,
 ) {
-    if k.guest_memory_limit == 0 {
-        return; // no profile: nothing read whole
-    }
     let labels = DomainLabels { domain: name.to_owned() };
-    shared.sink.metrics.guest_memory.get_or_create(&labels).set(gauge(k.guest_memory));
+    let total = k.guest_memory_held.saturating_add(k.guest_memory);
+    shared.sink.metrics.guest_memory.get_or_create(&labels).set(gauge(total));
     let Some(why) = &k.guest_memory_refused else { return };
     shared.sink.error("limit_memory");
     if !*said {
@@ -145,9 +143,10 @@ fn report_guest_memory(
             EventKind::Error,
             AlertSeverity::Critical,
             format!(
-                "{name}'s kernel tables and records pass the guest memory budget ({why}): those past it go \
-                 unread, and a change to the sites they list is judged as a write no record explains; a \
-                 guest listing thousands of modules or tables of millions of entries is forging them"
+                "{name}'s kernel tables and records, with what its watch holds, pass the domain's memory \
+                 budget ({why}): those past it go unread, and a change to the sites they list is judged as a \
+                 write no record explains; a guest listing thousands of modules or tables of millions of \
+                 entries is forging them"
             ),
         );
         a.kind = "limit_memory".into();

@@ -378,6 +378,29 @@ pub fn hash_pages_keeping<M: GuestMemory + ?Sized>(
 }
 
 impl Baseline {
+    /// Host memory the baseline holds: its page records, mapping runs and
+    /// hooks (the strings of a hook record counted whole).
+    pub fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        let regions: u64 =
+            self.regions.iter().map(|r| held::vec(&r.pages) + held::string(&r.name) + 96).sum();
+        let hooks: u64 = self.hooks.as_ref().map_or(0, |hs| {
+            hs.iter()
+                .map(|h| {
+                    held::string(&h.mechanism)
+                        + held::string(&h.hooked)
+                        + h.callbacks.iter().map(|c| held::string(c) + 24).sum::<u64>()
+                        + 96
+                })
+                .sum()
+        });
+        regions
+            + held::vec(&self.registers)
+            + held::vec(&self.image_mapping)
+            + held::vec(&self.exec_outside_image)
+            + hooks
+    }
+
     /// Reads and hashes every region the kernel model found.
     pub fn build<M: GuestMemory + ?Sized>(
         mem: &M,

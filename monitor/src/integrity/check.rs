@@ -216,7 +216,48 @@ pub struct Deadline {
     pub limit: std::time::Duration,
 }
 
+thread_local! {
+    /// When the examination running on this thread must stop (see
+    /// [`Deadline::enter`]).
+    static RUNNING: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The deadline [`Deadline::enter`] made current; the one before comes
+/// back when this drops.
+pub struct Entered(Option<std::time::Instant>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(self.0));
+    }
+}
+
+/// What a loop over guest data stopped by the deadline says.
+pub const OUT_OF_TIME: &str = "stopped at the check's time limit (schedule.check_timeout)";
+
 impl Deadline {
+    /// Makes `deadline` the one that loops over guest data on this thread
+    /// (list walks, the kallsyms search) stop at, until the guard drops:
+    /// such a loop can run for seconds on forged data, and a check is only
+    /// stopped between stages otherwise.
+    pub fn enter(deadline: Option<Deadline>) -> Entered {
+        Entered(RUNNING.with(|r| r.replace(deadline.map(|d| d.at))))
+    }
+
+    /// Whether a loop over guest data at step `n` is to stop: every 256th
+    /// step asks whether the deadline entered on this thread has passed.
+    /// A loop that stops returns an error saying [`OUT_OF_TIME`]; the
+    /// stage after it then fails the check as over time, so nothing it
+    /// read in part is judged.
+    pub fn stops(n: usize) -> bool {
+        n % 256 == 255 && Self::passed()
+    }
+
+    /// Whether the deadline entered on this thread has passed.
+    pub fn passed() -> bool {
+        RUNNING.with(|r| r.get()).is_some_and(|at| std::time::Instant::now() >= at)
+    }
+
     /// From now, `limit` on.
     pub fn after(limit: std::time::Duration) -> Self {
         Deadline { at: std::time::Instant::now() + limit, limit }

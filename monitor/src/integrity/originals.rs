@@ -88,6 +88,14 @@ impl Originals {
         self.pages.insert(gva, block);
     }
 
+    /// Host memory these originals hold: the compressed pages, or the
+    /// index of those left in their file.
+    pub fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        let on_disk = self.on_disk.as_ref().map_or(0, |d| held::map(&d.index));
+        self.held as u64 + held::map(&self.pages) + on_disk
+    }
+
     /// Pages [`Originals::insert`] left out for want of room.
     pub fn left_out(&self) -> usize {
         self.left_out

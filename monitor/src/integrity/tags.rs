@@ -33,6 +33,11 @@ pub struct TagSources {
 }
 
 impl PageTags {
+    /// Host memory the tags hold.
+    pub fn held_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| crate::memory::held::vec(&r.tags) + 32).sum()
+    }
+
     /// Tags every page of `baseline` with `key`.
     pub fn build<M: GuestMemory + ?Sized>(
         key: Key,

@@ -102,6 +102,18 @@ pub enum Owner {
     Unknown,
 }
 
+impl Owner {
+    /// Host memory its name holds.
+    fn held_bytes(&self) -> u64 {
+        match self {
+            Owner::Kernel { symbol: n }
+            | Owner::Module { name: n, .. }
+            | Owner::Bpf { name: n } => n.len() as u64,
+            Owner::Unknown => 0,
+        }
+    }
+}
+
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -397,6 +409,25 @@ impl<'a, 'p> Code<'a, 'p> {
 }
 
 impl Inventory {
+    /// Host memory the inventory holds.
+    pub fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        let strings =
+            |v: &Vec<String>| held::vec(v) + v.iter().map(|s| held::string(s)).sum::<u64>();
+        let hooks: u64 = self
+            .hooks
+            .iter()
+            .map(|h| {
+                strings(&h.hooked)
+                    + held::vec(&h.flags)
+                    + held::vec(&h.callbacks)
+                    + h.callbacks.iter().map(|c| c.owner.held_bytes()).sum::<u64>()
+                    + strings(&h.forged)
+            })
+            .sum();
+        let bpf: u64 = self.bpf.iter().map(|b| held::string(&b.name)).sum();
+        held::vec(&self.hooks) + hooks + held::vec(&self.bpf) + bpf + strings(&self.unread)
+    }
     /// Hooks by mechanism and owner (each of [`OWNER_KINDS`], by the most
     /// foreign of its callbacks' owners), every pair listed, zeros too:
     /// label values a guest cannot choose.
@@ -607,6 +638,9 @@ fn bpf_trampolines<M: GuestMemory + ?Sized>(
         if !seen.insert(node) || seen.len() > MAX_HOOKS {
             return Err(format!("a list loops or BPF's trampolines are more than {MAX_HOOKS}"));
         }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
+        }
         Ok(())
     };
     let mut bound = Vec::new();
@@ -810,6 +844,9 @@ fn ftrace_hooks<M: GuestMemory + ?Sized>(
     while at != end && at != 0 {
         if !seen.insert(at) || seen.len() > MAX_HOOKS {
             return Err(format!("the ops list loops or is longer than {MAX_HOOKS}"));
+        }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
         }
         let field = |off: u64| read_u64(mem, space, at.wrapping_add(off));
         let func = field(func_off).ok_or_else(|| format!("ops at {at:#x} unreadable"))?;
@@ -1312,6 +1349,9 @@ fn kprobe_hooks<M: GuestMemory + ?Sized>(
                 if !seen.insert(node) || seen.len() > MAX_HOOKS {
                     return Err(format!("a kprobe chain loops or is longer than {MAX_HOOKS}"));
                 }
+                if crate::integrity::check::Deadline::stops(seen.len()) {
+                    return Err(crate::integrity::check::OUT_OF_TIME.into());
+                }
                 let kp = node.wrapping_sub(hlist);
                 let pre = read_u64(mem, space, kp.wrapping_add(pre_off)).unwrap_or(0);
                 if pre != 0 && Some(pre) == aggr {
@@ -1410,6 +1450,9 @@ fn die_notifiers<M: GuestMemory + ?Sized>(
     while nb != 0 {
         if !seen.insert(nb) || seen.len() > MAX_HOOKS {
             return Err(format!("die_chain loops or is longer than {MAX_HOOKS}"));
+        }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
         }
         let call = read_u64(mem, space, nb.wrapping_add(call_off))
             .ok_or_else(|| format!("notifier at {nb:#x} unreadable"))?;

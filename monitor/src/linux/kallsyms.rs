@@ -32,6 +32,8 @@
 
 use std::collections::HashMap;
 
+use crate::integrity::check::{Deadline, OUT_OF_TIME};
+
 /// Most symbols believed (a Debian kernel has about 150,000).
 const MAX_SYMS: usize = 1 << 19;
 /// Longest name a kernel gives a symbol (`KSYM_NAME_LEN` since 6.1), its
@@ -146,6 +148,9 @@ pub fn find(image: &[u8]) -> Result<Tables, KallsymsError> {
                 "more than {MAX_CANDIDATES} token-table look-alikes; giving up"
             )));
         }
+        if Deadline::passed() {
+            return Err(KallsymsError::Inconsistent(OUT_OF_TIME.into()));
+        }
         match try_at(image, digits) {
             Ok(t) => return Ok(t),
             Err(e) => last = e,
@@ -188,8 +193,13 @@ fn try_at(b: &[u8], digits: usize) -> Result<Tables, KallsymsError> {
     let hi = markers.len() * 256;
     let search_from = markers_at.saturating_sub(64 << 20);
     let mut q = markers_at.saturating_sub(8) & !3;
+    let mut steps = 0usize;
     while q > search_from {
         q -= 4;
+        steps += 1;
+        if Deadline::stops(steps) {
+            return Err(bad(OUT_OF_TIME));
+        }
         let Some(n) = u32_at(b, q).map(|v| v as usize) else { break };
         if n < lo || n > hi {
             continue;
@@ -572,6 +582,23 @@ mod tests {
         }
         let e = find(&b).unwrap_err().to_string();
         assert!(e.contains("look-alikes"), "{e}");
+    }
+
+    /// The search stops at the check's deadline, saying so, and finds the
+    /// tables without one.
+    #[test]
+    fn the_search_stops_at_the_deadline() {
+        use crate::integrity::check::Deadline;
+        let (img, _) = build(&symbols(1000), 0xffff_ffff_8100_0000, Layout::EarlySeqs);
+        let past = Deadline {
+            at: std::time::Instant::now() - std::time::Duration::from_secs(1),
+            limit: std::time::Duration::from_secs(30),
+        };
+        let entered = Deadline::enter(Some(past));
+        let e = find(&img).unwrap_err().to_string();
+        assert!(e.contains(OUT_OF_TIME), "{e}");
+        drop(entered);
+        assert!(find(&img).is_ok());
     }
 
     proptest::proptest! {

@@ -27,6 +27,10 @@ pub(crate) struct NotLive {
     /// the patch review's originals; past it a module's text is kept as
     /// page hashes only (see [`MODULE_TEXT_KEPT`]).
     pub(crate) keep: u64,
+    /// What the domain's memory budget leaves the modules' text kept whole
+    /// (`limits.guest_memory` less what the rest of the watch holds):
+    /// text past the smaller of this and `keep` is kept as hashes only.
+    pub(crate) room: u64,
 }
 
 /// Module text kept whole per domain unless configured
@@ -47,7 +51,12 @@ pub const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(120
 
 impl Default for NotLive {
     fn default() -> Self {
-        NotLive { since: HashMap::new(), grace: MODULE_GRACE, keep: MODULE_TEXT_KEPT }
+        NotLive {
+            since: HashMap::new(),
+            grace: MODULE_GRACE,
+            keep: MODULE_TEXT_KEPT,
+            room: u64::MAX,
+        }
     }
 }
 
@@ -223,7 +232,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                     text_pages: hashes.len() as u64,
                 });
                 let mut bytes = bytes;
-                if kept.saturating_add(bytes.len() as u64) > not_live.keep {
+                if kept.saturating_add(bytes.len() as u64) > not_live.keep.min(not_live.room) {
                     bytes = Vec::new();
                 }
                 kept += bytes.len() as u64;
@@ -284,11 +293,18 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                 GuestVirtAddr(md.base),
                 gpa,
             );
+            let limit = if not_live.room < not_live.keep {
+                format!(
+                    "what the domain's memory budget (limits.guest_memory) leaves them, {} MiB",
+                    not_live.room >> 20
+                )
+            } else {
+                format!("the {} MiB of limits.module_text", not_live.keep >> 20)
+            };
             f.detail = format!(
-                "module {}'s text is kept as page hashes only: the domain's modules already hold the {} MiB \
-                 of text kept whole (limits.module_text); a change to it is a violation, the kernel's own patches too",
-                md.name,
-                not_live.keep >> 20
+                "module {}'s text is kept as page hashes only: the domain's modules already hold {limit} \
+                 of text kept whole; a change to it is a violation, the kernel's own patches too",
+                md.name
             );
             out.push(f);
         }
@@ -575,6 +591,25 @@ mod tests {
         }
         let t = &known[&("churn".to_owned(), W + PAGE_SIZE)];
         assert!(t.bytes.is_empty() && t.hashes.len() == 1);
+        assert!(found_detail_names(
+            &m,
+            &ram,
+            NotLive { keep: 0, ..NotLive::default() },
+            "limits.module_text"
+        ));
+        // The domain's memory budget leaving no room does the same, and
+        // says which bound it was.
+        assert!(found_detail_names(
+            &m,
+            &ram,
+            NotLive { room: 0, ..NotLive::default() },
+            "limits.guest_memory"
+        ));
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let mut roomy = NotLive { room: PAGE_SIZE, ..NotLive::default() };
+        let found = protect_modules((&mut known, &mut roomy), &mut events, &m, &ram, &Window, now);
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(known[&("churn".to_owned(), W + PAGE_SIZE)].bytes.len() as u64, PAGE_SIZE);
         // Known modules (in any state: this one listed as unloading)
         // holding every page allowed: a new one is not followed, and that
         // is a violation.
@@ -599,6 +634,23 @@ mod tests {
         assert_eq!(found[0].severity, Severity::Violation);
         assert!(found[0].detail.contains("is not protected"), "{}", found[0].detail);
         assert_eq!(known.len(), 1, "the new module held past the bound");
+    }
+
+    /// Whether a first check under `not_live` keeps the module's text as
+    /// hashes only, saying so with `bound` named.
+    fn found_detail_names(
+        m: &semantic::Matched<'_>,
+        ram: &crate::memory::RawDump,
+        mut not_live: NotLive,
+        bound: &str,
+    ) -> bool {
+        let (mut known, mut events) = (HashMap::new(), Vec::new());
+        let now = std::time::Instant::now();
+        let found = protect_modules((&mut known, &mut not_live), &mut events, m, ram, &Window, now);
+        found.len() == 1
+            && found[0].detail.contains("kept as page hashes only")
+            && found[0].detail.contains(bound)
+            && known.values().all(|t| t.bytes.is_empty())
     }
 
     /// [`Window`], with the module's text page unmapped once `gone` is set.

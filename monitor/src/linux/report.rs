@@ -45,7 +45,12 @@ pub struct KernelFacts {
     /// 0 when no profile matched.
     #[serde(skip_serializing_if = "is_zero")]
     pub guest_memory: u64,
-    /// The budget, in bytes, when a profile matched.
+    /// Bytes the watch held from the check before (its baseline, original
+    /// pages and page tags, modules' text, patch sites, hooks, symbols),
+    /// counted against the same budget first.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub guest_memory_held: u64,
+    /// The budget, in bytes.
     #[serde(skip_serializing_if = "is_zero")]
     pub guest_memory_limit: u64,
     /// The first read the budget refused: that table, and any read after

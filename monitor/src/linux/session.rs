@@ -180,6 +180,34 @@ impl KernelSession {
         self.guest_memory = Some(bytes);
     }
 
+    /// Host memory the session holds from check to check, by what holds it:
+    /// the modules' text kept whole (and their page hashes), and the rest.
+    pub fn held_bytes(&self) -> (u64, u64) {
+        use crate::memory::held;
+        let text: u64 = self.modules.values().map(|t| held::vec(&t.bytes)).sum();
+        let modules: u64 = held::map(&self.modules)
+            + self
+                .modules
+                .iter()
+                .map(|((n, _), t)| held::string(n) + held::vec(&t.hashes))
+                .sum::<u64>()
+            + held::map(&self.modules_not_live.since)
+            + self.modules_not_live.since.keys().map(|(n, _)| held::string(n)).sum::<u64>()
+            + held::vec(&self.module_events)
+            + self.module_events.iter().map(|e| held::string(&e.name)).sum::<u64>();
+        let symbols = match &self.guest_symbols {
+            Some(Some(g)) => g.held_bytes(),
+            _ => 0,
+        };
+        let rest = modules
+            + self.patch.held_bytes()
+            + held::map(&self.recognized)
+            + held::map(&self.unlisted_seen)
+            + symbols
+            + self.hooks.as_ref().map_or(0, Inventory::held_bytes);
+        (text, rest)
+    }
+
     /// Module text kept whole, in bytes, across the domain's modules.
     pub fn set_module_text(&mut self, bytes: u64) {
         self.modules_not_live.keep = bytes;
@@ -216,9 +244,25 @@ impl KernelSession {
         profiles: &[Profile],
         how: How<'_>,
     ) -> Result<Examined, CheckError> {
+        // Loops over guest data (list walks, the kallsyms search) stop at
+        // the deadline too, and the stage after them fails the check.
+        let _running = Deadline::enter(how.deadline);
         // Read again below when a profile matches; never an earlier check's.
         self.hooks = None;
+        // One budget per domain: what the watch holds from check to check
+        // is counted first; the modules' text kept whole and this
+        // examination's reads share the rest.
+        let limit = self.guest_memory.unwrap_or(semantic::ReadBudget::DEFAULT);
+        let (text, rest) = self.held_bytes();
+        let held = text
+            + rest
+            + baseline.held_bytes()
+            + originals.held_bytes()
+            + how.tags.map_or(0, PageTags::held_bytes);
+        self.modules_not_live.room = limit.saturating_sub(held - text);
         let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
+        r.kernel.guest_memory_held = held;
+        r.kernel.guest_memory_limit = limit;
         Deadline::check(how.deadline, "the page and mapping check")?;
         // What differed from the vendor's image when the baseline was taken
         // stays a violation at every check: it was never good.
@@ -241,9 +285,7 @@ impl KernelSession {
         // Syscall tables and IDT gates are small: both scopes check them.
         match semantic::match_profile(profiles, mem, view, view.identification.image_base) {
             Some(mut m) => {
-                m.reads = semantic::ReadBudget::new(
-                    self.guest_memory.unwrap_or(semantic::ReadBudget::DEFAULT),
-                );
+                m.reads = semantic::ReadBudget::new(limit).holding(held);
                 let (found, now) = self.records(&mut m, baseline, (mem, view, regs), how);
                 Deadline::check(how.deadline, "the kernel's records and hooks")?;
                 r.kernel.profile = Some(m.profile.release.clone());
@@ -283,7 +325,6 @@ impl KernelSession {
                 let accepted = patch::review(&mut r, &m, (mem, view), &text, state, how.clock);
                 Deadline::check(how.deadline, "the patch review")?;
                 r.kernel.guest_memory = m.reads.used();
-                r.kernel.guest_memory_limit = m.reads.limit();
                 r.kernel.guest_memory_refused = m.reads.refused();
                 if let Some(why) = &r.kernel.guest_memory_refused {
                     warnings.push(format!(
@@ -347,7 +388,11 @@ impl KernelSession {
                     });
                     if let Some(syms) = syms {
                         r.check.symbolize(|gva| syms.locate(gva));
+                    } else if Deadline::passed() {
+                        // Stopped, not absent: looked for again next time.
+                        self.guest_symbols = None;
                     }
+                    Deadline::check(how.deadline, "naming from the guest's kallsyms")?;
                 }
                 if how.changes {
                     let syms = self.guest_symbols.as_ref().and_then(Option::as_ref);

@@ -9,6 +9,7 @@
 mod dump;
 mod elfcore;
 pub mod faults;
+pub mod held;
 mod layout;
 mod mapped;
 mod process;

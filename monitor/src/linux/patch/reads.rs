@@ -19,6 +19,9 @@ pub(crate) fn walk_list<M: GuestMemory + ?Sized>(
         if !seen.insert(next) || seen.len() > MAX_LIST {
             return Err(format!("list at {head:#x} loops or is longer than {MAX_LIST}"));
         }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
+        }
         each(next);
         next = read_u64(mem, space, next).ok_or_else(|| format!("list at {head:#x} breaks off"))?;
     }
@@ -165,6 +168,9 @@ pub(super) fn ftrace_ops<M: GuestMemory + ?Sized>(
     while at != end && at != 0 {
         if !seen.insert(at) || seen.len() > MAX_LIST {
             return Err("the ops list loops or is too long".into());
+        }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
         }
         ops.push(Ops {
             at,
@@ -350,6 +356,9 @@ pub(super) fn ftrace_records<M: GuestMemory + ?Sized>(
         if !seen.insert(pg) || seen.len() > MAX_FTRACE_PAGES {
             return Err("the ftrace page list loops or is too long".into());
         }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
+        }
         let recs = read_u64(mem, space, pg.wrapping_add(recs_off))
             .ok_or("a page's records pointer unreadable")?;
         let n = u64::from(
@@ -389,6 +398,9 @@ pub(super) fn kprobes<M: GuestMemory + ?Sized>(
         while node != 0 {
             if !seen.insert(node) || seen.len() > MAX_LIST {
                 return Err("a kprobe chain loops or is too long".into());
+            }
+            if crate::integrity::check::Deadline::stops(seen.len()) {
+                return Err(crate::integrity::check::OUT_OF_TIME.into());
             }
             let kp = node.wrapping_sub(hlist);
             let addr =

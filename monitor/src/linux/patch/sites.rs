@@ -210,6 +210,17 @@ impl SiteMap {
 pub struct SiteMemo(Option<([u8; 32], std::sync::Arc<SiteMap>)>);
 
 impl SiteMemo {
+    /// Host memory the kept site map holds.
+    pub(super) fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        self.0.as_ref().map_or(0, |(_, m)| {
+            held::btree(&m.sites)
+                + held::vec(&m.keys)
+                + held::vec(&m.problems)
+                + m.problems.iter().map(|(_, p)| held::string(p)).sum::<u64>()
+        })
+    }
+
     /// The site map of `inputs`: the one kept when they are what it was
     /// made from, else a new one (then kept).
     pub(super) fn get(&mut self, m: &Matched<'_>, inputs: &SiteInputs) -> std::sync::Arc<SiteMap> {

@@ -93,6 +93,31 @@ pub(super) struct Pending {
 }
 
 impl PatchMemory {
+    /// Host memory this memory holds, the site map kept with it too.
+    pub fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        let patched = |p: &Patched| held::vec(&p.bytes);
+        let accepted: u64 = self
+            .accepted_pages
+            .values()
+            .map(|(_, ps)| held::vec(ps) + ps.iter().map(patched).sum::<u64>())
+            .sum();
+        held::map(&self.sites)
+            + self.sites.values().map(patched).sum::<u64>()
+            + held::map(&self.accepted_pages)
+            + accepted
+            + held::map(&self.callers)
+            + held::map(&self.direct)
+            + held::map(&self.funcs)
+            + held::map(&self.kprobes)
+            + held::map(&self.optinsn)
+            + held::map(&self.key_funcs)
+            + self.key_funcs.values().map(held::vec).sum::<u64>()
+            + held::map(&self.pending)
+            + held::map(&self.int3_since)
+            + self.site_memo.held_bytes()
+    }
+
     /// Remembers that key `k` held (or a settled site of it called) `f` at
     /// `now`.
     pub(super) fn remember_key_func(&mut self, k: u64, f: u64, now: std::time::Instant) {

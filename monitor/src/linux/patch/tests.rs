@@ -784,3 +784,45 @@ fn whole_table_reads_share_one_budget() {
     let e = read_counted(&m, (&f.mem, &f), (TEXT_VA, MAX_TABLE_BYTES + 1), 0, "huge").unwrap_err();
     assert!(e.contains("implausibly long"), "{e}");
 }
+
+/// A list walk stops at the check's deadline (asked every 256 entries),
+/// saying so, and walks the whole list without one: a forged list of the
+/// most entries allowed, each read through the page tables, cannot hold a
+/// check past its time limit.
+#[test]
+fn a_list_walk_stops_at_the_deadline() {
+    use crate::integrity::check::{Deadline, OUT_OF_TIME};
+    use crate::x86::{Mapping, Perms};
+    struct Identity;
+    impl AddressSpace for Identity {
+        fn image_pages(&self) -> &[Mapping] {
+            &[]
+        }
+        fn translate(&self, gva: GuestVirtAddr) -> Option<(GuestPhysAddr, Perms)> {
+            let perms = Perms { writable: true, user: false, executable: false };
+            (gva.raw() < 1 << 20).then_some((GuestPhysAddr(gva.raw()), perms))
+        }
+    }
+    // Nodes 64 bytes apart, each pointing at the next; the last at the head.
+    let nodes = MAX_LIST as u64;
+    let mut ram = vec![0u8; 1 << 20];
+    for i in 0..nodes {
+        let next = if i + 1 == nodes { 0 } else { (i + 1) * 64 };
+        ram[(i * 64) as usize..][..8].copy_from_slice(&next.to_le_bytes());
+    }
+    let mem = RawDump::from_bytes(ram);
+    let mut seen = 0u64;
+    walk_list(&mem, &Identity, 0, |_| seen += 1).unwrap();
+    assert_eq!(seen, nodes - 1);
+    let past = Deadline {
+        at: std::time::Instant::now() - std::time::Duration::from_secs(1),
+        limit: std::time::Duration::from_secs(30),
+    };
+    let entered = Deadline::enter(Some(past));
+    let mut seen = 0u64;
+    let e = walk_list(&mem, &Identity, 0, |_| seen += 1).unwrap_err();
+    assert_eq!(e, OUT_OF_TIME);
+    assert!(seen < 256, "{seen} entries walked past the deadline");
+    drop(entered);
+    assert!(!Deadline::passed(), "the deadline outlived its guard");
+}

@@ -49,16 +49,21 @@ const EXCEPTIONS: &[(u8, &str)] = &[
     (29, "asm_exc_vmm_communication"),
 ];
 
-/// Bytes of guest data one examination may hold at once for the tables,
-/// records and symbols it reads whole (patch tables, ftrace records, module
-/// symbol tables, hook tables), shared by every reader of the examination:
-/// each table is bounded alone, and this bounds their sum, so that a guest
-/// listing thousands of modules with huge tables cannot make the host hold
-/// gigabytes. Past it, a read is refused (its reader treats the table as
-/// unreadable) and the first refusal is kept to be said.
+/// The per-domain budget of host memory (`limits.guest_memory`) as one
+/// examination draws on it: what the watch holds from check to check (the
+/// baseline and its original pages, modules' text, patch sites, hooks,
+/// symbols: `held`) is counted first, and the tables, records and symbols
+/// the examination reads whole (patch tables, ftrace records, module symbol
+/// tables, hook tables) share the rest. Each table is bounded alone, and
+/// this bounds their sum, so that a guest listing thousands of modules with
+/// huge tables cannot make the host hold gigabytes. Past it, a read is
+/// refused (its reader treats the table as unreadable) and the first
+/// refusal is kept to be said.
 #[derive(Debug)]
 pub struct ReadBudget {
     limit: u64,
+    /// Held by the watch across checks, counted against `limit` first.
+    held: u64,
     /// Taken by the reading under way (see [`ReadBudget::begin_pass`]).
     used: std::sync::atomic::AtomicU64,
     /// The most any reading took.
@@ -67,18 +72,33 @@ pub struct ReadBudget {
 }
 
 impl ReadBudget {
-    /// The default per examination (`limits.guest_memory`).
-    pub const DEFAULT: u64 = 48 << 20;
+    /// The default per domain (`limits.guest_memory`): a lab guest's watch
+    /// holds some 17 MiB (its baseline, original pages and tags, patch
+    /// sites) and reads well under 1 MiB of tables; a distribution guest's
+    /// larger kernel and its modules' text (usually a few MiB) fit with
+    /// room to spare.
+    pub const DEFAULT: u64 = 64 << 20;
 
     pub fn new(limit: u64) -> Self {
-        Self { limit, used: 0.into(), peak: 0.into(), refused: std::sync::Mutex::new(None) }
+        Self {
+            limit,
+            held: 0,
+            used: 0.into(),
+            peak: 0.into(),
+            refused: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// This budget, `held` bytes of it already held across checks.
+    pub fn holding(self, held: u64) -> Self {
+        Self { held, ..self }
     }
 
     /// Takes `bytes` for `what`, or refuses (and keeps the first refusal).
     pub fn take(&self, bytes: u64, what: &str) -> Result<(), String> {
         use std::sync::atomic::Ordering::SeqCst;
         let taken = self.used.fetch_update(SeqCst, SeqCst, |used| {
-            used.checked_add(bytes).filter(|&after| after <= self.limit)
+            used.checked_add(bytes).filter(|&after| after.saturating_add(self.held) <= self.limit)
         });
         match taken {
             Ok(before) => {
@@ -87,8 +107,10 @@ impl ReadBudget {
             }
             Err(used) => {
                 let why = format!(
-                    "{what}: {bytes} more bytes would pass the guest memory budget of {} MiB (limits.guest_memory; {used} bytes held)",
-                    self.limit >> 20
+                    "{what}: {bytes} more bytes would pass the guest memory budget of {} MiB (limits.guest_memory; \
+                     {used} bytes held by this reading, {} across checks)",
+                    self.limit >> 20,
+                    self.held
                 );
                 self.refused.lock().expect("budget lock").get_or_insert_with(|| why.clone());
                 Err(why)
@@ -117,6 +139,11 @@ impl ReadBudget {
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// Bytes held across checks, counted first.
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     /// The first read refused, if any was.

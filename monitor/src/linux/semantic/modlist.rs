@@ -105,6 +105,9 @@ pub fn walk_modules<M: GuestMemory + ?Sized>(
         if !seen.insert(next) || out.len() >= MAX_MODULES {
             return Err(format!("the module list loops or is longer than {MAX_MODULES}"));
         }
+        if crate::integrity::check::Deadline::stops(seen.len()) {
+            return Err(crate::integrity::check::OUT_OF_TIME.into());
+        }
         let md = next.wrapping_sub(list);
         // A (base, size) pair of the module's, believed up to MAX_INIT_TEXT.
         let slot = |at: Option<(u64, u64)>| {

@@ -18,6 +18,12 @@ pub struct GuestSymbols {
 }
 
 impl GuestSymbols {
+    /// Host memory the names hold.
+    pub fn held_bytes(&self) -> u64 {
+        use crate::memory::held;
+        held::vec(&self.code) + self.code.iter().map(|(_, n)| held::string(n)).sum::<u64>()
+    }
+
     /// Reads the rodata region's pages (as the kernel model found them) and
     /// looks for kallsyms in them.
     pub fn read<M: GuestMemory + ?Sized>(

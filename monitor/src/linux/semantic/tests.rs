@@ -359,3 +359,23 @@ fn gates_decode() {
     g[5] = 0x8e;
     assert_eq!(gate_target(&g), Some(addr));
 }
+
+/// What the watch holds from check to check is counted against the
+/// domain's budget first; the reads share the rest, and a refusal says
+/// both.
+#[test]
+fn what_the_watch_holds_is_counted_before_the_reads() {
+    let b = ReadBudget::new(10 << 20).holding(8 << 20);
+    assert_eq!(b.held(), 8 << 20);
+    assert!(b.take(1 << 20, "table 1").is_ok());
+    let e = b.take(2 << 20, "table 2").unwrap_err();
+    assert!(e.starts_with("table 2:") && e.contains("limits.guest_memory"), "{e}");
+    assert!(
+        e.contains(&format!("{} bytes held by this reading, {} across checks", 1 << 20, 8 << 20)),
+        "{e}"
+    );
+    assert_eq!(b.refused().as_deref(), Some(e.as_str()));
+    // Held past the budget already: nothing is read.
+    assert!(ReadBudget::new(10 << 20).holding(11 << 20).take(1, "table").is_err());
+    assert!(ReadBudget::new(10 << 20).take(10 << 20, "table").is_ok());
+}
