@@ -35,8 +35,16 @@ fn lab_patching_storms_give_no_violations_and_attacks_are_still_caught() {
 
     // A minute of storms, checked every second: not one violation.
     let start = Instant::now();
+    let dom = format!("domain=\"{}\"", g.name);
+    let (mut most_patched, mut most_pending) = (0f64, None::<f64>);
     while start.elapsed() < STORM {
         std::thread::sleep(Duration::from_secs(5));
+        // The sites patched away from the baseline now, and those held
+        // while they disagree with their records.
+        most_patched = most_patched.max(d.metric("vigil_patched_sites", &dom).unwrap_or(0.0));
+        if let Some(p) = d.metric("vigil_patch_sites_pending", &dom) {
+            most_pending = Some(most_pending.unwrap_or(0.0).max(p));
+        }
         let v = all_violations(&d, &g.name);
         if !v.is_empty() {
             let now = d.control(&json!({ "command": "check", "domain": g.name }));
@@ -56,6 +64,9 @@ fn lab_patching_storms_give_no_violations_and_attacks_are_still_caught() {
     let checks = d.metric("vigil_checks_total", &format!("domain=\"{}\",scope=\"full\"", g.name));
     eprintln!("full checks during the storms: {checks:?}");
     assert!(checks.unwrap_or(0.0) >= 30.0, "too few full checks: {checks:?}");
+    eprintln!("patched sites at most {most_patched}, pending at most {most_pending:?}");
+    assert!(most_patched > 0.0, "vigil_patched_sites stayed 0 through the storms");
+    assert!(most_pending.is_some(), "vigil_patch_sites_pending not exported:\n{}", d.metrics());
     for kind in PatchKind::ALL {
         let n = d.metric(
             "vigil_patches_accepted_total",

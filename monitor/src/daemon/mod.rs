@@ -661,7 +661,7 @@ mod tests {
     /// found gone (a migration's end) still reach the log with libvirt's
     /// reason; those for a domain never watched do not.
     /// A daemon's shared state with no hypervisor, logging to `path`.
-    fn shared_logging_to(path: &std::path::Path) -> super::Shared {
+    pub(super) fn shared_logging_to(path: &std::path::Path) -> super::Shared {
         use std::collections::HashMap;
         use std::sync::{Arc, Mutex, RwLock};
         let settings = super::Settings::load(None, &super::config::Overrides::default()).unwrap();
@@ -686,7 +686,7 @@ mod tests {
     }
 
     /// Gives `shared` a task for domain `uuid`, numbered `id`.
-    fn with_task(shared: &super::Shared, uuid: &str, id: u64) {
+    pub(super) fn with_task(shared: &super::Shared, uuid: &str, id: u64) {
         let (cancel, _) = tokio::sync::watch::channel(false);
         let (commands, _) = tokio::sync::mpsc::channel(1);
         let reboot = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -697,7 +697,7 @@ mod tests {
             .insert(uuid.into(), super::Task { id, cancel, reboot, commands });
     }
 
-    fn logged(path: &std::path::Path) -> Vec<serde_json::Value> {
+    pub(super) fn logged(path: &std::path::Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
             .unwrap()
             .lines()

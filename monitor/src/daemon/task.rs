@@ -711,3 +711,79 @@ async fn absorb(
 pub(super) fn provisional_window(s: &Settings) -> Duration {
     s.settle * 12
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{logged, shared_logging_to, with_task};
+    use super::*;
+    use crate::watch::GuestError;
+
+    /// A check that finds its domain gone (destroyed, migrated away between
+    /// two checks, before libvirt's event arrived) is counted as
+    /// `domain_lost`, answers a forced check with the reason, and retires
+    /// the task with a detached event that says the domain was lost; a
+    /// check failing otherwise keeps the task.
+    #[tokio::test]
+    async fn a_check_that_finds_the_domain_gone_counts_it_and_lets_it_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let shared = Arc::new(shared_logging_to(&path));
+        with_task(&shared, "u1", 7);
+        let (_cancel, cancel) = tokio_watch::channel(false);
+        let (_commands, commands) = mpsc::channel(1);
+        let mut task = DomainTask {
+            shared: shared.clone(),
+            task_id: 7,
+            uuid: "u1".into(),
+            name: "g1".into(),
+            cancel,
+            reboot: Arc::new(tokio::sync::Notify::new()),
+            commands,
+            seed: 1,
+            estimate: [Duration::ZERO; 2],
+        };
+        let subject =
+            Subject { host: "h".into(), domain: "g1".into(), uuid: "u1".into(), boot: "b".into() };
+        let mut watch = Watch {
+            subject,
+            reported: HashMap::new(),
+            provisional_until: None,
+            times: Timetable::starting(Instant::now()),
+            last_error: String::new(),
+            profile_said: false,
+            memory_said: false,
+            last_evidence: None,
+        };
+        let count = |kind: &str| {
+            shared.sink.metrics.errors.get_or_create(&KindLabels { kind: kind.into() }).get()
+        };
+        let unreadable = WatchError::Guest(GuestError::Memory("a page read failed".into()));
+        assert!(matches!(
+            task.on_error(&mut watch, &unreadable, None),
+            Flow::Then(Phase::Reattaching { .. })
+        ));
+        assert!(shared.tasks.lock().unwrap().contains_key("u1"), "a failed read let the domain go");
+        assert_eq!((count("memory_unreadable"), count("domain_lost")), (1, 0));
+        let gone =
+            WatchError::Guest(GuestError::Gone("Domain not found: no domain with uuid u1".into()));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        assert!(matches!(
+            task.on_error(&mut watch, &gone, Some(reply)),
+            Flow::Then(Phase::Detached)
+        ));
+        assert_eq!(count("domain_lost"), 1);
+        assert!(!shared.tasks.lock().unwrap().contains_key("u1"), "the lost domain's task stays");
+        let answered = answer.await.unwrap().unwrap_err();
+        assert!(answered.contains("no domain with uuid u1"), "{answered}");
+        let said: Vec<(String, String)> = logged(&path)
+            .iter()
+            .map(|l| (l["event"].as_str().unwrap().into(), l["detail"].as_str().unwrap().into()))
+            .collect();
+        let detached =
+            said.iter().find(|(e, _)| e == "detached").unwrap_or_else(|| panic!("{said:#?}"));
+        assert!(
+            detached.1.contains("domain lost") && detached.1.contains("no domain with uuid u1"),
+            "{said:#?}"
+        );
+    }
+}
