@@ -597,7 +597,12 @@ mod tests {
         let entered = Deadline::enter(Some(past));
         let e = find(&img).unwrap_err().to_string();
         assert!(e.contains(OUT_OF_TIME), "{e}");
+        // Within one candidate, the search for the symbol count stops too.
+        let digits = img.windows(DIGITS.len()).position(|w| w == DIGITS).unwrap();
+        let e = try_at(&img, digits).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(OUT_OF_TIME), "{e}");
         drop(entered);
+        assert!(try_at(&img, digits).is_ok());
         assert!(find(&img).is_ok());
     }
 

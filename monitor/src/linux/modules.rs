@@ -232,6 +232,7 @@ pub(crate) fn protect_modules<M: GuestMemory + ?Sized>(
                     text_pages: hashes.len() as u64,
                 });
                 let mut bytes = bytes;
+                bytes.shrink_to_fit(); // held as long as the module is
                 if kept.saturating_add(bytes.len() as u64) > not_live.keep.min(not_live.room) {
                     bytes = Vec::new();
                 }

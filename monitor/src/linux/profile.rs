@@ -606,40 +606,116 @@ impl Profile {
     }
 }
 
-/// Loads every `*.profile` in `dirs` (missing directories are skipped).
-/// Returns the profiles and, for each file refused, its path and the reason.
+/// Loads every `*.profile` in `dirs` (missing directories are skipped), in
+/// order: a profile of a release already loaded from an earlier file is
+/// shadowed by it and not loaded (see [`list_dirs`] to see which). Returns
+/// the profiles and, for each file refused, its path and the reason.
 pub fn load_dir(dirs: &[std::path::PathBuf]) -> (Vec<Profile>, Vec<(std::path::PathBuf, String)>) {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "profile")) {
-            match std::fs::metadata(&path).map(|m| m.len()) {
-                Ok(n) if n > MAX_PROFILE as u64 => {
-                    bad.push((path, ProfileError::TooLarge.to_string()))
-                }
-                Ok(_) => match std::fs::read_to_string(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| Profile::parse(&t).map_err(|e| e.to_string()))
-                {
-                    Ok(mut p) => {
-                        p.file = Some(path.clone());
-                        ok.push(p)
-                    }
-                    Err(e) => bad.push((path, e)),
-                },
-                Err(e) => bad.push((path, e.to_string())),
-            }
+    for found in list_dirs(dirs) {
+        match found.state {
+            Found::Used(p) => ok.push(*p),
+            Found::Refused(why) => bad.push((found.path, why)),
+            Found::Shadowed(_) => {}
         }
     }
     (ok, bad)
 }
 
+/// A profile file on the search path, and what became of it.
+#[derive(Debug)]
+pub struct Listed {
+    pub path: std::path::PathBuf,
+    pub state: Found,
+}
+
+#[derive(Debug)]
+pub enum Found {
+    /// Loaded and used.
+    Used(Box<Profile>),
+    /// A profile of a release an earlier file already gave (that file).
+    Shadowed(std::path::PathBuf),
+    /// Not a profile vigil can use, and why.
+    Refused(String),
+}
+
+/// Every `*.profile` in `dirs` (missing directories are skipped), in
+/// search order (the directories in order, each sorted by name), with
+/// what became of it.
+pub fn list_dirs(dirs: &[std::path::PathBuf]) -> Vec<Listed> {
+    let mut out: Vec<Listed> = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "profile")) {
+            let state = match read_profile(&path) {
+                Err(why) => Found::Refused(why),
+                Ok(p) => {
+                    let earlier = out.iter().find_map(|l| match &l.state {
+                        Found::Used(q) if q.release == p.release => Some(l.path.clone()),
+                        _ => None,
+                    });
+                    match earlier {
+                        Some(by) => Found::Shadowed(by),
+                        None => Found::Used(Box::new(p)),
+                    }
+                }
+            };
+            out.push(Listed { path, state });
+        }
+    }
+    out
+}
+
+fn read_profile(path: &std::path::Path) -> Result<Profile, String> {
+    match std::fs::metadata(path).map(|m| m.len()) {
+        Ok(n) if n > MAX_PROFILE as u64 => Err(ProfileError::TooLarge.to_string()),
+        Ok(_) => {
+            let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+            let mut p = Profile::parse(&text).map_err(|e| e.to_string())?;
+            p.file = Some(path.to_path_buf());
+            Ok(p)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// Along the search path, the first profile of a release is used and
+    /// a later one of the same release is shadowed by it; a file that is
+    /// no profile is refused, with why; a missing directory is skipped.
+    #[test]
+    fn earlier_directories_shadow_later_ones() {
+        let (etc, built) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let text = sample().to_text();
+        std::fs::write(etc.path().join("mine.profile"), &text).unwrap();
+        std::fs::write(built.path().join("6.1.0-test.profile"), &text).unwrap();
+        std::fs::write(built.path().join("broken.profile"), "not a profile").unwrap();
+        std::fs::write(built.path().join("notes.txt"), "ignored").unwrap();
+        let dirs = vec![
+            etc.path().to_path_buf(),
+            std::path::PathBuf::from("/nonexistent/vigil"),
+            built.path().to_path_buf(),
+        ];
+        let listed = list_dirs(&dirs);
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert!(matches!(&listed[0].state, Found::Used(p) if p.release == "6.1.0-test"));
+        assert!(
+            matches!(&listed[1].state, Found::Shadowed(by) if *by == etc.path().join("mine.profile"))
+        );
+        assert_eq!(listed[1].path, built.path().join("6.1.0-test.profile"));
+        assert!(matches!(&listed[2].state, Found::Refused(_)), "{listed:?}");
+        let (used, refused) = load_dir(&dirs);
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].file.as_deref(), Some(etc.path().join("mine.profile").as_path()));
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, built.path().join("broken.profile"));
+    }
 
     pub(crate) fn sample() -> Profile {
         let syms = vec![

@@ -247,8 +247,6 @@ impl KernelSession {
         // Loops over guest data (list walks, the kallsyms search) stop at
         // the deadline too, and the stage after them fails the check.
         let _running = Deadline::enter(how.deadline);
-        // Read again below when a profile matches; never an earlier check's.
-        self.hooks = None;
         // One budget per domain: what the watch holds from check to check
         // is counted first; the modules' text kept whole and this
         // examination's reads share the rest.
@@ -259,7 +257,13 @@ impl KernelSession {
             + baseline.held_bytes()
             + originals.held_bytes()
             + how.tags.map_or(0, PageTags::held_bytes);
-        self.modules_not_live.room = limit.saturating_sub(held - text);
+        // Module text kept whole leaves a quarter of the budget to the
+        // reads, so that a guest's many modules do not make its kernel's
+        // own tables go unread.
+        self.modules_not_live.room = (limit - limit / 4).saturating_sub(held - text);
+        // Read again below when a profile matches; never an earlier check's
+        // (counted above: it is held until then).
+        self.hooks = None;
         let mut r = KernelReport::of(check_tagged(baseline, mem, view, regs, how.scope, how.tags)?);
         r.kernel.guest_memory_held = held;
         r.kernel.guest_memory_limit = limit;
@@ -442,6 +446,11 @@ impl KernelSession {
         }));
         let (ranges, unread) = patch::exec_ranges(m, mem, view);
         let mut found = semantic::check(m, mem, view, regs, &known, Some(&ranges));
+        if Deadline::passed() {
+            // Cut short: the check fails as over time after this, and what
+            // is remembered from check to check stays as it was.
+            return (found, now);
+        }
         if self.across_checks && !how.changes {
             let before = std::mem::take(&mut self.unlisted_seen);
             found.retain(|f| {

@@ -127,6 +127,12 @@ pub fn review<M: GuestMemory + ?Sized>(
             let v = verify_pages(&tables, &pages, mem, space, &original, &name);
             (tables, v)
         });
+        // A read cut short at the check's deadline (the check fails as
+        // over time, after this) leaves what is remembered as it was: its
+        // tables are not the kernel's whole records.
+        if crate::integrity::check::Deadline::passed() {
+            return Vec::new();
+        }
         if !tables.problems.iter().any(|(sev, _)| *sev == Severity::Violation) {
             memory.hold_disagreements(&mut v, clock.now());
         }

@@ -247,6 +247,38 @@ pub fn read_virt(
     Some((out, first_gpa?))
 }
 
+/// The `Linux version ...` line in the guest's read-only data, as the
+/// guest wrote it (evidence, not identity: a profile matches by its own
+/// banner at its own address), for telling an operator which kernel a
+/// guest without a profile runs. At most 256 printable bytes.
+pub fn guest_banner<M: GuestMemory + ?Sized>(
+    mem: &M,
+    rodata: &crate::integrity::RegionLayout,
+) -> Option<String> {
+    const START: &[u8] = b"Linux version ";
+    let mut tail: Vec<u8> = Vec::new();
+    for p in &rodata.pages {
+        let mut page = vec![0u8; crate::addr::PAGE_BYTES];
+        mem.read(p.gpa, &mut page).ok()?;
+        // The line may cross from the last page into this one.
+        let mut window = std::mem::take(&mut tail);
+        window.extend_from_slice(&page);
+        if let Some(at) = window.windows(START.len()).position(|w| w == START) {
+            let line: Vec<u8> = window[at..]
+                .iter()
+                .copied()
+                .take_while(|&c| c == b' ' || c.is_ascii_graphic())
+                .take(256)
+                .collect();
+            if at + line.len() < window.len() {
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+        }
+        tail = window[window.len().saturating_sub(256 + START.len())..].to_vec();
+    }
+    None
+}
+
 /// Finds the profile whose banner the guest's `linux_banner` holds.
 pub fn match_profile<'p, M: GuestMemory + ?Sized>(
     profiles: &'p [Profile],
