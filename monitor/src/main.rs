@@ -57,7 +57,9 @@ struct Cli {
     #[arg(long, global = true, env = "VIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Directories of guest profiles (`*.profile`), for names and semantic checks
-    /// (repeat, or separate with ':') [default: /usr/share/vigil/guest-profiles].
+    /// (repeat, or separate with ':'), replacing the search path [default:
+    /// /etc/vigil/guest-profiles, STATE_DIR/guest-profiles, /usr/share/vigil/guest-profiles;
+    /// see `vigil profile list`].
     #[arg(long = "profiles", global = true, env = "VIGIL_PROFILES", value_delimiter = ':')]
     profiles: Vec<PathBuf>,
     /// The daemon's control socket, for `status` and `accept` (and where `daemon` creates it)
@@ -303,9 +305,32 @@ enum ProfileCommand {
     Build {
         /// The kernel image, as the distribution ships it (e.g. /boot/vmlinuz-6.1.0-56-cloud-amd64).
         vmlinuz: PathBuf,
-        /// Where to write it [default: guest-profiles/<release>.profile].
+        /// Where to write it [default: STATE_DIR/guest-profiles/<release>.profile, on the
+        /// search path of `vigil check` and the daemon; ./guest-profiles/ if that cannot be
+        /// written].
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
+    },
+    /// List the guest profiles found, and which running domain's kernel each matches
+    ///
+    /// Profiles are looked for in, in order:
+    ///
+    ///   /etc/vigil/guest-profiles          your own
+    ///   STATE_DIR/guest-profiles           made by `vigil profile build` on this host
+    ///   /usr/share/vigil/guest-profiles    shipped with vigil
+    ///
+    /// The first profile of a kernel release is used; one of the same release
+    /// later in the path is shadowed. --profiles replaces the path. A domain
+    /// whose kernel no profile matches is listed with the kernel's own banner,
+    /// to say which vmlinuz to build one from.
+    #[command(verbatim_doc_comment)]
+    List {
+        /// Only the profiles: do not ask libvirt for the running domains.
+        #[arg(long)]
+        no_domains: bool,
+        /// How to read guest memory.
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
+        source: Source,
     },
 }
 
@@ -323,7 +348,7 @@ fn main() -> ExitCode {
 
 fn profile_dirs(cli: &Cli) -> Vec<PathBuf> {
     if cli.profiles.is_empty() {
-        vec![PathBuf::from(vigil::paths::PROFILES_DIR)]
+        vigil::paths::profile_path(&state_dir(cli))
     } else {
         cli.profiles.clone()
     }
@@ -378,7 +403,10 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             verify(cli, domain.as_deref(), dump.as_deref(), reference.as_deref())
         }
         Command::Profile(ProfileCommand::Build { vmlinuz, output }) => {
-            profile_build(vmlinuz, output.as_deref())
+            profile_build(cli, vmlinuz, output.as_deref())
+        }
+        Command::Profile(ProfileCommand::List { no_domains, source }) => {
+            profile_list(cli, !*no_domains, *source)
         }
         Command::Accept { domain, reason, diff_digest } => {
             let req = Request::Accept {
@@ -611,18 +639,44 @@ fn check_domain(
     Ok(if report.check.intact { EXIT_OK } else { EXIT_VIOLATIONS })
 }
 
-fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
+/// Where `vigil profile build` writes a profile of `release` when not told:
+/// the search path's own directory for built profiles, or, when that cannot
+/// be made or written (not root), `./guest-profiles`, with a note saying
+/// how to use it.
+fn built_profile_path(cli: &Cli, release: &str) -> PathBuf {
+    let file = format!("{release}.profile");
+    let dir = vigil::paths::built_profiles(&state_dir(cli));
+    let writable = std::fs::create_dir_all(&dir).and_then(|()| {
+        let probe = dir.join(format!(".{file}.probe"));
+        std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe))
+    });
+    match writable {
+        Ok(()) => dir.join(file),
+        Err(e) => {
+            let here = PathBuf::from("guest-profiles");
+            eprintln!(
+                "vigil: note: {} cannot be written ({e}), so the profile goes to {}: use it with \
+                 `--profiles {}`, or copy it (and its .reference) to {} as root, where `vigil check` \
+                 and the daemon look",
+                dir.display(),
+                here.join(&file).display(),
+                here.display(),
+                dir.display()
+            );
+            here.join(file)
+        }
+    }
+}
+
+fn profile_build(cli: &Cli, vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
     let bytes = std::fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
     let name = vmlinuz.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let p = vigil::linux::profile::Profile::build(&bytes, &name)
         .with_context(|| format!("{}", vmlinuz.display()))?;
-    let path = output
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("guest-profiles").join(format!("{}.profile", p.release)));
+    let path = output.map(Path::to_path_buf).unwrap_or_else(|| built_profile_path(cli, &p.release));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&path, p.to_text()).with_context(|| format!("writing {}", path.display()))?;
     let (vmlinux, _) = vigil::linux::image::vmlinux(&bytes)?;
     let at = |n: &str| p.symbol(n).map(|s| s.addr);
     let (Some(start), Some(end)) = (at("__start_rodata"), at("__end_rodata")) else {
@@ -633,8 +687,10 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
     let ref_path = path.with_extension("reference");
     let stored = vigil::linux::reference::ReferenceFile::write(&r)
         .with_context(|| format!("{}: its reference", vmlinuz.display()))?;
-    std::fs::write(&ref_path, &stored)
-        .with_context(|| format!("writing {}", ref_path.display()))?;
+    // The reference first, and each whole or not at all: a daemon picks
+    // up a profile as soon as it appears on its search path.
+    write_whole(&ref_path, &stored)?;
+    write_whole(&path, p.to_text().as_bytes())?;
     println!(
         "reference written to {}: {} section(s), {} bytes ({} stored), {} relocations",
         ref_path.display(),
@@ -652,6 +708,138 @@ fn profile_build(vmlinuz: &Path, output: Option<&Path>) -> anyhow::Result<u8> {
         p.syscall_tables()[1].1.len()
     );
     Ok(EXIT_OK)
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, renamed
+/// into place: a reader sees the old file or the new one, never a part.
+fn write_whole(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// `vigil profile list`: the profiles on the search path, what became of
+/// each, and (with `domains`) which running domain's kernel each matches.
+fn profile_list(cli: &Cli, domains: bool, source: Source) -> anyhow::Result<u8> {
+    use vigil::linux::profile::{Found, list_dirs};
+    let dirs = profile_dirs(cli);
+    let listed = list_dirs(&dirs);
+    let used: Vec<vigil::linux::profile::Profile> = listed
+        .iter()
+        .filter_map(|l| match &l.state {
+            Found::Used(p) => Some((**p).clone()),
+            _ => None,
+        })
+        .collect();
+    // Each running domain: the release of the profile its kernel matches,
+    // or why none does.
+    let mut matched: Vec<serde_json::Value> = Vec::new();
+    let mut failed = None;
+    if domains {
+        match Hypervisor::connect(cli.uri()).and_then(|hv| Ok((hv.domains()?, hv))) {
+            Err(e) => {
+                failed = Some(format!("the domains could not be listed: {}", error_chain(&e)))
+            }
+            Ok((list, hv)) => {
+                for d in list.iter().filter(|d| d.state == "running") {
+                    matched.push(match_domain(&hv, &d.name, source, &used));
+                }
+            }
+        }
+    }
+    // (release, state, why)
+    let state_of = |l: &vigil::linux::profile::Listed| match &l.state {
+        Found::Used(p) => (p.release.clone(), "used", String::new()),
+        Found::Shadowed(by) => (String::new(), "shadowed", format!("by {}", by.display())),
+        Found::Refused(why) => (String::new(), "refused", why.clone()),
+    };
+    let mut out = std::io::stdout().lock();
+    if cli.format == Format::Json {
+        let files: Vec<serde_json::Value> = listed
+            .iter()
+            .map(|l| {
+                let (release, state, why) = state_of(l);
+                serde_json::json!({ "file": l.path, "release": release, "state": state, "why": why })
+            })
+            .collect();
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({
+                "search_path": dirs,
+                "profiles": files,
+                "domains": matched,
+                "domains_error": failed,
+            }),
+        )?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "search path (first match of a release wins):")?;
+        for d in &dirs {
+            let n = listed.iter().filter(|l| l.path.parent() == Some(d.as_path())).count();
+            let what = if d.is_dir() { format!("{n} profile file(s)") } else { "missing".into() };
+            writeln!(out, "  {}  ({what})", d.display())?;
+        }
+        writeln!(out, "{:36} {:10} FILE", "RELEASE", "STATE")?;
+        for l in &listed {
+            let (release, state, why) = state_of(l);
+            let why = if why.is_empty() { why } else { format!("  ({why})") };
+            writeln!(out, "{release:36} {state:10} {}{why}", l.path.display())?;
+        }
+        if domains && failed.is_none() {
+            writeln!(out, "{:24} PROFILE", "DOMAIN")?;
+            for m in &matched {
+                let profile = m["profile"].as_str().map(str::to_owned).unwrap_or_else(|| {
+                    format!("none: {}", m["why"].as_str().unwrap_or("no profile matches"))
+                });
+                writeln!(out, "{:24} {profile}", m["domain"].as_str().unwrap_or("?"))?;
+            }
+        }
+    }
+    if let Some(why) = failed {
+        eprintln!("vigil: error: {why}");
+        return Ok(EXIT_ERROR);
+    }
+    Ok(EXIT_OK)
+}
+
+/// Which of `profiles` the kernel of running domain `name` matches, or why
+/// none does (with the kernel's own banner, when one is found).
+fn match_domain(
+    hv: &Hypervisor,
+    name: &str,
+    source: Source,
+    profiles: &[vigil::linux::profile::Profile],
+) -> serde_json::Value {
+    let found = (|| -> anyhow::Result<Result<String, String>> {
+        let dom = hv.domain(name)?;
+        let mem = dom.open_memory(source.into())?;
+        let regs = dom.registers()?;
+        let view = discover(&*mem, &regs).context("finding the kernel")?;
+        let base = view.identification.image_base;
+        if let Some(m) = vigil::linux::semantic::match_profile(profiles, &*mem, &view, base) {
+            return Ok(Ok(m.profile.release.clone()));
+        }
+        let banner = view
+            .regions
+            .iter()
+            .find(|r| r.kind == vigil::integrity::RegionKind::ReadOnlyData)
+            .and_then(|ro| vigil::linux::semantic::guest_banner(&*mem, ro));
+        Ok(Err(match banner {
+            Some(b) => format!("no profile matches; the guest says \"{b}\""),
+            None => "no profile matches, and the guest's banner was not found".into(),
+        }))
+    })();
+    match found {
+        Ok(Ok(release)) => serde_json::json!({ "domain": name, "profile": release }),
+        Ok(Err(why)) => serde_json::json!({ "domain": name, "profile": null, "why": why }),
+        Err(e) => serde_json::json!({
+            "domain": name,
+            "profile": null,
+            "why": format!("not read: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+        }),
+    }
 }
 
 /// One request to the daemon; its answer when it said ok.

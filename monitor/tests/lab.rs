@@ -534,3 +534,79 @@ fn lab_shared_ram_guest_hidden_module_is_reported_and_module_churn_is_not() {
         p[0]
     );
 }
+
+/// `vigil profile build` writes where `vigil check` looks (STATE_DIR/guest-profiles,
+/// on the search path), so that a check without `--profiles` uses the new
+/// profile, and `vigil profile list` shows it and the domain it matches;
+/// where that cannot be written, the profile goes to ./guest-profiles and
+/// a note says how to use it.
+#[test]
+fn lab_shared_ram_a_profile_built_on_the_host_is_used_without_being_named() {
+    let lab = Lab::open().unwrap_or_else(|e| panic!("{e}"));
+    let vmlinuz = vigil_lab::Kernel::V6_1.dir(&lab.dir).join("vmlinuz");
+    let release = "6.1.0-56-cloud-amd64";
+    for shipped in ["/etc/vigil/guest-profiles", "/usr/share/vigil/guest-profiles"] {
+        let there = Path::new(shipped).join(format!("{release}.profile"));
+        assert!(
+            !there.exists(),
+            "{} would match the lab guest before any is built: remove it (an installed vigil package?)",
+            there.display()
+        );
+    }
+    let g = boot("built", Memory::Shared);
+    let (_d, state) = state_dir();
+    baseline(&state, &g);
+    let r = vigil(&state, &["check", &g.name, "--format", "json"]);
+    assert!(r.stderr.contains("no guest profile"), "before any is built: {}", r.stderr);
+
+    let r = vigil(&state, &["profile", "build", vmlinuz.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let built = state.join("guest-profiles").join(format!("{release}.profile"));
+    assert!(r.stdout.contains(&built.display().to_string()), "{}", r.stdout);
+    assert!(built.exists() && built.with_extension("reference").exists());
+
+    let r = vigil(&state, &["check", &g.name, "--format", "json"]);
+    assert!(r.code == 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(!r.stderr.contains("no guest profile"), "{}", r.stderr);
+    assert_eq!(r.json()["profile"], release);
+
+    let r = vigil(&state, &["profile", "list", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let list = r.json();
+    let ours = list["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["file"] == built.display().to_string())
+        .unwrap_or_else(|| panic!("{list:#}"));
+    assert_eq!((&ours["release"], &ours["state"]), (&Value::from(release), &Value::from("used")));
+    let dom = list["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["domain"] == g.name.as_str())
+        .unwrap_or_else(|| panic!("{list:#}"));
+    assert_eq!(dom["profile"], release, "{list:#}");
+    let r = vigil(&state, &["profile", "list"]);
+    assert!(r.stdout.contains(&g.name) && r.stdout.contains(release), "{}", r.stdout);
+
+    // A state directory that cannot take it (here a plain file): the
+    // profile goes to ./guest-profiles, and the note says how to use it.
+    let cwd = tempfile::tempdir().unwrap();
+    let blocked = cwd.path().join("not-a-directory");
+    std::fs::write(&blocked, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .current_dir(cwd.path())
+        .arg("--state-dir")
+        .arg(&blocked)
+        .args(["profile", "build", vmlinuz.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("--profiles guest-profiles") && said.contains("cannot be written"),
+        "{said}"
+    );
+    assert!(cwd.path().join("guest-profiles").join(format!("{release}.profile")).exists());
+}

@@ -1056,3 +1056,49 @@ fn lab_daemon_catches_a_module_hiding_its_text_behind_its_own_state() {
         .collect();
     assert!(others.is_empty(), "{others:#?}");
 }
+
+/// A daemon on the default search path picks up a profile placed there
+/// while it runs (as `vigil profile build` does), with no restart: a
+/// `profiles-loaded` event names it, and the guest, attached without one,
+/// is then said to run that kernel, and its checks use it.
+#[test]
+fn lab_daemon_picks_up_a_profile_added_while_it_runs() {
+    let release = "6.1.0-56-cloud-amd64";
+    for shipped in ["/etc/vigil/guest-profiles", "/usr/share/vigil/guest-profiles"] {
+        let there = std::path::Path::new(shipped).join(format!("{release}.profile"));
+        assert!(!there.exists(), "{} would match at once: remove it", there.display());
+    }
+    let config = Daemon::config_text("vigil-lab-dmn-prof");
+    let (profiles_line, rest) = config.split_once('\n').unwrap();
+    assert!(profiles_line.starts_with("profiles = "), "{config}");
+    let d = Daemon::start_config(rest.to_owned());
+    let g = boot("dmn-prof");
+    d.wait_watching(&g);
+    let said = |d: &Daemon, what: &str| {
+        d.events("notice", &g.name)
+            .iter()
+            .any(|e| e["detail"].as_str().unwrap_or("").contains(what))
+    };
+    d.wait_for("the notice that no profile matches", Duration::from_secs(30), |d| {
+        said(d, "no guest profile")
+    });
+    let dir = d.path("guest-profiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let committed = format!("{}/../guest-profiles/{release}.profile", env!("CARGO_MANIFEST_DIR"));
+    let tmp = dir.join(".incoming");
+    std::fs::copy(&committed, &tmp).unwrap();
+    let placed = Instant::now();
+    std::fs::rename(&tmp, dir.join(format!("{release}.profile"))).unwrap();
+    d.wait_for("the profiles-loaded event", Duration::from_secs(20), |d| {
+        d.events("profiles-loaded", "")
+            .iter()
+            .any(|e| e["detail"].as_str().unwrap_or("").contains(&format!("added: {release}")))
+    });
+    eprintln!("profile loaded {:.1} s after it was placed", placed.elapsed().as_secs_f64());
+    d.wait_for("the notice that the kernel is matched", Duration::from_secs(20), |d| {
+        said(d, &format!("runs kernel {release}"))
+    });
+    let now = d.control(&serde_json::json!({ "command": "check", "domain": g.name }));
+    assert_eq!(now["result"]["profile"], release, "{now:#}");
+    assert!(d.events("violation", &g.name).is_empty(), "{:#?}", d.alerts());
+}

@@ -135,7 +135,8 @@ fn example_config_is_valid_and_says_the_defaults() {
                 s.guest_memory,
                 s.push_queue,
                 s.alert_rotation,
-                &s.state_dir
+                &s.state_dir,
+                &s.profiles
             )
         ),
         format!(
@@ -151,7 +152,8 @@ fn example_config_is_valid_and_says_the_defaults() {
                 d.guest_memory,
                 d.push_queue,
                 d.alert_rotation,
-                &d.state_dir
+                &d.state_dir,
+                &d.profiles
             )
         )
     );

@@ -76,7 +76,7 @@ pub(super) async fn run(
     let Accept { reason, by, diff_digest, reply } = req;
     let (sh, reviewed) = (shared.clone(), diff_digest.clone());
     let (w, r) =
-        blocking(w, move |w| diff_then_rebaseline(w, &sh.profiles, reviewed.as_deref())).await;
+        blocking(w, move |w| diff_then_rebaseline(w, &sh.profiles(), reviewed.as_deref())).await;
     let boot = w.boot();
     let subject = shared.subject(name, uuid, &boot);
     let (answer, accepted) = match r {

@@ -62,6 +62,9 @@ pub enum EventKind {
     /// Stored state (a baseline, its original pages) exists but cannot be
     /// used: kept aside, and what can no longer be checked is said.
     StateUnreadable,
+    /// The guest profiles on the search path changed and were loaded again
+    /// (or a reload was asked for): checks use them from then on.
+    ProfilesLoaded,
 }
 
 /// How much an alert asks of the operator.

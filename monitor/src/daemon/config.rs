@@ -118,9 +118,6 @@ pub struct Overrides {
     pub profiles: Option<Vec<PathBuf>>,
 }
 
-/// Where guest profiles are looked for unless told otherwise.
-pub const DEFAULT_PROFILES: &str = crate::paths::PROFILES_DIR;
-
 /// An `http://` or `https://` `host[:port]/path` endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpEndpoint {
@@ -590,7 +587,7 @@ impl Settings {
                 .profiles
                 .clone()
                 .or(raw.profiles)
-                .unwrap_or_else(|| vec![DEFAULT_PROFILES.into()]),
+                .unwrap_or_else(|| crate::paths::profile_path(&state_dir)),
             hot_interval,
             full_interval,
             jitter,

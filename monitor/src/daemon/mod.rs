@@ -44,6 +44,7 @@ mod sink;
 mod task;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -183,8 +184,13 @@ pub struct Shared {
     pub sink: Sink,
     pub budget: Budget,
     pub status: Mutex<HashMap<String, DomainStatus>>,
-    /// Guest profiles, loaded at start.
-    pub profiles: Arc<[crate::linux::profile::Profile]>,
+    /// Guest profiles, loaded at start and again when the files on the
+    /// search path change (see [`Shared::reload_profiles`]).
+    profiles: RwLock<Arc<[crate::linux::profile::Profile]>>,
+    /// What the profile files on the search path were when last loaded.
+    profile_files: Mutex<ProfileFiles>,
+    /// How many times the profiles were loaded again.
+    profile_generation: std::sync::atomic::AtomicU64,
     hv: RwLock<Option<Arc<Hypervisor>>>,
     tasks: Mutex<HashMap<String, Task>>,
     /// What libvirt told of each domain's runs and resets, by UUID, kept
@@ -283,6 +289,91 @@ impl Shared {
         let tasks = self.tasks.lock().expect("tasks lock");
         let t = tasks.get(&uuid).ok_or_else(|| format!("domain {domain} is not attached"))?;
         t.commands.try_send(cmd).map_err(|_| format!("domain {domain} is busy; try again"))
+    }
+}
+
+/// The profile files on a search path as last seen: each file's path,
+/// length and modification time, in search order.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ProfileFiles(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+
+impl ProfileFiles {
+    fn on(dirs: &[PathBuf]) -> Self {
+        let mut files = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut paths: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            paths.retain(|p| p.extension().is_some_and(|e| e == "profile"));
+            paths.sort();
+            for p in paths {
+                let meta = std::fs::metadata(&p).ok();
+                let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+                files.push((p, len, meta.and_then(|m| m.modified().ok())));
+            }
+        }
+        ProfileFiles(files)
+    }
+}
+
+impl Shared {
+    /// How many times the profiles were loaded again since the start.
+    pub fn profile_generation(&self) -> u64 {
+        self.profile_generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The guest profiles in use now.
+    pub fn profiles(&self) -> Arc<[crate::linux::profile::Profile]> {
+        self.profiles.read().expect("profiles lock").clone()
+    }
+
+    /// Loads the guest profiles again when the files on the search path
+    /// changed (a profile built or copied there, one removed), or when
+    /// `asked` (SIGHUP), and says so in a `profiles-loaded` event: the
+    /// releases in use, those added and removed, and any file refused
+    /// (then a warning). Checks use them from their next one, a domain's
+    /// first match of a new profile included.
+    pub fn reload_profiles(&self, asked: bool) {
+        let now = ProfileFiles::on(&self.settings.profiles);
+        {
+            let mut was = self.profile_files.lock().expect("profile files lock");
+            if *was == now && !asked {
+                return;
+            }
+            *was = now;
+        }
+        let (loaded, refused) = crate::linux::profile::load_dir(&self.settings.profiles);
+        let releases =
+            |ps: &[crate::linux::profile::Profile]| -> std::collections::BTreeSet<String> {
+                ps.iter().map(|p| p.release.clone()).collect()
+            };
+        let (before, after) = (releases(&self.profiles()), releases(&loaded));
+        let list = |set: Vec<&String>| {
+            if set.is_empty() {
+                "none".to_owned()
+            } else {
+                set.into_iter().cloned().collect::<Vec<_>>().join(", ")
+            }
+        };
+        let mut detail = format!(
+            "guest profiles loaded again ({}): {} in use ({}); added: {}; removed: {}",
+            if asked { "asked for by SIGHUP" } else { "the files on the search path changed" },
+            after.len(),
+            list(after.iter().collect()),
+            list(after.difference(&before).collect()),
+            list(before.difference(&after).collect()),
+        );
+        if !refused.is_empty() {
+            let why: Vec<String> =
+                refused.iter().map(|(p, why)| format!("{}: {why}", p.display())).collect();
+            detail.push_str(&format!("; refused: {}", why.join("; ")));
+        }
+        detail.push_str("; checks use them from their next one");
+        *self.profiles.write().expect("profiles lock") = loaded.into();
+        self.profile_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let severity =
+            if refused.is_empty() { AlertSeverity::Info } else { AlertSeverity::Warning };
+        self.sink.emit(self.subject("", "", "").event(EventKind::ProfilesLoaded, severity, detail));
     }
 }
 
@@ -493,6 +584,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::Metrics { addr: settings.metrics_listen, source })?;
     tokio::spawn(metrics::serve(listener, metrics.clone(), metrics::Limits::DEFAULT));
     let control_listener = control::bind(&settings.control_socket, &settings.control_group)?;
+    let files = ProfileFiles::on(&settings.profiles);
     let (profiles, refused) = crate::linux::profile::load_dir(&settings.profiles);
     for (path, why) in &refused {
         warn_line!("vigil: warning: guest profile {} refused: {why}", path.display());
@@ -501,7 +593,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         budget: Budget::new(settings.cpu_budget),
         sink: Sink::new(log, reported, metrics, pushers),
         status: Mutex::new(HashMap::new()),
-        profiles: profiles.into(),
+        profiles: RwLock::new(profiles.into()),
+        profile_files: Mutex::new(files),
+        profile_generation: 0.into(),
         hv: RwLock::new(None),
         tasks: Mutex::new(HashMap::new()),
         knowledge: Mutex::new(HashMap::new()),
@@ -516,6 +610,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         .map_err(DaemonError::Signals)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(DaemonError::Signals)?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Signals)?;
     let mut resync = tokio::time::interval(Duration::from_secs(5));
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -524,8 +620,14 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let host_subject = shared.subject("", "", "");
     loop {
         tokio::select! {
+            _ = sighup.recv() => {
+                let sh = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || sh.reload_profiles(true)).await;
+            }
             _ = resync.tick() => {
                 shared.sink.flush_held(&shared.settings.host);
+                let sh = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || sh.reload_profiles(false)).await;
                 let alive = shared.hypervisor().is_some_and(|h| h.is_alive());
                 if !alive {
                     let uri = shared.settings.connect.clone();
@@ -657,9 +759,6 @@ mod tests {
         assert!((9..=10).contains(&full), "{full} full checks in 10 s");
     }
 
-    /// libvirt's pause and stop events for a domain that a check already
-    /// found gone (a migration's end) still reach the log with libvirt's
-    /// reason; those for a domain never watched do not.
     /// A daemon's shared state with no hypervisor, logging to `path`.
     pub(super) fn shared_logging_to(path: &std::path::Path) -> super::Shared {
         use std::collections::HashMap;
@@ -675,7 +774,9 @@ mod tests {
                 Vec::new(),
             ),
             status: Mutex::new(HashMap::new()),
-            profiles: Arc::from(Vec::new()),
+            profiles: RwLock::new(Arc::from(Vec::new())),
+            profile_files: Mutex::new(super::ProfileFiles::default()),
+            profile_generation: 0.into(),
             hv: RwLock::new(None),
             tasks: Mutex::new(HashMap::new()),
             knowledge: Mutex::new(HashMap::new()),
@@ -755,6 +856,59 @@ mod tests {
         assert_eq!(said[1], ("detached", "detached g1: its task panicked"));
     }
 
+    /// A profile added to the search path is loaded at the next look, with
+    /// a `profiles-loaded` event naming it; nothing changed, nothing is
+    /// said, unless asked (SIGHUP); a file that is no profile is named in a
+    /// warning; a profile removed is said removed.
+    #[test]
+    fn profiles_are_loaded_again_when_their_files_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let profiles = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.jsonl");
+        let mut shared = shared_logging_to(&path);
+        shared.settings.profiles = vec![profiles.path().to_path_buf()];
+        let said = || -> Vec<(String, String, String)> {
+            logged(&path)
+                .iter()
+                .map(|l| {
+                    let s = |k: &str| l[k].as_str().unwrap_or_default().to_owned();
+                    (s("event"), s("severity"), s("detail"))
+                })
+                .collect()
+        };
+        shared.reload_profiles(false);
+        assert!(said().is_empty(), "nothing changed, yet: {:#?}", said());
+        let text = crate::linux::profile::tests::sample().to_text();
+        std::fs::write(profiles.path().join("6.1.0-test.profile"), &text).unwrap();
+        shared.reload_profiles(false);
+        assert_eq!(shared.profiles().len(), 1);
+        assert_eq!(shared.profile_generation(), 1);
+        let s = said();
+        assert_eq!(s.len(), 1, "{s:#?}");
+        assert_eq!((s[0].0.as_str(), s[0].1.as_str()), ("profiles-loaded", "info"));
+        assert!(
+            s[0].2.contains("1 in use (6.1.0-test); added: 6.1.0-test; removed: none"),
+            "{s:#?}"
+        );
+        shared.reload_profiles(false);
+        assert_eq!(said().len(), 1, "said again with nothing changed");
+        shared.reload_profiles(true);
+        assert!(said()[1].2.contains("asked for by SIGHUP"), "{:#?}", said());
+        std::fs::write(profiles.path().join("broken.profile"), "not a profile").unwrap();
+        std::fs::remove_file(profiles.path().join("6.1.0-test.profile")).unwrap();
+        shared.reload_profiles(false);
+        let s = said();
+        assert_eq!(s[2].1, "warning", "{s:#?}");
+        assert!(
+            s[2].2.contains("removed: 6.1.0-test") && s[2].2.contains("broken.profile"),
+            "{s:#?}"
+        );
+        assert!(shared.profiles().is_empty());
+    }
+
+    /// libvirt's pause and stop events for a domain that a check already
+    /// found gone (a migration's end) still reach the log with libvirt's
+    /// reason; those for a domain never watched do not.
     #[test]
     fn libvirt_events_after_a_domain_is_let_go_still_say_why() {
         let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,9 @@ pub(super) fn profile_notice(shared: &Shared, subject: &Subject, name: &str, ker
         None => (
             AlertSeverity::Warning,
             format!(
-                "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only",
+                "no guest profile in {} matches the kernel of {name}: page, mapping and register checks only; \
+                 `vigil profile list` shows the kernel's banner, and a profile built with `vigil profile build \
+                 VMLINUZ` is picked up within 5 s",
                 s.profiles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
         ),

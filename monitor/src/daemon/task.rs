@@ -186,7 +186,7 @@ pub(super) async fn attach(
             let settings = AttachSettings {
                 originals_on_disk: shared.settings.originals_on_disk,
                 provisional_window: provisional_window(&shared.settings),
-                profiles: shared.profiles.clone(),
+                profiles: shared.profiles(),
             };
             let known = shared.knowledge(uuid);
             let given = known.clone();
@@ -315,7 +315,9 @@ struct Watch {
     provisional_until: Option<(Instant, Instant)>,
     times: Timetable,
     last_error: String,
-    profile_said: bool,
+    /// The profiles' generation (see [`Shared::profile_generation`]) the
+    /// watch last said which profile matches under.
+    profile_said: Option<u64>,
     /// The guest memory budget refused a read, and that was said (once per
     /// watch: a forgery stays for the boot).
     memory_said: bool,
@@ -359,7 +361,7 @@ impl DomainTask {
             provisional_until,
             times: Timetable::starting(Instant::now()),
             last_error: String::new(),
-            profile_said: false,
+            profile_said: None,
             memory_said: false,
             last_evidence: None,
         };
@@ -401,7 +403,7 @@ impl DomainTask {
             (w, flow) = match forced {
                 Some(Command::Diff(reply)) => {
                     let sh = self.shared.clone();
-                    let (back, r) = blocking(w, move |w| w.diff(&sh.profiles)).await;
+                    let (back, r) = blocking(w, move |w| w.diff(&sh.profiles())).await;
                     let _ =
                         reply.send(r.map(|d| Answer::Diff(Box::new(d))).map_err(|e| e.message()));
                     (back, Flow::Continue)
@@ -455,7 +457,7 @@ impl DomainTask {
         let started = Instant::now();
         let sh = shared.clone();
         let scope_name = if full { "full" } else { "hot" };
-        let job = blocking(w, move |w| w.check(scope, &sh.profiles));
+        let job = blocking(w, move |w| w.check(scope, &sh.profiles()));
         let (mut w, result) =
             time_limited(&shared, &watch.subject, &self.name, scope_name, job).await;
         // A check that ran across a reset libvirt reported read the old
@@ -505,8 +507,11 @@ impl DomainTask {
         let shared = self.shared.clone();
         let (name, subject) = (&self.name, &watch.subject);
         watch.last_error.clear();
-        if !watch.profile_said {
-            watch.profile_said = true;
+        // Said at the first check, and again after the profiles are
+        // loaded again.
+        let generation = shared.profile_generation();
+        if watch.profile_said != Some(generation) {
+            watch.profile_said = Some(generation);
             profile_notice(&shared, subject, name, &report.kernel);
         }
         // While a new boot settles, the kernel may still be patching
@@ -586,7 +591,7 @@ impl DomainTask {
             watch.last_evidence = Some(Instant::now());
             let sh = shared.clone();
             let (back, out) =
-                blocking(w, move |w| evidence::save(w, &sh.profiles, &cfg, &dir, for_evidence))
+                blocking(w, move |w| evidence::save(w, &sh.profiles(), &cfg, &dir, for_evidence))
                     .await;
             w = back;
             report_evidence(&shared, subject, &out);
@@ -750,7 +755,7 @@ mod tests {
             provisional_until: None,
             times: Timetable::starting(Instant::now()),
             last_error: String::new(),
-            profile_said: false,
+            profile_said: None,
             memory_said: false,
             last_evidence: None,
         };
