@@ -1055,6 +1055,16 @@ fn print_report(out: &mut impl Write, kr: &KernelReport, path: &Path) -> std::io
         r.checked,
         r.source
     )?;
+    match &k.profile {
+        Some(p) => writeln!(
+            out,
+            "guest profile: {p} (symbols and kernel records from the vendor's image)"
+        )?,
+        None => writeln!(
+            out,
+            "guest profile: none matches (`vigil profile list` shows the kernel's banner; `vigil profile build` makes one)"
+        )?,
+    }
     if let Some(state) = &k.reference {
         writeln!(
             out,
@@ -1071,12 +1081,12 @@ fn print_report(out: &mut impl Write, kr: &KernelReport, path: &Path) -> std::io
         )?;
     }
     writeln!(out)?;
-    writeln!(out, "{:16} {:>7} {:>8} {:>5}  STATUS", "REGION", "PAGES", "CHANGED", "INFO")?;
+    writeln!(out, "{:20} {:>7} {:>8} {:>5}  STATUS", "REGION", "PAGES", "CHANGED", "INFO")?;
     for s in &r.regions {
         let status = if s.intact { "intact" } else { "CHANGED" };
         writeln!(
             out,
-            "{:16} {:>7} {:>8} {:>5}  {status}",
+            "{:20} {:>7} {:>8} {:>5}  {status}",
             s.name, s.pages, s.changed_pages, s.info
         )?;
     }

@@ -198,6 +198,11 @@ fn lab_shared_ram_guest_inline_hook_is_a_text_content_change() {
     // No profile here: the page is named from the guest's own kallsyms, as such.
     let sym = v[0]["symbol"].as_str().unwrap_or_default();
     assert!(sym.contains("(kernel text, named from guest memory: lower trust)"), "{:#}", v[0]);
+    // Named by the first byte changed, not by the page's first symbol, and
+    // the changed span said.
+    assert!(sym.starts_with("__x64_sys_getppid+0x"), "{:#}", v[0]);
+    let detail = v[0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&format!("bytes {target:#x}..")), "{:#}", v[0]);
     assert_intact(&report, &["kernel-rodata", "idt", "gdt-cpu0", "registers", "kernel-image"]);
 }
 
@@ -609,4 +614,44 @@ fn lab_shared_ram_a_profile_built_on_the_host_is_used_without_being_named() {
         "{said}"
     );
     assert!(cwd.path().join("guest-profiles").join(format!("{release}.profile")).exists());
+}
+
+/// `lab/demo.sh`, the README's first command, on the binaries this test
+/// run built (the machine already set up): the profile built and used, the
+/// hooked function named, the daemon's alert of a second attack, and no
+/// word of a missing profile.
+#[test]
+fn lab_shared_ram_the_demo_shows_the_hook_named_and_the_daemon_alerting() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_vigil")).parent().unwrap().to_path_buf();
+    assert!(
+        bin.join("vigil-lab").exists(),
+        "{} is missing: build the workspace (cargo build -p vigil-lab)",
+        bin.join("vigil-lab").display()
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("bash")
+        .arg(repo.join("lab/demo.sh"))
+        .env("VIGIL_DEMO_BIN", &bin)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the demo failed:\n{said}");
+    for shown in [
+        "guest profile: 6.1.0-56-cloud-amd64",
+        "at __x64_sys_getppid (kernel text)",
+        "jmp 0FFFFFFFFC", // the diff's disassembly of the hook
+        "\"symbol\":\"__x64_sys_getppid (kernel text)\"",
+        "\"region\":\"sys_call_table\"",
+        "alerted ",
+        "vigil_violations_total{domain=\"vigil-lab-demo\",region=\"sys_call_table\",kind=\"pointer\"} 1",
+    ] {
+        assert!(said.contains(shown), "the demo did not show {shown:?}:\n{said}");
+    }
+    assert!(!said.contains("no guest profile"), "{said}");
+    let took = said
+        .lines()
+        .find_map(|l| l.strip_prefix("alerted ")?.split(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no alert time:\n{said}"));
+    eprintln!("the daemon alerted {took} s after the attack command returned");
 }

@@ -391,6 +391,9 @@ impl KernelSession {
                             .and_then(|ro| semantic::GuestSymbols::read(mem, ro))
                     });
                     if let Some(syms) = syms {
+                        name_text_changes(&mut r.check, mem, originals, &is_code, &|a| {
+                            syms.locate(a)
+                        });
                         r.check.symbolize(|gva| syms.locate(gva));
                     } else if Deadline::passed() {
                         // Stopped, not absent: looked for again next time.
@@ -486,6 +489,45 @@ impl KernelSession {
         found.extend(inventory.unread.iter().map(|what| unreadable_hooks(what)));
         self.hooks = Some(inventory);
         (found, now)
+    }
+}
+
+/// Where in a changed page of code the change lies: each changed page with
+/// its original kept is compared byte by byte with what it holds now, the
+/// finding named by its first changed byte (not the page's first symbol)
+/// and its detail given the changed span. With no profile, nothing else
+/// says which function a write hit.
+fn name_text_changes<M: GuestMemory + ?Sized>(
+    check: &mut crate::integrity::check::Report,
+    mem: &M,
+    originals: &Originals,
+    is_code: &dyn Fn(&str) -> bool,
+    locate: &dyn Fn(u64) -> Option<String>,
+) {
+    for f in check.violations.iter_mut() {
+        if f.kind != FindingKind::Content || f.page.is_none() || !is_code(&f.region) {
+            continue;
+        }
+        let Some(was) = originals.page(f.gva.raw()) else { continue };
+        let mut now = vec![0u8; crate::addr::PAGE_BYTES];
+        if mem.read(f.gpa, &mut now).is_err() || was.len() != now.len() {
+            continue;
+        }
+        let differs = |i: &usize| was[*i] != now[*i];
+        let (Some(first), Some(last)) =
+            ((0..now.len()).find(differs), (0..now.len()).rev().find(differs))
+        else {
+            continue;
+        };
+        let at = f.gva.raw() + first as u64;
+        if let Some(name) = locate(at) {
+            f.symbol = Some(name);
+        }
+        f.detail.push_str(&format!(
+            "; bytes {at:#x}..{:#x} differ ({} of them)",
+            f.gva.raw() + last as u64 + 1,
+            (first..=last).filter(differs).count()
+        ));
     }
 }
 
