@@ -11,7 +11,14 @@ export PATH="$HOME/.cargo/bin:$PATH"
 say() { printf 'lab/package: %s\n' "$*" >&2; }
 
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked cargo-deb; }
-cargo deb -p vigil
+cargo build --release --quiet -p vigil
+# Completions and the manual page, made by the binary from its own CLI.
+mkdir -p target/release/assets
+target/release/vigil completions bash >target/release/assets/vigil.bash
+target/release/vigil completions zsh >target/release/assets/_vigil
+target/release/vigil completions fish >target/release/assets/vigil.fish
+target/release/vigil man | gzip -9n >target/release/assets/vigil.8.gz
+cargo deb -p vigil --no-build
 deb=$(ls -t target/debian/vigil_*.deb | head -n 1)
 say "built $deb"
 [[ ${1:-} == --check ]] || exit 0
@@ -32,6 +39,15 @@ getent group vigil >/dev/null || fail "group vigil was not created"
 [[ -f /etc/vigil/vigil.toml ]] || fail "/etc/vigil/vigil.toml is missing"
 [[ -f /usr/share/vigil/vigil-rules.yml ]] || fail "the Prometheus rules are missing"
 ls /usr/share/vigil/guest-profiles/*.profile >/dev/null 2>&1 || fail "the guest profiles are missing"
+cmp -s /usr/share/vigil/grafana/vigil.json deploy/grafana/vigil.json || fail "the Grafana dashboard is missing or not the repo's"
+for f in /usr/share/bash-completion/completions/vigil /usr/share/zsh/vendor-completions/_vigil \
+    /usr/share/fish/vendor_completions.d/vigil.fish; do
+    grep -q 'profile' "$f" 2>/dev/null || fail "the completions $f are missing or name no subcommand"
+done
+# bash completes `vigil prof` with what the script defines.
+[[ $(bash -c 'source /usr/share/bash-completion/completions/vigil; COMP_WORDS=(vigil prof); COMP_CWORD=1;
+    _vigil vigil prof vigil; echo "${COMPREPLY[*]}"') == profile ]] || fail "bash does not complete vigil prof"
+zcat /usr/share/man/man8/vigil.8.gz | grep -q '^\.TH vigil 8' || fail "the manual page vigil(8) is missing"
 /usr/bin/vigil daemon --config /etc/vigil/vigil.toml --check-config >/dev/null \
     || fail "the installed /etc/vigil/vigil.toml is refused"
-say "package check passed: binary, unit (verified), user vigil, tmpfiles, config and rules installed"
+say "package check passed: binary, unit (verified), user vigil, tmpfiles, config, rules, dashboard, completions and manual page installed"

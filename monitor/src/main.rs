@@ -249,6 +249,18 @@ enum Command {
     /// Guest profiles: what vigil knows of one kernel build (see guest-profiles/README.md).
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    ///
+    /// The Debian package installs them; elsewhere, for example:
+    ///
+    ///   vigil completions bash > /etc/bash_completion.d/vigil
+    ///   vigil completions zsh > /usr/local/share/zsh/site-functions/_vigil
+    ///   vigil completions fish > ~/.config/fish/completions/vigil.fish
+    #[command(verbatim_doc_comment)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page, in roff (the Debian package installs it as vigil(8)).
+    #[command(hide = true)]
+    Man,
     /// Make a watched domain's current state its baseline, recording who, why and which diff
     ///
     /// After a sanctioned change, review first, then accept what you reviewed:
@@ -417,6 +429,20 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             control(cli, &req)
         }
         Command::Domains => domains(cli),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Made whole first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "vigil", &mut script);
+            std::io::stdout().lock().write_all(&script)?;
+            Ok(EXIT_OK)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let page = clap_mangen::Man::new(Cli::command()).section("8");
+            page.render(&mut std::io::stdout().lock())?;
+            Ok(EXIT_OK)
+        }
         Command::Baseline { domain, output, source } => {
             baseline(cli, domain, output.as_deref(), *source)
         }

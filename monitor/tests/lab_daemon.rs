@@ -781,6 +781,46 @@ fn lab_daemon_prometheus_rule_fires_and_alertmanager_receives() {
         a.contains("VigilViolationOpen") && a.contains("\"firing\"")
     });
     assert_eq!(d.metric("vigil_open_violations", &format!("domain=\"{}\"", g.name)), Some(1.0));
+
+    // The shipped Grafana dashboard's queries, asked of this Prometheus:
+    // each is valid PromQL, and those of the violation panels find the
+    // attacked guest.
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/vigil.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let encode = |q: &str| -> String {
+        q.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let mut asked = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let q = t["expr"].as_str().unwrap().replace("$domain", &g.name);
+            let answer = http_get(prom_port, &format!("/api/v1/query?query={}", encode(&q)));
+            assert!(answer.contains("\"status\":\"success\""), "{}: {q}: {answer}", p["title"]);
+            let found = match p["title"].as_str().unwrap() {
+                "Open violations" => answer.contains("\"1\"]"), // summed: no labels
+                "Violations by domain and region" | "Open violations by domain" => {
+                    answer.contains(&g.name)
+                }
+                _ => true,
+            };
+            assert!(found, "{}: {q} found nothing: {answer}", p["title"]);
+            asked += 1;
+        }
+    }
+    assert!(asked >= 20, "{asked} queries");
 }
 
 /// A real Alertmanager serving https only, with a certificate of the
