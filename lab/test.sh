@@ -20,5 +20,7 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # The benchmarks need a captured guest to run (lab/capture.sh); here they
 # are only built, so that they cannot rot.
 cargo build --quiet -p vigil-bench --benches --examples
+# The lab's own command, which the demo's lab test runs beside the test build.
+cargo build --quiet -p vigil-lab
 fuzz/run.sh smoke
 cargo nextest run --workspace --features vigil/lab --no-fail-fast "$@"

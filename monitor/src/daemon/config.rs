@@ -466,7 +466,7 @@ impl Settings {
         let hot_interval =
             dur("schedule.hot_interval", &raw.schedule.hot_interval, Duration::from_secs(1))?;
         let full_interval =
-            dur("schedule.full_interval", &raw.schedule.full_interval, Duration::from_secs(10))?;
+            dur("schedule.full_interval", &raw.schedule.full_interval, Duration::from_secs(1))?;
         if full_interval < hot_interval {
             return Err(bad(
                 "schedule.full_interval",
@@ -728,7 +728,7 @@ mod tests {
     fn defaults_and_a_full_file() {
         let s = load("").unwrap();
         assert_eq!(s.hot_interval, Duration::from_secs(1));
-        assert_eq!(s.full_interval, Duration::from_secs(10));
+        assert_eq!(s.full_interval, Duration::from_secs(1));
         assert_eq!(s.alert_log, PathBuf::from("/var/lib/vigil/alerts.jsonl"));
         let s = load(
             r#"

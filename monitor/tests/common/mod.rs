@@ -67,6 +67,8 @@ pub struct Daemon {
     pub config: String,
     /// How the daemon is confined: the shipped unit's, unless a test changes it.
     pub confinement: Arc<Confinement>,
+    /// The `vigil` binary run: this test build's, unless a test changes it.
+    pub binary: PathBuf,
 }
 
 impl Daemon {
@@ -167,6 +169,7 @@ impl Daemon {
             extra_env: vec![],
             config: Self::config_text(domain) + extra_config,
             confinement: shipped_confinement(),
+            binary: env!("CARGO_BIN_EXE_vigil").into(),
         }
     }
 
@@ -183,6 +186,7 @@ impl Daemon {
             extra_env,
             config,
             confinement: shipped_confinement(),
+            binary: env!("CARGO_BIN_EXE_vigil").into(),
         };
         d.spawn();
         d
@@ -194,7 +198,7 @@ impl Daemon {
 
     pub fn spawn(&mut self) {
         std::fs::write(self.path("vigil.toml"), &self.config).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("--state-dir")
             .arg(self.dir.path())
             .arg("--control-socket")
