@@ -299,19 +299,17 @@ struct ProfileFiles(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
 
 impl ProfileFiles {
     fn on(dirs: &[PathBuf]) -> Self {
-        let mut files = Vec::new();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
-            let mut paths: Vec<PathBuf> =
-                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            paths.retain(|p| p.extension().is_some_and(|e| e == "profile"));
-            paths.sort();
-            for p in paths {
+        let files = crate::linux::profile::profile_files(dirs)
+            .into_iter()
+            .map(|found| {
+                // A directory that cannot be listed counts as itself, so
+                // that its coming back is a change too.
+                let p = found.unwrap_or_else(|(dir, _)| dir);
                 let meta = std::fs::metadata(&p).ok();
                 let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
-                files.push((p, len, meta.and_then(|m| m.modified().ok())));
-            }
-        }
+                (p, len, meta.and_then(|m| m.modified().ok()))
+            })
+            .collect();
         ProfileFiles(files)
     }
 }
@@ -622,12 +620,20 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         tokio::select! {
             _ = sighup.recv() => {
                 let sh = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || sh.reload_profiles(true)).await;
+                if let Err(e) = tokio::task::spawn_blocking(move || sh.reload_profiles(true)).await {
+                    // The profiles in use stay; a panic here is a bug to see.
+                    shared.sink.error("task_panicked");
+                    warn_line!("vigil: warning: loading the guest profiles again failed: {e}");
+                }
             }
             _ = resync.tick() => {
                 shared.sink.flush_held(&shared.settings.host);
                 let sh = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || sh.reload_profiles(false)).await;
+                if let Err(e) = tokio::task::spawn_blocking(move || sh.reload_profiles(false)).await {
+                    // The profiles in use stay; a panic here is a bug to see.
+                    shared.sink.error("task_panicked");
+                    warn_line!("vigil: warning: loading the guest profiles again failed: {e}");
+                }
                 let alive = shared.hypervisor().is_some_and(|h| h.is_alive());
                 if !alive {
                     let uri = shared.settings.connect.clone();

@@ -606,7 +606,8 @@ impl Profile {
     }
 }
 
-/// Loads every `*.profile` in `dirs` (missing directories are skipped), in
+/// Loads every `*.profile` in `dirs` (missing directories are skipped, one
+/// that cannot be listed is refused), in
 /// order: a profile of a release already loaded from an earlier file is
 /// shadowed by it and not loaded (see [`list_dirs`] to see which). Returns
 /// the profiles and, for each file refused, its path and the reason.
@@ -645,26 +646,53 @@ pub enum Found {
 /// what became of it.
 pub fn list_dirs(dirs: &[std::path::PathBuf]) -> Vec<Listed> {
     let mut out: Vec<Listed> = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "profile")) {
-            let state = match read_profile(&path) {
-                Err(why) => Found::Refused(why),
-                Ok(p) => {
-                    let earlier = out.iter().find_map(|l| match &l.state {
-                        Found::Used(q) if q.release == p.release => Some(l.path.clone()),
-                        _ => None,
-                    });
-                    match earlier {
-                        Some(by) => Found::Shadowed(by),
-                        None => Found::Used(Box::new(p)),
-                    }
+    for found in profile_files(dirs) {
+        let path = match found {
+            Ok(path) => path,
+            Err((dir, why)) => {
+                out.push(Listed { path: dir, state: Found::Refused(why) });
+                continue;
+            }
+        };
+        let state = match read_profile(&path) {
+            Err(why) => Found::Refused(why),
+            Ok(p) => {
+                let earlier = out.iter().find_map(|l| match &l.state {
+                    Found::Used(q) if q.release == p.release => Some(l.path.clone()),
+                    _ => None,
+                });
+                match earlier {
+                    Some(by) => Found::Shadowed(by),
+                    None => Found::Used(Box::new(p)),
                 }
-            };
-            out.push(Listed { path, state });
-        }
+            }
+        };
+        out.push(Listed { path, state });
+    }
+    out
+}
+
+/// The `*.profile` files in `dirs`, in search order (the directories in
+/// order, each sorted by name). A missing directory is skipped; one that
+/// exists but cannot be listed is an error naming it, so that its profiles
+/// are not lost unsaid.
+pub fn profile_files(
+    dirs: &[std::path::PathBuf],
+) -> Vec<Result<std::path::PathBuf, (std::path::PathBuf, String)>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                out.push(Err((dir.clone(), format!("the directory cannot be listed: {e}"))));
+                continue;
+            }
+        };
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.retain(|p| p.extension().is_some_and(|e| e == "profile"));
+        paths.sort();
+        out.extend(paths.into_iter().map(Ok));
     }
     out
 }
@@ -712,6 +740,15 @@ pub(crate) mod tests {
         assert!(matches!(&listed[2].state, Found::Refused(_)), "{listed:?}");
         let (used, refused) = load_dir(&dirs);
         assert_eq!(used.len(), 1);
+        // A directory that exists but cannot be listed is said, not skipped
+        // as if missing (a file stands in for it here).
+        let not_a_dir = built.path().join("notes.txt");
+        let listed = list_dirs(std::slice::from_ref(&not_a_dir));
+        assert!(
+            matches!(&listed[..], [Listed { path, state: Found::Refused(why) }]
+                if *path == not_a_dir && why.contains("cannot be listed")),
+            "{listed:?}"
+        );
         assert_eq!(used[0].file.as_deref(), Some(etc.path().join("mine.profile").as_path()));
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].0, built.path().join("broken.profile"));

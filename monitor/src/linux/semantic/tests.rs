@@ -379,3 +379,49 @@ fn what_the_watch_holds_is_counted_before_the_reads() {
     assert!(ReadBudget::new(10 << 20).holding(11 << 20).take(1, "table").is_err());
     assert!(ReadBudget::new(10 << 20).take(10 << 20, "table").is_ok());
 }
+
+/// The guest's banner is found across a page boundary, cut at the first
+/// byte that is not printable and at 256 bytes, and absent when the guest
+/// wrote none, or made it run on to the region's end, or when a page
+/// cannot be read: guest data, bounded and never trusted for a verdict.
+#[test]
+fn the_guest_banner_is_bounded_and_found_across_pages() {
+    use crate::integrity::{PageSpec, RegionKind, RegionLayout};
+    use crate::x86::Perms;
+    let region = |pages: u64| RegionLayout {
+        name: "kernel-rodata".into(),
+        kind: RegionKind::ReadOnlyData,
+        pages: (0..pages)
+            .map(|i| PageSpec {
+                gva: GuestVirtAddr(0xffff_ffff_8200_0000 + i * 4096),
+                gpa: GuestPhysAddr(i * 4096),
+                perms: Perms { writable: false, user: false, executable: false },
+            })
+            .collect(),
+    };
+    let with = |at: usize, text: &[u8]| {
+        let mut ram = vec![0u8; 3 * 4096];
+        ram[at..at + text.len()].copy_from_slice(text);
+        crate::memory::RawDump::from_bytes(ram)
+    };
+    let line = b"Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\n";
+    // Across the first page boundary.
+    let mem = with(4096 - 20, line);
+    let got = guest_banner(&mem, &region(3)).unwrap();
+    assert_eq!(got.as_bytes(), &line[..line.len() - 1]);
+    // None at all.
+    assert_eq!(guest_banner(&with(0, b"nothing here"), &region(3)), None);
+    // Cut at 256 bytes, and at a byte that is not printable.
+    let mut long = b"Linux version ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 1000));
+    assert_eq!(guest_banner(&with(100, &long), &region(3)).unwrap().len(), 256);
+    let got = guest_banner(&with(100, b"Linux version 6.1\x01\xffrest"), &region(3)).unwrap();
+    assert_eq!(got, "Linux version 6.1");
+    // Running on to the region's end: no line is made up.
+    let mut tail = vec![0u8; 3 * 4096];
+    tail[3 * 4096 - 30..].copy_from_slice(&long[..30]);
+    let mem = crate::memory::RawDump::from_bytes(tail);
+    assert_eq!(guest_banner(&mem, &region(3)), None);
+    // A page past the guest's RAM: nothing, not a panic.
+    assert_eq!(guest_banner(&with(0, b""), &region(5)), None);
+}
