@@ -51,6 +51,12 @@
 //! second the checking blocks saw are reported: more than the schedule's,
 //! for the missed checks caught up.
 //!
+//! `--shipped` runs the daemon with the shipped configuration file
+//! (systemd/vigil.toml) unchanged but for the domain it watches, and the
+//! lab kernel's profile placed where its default search path looks; the
+//! interval flags then cannot be given, and the record's first line says
+//! so.
+//!
 //! `--record FILE` appends each pair to FILE as it is measured and reports
 //! on every pair the file holds, so that one measurement can be taken in
 //! several runs (a file written by another method is refused; a relative
@@ -406,14 +412,21 @@ fn host_cpu(daemon: u32, qemu: u32) -> [f64; 4] {
 }
 
 fn main() {
-    let flags =
-        ["--rounds", "--full-interval", "--per-second", "--workload", "--blocks", "--record"];
+    let flags = [
+        "--rounds",
+        "--full-interval",
+        "--per-second",
+        "--workload",
+        "--blocks",
+        "--record",
+        "--shipped",
+    ];
     if !vigil_bench::start(include_str!("guest_load.rs"), &flags) {
         return;
     }
     let rounds = usize::try_from(arg("--rounds", 8)).unwrap();
     // Hot checks (registers, tables) run every second; full ones every
-    // `--full-interval` seconds (the shipped configuration says 10).
+    // `--full-interval` seconds (the shipped configuration says 1).
     let full_every = arg("--full-interval", 1).max(1);
     // `--per-second N` divides both intervals by N: ten checks a second
     // cost the guest about ten times what one does, which a few dozen
@@ -424,9 +437,16 @@ fn main() {
     // `--blocks S`: the workload runs throughout and the daemon is frozen
     // and thawed in blocks of S seconds.
     let block_s = arg("--blocks", 0).min(10);
+    // `--shipped`: the schedule is the shipped file's, not the flags'.
+    let shipped = std::env::args().any(|a| a == "--shipped");
+    assert!(
+        !shipped || (full_every == 1 && rate == 1),
+        "--shipped runs the shipped schedule: leave out --full-interval and --per-second"
+    );
     let blocks =
         record_header(if grind { BLOCKS_HEADER } else { SHELL_BLOCKS_HEADER }, full_every, rate)
-            + &format!("; blocks of {block_s} s");
+            + &format!("; blocks of {block_s} s")
+            + if shipped { "; the shipped configuration file" } else { "" };
     let header = if block_s > 0 {
         blocks.clone()
     } else {
@@ -472,13 +492,31 @@ fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = format!(
-        "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
-        repo().display(),
-        g.name,
-        1000 / rate,
-        1000 * full_every / rate
-    );
+    let config = if shipped {
+        let file = std::fs::read_to_string(repo().join("systemd/vigil.toml")).unwrap();
+        let only = file.replace("include = [\"*\"]", &format!("include = [\"{}\"]", g.name));
+        assert!(only.contains(&g.name), "systemd/vigil.toml: its [domains] include changed");
+        // The lab kernel's profile where the default search path looks
+        // (STATE_DIR/guest-profiles).
+        let profiles = dir.path().join("guest-profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        for p in std::fs::read_dir(repo().join("guest-profiles")).unwrap() {
+            let p = p.unwrap().path();
+            if p.extension().is_none_or(|e| e != "profile") {
+                continue;
+            }
+            std::fs::copy(&p, profiles.join(p.file_name().unwrap())).unwrap();
+        }
+        only
+    } else {
+        format!(
+            "profiles = [\"{}/guest-profiles\"]\n[domains]\ninclude = [\"{}\"]\n[schedule]\nhot_interval = \"{}ms\"\nfull_interval = \"{}ms\"\nsettle = \"3s\"\nattach_retry = \"1s\"\n",
+            repo().display(),
+            g.name,
+            1000 / rate,
+            1000 * full_every / rate
+        )
+    };
     std::fs::write(dir.path().join("vigil.toml"), config).unwrap();
     let name = g.name.clone();
     // The child is handed back to the caller, which stops and waits for it.
