@@ -17,7 +17,9 @@ mkdir -p target/release/assets
 target/release/vigil completions bash >target/release/assets/vigil.bash
 target/release/vigil completions zsh >target/release/assets/_vigil
 target/release/vigil completions fish >target/release/assets/vigil.fish
-target/release/vigil man | gzip -9n >target/release/assets/vigil.8.gz
+rm -rf target/release/assets/man
+target/release/vigil man --dir target/release/assets/man
+gzip -9n target/release/assets/man/*.8
 cargo deb -p vigil --no-build
 deb=$(ls -t target/debian/vigil_*.deb | head -n 1)
 say "built $deb"
@@ -48,6 +50,8 @@ done
 [[ $(bash -c 'source /usr/share/bash-completion/completions/vigil; COMP_WORDS=(vigil prof); COMP_CWORD=1;
     _vigil vigil prof vigil; echo "${COMPREPLY[*]}"') == profile ]] || fail "bash does not complete vigil prof"
 zcat /usr/share/man/man8/vigil.8.gz | grep -q '^\.TH vigil 8' || fail "the manual page vigil(8) is missing"
+zcat /usr/share/man/man8/vigil-profile-build.8.gz | grep -q 'kernel' \
+    || fail "the manual page vigil-profile-build(8) is missing or shows none of its options"
 /usr/bin/vigil daemon --config /etc/vigil/vigil.toml --check-config >/dev/null \
     || fail "the installed /etc/vigil/vigil.toml is refused"
 say "package check passed: binary, unit (verified), user vigil, tmpfiles, config, rules, dashboard, completions and manual page installed"

@@ -258,9 +258,16 @@ enum Command {
     ///   vigil completions fish > ~/.config/fish/completions/vigil.fish
     #[command(verbatim_doc_comment)]
     Completions { shell: clap_complete::Shell },
-    /// Print the manual page, in roff (the Debian package installs it as vigil(8)).
+    /// Print the manual page, in roff (the Debian package installs it as vigil(8))
+    ///
+    /// With --dir, write it and a page of each subcommand with its options
+    /// (vigil-check.8, vigil-profile-build.8, ...) into that directory.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write vigil.8 and the subcommands' pages here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Make a watched domain's current state its baseline, recording who, why and which diff
     ///
     /// After a sanctioned change, review first, then accept what you reviewed:
@@ -344,6 +351,27 @@ enum ProfileCommand {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
+}
+
+/// Writes the built `cmd`'s manual page into `dir` as `NAME.8` and, after
+/// it, one of each visible subcommand (`vigil-profile-build.8`); how many
+/// were written.
+fn write_man_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = cmd.get_display_name().unwrap_or(cmd.get_name());
+    let path = dir.join(format!("{name}.8"));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .source(format!("vigil {}", env!("CARGO_PKG_VERSION")))
+        .manual("vigil")
+        .render(&mut page)?;
+    write_whole(&path, &page)?;
+    let mut written = 1;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        written += write_man_pages(sub, dir)?;
+    }
+    Ok(written)
 }
 
 fn main() -> ExitCode {
@@ -437,10 +465,20 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             std::io::stdout().lock().write_all(&script)?;
             Ok(EXIT_OK)
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             use clap::CommandFactory;
             let page = clap_mangen::Man::new(Cli::command()).section("8");
             page.render(&mut std::io::stdout().lock())?;
+            Ok(EXIT_OK)
+        }
+        Command::Man { dir: Some(dir) } => {
+            use clap::CommandFactory;
+            // Built, each subcommand is named as its page ("vigil-check")
+            // and shown as typed ("vigil profile build").
+            let mut cmd = Cli::command().bin_name("vigil");
+            cmd.build();
+            let written = write_man_pages(&cmd, dir)?;
+            eprintln!("vigil: {written} manual pages written to {}", dir.display());
             Ok(EXIT_OK)
         }
         Command::Baseline { domain, output, source } => {
