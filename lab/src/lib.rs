@@ -98,6 +98,11 @@ pub struct Shape {
     /// Added to the kernel command line (`vigil.attack=inline,syscall` has
     /// the guest's init attack before it answers: before vigil looked).
     pub cmdline: String,
+    /// Run under KVM (`<domain type='kvm'>`) rather than TCG. Nested KVM
+    /// runs guest code about a thousand times slower here: such a guest does
+    /// not reach init in a test's time (see [`Lab::start_booting`]), but
+    /// has what only KVM has, its statistics.
+    pub kvm: bool,
 }
 
 impl Default for Shape {
@@ -110,6 +115,7 @@ impl Default for Shape {
             kernel: Kernel::V6_1,
             cpu: None,
             cmdline: String::new(),
+            kvm: false,
         }
     }
 }
@@ -178,7 +184,7 @@ impl Lab {
             Memory::Private => "",
         };
         format!(
-            "<domain type='qemu'>
+            "<domain type='{accel}'>
   <name>{name}</name>
   <memory unit='MiB'>{mib}</memory>
   <vcpu>{vcpus}</vcpu>
@@ -198,6 +204,7 @@ impl Lab {
     <memballoon model='none'/>
   </devices>
 </domain>",
+            accel = if shape.kvm { "kvm" } else { "qemu" },
             extra = shape.cmdline,
             cpu = match &shape.cpu {
                 None => "<cpu mode='maximum'/>".to_owned(),
@@ -242,6 +249,30 @@ impl Lab {
         };
         guest.wait_ready(Duration::from_secs(120))?;
         Ok(guest)
+    }
+
+    /// Starts a guest of `shape` and returns at once, its kernel still
+    /// booting (a KVM guest's, for one, does not reach init in a test's time
+    /// on these nested machines). It has no command port until it does.
+    pub fn start_booting(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
+        let name = format!("{NAME_PREFIX}{suffix}");
+        let lock = self.lock_shared()?;
+        remove_stale(&name)?;
+        let _ = std::fs::remove_file(self.console_path(&name));
+        let file = self.xml_file(&name, &self.domain_xml_with(&name, shape))?;
+        virsh(URI, &["create", &file])
+            .map_err(|e| err(format!("starting lab domain {name}: {e}")))?;
+        let uuid = virsh(URI, &["domuuid", &name]).unwrap_or_default().trim().to_owned();
+        Ok(Guest {
+            socket: self.socket_path(&name),
+            console: self.console_path(&name),
+            name,
+            uuid,
+            uri: Some(URI.to_owned()),
+            port: None,
+            next_id: first_id(),
+            _lock: lock,
+        })
     }
 
     /// Creates a guest paused before its first instruction: its vCPU is still

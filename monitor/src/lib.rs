@@ -4,7 +4,8 @@
 //! translation and vCPU state ([`x86`]), what the QEMU monitor says
 //! ([`qemu`], parsed into `x86` types), the integrity engine ([`integrity`]),
 //! the Linux kernel model ([`linux`], whose [`linux::session`] runs one
-//! examination for the CLI and the daemon alike), libvirt ([`libvirt`]) at
+//! examination for the CLI and the daemon alike), KVM's own statistics of
+//! a domain ([`kvm`], as libvirt passes them on), libvirt ([`libvirt`]) at
 //! the outer edge, one guest watched from check to check ([`watch`]: attach,
 //! baselines kept across boots, checks), and the daemon ([`daemon`]) over all
 //! of them. [`paths`] says where state is kept by default. Each module
@@ -19,6 +20,7 @@
 pub mod addr;
 pub mod daemon;
 pub mod integrity;
+pub mod kvm;
 pub mod libvirt;
 pub mod linux;
 pub mod memory;

@@ -30,6 +30,12 @@ pub enum LibvirtError {
         #[source]
         source: VirError,
     },
+    #[error("asking libvirt at {uri} for domains' statistics")]
+    Stats {
+        uri: String,
+        #[source]
+        source: VirError,
+    },
     #[error("registering for domain events at {uri}: {reason}")]
     Events { uri: String, reason: String },
     #[error("no domain named or with UUID {0:?}")]
@@ -179,6 +185,32 @@ impl Hypervisor {
             .list(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?
             .into_iter()
             .map(|g| (g.uuid, g.name))
+            .collect())
+    }
+
+    /// KVM's statistics of the running domains among `uuids`, as (UUID,
+    /// name, them): a listing and one statistics call, in which libvirt asks
+    /// each of their QEMUs (`query-stats`); a QEMU busy with another job is
+    /// not waited for, and its domain's are then empty this time. A TCG
+    /// domain's are always empty. Other domains' QEMUs are not asked.
+    pub fn kvm_stats(
+        &self,
+        uuids: &std::collections::HashSet<String>,
+    ) -> Result<Vec<(String, String, crate::kvm::KvmStats)>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(|source| LibvirtError::List { uri: self.uri.clone(), source })?;
+        let asked: Vec<&Dom> = doms.iter().filter(|d| uuids.contains(&d.ids().0)).collect();
+        let stats = sys::domain_list_stats(
+            &asked,
+            sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_VM,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT,
+        )
+        .map_err(|source| LibvirtError::Stats { uri: self.uri.clone(), source })?;
+        Ok(stats
+            .iter()
+            .map(|d| (d.uuid.clone(), d.name.clone(), crate::kvm::from_domain_stats(d)))
             .collect())
     }
 

@@ -47,6 +47,13 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
     ] {
         f.get_or_create(&dom).set(1);
     }
+    // KVM's statistics of a domain KVM runs, one of each scope and kind.
+    let mut kvm = vigil::kvm::KvmStats { vcpus: 1, ..Default::default() };
+    for kind in [vigil::kvm::Kind::Cumulative, vigil::kvm::Kind::Current, vigil::kvm::Kind::Peak] {
+        kvm.vm.insert((s("s"), kind), 1);
+        kvm.vcpu.insert((s("s"), kind), 1);
+    }
+    m.kvm.replace([(s("d"), kvm)].into_iter().collect());
     let text = m.encode();
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for line in text.lines() {

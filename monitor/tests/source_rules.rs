@@ -58,7 +58,7 @@ fn only_the_system_and_simd_modules_hold_unsafe() {
 }
 
 /// The flow, first to last. A module may use those before it.
-const FLOW: [&str; 11] = [
+const FLOW: [&str; 12] = [
     "addr",
     "sys",
     "paths",
@@ -67,6 +67,7 @@ const FLOW: [&str; 11] = [
     "qemu",
     "integrity",
     "linux",
+    "kvm",
     "libvirt",
     "watch",
     "daemon",

@@ -1,14 +1,18 @@
 //! The daemon's metrics: typed label sets in one explicit registry, served
 //! as OpenMetrics on `/metrics` by a small HTTP server.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, text::encode};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, text::encode,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
@@ -63,6 +67,113 @@ pub struct ScopeLabels {
     pub scope: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KvmLabels {
+    domain: String,
+    stat: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KvmKindLabels {
+    domain: String,
+    stat: String,
+    /// `current` or `peak`.
+    kind: String,
+}
+
+/// KVM's statistics of the watched domains as last collected (by the
+/// daemon's resync, every 5 s), encoded as they stand at each scrape.
+/// Values are KVM's own, from the VM's start: a restarted domain's counters
+/// start again from 0, which Prometheus reads as a reset.
+#[derive(Debug, Default)]
+pub struct KvmCollector {
+    domains: Mutex<BTreeMap<String, crate::kvm::KvmStats>>,
+}
+
+impl KvmCollector {
+    /// What is exported from now on: these domains' statistics, by name.
+    pub fn replace(&self, domains: BTreeMap<String, crate::kvm::KvmStats>) {
+        *self.domains.lock().expect("kvm stats lock") = domains;
+    }
+}
+
+/// A family of the KVM collector's: its name and help, and its samples.
+fn encode_kvm_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    counter: bool,
+    samples: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let kind = if counter {
+        ConstCounter::new(0u64).metric_type()
+    } else {
+        ConstGauge::new(0i64).metric_type()
+    };
+    let mut family: MetricEncoder = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = family.encode_family(labels)?;
+        if counter {
+            ConstCounter::new(*value).encode(sample)?;
+        } else {
+            // KVM's gauges are far below 2^63; one past it is shown as the most.
+            ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(sample)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for KvmCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::kvm::{Kind, KvmStats, StatMap};
+        let domains = self.domains.lock().expect("kvm stats lock");
+        type Pick = fn(&KvmStats) -> &StatMap;
+        let scopes: [(&str, &str, Pick); 2] = [
+            ("vm", "of the domain's VM", |s| &s.vm),
+            ("vcpu", "of the domain's vCPUs, summed (a peak: the highest)", |s| &s.vcpu),
+        ];
+        for (scope, whose, pick) in scopes {
+            let mut cumulative = Vec::new();
+            let mut instant = Vec::new();
+            for (domain, stats) in domains.iter() {
+                for ((stat, kind), &value) in pick(stats) {
+                    let (domain, stat) = (domain.clone(), stat.clone());
+                    match kind {
+                        Kind::Cumulative => cumulative.push((KvmLabels { domain, stat }, value)),
+                        k => instant.push((
+                            KvmKindLabels { domain, stat, kind: k.label().to_owned() },
+                            value,
+                        )),
+                    }
+                }
+            }
+            encode_kvm_family(
+                &mut encoder,
+                &format!("kvm_{scope}_cumulative"),
+                &format!("KVM's cumulative statistics {whose}, from libvirt (none for TCG)"),
+                true,
+                &cumulative,
+            )?;
+            encode_kvm_family(
+                &mut encoder,
+                &format!("kvm_{scope}"),
+                &format!("KVM's instant (kind current) and peak statistics {whose}"),
+                false,
+                &instant,
+            )?;
+        }
+        let vcpus: Vec<(DomainLabels, u64)> = domains
+            .iter()
+            .filter(|(_, s)| s.vcpus > 0)
+            .map(|(d, s)| (DomainLabels { domain: d.clone() }, s.vcpus))
+            .collect();
+        encode_kvm_family(&mut encoder, "kvm_vcpus", "vCPUs with KVM statistics", false, &vcpus)
+    }
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -88,6 +199,7 @@ pub struct Metrics {
     pub open_violations: Family<DomainLabels, Gauge>,
     pub guest_memory: Family<DomainLabels, Gauge>,
     pub hooks: Family<HookLabels, Gauge>,
+    pub kvm: Arc<KvmCollector>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -121,6 +233,7 @@ impl Metrics {
             open_violations: Family::default(),
             guest_memory: Family::default(),
             hooks: Family::default(),
+            kvm: Arc::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -210,6 +323,7 @@ impl Metrics {
                 "Hooks of the guest kernel at the last check, by mechanism and owner (kernel, bpf, module, unknown)",
                 m.hooks.clone(),
             );
+            r.register_collector(Box::new(m.kvm.clone()));
             r.register(
                 "build",
                 "Build information",
@@ -384,6 +498,40 @@ mod tests {
         assert!(text.contains("vigil_check_duration_seconds_bucket"), "{text}");
         assert!(text.contains("vigil_build_info{version="), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn kvm_statistics_are_exported_as_last_collected() {
+        use crate::kvm::{Kind, KvmStats};
+        let m = Metrics::new();
+        assert!(!m.encode().contains("kvm"), "nothing collected, nothing exported");
+        let mut s = KvmStats { vcpus: 2, ..KvmStats::default() };
+        s.vcpu.insert(("exits".into(), Kind::Cumulative), 150);
+        s.vcpu.insert(("guest_mode".into(), Kind::Current), 1);
+        s.vcpu.insert(("halt_poll_fail_ns".into(), Kind::Peak), 9);
+        s.vm.insert(("remote_tlb_flush".into(), Kind::Cumulative), 3);
+        s.vm.insert(("pages_4k".into(), Kind::Current), u64::MAX);
+        let domains = [("web1".to_owned(), s), ("tcg".to_owned(), KvmStats::default())];
+        m.kvm.replace(domains.into_iter().collect());
+        let text = m.encode();
+        for line in [
+            "# TYPE vigil_kvm_vcpu_cumulative counter",
+            r#"vigil_kvm_vcpu_cumulative_total{domain="web1",stat="exits"} 150"#,
+            "# TYPE vigil_kvm_vcpu gauge",
+            r#"vigil_kvm_vcpu{domain="web1",stat="guest_mode",kind="current"} 1"#,
+            r#"vigil_kvm_vcpu{domain="web1",stat="halt_poll_fail_ns",kind="peak"} 9"#,
+            r#"vigil_kvm_vm_cumulative_total{domain="web1",stat="remote_tlb_flush"} 3"#,
+            // Past i64: the most a gauge shows.
+            r#"vigil_kvm_vm{domain="web1",stat="pages_4k",kind="current"} 9223372036854775807"#,
+            r#"vigil_kvm_vcpus{domain="web1"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(!text.contains(r#"domain="tcg""#), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"));
+        // The next collection replaces the last: a domain let go is gone.
+        m.kvm.replace(BTreeMap::new());
+        assert!(!m.encode().contains("kvm"));
     }
 
     /// Reads what the server sends on `c` until it closes, for up to 5 s:

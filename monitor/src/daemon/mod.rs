@@ -202,6 +202,9 @@ pub struct Shared {
     /// check has found the domain gone (a migration's pause and stop), and
     /// they still say why it went.
     let_go: Mutex<HashMap<String, Instant>>,
+    /// The last collection of KVM's statistics failed (said once until one
+    /// succeeds).
+    kvm_failing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -515,6 +518,39 @@ impl Shared {
         self.sink.metrics.attached.set(gauge(tasks.len()));
     }
 
+    /// KVM's statistics of the domains being watched, for the metrics: one
+    /// libvirt call for all of them. See [`collect_kvm_forever`].
+    fn collect_kvm(&self, hv: &Hypervisor) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let watched: std::collections::HashSet<String> =
+            self.tasks.lock().expect("tasks lock").keys().cloned().collect();
+        match hv.kvm_stats(&watched) {
+            Ok(all) => {
+                let kept =
+                    all.into_iter().filter(|(_, _, s)| !s.is_empty()).map(|(_, n, s)| (n, s));
+                self.sink.metrics.kvm.replace(kept.collect());
+                if self.kvm_failing.swap(false, SeqCst) {
+                    warn_line!("vigil: KVM's statistics are collected again");
+                }
+            }
+            Err(e) => self.kvm_not_collected(&error_chain(&e)),
+        }
+    }
+
+    /// A collection of KVM's statistics that failed: counted as error
+    /// `kvm_stats`, said once until one succeeds, and nothing exported
+    /// meanwhile rather than stale figures.
+    fn kvm_not_collected(&self, why: &str) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.sink.metrics.kvm.replace(Default::default());
+        self.sink.error("kvm_stats");
+        if !self.kvm_failing.swap(true, SeqCst) {
+            warn_line!(
+                "vigil: warning: KVM's statistics not collected (tried again every 5 s): {why}"
+            );
+        }
+    }
+
     /// Brings the set of tasks in line with the running domains.
     fn resync(self: &Arc<Self>, hv: &Hypervisor) -> Result<(), String> {
         let running = hv.active_domains().map_err(|e| error_chain(&e))?;
@@ -534,6 +570,44 @@ impl Shared {
             self.stop_task(&uuid, &name, "the domain is no longer running");
         }
         Ok(())
+    }
+}
+
+/// How long a collection of KVM's statistics may wait on libvirt before its
+/// figures are withdrawn (libvirt asks each QEMU's monitor).
+const KVM_STATS_WAIT: Duration = Duration::from_secs(10);
+
+/// Collects KVM's statistics of the watched domains every 5 s, in a task of
+/// its own: a QEMU whose monitor does not answer holds up only this, never
+/// the main loop. One collection at a time; one still waiting after
+/// [`KVM_STATS_WAIT`] withdraws the figures and counts as error
+/// `kvm_stats`, and the next starts once it ends. Without a connection to
+/// libvirt nothing is exported.
+async fn collect_kvm_forever(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(hv) = shared.hypervisor() else {
+            shared.sink.metrics.kvm.replace(Default::default());
+            continue;
+        };
+        let sh = shared.clone();
+        let mut job = tokio::task::spawn_blocking(move || sh.collect_kvm(&hv));
+        let ended = match tokio::time::timeout(KVM_STATS_WAIT, &mut job).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                shared.kvm_not_collected(&format!(
+                    "libvirt did not answer within {} s",
+                    KVM_STATS_WAIT.as_secs()
+                ));
+                job.await
+            }
+        };
+        if let Err(e) = ended {
+            shared.sink.error("task_panicked");
+            shared.kvm_not_collected(&format!("the collection panicked: {e}"));
+        }
     }
 }
 
@@ -599,9 +673,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         knowledge: Mutex::new(HashMap::new()),
         budget_event: Mutex::new(None),
         let_go: Mutex::new(HashMap::new()),
+        kvm_failing: Default::default(),
         settings,
     });
     tokio::spawn(control::serve(control_listener, shared.clone()));
+    tokio::spawn(collect_kvm_forever(shared.clone()));
 
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -788,6 +864,7 @@ mod tests {
             knowledge: Mutex::new(HashMap::new()),
             budget_event: Mutex::new(None),
             let_go: Mutex::new(HashMap::new()),
+            kvm_failing: Default::default(),
             settings,
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! Only what vigil asks of libvirt is bound, with safe wrappers: open a
 //! connection, list and look up domains, their state, memory size, QEMU
-//! monitor commands, a memory dump, and lifecycle and reboot events.
+//! monitor commands, a memory dump, lifecycle and reboot events, and the
+//! domain statistics that carry KVM's own counters.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_ulong, c_ushort, c_void};
 use std::sync::OnceLock;
@@ -37,6 +38,98 @@ struct DomainInfo {
     _memory: c_ulong,
     _nr_virt_cpu: c_ushort,
     _cpu_time: u64,
+}
+
+/// libvirt's `virTypedParameter`: a named value of one of six types.
+#[repr(C)]
+pub(crate) struct RawTypedParam {
+    field: [c_char; TYPED_PARAM_FIELD_LENGTH],
+    kind: c_int,
+    value: RawTypedValue,
+}
+
+/// `VIR_TYPED_PARAM_FIELD_LENGTH`: a name's bytes, its NUL among them.
+const TYPED_PARAM_FIELD_LENGTH: usize = 80;
+
+/// The value of a `virTypedParameter`, read as its `type` says.
+#[repr(C)]
+#[derive(Clone, Copy)]
+union RawTypedValue {
+    i: c_int,
+    ui: c_uint,
+    l: i64,
+    ul: u64,
+    d: f64,
+    b: c_char,
+    s: *mut c_char,
+}
+
+/// libvirt's `virDomainStatsRecord`: one domain's statistics.
+#[repr(C)]
+struct RawStatsRecord {
+    dom: DomPtr,
+    params: *mut RawTypedParam,
+    nparams: c_int,
+}
+
+/// The value of one statistic libvirt gives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypedValue {
+    Int(i64),
+    UInt(u64),
+    Double(f64),
+    Bool(bool),
+    Str(String),
+}
+
+/// One domain's statistics, by libvirt's dotted names (`vcpu.0.exits.sum`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainStats {
+    pub uuid: String,
+    pub name: String,
+    pub params: Vec<(String, TypedValue)>,
+}
+
+/// Statistics groups (`virDomainStatsTypes`): per-vCPU ones, KVM's among
+/// them when QEMU has them (libvirt 8.9 on), and the per-VM ones of KVM
+/// (libvirt 8.9 on; an older libvirt leaves out what it does not know).
+pub const VIR_DOMAIN_STATS_VCPU: u32 = 1 << 3;
+pub const VIR_DOMAIN_STATS_VM: u32 = 1 << 10;
+/// `VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT`: a domain whose QEMU is busy
+/// with another job gives what it can without waiting for it.
+pub const VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT: u32 = 1 << 29;
+
+/// A typed parameter's name and value; `None` for a type libvirt did not
+/// have when this was written. A name without its NUL within the field is
+/// cut at the field's end.
+///
+/// # Safety
+/// A parameter of type string must hold a NUL-terminated string or null.
+pub(crate) unsafe fn typed_param(p: &RawTypedParam) -> Option<(String, TypedValue)> {
+    let bytes: Vec<u8> = p
+        .field
+        .iter()
+        .map(|c| u8::from_ne_bytes(c.to_ne_bytes()))
+        .take_while(|&c| c != 0)
+        .collect();
+    let name = String::from_utf8_lossy(&bytes).into_owned();
+    let v = p.value;
+    // SAFETY: each arm reads the union member libvirt wrote for that type.
+    let value = unsafe {
+        match p.kind {
+            1 => TypedValue::Int(i64::from(v.i)),
+            2 => TypedValue::UInt(u64::from(v.ui)),
+            3 => TypedValue::Int(v.l),
+            4 => TypedValue::UInt(v.ul),
+            5 => TypedValue::Double(v.d),
+            6 => TypedValue::Bool(v.b != 0),
+            7 if v.s.is_null() => TypedValue::Str(String::new()),
+            // NUL-terminated (caller's contract); copied at once.
+            7 => TypedValue::Str(CStr::from_ptr(v.s).to_string_lossy().into_owned()),
+            _ => return None,
+        }
+    };
+    Some((name, value))
 }
 
 pub const VIR_CONNECT_LIST_DOMAINS_ACTIVE: u32 = 1;
@@ -100,6 +193,9 @@ struct Api {
     connect_set_keep_alive: unsafe extern "C" fn(ConnPtr, c_int, c_uint) -> c_int,
     connect_is_alive: unsafe extern "C" fn(ConnPtr) -> c_int,
     connect_list_all_domains: unsafe extern "C" fn(ConnPtr, *mut *mut DomPtr, c_uint) -> c_int,
+    domain_list_get_stats:
+        unsafe extern "C" fn(*mut DomPtr, c_uint, *mut *mut *mut RawStatsRecord, c_uint) -> c_int,
+    domain_stats_record_list_free: unsafe extern "C" fn(*mut *mut RawStatsRecord),
     connect_domain_event_register_any: unsafe extern "C" fn(
         ConnPtr,
         DomPtr,
@@ -187,6 +283,8 @@ fn load() -> Result<Api, String> {
         connect_set_keep_alive: sym!(lib, "virConnectSetKeepAlive"),
         connect_is_alive: sym!(lib, "virConnectIsAlive"),
         connect_list_all_domains: sym!(lib, "virConnectListAllDomains"),
+        domain_list_get_stats: sym!(lib, "virDomainListGetStats"),
+        domain_stats_record_list_free: sym!(lib, "virDomainStatsRecordListFree"),
         connect_domain_event_register_any: sym!(lib, "virConnectDomainEventRegisterAny"),
         domain_lookup_by_name: sym!(lib, "virDomainLookupByName"),
         domain_lookup_by_uuid_string: sym!(lib, "virDomainLookupByUUIDString"),
@@ -462,6 +560,50 @@ unsafe fn ids(api: &Api, dom: DomPtr) -> (String, String) {
     (uuid, name)
 }
 
+/// The statistics groups `stats` (`VIR_DOMAIN_STATS_*`) of `domains`, in
+/// one call (`flags`: `VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT` and the
+/// like; libvirt refuses its list filters here).
+pub fn domain_list_stats(
+    domains: &[&Dom],
+    stats: u32,
+    flags: u32,
+) -> Result<Vec<DomainStats>, VirError> {
+    let api = api()?;
+    if domains.is_empty() {
+        return Ok(Vec::new());
+    }
+    // libvirt takes a NULL-terminated array of the handles.
+    let mut handles: Vec<DomPtr> = domains.iter().map(|d| d.ptr).collect();
+    handles.push(std::ptr::null_mut());
+    let mut list: *mut *mut RawStatsRecord = std::ptr::null_mut();
+    // SAFETY: valid handles, borrowed for the call, and the terminating
+    // null; libvirt allocates the list.
+    let n = unsafe { (api.domain_list_get_stats)(handles.as_mut_ptr(), stats, &mut list, flags) };
+    let Ok(n) = usize::try_from(n) else { return Err(VirError::last(api)) };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: libvirt returned `n` record pointers in `list`.
+        let r = unsafe { &**list.add(i) };
+        // SAFETY: the record's domain is valid while the list is.
+        let (uuid, name) = unsafe { ids(api, r.dom) };
+        let count = usize::try_from(r.nparams).unwrap_or(0);
+        let params = if r.params.is_null() || count == 0 {
+            &[][..]
+        } else {
+            // SAFETY: `nparams` parameters at `params`, valid while the list is.
+            unsafe { std::slice::from_raw_parts(r.params, count) }
+        };
+        // SAFETY: libvirt's string parameters are NUL-terminated.
+        let params = params.iter().filter_map(|p| unsafe { typed_param(p) }).collect();
+        out.push(DomainStats { uuid, name, params });
+    }
+    if !list.is_null() {
+        // SAFETY: the list libvirt gave, freed once, nothing of it kept.
+        unsafe { (api.domain_stats_record_list_free)(list) };
+    }
+    Ok(out)
+}
+
 impl Dom {
     /// The domain's UUID and name (empty when libvirt would not say).
     pub fn ids(&self) -> (String, String) {
@@ -524,5 +666,73 @@ impl Dom {
         }
         // SAFETY: on success `reply` is a malloc'd NUL-terminated string.
         Ok(unsafe { take_string(reply) }.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(name: &[u8], kind: c_int, value: RawTypedValue) -> RawTypedParam {
+        let mut field = [0 as c_char; TYPED_PARAM_FIELD_LENGTH];
+        for (f, &b) in field.iter_mut().zip(name) {
+            *f = c_char::from_ne_bytes([b]);
+        }
+        RawTypedParam { field, kind, value }
+    }
+
+    #[test]
+    fn the_typed_parameter_layout_is_libvirts() {
+        // 80 bytes of name, the type, padding to the union's 8-byte alignment.
+        assert_eq!(std::mem::size_of::<RawTypedParam>(), 96);
+        assert_eq!(std::mem::offset_of!(RawTypedParam, value), 88);
+        assert_eq!(std::mem::size_of::<RawStatsRecord>(), 24);
+    }
+
+    #[test]
+    fn typed_parameters_are_read_by_their_type() {
+        let s = CString::new("running").unwrap();
+        let cases = [
+            (
+                param(b"vcpu.0.exits.sum", 4, RawTypedValue { ul: u64::MAX }),
+                TypedValue::UInt(u64::MAX),
+            ),
+            (param(b"a", 1, RawTypedValue { i: -3 }), TypedValue::Int(-3)),
+            (param(b"a", 2, RawTypedValue { ui: 7 }), TypedValue::UInt(7)),
+            (param(b"a", 3, RawTypedValue { l: i64::MIN }), TypedValue::Int(i64::MIN)),
+            (param(b"a", 5, RawTypedValue { d: 0.5 }), TypedValue::Double(0.5)),
+            (param(b"a", 6, RawTypedValue { b: 1 }), TypedValue::Bool(true)),
+            (
+                param(b"a", 7, RawTypedValue { s: s.as_ptr().cast_mut() }),
+                TypedValue::Str("running".into()),
+            ),
+            (
+                param(b"a", 7, RawTypedValue { s: std::ptr::null_mut() }),
+                TypedValue::Str(String::new()),
+            ),
+        ];
+        for (i, (p, want)) in cases.into_iter().enumerate() {
+            // SAFETY: the string parameters hold a live CString or null.
+            let (name, got) = unsafe { typed_param(&p) }.unwrap();
+            assert_eq!(got, want);
+            assert_eq!(name, if i == 0 { "vcpu.0.exits.sum" } else { "a" });
+        }
+        // A type libvirt may add later is left out, not misread.
+        // SAFETY: not a string parameter.
+        assert!(unsafe { typed_param(&param(b"a", 8, RawTypedValue { ul: 1 })) }.is_none());
+        // SAFETY: as above.
+        assert!(unsafe { typed_param(&param(b"a", -1, RawTypedValue { ul: 1 })) }.is_none());
+    }
+
+    #[test]
+    fn a_name_without_its_nul_ends_with_the_field() {
+        let p = param(&[b'x'; 100], 4, RawTypedValue { ul: 1 });
+        // SAFETY: not a string parameter.
+        let (name, _) = unsafe { typed_param(&p) }.unwrap();
+        assert_eq!(name.len(), TYPED_PARAM_FIELD_LENGTH);
+        let p = param(&[0xff, b'a'], 4, RawTypedValue { ul: 1 });
+        // SAFETY: as above.
+        let (name, _) = unsafe { typed_param(&p) }.unwrap();
+        assert_eq!(name, "\u{fffd}a");
     }
 }
