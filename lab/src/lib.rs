@@ -228,25 +228,7 @@ impl Lab {
 
     /// Like [`Lab::start`], for a guest of any shape.
     pub fn start_with(&self, suffix: &str, shape: &Shape) -> Result<Guest, LabError> {
-        let name = format!("{NAME_PREFIX}{suffix}");
-        let lock = self.lock_shared()?;
-        remove_stale(&name)?;
-        let _ = std::fs::remove_file(self.console_path(&name));
-        let xml = self.domain_xml_with(&name, shape);
-        let file = self.xml_file(&name, &xml)?;
-        virsh(URI, &["create", &file])
-            .map_err(|e| err(format!("starting lab domain {name}: {e}")))?;
-        let uuid = virsh(URI, &["domuuid", &name]).unwrap_or_default().trim().to_owned();
-        let mut guest = Guest {
-            name,
-            uuid,
-            uri: Some(URI.to_owned()),
-            socket: self.socket_path(&format!("{NAME_PREFIX}{suffix}")),
-            console: self.console_path(&format!("{NAME_PREFIX}{suffix}")),
-            port: None,
-            next_id: first_id(),
-            _lock: lock,
-        };
+        let mut guest = self.start_booting(suffix, shape)?;
         guest.wait_ready(Duration::from_secs(120))?;
         Ok(guest)
     }

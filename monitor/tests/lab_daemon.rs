@@ -1231,11 +1231,9 @@ fn lab_daemon_the_shipped_schedule_alerts_a_text_write_within_a_second_and_a_hal
     // just after one, every time: its worst moment. A pause of up to 1.2 s
     // (a check interval and its jitter) first spreads the writes over the
     // schedule as an attacker's would fall.
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        | 1;
+    let mut seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+            | 1;
     for i in 0..WRITES {
         seed ^= seed << 13;
         seed ^= seed >> 17;
