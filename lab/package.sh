@@ -50,7 +50,7 @@ done
 [[ $(bash -c 'source /usr/share/bash-completion/completions/vigil; COMP_WORDS=(vigil prof); COMP_CWORD=1;
     _vigil vigil prof vigil; echo "${COMPREPLY[*]}"') == profile ]] || fail "bash does not complete vigil prof"
 zcat /usr/share/man/man8/vigil.8.gz | grep -q '^\.TH vigil 8' || fail "the manual page vigil(8) is missing"
-zcat /usr/share/man/man8/vigil-profile-build.8.gz | grep -q 'kernel' \
+zcat /usr/share/man/man8/vigil-profile-build.8.gz | grep -qF '\-\-output' \
     || fail "the manual page vigil-profile-build(8) is missing or shows none of its options"
 /usr/bin/vigil daemon --config /etc/vigil/vigil.toml --check-config >/dev/null \
     || fail "the installed /etc/vigil/vigil.toml is refused"

@@ -361,14 +361,24 @@ fn write_man_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<usize> {
     let name = cmd.get_display_name().unwrap_or(cmd.get_name());
     let path = dir.join(format!("{name}.8"));
     let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
+    let man = clap_mangen::Man::new(cmd.clone())
         .section("8")
         .source(format!("vigil {}", env!("CARGO_PKG_VERSION")))
-        .manual("vigil")
-        .render(&mut page)?;
+        .manual("vigil");
+    // clap's own `help` has a page, since the others name it, but not its
+    // topics (`help check`): they are the subcommands' own pages.
+    let help = cmd.get_name() == "help";
+    if help {
+        man.render_title(&mut page)?;
+        man.render_name_section(&mut page)?;
+        man.render_synopsis_section(&mut page)?;
+        man.render_description_section(&mut page)?;
+    } else {
+        man.render(&mut page)?;
+    }
     write_whole(&path, &page)?;
     let mut written = 1;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && !help) {
         written += write_man_pages(sub, dir)?;
     }
     Ok(written)

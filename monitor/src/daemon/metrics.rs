@@ -82,7 +82,7 @@ struct KvmKindLabels {
 }
 
 /// KVM's statistics of the watched domains as last collected (by the
-/// daemon's resync, every 5 s), encoded as they stand at each scrape.
+/// daemon's collecting task, every 5 s), encoded as they stand at each scrape.
 /// Values are KVM's own, from the VM's start: a restarted domain's counters
 /// start again from 0, which Prometheus reads as a reset.
 #[derive(Debug, Default)]

@@ -546,7 +546,7 @@ impl Shared {
         self.sink.error("kvm_stats");
         if !self.kvm_failing.swap(true, SeqCst) {
             warn_line!(
-                "vigil: warning: KVM's statistics not collected (tried again every 5 s): {why}"
+                "vigil: warning: KVM's statistics not collected, their figures withdrawn until a collection succeeds: {why}"
             );
         }
     }
@@ -1059,6 +1059,41 @@ mod tests {
 
     /// What the task supervisor in `start_task` relies on: a panic is told
     /// from an end or a cancellation, with its message.
+    /// KVM's figures are never left stale: a failed collection withdraws
+    /// them and counts each failure, and with no connection to libvirt the
+    /// collecting task withdraws them too.
+    #[tokio::test]
+    async fn kvm_figures_are_withdrawn_when_not_collected() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = std::sync::Arc::new(shared_logging_to(&dir.path().join("alerts.jsonl")));
+        let failures = || {
+            shared.sink.metrics.errors.get_or_create(&KindLabels { kind: "kvm_stats".into() }).get()
+        };
+        let some = || {
+            let mut s = crate::kvm::KvmStats { vcpus: 1, ..Default::default() };
+            s.vcpu.insert(("exits".into(), crate::kvm::Kind::Cumulative), 5);
+            [("web1".to_owned(), s)].into_iter().collect()
+        };
+        shared.sink.metrics.kvm.replace(some());
+        assert!(shared.sink.metrics.encode().contains("vigil_kvm_vcpu_cumulative_total"));
+        shared.kvm_not_collected("libvirt said no");
+        assert!(!shared.sink.metrics.encode().contains("vigil_kvm_"), "stale figures kept");
+        assert_eq!(failures(), 1);
+        assert!(shared.kvm_failing.load(SeqCst));
+        shared.kvm_not_collected("libvirt said no again");
+        assert_eq!(failures(), 2, "each failure counts, though said once");
+        // No connection: the task's first round withdraws what is there.
+        shared.sink.metrics.kvm.replace(some());
+        let task = tokio::spawn(super::collect_kvm_forever(shared.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task.abort();
+        assert!(
+            !shared.sink.metrics.encode().contains("vigil_kvm_"),
+            "figures kept without libvirt"
+        );
+    }
+
     #[tokio::test]
     async fn a_panicking_task_is_told_from_one_that_ends() {
         assert_eq!(panicked(tokio::spawn(async {})).await, None);
