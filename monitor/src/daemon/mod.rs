@@ -1057,8 +1057,6 @@ mod tests {
         assert_eq!((lines(&rotated_path(&path, 1)), lines(&path)), (11, 0));
     }
 
-    /// What the task supervisor in `start_task` relies on: a panic is told
-    /// from an end or a cancellation, with its message.
     /// KVM's figures are never left stale: a failed collection withdraws
     /// them and counts each failure, and with no connection to libvirt the
     /// collecting task withdraws them too.
@@ -1094,6 +1092,8 @@ mod tests {
         );
     }
 
+    /// What the task supervisor in `start_task` relies on: a panic is told
+    /// from an end or a cancellation, with its message.
     #[tokio::test]
     async fn a_panicking_task_is_told_from_one_that_ends() {
         assert_eq!(panicked(tokio::spawn(async {})).await, None);
